@@ -1,0 +1,334 @@
+//! State shared by the machine, the interrupt controller and the
+//! accelerator while a VM runs.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Instant;
+
+use arch_arm64::psci::{AffinityState, PsciError};
+
+use crate::CpuId;
+
+/// Power state of one vCPU (PSCI's view).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuPower {
+    Off,
+    /// Asked to start at `entry` with x0 = `context_id`; the accelerator
+    /// has not picked it up yet.
+    Starting {
+        entry: u64,
+        context_id: u64,
+    },
+    On,
+}
+
+/// Why a VM stopped running.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// PSCI SYSTEM_OFF (or pvpanic's orderly shutdown).
+    PowerOff,
+    /// PSCI SYSTEM_RESET: the machine resets and runs again.
+    Reset,
+    /// The guest reported a panic (pvpanic) and policy says stop.
+    GuestPanic,
+    /// The guest put a vCPU where it cannot continue (e.g. executing
+    /// outside RAM). The string says what happened.
+    GuestCrash(String),
+    /// The host asked the VM to stop now (second SIGINT, `stop` command).
+    HostStop,
+}
+
+/// Makes a running vCPU come back to its accelerator's loop soon, at an
+/// instruction boundary. Must be callable from any thread.
+pub trait Kick: Send + Sync {
+    fn kick(&self, cpu: CpuId);
+}
+
+struct CpuSlot {
+    power: Mutex<CpuPower>,
+    irq: AtomicBool,
+    fiq: AtomicBool,
+}
+
+/// The control block of a running VM.
+pub struct VmControl {
+    cpus: Box<[CpuSlot]>,
+    stop_flag: AtomicBool,
+    stop: Mutex<Option<StopReason>>,
+    /// Bumped on every event a waiting vCPU may care about.
+    generation: Mutex<u64>,
+    changed: Condvar,
+    kicker: RwLock<Option<Arc<dyn Kick>>>,
+}
+
+impl VmControl {
+    /// A control block for `cpus` vCPUs, all powered off.
+    pub fn new(cpus: usize) -> Self {
+        Self {
+            cpus: (0..cpus)
+                .map(|_| CpuSlot {
+                    power: Mutex::new(CpuPower::Off),
+                    irq: AtomicBool::new(false),
+                    fiq: AtomicBool::new(false),
+                })
+                .collect(),
+            stop_flag: AtomicBool::new(false),
+            stop: Mutex::new(None),
+            generation: Mutex::new(0),
+            changed: Condvar::new(),
+            kicker: RwLock::new(None),
+        }
+    }
+
+    pub fn cpu_count(&self) -> usize {
+        self.cpus.len()
+    }
+
+    /// The accelerator registers how to kick its vCPUs before running.
+    pub fn set_kicker(&self, kicker: Arc<dyn Kick>) {
+        *self.kicker.write().unwrap_or_else(|e| e.into_inner()) = Some(kicker);
+    }
+
+    fn kick(&self, cpu: CpuId) {
+        if let Some(k) = self
+            .kicker
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            k.kick(cpu);
+        }
+    }
+
+    fn notify(&self) {
+        let mut g = self.generation.lock().unwrap_or_else(|e| e.into_inner());
+        *g = g.wrapping_add(1);
+        self.changed.notify_all();
+    }
+
+    /// Power-on state for a (re)boot: CPU 0 starts at `entry`, the others
+    /// are off, the stop reason is cleared, interrupt lines drop.
+    pub fn reset_for_boot(&self, entry: u64) {
+        for (i, slot) in self.cpus.iter().enumerate() {
+            *slot.power.lock().unwrap_or_else(|e| e.into_inner()) = if i == 0 {
+                CpuPower::Starting {
+                    entry,
+                    context_id: 0,
+                }
+            } else {
+                CpuPower::Off
+            };
+            slot.irq.store(false, Ordering::SeqCst);
+            slot.fiq.store(false, Ordering::SeqCst);
+        }
+        *self.stop.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.stop_flag.store(false, Ordering::SeqCst);
+        self.notify();
+    }
+
+    pub fn power(&self, cpu: CpuId) -> CpuPower {
+        self.cpus.get(cpu).map_or(CpuPower::Off, |s| {
+            *s.power.lock().unwrap_or_else(|e| e.into_inner())
+        })
+    }
+
+    /// PSCI CPU_ON.
+    pub fn cpu_on(&self, cpu: CpuId, entry: u64, context_id: u64) -> Result<(), PsciError> {
+        let slot = self.cpus.get(cpu).ok_or(PsciError::InvalidParameters)?;
+        {
+            let mut power = slot.power.lock().unwrap_or_else(|e| e.into_inner());
+            match *power {
+                CpuPower::On => return Err(PsciError::AlreadyOn),
+                CpuPower::Starting { .. } => return Err(PsciError::OnPending),
+                CpuPower::Off => *power = CpuPower::Starting { entry, context_id },
+            }
+        }
+        self.notify();
+        self.kick(cpu);
+        Ok(())
+    }
+
+    /// PSCI CPU_OFF of `cpu` by itself.
+    pub fn cpu_off(&self, cpu: CpuId) {
+        if let Some(slot) = self.cpus.get(cpu) {
+            *slot.power.lock().unwrap_or_else(|e| e.into_inner()) = CpuPower::Off;
+            self.notify();
+        }
+    }
+
+    /// The accelerator takes a pending start: returns `(entry, context_id)`
+    /// and marks the vCPU on.
+    pub fn take_start(&self, cpu: CpuId) -> Option<(u64, u64)> {
+        let slot = self.cpus.get(cpu)?;
+        let mut power = slot.power.lock().unwrap_or_else(|e| e.into_inner());
+        match *power {
+            CpuPower::Starting { entry, context_id } => {
+                *power = CpuPower::On;
+                Some((entry, context_id))
+            }
+            _ => None,
+        }
+    }
+
+    /// AFFINITY_INFO's answer for `cpu`.
+    pub fn affinity_state(&self, cpu: CpuId) -> AffinityState {
+        match self.power(cpu) {
+            CpuPower::Off => AffinityState::Off,
+            CpuPower::Starting { .. } => AffinityState::OnPending,
+            CpuPower::On => AffinityState::On,
+        }
+    }
+
+    /// The interrupt controller's outputs to `cpu`.
+    pub fn set_interrupt_lines(&self, cpu: CpuId, irq: bool, fiq: bool) {
+        let Some(slot) = self.cpus.get(cpu) else {
+            return;
+        };
+        let irq_was = slot.irq.swap(irq, Ordering::SeqCst);
+        let fiq_was = slot.fiq.swap(fiq, Ordering::SeqCst);
+        if irq_was != irq || fiq_was != fiq {
+            if irq || fiq {
+                self.notify();
+            }
+            self.kick(cpu);
+        }
+    }
+
+    /// `(irq, fiq)` levels into `cpu`.
+    pub fn interrupt_lines(&self, cpu: CpuId) -> (bool, bool) {
+        self.cpus.get(cpu).map_or((false, false), |s| {
+            (s.irq.load(Ordering::SeqCst), s.fiq.load(Ordering::SeqCst))
+        })
+    }
+
+    /// Asks every vCPU to stop; the first reason given is kept.
+    pub fn request_stop(&self, reason: StopReason) {
+        {
+            let mut stop = self.stop.lock().unwrap_or_else(|e| e.into_inner());
+            if stop.is_none() {
+                *stop = Some(reason);
+            }
+        }
+        self.stop_flag.store(true, Ordering::SeqCst);
+        self.notify();
+        for cpu in 0..self.cpus.len() {
+            self.kick(cpu);
+        }
+    }
+
+    /// Cheap check for the vCPU loops.
+    pub fn stop_requested(&self) -> bool {
+        self.stop_flag.load(Ordering::SeqCst)
+    }
+
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.stop.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Wakes any thread in [`Self::wait`] so it re-checks its condition.
+    pub fn wake(&self) {
+        self.notify();
+    }
+
+    /// Blocks until `ready()` holds, a stop is requested, or `deadline`
+    /// passes. `ready` is re-evaluated after every event.
+    pub fn wait(&self, deadline: Option<Instant>, mut ready: impl FnMut() -> bool) {
+        let mut generation = self.generation.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if ready() || self.stop_requested() {
+                return;
+            }
+            let seen = *generation;
+            while *generation == seen {
+                match deadline {
+                    None => {
+                        generation = self
+                            .changed
+                            .wait(generation)
+                            .unwrap_or_else(|e| e.into_inner());
+                    }
+                    Some(d) => {
+                        let now = Instant::now();
+                        if now >= d {
+                            return;
+                        }
+                        generation = self
+                            .changed
+                            .wait_timeout(generation, d - now)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    #[derive(Default)]
+    struct CountKicks(AtomicUsize);
+    impl Kick for CountKicks {
+        fn kick(&self, _cpu: CpuId) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn boot_and_cpu_on_lifecycle() {
+        let c = VmControl::new(2);
+        c.reset_for_boot(0x10_0000);
+        assert_eq!(c.affinity_state(1), AffinityState::Off);
+        assert_eq!(c.take_start(0), Some((0x10_0000, 0)));
+        assert_eq!(c.take_start(0), None);
+        assert_eq!(c.cpu_on(0, 0, 0), Err(PsciError::AlreadyOn));
+        c.cpu_on(1, 0x7000_0000, 9).unwrap();
+        assert_eq!(c.affinity_state(1), AffinityState::OnPending);
+        assert_eq!(c.cpu_on(1, 0, 0), Err(PsciError::OnPending));
+        assert_eq!(c.take_start(1), Some((0x7000_0000, 9)));
+        c.cpu_off(1);
+        assert_eq!(c.affinity_state(1), AffinityState::Off);
+        assert_eq!(c.cpu_on(5, 0, 0), Err(PsciError::InvalidParameters));
+    }
+
+    #[test]
+    fn first_stop_reason_wins_and_kicks_everyone() {
+        let c = VmControl::new(3);
+        let kicks = Arc::new(CountKicks::default());
+        c.set_kicker(kicks.clone());
+        c.request_stop(StopReason::PowerOff);
+        c.request_stop(StopReason::Reset);
+        assert!(c.stop_requested());
+        assert_eq!(c.stop_reason(), Some(StopReason::PowerOff));
+        assert_eq!(kicks.0.load(Ordering::SeqCst), 6);
+        c.reset_for_boot(0);
+        assert!(!c.stop_requested());
+    }
+
+    #[test]
+    fn interrupt_wakes_a_waiter() {
+        let c = Arc::new(VmControl::new(1));
+        let c2 = c.clone();
+        let t = std::thread::spawn(move || {
+            c2.wait(Some(Instant::now() + Duration::from_secs(20)), || {
+                c2.interrupt_lines(0).0
+            });
+            c2.interrupt_lines(0).0
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        c.set_interrupt_lines(0, true, false);
+        assert!(t.join().unwrap());
+    }
+
+    #[test]
+    fn wait_honours_deadline() {
+        let c = VmControl::new(1);
+        let start = Instant::now();
+        c.wait(Some(start + Duration::from_millis(10)), || false);
+        assert!(start.elapsed() >= Duration::from_millis(10));
+    }
+}

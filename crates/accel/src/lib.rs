@@ -1,0 +1,138 @@
+//! The contract between the machine and an accelerator.
+//!
+//! An accelerator (the software CPU, Hypervisor.framework) runs vCPUs and
+//! reports what they do that needs the VMM as a [`VcpuExit`]. It hands each
+//! one to the machine's [`ExitHandler`] and applies the [`ExitResponse`].
+//! The handler is the only place where MMIO dispatch, the GIC CPU interface
+//! and PSCI are implemented, so every accelerator behaves the same.
+//!
+//! State that both sides touch — which vCPUs are powered, their interrupt
+//! lines, why the VM must stop — lives in [`VmControl`], shared by the
+//! machine, the interrupt controller and the accelerator.
+
+mod control;
+
+pub use control::{CpuPower, Kick, StopReason, VmControl};
+
+use arch_arm64::SysReg;
+pub use vm_core::AccessWidth;
+
+/// Linear vCPU index (0-based): the order of cfg `cpu_ids` and of GIC
+/// redistributors; the MPIDR follows from it.
+pub type CpuId = usize;
+
+/// Something a vCPU did that the VMM must complete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuExit {
+    /// A load from an address outside guest RAM.
+    MmioRead { addr: u64, width: AccessWidth },
+    /// A store to an address outside guest RAM.
+    MmioWrite {
+        addr: u64,
+        width: AccessWidth,
+        value: u64,
+    },
+    /// MRS of a register the accelerator does not implement itself.
+    SysRegRead { reg: SysReg },
+    /// MSR of a register the accelerator does not implement itself.
+    SysRegWrite { reg: SysReg, value: u64 },
+    /// HVC #imm with x0..x3.
+    Hvc { imm: u16, args: [u64; 4] },
+}
+
+/// How the VMM completed an exit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitResponse {
+    /// Nothing to hand back (stores, handled writes).
+    Done,
+    /// The value of a load or MRS; for an HVC, the new x0.
+    Value(u64),
+    /// The access is UNDEFINED: the guest takes an Undefined Instruction
+    /// exception at the instruction.
+    Undefined,
+    /// The calling vCPU powered itself off (PSCI CPU_OFF): stop running it.
+    CpuOff,
+    /// Return 0 in x0 and wait for an interrupt as WFI does (CPU_SUSPEND).
+    Suspend,
+}
+
+/// The machine side of every exit.
+pub trait ExitHandler: Send + Sync {
+    fn handle(&self, cpu: CpuId, exit: VcpuExit) -> ExitResponse;
+}
+
+/// Per-vCPU wiring an accelerator needs from the machine.
+#[derive(Clone)]
+pub struct VcpuConfig {
+    /// MPIDR_EL1 the guest reads.
+    pub mpidr: u64,
+    /// Where the EL1 virtual timer's output goes (PPI 27 of this vCPU's
+    /// redistributor). Used by accelerators that emulate the timer.
+    pub vtimer_irq: std::sync::Arc<dyn vm_core::IrqLine>,
+}
+
+/// Register state of a stopped vCPU, for diagnostics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CpuSnapshot {
+    pub pc: u64,
+    pub pstate: u64,
+    pub x: [u64; 31],
+    pub sp_el0: u64,
+    pub sp_el1: u64,
+    pub elr_el1: u64,
+    pub esr_el1: u64,
+    pub far_el1: u64,
+    pub vbar_el1: u64,
+    pub sctlr_el1: u64,
+}
+
+impl std::fmt::Display for CpuSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "pc {:#018x} pstate {:#010x} sctlr {:#x} vbar {:#x}",
+            self.pc, self.pstate, self.sctlr_el1, self.vbar_el1
+        )?;
+        writeln!(
+            f,
+            "elr_el1 {:#x} esr_el1 {:#x} far_el1 {:#x} sp_el0 {:#x} sp_el1 {:#x}",
+            self.elr_el1, self.esr_el1, self.far_el1, self.sp_el0, self.sp_el1
+        )?;
+        for (i, pair) in self.x.chunks(4).enumerate() {
+            for (j, v) in pair.iter().enumerate() {
+                write!(f, "x{:<2} {:#018x}  ", i * 4 + j, v)?;
+            }
+            writeln!(f)?;
+        }
+        Ok(())
+    }
+}
+
+/// Errors an accelerator reports to the VMM (not guest errors).
+#[derive(Debug, thiserror::Error)]
+pub enum AccelError {
+    #[error("accelerator setup failed: {0}")]
+    Setup(String),
+    #[error("accelerator failed while running: {0}")]
+    Run(String),
+}
+
+/// A VM on some accelerator: its vCPUs, its memory map.
+pub trait Vm {
+    /// Short name for logs ("tcg", "hvf").
+    fn name(&self) -> &'static str;
+
+    /// Runs the vCPUs until `control` holds a stop reason, then returns it.
+    ///
+    /// vCPUs start when [`VmControl`] marks them pending (CPU 0 at boot,
+    /// others through PSCI CPU_ON), each from the architectural reset state
+    /// with the given entry point and context id.
+    fn run(
+        &mut self,
+        handler: &dyn ExitHandler,
+        control: &VmControl,
+    ) -> Result<StopReason, AccelError>;
+
+    /// Register state of a vCPU, if the accelerator can tell.
+    fn snapshot(&self, cpu: CpuId) -> Option<CpuSnapshot>;
+}

@@ -1,0 +1,21 @@
+//! The small world every vmapple device lives in.
+//!
+//! Devices never see an accelerator or a machine. They are reached through
+//! [`MmioDevice`] on an [`MmioBus`], touch guest RAM only through
+//! [`GuestMemory`] (every access bounds-checked by `vm-memory`), and signal
+//! the interrupt controller through an [`IrqLine`]. That keeps each device
+//! testable on its own with a fake line and a scratch memory.
+
+pub mod bus;
+pub mod guest_error;
+pub mod irq;
+pub mod memory;
+
+pub use bus::{AccessWidth, BusError, MmioBus, MmioDevice};
+pub use irq::{IrqLine, NoIrq, TestIrq};
+pub use memory::GuestMemory;
+
+/// Re-exported so that [`guest_error!`] works in crates without their own
+/// `tracing` dependency.
+#[doc(hidden)]
+pub use tracing;
