@@ -1,0 +1,326 @@
+//! A thin safe layer over one Unicorn engine.
+//!
+//! Every `unsafe` call into Unicorn lives here. An [`Engine`] is not `Send`:
+//! Unicorn keeps per-thread JIT state, so the engine must be created, run
+//! and dropped on one thread. Only [`KickHandle`] crosses threads, and it
+//! calls nothing but our patch's thread-safe `uc_kick`.
+
+use std::ffi::{c_void, CStr};
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+use std::sync::{Arc, RwLock};
+
+use arch_arm64::SysReg;
+
+use crate::ffi::{self, uc_context, uc_engine, uc_error, RegisterARM64, RegisterARM64CP};
+
+/// A Unicorn error code with its message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UcError(pub uc_error);
+
+impl std::fmt::Display for UcError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // SAFETY: uc_strerror returns a pointer to a static NUL-terminated
+        // string for every code.
+        let message = unsafe { CStr::from_ptr(ffi::uc_strerror(self.0)) };
+        write!(f, "{} ({:?})", message.to_string_lossy(), self.0)
+    }
+}
+
+impl std::error::Error for UcError {}
+
+fn check(err: uc_error) -> Result<(), UcError> {
+    if err == uc_error::OK {
+        Ok(())
+    } else {
+        Err(UcError(err))
+    }
+}
+
+/// MMIO callbacks with the shape Unicorn calls.
+pub type MmioRead = unsafe extern "C" fn(*mut uc_engine, u64, u32, *mut c_void) -> u64;
+pub type MmioWrite = unsafe extern "C" fn(*mut uc_engine, u64, u32, u64, *mut c_void);
+pub type IntrHook = unsafe extern "C" fn(*mut uc_engine, u32, *mut c_void);
+
+/// One AArch64 Unicorn instance in system-emulation mode.
+pub struct Engine {
+    uc: NonNull<uc_engine>,
+    kick_target: Arc<RwLock<Option<usize>>>,
+    _not_send: PhantomData<*mut ()>,
+}
+
+impl Engine {
+    /// Opens an engine with QEMU's `max` AArch64 CPU (LSE atomics and the
+    /// other v8.x features a modern guest expects) and a translation
+    /// buffer of `tcg_buffer` bytes.
+    pub fn new(tcg_buffer: u32) -> Result<Self, UcError> {
+        let mut uc: *mut uc_engine = std::ptr::null_mut();
+        // SAFETY: uc_open writes a fresh engine pointer into `uc` on success.
+        check(unsafe { ffi::uc_open(ffi::Arch::ARM64, ffi::Mode::ARM, &mut uc) })?;
+        let uc = NonNull::new(uc).ok_or(UcError(uc_error::NOMEM))?;
+        let engine = Self {
+            uc,
+            kick_target: Arc::new(RwLock::new(Some(uc.as_ptr() as usize))),
+            _not_send: PhantomData,
+        };
+        // Both must come before anything that initialises the engine.
+        // SAFETY: variadic controls with the argument types unicorn.h
+        // documents for them (int model, uint32_t size).
+        unsafe {
+            check(ffi::uc_ctl(
+                engine.raw(),
+                ffi::ctl_write(ffi::ControlType::CPU_MODEL, 1),
+                ffi::Arm64CpuModel::MAX as i32,
+            ))?;
+            check(ffi::uc_ctl(
+                engine.raw(),
+                ffi::ctl_write(ffi::ControlType::TCG_BUFFER_SIZE, 1),
+                tcg_buffer,
+            ))?;
+            // No exit addresses at all: the guest may execute anywhere.
+            check(ffi::uc_ctl(
+                engine.raw(),
+                ffi::ctl_write(ffi::ControlType::UC_USE_EXITS, 1),
+                1i32,
+            ))?;
+        }
+        Ok(engine)
+    }
+
+    fn raw(&self) -> *mut uc_engine {
+        self.uc.as_ptr()
+    }
+
+    /// Switches on our patch's system emulation (guest exceptions, host
+    /// system registers, WFx exits, whole MMIO accesses). Must precede MMIO
+    /// mappings.
+    ///
+    /// # Safety
+    /// `user_data` must stay valid for as long as the engine runs code, and
+    /// the callbacks must tolerate being called with it on this thread.
+    pub unsafe fn enable_sysemu(
+        &self,
+        filter: ffi::SysregFilter,
+        handler: ffi::SysregHandler,
+        user_data: *mut c_void,
+    ) -> Result<(), UcError> {
+        // SAFETY: forwarded contract; the engine pointer is valid.
+        check(unsafe {
+            ffi::uc_arm64_sysemu_enable(self.raw(), Some(filter), Some(handler), user_data)
+        })
+    }
+
+    /// Maps host memory as guest RAM.
+    ///
+    /// # Safety
+    /// `host` must point at `size` bytes that stay mapped and writable for
+    /// the engine's lifetime.
+    pub unsafe fn map_ram(&self, base: u64, size: u64, host: *mut u8) -> Result<(), UcError> {
+        const ALL: u32 = 7; // UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC
+                            // SAFETY: forwarded contract.
+        check(unsafe { ffi::uc_mem_map_ptr(self.raw(), base, size, ALL, host.cast()) })
+    }
+
+    /// Maps `[base, base + size)` as MMIO served by the callbacks.
+    ///
+    /// # Safety
+    /// `user_data` must stay valid while the engine can run.
+    pub unsafe fn map_mmio(
+        &self,
+        base: u64,
+        size: u64,
+        read: MmioRead,
+        write: MmioWrite,
+        user_data: *mut c_void,
+    ) -> Result<(), UcError> {
+        // SAFETY: forwarded contract; the function pointers have the
+        // signatures unicorn.h gives uc_cb_mmio_read_t/uc_cb_mmio_write_t.
+        check(unsafe {
+            ffi::uc_mmio_map(
+                self.raw(),
+                base,
+                size,
+                Some(read),
+                user_data,
+                Some(write),
+                user_data,
+            )
+        })
+    }
+
+    /// Registers the exception hook that receives HVC and SMC.
+    ///
+    /// # Safety
+    /// `user_data` must stay valid while the engine can run.
+    pub unsafe fn hook_exceptions(
+        &self,
+        hook: IntrHook,
+        user_data: *mut c_void,
+    ) -> Result<(), UcError> {
+        let mut handle: ffi::uc_hook = 0;
+        // SAFETY: UC_HOOK_INTR callbacks have the IntrHook signature; the
+        // range 1..0 means "everywhere" in Unicorn's convention.
+        check(unsafe {
+            ffi::uc_hook_add(
+                self.raw(),
+                &mut handle,
+                ffi::HookType::INTR.0 as i32,
+                hook as *mut c_void,
+                user_data,
+                1,
+                0,
+            )
+        })
+    }
+
+    pub fn read(&self, reg: RegisterARM64) -> u64 {
+        let mut value = 0u64;
+        // SAFETY: every register we read is at most 64 bits wide and
+        // `value` has room for that.
+        let err =
+            unsafe { ffi::uc_reg_read(self.raw(), reg as i32, (&mut value as *mut u64).cast()) };
+        debug_assert_eq!(err, uc_error::OK, "reading {reg:?}");
+        value
+    }
+
+    pub fn write(&self, reg: RegisterARM64, value: u64) {
+        // SAFETY: as for `read`; registers narrower than 64 bits take the
+        // low bytes of the little-endian value.
+        let err =
+            unsafe { ffi::uc_reg_write(self.raw(), reg as i32, (&value as *const u64).cast()) };
+        debug_assert_eq!(err, uc_error::OK, "writing {reg:?}");
+    }
+
+    fn cp(reg: SysReg, val: u64) -> RegisterARM64CP {
+        RegisterARM64CP {
+            crn: reg.crn(),
+            crm: reg.crm(),
+            op0: reg.op0(),
+            op1: reg.op1(),
+            op2: reg.op2(),
+            val,
+        }
+    }
+
+    /// Reads a system register Unicorn implements; `None` if it does not.
+    pub fn read_sysreg(&self, reg: SysReg) -> Option<u64> {
+        let mut cp = Self::cp(reg, 0);
+        // SAFETY: UC_ARM64_REG_CP_REG takes a uc_arm64_cp_reg.
+        let err = unsafe {
+            ffi::uc_reg_read(
+                self.raw(),
+                RegisterARM64::CP_REG as i32,
+                (&mut cp as *mut RegisterARM64CP).cast(),
+            )
+        };
+        (err == uc_error::OK).then_some(cp.val)
+    }
+
+    /// Writes a system register Unicorn implements; this also rebuilds the
+    /// CPU's cached mode flags, which a PSTATE write alone does not.
+    pub fn write_sysreg(&self, reg: SysReg, value: u64) -> Result<(), UcError> {
+        let cp = Self::cp(reg, value);
+        // SAFETY: UC_ARM64_REG_CP_REG takes a uc_arm64_cp_reg.
+        check(unsafe {
+            ffi::uc_reg_write(
+                self.raw(),
+                RegisterARM64::CP_REG as i32,
+                (&cp as *const RegisterARM64CP).cast(),
+            )
+        })
+    }
+
+    /// Drives the CPU's IRQ and FIQ inputs.
+    pub fn set_irq_lines(&self, irq: bool, fiq: bool) {
+        // SAFETY: called on the engine's thread (Engine is !Send).
+        let err = unsafe { ffi::uc_arm64_set_irq_lines(self.raw(), irq, fiq) };
+        debug_assert_eq!(err, uc_error::OK);
+    }
+
+    /// Runs from the current PC until something makes Unicorn return.
+    pub fn run(&self) -> Result<(), UcError> {
+        let pc = self.read(RegisterARM64::PC);
+        // SAFETY: the engine is valid; until/timeout/count of 0 mean none.
+        check(unsafe { ffi::uc_emu_start(self.raw(), pc, 0, 0, 0) })
+    }
+
+    /// From inside a hook: return from `run` once the hook completes. Safe
+    /// only where the current instruction has fully retired (exception
+    /// hooks), unlike from MMIO callbacks.
+    pub fn stop_from_exception_hook(&self) {
+        // SAFETY: the engine is valid; we are on its thread.
+        unsafe { ffi::uc_emu_stop(self.raw()) };
+    }
+
+    /// Why the last `run` returned (`ffi::EXIT_*`).
+    pub fn last_exit(&self) -> i32 {
+        // SAFETY: the engine is valid.
+        unsafe { ffi::uc_arm64_last_exit(self.raw()) }
+    }
+
+    pub fn flush_tlb(&self) {
+        // SAFETY: TLB_FLUSH takes no arguments.
+        let err =
+            unsafe { ffi::uc_ctl(self.raw(), ffi::ctl_write(ffi::ControlType::TLB_FLUSH, 0)) };
+        debug_assert_eq!(err, uc_error::OK);
+    }
+
+    pub fn new_context(&self) -> Result<Context, UcError> {
+        let mut ctx: *mut uc_context = std::ptr::null_mut();
+        // SAFETY: uc_context_alloc writes a fresh context on success.
+        check(unsafe { ffi::uc_context_alloc(self.raw(), &mut ctx) })?;
+        Ok(Context(NonNull::new(ctx).ok_or(UcError(uc_error::NOMEM))?))
+    }
+
+    pub fn save(&self, ctx: &mut Context) {
+        // SAFETY: both pointers are valid; contexts come from this engine.
+        let err = unsafe { ffi::uc_context_save(self.raw(), ctx.0.as_ptr()) };
+        debug_assert_eq!(err, uc_error::OK);
+    }
+
+    pub fn restore(&self, ctx: &Context) {
+        // SAFETY: both pointers are valid; contexts come from this engine.
+        let err = unsafe { ffi::uc_context_restore(self.raw(), ctx.0.as_ptr()) };
+        debug_assert_eq!(err, uc_error::OK);
+    }
+
+    /// A handle other threads may use to kick this engine.
+    pub fn kick_handle(&self) -> KickHandle {
+        KickHandle(self.kick_target.clone())
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // Kicks arriving from now on must not touch a closed engine.
+        *self.kick_target.write().unwrap_or_else(|e| e.into_inner()) = None;
+        // SAFETY: the engine is valid and closed exactly once.
+        unsafe { ffi::uc_close(self.raw()) };
+    }
+}
+
+/// Saved CPU state (registers, system registers, exclusive monitor).
+pub struct Context(NonNull<uc_context>);
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // SAFETY: allocated by uc_context_alloc and freed once.
+        unsafe { ffi::uc_context_free(self.0.as_ptr()) };
+    }
+}
+
+/// Thread-safe "return from `run` soon".
+#[derive(Clone)]
+pub struct KickHandle(Arc<RwLock<Option<usize>>>);
+
+impl KickHandle {
+    pub fn kick(&self) {
+        let target = self.0.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(uc) = *target {
+            // SAFETY: the engine is alive while `target` is Some (Drop
+            // clears it under the write lock before closing), and uc_kick
+            // is safe from any thread by our patch's contract.
+            unsafe { ffi::uc_kick(uc as *mut uc_engine) };
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! A thread that kicks the engine at a deadline.
+//!
+//! The engine only returns to the scheduler when something makes it: the
+//! guest (WFI, an exception the host handles) or a kick. Timer interrupts
+//! and the end of a time slice are deadlines in host time, so this thread
+//! sleeps until the earliest one and kicks.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crate::engine::KickHandle;
+
+#[derive(Default)]
+struct State {
+    deadline: Option<Instant>,
+    quit: bool,
+}
+
+pub struct Ticker {
+    shared: Arc<(Mutex<State>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Ticker {
+    pub fn new(kick: KickHandle) -> Self {
+        let shared = Arc::new((Mutex::new(State::default()), Condvar::new()));
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("vcpu-ticker".into())
+            .spawn(move || Self::main(&thread_shared, &kick))
+            .expect("spawning the vCPU ticker thread");
+        Self {
+            shared,
+            thread: Some(thread),
+        }
+    }
+
+    fn main(shared: &(Mutex<State>, Condvar), kick: &KickHandle) {
+        let (lock, wake) = shared;
+        let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if state.quit {
+                return;
+            }
+            match state.deadline {
+                None => state = wake.wait(state).unwrap_or_else(|e| e.into_inner()),
+                Some(deadline) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        state.deadline = None;
+                        kick.kick();
+                    } else {
+                        state = wake
+                            .wait_timeout(state, deadline - now)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Kick at `deadline` (replacing any earlier one); `None` disarms.
+    pub fn arm(&self, deadline: Option<Instant>) {
+        let (lock, wake) = &*self.shared;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).deadline = deadline;
+        wake.notify_one();
+    }
+
+    pub fn disarm(&self) {
+        let (lock, _) = &*self.shared;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).deadline = None;
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        let (lock, wake) = &*self.shared;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).quit = true;
+        wake.notify_one();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
