@@ -135,7 +135,7 @@ fn runs_guest_code_through_the_accelerator_contract() {
     let handler = Recorder::default();
     *handler.control.lock().unwrap() = Some(control.clone());
 
-    control.reset_for_boot(CODE);
+    control.reset_for_boot(CODE, 0);
     let reason = vm.run(&handler, &control).unwrap();
     assert_eq!(reason, StopReason::PowerOff);
 
@@ -170,4 +170,86 @@ fn runs_guest_code_through_the_accelerator_contract() {
     );
     let udf = CODE + 4 * PROGRAM.iter().position(|&w| w == 0).unwrap() as u64;
     assert_eq!(regs.x[9], udf + 4, "ELR pointed at the UDF");
+}
+
+/// An outer loop of 2000 passes, each adding i to buffer[i] for i < 512
+/// and then storing its pass number to MMIO.
+const COUNTING: &[u32] = &[
+    0xd280_0005, // mov  x5, #0
+    0xd2a2_0006, // mov  x6, #0x10000000
+    0xd280_0000, // outer: mov x0, #0
+    0xd288_0001, // mov  x1, #0x4000
+    0xd280_4002, // mov  x2, #512
+    0xf860_7823, // inner: ldr x3, [x1, x0, lsl #3]
+    0x8b00_0063, // add  x3, x3, x0
+    0xf820_7823, // str  x3, [x1, x0, lsl #3]
+    0x9100_0400, // add  x0, x0, #1
+    0xeb02_001f, // cmp  x0, x2
+    0x54ff_ff61, // b.ne inner
+    0xf900_00c5, // str  x5, [x6]
+    0x9100_04a5, // add  x5, x5, #1
+    0xd280_fa07, // mov  x7, #2000
+    0xeb07_00bf, // cmp  x5, x7
+    0x54ff_fe61, // b.ne outer
+    0x5280_0100, // mov  w0, #8
+    0x72b0_8000, // movk w0, #0x8400, lsl #16
+    0xd400_0002, // hvc  #0
+    0x1400_0000, // b    .
+];
+
+/// Kicks from another thread, as the ticker and device threads send them,
+/// must never make an instruction run twice or not at all: every MMIO
+/// store arrives exactly once and in order, and memory holds the exact
+/// sums.
+#[test]
+fn kicks_from_another_thread_lose_and_repeat_nothing() {
+    let memory = create_guest_memory(&[(0, 0x10000)]).unwrap();
+    write_all(&memory, CODE, &words(COUNTING)).unwrap();
+
+    let control = Arc::new(VmControl::new(1));
+    let config = TcgConfig {
+        cpus: vec![VcpuConfig {
+            mpidr: 0x8000_0000,
+            vtimer_irq: Arc::new(TimerToIrq(control.clone())),
+        }],
+        counter: Arc::new(Counter::new(COUNTER_HZ)),
+        time_slice: Duration::from_millis(2),
+    };
+    let mut vm = TcgVm::new(&memory, config).unwrap();
+    let handler = Recorder::default();
+    *handler.control.lock().unwrap() = Some(control.clone());
+    control.reset_for_boot(CODE, 0);
+
+    let kicker_control = control.clone();
+    let kicker = std::thread::spawn(move || {
+        let mut kicks = 0u64;
+        while !kicker_control.stop_requested() {
+            kicker_control.kick_all();
+            kicks += 1;
+            std::thread::sleep(Duration::from_micros(20));
+        }
+        kicks
+    });
+    assert_eq!(vm.run(&handler, &control).unwrap(), StopReason::PowerOff);
+    assert!(
+        kicker.join().unwrap() > 10,
+        "the run must actually have been kicked"
+    );
+
+    let writes = handler.writes.lock().unwrap();
+    let passes: Vec<u64> = writes.iter().map(|w| w.2).collect();
+    let expected: Vec<u64> = (0..2000).collect();
+    if let Some(i) = passes.iter().zip(&expected).position(|(a, b)| a != b) {
+        panic!(
+            "MMIO store {i} carried {} instead of {}",
+            passes[i], expected[i]
+        );
+    }
+    assert_eq!(passes.len(), expected.len(), "MMIO store count");
+    let mut buffer = vec![0u8; 512 * 8];
+    vm_core::memory::read_exact(&memory, 0x4000, &mut buffer).unwrap();
+    for (i, chunk) in buffer.chunks(8).enumerate() {
+        let value = u64::from_le_bytes(chunk.try_into().unwrap());
+        assert_eq!(value, 2000 * i as u64, "buffer[{i}]");
+    }
 }

@@ -89,6 +89,14 @@ impl VmControl {
         *self.kicker.write().unwrap_or_else(|e| e.into_inner()) = Some(kicker);
     }
 
+    /// Makes every running vCPU come back to its accelerator's loop (which
+    /// then re-reads lines, power states and the stop flag).
+    pub fn kick_all(&self) {
+        for cpu in 0..self.cpus.len() {
+            self.kick(cpu);
+        }
+    }
+
     fn kick(&self, cpu: CpuId) {
         if let Some(k) = self
             .kicker
@@ -106,14 +114,15 @@ impl VmControl {
         self.changed.notify_all();
     }
 
-    /// Power-on state for a (re)boot: CPU 0 starts at `entry`, the others
-    /// are off, the stop reason is cleared, interrupt lines drop.
-    pub fn reset_for_boot(&self, entry: u64) {
+    /// Power-on state for a (re)boot: CPU 0 starts at `entry` with
+    /// x0 = `x0` (0 for firmware, the DTB address for a Linux kernel), the
+    /// others are off, the stop reason is cleared, interrupt lines drop.
+    pub fn reset_for_boot(&self, entry: u64, x0: u64) {
         for (i, slot) in self.cpus.iter().enumerate() {
             *slot.power.lock().unwrap_or_else(|e| e.into_inner()) = if i == 0 {
                 CpuPower::Starting {
                     entry,
-                    context_id: 0,
+                    context_id: x0,
                 }
             } else {
                 CpuPower::Off
@@ -211,9 +220,7 @@ impl VmControl {
         }
         self.stop_flag.store(true, Ordering::SeqCst);
         self.notify();
-        for cpu in 0..self.cpus.len() {
-            self.kick(cpu);
-        }
+        self.kick_all();
     }
 
     /// Cheap check for the vCPU loops.
@@ -281,7 +288,7 @@ mod tests {
     #[test]
     fn boot_and_cpu_on_lifecycle() {
         let c = VmControl::new(2);
-        c.reset_for_boot(0x10_0000);
+        c.reset_for_boot(0x10_0000, 0);
         assert_eq!(c.affinity_state(1), AffinityState::Off);
         assert_eq!(c.take_start(0), Some((0x10_0000, 0)));
         assert_eq!(c.take_start(0), None);
@@ -305,7 +312,7 @@ mod tests {
         assert!(c.stop_requested());
         assert_eq!(c.stop_reason(), Some(StopReason::PowerOff));
         assert_eq!(kicks.0.load(Ordering::SeqCst), 6);
-        c.reset_for_boot(0);
+        c.reset_for_boot(0, 0);
         assert!(!c.stop_requested());
     }
 

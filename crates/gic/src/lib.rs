@@ -1,1 +1,212 @@
-//! Placeholder.
+//! A GICv3 interrupt controller in userspace (Arm IHI 0069), as the
+//! vmapple machine has it (vmapple-machine.md §5): architecture revision 3,
+//! one security state (GICD_CTLR.DS = 1), affinity routing always on, no
+//! ITS or LPIs, up to 32 CPUs each with a redistributor, and the CPU
+//! interface reached through the `ICC_*_EL1` system registers.
+//!
+//! Group 0 interrupts are signalled as FIQ, group 1 as IRQ. Priorities have
+//! five implemented bits (ICC_CTLR_EL1.PRIbits = 4), like QEMU's model.
+//! GICR_WAKER's handshake completes at once; a sleeping redistributor
+//! still forwards interrupts (nothing depends on it here).
+//!
+//! All state sits behind one lock. After every change the GIC recomputes
+//! the affected CPUs' IRQ/FIQ outputs and reports them through
+//! [`CpuInterruptOutputs`], while still holding the lock so that levels
+//! reach the CPUs in the order they were decided.
+
+mod cpu_interface;
+mod distributor;
+mod redistributor;
+mod registers;
+mod state;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use arch_arm64::SysReg;
+use vm_core::{guest_error, AccessWidth, IrqLine, MmioDevice};
+
+use state::{State, PRIVATE_IRQS};
+
+/// Where the GIC's CPU outputs go.
+pub trait CpuInterruptOutputs: Send + Sync {
+    /// The IRQ and FIQ outputs to `cpu` may have changed (called with the
+    /// current levels; repeating unchanged levels is allowed). Called while
+    /// the GIC lock is held: implementations must not call back into the GIC.
+    fn set(&self, cpu: usize, irq: bool, fiq: bool);
+}
+
+/// The interrupt controller.
+pub struct GicV3 {
+    state: Mutex<State>,
+    outputs: Arc<dyn CpuInterruptOutputs>,
+}
+
+impl GicV3 {
+    pub const DIST_SIZE: u64 = 0x1_0000;
+    /// RD frame + SGI frame per CPU.
+    pub const REDIST_STRIDE: u64 = redistributor::FRAME_STRIDE;
+    /// The machine maps all 4 MiB (32 frames); frames past the last CPU
+    /// are RAZ/WI.
+    pub const REDIST_REGION_SIZE: u64 = 0x40_0000;
+
+    /// A GIC for `cpus` CPUs (1..=32) and `spis` shared interrupts (a
+    /// multiple of 32, at most 988).
+    pub fn new(cpus: usize, spis: u32, outputs: Arc<dyn CpuInterruptOutputs>) -> Arc<Self> {
+        let cpus = cpus.clamp(1, 32);
+        let spis = (spis / 32 * 32).min(988 / 32 * 32);
+        Arc::new(Self {
+            state: Mutex::new(State::new(cpus, spis)),
+            outputs,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn update(&self, state: &State, cpu: usize) {
+        let (irq, fiq) = state.outputs(cpu);
+        self.outputs.set(cpu, irq, fiq);
+    }
+
+    fn update_all(&self, state: &State) {
+        for cpu in 0..state.cpus.len() {
+            self.update(state, cpu);
+        }
+    }
+
+    pub fn distributor(self: &Arc<Self>) -> Arc<dyn MmioDevice> {
+        Arc::new(Distributor(self.clone()))
+    }
+
+    pub fn redistributors(self: &Arc<Self>) -> Arc<dyn MmioDevice> {
+        Arc::new(Redistributors(self.clone()))
+    }
+
+    /// SPI `spi` (INTID 32 + spi), a level-sensitive input from a device.
+    pub fn spi(self: &Arc<Self>, spi: u32) -> Arc<dyn IrqLine> {
+        let intid = spi + PRIVATE_IRQS;
+        if intid >= self.lock().num_irqs() {
+            tracing::error!("gic: the machine wired nonexistent SPI {spi}; it stays unconnected");
+            return Arc::new(vm_core::NoIrq);
+        }
+        Arc::new(Line {
+            gic: self.clone(),
+            cpu: 0,
+            intid,
+        })
+    }
+
+    /// PPI `intid` (16..=31) of `cpu`.
+    pub fn ppi(self: &Arc<Self>, cpu: usize, intid: u32) -> Arc<dyn IrqLine> {
+        if !(16..PRIVATE_IRQS).contains(&intid) || cpu >= self.lock().cpus.len() {
+            tracing::error!(
+                "gic: the machine wired nonexistent PPI {intid} of CPU {cpu}; it stays unconnected"
+            );
+            return Arc::new(vm_core::NoIrq);
+        }
+        Arc::new(Line {
+            gic: self.clone(),
+            cpu,
+            intid,
+        })
+    }
+
+    /// MRS of an `ICC_*` register by `cpu`; `None` = UNDEFINED.
+    pub fn read_sysreg(&self, cpu: usize, reg: SysReg) -> Option<u64> {
+        let mut state = self.lock();
+        if cpu >= state.cpus.len() {
+            return None;
+        }
+        let value = cpu_interface::read(&mut state, cpu, reg)?;
+        // Acknowledging changes what the CPU is signalled.
+        self.update(&state, cpu);
+        Some(value)
+    }
+
+    /// MSR of an `ICC_*` register by `cpu`; `false` = UNDEFINED.
+    pub fn write_sysreg(&self, cpu: usize, reg: SysReg, value: u64) -> bool {
+        let mut state = self.lock();
+        if cpu >= state.cpus.len() {
+            return false;
+        }
+        let Some(targets) = cpu_interface::write(&mut state, cpu, reg, value) else {
+            return false;
+        };
+        self.update(&state, cpu);
+        for target in targets {
+            self.update(&state, target);
+        }
+        true
+    }
+
+    /// System reset: every register back to its reset value.
+    pub fn reset(&self) {
+        let mut state = self.lock();
+        state.reset();
+        self.update_all(&state);
+    }
+}
+
+struct Distributor(Arc<GicV3>);
+
+impl MmioDevice for Distributor {
+    fn read(&self, offset: u64, width: AccessWidth) -> u64 {
+        distributor::read(&self.0.lock(), offset, width)
+    }
+
+    fn write(&self, offset: u64, width: AccessWidth, value: u64) {
+        let mut state = self.0.lock();
+        distributor::write(&mut state, offset, width, value);
+        // Routing, enables and group changes can move SPIs between CPUs.
+        self.0.update_all(&state);
+    }
+}
+
+struct Redistributors(Arc<GicV3>);
+
+impl MmioDevice for Redistributors {
+    fn read(&self, offset: u64, width: AccessWidth) -> u64 {
+        redistributor::read(&self.0.lock(), offset, width)
+    }
+
+    fn write(&self, offset: u64, width: AccessWidth, value: u64) {
+        let mut state = self.0.lock();
+        if let Some(cpu) = redistributor::write(&mut state, offset, width, value) {
+            self.0.update(&state, cpu);
+        }
+    }
+}
+
+/// A device's input to one interrupt.
+struct Line {
+    gic: Arc<GicV3>,
+    /// The CPU whose banked PPI this is (ignored for SPIs).
+    cpu: usize,
+    intid: u32,
+}
+
+impl IrqLine for Line {
+    fn set_level(&self, asserted: bool) {
+        let mut state = self.gic.lock();
+        let Some(irq) = state.irq_mut(self.cpu, self.intid) else {
+            guest_error!("gic: line for INTID {} vanished", self.intid);
+            return;
+        };
+        if irq.level == asserted {
+            return;
+        }
+        irq.set_line(asserted);
+        let target = if self.intid < PRIVATE_IRQS {
+            Some(self.cpu)
+        } else {
+            state.spi_target((self.intid - PRIVATE_IRQS) as usize)
+        };
+        if let Some(cpu) = target {
+            self.gic.update(&state, cpu);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

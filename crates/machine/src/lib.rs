@@ -1,1 +1,379 @@
-//! Placeholder.
+//! The vmapple board: QEMU's `-M vmapple` as a Rust machine.
+//!
+//! [`Machine::new`] builds the memory map of vmapple-machine.md §2 (guest
+//! memory for the ROM, cfg and RAM regions; an MMIO bus for the rest),
+//! creates the devices and wires their interrupts to the GIC as §3 says.
+//! [`Machine::run`] boots it on any accelerator and handles resets until
+//! the guest powers off or something stops it.
+
+pub mod boot;
+pub mod exits;
+pub mod fdt;
+pub mod layout;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use accel::{AccelError, CpuSnapshot, StopReason, VcpuConfig, Vm, VmControl};
+use arch_arm64::timer::{Counter, COUNTER_HZ};
+use arch_arm64::Mpidr;
+use devices::pl011::Pl011;
+use devices::serial::{SerialBackend, SerialConnection};
+use gic::{CpuInterruptOutputs, GicV3};
+use vm_core::{GuestMemory, MmioBus};
+
+use boot::{BootError, Firmware, LinuxImages};
+use exits::MachineExits;
+use layout::*;
+
+/// Fewest and most vCPUs (vmapple-machine.md §4).
+pub const MIN_CPUS: usize = 1;
+pub const MAX_CPUS: usize = arch_arm64::mpidr::MAX_CPUS;
+/// RAM limits: enough for firmware to run, and what fits below the
+/// 48-bit physical address space with room to spare.
+pub const MIN_RAM: u64 = 16 << 20;
+pub const MAX_RAM: u64 = 1 << 40;
+
+/// What CPU 0 boots.
+#[derive(Clone, Debug)]
+pub enum BootSource {
+    /// A boot ROM image for the 1 MiB region at 0x10_0000.
+    Firmware(PathBuf),
+    /// A Linux kernel with an optional initramfs and command line, booted
+    /// directly with a generated device tree.
+    Linux {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        cmdline: String,
+    },
+}
+
+/// Everything needed to build a machine.
+#[derive(Clone, Debug)]
+pub struct MachineConfig {
+    pub cpus: usize,
+    pub ram_size: u64,
+    pub boot: BootSource,
+    pub serial: SerialBackend,
+}
+
+/// Configuration mistakes and host failures, each with a message for the
+/// user.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error("--cpus {0} is out of range: the vmapple machine has {MIN_CPUS} to {MAX_CPUS} CPUs")]
+    CpuCount(usize),
+    #[error("--memory {0} is out of range: give at least 16 MiB and at most 1 TiB, in whole MiB")]
+    RamSize(u64),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error("cannot allocate {0} MiB of guest RAM: {1}")]
+    Memory(u64, String),
+    #[error("serial port: {0}")]
+    Serial(String),
+    #[error(transparent)]
+    Accel(#[from] AccelError),
+    #[error("internal error while building the machine: {0}")]
+    Internal(String),
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// The guest powered off.
+    PoweredOff,
+    /// The guest crashed a vCPU; the report says how.
+    GuestCrashed(String),
+    /// The guest kept resetting (see [`ResetLoopDetector`]).
+    ResetLoop,
+    /// The guest reported a panic and policy said stop.
+    GuestPanicked,
+    /// The host stopped the VM.
+    HostStopped,
+}
+
+/// A reset loop is [`ResetLoopDetector::LIMIT`] resets in a row, each
+/// within [`ResetLoopDetector::WINDOW`] of the previous one: a guest that
+/// cannot get past early boot. Legitimate resets (an installer, an update)
+/// are far apart.
+#[derive(Debug, Default)]
+pub struct ResetLoopDetector {
+    last: Option<Instant>,
+    quick_in_a_row: u32,
+}
+
+impl ResetLoopDetector {
+    pub const LIMIT: u32 = 10;
+    pub const WINDOW: Duration = Duration::from_secs(10);
+
+    /// Records a reset at `now`; true if this one completes a loop.
+    pub fn record(&mut self, now: Instant) -> bool {
+        let quick = self
+            .last
+            .is_some_and(|last| now.saturating_duration_since(last) < Self::WINDOW);
+        self.quick_in_a_row = if quick { self.quick_in_a_row + 1 } else { 1 };
+        self.last = Some(now);
+        self.quick_in_a_row >= Self::LIMIT
+    }
+}
+
+/// The GIC's CPU outputs drive the vCPUs' IRQ/FIQ inputs.
+struct GicToCpus(Arc<VmControl>);
+
+impl CpuInterruptOutputs for GicToCpus {
+    fn set(&self, cpu: usize, irq: bool, fiq: bool) {
+        self.0.set_interrupt_lines(cpu, irq, fiq);
+    }
+}
+
+enum Boot {
+    Firmware(Firmware),
+    Linux(Box<LinuxImages>),
+}
+
+/// The assembled vmapple machine.
+pub struct Machine {
+    cpus: usize,
+    ram_size: u64,
+    memory: GuestMemory,
+    bus: Arc<MmioBus>,
+    gic: Arc<GicV3>,
+    uart: Arc<Pl011>,
+    control: Arc<VmControl>,
+    counter: Arc<Counter>,
+    boot: Boot,
+    _serial: SerialConnection,
+}
+
+impl Machine {
+    pub fn new(config: MachineConfig) -> Result<Self, MachineError> {
+        if !(MIN_CPUS..=MAX_CPUS).contains(&config.cpus) {
+            return Err(MachineError::CpuCount(config.cpus));
+        }
+        if !(MIN_RAM..=MAX_RAM).contains(&config.ram_size) || config.ram_size % (1 << 20) != 0 {
+            return Err(MachineError::RamSize(config.ram_size));
+        }
+        // Read the boot files first: a wrong path should not cost a
+        // multi-gigabyte allocation.
+        let boot = match &config.boot {
+            BootSource::Firmware(path) => Boot::Firmware(Firmware::load(path)?),
+            BootSource::Linux {
+                kernel,
+                initrd,
+                cmdline,
+            } => Boot::Linux(Box::new(LinuxImages::load(
+                kernel,
+                initrd.as_deref(),
+                cmdline.clone(),
+                config.ram_size,
+            )?)),
+        };
+
+        let memory = vm_core::memory::create_guest_memory(&[
+            (FIRMWARE_BASE, FIRMWARE_SIZE as usize),
+            (CFG_BASE, CFG_SIZE as usize),
+            (RAM_BASE, config.ram_size as usize),
+        ])
+        .map_err(|e| MachineError::Memory(config.ram_size >> 20, e.to_string()))?;
+
+        let control = Arc::new(VmControl::new(config.cpus));
+        let gic = GicV3::new(config.cpus, GIC_SPIS, Arc::new(GicToCpus(control.clone())));
+
+        let (uart_output, uart_input) = devices::serial::open(&config.serial)
+            .map_err(|e| MachineError::Serial(e.to_string()))?;
+        let uart = Pl011::new(gic.spi(SPI_UART), uart_output);
+        let quit_control = control.clone();
+        let serial = uart_input
+            .connect(
+                uart.clone(),
+                Box::new(move || {
+                    tracing::info!("console escape: stopping the VM");
+                    quit_control.request_stop(StopReason::HostStop)
+                }),
+            )
+            .map_err(|e| MachineError::Serial(e.to_string()))?;
+
+        let mut bus = MmioBus::new();
+        let add = |bus: &mut MmioBus, base, size, name: &str, dev| {
+            bus.insert(base, size, name, dev)
+                .map_err(|e| MachineError::Internal(e.to_string()))
+        };
+        add(
+            &mut bus,
+            GICD_BASE,
+            GICD_SIZE,
+            "gic-distributor",
+            gic.distributor(),
+        )?;
+        add(
+            &mut bus,
+            GICR_BASE,
+            GICR_SIZE,
+            "gic-redistributors",
+            gic.redistributors(),
+        )?;
+        add(&mut bus, UART_BASE, Pl011::SIZE, "pl011", uart.clone())?;
+
+        Ok(Self {
+            cpus: config.cpus,
+            ram_size: config.ram_size,
+            memory,
+            bus: Arc::new(bus),
+            gic,
+            uart,
+            control,
+            counter: Arc::new(Counter::new(COUNTER_HZ)),
+            boot,
+            _serial: serial,
+        })
+    }
+
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    pub fn control(&self) -> Arc<VmControl> {
+        self.control.clone()
+    }
+
+    pub fn counter(&self) -> Arc<Counter> {
+        self.counter.clone()
+    }
+
+    pub fn bus(&self) -> &MmioBus {
+        &self.bus
+    }
+
+    /// Per-vCPU wiring for the accelerator.
+    pub fn vcpu_configs(&self) -> Vec<VcpuConfig> {
+        (0..self.cpus)
+            .map(|cpu| VcpuConfig {
+                mpidr: Mpidr::for_cpu(cpu).0,
+                vtimer_irq: self.gic.ppi(cpu, PPI_VTIMER),
+            })
+            .collect()
+    }
+
+    /// Puts the boot images in guest memory; returns CPU 0's entry and x0.
+    fn install_boot(&self) -> Result<(u64, u64), MachineError> {
+        match &self.boot {
+            Boot::Firmware(firmware) => {
+                firmware.install(&self.memory);
+                Ok((FIRMWARE_BASE, 0))
+            }
+            Boot::Linux(images) => {
+                let mut params = fdt::FdtParams {
+                    cpus: self.cpus,
+                    ram_size: self.ram_size,
+                    cmdline: images.cmdline.clone(),
+                    rng_seed: random_seed(),
+                    ..Default::default()
+                };
+                // The blob's size hardly depends on the initrd addresses:
+                // plan with a first build, then build the real one.
+                let sizing =
+                    fdt::build(&params).map_err(|e| BootError::DeviceTree(e.to_string()))?;
+                let placement = images.plan(self.ram_size, sizing.len() as u64)?;
+                params.initrd = placement.initrd;
+                let blob = fdt::build(&params).map_err(|e| BootError::DeviceTree(e.to_string()))?;
+                images.install(&self.memory, &placement, &blob);
+                Ok((placement.entry, placement.dtb))
+            }
+        }
+    }
+
+    fn reset_devices(&self) {
+        self.gic.reset();
+        self.uart.reset();
+    }
+
+    /// Boots the machine on `vm` and runs it, through guest resets, until
+    /// it stops for good.
+    pub fn run(&mut self, vm: &mut dyn Vm) -> Result<RunOutcome, MachineError> {
+        let exits = MachineExits {
+            bus: self.bus.clone(),
+            gic: self.gic.clone(),
+            control: self.control.clone(),
+            memory: self.memory.clone(),
+        };
+        let mut resets = ResetLoopDetector::default();
+        loop {
+            let (entry, x0) = self.install_boot()?;
+            tracing::info!(
+                accelerator = vm.name(),
+                cpus = self.cpus,
+                ram_mib = self.ram_size >> 20,
+                "starting at {entry:#x}"
+            );
+            self.control.reset_for_boot(entry, x0);
+            let reason = vm.run(&exits, &self.control)?;
+            match reason {
+                StopReason::PowerOff => return Ok(RunOutcome::PoweredOff),
+                StopReason::Reset => {
+                    if resets.record(Instant::now()) {
+                        tracing::error!(
+                            "the guest reset {} times in a row within {:?} of each other; giving up",
+                            ResetLoopDetector::LIMIT,
+                            ResetLoopDetector::WINDOW
+                        );
+                        return Ok(RunOutcome::ResetLoop);
+                    }
+                    tracing::info!("resetting the machine");
+                    self.reset_devices();
+                }
+                StopReason::GuestCrash(report) => {
+                    let regs: Vec<(usize, CpuSnapshot)> = (0..self.cpus)
+                        .filter_map(|cpu| vm.snapshot(cpu).map(|s| (cpu, s)))
+                        .collect();
+                    let mut full = report;
+                    for (cpu, snap) in regs {
+                        full.push_str(&format!("\nvCPU {cpu} registers:\n{snap}"));
+                    }
+                    return Ok(RunOutcome::GuestCrashed(full));
+                }
+                StopReason::GuestPanic => return Ok(RunOutcome::GuestPanicked),
+                StopReason::HostStop => return Ok(RunOutcome::HostStopped),
+            }
+        }
+    }
+}
+
+/// 32 bytes from the host's entropy source for the guest's RNG seed; a
+/// fixed pattern only if the host has none (the guest then seeds itself
+/// more slowly, nothing breaks).
+fn random_seed() -> [u8; 32] {
+    use std::io::Read;
+    let mut seed = [0u8; 32];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut seed))
+        .is_err()
+    {
+        tracing::warn!("no /dev/urandom: the guest gets a fixed RNG seed");
+        seed = [0x5a; 32];
+    }
+    seed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_loop_needs_quick_resets_in_a_row() {
+        let mut d = ResetLoopDetector::default();
+        let t0 = Instant::now();
+        for i in 0..ResetLoopDetector::LIMIT - 1 {
+            assert!(!d.record(t0 + Duration::from_secs(u64::from(i))));
+        }
+        assert!(d.record(t0 + Duration::from_secs(9)));
+
+        let mut d = ResetLoopDetector::default();
+        for i in 0..50u64 {
+            assert!(
+                !d.record(t0 + Duration::from_secs(i * 11)),
+                "slow resets never loop"
+            );
+        }
+    }
+}

@@ -1,1 +1,65 @@
-fn main() {}
+//! `vmapple`: run Apple's vmapple arm64 machine.
+//!
+//! Exit status (also in `vmapple --help` and the README):
+//! 0 the guest powered off; 1 a host error or bad configuration; 2 bad
+//! command-line syntax; 3 the guest crashed a vCPU; 4 the guest was stuck
+//! in a reset loop; 5 the guest panicked (pvpanic); 6 the host stopped the
+//! VM before the guest powered off.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use cli::{Cli, Command};
+
+/// Process exit statuses.
+pub mod status {
+    pub const POWERED_OFF: u8 = 0;
+    pub const HOST_ERROR: u8 = 1;
+    pub const GUEST_CRASHED: u8 = 3;
+    pub const RESET_LOOP: u8 = 4;
+    pub const GUEST_PANICKED: u8 = 5;
+    pub const HOST_STOPPED: u8 = 6;
+}
+
+fn init_logging(level: Option<&str>) -> Result<(), String> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(directives) => EnvFilter::try_new(directives)
+            .map_err(|e| format!("--log {directives:?} is not a valid log filter: {e}"))?,
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match &cli.command {
+        Command::Run(args) => {
+            if let Err(e) = args.check() {
+                e.exit();
+            }
+        }
+    }
+    if let Err(message) = init_logging(cli.log.as_deref()) {
+        eprintln!("vmapple: error: {message}");
+        return ExitCode::from(status::HOST_ERROR);
+    }
+    let result = match cli.command {
+        Command::Run(args) => cli::run(args),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(message) => {
+            eprintln!("vmapple: error: {message}");
+            ExitCode::from(status::HOST_ERROR)
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! The vmapple memory and interrupt maps (vmapple-machine.md §2, §3).
+//!
+//! Apple's boot ROM knows these addresses by heart, so none of them may
+//! move. Sizes are those of the regions the machine maps, which for some
+//! devices are larger than the registers the device decodes.
+
+/// Firmware (boot ROM image) region: guest-writable RAM, refilled from the
+/// image on every reset.
+pub const FIRMWARE_BASE: u64 = 0x0010_0000;
+pub const FIRMWARE_SIZE: u64 = 0x0010_0000;
+
+/// Configuration region read by the boot ROM (§8).
+pub const CFG_BASE: u64 = 0x0040_0000;
+pub const CFG_SIZE: u64 = 0x0001_0000;
+
+pub const GICD_BASE: u64 = 0x1000_0000;
+pub const GICD_SIZE: u64 = 0x0001_0000;
+pub const GICR_BASE: u64 = 0x1001_0000;
+pub const GICR_SIZE: u64 = 0x0040_0000;
+
+pub const UART_BASE: u64 = 0x2001_0000;
+/// The UART's slot in the map; the PL011 decodes the first 4 KiB.
+pub const UART_SLOT: u64 = 0x0001_0000;
+pub const RTC_BASE: u64 = 0x2005_0000;
+pub const RTC_SIZE: u64 = 0x1000;
+pub const GPIO_BASE: u64 = 0x2006_0000;
+pub const GPIO_SIZE: u64 = 0x1000;
+pub const PVPANIC_BASE: u64 = 0x2007_0000;
+pub const PVPANIC_SIZE: u64 = 0x2;
+
+pub const BDIF_BASE: u64 = 0x3000_0000;
+pub const BDIF_SIZE: u64 = 0x0020_0000;
+pub const GFX_BASE: u64 = 0x3020_0000;
+pub const GFX_SLOT: u64 = 0x0001_0000;
+pub const GFX_IOSFC_BASE: u64 = 0x3021_0000;
+pub const GFX_IOSFC_SIZE: u64 = 0x0001_0000;
+pub const AES1_BASE: u64 = 0x3022_0000;
+pub const AES2_BASE: u64 = 0x3023_0000;
+pub const AES_WINDOW_SIZE: u64 = 0x4000;
+
+pub const PCIE_ECAM_BASE: u64 = 0x4000_0000;
+pub const PCIE_ECAM_SIZE: u64 = 0x1000_0000;
+/// 32-bit PCI MMIO window; it ends at 0x6FFF_0000 (quirk Q9), not where
+/// QEMU's comment says.
+pub const PCIE_MMIO_BASE: u64 = 0x5000_0000;
+pub const PCIE_MMIO_SIZE: u64 = 0x1fff_0000;
+
+/// Start of RAM; its size is the user's `--memory`.
+pub const RAM_BASE: u64 = 0x7000_0000;
+
+/// Shared peripheral interrupts (GIC INTID = SPI + 32).
+pub const SPI_UART: u32 = 1;
+pub const SPI_RTC: u32 = 2;
+pub const SPI_GPIO: u32 = 5;
+pub const SPI_GFX_IOSFC: u32 = 0x10;
+pub const SPI_GFX: u32 = 0x11;
+pub const SPI_AES: u32 = 0x12;
+/// PCIe INTx line *i* is SPI `SPI_PCIE_INTX + i`, for i in 0..16.
+pub const SPI_PCIE_INTX: u32 = 0x20;
+pub const PCIE_INTX_LINES: u32 = 16;
+/// SPIs the GIC implements (INTIDs 32..288).
+pub const GIC_SPIS: u32 = 256;
+
+/// The EL1 virtual timer's PPI (INTID), the only timer wired.
+pub const PPI_VTIMER: u32 = 27;

@@ -1,0 +1,206 @@
+//! Command-line interface.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use devices::serial::SerialBackend;
+use machine::{BootSource, Machine, MachineConfig, RunOutcome};
+
+use crate::status;
+
+const EXIT_STATUS_HELP: &str = "\
+Exit status:
+  0  the guest powered off
+  1  host error or bad configuration
+  2  bad command-line syntax
+  3  the guest crashed a vCPU
+  4  the guest was stuck in a reset loop
+  5  the guest panicked (pvpanic)
+  6  the host stopped the VM (signal, Ctrl-A x on the console)";
+
+#[derive(Parser, Debug)]
+#[command(name = "vmapple", version, about = "Run Apple's vmapple arm64 machine", after_help = EXIT_STATUS_HELP)]
+pub struct Cli {
+    /// Log filter, e.g. `info`, `debug`, `warn,guest=off` (overrides RUST_LOG).
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log: Option<String>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Boot and run a VM.
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Boot ROM image loaded at 0x10_0000 (at most 1 MiB), e.g. Apple's
+    /// AVPBooter.vmapple2.bin or vmapple's test firmware.
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "kernel",
+        conflicts_with = "kernel"
+    )]
+    pub firmware: Option<PathBuf>,
+
+    /// Linux kernel Image (raw or gzip) to boot directly with a generated
+    /// device tree, instead of a boot ROM.
+    #[arg(long, value_name = "FILE")]
+    pub kernel: Option<PathBuf>,
+
+    /// Initramfs for --kernel.
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
+
+    /// Kernel command line for --kernel [default: console=ttyAMA0].
+    #[arg(long, value_name = "CMDLINE")]
+    pub append: Option<String>,
+
+    /// Number of vCPUs (1 to 32).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub cpus: usize,
+
+    /// Guest RAM, with a K, M, G or T suffix (binary units), e.g. 512M or 4G.
+    #[arg(long, default_value = "512M", value_parser = parse_size, value_name = "SIZE")]
+    pub memory: u64,
+
+    /// Serial console: `stdio`, `file:PATH`, `unix:PATH` (a socket vmapple
+    /// listens on) or `none`. On stdio, Ctrl-A x stops the VM.
+    #[arg(long, default_value = "stdio", value_name = "BACKEND")]
+    pub serial: SerialBackend,
+
+    /// Accelerator: `tcg` (the portable software CPU).
+    #[arg(long, default_value = "tcg", value_name = "ACCEL")]
+    pub accel: String,
+}
+
+/// Parses `512M`, `4G`, `1024K`, `2T`, `4GiB` or a plain byte count.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let digits_end = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (digits, unit) = trimmed.split_at(digits_end);
+    if digits.is_empty() {
+        return Err(format!("{text:?} is not a size (try 512M or 4G)"));
+    }
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is too large"))?;
+    let shift = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?} (use K, M, G or T)"
+            ))
+        }
+    };
+    number
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+fn create_vm(machine: &Machine, accel: &str) -> Result<Box<dyn accel::Vm>, String> {
+    match accel {
+        #[cfg(feature = "tcg")]
+        "tcg" => {
+            let config = accel_tcg::TcgConfig {
+                cpus: machine.vcpu_configs(),
+                counter: machine.counter(),
+                time_slice: accel_tcg::TcgConfig::DEFAULT_TIME_SLICE,
+            };
+            let vm = accel_tcg::TcgVm::new(machine.memory(), config).map_err(|e| e.to_string())?;
+            Ok(Box::new(vm))
+        }
+        other => Err(format!(
+            "--accel {other}: not available in this build (available: {})",
+            if cfg!(feature = "tcg") { "tcg" } else { "none" }
+        )),
+    }
+}
+
+impl RunArgs {
+    /// Rules clap's derive cannot express; a violation is a usage error.
+    pub fn check(&self) -> Result<(), clap::Error> {
+        use clap::CommandFactory;
+        if self.kernel.is_none() && (self.initrd.is_some() || self.append.is_some()) {
+            return Err(Cli::command().error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "--initrd and --append need --kernel",
+            ));
+        }
+        Ok(())
+    }
+}
+
+pub fn run(args: RunArgs) -> Result<u8, String> {
+    let boot = match (args.firmware, args.kernel) {
+        (Some(firmware), None) => BootSource::Firmware(firmware),
+        (None, Some(kernel)) => BootSource::Linux {
+            kernel,
+            initrd: args.initrd,
+            cmdline: args.append.unwrap_or_else(|| "console=ttyAMA0".into()),
+        },
+        _ => return Err("give exactly one of --firmware and --kernel".into()),
+    };
+    let mut machine = Machine::new(MachineConfig {
+        cpus: args.cpus,
+        ram_size: args.memory,
+        boot,
+        serial: args.serial,
+    })
+    .map_err(|e| e.to_string())?;
+    let mut vm = create_vm(&machine, &args.accel)?;
+    let outcome = machine.run(vm.as_mut()).map_err(|e| e.to_string())?;
+    Ok(match outcome {
+        RunOutcome::PoweredOff => {
+            tracing::info!("guest powered off");
+            status::POWERED_OFF
+        }
+        RunOutcome::GuestCrashed(report) => {
+            tracing::error!("guest crashed: {report}");
+            status::GUEST_CRASHED
+        }
+        RunOutcome::ResetLoop => status::RESET_LOOP,
+        RunOutcome::GuestPanicked => {
+            tracing::error!("guest panicked");
+            status::GUEST_PANICKED
+        }
+        RunOutcome::HostStopped => {
+            tracing::info!("VM stopped by the host");
+            status::HOST_STOPPED
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("4G"), Ok(4 << 30));
+        assert_eq!(parse_size("4GiB"), Ok(4 << 30));
+        assert_eq!(parse_size("2t"), Ok(2 << 40));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert!(parse_size("-1M").is_err());
+    }
+}

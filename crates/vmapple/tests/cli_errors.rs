@@ -1,0 +1,157 @@
+//! User mistakes get one clear message and a non-zero status, never a
+//! backtrace, and nothing is created on disk.
+
+mod common;
+
+use std::time::Duration;
+
+use common::vmapple;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn assert_user_error(args: &[&str], expected: &str) {
+    let run = vmapple(args, LIMIT);
+    assert_eq!(
+        run.code, 1,
+        "{args:?} should exit 1; stderr: {}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains(expected),
+        "{args:?}: expected {expected:?} in stderr, got {}",
+        run.stderr
+    );
+    assert!(
+        !run.stderr.contains("panicked"),
+        "no panics: {}",
+        run.stderr
+    );
+    assert!(
+        !run.stderr.contains("RUST_BACKTRACE"),
+        "no backtrace hints: {}",
+        run.stderr
+    );
+}
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cli-errors");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+#[test]
+fn missing_firmware_file() {
+    assert_user_error(
+        &[
+            "run",
+            "--firmware",
+            "/nonexistent/fw.bin",
+            "--serial",
+            "none",
+        ],
+        "cannot read firmware '/nonexistent/fw.bin'",
+    );
+}
+
+#[test]
+fn firmware_one_byte_too_large() {
+    let path = scratch("big.bin");
+    std::fs::write(&path, vec![0u8; (1 << 20) + 1]).unwrap();
+    assert_user_error(
+        &[
+            "run",
+            "--firmware",
+            path.to_str().unwrap(),
+            "--serial",
+            "none",
+        ],
+        "is 1048577 bytes; at most 1048576 fit",
+    );
+}
+
+#[test]
+fn cpu_count_out_of_range() {
+    let path = scratch("tiny.bin");
+    std::fs::write(&path, [0u8; 4]).unwrap();
+    for n in ["0", "33"] {
+        assert_user_error(
+            &[
+                "run",
+                "--firmware",
+                path.to_str().unwrap(),
+                "--cpus",
+                n,
+                "--serial",
+                "none",
+            ],
+            "out of range: the vmapple machine has 1 to 32 CPUs",
+        );
+    }
+}
+
+#[test]
+fn memory_out_of_range() {
+    let path = scratch("tiny2.bin");
+    std::fs::write(&path, [0u8; 4]).unwrap();
+    assert_user_error(
+        &[
+            "run",
+            "--firmware",
+            path.to_str().unwrap(),
+            "--memory",
+            "1M",
+            "--serial",
+            "none",
+        ],
+        "--memory 1048576 is out of range",
+    );
+}
+
+#[test]
+fn kernel_that_is_not_an_image() {
+    let path = scratch("not-a-kernel");
+    std::fs::write(&path, b"hello, I am not a kernel").unwrap();
+    assert_user_error(
+        &[
+            "run",
+            "--kernel",
+            path.to_str().unwrap(),
+            "--serial",
+            "none",
+        ],
+        "is not an arm64 Linux Image",
+    );
+}
+
+#[test]
+fn syntax_errors_exit_2() {
+    for args in [
+        &["run"][..],
+        &["run", "--firmware", "a", "--kernel", "b"],
+        &["run", "--firmware", "a", "--memory", "12Q"],
+        &["run", "--firmware", "a", "--serial", "telnet:1234"],
+        &["run", "--firmware", "a", "--initrd", "x"],
+    ] {
+        let run = vmapple(args, LIMIT);
+        assert_eq!(run.code, 2, "{args:?}: {}", run.stderr);
+        assert!(!run.stderr.contains("panicked"));
+    }
+}
+
+#[test]
+fn unknown_accelerator() {
+    let path = scratch("tiny3.bin");
+    std::fs::write(&path, [0u8; 4]).unwrap();
+    assert_user_error(
+        &[
+            "run",
+            "--firmware",
+            path.to_str().unwrap(),
+            "--accel",
+            "kvm",
+            "--serial",
+            "none",
+        ],
+        "--accel kvm: not available",
+    );
+}

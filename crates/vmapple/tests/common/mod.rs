@@ -1,0 +1,123 @@
+//! Shared helpers of the guest tests: locating the guest artefacts,
+//! building the test firmware from source, running `vmapple` with a
+//! safety-net timeout.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// `guest/out` (built by scripts/setup.sh), or `VMAPPLE_GUEST_DIR`.
+pub fn guest_out() -> PathBuf {
+    std::env::var_os("VMAPPLE_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("guest/out"))
+}
+
+/// The Debian kernel and initramfs of guest/linux/build.sh. Missing files
+/// fail the test with the command that makes them.
+pub fn linux_guest() -> (PathBuf, PathBuf) {
+    let dir = guest_out().join("linux");
+    let kernel = dir.join("Image");
+    let initrd = dir.join("initramfs.cpio.gz");
+    assert!(
+        kernel.exists() && initrd.exists(),
+        "the Linux guest is not built: run scripts/setup.sh (or guest/linux/build.sh)"
+    );
+    (kernel, initrd)
+}
+
+/// Builds guest/firmware once per test process into the test target dir
+/// and returns the output directory.
+pub fn firmware_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("firmware");
+        let status = Command::new("make")
+            .arg("-s")
+            .arg("-C")
+            .arg(workspace_root().join("guest/firmware"))
+            .arg(format!("OUT={}", out.display()))
+            .status()
+            .expect("running make for the test firmware (is `make` installed?)");
+        assert!(
+            status.success(),
+            "building the test firmware failed (see above)"
+        );
+        out
+    })
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn assert_line(&self, needle: &str) {
+        assert!(
+            self.stdout.contains(needle),
+            "expected {needle:?} on the console; got:\n{}\nstderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
+    }
+}
+
+/// Runs `vmapple` with `args`; kills it after `limit` (a hang must fail
+/// the test, not the CI job) and reports what it printed.
+pub fn vmapple(args: &[&str], limit: Duration) -> Run {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmapple"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning vmapple");
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out_thread = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = stdout.read_to_end(&mut s);
+        s
+    });
+    let err_thread = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = stderr.read_to_end(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let run = Run {
+        code: status.and_then(|s| s.code()).unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out_thread.join().unwrap()).into_owned(),
+        stderr: String::from_utf8_lossy(&err_thread.join().unwrap()).into_owned(),
+    };
+    assert!(
+        status.is_some(),
+        "vmapple {args:?} did not finish within {limit:?}; console so far:\n{}\nstderr:\n{}",
+        run.stdout,
+        run.stderr
+    );
+    run
+}

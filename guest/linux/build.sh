@@ -1,0 +1,90 @@
+#!/bin/sh
+# Fetches Debian's arm64 kernel and busybox-static:arm64 and builds the
+# initramfs vmapple's Linux guest tests and demo boot.
+#
+#   guest/linux/build.sh [OUT_DIR]       (default: guest/out/linux)
+#
+# Produces OUT_DIR/Image (the uncompressed kernel), OUT_DIR/initramfs.cpio.gz
+# and OUT_DIR/modules/ (the kernel's modules, for tests that need drivers
+# which are not built in). Needs: apt-get (with the arm64 architecture
+# added: dpkg --add-architecture arm64 && apt-get update), dpkg-deb, cpio,
+# gzip. Downloads are cached in OUT_DIR/debs; a rerun rebuilds only the
+# initramfs.
+set -eu
+
+here=$(cd "$(dirname "$0")" && pwd)
+out=${1:-$here/../out/linux}
+mkdir -p "$out/debs"
+out=$(cd "$out" && pwd)
+
+need() { command -v "$1" >/dev/null 2>&1 || { echo "build.sh: '$1' is missing; install $2" >&2; exit 1; }; }
+need apt-get apt
+need dpkg-deb dpkg
+need cpio cpio
+need gzip gzip
+
+if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+    echo "build.sh: the arm64 architecture is not enabled; run: dpkg --add-architecture arm64 && apt-get update" >&2
+    exit 1
+fi
+
+# The generic flavour: PL011, GICv3, the arch timer and PSCI are built in;
+# virtio, XHCI and HID come as modules for the tests that need them.
+kernel_pkg=$(apt-cache depends linux-image-arm64:arm64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[0-9].*-arm64\):arm64$/\1/p' | head -n1)
+[ -n "$kernel_pkg" ] || { echo "build.sh: cannot resolve linux-image-arm64:arm64 (apt-get update?)" >&2; exit 1; }
+
+fetch() {
+    # $1 = package:arch; downloads into debs/ unless already there.
+    name=${1%%:*}
+    if ! ls "$out/debs/${name}_"*.deb >/dev/null 2>&1; then
+        echo "build.sh: downloading $1" >&2
+        (cd "$out/debs" && apt-get -q -o APT::Sandbox::User=root download "$1" >/dev/null)
+    fi
+    ls "$out/debs/${name}_"*.deb | head -n1
+}
+
+kernel_deb=$(fetch "$kernel_pkg:arm64")
+busybox_deb=$(fetch busybox-static:arm64)
+
+if [ ! -f "$out/Image" ] || [ "$kernel_deb" -nt "$out/Image" ]; then
+    rm -rf "$out/kernel-root" "$out/modules"
+    dpkg-deb -x "$kernel_deb" "$out/kernel-root"
+    vmlinuz=$(ls "$out/kernel-root/boot/vmlinuz-"* | head -n1)
+    # Debian ships a raw Image (some releases a gzip-compressed one):
+    # vmapple reads either form, QEMU (for benchmark comparisons) wants it raw.
+    if gzip -t "$vmlinuz" 2>/dev/null; then
+        gzip -dc "$vmlinuz" > "$out/Image.tmp"
+    else
+        cp "$vmlinuz" "$out/Image.tmp"
+    fi
+    mv "$out/Image.tmp" "$out/Image"
+    cp "$out/kernel-root/boot/config-"* "$out/config"
+    mv "$out/kernel-root/lib/modules" "$out/modules"
+    rm -rf "$out/kernel-root"
+fi
+
+rm -rf "$out/busybox-root"
+dpkg-deb -x "$busybox_deb" "$out/busybox-root"
+
+root="$out/initramfs-root"
+rm -rf "$root"
+mkdir -p "$root/bin" "$root/dev" "$root/proc" "$root/sys" "$root/tmp" "$root/lib/modules"
+cp "$out/busybox-root/bin/busybox" "$root/bin/busybox"
+cp "$here/init" "$root/init"
+chmod 755 "$root/init" "$root/bin/busybox"
+rm -rf "$out/busybox-root"
+
+# Modules a test asks for (VMAPPLE_GUEST_MODULES="xhci-pci usbhid ..."),
+# copied flat into /lib/modules; init loads them in the order given.
+kver=$(ls "$out/modules" | head -n1)
+for m in ${VMAPPLE_GUEST_MODULES:-}; do
+    f=$(find "$out/modules/$kver" -name "$m.ko*" | head -n1)
+    [ -n "$f" ] || { echo "build.sh: module $m not found in $kver" >&2; exit 1; }
+    cp "$f" "$root/lib/modules/"
+    echo "$(basename "$f")" >> "$root/lib/modules/load-order"
+done
+
+(cd "$root" && find . -print | LC_ALL=C sort | cpio -o -H newc --quiet --reproducible) | gzip -9n > "$out/initramfs.cpio.gz"
+rm -rf "$root"
+echo "build.sh: kernel $kernel_pkg -> $out/Image"
+echo "build.sh: initramfs -> $out/initramfs.cpio.gz"
