@@ -1,0 +1,153 @@
+//! Disk images behind vmapple's block devices (the boot ROM's backdoor
+//! interface, virtio-blk).
+//!
+//! A [`DiskImage`] is opened once per VM. Read-write images take an
+//! exclusive advisory lock (`flock`) so that a second VMM cannot open the
+//! same image for writing; read-only images take a shared lock, which
+//! still excludes a writer. Devices see only the [`BlockBackend`] trait, so
+//! they are testable against an in-memory disk.
+
+mod raw;
+
+pub use raw::{DiskImage, OpenError};
+
+use std::io;
+
+/// Sector size of every vmapple block interface.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// What a block device needs from its storage.
+pub trait BlockBackend: Send + Sync {
+    /// Size in bytes.
+    fn len(&self) -> u64;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn is_read_only(&self) -> bool;
+
+    /// Fills `buf` from `offset`; an error if any part lies past the end.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Writes all of `buf` at `offset`; an error if read-only or past the end.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+
+    /// Makes every completed write durable (reaches stable storage).
+    fn flush(&self) -> io::Result<()>;
+
+    /// Tells the storage `len` bytes at `offset` are unused; they read as
+    /// zeros afterwards.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// Makes `len` bytes at `offset` read as zeros.
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()>;
+}
+
+/// Checks that `[offset, offset + len)` lies inside a disk of `size` bytes.
+pub fn check_range(size: u64, offset: u64, len: u64) -> io::Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("range {offset:#x}+{len:#x} is outside the {size:#x}-byte disk"),
+        )),
+    }
+}
+
+/// A disk in memory, for device tests.
+#[derive(Debug, Default)]
+pub struct MemoryDisk {
+    data: std::sync::Mutex<Vec<u8>>,
+    read_only: bool,
+}
+
+impl MemoryDisk {
+    pub fn new(data: Vec<u8>, read_only: bool) -> Self {
+        Self {
+            data: std::sync::Mutex::new(data),
+            read_only,
+        }
+    }
+
+    pub fn contents(&self) -> Vec<u8> {
+        self.data.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl BlockBackend for MemoryDisk {
+    fn len(&self) -> u64 {
+        self.data.lock().unwrap_or_else(|e| e.into_inner()).len() as u64
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        check_range(data.len() as u64, offset, buf.len() as u64)?;
+        buf.copy_from_slice(&data[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "read-only disk",
+            ));
+        }
+        let mut data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        check_range(data.len() as u64, offset, buf.len() as u64)?;
+        data[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.write_zeroes(offset, len)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "read-only disk",
+            ));
+        }
+        let mut data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        check_range(data.len() as u64, offset, len)?;
+        data[offset as usize..(offset + len) as usize].fill(0);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert!(check_range(1024, 512, 512).is_ok());
+        assert!(check_range(1024, 512, 513).is_err());
+        assert!(check_range(1024, u64::MAX, 2).is_err(), "no overflow");
+        assert!(check_range(0, 0, 0).is_ok());
+    }
+
+    #[test]
+    fn memory_disk() {
+        let d = MemoryDisk::new(vec![7; 1024], false);
+        let mut b = [0u8; 4];
+        d.read_at(&mut b, 1020).unwrap();
+        assert_eq!(b, [7; 4]);
+        assert!(d.read_at(&mut b, 1021).is_err());
+        d.write_zeroes(0, 512).unwrap();
+        assert_eq!(d.contents()[..512], [0; 512]);
+        let ro = MemoryDisk::new(vec![0; 16], true);
+        assert!(ro.write_at(&[1], 0).is_err());
+    }
+}
