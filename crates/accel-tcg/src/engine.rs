@@ -265,6 +265,14 @@ impl Engine {
         debug_assert_eq!(err, uc_error::OK);
     }
 
+    /// Drops every translated block (after guest code changed behind the
+    /// engine's back, e.g. firmware reloaded at reset).
+    pub fn flush_translations(&self) {
+        // SAFETY: TB_FLUSH takes no arguments.
+        let err = unsafe { ffi::uc_ctl(self.raw(), ffi::ctl_write(ffi::ControlType::TB_FLUSH, 0)) };
+        debug_assert_eq!(err, uc_error::OK);
+    }
+
     pub fn new_context(&self) -> Result<Context, UcError> {
         let mut ctx: *mut uc_context = std::ptr::null_mut();
         // SAFETY: uc_context_alloc writes a fresh context on success.

@@ -71,6 +71,41 @@ const HCR_EL2_RW: u64 = 1 << 31;
 /// PSTATE at reset and CPU_ON: EL1h with D, A, I and F masked.
 const PSTATE_EL1H_MASKED: u64 = 0x3c5;
 
+/// X0..X30 in order, for register dumps.
+const GENERAL_REGISTERS: [Reg; 31] = [
+    Reg::X0,
+    Reg::X1,
+    Reg::X2,
+    Reg::X3,
+    Reg::X4,
+    Reg::X5,
+    Reg::X6,
+    Reg::X7,
+    Reg::X8,
+    Reg::X9,
+    Reg::X10,
+    Reg::X11,
+    Reg::X12,
+    Reg::X13,
+    Reg::X14,
+    Reg::X15,
+    Reg::X16,
+    Reg::X17,
+    Reg::X18,
+    Reg::X19,
+    Reg::X20,
+    Reg::X21,
+    Reg::X22,
+    Reg::X23,
+    Reg::X24,
+    Reg::X25,
+    Reg::X26,
+    Reg::X27,
+    Reg::X28,
+    Reg::X29,
+    Reg::X30,
+];
+
 /// Configuration of the software CPU.
 pub struct TcgConfig {
     pub cpus: Vec<VcpuConfig>,
@@ -272,8 +307,8 @@ pub struct TcgVm {
     #[allow(clippy::vec_box)]
     _spans: Vec<Box<MmioSpan>>,
     reset_context: Context,
-    /// Saved state of each started vCPU that is not on the engine.
-    contexts: Vec<Option<Context>>,
+    /// Saved state of each vCPU that is not on the engine.
+    contexts: Vec<Context>,
     /// The vCPU whose registers the engine holds.
     loaded: Option<CpuId>,
     ticker: Ticker,
@@ -392,7 +427,10 @@ impl TcgVm {
             .map_err(|e| setup("allocating a context", e))?;
         engine.save(&mut reset_context);
 
-        let contexts = (0..config.cpus.len()).map(|_| None).collect();
+        let contexts = (0..config.cpus.len())
+            .map(|_| engine.new_context())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| setup("allocating vCPU contexts", e))?;
         let ticker = Ticker::new(engine.kick_handle());
         Ok(Self {
             engine,
@@ -410,51 +448,39 @@ impl TcgVm {
         self.contexts.len()
     }
 
-    /// Saves the loaded vCPU (if any) and loads `cpu`.
-    fn switch_to(&mut self, cpu: CpuId) -> Result<(), AccelError> {
-        if self.loaded == Some(cpu) {
-            return Ok(());
-        }
+    /// Saves the vCPU on the engine, if any, into its context.
+    fn save_loaded(&mut self) {
         if let Some(old) = self.loaded.take() {
-            let engine = &self.engine;
-            let ctx = match &mut self.contexts[old] {
-                Some(ctx) => ctx,
-                slot => slot.insert(
-                    engine
-                        .new_context()
-                        .map_err(|e| AccelError::Run(format!("allocating a context: {e}")))?,
-                ),
-            };
-            engine.save(ctx);
+            self.engine.save(&mut self.contexts[old]);
         }
-        let ctx = self.contexts[cpu]
-            .as_ref()
-            .ok_or_else(|| AccelError::Run(format!("vCPU {cpu} has no saved state")))?;
-        self.engine.restore(ctx);
+    }
+
+    /// Makes `cpu` the vCPU on the engine, with its lines forced low until
+    /// the next sync programs them.
+    fn make_loaded(&mut self, cpu: CpuId) {
         // The TLB holds the previous vCPU's translations.
         self.engine.flush_tlb();
         self.loaded = Some(cpu);
         self.shared.current.set(cpu);
-        // Force the next sync to program this vCPU's lines.
         self.shared.applied_lines.set((false, false));
         self.engine.set_irq_lines(false, false);
-        Ok(())
+    }
+
+    /// Saves the loaded vCPU (if another) and loads `cpu`'s saved state.
+    fn switch_to(&mut self, cpu: CpuId) {
+        if self.loaded != Some(cpu) {
+            self.save_loaded();
+            self.engine.restore(&self.contexts[cpu]);
+            self.make_loaded(cpu);
+        }
     }
 
     /// Architectural reset state, then PSCI's entry conditions: PC at
-    /// `entry`, x0 = `context_id`, EL1h with DAIF masked, MMU off.
+    /// `entry`, x0 = `context_id`, EL1h with DAIF masked, MMU off. The
+    /// started vCPU is left on the engine.
     fn start_cpu(&mut self, cpu: CpuId, entry: u64, context_id: u64) -> Result<(), AccelError> {
-        if let Some(old) = self.loaded.filter(|&c| c != cpu) {
-            let engine = &self.engine;
-            let slot = &mut self.contexts[old];
-            if slot.is_none() {
-                *slot = Some(
-                    engine
-                        .new_context()
-                        .map_err(|e| AccelError::Run(format!("allocating a context: {e}")))?,
-                );
-            }
-            engine.save(slot.as_mut().expect("just filled"));
+        if self.loaded != Some(cpu) {
+            self.save_loaded();
         }
         self.engine.restore(&self.reset_context);
         self.engine.write(Reg::PC, entry);
@@ -465,18 +491,7 @@ impl TcgVm {
         self.engine
             .write_sysreg(SCR_EL3, SCR_EL3_VALUE)
             .map_err(|e| AccelError::Run(format!("resetting vCPU {cpu}: {e}")))?;
-        self.engine.flush_tlb();
-        if self.contexts[cpu].is_none() {
-            self.contexts[cpu] = Some(
-                self.engine
-                    .new_context()
-                    .map_err(|e| AccelError::Run(format!("allocating a context: {e}")))?,
-            );
-        }
-        self.loaded = Some(cpu);
-        self.shared.current.set(cpu);
-        self.shared.applied_lines.set((false, false));
-        self.engine.set_irq_lines(false, false);
+        self.make_loaded(cpu);
         {
             let mut cpus = self.shared.cpus.borrow_mut();
             cpus[cpu].timers = CpuTimers::default();
@@ -569,7 +584,7 @@ impl TcgVm {
             if keep.is_none() {
                 slice_end = Instant::now() + self.time_slice;
             }
-            self.switch_to(cpu)?;
+            self.switch_to(cpu);
             self.shared.cpus.borrow_mut()[cpu].halted = false;
             self.shared.sync_irq_lines();
 
@@ -641,11 +656,10 @@ impl Vm for TcgVm {
             handle: self.engine.kick_handle(),
             vcpu_thread: std::thread::current().id(),
         }));
-        // A reboot starts every vCPU afresh.
+        // A reboot starts every vCPU afresh, and the firmware region was
+        // rewritten behind the engine's back.
         self.loaded = None;
-        for ctx in &mut self.contexts {
-            *ctx = None;
-        }
+        self.engine.flush_translations();
         let result = self.schedule(control);
         self.shared.handler.set(None);
         self.shared.control.set(None);
@@ -671,18 +685,8 @@ impl Vm for TcgVm {
             sctlr_el1: e.read_sysreg(SysReg::new(3, 0, 1, 0, 0)).unwrap_or(0),
             ..Default::default()
         };
-        for (i, x) in snap.x.iter_mut().enumerate() {
-            *x = match i {
-                29 => e.read(Reg::X29),
-                30 => e.read(Reg::X30),
-                // X0..X28 are contiguous in Unicorn's numbering.
-                _ => {
-                    let id = Reg::X0 as u32 + i as u32;
-                    // SAFETY: X0 + i for i <= 28 is X0..X28, a valid
-                    // discriminant of the C enum this Rust enum mirrors.
-                    e.read(unsafe { std::mem::transmute::<u32, Reg>(id) })
-                }
-            };
+        for (x, reg) in snap.x.iter_mut().zip(GENERAL_REGISTERS) {
+            *x = e.read(reg);
         }
         Some(snap)
     }
