@@ -1,12 +1,15 @@
-//! vmapple's platform devices, each in one module that follows one section
-//! of `shared/spec/vmapple-machine.md`:
+//! Platform devices of the vmapple machine.
 //!
-//! - [`pl011`]: the PL011 UART console (§13.1), with its host ends in
-//!   [`serial`].
+//! | device | module | where (vmapple-machine.md) |
+//! |---|---|---|
+//! | ARM PL011 UART, the serial console | [`pl011`] | §2 (`0x2001_0000`, 4 KiB), §3 (SPI 1), §13.1 |
+//! | host ends of the console: stdio, file, unix socket, none | [`serial`] | §13.1 ("backend: the first serial port") |
 //!
-//! Devices reach the world only through `vm-core`'s traits: `MmioDevice`
-//! for guest accesses, `IrqLine` for their interrupt output, guest memory
-//! for DMA.
+//! Devices reach the rest of the VMM only through `vm-core`: they answer
+//! MMIO through [`vm_core::MmioDevice`], drive a level-sensitive
+//! [`vm_core::IrqLine`], and report guest mistakes with
+//! [`vm_core::guest_error!`]. Nothing here knows an accelerator or the
+//! machine, so each device is tested on its own with a `TestIrq`.
 
 pub mod pl011;
 pub mod serial;

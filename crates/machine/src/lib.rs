@@ -19,7 +19,7 @@ use accel::{AccelError, CpuSnapshot, StopReason, VcpuConfig, Vm, VmControl};
 use arch_arm64::timer::{Counter, COUNTER_HZ};
 use arch_arm64::Mpidr;
 use devices::pl011::Pl011;
-use devices::serial::{SerialBackend, SerialConnection};
+use devices::serial::{SerialBackend, SerialHandle};
 use gic::{CpuInterruptOutputs, GicV3};
 use vm_core::{GuestMemory, MmioBus};
 
@@ -143,7 +143,7 @@ pub struct Machine {
     control: Arc<VmControl>,
     counter: Arc<Counter>,
     boot: Boot,
-    _serial: SerialConnection,
+    _serial: SerialHandle,
 }
 
 impl Machine {
@@ -180,18 +180,12 @@ impl Machine {
         let control = Arc::new(VmControl::new(config.cpus));
         let gic = GicV3::new(config.cpus, GIC_SPIS, Arc::new(GicToCpus(control.clone())));
 
-        let (uart_output, uart_input) = devices::serial::open(&config.serial)
-            .map_err(|e| MachineError::Serial(e.to_string()))?;
-        let uart = Pl011::new(gic.spi(SPI_UART), uart_output);
         let quit_control = control.clone();
-        let serial = uart_input
-            .connect(
-                uart.clone(),
-                Box::new(move || {
-                    tracing::info!("console escape: stopping the VM");
-                    quit_control.request_stop(StopReason::HostStop)
-                }),
-            )
+        let (uart, serial) =
+            devices::serial::connect(&config.serial, gic.spi(SPI_UART), move || {
+                tracing::info!("console escape: stopping the VM");
+                quit_control.request_stop(StopReason::HostStop)
+            })
             .map_err(|e| MachineError::Serial(e.to_string()))?;
 
         let mut bus = MmioBus::new();
