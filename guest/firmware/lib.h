@@ -7,6 +7,7 @@
 
 typedef unsigned long u64;
 typedef unsigned int u32;
+typedef unsigned short u16;
 typedef unsigned char u8;
 typedef long s64;
 
