@@ -652,6 +652,7 @@ impl Vm for TcgVm {
         let handler: *const (dyn ExitHandler + 'static) = unsafe { std::mem::transmute(handler) };
         self.shared.handler.set(Some(handler));
         self.shared.control.set(Some(control));
+        ticker::precise_sleeps();
         control.set_kicker(Arc::new(TcgKick {
             handle: self.engine.kick_handle(),
             vcpu_thread: std::thread::current().id(),

@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Benchmarks vmapple's software CPU side by side with QEMU TCG.
+
+    scripts/bench.py [--runs N]
+
+Runs, on vmapple and on qemu-system-aarch64 -M virt -accel tcg (both
+multi-threaded and single-threaded TCG), in one go:
+  - the bench firmware (guest/firmware/bench.c): ALU instructions/s,
+    MMIO round trips/s, virtual-timer interrupt latency;
+  - Debian's arm64 Linux (guest/out/linux) with 2 vCPUs: wall time from
+    process start to the init's first line, and to power-off.
+Each figure is the median of N runs (default 3) and every ratio is
+vmapple / QEMU, so > 1 means vmapple is faster for throughputs and
+< 1 means vmapple is faster for times. Figures never gate CI.
+"""
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "target" / "bench"
+LINUX = ROOT / "guest" / "out" / "linux"
+VMAPPLE = ROOT / "target" / "release" / "vmapple"
+QEMU_CPU = "max,pauth=off,sve=off"  # the features vmapple's CPU shows a guest
+
+
+def qemu(accel, smp):
+    return [
+        "qemu-system-aarch64", "-M", "virt,gic-version=3,virtualization=off,secure=off",
+        "-cpu", QEMU_CPU, "-accel", accel, "-smp", str(smp), "-m", "512M",
+        "-nographic", "-no-reboot",
+    ]
+
+
+def timed_lines(cmd, marks, timeout=300):
+    """Runs cmd; returns {mark: seconds from start to the first line containing it}."""
+    start = time.monotonic()
+    found = {}
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, errors="replace")
+    try:
+        for line in proc.stdout:
+            now = time.monotonic() - start
+            for mark in marks:
+                if mark in line and mark not in found:
+                    found[mark] = now
+            if now > timeout:
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    found["exit"] = time.monotonic() - start
+    return found
+
+
+def bench_firmware(cmd, runs):
+    values = {}
+    for _ in range(runs):
+        out = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                             timeout=300).stdout
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "BENCH":
+                values.setdefault(parts[1], []).append(int(parts[2]))
+    return {k: statistics.median(v) for k, v in values.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "vmapple"], cwd=ROOT, check=True)
+    subprocess.run(["make", "-s", "-C", str(ROOT / "guest" / "firmware"), f"OUT={OUT}"], check=True)
+    if not (LINUX / "Image").exists():
+        sys.exit("bench.py: the Linux guest is missing; run scripts/setup.sh")
+
+    peers = {
+        "vmapple": lambda fw, smp: [str(VMAPPLE), "run", "--memory", "512M", "--cpus", str(smp),
+                                    "--serial", "stdio"] + fw,
+        "qemu-mttcg": lambda fw, smp: qemu("tcg", smp) + fw,
+        "qemu-1thread": lambda fw, smp: qemu("tcg,thread=single", smp) + fw,
+    }
+    firmware = {
+        "vmapple": ["--firmware", str(OUT / "bench-vmapple.bin")],
+        "qemu-mttcg": ["-bios", str(OUT / "bench-virt.bin")],
+        "qemu-1thread": ["-bios", str(OUT / "bench-virt.bin")],
+    }
+    linux_args = {
+        "vmapple": ["--kernel", str(LINUX / "Image"), "--initrd", str(LINUX / "initramfs.cpio.gz"),
+                    "--append", "console=ttyAMA0"],
+    }
+    linux_args["qemu-mttcg"] = linux_args["qemu-1thread"] = [
+        "-kernel", str(LINUX / "Image"), "-initrd", str(LINUX / "initramfs.cpio.gz"),
+        "-append", "console=ttyAMA0"]
+
+    results = {}
+    for name, build in peers.items():
+        results[name] = bench_firmware(build(firmware[name], 1), args.runs)
+        userspace, poweroff = [], []
+        for _ in range(args.runs):
+            t = timed_lines(build(linux_args[name], 2),
+                            ["VMAPPLE-GUEST: userspace up", "VMAPPLE-GUEST: powering off"])
+            userspace.append(t.get("VMAPPLE-GUEST: userspace up", float("nan")))
+            poweroff.append(t["exit"])
+        results[name]["linux-userspace-s"] = statistics.median(userspace)
+        results[name]["linux-poweroff-s"] = statistics.median(poweroff)
+
+    metrics = ["alu-minsns-per-s", "mmio-kreads-per-s", "irq-latency-avg-ns",
+               "irq-latency-max-ns", "linux-userspace-s", "linux-poweroff-s"]
+    print(f"{'metric':24} {'vmapple':>10} {'qemu-mttcg':>11} {'ratio':>7} {'qemu-1thr':>10} {'ratio':>7}")
+    for m in metrics:
+        v = results["vmapple"].get(m, float("nan"))
+        a = results["qemu-mttcg"].get(m, float("nan"))
+        b = results["qemu-1thread"].get(m, float("nan"))
+        print(f"{m:24} {v:10.3f} {a:11.3f} {v / a:7.2f} {b:10.3f} {v / b:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
