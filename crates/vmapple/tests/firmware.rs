@@ -96,3 +96,19 @@ fn hostile_guest_does_not_crash_the_vmm() {
         run.stderr
     );
 }
+
+/// SYSTEM_RESET reloads the firmware image the guest overwrote
+/// (vmapple-machine.md §20.1 vector 3), and a guest that does nothing but
+/// reset ends the run with the reset-loop status.
+#[test]
+fn reset_restores_the_rom_and_a_reset_loop_ends_the_run() {
+    let firmware = firmware_dir().join("reset-vmapple.bin");
+    let run = vmapple(
+        &["run", "--firmware", firmware.to_str().unwrap(), "--memory", "256M"],
+        Duration::from_secs(120),
+    );
+    run.assert_line("boot 1: overwriting the ROM image");
+    run.assert_line("PASS rom-restored");
+    assert_eq!(run.code, 4, "reset loop status; stderr:\n{}", run.stderr);
+    assert!(run.stderr.contains("reset 10 times in a row"), "{}", run.stderr);
+}
