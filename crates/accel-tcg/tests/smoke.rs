@@ -112,6 +112,24 @@ impl IrqLine for TimerToIrq {
     }
 }
 
+/// A one-vCPU VM on `memory` whose timer drives the vCPU's IRQ line, with
+/// its control block and a recording exit handler.
+fn one_cpu_vm(memory: &vm_core::GuestMemory) -> (TcgVm, Arc<VmControl>, Recorder) {
+    let control = Arc::new(VmControl::new(1));
+    let config = TcgConfig {
+        cpus: vec![VcpuConfig {
+            mpidr: 0x8000_0000,
+            vtimer_irq: Arc::new(TimerToIrq(control.clone())),
+        }],
+        counter: Arc::new(Counter::new(COUNTER_HZ)),
+        time_slice: Duration::from_millis(2),
+    };
+    let vm = TcgVm::new(memory, config).unwrap();
+    let handler = Recorder::default();
+    *handler.control.lock().unwrap() = Some(control.clone());
+    (vm, control, handler)
+}
+
 fn words(code: &[u32]) -> Vec<u8> {
     code.iter().flat_map(|w| w.to_le_bytes()).collect()
 }
@@ -122,18 +140,7 @@ fn runs_guest_code_through_the_accelerator_contract() {
     write_all(&memory, CODE, &words(PROGRAM)).unwrap();
     write_all(&memory, VECTORS + 0x200, &words(SYNC_HANDLER)).unwrap();
 
-    let control = Arc::new(VmControl::new(1));
-    let config = TcgConfig {
-        cpus: vec![VcpuConfig {
-            mpidr: 0x8000_0000,
-            vtimer_irq: Arc::new(TimerToIrq(control.clone())),
-        }],
-        counter: Arc::new(Counter::new(COUNTER_HZ)),
-        time_slice: Duration::from_millis(2),
-    };
-    let mut vm = TcgVm::new(&memory, config).unwrap();
-    let handler = Recorder::default();
-    *handler.control.lock().unwrap() = Some(control.clone());
+    let (mut vm, control, handler) = one_cpu_vm(&memory);
 
     control.reset_for_boot(CODE, 0);
     let reason = vm.run(&handler, &control).unwrap();
@@ -206,18 +213,7 @@ fn kicks_from_another_thread_lose_and_repeat_nothing() {
     let memory = create_guest_memory(&[(0, 0x10000)]).unwrap();
     write_all(&memory, CODE, &words(COUNTING)).unwrap();
 
-    let control = Arc::new(VmControl::new(1));
-    let config = TcgConfig {
-        cpus: vec![VcpuConfig {
-            mpidr: 0x8000_0000,
-            vtimer_irq: Arc::new(TimerToIrq(control.clone())),
-        }],
-        counter: Arc::new(Counter::new(COUNTER_HZ)),
-        time_slice: Duration::from_millis(2),
-    };
-    let mut vm = TcgVm::new(&memory, config).unwrap();
-    let handler = Recorder::default();
-    *handler.control.lock().unwrap() = Some(control.clone());
+    let (mut vm, control, handler) = one_cpu_vm(&memory);
     control.reset_for_boot(CODE, 0);
 
     let kicker_control = control.clone();

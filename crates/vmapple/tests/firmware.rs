@@ -31,21 +31,26 @@ const CHECKS: &[&str] = &[
     "cpu-off",
 ];
 
-#[test]
-fn test_firmware_passes_every_check_on_two_cpus() {
-    let firmware = firmware_dir().join("fw-vmapple.bin");
-    let run = vmapple(
+/// Boots `guest/firmware`'s program `name` on `cpus` vCPUs.
+fn run_firmware(name: &str, cpus: &str, limit: Duration) -> common::Run {
+    let firmware = firmware_dir().join(format!("{name}-vmapple.bin"));
+    vmapple(
         &[
             "run",
             "--firmware",
             firmware.to_str().unwrap(),
             "--cpus",
-            "2",
+            cpus,
             "--memory",
             "256M",
         ],
-        Duration::from_secs(120),
-    );
+        limit,
+    )
+}
+
+#[test]
+fn test_firmware_passes_every_check_on_two_cpus() {
+    let run = run_firmware("fw", "2", Duration::from_secs(120));
     for check in CHECKS {
         run.assert_line(&format!("PASS {check}\r\n"));
     }
@@ -56,19 +61,7 @@ fn test_firmware_passes_every_check_on_two_cpus() {
 
 #[test]
 fn hostile_guest_does_not_crash_the_vmm() {
-    let firmware = firmware_dir().join("chaos-vmapple.bin");
-    let run = vmapple(
-        &[
-            "run",
-            "--firmware",
-            firmware.to_str().unwrap(),
-            "--cpus",
-            "2",
-            "--memory",
-            "256M",
-        ],
-        Duration::from_secs(300),
-    );
+    let run = run_firmware("chaos", "2", Duration::from_secs(300));
     let summary = run
         .stdout
         .lines()
@@ -102,13 +95,13 @@ fn hostile_guest_does_not_crash_the_vmm() {
 /// reset ends the run with the reset-loop status.
 #[test]
 fn reset_restores_the_rom_and_a_reset_loop_ends_the_run() {
-    let firmware = firmware_dir().join("reset-vmapple.bin");
-    let run = vmapple(
-        &["run", "--firmware", firmware.to_str().unwrap(), "--memory", "256M"],
-        Duration::from_secs(120),
-    );
+    let run = run_firmware("reset", "1", Duration::from_secs(120));
     run.assert_line("boot 1: overwriting the ROM image");
     run.assert_line("PASS rom-restored");
     assert_eq!(run.code, 4, "reset loop status; stderr:\n{}", run.stderr);
-    assert!(run.stderr.contains("reset 10 times in a row"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("reset 10 times in a row"),
+        "{}",
+        run.stderr
+    );
 }
