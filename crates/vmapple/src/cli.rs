@@ -114,6 +114,8 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is too large"))
 }
 
+// Without any accelerator feature `machine` has no use.
+#[cfg_attr(not(feature = "tcg"), allow(unused_variables))]
 fn create_vm(machine: &Machine, accel: &str) -> Result<Box<dyn accel::Vm>, String> {
     match accel {
         #[cfg(feature = "tcg")]
