@@ -1,0 +1,105 @@
+//! The contract between a virtio device and its transport.
+
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_core::GuestMemory;
+
+/// The driver speaks virtio 1.x (the only mode vmapple offers, §6.5).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// How a device tells the driver something happened. The transport decides
+/// what that means on the wire (INTx and the ISR register on vmapple today,
+/// MSI-X vectors later).
+pub trait VirtioInterrupt: Send + Sync {
+    /// Used buffers were added to queue `queue`.
+    fn notify_queue(&self, queue: u16);
+    /// The device-specific config space changed.
+    fn notify_config(&self);
+}
+
+/// The PCI identity a transport presents. The virtio spec's defaults (vendor
+/// 0x1AF4, device 0x1040 + type, revision 1) come from [`PciIdentity::standard`];
+/// Apple's block variant overrides them (vmapple-machine.md §11.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciIdentity {
+    pub vendor: u16,
+    pub device: u16,
+    pub subsystem_vendor: u16,
+    pub subsystem_device: u16,
+    /// base class << 16 | sub-class << 8 | prog-if
+    pub class_code: u32,
+    pub revision: u8,
+}
+
+impl PciIdentity {
+    /// The modern virtio-pci identity of a device of type `device_type`
+    /// with class code `class_code`.
+    pub fn standard(device_type: u32, class_code: u32) -> Self {
+        Self {
+            vendor: 0x1af4,
+            device: 0x1040 + device_type as u16,
+            subsystem_vendor: 0x1af4,
+            subsystem_device: 0x1100,
+            class_code,
+            revision: 1,
+        }
+    }
+}
+
+/// Everything a device gets when the driver sets DRIVER_OK.
+pub struct ActivateContext {
+    pub memory: GuestMemory,
+    /// The queues the driver enabled, in index order (disabled ones are
+    /// passed too, with `ready() == false`).
+    pub queues: Vec<Queue>,
+    pub acked_features: u64,
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+/// Why a device refused to start; the transport sets DEVICE_NEEDS_RESET.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("the driver did not enable required queue {0}")]
+    MissingQueue(u16),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A virtio device, independent of its transport.
+///
+/// All inputs (config offsets, queue contents, kicks) come from the guest;
+/// no method may panic on them.
+pub trait VirtioDevice: Send {
+    /// Device type (1 net, 2 block, ...).
+    fn device_type(&self) -> u32;
+
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+
+    /// Feature bits offered, including [`VIRTIO_F_VERSION_1`].
+    fn features(&self) -> u64;
+
+    /// Fills `data` from device-specific config space at `offset`; bytes
+    /// past the end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+
+    /// A driver store into device-specific config space.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let _ = (offset, data);
+    }
+
+    /// The driver set DRIVER_OK: the device takes its queues and starts.
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
+
+    /// The driver notified queue `queue` (called on the vCPU thread that
+    /// wrote the notification register).
+    fn queue_notify(&mut self, queue: u16);
+
+    /// The driver reset the device (status 0): stop, drop the queues and
+    /// return to the state before activation.
+    fn reset(&mut self);
+
+    /// The PCI identity for a PCI transport.
+    fn pci_identity(&self) -> PciIdentity;
+}

@@ -1,0 +1,11 @@
+//! virtio 1.2 devices of the vmapple machine and their PCI transport.
+//!
+//! Devices implement [`VirtioDevice`]: feature bits, config space, queue
+//! sizes, and what to do when the driver kicks a queue. A transport (the
+//! modern virtio-pci one for vmapple) owns the queues' configuration, feature
+//! negotiation and device status, and hands the device its queues when the
+//! driver sets DRIVER_OK.
+
+pub mod device;
+
+pub use device::{ActivateContext, ActivateError, PciIdentity, VirtioDevice, VirtioInterrupt};
