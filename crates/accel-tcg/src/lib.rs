@@ -543,6 +543,11 @@ impl TcgVm {
             if control.stop_requested() {
                 return Ok(control.stop_reason().unwrap_or(StopReason::HostStop));
             }
+            if control.is_paused() {
+                tracing::debug!("vCPUs parked: VM paused");
+                control.wait_while_paused();
+                continue;
+            }
 
             let now = self.shared.counter.now();
             for cpu in 0..cpus {

@@ -55,6 +55,7 @@ pub struct VmControl {
     cpus: Box<[CpuSlot]>,
     stop_flag: AtomicBool,
     stop: Mutex<Option<StopReason>>,
+    paused: AtomicBool,
     /// Bumped on every event a waiting vCPU may care about.
     generation: Mutex<u64>,
     changed: Condvar,
@@ -74,6 +75,7 @@ impl VmControl {
                 .collect(),
             stop_flag: AtomicBool::new(false),
             stop: Mutex::new(None),
+            paused: AtomicBool::new(false),
             generation: Mutex::new(0),
             changed: Condvar::new(),
             kicker: RwLock::new(None),
@@ -232,6 +234,33 @@ impl VmControl {
         self.stop.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Asks every vCPU to stop executing until [`Self::resume`]. The
+    /// accelerator parks its vCPUs at an instruction boundary; devices and
+    /// the guest's state are untouched. Whoever pauses also pauses the
+    /// guest's clock (the machine does both).
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+        self.notify();
+        self.kick_all();
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+        self.notify();
+    }
+
+    /// True between [`Self::pause`] and [`Self::resume`].
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Parks the caller while the VM is paused; returns at once if it is
+    /// not, and early if a stop is requested.
+    pub fn wait_while_paused(&self) {
+        self.wait(None, || !self.is_paused());
+    }
+
     /// Wakes any thread in [`Self::wait`] so it re-checks its condition.
     pub fn wake(&self) {
         self.notify();
@@ -329,6 +358,31 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         c.set_interrupt_lines(0, true, false);
         assert!(t.join().unwrap());
+    }
+
+    #[test]
+    fn pause_parks_until_resume_or_stop() {
+        let c = Arc::new(VmControl::new(1));
+        let kicks = Arc::new(CountKicks::default());
+        c.set_kicker(kicks.clone());
+        c.pause();
+        assert!(c.is_paused());
+        assert_eq!(kicks.0.load(Ordering::SeqCst), 1, "running vCPUs are kicked");
+        let c2 = c.clone();
+        let t = std::thread::spawn(move || {
+            c2.wait_while_paused();
+            c2.is_paused()
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!t.is_finished(), "a paused VM stays parked");
+        c.resume();
+        assert!(!t.join().unwrap());
+
+        c.pause();
+        let c3 = c.clone();
+        let t = std::thread::spawn(move || c3.wait_while_paused());
+        c.request_stop(StopReason::HostStop);
+        t.join().unwrap();
     }
 
     #[test]
