@@ -65,26 +65,57 @@ fi
 
 rm -rf "$out/busybox-root"
 dpkg-deb -x "$busybox_deb" "$out/busybox-root"
-
-root="$out/initramfs-root"
-rm -rf "$root"
-mkdir -p "$root/bin" "$root/dev" "$root/proc" "$root/sys" "$root/tmp" "$root/lib/modules"
-cp "$out/busybox-root/bin/busybox" "$root/bin/busybox"
-cp "$here/init" "$root/init"
-chmod 755 "$root/init" "$root/bin/busybox"
-rm -rf "$out/busybox-root"
-
-# Modules a test asks for (VMAPPLE_GUEST_MODULES="xhci-pci usbhid ..."),
-# copied flat into /lib/modules; init loads them in the order given.
 kver=$(ls "$out/modules" | head -n1)
-for m in ${VMAPPLE_GUEST_MODULES:-}; do
-    f=$(find "$out/modules/$kver" -name "$m.ko*" | head -n1)
-    [ -n "$f" ] || { echo "build.sh: module $m not found in $kver" >&2; exit 1; }
-    cp "$f" "$root/lib/modules/"
-    echo "$(basename "$f")" >> "$root/lib/modules/load-order"
-done
 
-(cd "$root" && find . -print | LC_ALL=C sort | cpio -o -H newc --quiet --reproducible) | gzip -9n > "$out/initramfs.cpio.gz"
-rm -rf "$root"
+# Prints the module files $@ need, dependencies first, each once. The
+# package has no modules.dep (depmod makes it at install time), so the
+# dependencies come from each module's own modinfo "depends=" string.
+resolve_modules() {
+    seen=""
+    visit() {
+        local f rel deps dep pattern
+        # Module names use '_' where some file names have '-'.
+        pattern=$(echo "$1" | sed 's/[-_]/[-_]/g')
+        f=$(find "$out/modules/$kver" -name "$pattern.ko*" | head -n1)
+        [ -n "$f" ] || { echo "build.sh: module $1 not found in $kver" >&2; exit 1; }
+        rel=${f#"$out/modules/$kver/"}
+        case " $seen " in *" $rel "*) return ;; esac
+        seen="$seen $rel"
+        deps=$(tr '\0' '\n' < "$f" | sed -n 's/^depends=//p' | head -n1 | tr ',' ' ')
+        for dep in $deps; do
+            visit "$dep"
+        done
+        echo "$rel"
+    }
+    for m in "$@"; do visit "$m"; done
+}
+
+# $1 = output file, the rest = modules to include (init loads them in
+# order, dependencies first).
+make_initramfs() {
+    target=$1; shift
+    root="$out/initramfs-root"
+    rm -rf "$root"
+    mkdir -p "$root/bin" "$root/dev" "$root/proc" "$root/sys" "$root/tmp" "$root/mnt" "$root/lib/modules"
+    cp "$out/busybox-root/bin/busybox" "$root/bin/busybox"
+    cp "$here/init" "$root/init"
+    chmod 755 "$root/init" "$root/bin/busybox"
+    for rel in $(resolve_modules "$@" | awk '!seen[$0]++'); do
+        cp "$out/modules/$kver/$rel" "$root/lib/modules/"
+        basename "$rel" >> "$root/lib/modules/load-order"
+    done
+    (cd "$root" && find . -print | LC_ALL=C sort | cpio -o -H newc --quiet --reproducible) | gzip -9n > "$target"
+    rm -rf "$root"
+    echo "build.sh: initramfs -> $target"
+}
+
+# The plain guest (boot, SMP, timer, console); modules a caller asks for
+# with VMAPPLE_GUEST_MODULES="..." are added.
+# shellcheck disable=SC2086
+make_initramfs "$out/initramfs.cpio.gz" ${VMAPPLE_GUEST_MODULES:-}
+# The device guest: drivers for the PCI devices (virtio-blk/net, XHCI and
+# HID), ext4, evdev and the GPIO power key, all modules in Debian's kernel.
+make_initramfs "$out/initramfs-devices.cpio.gz" \
+    virtio_pci virtio_blk virtio_net crc32c_generic ext4 xhci-pci usbhid hid-generic evdev gpio_keys
+rm -rf "$out/busybox-root"
 echo "build.sh: kernel $kernel_pkg -> $out/Image"
-echo "build.sh: initramfs -> $out/initramfs.cpio.gz"

@@ -6,7 +6,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub fn workspace_root() -> PathBuf {
@@ -77,6 +77,19 @@ impl Run {
 /// Runs `vmapple` with `args`; kills it after `limit` (a hang must fail
 /// the test, not the CI job) and reports what it printed.
 pub fn vmapple(args: &[&str], limit: Duration) -> Run {
+    vmapple_with_triggers(args, limit, &[])
+}
+
+/// Something a test does to a running `vmapple` once its console shows a
+/// line: send it a signal.
+pub struct Trigger<'a> {
+    pub when_console_shows: &'a str,
+    pub signal: i32,
+}
+
+/// Like [`vmapple`], but sends each trigger's signal once, as soon as the
+/// console output contains its text (triggers fire in order).
+pub fn vmapple_with_triggers(args: &[&str], limit: Duration, triggers: &[Trigger]) -> Run {
     let mut child = Command::new(env!("CARGO_BIN_EXE_vmapple"))
         .args(args)
         .stdin(Stdio::null())
@@ -84,12 +97,15 @@ pub fn vmapple(args: &[&str], limit: Duration) -> Run {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawning vmapple");
+    let console = Arc::new(Mutex::new(Vec::new()));
     let mut stdout = child.stdout.take().unwrap();
     let mut stderr = child.stderr.take().unwrap();
+    let sink = console.clone();
     let out_thread = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = stdout.read_to_end(&mut s);
-        s
+        let mut chunk = [0u8; 4096];
+        while let Ok(n @ 1..) = stdout.read(&mut chunk) {
+            sink.lock().unwrap().extend_from_slice(&chunk[..n]);
+        }
     });
     let err_thread = std::thread::spawn(move || {
         let mut s = Vec::new();
@@ -97,9 +113,19 @@ pub fn vmapple(args: &[&str], limit: Duration) -> Run {
         s
     });
     let start = Instant::now();
+    let mut pending = triggers.iter().peekable();
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break Some(status);
+        }
+        if let Some(trigger) = pending.peek() {
+            let seen = String::from_utf8_lossy(&console.lock().unwrap())
+                .contains(trigger.when_console_shows);
+            if seen {
+                // SAFETY: kill(2) on our own child's pid has no memory effects.
+                unsafe { libc::kill(child.id() as i32, trigger.signal) };
+                pending.next();
+            }
         }
         if start.elapsed() > limit {
             let _ = child.kill();
@@ -108,9 +134,11 @@ pub fn vmapple(args: &[&str], limit: Duration) -> Run {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
+    out_thread.join().unwrap();
+    let stdout = String::from_utf8_lossy(&console.lock().unwrap()).into_owned();
     let run = Run {
         code: status.and_then(|s| s.code()).unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out_thread.join().unwrap()).into_owned(),
+        stdout,
         stderr: String::from_utf8_lossy(&err_thread.join().unwrap()).into_owned(),
     };
     assert!(
