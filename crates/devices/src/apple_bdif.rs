@@ -35,10 +35,10 @@
 //! part of the buffer written (QEMU would write none of it); the status is
 //! 1 in both.
 //!
-//! A zero-length READ succeeds when `data.addr` is RAM and the sector
-//! offset is at most the image size (QEMU's block layer accepts a 0-byte
-//! read at the end of the image and refuses one beyond it); whether QEMU
-//! also succeeds for a 0-byte DMA to a non-RAM address is unconfirmed.
+//! A zero-length READ succeeds whenever the sector offset is at most the
+//! image size, wherever `data.addr` points: QEMU's block layer accepts a
+//! 0-byte read at the end of the image (and refuses one beyond it), and its
+//! memory core completes a 0-byte DMA without decoding the address.
 
 use std::sync::Arc;
 
@@ -235,7 +235,9 @@ impl Bdif {
             );
             return status::FAILED;
         }
-        if !range_is_ram(&self.memory, data_addr, len) {
+        // QEMU's memory core completes a zero-length DMA without looking at
+        // the address.
+        if len != 0 && !range_is_ram(&self.memory, data_addr, len) {
             guest_error!("bdif {name}: data buffer {data_addr:#x}+{len:#x} is not wholly in RAM");
             return status::FAILED;
         }
@@ -505,6 +507,13 @@ mod tests {
         };
         assert_eq!(rig.run(ROOT_CMD, &req), 0);
         assert!(rig.peek(DATA, 0x1000).iter().all(|&b| b == 0));
+        rig.poke(RETVAL, &[0xEE]);
+        let req = Req {
+            len: 0,
+            data_addr: 0x0800_0000,
+            ..Req::default()
+        };
+        assert_eq!(rig.run(ROOT_CMD, &req), 0, "empty DMA to unmapped space");
     }
 
     #[test]
