@@ -347,12 +347,12 @@ impl AppleAes {
                 0
             }
         };
-        tracing::trace!(target: "aes_read", offset, value);
+        tracing::trace!(offset, value, "aes_read");
         value
     }
 
     fn write1(&self, offset: u64, value: u32) {
-        tracing::trace!(target: "aes_write", offset, value);
+        tracing::trace!(offset, value, "aes_write");
         let mut s = self.lock();
         match offset {
             reg::IRQ_STATUS => s.irq_status &= !value,
@@ -397,7 +397,7 @@ impl AppleAes {
         if done {
             s.fifo_len = 0;
         }
-        tracing::trace!(target: "aes_fifo_process", op, done);
+        tracing::trace!(op, done, "aes_fifo_process");
     }
 
     fn cmd_key(&self, s: &mut State) -> bool {
@@ -414,12 +414,12 @@ impl AppleAes {
         let slot = ((c >> cmd::KEY_SLOT_SHIFT) & 1) as usize;
         let select = (c >> cmd::KEY_SELECT_SHIFT) & cmd::KEY_SELECT_MASK;
         if select != 0 {
-            tracing::trace!(target: "aes_cmd_key_select_builtin", slot, select, encrypt = s.encrypt, mode = ?s.mode);
+            tracing::trace!(slot, select, encrypt = s.encrypt, mode = ?s.mode, "aes_cmd_key_select_builtin");
             s.keys[slot] = builtin_key(select);
             return true;
         }
         let len = KEY_LENS[((c >> cmd::KEY_LEN_SHIFT) & cmd::KEY_LEN_MASK) as usize];
-        tracing::trace!(target: "aes_cmd_key_select_new", slot, len, encrypt = s.encrypt, mode = ?s.mode);
+        tracing::trace!(slot, len, encrypt = s.encrypt, mode = ?s.mode, "aes_cmd_key_select_new");
         if len > KEY_SLOT_BYTES {
             guest_error!("apple-aes: KEY with unsupported {len}-byte key");
             return false;
@@ -452,7 +452,7 @@ impl AppleAes {
             return false;
         };
         iv.copy_from_slice(&bytes);
-        tracing::trace!(target: "aes_cmd_iv", slot, iv = %hex(iv));
+        tracing::trace!(slot, iv = %hex(iv), "aes_cmd_iv");
         true
     }
 
@@ -463,7 +463,7 @@ impl AppleAes {
         let hi = u64::from(s.fifo[1]);
         let src = u64::from(s.fifo[2]) | ((hi << 16) & 0xFFFF_0000_0000);
         let dst = u64::from(s.fifo[3]) | ((hi << 32) & 0xFFFF_0000_0000);
-        tracing::trace!(target: "aes_cmd_data", slot, iv_slot = 0, src, dst, len);
+        tracing::trace!(slot, iv_slot = 0, src, dst, len, "aes_cmd_data");
         if !s.has_payload(3) {
             tracing::trace!("apple-aes: DATA waits for payload");
             return false;
@@ -501,8 +501,8 @@ impl AppleAes {
             guest_error!("apple-aes: DATA read at {src:#x} failed");
             return false;
         }
-        if len <= DUMP_LIMIT && tracing::enabled!(target: "aes_dump_data", tracing::Level::TRACE) {
-            tracing::trace!(target: "aes_dump_data", "cmd_data(): src_data={}", hex(&buf));
+        if len <= DUMP_LIMIT && tracing::enabled!(tracing::Level::TRACE) {
+            tracing::trace!("aes_dump_data: cmd_data(): src_data={}", hex(&buf));
         }
         let iv = s.ivs[0];
         let key_bytes = &key.bytes[..key.len];
@@ -515,8 +515,8 @@ impl AppleAes {
             guest_error!("apple-aes: cipher failed on {len:#x} bytes");
             return false;
         }
-        if len <= DUMP_LIMIT && tracing::enabled!(target: "aes_dump_data", tracing::Level::TRACE) {
-            tracing::trace!(target: "aes_dump_data", "cmd_data(): dst_data={}", hex(&buf));
+        if len <= DUMP_LIMIT && tracing::enabled!(tracing::Level::TRACE) {
+            tracing::trace!("aes_dump_data: cmd_data(): dst_data={}", hex(&buf));
         }
         if write_all(&self.memory, dst, &buf).is_err() {
             guest_error!("apple-aes: DATA write at {dst:#x} failed");
@@ -541,7 +541,7 @@ impl AppleAes {
             guest_error!("apple-aes: STORE_IV write at {addr:#x} is not in RAM");
             return false;
         }
-        tracing::trace!(target: "aes_cmd_store_iv", slot, addr, iv = %hex(iv));
+        tracing::trace!(slot, addr, iv = %hex(iv), "aes_cmd_store_iv");
         true
     }
 
@@ -552,7 +552,7 @@ impl AppleAes {
             s.irq_status |= irq::FLAG;
         }
         s.flag_info = c & cmd::FLAG_INFO_MASK;
-        tracing::trace!(target: "aes_cmd_flag", raise, flag_info = s.flag_info);
+        tracing::trace!(raise, flag_info = s.flag_info, "aes_cmd_flag");
         true
     }
 
@@ -607,12 +607,12 @@ impl Window2 {
         if offset != 0 {
             guest_error!("apple-aes window 2: read of unimplemented offset {offset:#x}");
         }
-        tracing::trace!(target: "aes_2_read", offset, value = 0);
+        tracing::trace!(offset, value = 0, "aes_2_read");
         0
     }
 
     fn write2(offset: u64, value: u32) {
-        tracing::trace!(target: "aes_2_write", offset, value);
+        tracing::trace!(offset, value, "aes_2_write");
         guest_error!("apple-aes window 2: write of {value:#x} to unimplemented offset {offset:#x}");
     }
 }

@@ -222,12 +222,12 @@ impl Bdif {
     ) -> u8 {
         let in_disk = block::check_range(disk.len(), offset, len).is_ok();
         tracing::trace!(
-            target: "bdif_vblk_read",
             dev = name,
             data_addr,
             offset,
             len,
-            ok = in_disk
+            ok = in_disk,
+            "bdif_vblk_read"
         );
         if !in_disk {
             guest_error!(
@@ -276,13 +276,13 @@ impl MmioDevice for Bdif {
             },
             _ => value::UNDEFINED,
         } & width.mask();
-        tracing::trace!(target: "bdif_read", offset, size = width.bytes(), value);
+        tracing::trace!(offset, size = width.bytes(), value, "bdif_read");
         value
     }
 
     fn write(&self, offset: u64, width: AccessWidth, value: u64) {
         let value = value & width.mask();
-        tracing::trace!(target: "bdif_write", offset, size = width.bytes(), value);
+        tracing::trace!(offset, size = width.bytes(), value, "bdif_write");
         if offset & reg::MASK != reg::CMD {
             return;
         }
