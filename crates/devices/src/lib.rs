@@ -4,6 +4,9 @@
 //! |---|---|---|
 //! | ARM PL011 UART, the serial console | [`pl011`] | §2 (`0x2001_0000`, 4 KiB), §3 (SPI 1), §13.1 |
 //! | host ends of the console: stdio, file, unix socket, none | [`serial`] | §13.1 ("backend: the first serial port") |
+//! | configuration region `vmapple-cfg` (guest RAM, not MMIO) | [`apple_cfg`] | §2 (`0x0040_0000`, 64 KiB), §8 |
+//! | backdoor block interface `vmapple-bdif` | [`apple_bdif`] | §2 (`0x3000_0000`, 2 MiB), §9 |
+//! | AES engine `apple-aes` | [`apple_aes`] | §2 (`0x3022_0000` and `0x3023_0000`, 16 KiB each), §3 (SPI 0x12), §10 |
 //!
 //! Devices reach the rest of the VMM only through `vm-core`: they answer
 //! MMIO through [`vm_core::MmioDevice`], drive a level-sensitive
@@ -11,5 +14,8 @@
 //! [`vm_core::guest_error!`]. Nothing here knows an accelerator or the
 //! machine, so each device is tested on its own with a `TestIrq`.
 
+pub mod apple_aes;
+pub mod apple_bdif;
+pub mod apple_cfg;
 pub mod pl011;
 pub mod serial;
