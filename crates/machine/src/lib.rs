@@ -9,6 +9,7 @@
 pub mod boot;
 pub mod exits;
 pub mod fdt;
+pub mod handle;
 pub mod layout;
 
 use std::path::PathBuf;
@@ -18,7 +19,17 @@ use std::time::{Duration, Instant};
 use accel::{AccelError, CpuSnapshot, StopReason, VcpuConfig, Vm, VmControl};
 use arch_arm64::timer::{Counter, COUNTER_HZ};
 use arch_arm64::Mpidr;
+use block::{BlockBackend, DiskImage, MemoryDisk};
+use devices::apple_aes::{AppleAes, FifoResetPolicy};
+use devices::apple_bdif::Bdif;
+use devices::apple_cfg::CfgParams;
+use devices::clock::{Clock, HostClock, TimerThread};
 use devices::pl011::Pl011;
+use devices::pl031::Pl031;
+use devices::pl061::Pl061;
+use devices::power_button::PowerButton;
+use devices::pvpanic::{PanicEvents, PvPanic};
+use handle::{EventBus, MachineEvent, MachineHandle};
 use devices::serial::{SerialBackend, SerialHandle};
 use gic::{CpuInterruptOutputs, GicV3};
 use vm_core::{GuestMemory, MmioBus};
@@ -49,6 +60,51 @@ pub enum BootSource {
     },
 }
 
+/// What a guest panic reported through pvpanic does (§12).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PanicPolicy {
+    /// Stop the VM; `vmapple` exits with the guest-panic status (QEMU's
+    /// default action, `shutdown`).
+    #[default]
+    Exit,
+    /// Pause the VM so its state can be inspected; resume or stop it
+    /// from the control socket or with a signal.
+    Pause,
+    /// Log it and let the guest go on (to its crash kernel, say).
+    Continue,
+}
+
+impl PanicPolicy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Exit => "exit",
+            Self::Pause => "pause",
+            Self::Continue => "continue",
+        }
+    }
+}
+
+impl std::str::FromStr for PanicPolicy {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "exit" => Ok(Self::Exit),
+            "pause" => Ok(Self::Pause),
+            "continue" => Ok(Self::Continue),
+            other => Err(format!(
+                "{other:?} is not a panic policy (use exit, pause or continue)"
+            )),
+        }
+    }
+}
+
+/// A disk image the user named.
+#[derive(Clone, Debug)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
 /// Everything needed to build a machine.
 #[derive(Clone, Debug)]
 pub struct MachineConfig {
@@ -56,6 +112,35 @@ pub struct MachineConfig {
     pub ram_size: u64,
     pub boot: BootSource,
     pub serial: SerialBackend,
+    /// The platform description for the boot ROM (§8). `nr_cpus`,
+    /// `ram_size` and `rnd` are filled in by the machine.
+    pub platform: CfgParams,
+    /// The aux volume: the boot ROM reads it through the backdoor block
+    /// interface (§9); the running OS through Apple's virtio-blk variant.
+    pub aux: Option<DiskSpec>,
+    /// The root volume, likewise.
+    pub root: Option<DiskSpec>,
+    /// What the AES engine does with its command FIFO at reset (§10.8, Q4).
+    pub aes_fifo_on_reset: FifoResetPolicy,
+    pub on_panic: PanicPolicy,
+}
+
+impl MachineConfig {
+    /// A configuration with QEMU's defaults for everything but what must
+    /// be given.
+    pub fn new(cpus: usize, ram_size: u64, boot: BootSource, serial: SerialBackend) -> Self {
+        Self {
+            cpus,
+            ram_size,
+            boot,
+            serial,
+            platform: CfgParams::default(),
+            aux: None,
+            root: None,
+            aes_fifo_on_reset: FifoResetPolicy::default(),
+            on_panic: PanicPolicy::default(),
+        }
+    }
 }
 
 /// Configuration mistakes and host failures, each with a message for the
@@ -72,6 +157,13 @@ pub enum MachineError {
     Memory(u64, String),
     #[error("serial port: {0}")]
     Serial(String),
+    #[error("machine configuration: {0}")]
+    Platform(#[from] devices::apple_cfg::CfgError),
+    #[error("--{which}: {source}")]
+    Disk {
+        which: &'static str,
+        source: block::OpenError,
+    },
     #[error(transparent)]
     Accel(#[from] AccelError),
     #[error("internal error while building the machine: {0}")]
@@ -118,6 +210,57 @@ impl ResetLoopDetector {
     }
 }
 
+/// The VM's virtual time (the generic timer's count, which stops while
+/// the VM is paused) as a device clock: the power button's 100 ms pulse
+/// is measured in it (§13.3).
+struct VirtualClock(Arc<Counter>);
+
+impl Clock for VirtualClock {
+    fn now_ns(&self) -> u64 {
+        let ticks = u128::from(self.0.now());
+        u64::try_from(ticks * 1_000_000_000 / u128::from(COUNTER_HZ)).unwrap_or(u64::MAX)
+    }
+}
+
+/// pvpanic's events, acted on as `--on-panic` says.
+struct PanicActions {
+    policy: PanicPolicy,
+    control: Arc<VmControl>,
+    counter: Arc<Counter>,
+    events: Arc<EventBus>,
+}
+
+impl PanicEvents for PanicActions {
+    fn guest_panicked(&self) {
+        tracing::error!(
+            "guest panicked (pvpanic); --on-panic {}",
+            self.policy.name()
+        );
+        match self.policy {
+            PanicPolicy::Exit => self.control.request_stop(StopReason::GuestPanic),
+            PanicPolicy::Pause => {
+                self.counter.pause();
+                self.control.pause();
+                tracing::warn!("VM paused after the guest panic");
+            }
+            PanicPolicy::Continue => {}
+        }
+        self.events.publish(MachineEvent::GuestPanicked {
+            action: self.policy.name(),
+        });
+    }
+
+    fn guest_crash_loaded(&self) {
+        tracing::warn!("guest reports a crash-loaded event (pvpanic): its crash kernel runs");
+        self.events.publish(MachineEvent::GuestCrashLoaded);
+    }
+
+    fn guest_shutdown(&self) {
+        tracing::info!("guest asked for an orderly shutdown (pvpanic)");
+        self.control.request_stop(StopReason::PowerOff);
+    }
+}
+
 /// The GIC's CPU outputs drive the vCPUs' IRQ/FIQ inputs.
 struct GicToCpus(Arc<VmControl>);
 
@@ -140,6 +283,15 @@ pub struct Machine {
     bus: Arc<MmioBus>,
     gic: Arc<GicV3>,
     uart: Arc<Pl011>,
+    aes: Arc<AppleAes>,
+    rtc: Arc<Pl031>,
+    gpio: Arc<Pl061>,
+    power_button: Arc<PowerButton>,
+    events: Arc<EventBus>,
+    /// Threads that fire the RTC alarm and end the power button's pulse.
+    _timers: Vec<TimerThread>,
+    /// The cfg region's contents, rebuilt into guest memory at every reset.
+    platform_image: Vec<u8>,
     control: Arc<VmControl>,
     counter: Arc<Counter>,
     boot: Boot,
@@ -153,6 +305,28 @@ impl Machine {
         }
         if !(MIN_RAM..=MAX_RAM).contains(&config.ram_size) || config.ram_size % (1 << 20) != 0 {
             return Err(MachineError::RamSize(config.ram_size));
+        }
+        let platform_image = CfgParams {
+            nr_cpus: config.cpus as u32,
+            ram_size: config.ram_size,
+            rnd: random_u32(),
+            ..config.platform.clone()
+        }
+        .build()?;
+        let open_disk = |which: &'static str, spec: &Option<DiskSpec>| match spec {
+            Some(spec) => DiskImage::open(&spec.path, spec.read_only)
+                .map(|d| Arc::new(d) as Arc<dyn BlockBackend>)
+                .map_err(|source| MachineError::Disk { which, source }),
+            // No drive: every backdoor read fails with status 1, as
+            // reading past the end of an empty disk would.
+            None => Ok(Arc::new(MemoryDisk::new(Vec::new(), true)) as Arc<dyn BlockBackend>),
+        };
+        let aux = open_disk("aux", &config.aux)?;
+        let root = open_disk("root", &config.root)?;
+        if matches!(config.boot, BootSource::Firmware(_)) && config.aux.is_none() {
+            tracing::warn!(
+                "no --aux disk: a boot ROM that loads the OS through the backdoor will fail"
+            );
         }
         // Read the boot files first: a wrong path should not cost a
         // multi-gigabyte allocation.
@@ -208,6 +382,50 @@ impl Machine {
             gic.redistributors(),
         )?;
         add(&mut bus, UART_BASE, Pl011::SIZE, "pl011", uart.clone())?;
+        add(
+            &mut bus,
+            BDIF_BASE,
+            BDIF_SIZE,
+            "bdif",
+            Arc::new(Bdif::new(memory.clone(), root, aux)),
+        )?;
+        let counter = Arc::new(Counter::new(COUNTER_HZ));
+        let events = Arc::new(EventBus::default());
+        let rtc = Pl031::new(gic.spi(SPI_RTC), Arc::new(HostClock::new()));
+        add(&mut bus, RTC_BASE, RTC_SIZE, "pl031", rtc.clone())?;
+        let gpio = Pl061::new(gic.spi(SPI_GPIO));
+        add(&mut bus, GPIO_BASE, GPIO_SIZE, "pl061", gpio.clone())?;
+        let virtual_clock: Arc<dyn Clock> = Arc::new(VirtualClock(counter.clone()));
+        let power_button = PowerButton::new(gpio.clone(), virtual_clock.clone());
+        let pvpanic = PvPanic::new(Arc::new(PanicActions {
+            policy: config.on_panic,
+            control: control.clone(),
+            counter: counter.clone(),
+            events: events.clone(),
+        }));
+        add(&mut bus, PVPANIC_BASE, PVPANIC_SIZE, "pvpanic", pvpanic)?;
+        let timer = |name: &str, clock: Arc<dyn Clock>, target, max_sleep| {
+            TimerThread::spawn(name, clock, target, max_sleep)
+                .map_err(|e| MachineError::Internal(format!("cannot start the {name} thread: {e}")))
+        };
+        let timers = vec![
+            timer(
+                "rtc-alarm",
+                Arc::new(HostClock::new()),
+                rtc.clone(),
+                Duration::from_secs(1),
+            )?,
+            // Virtual time may stop (pause): re-read it often.
+            timer(
+                "power-button",
+                virtual_clock,
+                power_button.clone(),
+                Duration::from_millis(10),
+            )?,
+        ];
+        let aes = AppleAes::new(memory.clone(), gic.spi(SPI_AES), config.aes_fifo_on_reset);
+        add(&mut bus, AES1_BASE, AES_WINDOW_SIZE, "aes", aes.window1())?;
+        add(&mut bus, AES2_BASE, AES_WINDOW_SIZE, "aes-2", aes.window2())?;
 
         Ok(Self {
             cpus: config.cpus,
@@ -216,8 +434,15 @@ impl Machine {
             bus: Arc::new(bus),
             gic,
             uart,
+            aes,
+            rtc,
+            gpio,
+            power_button,
+            events,
+            _timers: timers,
+            platform_image,
             control,
-            counter: Arc::new(Counter::new(COUNTER_HZ)),
+            counter,
             boot,
             _serial: serial,
         })
@@ -225,6 +450,17 @@ impl Machine {
 
     pub fn memory(&self) -> &GuestMemory {
         &self.memory
+    }
+
+    /// A remote control for signals, the control socket and UIs.
+    pub fn handle(&self) -> MachineHandle {
+        let button = self.power_button.clone();
+        MachineHandle {
+            control: self.control.clone(),
+            counter: self.counter.clone(),
+            events: self.events.clone(),
+            power_button: Arc::new(move || button.press()),
+        }
     }
 
     pub fn control(&self) -> Arc<VmControl> {
@@ -251,6 +487,8 @@ impl Machine {
 
     /// Puts the boot images in guest memory; returns CPU 0's entry and x0.
     fn install_boot(&self) -> Result<(u64, u64), MachineError> {
+        devices::apple_cfg::install(&self.memory, CFG_BASE, CFG_SIZE, &self.platform_image)
+            .map_err(|e| MachineError::Internal(format!("cfg region: {e}")))?;
         match &self.boot {
             Boot::Firmware(firmware) => {
                 firmware.install(&self.memory);
@@ -262,6 +500,8 @@ impl Machine {
                     ram_size: self.ram_size,
                     cmdline: images.cmdline.clone(),
                     rng_seed: random_seed(),
+                    rtc: true,
+                    gpio_power_key: true,
                     ..Default::default()
                 };
                 // The blob's size hardly depends on the initrd addresses:
@@ -280,6 +520,10 @@ impl Machine {
     fn reset_devices(&self) {
         self.gic.reset();
         self.uart.reset();
+        self.aes.reset();
+        self.rtc.reset();
+        self.gpio.reset();
+        self.power_button.reset();
     }
 
     /// Boots the machine on `vm` and runs it, through guest resets, until
@@ -302,6 +546,15 @@ impl Machine {
             );
             self.control.reset_for_boot(entry, x0);
             let reason = vm.run(&exits, &self.control)?;
+            // A reset or stop ends any pause; the clock runs again for the
+            // next boot.
+            self.control.resume();
+            self.counter.resume();
+            if reason != StopReason::Reset {
+                self.events.publish(MachineEvent::Stopped {
+                    reason: format!("{reason:?}"),
+                });
+            }
             match reason {
                 StopReason::PowerOff => return Ok(RunOutcome::PoweredOff),
                 StopReason::Reset => {
@@ -314,6 +567,7 @@ impl Machine {
                         return Ok(RunOutcome::ResetLoop);
                     }
                     tracing::info!("resetting the machine");
+                    self.events.publish(MachineEvent::Reset);
                     self.reset_devices();
                 }
                 StopReason::GuestCrash(report) => {
@@ -331,6 +585,12 @@ impl Machine {
             }
         }
     }
+}
+
+/// The cfg region's `rnd` word: 32 random bits per VMM launch (§6.6).
+fn random_u32() -> u32 {
+    let seed = random_seed();
+    u32::from_le_bytes([seed[0], seed[1], seed[2], seed[3]])
 }
 
 /// 32 bytes from the host's entropy source for the guest's RNG seed; a

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use devices::serial::SerialBackend;
-use machine::{BootSource, Machine, MachineConfig, RunOutcome};
+use machine::{BootSource, DiskSpec, Machine, MachineConfig, PanicPolicy, RunOutcome};
 
 use crate::status;
 
@@ -77,6 +77,81 @@ pub struct RunArgs {
     /// Accelerator: `tcg` (the portable software CPU).
     #[arg(long, default_value = "tcg", value_name = "ACCEL")]
     pub accel: String,
+
+    /// The aux volume (VZF's auxiliary storage with its 16 KiB header
+    /// removed): the boot ROM reads it through the backdoor block
+    /// interface. Append `,readonly` to open it read-only.
+    #[arg(long, value_name = "FILE[,readonly]", value_parser = parse_disk)]
+    pub aux: Option<DiskSpec>,
+
+    /// The root volume (the macOS disk image). Append `,readonly` to open
+    /// it read-only.
+    #[arg(long, value_name = "FILE[,readonly]", value_parser = parse_disk)]
+    pub root: Option<DiskSpec>,
+
+    /// The machine's ECID (Virtualization.framework's machine identifier),
+    /// decimal or 0x-prefixed hex; `vmapple identity` prints it for a
+    /// bundle.
+    #[arg(long, value_name = "N", value_parser = parse_ecid)]
+    pub ecid: Option<u64>,
+
+    /// Serial number the boot ROM reports (at most 31 characters).
+    #[arg(long, value_name = "TEXT", default_value = devices::apple_cfg::DEFAULT_SERIAL)]
+    pub serial_number: String,
+
+    /// Model name the boot ROM reports (at most 31 characters).
+    #[arg(long, value_name = "TEXT", default_value = devices::apple_cfg::DEFAULT_MODEL)]
+    pub model: String,
+
+    /// SoC name the boot ROM reports (at most 31 characters).
+    #[arg(long, value_name = "TEXT", default_value = devices::apple_cfg::DEFAULT_SOC_NAME)]
+    pub soc_name: String,
+
+    /// Tell the boot ROM to start the macOS installer (sets the cfg
+    /// region's run_installer1 and run_installer2 words).
+    #[arg(long)]
+    pub run_installer: bool,
+
+    /// What a guest panic reported through pvpanic does: `exit` (stop with
+    /// status 5), `pause` (keep the VM for inspection) or `continue`.
+    #[arg(long, default_value = "exit", value_parser = parse_panic_policy, value_name = "POLICY")]
+    pub on_panic: PanicPolicy,
+}
+
+fn parse_panic_policy(text: &str) -> Result<PanicPolicy, String> {
+    text.parse()
+}
+
+/// Parses `PATH` or `PATH,readonly`.
+pub fn parse_disk(text: &str) -> Result<DiskSpec, String> {
+    let (path, read_only) = match text.rsplit_once(',') {
+        Some((path, "readonly" | "ro")) => (path, true),
+        Some((_, option)) => {
+            return Err(format!(
+                "unknown disk option {option:?} in {text:?} (the only option is `readonly`)"
+            ))
+        }
+        None => (text, false),
+    };
+    if path.is_empty() {
+        return Err("empty disk path".into());
+    }
+    Ok(DiskSpec {
+        path: PathBuf::from(path),
+        read_only,
+    })
+}
+
+/// Parses an ECID: decimal, or hex with a 0x prefix.
+pub fn parse_ecid(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => t.parse(),
+    };
+    parsed.map_err(|_| {
+        format!("{text:?} is not an ECID (a 64-bit number, decimal or 0x-prefixed hex)")
+    })
 }
 
 /// Parses `512M`, `4G`, `1024K`, `2T`, `4GiB` or a plain byte count.
@@ -159,15 +234,25 @@ pub fn run(args: RunArgs) -> Result<u8, String> {
         },
         _ => return Err("give exactly one of --firmware and --kernel".into()),
     };
-    let mut machine = Machine::new(MachineConfig {
-        cpus: args.cpus,
-        ram_size: args.memory,
-        boot,
-        serial: args.serial,
-    })
-    .map_err(|e| e.to_string())?;
+    let mut config = MachineConfig::new(args.cpus, args.memory, boot, args.serial);
+    let installer = u32::from(args.run_installer);
+    config.platform = devices::apple_cfg::CfgParams {
+        ecid: args.ecid.unwrap_or(0),
+        serial: args.serial_number,
+        model: args.model,
+        soc_name: args.soc_name,
+        run_installer1: installer,
+        run_installer2: installer,
+        ..Default::default()
+    };
+    config.aux = args.aux;
+    config.root = args.root;
+    config.on_panic = args.on_panic;
+    let mut machine = Machine::new(config).map_err(|e| e.to_string())?;
+    let signals = crate::signals::forward_to(machine.handle()).map_err(|e| e.to_string())?;
     let mut vm = create_vm(&machine, &args.accel)?;
     let outcome = machine.run(vm.as_mut()).map_err(|e| e.to_string())?;
+    drop(signals);
     Ok(match outcome {
         RunOutcome::PoweredOff => {
             tracing::info!("guest powered off");
@@ -204,5 +289,23 @@ mod tests {
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("99999999999T").is_err());
         assert!(parse_size("-1M").is_err());
+    }
+
+    #[test]
+    fn disks_and_ecids() {
+        let d = parse_disk("/a/b.img,readonly").unwrap();
+        assert_eq!((d.path.to_str().unwrap(), d.read_only), ("/a/b.img", true));
+        let d = parse_disk("x,y.img").unwrap_err();
+        assert!(d.contains("unknown disk option"), "{d}");
+        assert!(!parse_disk("plain.img").unwrap().read_only);
+        assert!(parse_disk(",readonly").is_err());
+        assert_eq!(parse_ecid("0x1122334455667788"), Ok(0x1122_3344_5566_7788));
+        assert_eq!(
+            parse_ecid("1234567890123456789"),
+            Ok(1_234_567_890_123_456_789)
+        );
+        assert!(parse_ecid("0x").is_err());
+        assert!(parse_ecid("18446744073709551616").is_err());
+        assert!(parse_ecid("twelve").is_err());
     }
 }

@@ -7,6 +7,7 @@
 //! VM before the guest powered off.
 
 mod cli;
+mod signals;
 
 use std::process::ExitCode;
 

@@ -486,6 +486,9 @@ fn stdio_child() {
     uart.write(reg::LCR_H, AccessWidth::Word, 0x70);
     match mode.as_str() {
         "pipe" => {
+            // Enabling the FIFO empties it (as on hardware), so the parent
+            // sends its input only once the FIFO is on.
+            guest_write(&uart, b"fifo-on\n");
             assert!(!handle.is_raw_terminal());
             let got = guest_read(&uart, PIPE_INPUT.len());
             guest_write(&uart, b"echo:");
@@ -506,10 +509,18 @@ fn stdio_child() {
 fn stdio_backend_reads_a_pipe_until_eof_without_raw_mode() {
     let mut child = run_child("pipe", std::process::Stdio::piped());
     let mut stdin = child.stdin.take().unwrap();
+    let mut child_out = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut byte = [0u8];
+    while !String::from_utf8_lossy(&seen).contains("fifo-on\n") {
+        assert_eq!(child_out.read(&mut byte).unwrap(), 1, "child ended early");
+        seen.push(byte[0]);
+    }
     stdin.write_all(PIPE_INPUT).unwrap();
     drop(stdin); // EOF
+    child_out.read_to_end(&mut seen).unwrap();
     let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&seen);
     assert!(
         out.status.success(),
         "{stdout}\n{}",
