@@ -4,6 +4,11 @@
 //! |---|---|---|
 //! | ARM PL011 UART, the serial console | [`pl011`] | §2 (`0x2001_0000`, 4 KiB), §3 (SPI 1), §13.1 |
 //! | host ends of the console: stdio, file, unix socket, none | [`serial`] | §13.1 ("backend: the first serial port") |
+//! | ARM PL031 real-time clock | [`pl031`] | §2 (`0x2005_0000`, 4 KiB), §3 (SPI 2), §13.2 |
+//! | ARM PL061 GPIO controller | [`pl061`] | §2 (`0x2006_0000`, 4 KiB), §3 (SPI 5), §13.3 |
+//! | power key ("gpio-key") pulsing GPIO line 3 | [`power_button`] | §6.8, §13.3, quirk Q10 |
+//! | pvpanic-mmio guest panic/shutdown notifier | [`pvpanic`] | §2 (`0x2007_0000`, 2 bytes), §12 |
+//! | clocks and deadline timers for the RTC and the power key | [`clock`] | §6.8, §13.2 |
 //!
 //! Devices reach the rest of the VMM only through `vm-core`: they answer
 //! MMIO through [`vm_core::MmioDevice`], drive a level-sensitive
@@ -11,5 +16,10 @@
 //! [`vm_core::guest_error!`]. Nothing here knows an accelerator or the
 //! machine, so each device is tested on its own with a `TestIrq`.
 
+pub mod clock;
 pub mod pl011;
+pub mod pl031;
+pub mod pl061;
+pub mod power_button;
+pub mod pvpanic;
 pub mod serial;
