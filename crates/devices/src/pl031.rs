@@ -385,7 +385,9 @@ mod tests {
         for offset in [reg::MR, reg::LR, reg::IMSC, reg::RIS, reg::MIS, reg::ICR] {
             assert_eq!(rig.r(offset), 0, "offset {offset:#x}");
         }
-        let ids: Vec<u8> = (0..8).map(|i| rig.r(reg::PERIPH_ID0 + 4 * i) as u8).collect();
+        let ids: Vec<u8> = (0..8)
+            .map(|i| rig.r(reg::PERIPH_ID0 + 4 * i) as u8)
+            .collect();
         assert_eq!(ids, [0x31, 0x10, 0x14, 0x00, 0x0D, 0xF0, 0x05, 0xB1]);
         assert_eq!(rig.r(reg::PCELL_ID0), 0x0D);
         assert!(!rig.irq.is_asserted());
@@ -466,7 +468,10 @@ mod tests {
         assert_eq!(rig.r(reg::MIS), 0, "masked");
         assert!(!rig.irq.is_asserted());
         rig.w(reg::IMSC, 1);
-        assert!(rig.irq.is_asserted(), "unmasking a pending alarm raises the line");
+        assert!(
+            rig.irq.is_asserted(),
+            "unmasking a pending alarm raises the line"
+        );
         rig.w(reg::IMSC, 0);
         assert!(!rig.irq.is_asserted());
     }
@@ -554,7 +559,11 @@ mod tests {
         assert_eq!(rig.r(reg::MR), 0x42);
         assert_eq!(rig.r(reg::LR), 1, "high word went to LR");
         assert_eq!(rig.r(reg::DR), 1);
-        assert_eq!(rig.rtc.read(reg::PCELL_ID3, Double), 0xB1, "nothing past the end");
+        assert_eq!(
+            rig.rtc.read(reg::PCELL_ID3, Double),
+            0xB1,
+            "nothing past the end"
+        );
     }
 
     #[test]
