@@ -193,9 +193,15 @@ fn run_timer(clock: &dyn Clock, target: &dyn Timed, waker: &Waker, max_sleep: Du
                 let now = clock.now_ns();
                 if now >= deadline {
                     target.poll();
-                    continue;
+                    // A device that leaves a passed deadline in place would
+                    // otherwise be polled in a tight loop.
+                    if target.deadline() != Some(deadline) {
+                        continue;
+                    }
+                    max_sleep
+                } else {
+                    Duration::from_nanos(deadline - now).min(max_sleep)
                 }
-                Duration::from_nanos(deadline - now).min(max_sleep)
             }
             None => max_sleep,
         };
