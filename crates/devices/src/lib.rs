@@ -7,6 +7,11 @@
 //! | configuration region `vmapple-cfg` (guest RAM, not MMIO) | [`apple_cfg`] | §2 (`0x0040_0000`, 64 KiB), §8 |
 //! | backdoor block interface `vmapple-bdif` | [`apple_bdif`] | §2 (`0x3000_0000`, 2 MiB), §9 |
 //! | AES engine `apple-aes` | [`apple_aes`] | §2 (`0x3022_0000` and `0x3023_0000`, 16 KiB each), §3 (SPI 0x12), §10 |
+//! | ARM PL031 real-time clock | [`pl031`] | §2 (`0x2005_0000`, 4 KiB), §3 (SPI 2), §13.2 |
+//! | ARM PL061 GPIO controller | [`pl061`] | §2 (`0x2006_0000`, 4 KiB), §3 (SPI 5), §13.3 |
+//! | power key ("gpio-key") pulsing GPIO line 3 | [`power_button`] | §6.8, §13.3, quirk Q10 |
+//! | pvpanic-mmio guest panic/shutdown notifier | [`pvpanic`] | §2 (`0x2007_0000`, 2 bytes), §12 |
+//! | clocks and deadline timers for the RTC and the power key | [`clock`] | §6.8, §13.2 |
 //!
 //! Devices reach the rest of the VMM only through `vm-core`: they answer
 //! MMIO through [`vm_core::MmioDevice`], drive a level-sensitive
@@ -17,5 +22,10 @@
 pub mod apple_aes;
 pub mod apple_bdif;
 pub mod apple_cfg;
+pub mod clock;
 pub mod pl011;
+pub mod pl031;
+pub mod pl061;
+pub mod power_button;
+pub mod pvpanic;
 pub mod serial;
