@@ -208,7 +208,7 @@ impl Shared {
     /// soon if the VM must stop.
     fn after_callback(&self) {
         self.sync_irq_lines();
-        if self.control().stop_requested() {
+        if self.control().stop_requested() || self.control().is_paused() {
             self.kick.kick();
         }
     }
