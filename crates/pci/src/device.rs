@@ -65,7 +65,18 @@ pub trait PciDevice: Send + Sync {
     /// A store to BAR `bar` at `offset` into it.
     fn write_bar(&self, bar: u8, offset: u64, width: AccessWidth, value: u64);
 
-    /// Hands the function its INTx line (INTA) once it is placed in a slot.
+    /// The interrupt pin the function uses: 0 for none, 1..=4 for
+    /// INTA..INTD. Read once, when the function is plugged in.
+    fn interrupt_pin(&self) -> u8 {
+        1
+    }
+
+    /// Hands the function the INTx line of its [`interrupt_pin`] once it is
+    /// placed in a slot. The host gates it with the command register's
+    /// interrupt-disable bit and shares the wire with other functions, so
+    /// the function just drives its own level.
+    ///
+    /// [`interrupt_pin`]: PciDevice::interrupt_pin
     fn set_intx(&self, line: Arc<dyn IrqLine>);
 
     /// System reset: back to power-on state.
