@@ -137,7 +137,7 @@ mod tests {
             0x0011,
             "last ends the list"
         );
-        assert_eq!(caps.read(0x3e, AccessWidth::Word), 0x0009_0000);
+        assert_eq!(caps.read(0x3e, AccessWidth::Word), 0x5009_0000);
         assert_eq!(caps.read(0xfe, AccessWidth::Word), 0);
         assert_eq!(caps.read(0xffe, AccessWidth::Double), 0);
     }
