@@ -1,0 +1,789 @@
+//! The modern virtio-over-PCI transport (virtio 1.2 §4.1), as vmapple's
+//! virtio devices present it (vmapple-machine.md §7.3, §11.1).
+//!
+//! # Model
+//!
+//! * **Identity** comes from [`VirtioDevice::pci_identity`]. Modern only:
+//!   there is no legacy I/O BAR, and the driver must accept
+//!   `VIRTIO_F_VERSION_1` or `FEATURES_OK` does not stick (§4.1.2.1,
+//!   §2.2.1).
+//! * **BAR 0** is a 16 KiB 64-bit prefetchable memory BAR (the flags QEMU
+//!   gives its modern BAR) holding four 4 KiB structures, each described
+//!   by a vendor-specific capability (§4.1.4): common config at 0x0000,
+//!   ISR at 0x1000, device config at 0x2000, notifications at 0x3000 with
+//!   `notify_off_multiplier` 4 and `queue_notify_off` = queue index. A
+//!   fifth capability is the PCI configuration access window (§4.1.4.9).
+//! * **Interrupts** are INTx only (no MSI-X on vmapple, §7.5):
+//!   `config_msix_vector` and `queue_msix_vector` always read `NO_VECTOR`
+//!   (0xFFFF), which §4.1.4.3 and §4.1.5.1.2 let a driver read as "mapping
+//!   refused". A used-buffer notification sets ISR bit 0, a configuration
+//!   change sets ISR bit 1 (and bumps `config_generation`); either raises
+//!   the INTx line. Reading the ISR returns and clears it and lowers the
+//!   line (§4.1.4.5).
+//! * **Feature negotiation.** Feature bits the transport cannot honour
+//!   (packed rings, notification data, ring reset, SR-IOV, config-data
+//!   notifications) are withdrawn from the device's offer. Setting
+//!   `FEATURES_OK` succeeds only if the driver's bits are a subset of the
+//!   offer and include `VIRTIO_F_VERSION_1`; otherwise the bit reads back
+//!   clear (§3.1.1). Feature writes after `FEATURES_OK` are ignored.
+//! * **Device status.** Writing 0 resets the device (§4.1.4.3.1): the
+//!   device's own reset, then queues, features, selectors and ISR return
+//!   to their defaults. A write that would clear a bit other than by
+//!   writing 0 is ignored. `DEVICE_NEEDS_RESET` is the device's bit: the
+//!   driver cannot set or clear it. Setting `DRIVER_OK` (after
+//!   `FEATURES_OK`) activates the device with an [`ActivateContext`]; if
+//!   activation fails the transport sets `DEVICE_NEEDS_RESET` and signals
+//!   a configuration change (§2.1.2).
+//! * **Queues.** The transport keeps each queue's configuration itself and
+//!   builds `virtio_queue::Queue`s only on activation, with the event-index
+//!   feature as negotiated. Queue fields change only while the queue is
+//!   disabled and the device not live. A size must be a power of two no
+//!   larger than the maximum (§2.7.10.1); `queue_enable = 1` is refused
+//!   (reads back 0) unless the descriptor table, driver and device areas
+//!   are aligned (16/2/4) and lie wholly in guest RAM. An out-of-range
+//!   `queue_select` reads `queue_size` 0, so the driver sees no queue there
+//!   (§4.1.4.3.2), and writes to it are dropped.
+//! * **Notifications.** A store anywhere in queue *n*'s 4-byte notify slot
+//!   calls [`VirtioDevice::queue_notify`] for *n*, only while the device
+//!   is live and *n* is enabled.
+//! * **Access widths.** Loads of the common config may be of any width and
+//!   offset (they have no side effects). Stores must use a field's own
+//!   width; the 64-bit address fields also take two 32-bit halves or one
+//!   64-bit store (§4.1.3.1). Other stores are ignored and logged.
+//!   Device config loads and stores of any width go to the device.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use ::pci::capability::{CapabilityList, CAP_ID_VENDOR};
+use ::pci::{BarKind, BarRegion, PciDevice};
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_NOTIFICATION_DATA, VIRTIO_F_NOTIF_CONFIG_DATA, VIRTIO_F_RING_PACKED,
+    VIRTIO_F_RING_RESET, VIRTIO_F_SR_IOV,
+};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueT};
+use vm_core::{AccessWidth, GuestMemory, IrqLine, NoIrq};
+use vm_memory::GuestAddress;
+
+use crate::device::{ActivateContext, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+
+/// Size of BAR 0.
+pub const BAR_SIZE: u64 = 0x4000;
+/// Offsets of the structures in BAR 0.
+pub const COMMON_CFG_OFFSET: u64 = 0x0000;
+pub const ISR_OFFSET: u64 = 0x1000;
+pub const DEVICE_CFG_OFFSET: u64 = 0x2000;
+pub const NOTIFY_OFFSET: u64 = 0x3000;
+/// Size of each structure's slot in BAR 0.
+pub const REGION_SIZE: u64 = 0x1000;
+/// Bytes between two queues' notify addresses.
+pub const NOTIFY_OFF_MULTIPLIER: u32 = 4;
+/// Queues that fit in the notify region.
+pub const MAX_QUEUES: usize = (REGION_SIZE / NOTIFY_OFF_MULTIPLIER as u64) as usize;
+/// Largest split-queue size (§2.7).
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+/// "No MSI-X vector".
+pub const NO_VECTOR: u16 = 0xffff;
+
+/// `cfg_type` values of the virtio PCI capabilities (§4.1.4).
+pub const CAP_COMMON_CFG: u8 = 1;
+pub const CAP_NOTIFY_CFG: u8 = 2;
+pub const CAP_ISR_CFG: u8 = 3;
+pub const CAP_DEVICE_CFG: u8 = 4;
+pub const CAP_PCI_CFG: u8 = 5;
+
+/// `struct virtio_pci_common_cfg` (§4.1.4.3).
+pub mod common {
+    pub const DEVICE_FEATURE_SELECT: u64 = 0x00;
+    pub const DEVICE_FEATURE: u64 = 0x04;
+    pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
+    pub const DRIVER_FEATURE: u64 = 0x0c;
+    pub const CONFIG_MSIX_VECTOR: u64 = 0x10;
+    pub const NUM_QUEUES: u64 = 0x12;
+    pub const DEVICE_STATUS: u64 = 0x14;
+    pub const CONFIG_GENERATION: u64 = 0x15;
+    pub const QUEUE_SELECT: u64 = 0x16;
+    pub const QUEUE_SIZE: u64 = 0x18;
+    pub const QUEUE_MSIX_VECTOR: u64 = 0x1a;
+    pub const QUEUE_ENABLE: u64 = 0x1c;
+    pub const QUEUE_NOTIFY_OFF: u64 = 0x1e;
+    pub const QUEUE_DESC: u64 = 0x20;
+    pub const QUEUE_DRIVER: u64 = 0x28;
+    pub const QUEUE_DEVICE: u64 = 0x30;
+    /// Only meaningful with `VIRTIO_F_NOTIF_CONFIG_DATA` (never offered).
+    pub const QUEUE_NOTIF_CONFIG_DATA: u64 = 0x38;
+    /// Only meaningful with `VIRTIO_F_RING_RESET` (never offered).
+    pub const QUEUE_RESET: u64 = 0x3a;
+    pub const SIZE: u64 = 0x3c;
+}
+
+/// ISR bits (§4.1.4.5).
+pub const ISR_QUEUE: u8 = 1 << 0;
+pub const ISR_CONFIG: u8 = 1 << 1;
+
+/// Feature bits this transport cannot provide.
+const TRANSPORT_UNSUPPORTED: u64 = 1 << VIRTIO_F_RING_PACKED
+    | 1 << VIRTIO_F_NOTIFICATION_DATA
+    | 1 << VIRTIO_F_NOTIF_CONFIG_DATA
+    | 1 << VIRTIO_F_RING_RESET
+    | 1 << VIRTIO_F_SR_IOV;
+
+const STATUS_FEATURES_OK: u8 = VIRTIO_CONFIG_S_FEATURES_OK as u8;
+const STATUS_DRIVER_OK: u8 = VIRTIO_CONFIG_S_DRIVER_OK as u8;
+const STATUS_NEEDS_RESET: u8 = VIRTIO_CONFIG_S_NEEDS_RESET as u8;
+
+/// Layout of `struct virtio_pci_cap` after the ID and next bytes.
+const CAP_LEN: u8 = 16;
+const NOTIFY_CAP_LEN: u8 = 20;
+const PCI_CFG_CAP_LEN: u8 = 20;
+/// Offsets inside `struct virtio_pci_cfg_cap`.
+const PCI_CFG_BAR: u16 = 4;
+const PCI_CFG_OFFSET: u16 = 8;
+const PCI_CFG_LENGTH: u16 = 12;
+const PCI_CFG_DATA: u16 = 16;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The interrupt side, shared with the device after activation.
+struct IrqState {
+    isr: u8,
+    line: Arc<dyn IrqLine>,
+}
+
+struct Shared {
+    irq: Mutex<IrqState>,
+    config_generation: AtomicU8,
+}
+
+impl Shared {
+    fn raise(&self, bits: u8) {
+        let mut irq = lock(&self.irq);
+        irq.isr |= bits;
+        irq.line.set_level(true);
+    }
+
+    fn take_isr(&self) -> u8 {
+        let mut irq = lock(&self.irq);
+        let isr = std::mem::take(&mut irq.isr);
+        irq.line.set_level(false);
+        isr
+    }
+
+    fn clear(&self) {
+        let mut irq = lock(&self.irq);
+        irq.isr = 0;
+        irq.line.set_level(false);
+    }
+}
+
+/// [`VirtioInterrupt`] over the ISR register and the INTx line.
+struct IntxInterrupt(Arc<Shared>);
+
+impl VirtioInterrupt for IntxInterrupt {
+    fn notify_queue(&self, _queue: u16) {
+        self.0.raise(ISR_QUEUE);
+    }
+
+    fn notify_config(&self) {
+        self.0.config_generation.fetch_add(1, Ordering::SeqCst);
+        self.0.raise(ISR_CONFIG);
+    }
+}
+
+/// One queue's configuration as the driver wrote it.
+#[derive(Clone, Copy, Debug)]
+struct QueueConfig {
+    max_size: u16,
+    size: u16,
+    enabled: bool,
+    desc: u64,
+    driver: u64,
+    device: u64,
+}
+
+impl QueueConfig {
+    fn new(max_size: u16) -> Self {
+        Self {
+            max_size,
+            size: max_size,
+            enabled: false,
+            desc: 0,
+            driver: 0,
+            device: 0,
+        }
+    }
+
+    /// Why the queue cannot be enabled, if it cannot.
+    fn check(&self, memory: &GuestMemory) -> Result<(), String> {
+        let n = u64::from(self.size);
+        if self.size == 0 || !self.size.is_power_of_two() || self.size > self.max_size {
+            return Err(format!("size {}", self.size));
+        }
+        for (what, addr, align, len) in [
+            ("descriptor table", self.desc, 16, 16 * n),
+            ("driver area", self.driver, 2, 6 + 2 * n),
+            ("device area", self.device, 4, 6 + 8 * n),
+        ] {
+            if addr % align != 0 {
+                return Err(format!("{what} at {addr:#x} is not {align}-byte aligned"));
+            }
+            if !vm_core::memory::range_is_ram(memory, addr, len) {
+                return Err(format!("{what} at {addr:#x}+{len:#x} is not in RAM"));
+            }
+        }
+        Ok(())
+    }
+
+    fn build(&self, event_idx: bool) -> Queue {
+        let built = Queue::new(self.max_size.max(1)).and_then(|mut q| {
+            q.try_set_size(self.size)?;
+            q.try_set_desc_table_address(GuestAddress(self.desc))?;
+            q.try_set_avail_ring_address(GuestAddress(self.driver))?;
+            q.try_set_used_ring_address(GuestAddress(self.device))?;
+            q.set_event_idx(event_idx);
+            q.set_ready(self.enabled);
+            Ok(q)
+        });
+        // `check` vetted every field of an enabled queue, so only a queue
+        // the driver never enabled can fail here; it goes out not ready.
+        built.unwrap_or_else(|_| {
+            let mut q = Queue::new(1).expect("1 is a valid queue size");
+            q.set_ready(false);
+            q
+        })
+    }
+}
+
+/// Everything behind the transport's lock.
+struct Inner {
+    device: Box<dyn VirtioDevice>,
+    memory: GuestMemory,
+    offered: u64,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    status: u8,
+    queue_select: u16,
+    queues: Vec<QueueConfig>,
+    live: bool,
+    caps: CapabilityList,
+    pci_cfg_cap: u16,
+}
+
+impl Inner {
+    fn reset(&mut self, shared: &Shared) {
+        self.device.reset();
+        self.device_feature_select = 0;
+        self.driver_feature_select = 0;
+        self.driver_features = 0;
+        self.status = 0;
+        self.queue_select = 0;
+        for q in &mut self.queues {
+            *q = QueueConfig::new(q.max_size);
+        }
+        self.live = false;
+        shared.clear();
+    }
+
+    fn selected(&self) -> Option<&QueueConfig> {
+        self.queues.get(usize::from(self.queue_select))
+    }
+
+    /// The common config structure as the driver would read it now.
+    fn common_image(&self, shared: &Shared) -> [u8; common::SIZE as usize] {
+        let mut b = [0u8; common::SIZE as usize];
+        let mut put = |offset: u64, bytes: &[u8]| {
+            let at = offset as usize;
+            b[at..at + bytes.len()].copy_from_slice(bytes);
+        };
+        put(common::DEVICE_FEATURE_SELECT, &self.device_feature_select.to_le_bytes());
+        let device_feature = match self.device_feature_select {
+            0 => self.offered as u32,
+            1 => (self.offered >> 32) as u32,
+            _ => 0,
+        };
+        put(common::DEVICE_FEATURE, &device_feature.to_le_bytes());
+        put(common::DRIVER_FEATURE_SELECT, &self.driver_feature_select.to_le_bytes());
+        let driver_feature = match self.driver_feature_select {
+            0 => self.driver_features as u32,
+            1 => (self.driver_features >> 32) as u32,
+            _ => 0,
+        };
+        put(common::DRIVER_FEATURE, &driver_feature.to_le_bytes());
+        put(common::CONFIG_MSIX_VECTOR, &NO_VECTOR.to_le_bytes());
+        put(common::NUM_QUEUES, &(self.queues.len() as u16).to_le_bytes());
+        put(common::DEVICE_STATUS, &[self.status]);
+        put(
+            common::CONFIG_GENERATION,
+            &[shared.config_generation.load(Ordering::SeqCst)],
+        );
+        put(common::QUEUE_SELECT, &self.queue_select.to_le_bytes());
+        put(common::QUEUE_MSIX_VECTOR, &NO_VECTOR.to_le_bytes());
+        if let Some(q) = self.selected() {
+            put(common::QUEUE_SIZE, &q.size.to_le_bytes());
+            put(common::QUEUE_ENABLE, &u16::from(q.enabled).to_le_bytes());
+            put(common::QUEUE_NOTIFY_OFF, &self.queue_select.to_le_bytes());
+            put(common::QUEUE_DESC, &q.desc.to_le_bytes());
+            put(common::QUEUE_DRIVER, &q.driver.to_le_bytes());
+            put(common::QUEUE_DEVICE, &q.device.to_le_bytes());
+        }
+        b
+    }
+
+    fn read_common(&self, shared: &Shared, offset: u64, width: AccessWidth) -> u64 {
+        let image = self.common_image(shared);
+        let mut bytes = [0u8; 8];
+        for (i, byte) in bytes.iter_mut().take(width.bytes() as usize).enumerate() {
+            *byte = offset
+                .checked_add(i as u64)
+                .and_then(|o| image.get(o as usize))
+                .copied()
+                .unwrap_or(0);
+        }
+        u64::from_le_bytes(bytes)
+    }
+
+    fn write_common(&mut self, shared: &Arc<Shared>, offset: u64, width: AccessWidth, value: u64) {
+        use common::*;
+        use AccessWidth::*;
+        match (offset, width) {
+            (DEVICE_FEATURE_SELECT, Word) => self.device_feature_select = value as u32,
+            (DRIVER_FEATURE_SELECT, Word) => self.driver_feature_select = value as u32,
+            (DRIVER_FEATURE, Word) => self.write_driver_feature(value as u32),
+            (CONFIG_MSIX_VECTOR, Half) | (QUEUE_MSIX_VECTOR, Half) => {
+                // No MSI-X: the vector stays NO_VECTOR, which tells the
+                // driver the mapping was refused.
+            }
+            (DEVICE_STATUS, Byte) => self.write_status(shared, value as u8),
+            (QUEUE_SELECT, Half) => self.queue_select = value as u16,
+            (QUEUE_SIZE, Half) => self.write_queue_size(value as u16),
+            (QUEUE_ENABLE, Half) => self.write_queue_enable(value as u16),
+            (QUEUE_DESC | QUEUE_DRIVER | QUEUE_DEVICE, Double) => {
+                self.write_queue_address(offset, !0, value)
+            }
+            (QUEUE_DESC | QUEUE_DRIVER | QUEUE_DEVICE, Word) => {
+                self.write_queue_address(offset, 0xffff_ffff, value)
+            }
+            (o, Word) if matches!(o.checked_sub(4), Some(QUEUE_DESC | QUEUE_DRIVER | QUEUE_DEVICE)) => {
+                self.write_queue_address(o - 4, 0xffff_ffff << 32, value << 32)
+            }
+            _ => vm_core::guest_error!(
+                "virtio-pci: {width} store of {value:#x} to common config {offset:#x} ignored"
+            ),
+        }
+    }
+
+    fn write_driver_feature(&mut self, value: u32) {
+        if self.status & STATUS_FEATURES_OK != 0 {
+            vm_core::guest_error!("virtio-pci: driver features written after FEATURES_OK");
+            return;
+        }
+        let value = u64::from(value);
+        match self.driver_feature_select {
+            0 => self.driver_features = self.driver_features & !0xffff_ffff | value,
+            1 => self.driver_features = self.driver_features & 0xffff_ffff | value << 32,
+            sel => {
+                if value != 0 {
+                    vm_core::guest_error!(
+                        "virtio-pci: driver features {value:#x} in unknown word {sel}"
+                    );
+                }
+            }
+        }
+    }
+
+    fn write_status(&mut self, shared: &Arc<Shared>, value: u8) {
+        if value == 0 {
+            self.reset(shared);
+            return;
+        }
+        let old = self.status;
+        let driver_bits = old & !STATUS_NEEDS_RESET;
+        if driver_bits & !value != 0 {
+            vm_core::guest_error!(
+                "virtio-pci: status {value:#x} would clear bits of {old:#x}; ignored"
+            );
+            return;
+        }
+        let mut new = (value & !STATUS_NEEDS_RESET) | (old & STATUS_NEEDS_RESET);
+        if new & STATUS_FEATURES_OK != 0 && old & STATUS_FEATURES_OK == 0 {
+            let unoffered = self.driver_features & !self.offered;
+            if unoffered != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
+                vm_core::guest_error!(
+                    "virtio-pci: FEATURES_OK refused for features {:#x} (offered {:#x})",
+                    self.driver_features,
+                    self.offered
+                );
+                new &= !STATUS_FEATURES_OK;
+            }
+        }
+        let activate = new & STATUS_DRIVER_OK != 0 && old & STATUS_DRIVER_OK == 0;
+        if activate && new & STATUS_FEATURES_OK == 0 {
+            vm_core::guest_error!("virtio-pci: DRIVER_OK without FEATURES_OK ignored");
+            new &= !STATUS_DRIVER_OK;
+            self.status = new;
+            return;
+        }
+        self.status = new;
+        if activate {
+            self.activate(shared);
+        }
+    }
+
+    fn activate(&mut self, shared: &Arc<Shared>) {
+        let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let ctx = ActivateContext {
+            memory: self.memory.clone(),
+            queues: self.queues.iter().map(|q| q.build(event_idx)).collect(),
+            acked_features: self.driver_features,
+            interrupt: Arc::new(IntxInterrupt(shared.clone())),
+        };
+        match self.device.activate(ctx) {
+            Ok(()) => self.live = true,
+            Err(e) => {
+                vm_core::guest_error!("virtio-pci: device refused to start: {e}");
+                self.status |= STATUS_NEEDS_RESET;
+                shared.config_generation.fetch_add(1, Ordering::SeqCst);
+                shared.raise(ISR_CONFIG);
+            }
+        }
+    }
+
+    /// The selected queue, if the driver may change it now.
+    fn configurable_queue(&mut self) -> Option<&mut QueueConfig> {
+        let live = self.live || self.status & STATUS_DRIVER_OK != 0;
+        let select = self.queue_select;
+        let Some(q) = self.queues.get_mut(usize::from(select)) else {
+            vm_core::guest_error!("virtio-pci: store to queue {select}, which does not exist");
+            return None;
+        };
+        if live || q.enabled {
+            vm_core::guest_error!("virtio-pci: queue {select} changed while in use; ignored");
+            return None;
+        }
+        Some(q)
+    }
+
+    fn write_queue_size(&mut self, size: u16) {
+        let Some(q) = self.configurable_queue() else {
+            return;
+        };
+        if size == 0 || !size.is_power_of_two() || size > q.max_size {
+            vm_core::guest_error!(
+                "virtio-pci: queue size {size} refused (power of two up to {})",
+                q.max_size
+            );
+            return;
+        }
+        q.size = size;
+    }
+
+    fn write_queue_enable(&mut self, value: u16) {
+        if value != 1 {
+            vm_core::guest_error!("virtio-pci: queue_enable {value} ignored (only 1 is valid)");
+            return;
+        }
+        let memory = self.memory.clone();
+        let select = self.queue_select;
+        let Some(q) = self.configurable_queue() else {
+            return;
+        };
+        match q.check(&memory) {
+            Ok(()) => q.enabled = true,
+            Err(why) => vm_core::guest_error!("virtio-pci: queue {select} not enabled: {why}"),
+        }
+    }
+
+    fn write_queue_address(&mut self, field: u64, mask: u64, value: u64) {
+        let Some(q) = self.configurable_queue() else {
+            return;
+        };
+        let slot = match field {
+            common::QUEUE_DESC => &mut q.desc,
+            common::QUEUE_DRIVER => &mut q.driver,
+            _ => &mut q.device,
+        };
+        *slot = *slot & !mask | value & mask;
+    }
+
+    fn notify(&mut self, offset: u64) {
+        let queue = offset / u64::from(NOTIFY_OFF_MULTIPLIER);
+        let enabled = self
+            .queues
+            .get(queue as usize)
+            .is_some_and(|q| q.enabled);
+        if !self.live || self.status & STATUS_NEEDS_RESET != 0 || !enabled {
+            vm_core::guest_error!("virtio-pci: notify of queue {queue} while it cannot run");
+            return;
+        }
+        self.device.queue_notify(queue as u16);
+    }
+
+    fn read_bar0(&self, shared: &Shared, offset: u64, width: AccessWidth) -> u64 {
+        match offset / REGION_SIZE {
+            0 => self.read_common(shared, offset, width),
+            1 if offset == ISR_OFFSET => u64::from(shared.take_isr()),
+            2 => {
+                let mut bytes = [0u8; 8];
+                let len = width.bytes() as usize;
+                self.device
+                    .read_config(offset - DEVICE_CFG_OFFSET, &mut bytes[..len]);
+                u64::from_le_bytes(bytes)
+            }
+            _ => 0,
+        }
+    }
+
+    fn write_bar0(&mut self, shared: &Arc<Shared>, offset: u64, width: AccessWidth, value: u64) {
+        match offset / REGION_SIZE {
+            0 => self.write_common(shared, offset, width, value),
+            2 => {
+                let bytes = value.to_le_bytes();
+                let len = width.bytes() as usize;
+                self.device
+                    .write_config(offset - DEVICE_CFG_OFFSET, &bytes[..len]);
+            }
+            3 => self.notify(offset - NOTIFY_OFFSET),
+            _ => vm_core::guest_error!(
+                "virtio-pci: {width} store to read-only BAR 0 offset {offset:#x}"
+            ),
+        }
+    }
+
+    /// The BAR access the PCI configuration access capability describes:
+    /// `(offset, width)` when it is one the device honours (§4.1.4.9.1).
+    fn pci_cfg_window(&self) -> Option<(u64, AccessWidth)> {
+        let cap = self.caps.bytes(self.pci_cfg_cap, usize::from(PCI_CFG_CAP_LEN))?;
+        let bar = cap[usize::from(PCI_CFG_BAR)];
+        let word = |at: u16| {
+            let at = usize::from(at);
+            u32::from_le_bytes([cap[at], cap[at + 1], cap[at + 2], cap[at + 3]])
+        };
+        let offset = u64::from(word(PCI_CFG_OFFSET));
+        let width = AccessWidth::from_bytes(u64::from(word(PCI_CFG_LENGTH)))?;
+        let aligned = offset % width.bytes() == 0;
+        let inside = offset + width.bytes() <= BAR_SIZE;
+        (bar == 0 && width != AccessWidth::Double && aligned && inside).then_some((offset, width))
+    }
+
+    fn pci_cfg_data_range(&self) -> std::ops::Range<u16> {
+        self.pci_cfg_cap + PCI_CFG_DATA..self.pci_cfg_cap + PCI_CFG_CAP_LEN as u16
+    }
+
+    fn read_config(&mut self, shared: &Shared, offset: u16, width: AccessWidth) -> u32 {
+        let data = self.pci_cfg_data_range();
+        let end = offset.saturating_add(width.bytes() as u16);
+        if offset < data.end && end > data.start {
+            let value = match self.pci_cfg_window() {
+                Some((off, w)) => self.read_bar0(shared, off, w) as u32,
+                None => 0,
+            };
+            if let Some(bytes) = self.caps.bytes_mut(data.start, 4) {
+                bytes.copy_from_slice(&value.to_le_bytes());
+            }
+        }
+        self.caps.read(offset, width)
+    }
+
+    fn write_config(&mut self, shared: &Arc<Shared>, offset: u16, width: AccessWidth, value: u32) {
+        let cap = self.pci_cfg_cap;
+        let writable = |o: u16| {
+            o == cap + PCI_CFG_BAR || (cap + PCI_CFG_OFFSET..cap + PCI_CFG_CAP_LEN as u16).contains(&o)
+        };
+        let data = self.pci_cfg_data_range();
+        let mut touches_data = false;
+        for i in 0..width.bytes().min(4) as u16 {
+            let Some(o) = offset.checked_add(i) else {
+                break;
+            };
+            if !writable(o) {
+                continue;
+            }
+            if let Some(byte) = self.caps.bytes_mut(o, 1) {
+                byte[0] = (value >> (8 * i)) as u8;
+            }
+            touches_data |= data.contains(&o);
+        }
+        if touches_data {
+            let Some((off, w)) = self.pci_cfg_window() else {
+                vm_core::guest_error!("virtio-pci: PCI config access window is not valid");
+                return;
+            };
+            let value = self
+                .caps
+                .bytes(data.start, 4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .unwrap_or(0);
+            self.write_bar0(shared, off, w, u64::from(value));
+        }
+    }
+}
+
+/// A virtio device behind the modern virtio-pci transport.
+pub struct VirtioPciDevice {
+    name: String,
+    identity: crate::PciIdentity,
+    inner: Mutex<Inner>,
+    shared: Arc<Shared>,
+}
+
+impl VirtioPciDevice {
+    /// Wraps `device`; its queues will live in `memory`.
+    pub fn new(device: Box<dyn VirtioDevice>, memory: GuestMemory) -> Self {
+        let identity = device.pci_identity();
+        let name = match device.device_type() {
+            1 => "virtio-net".to_string(),
+            2 => "virtio-blk".to_string(),
+            t => format!("virtio-{t}"),
+        };
+        let mut max_sizes = device.queue_max_sizes();
+        if max_sizes.len() > MAX_QUEUES {
+            tracing::error!(
+                "{name}: {} queues requested, only {MAX_QUEUES} fit the notify region",
+                max_sizes.len()
+            );
+            max_sizes.truncate(MAX_QUEUES);
+        }
+        let queues = max_sizes
+            .into_iter()
+            .map(|max| {
+                // The driver must be able to pick a power of two up to the
+                // maximum, so an odd maximum from a device rounds down.
+                let max = max.min(MAX_QUEUE_SIZE);
+                let max = if max == 0 { 0 } else { 1 << max.ilog2() };
+                QueueConfig::new(max)
+            })
+            .collect::<Vec<_>>();
+        let offered = (device.features() | VIRTIO_F_VERSION_1) & !TRANSPORT_UNSUPPORTED;
+
+        let mut caps = CapabilityList::new();
+        let region = |cfg_type: u8, offset: u64, length: u64| {
+            let mut body = vec![CAP_LEN, cfg_type, 0, 0, 0, 0];
+            body.extend_from_slice(&(offset as u32).to_le_bytes());
+            body.extend_from_slice(&(length as u32).to_le_bytes());
+            body
+        };
+        let notify_len = (queues.len().max(1) as u64) * u64::from(NOTIFY_OFF_MULTIPLIER);
+        let mut notify = region(CAP_NOTIFY_CFG, NOTIFY_OFFSET, notify_len);
+        notify[0] = NOTIFY_CAP_LEN;
+        notify.extend_from_slice(&NOTIFY_OFF_MULTIPLIER.to_le_bytes());
+        let mut pci_cfg = region(CAP_PCI_CFG, 0, 0);
+        pci_cfg[0] = PCI_CFG_CAP_LEN;
+        pci_cfg.extend_from_slice(&[0; 4]);
+        for body in [
+            region(CAP_COMMON_CFG, COMMON_CFG_OFFSET, common::SIZE),
+            region(CAP_ISR_CFG, ISR_OFFSET, 1),
+            region(CAP_DEVICE_CFG, DEVICE_CFG_OFFSET, REGION_SIZE),
+            notify,
+        ] {
+            caps.add(CAP_ID_VENDOR, &body)
+                .expect("the virtio capabilities fit in 192 bytes");
+        }
+        let pci_cfg_cap = caps
+            .add(CAP_ID_VENDOR, &pci_cfg)
+            .expect("the virtio capabilities fit in 192 bytes");
+
+        Self {
+            name,
+            identity,
+            inner: Mutex::new(Inner {
+                device,
+                memory,
+                offered,
+                device_feature_select: 0,
+                driver_feature_select: 0,
+                driver_features: 0,
+                status: 0,
+                queue_select: 0,
+                queues,
+                live: false,
+                caps,
+                pci_cfg_cap,
+            }),
+            shared: Arc::new(Shared {
+                irq: Mutex::new(IrqState {
+                    isr: 0,
+                    line: Arc::new(NoIrq),
+                }),
+                config_generation: AtomicU8::new(0),
+            }),
+        }
+    }
+
+    /// The device status byte, for logs and tests.
+    pub fn status(&self) -> u8 {
+        lock(&self.inner).status
+    }
+}
+
+impl PciDevice for VirtioPciDevice {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn ids(&self) -> (u16, u16, u16, u16) {
+        let id = &self.identity;
+        (id.vendor, id.device, id.subsystem_vendor, id.subsystem_device)
+    }
+
+    fn class_and_revision(&self) -> (u32, u8) {
+        (self.identity.class_code, self.identity.revision)
+    }
+
+    fn bars(&self) -> Vec<BarRegion> {
+        vec![BarRegion {
+            index: 0,
+            size: BAR_SIZE,
+            kind: BarKind::Memory64,
+            prefetchable: true,
+        }]
+    }
+
+    fn read_config(&self, offset: u16, width: AccessWidth) -> u32 {
+        lock(&self.inner).read_config(&self.shared, offset, width)
+    }
+
+    fn write_config(&self, offset: u16, width: AccessWidth, value: u32) {
+        lock(&self.inner).write_config(&self.shared, offset, width, value)
+    }
+
+    fn capabilities_pointer(&self) -> u8 {
+        lock(&self.inner).caps.pointer()
+    }
+
+    fn read_bar(&self, bar: u8, offset: u64, width: AccessWidth) -> u64 {
+        if bar != 0 || offset >= BAR_SIZE {
+            return 0;
+        }
+        lock(&self.inner).read_bar0(&self.shared, offset, width)
+    }
+
+    fn write_bar(&self, bar: u8, offset: u64, width: AccessWidth, value: u64) {
+        if bar != 0 || offset >= BAR_SIZE {
+            return;
+        }
+        lock(&self.inner).write_bar0(&self.shared, offset, width, value)
+    }
+
+    fn set_intx(&self, line: Arc<dyn IrqLine>) {
+        let mut irq = lock(&self.shared.irq);
+        line.set_level(irq.isr != 0);
+        irq.line = line;
+    }
+
+    fn reset(&self) {
+        let mut inner = lock(&self.inner);
+        inner.reset(&self.shared);
+        let cap = inner.pci_cfg_cap;
+        if let Some(fields) = inner.caps.bytes_mut(cap + PCI_CFG_BAR, 1) {
+            fields[0] = 0;
+        }
+        if let Some(fields) = inner.caps.bytes_mut(cap + PCI_CFG_OFFSET, 12) {
+            fields.fill(0);
+        }
+    }
+}
