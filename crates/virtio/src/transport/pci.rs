@@ -300,14 +300,20 @@ impl Inner {
             let at = offset as usize;
             b[at..at + bytes.len()].copy_from_slice(bytes);
         };
-        put(common::DEVICE_FEATURE_SELECT, &self.device_feature_select.to_le_bytes());
+        put(
+            common::DEVICE_FEATURE_SELECT,
+            &self.device_feature_select.to_le_bytes(),
+        );
         let device_feature = match self.device_feature_select {
             0 => self.offered as u32,
             1 => (self.offered >> 32) as u32,
             _ => 0,
         };
         put(common::DEVICE_FEATURE, &device_feature.to_le_bytes());
-        put(common::DRIVER_FEATURE_SELECT, &self.driver_feature_select.to_le_bytes());
+        put(
+            common::DRIVER_FEATURE_SELECT,
+            &self.driver_feature_select.to_le_bytes(),
+        );
         let driver_feature = match self.driver_feature_select {
             0 => self.driver_features as u32,
             1 => (self.driver_features >> 32) as u32,
@@ -315,7 +321,10 @@ impl Inner {
         };
         put(common::DRIVER_FEATURE, &driver_feature.to_le_bytes());
         put(common::CONFIG_MSIX_VECTOR, &NO_VECTOR.to_le_bytes());
-        put(common::NUM_QUEUES, &(self.queues.len() as u16).to_le_bytes());
+        put(
+            common::NUM_QUEUES,
+            &(self.queues.len() as u16).to_le_bytes(),
+        );
         put(common::DEVICE_STATUS, &[self.status]);
         put(
             common::CONFIG_GENERATION,
@@ -368,7 +377,12 @@ impl Inner {
             (QUEUE_DESC | QUEUE_DRIVER | QUEUE_DEVICE, Word) => {
                 self.write_queue_address(offset, 0xffff_ffff, value)
             }
-            (o, Word) if matches!(o.checked_sub(4), Some(QUEUE_DESC | QUEUE_DRIVER | QUEUE_DEVICE)) => {
+            (o, Word)
+                if matches!(
+                    o.checked_sub(4),
+                    Some(QUEUE_DESC | QUEUE_DRIVER | QUEUE_DEVICE)
+                ) =>
+            {
                 self.write_queue_address(o - 4, 0xffff_ffff << 32, value << 32)
             }
             _ => vm_core::guest_error!(
@@ -512,10 +526,7 @@ impl Inner {
 
     fn notify(&mut self, offset: u64) {
         let queue = offset / u64::from(NOTIFY_OFF_MULTIPLIER);
-        let enabled = self
-            .queues
-            .get(queue as usize)
-            .is_some_and(|q| q.enabled);
+        let enabled = self.queues.get(queue as usize).is_some_and(|q| q.enabled);
         if !self.live || self.status & STATUS_NEEDS_RESET != 0 || !enabled {
             vm_core::guest_error!("virtio-pci: notify of queue {queue} while it cannot run");
             return;
@@ -557,7 +568,9 @@ impl Inner {
     /// The BAR access the PCI configuration access capability describes:
     /// `(offset, width)` when it is one the device honours (§4.1.4.9.1).
     fn pci_cfg_window(&self) -> Option<(u64, AccessWidth)> {
-        let cap = self.caps.bytes(self.pci_cfg_cap, usize::from(PCI_CFG_CAP_LEN))?;
+        let cap = self
+            .caps
+            .bytes(self.pci_cfg_cap, usize::from(PCI_CFG_CAP_LEN))?;
         let bar = cap[usize::from(PCI_CFG_BAR)];
         let word = |at: u16| {
             let at = usize::from(at);
@@ -592,7 +605,8 @@ impl Inner {
     fn write_config(&mut self, shared: &Arc<Shared>, offset: u16, width: AccessWidth, value: u32) {
         let cap = self.pci_cfg_cap;
         let writable = |o: u16| {
-            o == cap + PCI_CFG_BAR || (cap + PCI_CFG_OFFSET..cap + PCI_CFG_CAP_LEN as u16).contains(&o)
+            o == cap + PCI_CFG_BAR
+                || (cap + PCI_CFG_OFFSET..cap + PCI_CFG_CAP_LEN as u16).contains(&o)
         };
         let data = self.pci_cfg_data_range();
         let mut touches_data = false;
@@ -727,7 +741,12 @@ impl PciDevice for VirtioPciDevice {
 
     fn ids(&self) -> (u16, u16, u16, u16) {
         let id = &self.identity;
-        (id.vendor, id.device, id.subsystem_vendor, id.subsystem_device)
+        (
+            id.vendor,
+            id.device,
+            id.subsystem_vendor,
+            id.subsystem_device,
+        )
     }
 
     fn class_and_revision(&self) -> (u32, u8) {
@@ -785,5 +804,592 @@ impl PciDevice for VirtioPciDevice {
         if let Some(fields) = inner.caps.bytes_mut(cap + PCI_CFG_OFFSET, 12) {
             fields.fill(0);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{ActivateError, PciIdentity};
+    use ::pci::{PciHost, NUM_INTX_LINES};
+    use vm_core::TestIrq;
+    use AccessWidth::*;
+
+    const RAM: u64 = 0x7000_0000;
+    const RAM_SIZE: usize = 0x10_0000;
+    const F_EVENT_IDX: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
+    const F_DEV_BIT0: u64 = 1 << 0;
+
+    /// A queue as the device received it on activation.
+    #[derive(Debug, PartialEq)]
+    struct SeenQueue {
+        ready: bool,
+        size: u16,
+        desc: u64,
+        avail: u64,
+        used: u64,
+        event_idx: bool,
+    }
+
+    #[derive(Default)]
+    struct Log {
+        activations: Vec<(u64, Vec<SeenQueue>)>,
+        notifies: Vec<u16>,
+        resets: u32,
+        config_writes: Vec<(u64, Vec<u8>)>,
+        interrupt: Option<Arc<dyn VirtioInterrupt>>,
+    }
+
+    struct FakeDevice {
+        log: Arc<Mutex<Log>>,
+        refuse: bool,
+    }
+
+    impl VirtioDevice for FakeDevice {
+        fn device_type(&self) -> u32 {
+            2
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![256, 100]
+        }
+        fn features(&self) -> u64 {
+            VIRTIO_F_VERSION_1 | F_DEV_BIT0 | F_EVENT_IDX | 1 << VIRTIO_F_RING_PACKED
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            for (i, b) in data.iter_mut().enumerate() {
+                let at = offset + i as u64;
+                *b = if at < 16 { 0xa0 + at as u8 } else { 0 };
+            }
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            lock(&self.log).config_writes.push((offset, data.to_vec()));
+        }
+        fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+            if self.refuse {
+                return Err(ActivateError::MissingQueue(1));
+            }
+            let queues = ctx
+                .queues
+                .iter()
+                .map(|q| SeenQueue {
+                    ready: q.ready(),
+                    size: q.size(),
+                    desc: q.desc_table(),
+                    avail: q.avail_ring(),
+                    used: q.used_ring(),
+                    event_idx: q.event_idx_enabled(),
+                })
+                .collect();
+            let mut log = lock(&self.log);
+            log.activations.push((ctx.acked_features, queues));
+            log.interrupt = Some(ctx.interrupt);
+            Ok(())
+        }
+        fn queue_notify(&mut self, queue: u16) {
+            lock(&self.log).notifies.push(queue);
+        }
+        fn reset(&mut self) {
+            let mut log = lock(&self.log);
+            log.resets += 1;
+            log.interrupt = None;
+        }
+        fn pci_identity(&self) -> PciIdentity {
+            PciIdentity {
+                vendor: 0x106b,
+                device: 0x1a00,
+                subsystem_vendor: 0x1af4,
+                subsystem_device: 0x1100,
+                class_code: 0x01_00_00,
+                revision: 1,
+            }
+        }
+    }
+
+    fn memory() -> GuestMemory {
+        vm_core::memory::create_guest_memory(&[(RAM, RAM_SIZE)]).unwrap()
+    }
+
+    struct Direct {
+        dev: VirtioPciDevice,
+        log: Arc<Mutex<Log>>,
+        irq: Arc<TestIrq>,
+    }
+
+    impl Direct {
+        fn new(refuse: bool) -> Self {
+            let log = Arc::new(Mutex::new(Log::default()));
+            let dev = VirtioPciDevice::new(
+                Box::new(FakeDevice {
+                    log: log.clone(),
+                    refuse,
+                }),
+                memory(),
+            );
+            let irq = Arc::new(TestIrq::new());
+            dev.set_intx(irq.clone());
+            Self { dev, log, irq }
+        }
+        fn r(&self, offset: u64, width: AccessWidth) -> u64 {
+            self.dev.read_bar(0, offset, width)
+        }
+        fn w(&self, offset: u64, width: AccessWidth, value: u64) {
+            self.dev.write_bar(0, offset, width, value)
+        }
+        fn status(&self, value: u8) {
+            self.w(common::DEVICE_STATUS, Byte, u64::from(value));
+        }
+        fn features(&self, value: u64) {
+            self.w(common::DRIVER_FEATURE_SELECT, Word, 0);
+            self.w(common::DRIVER_FEATURE, Word, value & 0xffff_ffff);
+            self.w(common::DRIVER_FEATURE_SELECT, Word, 1);
+            self.w(common::DRIVER_FEATURE, Word, value >> 32);
+        }
+        /// Sets queue 0 up at valid addresses and enables it.
+        fn queue0(&self) {
+            self.w(common::QUEUE_SELECT, Half, 0);
+            self.w(common::QUEUE_SIZE, Half, 16);
+            self.w(common::QUEUE_DESC, Double, RAM + 0x1000);
+            self.w(common::QUEUE_DRIVER, Double, RAM + 0x2000);
+            self.w(common::QUEUE_DEVICE, Double, RAM + 0x3000);
+            self.w(common::QUEUE_ENABLE, Half, 1);
+        }
+        fn live(&self) {
+            self.status(0);
+            self.status(1);
+            self.status(3);
+            self.features(VIRTIO_F_VERSION_1);
+            self.status(0xb);
+            self.queue0();
+            self.status(0xf);
+            assert_eq!(self.dev.status(), 0xf);
+        }
+    }
+
+    const ACK: u8 = 1;
+    const DRIVER: u8 = 2;
+    const DRIVER_OK: u8 = 4;
+    const FEATURES_OK: u8 = 8;
+
+    /// A host with the device in slot 1, BAR 0 at 0x5000_0000, memory on.
+    fn plugged() -> (Arc<Mutex<Log>>, Vec<Arc<TestIrq>>, PciHost) {
+        let irqs: Vec<Arc<TestIrq>> = (0..NUM_INTX_LINES)
+            .map(|_| Arc::new(TestIrq::new()))
+            .collect();
+        let lines: Vec<Arc<dyn IrqLine>> =
+            irqs.iter().map(|i| i.clone() as Arc<dyn IrqLine>).collect();
+        let host = PciHost::new(lines.try_into().ok().unwrap());
+        let log = Arc::new(Mutex::new(Log::default()));
+        let dev = VirtioPciDevice::new(
+            Box::new(FakeDevice {
+                log: log.clone(),
+                refuse: false,
+            }),
+            memory(),
+        );
+        assert_eq!(host.add_device(Arc::new(dev)).unwrap(), 1);
+        let ecam = host.ecam();
+        ecam.write(1 << 15 | 0x10, Word, 0x5000_0000);
+        ecam.write(1 << 15 | 0x14, Word, 0);
+        ecam.write(1 << 15 | 0x04, Half, 0x2);
+        (log, irqs, host)
+    }
+
+    #[test]
+    fn header_shows_identity_caps_and_a_64_bit_bar() {
+        let (_, _, host) = plugged();
+        let ecam = host.ecam();
+        let cfg = |reg: u64, w| ecam.read(1 << 15 | reg, w);
+        assert_eq!(cfg(0, Word), 0x1a00_106b);
+        assert_eq!(cfg(0x08, Word), 0x0100_0001);
+        assert_eq!(cfg(0x2c, Word), 0x1100_1af4);
+        assert_eq!(cfg(0x06, Half) & 0x10, 0x10);
+        assert_eq!(cfg(0x3d, Byte), 1);
+        assert_eq!(cfg(0x10, Word), 0x5000_000c);
+        ecam.write(1 << 15 | 0x10, Word, 0xffff_ffff);
+        assert_eq!(cfg(0x10, Word), 0xffff_c00c, "16 KiB");
+        // Walk the capability list the way a driver does.
+        let mut found = Vec::new();
+        let mut at = cfg(0x34, Byte);
+        while at != 0 {
+            assert_eq!(cfg(at, Byte), 0x09, "vendor-specific");
+            let cfg_type = cfg(at + 3, Byte);
+            let bar = cfg(at + 4, Byte);
+            let offset = cfg(at + 8, Word);
+            let length = cfg(at + 12, Word);
+            let extra = if cfg_type == 2 { cfg(at + 16, Word) } else { 0 };
+            found.push((cfg_type, bar, offset, length, extra));
+            at = cfg(at + 1, Byte);
+        }
+        assert_eq!(
+            found,
+            vec![
+                (1, 0, 0x0000, 0x3c, 0),
+                (3, 0, 0x1000, 1, 0),
+                (4, 0, 0x2000, 0x1000, 0),
+                (2, 0, 0x3000, 8, 4),
+                (5, 0, 0, 0, 0),
+            ]
+        );
+        assert!(
+            found.iter().all(|c| c.0 != 0x11),
+            "no MSI-X capability (§20.1 item 10)"
+        );
+    }
+
+    #[test]
+    fn driver_initialisation_through_the_host() {
+        let (log, irqs, host) = plugged();
+        let bar = host.mmio_window();
+        let w = |off: u64, width, v| bar.write(off, width, v);
+        let r = |off: u64, width| bar.read(off, width);
+
+        w(common::DEVICE_STATUS, Byte, 0);
+        assert_eq!(r(common::DEVICE_STATUS, Byte), 0);
+        w(common::DEVICE_STATUS, Byte, u64::from(ACK));
+        w(common::DEVICE_STATUS, Byte, u64::from(ACK | DRIVER));
+        assert_eq!(r(common::NUM_QUEUES, Half), 2);
+
+        w(common::DEVICE_FEATURE_SELECT, Word, 0);
+        let lo = r(common::DEVICE_FEATURE, Word);
+        w(common::DEVICE_FEATURE_SELECT, Word, 1);
+        let hi = r(common::DEVICE_FEATURE, Word);
+        let offered = hi << 32 | lo;
+        assert_eq!(
+            offered,
+            VIRTIO_F_VERSION_1 | F_DEV_BIT0 | F_EVENT_IDX,
+            "packed withdrawn"
+        );
+        w(common::DEVICE_FEATURE_SELECT, Word, 2);
+        assert_eq!(r(common::DEVICE_FEATURE, Word), 0);
+
+        let wanted = VIRTIO_F_VERSION_1 | F_EVENT_IDX;
+        w(common::DRIVER_FEATURE_SELECT, Word, 0);
+        w(common::DRIVER_FEATURE, Word, wanted & 0xffff_ffff);
+        w(common::DRIVER_FEATURE_SELECT, Word, 1);
+        w(common::DRIVER_FEATURE, Word, wanted >> 32);
+        w(
+            common::DEVICE_STATUS,
+            Byte,
+            u64::from(ACK | DRIVER | FEATURES_OK),
+        );
+        assert_eq!(
+            r(common::DEVICE_STATUS, Byte),
+            u64::from(ACK | DRIVER | FEATURES_OK)
+        );
+
+        w(common::QUEUE_SELECT, Half, 0);
+        assert_eq!(r(common::QUEUE_SIZE, Half), 256);
+        assert_eq!(r(common::QUEUE_NOTIFY_OFF, Half), 0);
+        assert_eq!(r(common::QUEUE_MSIX_VECTOR, Half), 0xffff);
+        w(common::QUEUE_MSIX_VECTOR, Half, 0);
+        assert_eq!(
+            r(common::QUEUE_MSIX_VECTOR, Half),
+            0xffff,
+            "NO_VECTOR stays"
+        );
+        w(common::QUEUE_SIZE, Half, 128);
+        w(common::QUEUE_DESC, Word, RAM + 0x1000);
+        w(common::QUEUE_DESC + 4, Word, 0);
+        w(common::QUEUE_DRIVER, Word, RAM + 0x2000);
+        w(common::QUEUE_DRIVER + 4, Word, 0);
+        w(common::QUEUE_DEVICE, Word, RAM + 0x3000);
+        w(common::QUEUE_DEVICE + 4, Word, 0);
+        w(common::QUEUE_ENABLE, Half, 1);
+        assert_eq!(r(common::QUEUE_ENABLE, Half), 1);
+        assert_eq!(r(common::QUEUE_DESC, Double), RAM + 0x1000);
+        w(common::QUEUE_SELECT, Half, 1);
+        assert_eq!(r(common::QUEUE_SIZE, Half), 64, "100 rounds down");
+        assert_eq!(r(common::QUEUE_NOTIFY_OFF, Half), 1);
+        assert!(lock(&log).activations.is_empty());
+
+        w(common::DEVICE_STATUS, Byte, 0xf);
+        assert_eq!(r(common::DEVICE_STATUS, Byte), 0xf);
+        {
+            let log = lock(&log);
+            assert_eq!(log.activations.len(), 1);
+            let (acked, queues) = &log.activations[0];
+            assert_eq!(*acked, wanted);
+            assert_eq!(
+                queues[0],
+                SeenQueue {
+                    ready: true,
+                    size: 128,
+                    desc: RAM + 0x1000,
+                    avail: RAM + 0x2000,
+                    used: RAM + 0x3000,
+                    event_idx: true,
+                }
+            );
+            assert!(!queues[1].ready);
+        }
+
+        // Notify queue 0 at notify base + 0 * 4, queue 1 is not enabled.
+        w(NOTIFY_OFFSET, Half, 0);
+        w(NOTIFY_OFFSET + 4, Half, 1);
+        assert_eq!(lock(&log).notifies, vec![0]);
+
+        // The device signals; INTA of slot 1 is line 1.
+        let interrupt = lock(&log).interrupt.clone().unwrap();
+        interrupt.notify_queue(0);
+        assert!(irqs[1].is_asserted());
+        assert_eq!(r(ISR_OFFSET, Byte), 1);
+        assert!(!irqs[1].is_asserted());
+        assert_eq!(r(ISR_OFFSET, Byte), 0, "reading cleared it");
+        let generation = r(common::CONFIG_GENERATION, Byte);
+        interrupt.notify_config();
+        assert_eq!(r(common::CONFIG_GENERATION, Byte), generation + 1);
+        assert_eq!(r(ISR_OFFSET, Word), 2);
+
+        // Device config goes through to the device.
+        assert_eq!(r(DEVICE_CFG_OFFSET + 4, Word), 0xa7a6_a5a4);
+        w(DEVICE_CFG_OFFSET + 2, Half, 0xbeef);
+        assert_eq!(lock(&log).config_writes, vec![(2, vec![0xef, 0xbe])]);
+
+        // Reset.
+        let resets = lock(&log).resets;
+        w(common::DEVICE_STATUS, Byte, 0);
+        assert_eq!(r(common::DEVICE_STATUS, Byte), 0);
+        assert_eq!(lock(&log).resets, resets + 1);
+        w(common::QUEUE_SELECT, Half, 0);
+        assert_eq!(r(common::QUEUE_ENABLE, Half), 0);
+        assert_eq!(r(common::QUEUE_SIZE, Half), 256);
+        assert_eq!(r(common::QUEUE_DESC, Double), 0);
+        w(NOTIFY_OFFSET, Half, 0);
+        assert_eq!(lock(&log).notifies, vec![0], "no kicks after reset");
+    }
+
+    #[test]
+    fn features_ok_needs_version_1_and_offered_bits_only() {
+        let d = Direct::new(false);
+        d.status(ACK | DRIVER);
+        d.features(F_DEV_BIT0);
+        d.status(ACK | DRIVER | FEATURES_OK);
+        assert_eq!(d.dev.status(), ACK | DRIVER, "refused without VERSION_1");
+        d.features(VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_RING_PACKED);
+        d.status(ACK | DRIVER | FEATURES_OK);
+        assert_eq!(
+            d.dev.status(),
+            ACK | DRIVER,
+            "refused with an unoffered bit"
+        );
+        d.features(VIRTIO_F_VERSION_1 | F_DEV_BIT0);
+        d.status(ACK | DRIVER | FEATURES_OK);
+        assert_eq!(d.dev.status(), ACK | DRIVER | FEATURES_OK);
+        // Features are frozen from here on.
+        d.features(VIRTIO_F_VERSION_1);
+        d.w(common::DRIVER_FEATURE_SELECT, Word, 0);
+        assert_eq!(d.r(common::DRIVER_FEATURE, Word), F_DEV_BIT0);
+    }
+
+    #[test]
+    fn driver_ok_without_features_ok_does_not_start_the_device() {
+        let d = Direct::new(false);
+        d.status(ACK | DRIVER);
+        d.queue0();
+        d.status(ACK | DRIVER | DRIVER_OK);
+        assert_eq!(d.dev.status(), ACK | DRIVER);
+        assert!(lock(&d.log).activations.is_empty());
+        d.w(NOTIFY_OFFSET, Half, 0);
+        assert!(lock(&d.log).notifies.is_empty());
+    }
+
+    #[test]
+    fn status_bits_cannot_be_cleared_except_by_reset() {
+        let d = Direct::new(false);
+        d.live();
+        d.status(ACK);
+        assert_eq!(d.dev.status(), 0xf);
+        d.status(0x8f);
+        assert_eq!(d.dev.status(), 0x8f, "FAILED may be added");
+        d.status(0xff);
+        assert_eq!(
+            d.dev.status() & STATUS_NEEDS_RESET,
+            0,
+            "NEEDS_RESET is the device's"
+        );
+        assert_eq!(lock(&d.log).activations.len(), 1, "activated once");
+    }
+
+    #[test]
+    fn refused_activation_sets_needs_reset_and_signals() {
+        let d = Direct::new(true);
+        d.live_refused();
+        assert_eq!(d.dev.status(), 0xf | STATUS_NEEDS_RESET);
+        assert!(d.irq.is_asserted());
+        assert_eq!(d.r(ISR_OFFSET, Byte), u64::from(ISR_CONFIG));
+        d.w(NOTIFY_OFFSET, Half, 0);
+        assert!(lock(&d.log).notifies.is_empty());
+        d.status(0);
+        assert_eq!(d.dev.status(), 0);
+    }
+
+    impl Direct {
+        fn live_refused(&self) {
+            self.status(ACK | DRIVER);
+            self.features(VIRTIO_F_VERSION_1);
+            self.status(0xb);
+            self.queue0();
+            self.status(0xf);
+        }
+    }
+
+    #[test]
+    fn hostile_queue_programming_is_refused() {
+        let d = Direct::new(false);
+        d.status(ACK | DRIVER);
+        // Out-of-range queue: reads as absent, writes vanish.
+        d.w(common::QUEUE_SELECT, Half, 7);
+        assert_eq!(d.r(common::QUEUE_SIZE, Half), 0);
+        d.w(common::QUEUE_SIZE, Half, 16);
+        d.w(common::QUEUE_ENABLE, Half, 1);
+        d.w(common::QUEUE_DESC, Double, RAM);
+        assert_eq!(d.r(common::QUEUE_SIZE, Half), 0);
+        assert_eq!(d.r(common::QUEUE_ENABLE, Half), 0);
+        assert_eq!(d.r(common::QUEUE_DESC, Double), 0);
+        d.w(common::QUEUE_SELECT, Half, 0xffff);
+        assert_eq!(d.r(common::QUEUE_SIZE, Half), 0);
+
+        d.w(common::QUEUE_SELECT, Half, 0);
+        for bad in [0, 100, 512, 0xffff] {
+            d.w(common::QUEUE_SIZE, Half, bad);
+            assert_eq!(d.r(common::QUEUE_SIZE, Half), 256, "size {bad}");
+        }
+        d.w(common::QUEUE_SIZE, Half, 64);
+        // Outside RAM, straddling its end, wrapping, misaligned.
+        for (desc, driver, device) in [
+            (0x1000, RAM + 0x2000, RAM + 0x3000),
+            (RAM + RAM_SIZE as u64 - 0x200, RAM + 0x2000, RAM + 0x3000),
+            (RAM + 0x1000, RAM + 0x2000, u64::MAX - 8),
+            (RAM + 0x1008, RAM + 0x2000, RAM + 0x3000),
+            (RAM + 0x1000, RAM + 0x2001, RAM + 0x3000),
+            (RAM + 0x1000, RAM + 0x2000, RAM + 0x3002),
+        ] {
+            d.w(common::QUEUE_DESC, Double, desc);
+            d.w(common::QUEUE_DRIVER, Double, driver);
+            d.w(common::QUEUE_DEVICE, Double, device);
+            d.w(common::QUEUE_ENABLE, Half, 1);
+            assert_eq!(
+                d.r(common::QUEUE_ENABLE, Half),
+                0,
+                "{desc:#x} {driver:#x} {device:#x}"
+            );
+        }
+        d.queue0();
+        assert_eq!(d.r(common::QUEUE_ENABLE, Half), 1);
+        // An enabled queue is frozen.
+        d.w(common::QUEUE_SIZE, Half, 32);
+        d.w(common::QUEUE_DESC, Word, RAM + 0x8000);
+        d.w(common::QUEUE_ENABLE, Half, 0);
+        assert_eq!(d.r(common::QUEUE_SIZE, Half), 16);
+        assert_eq!(d.r(common::QUEUE_DESC, Double), RAM + 0x1000);
+        assert_eq!(d.r(common::QUEUE_ENABLE, Half), 1);
+    }
+
+    #[test]
+    fn notifications_reach_only_enabled_queues_of_a_live_device() {
+        let d = Direct::new(false);
+        d.live();
+        for offset in [NOTIFY_OFFSET, NOTIFY_OFFSET + 2] {
+            d.w(offset, Half, 0);
+        }
+        d.w(NOTIFY_OFFSET, Word, 0);
+        d.w(NOTIFY_OFFSET + 4, Half, 1);
+        d.w(NOTIFY_OFFSET + 0xffc, Half, 0x3ff);
+        assert_eq!(lock(&d.log).notifies, vec![0, 0, 0]);
+    }
+
+    #[test]
+    fn isr_read_clears_and_lowers_the_line() {
+        let d = Direct::new(false);
+        d.live();
+        let interrupt = lock(&d.log).interrupt.clone().unwrap();
+        assert!(!d.irq.is_asserted());
+        interrupt.notify_queue(1);
+        interrupt.notify_config();
+        assert!(d.irq.is_asserted());
+        assert_eq!(d.r(ISR_OFFSET + 1, Byte), 0, "only offset 0 is the ISR");
+        assert!(d.irq.is_asserted());
+        assert_eq!(d.r(ISR_OFFSET, Byte), 3);
+        assert!(!d.irq.is_asserted());
+        assert_eq!(d.r(ISR_OFFSET, Byte), 0);
+        d.w(ISR_OFFSET, Byte, 0xff);
+        assert_eq!(d.r(ISR_OFFSET, Byte), 0, "ISR is read-only");
+        // Pending ISR survives a new line assignment, and reset clears it.
+        interrupt.notify_queue(0);
+        let fresh = Arc::new(TestIrq::new());
+        d.dev.set_intx(fresh.clone());
+        assert!(fresh.is_asserted());
+        d.status(0);
+        assert!(!fresh.is_asserted());
+        assert_eq!(d.r(ISR_OFFSET, Byte), 0);
+    }
+
+    #[test]
+    fn msix_vectors_read_no_vector() {
+        let d = Direct::new(false);
+        d.w(common::CONFIG_MSIX_VECTOR, Half, 0);
+        d.w(common::QUEUE_MSIX_VECTOR, Half, 1);
+        assert_eq!(d.r(common::CONFIG_MSIX_VECTOR, Half), 0xffff);
+        assert_eq!(d.r(common::QUEUE_MSIX_VECTOR, Half), 0xffff);
+    }
+
+    #[test]
+    fn pci_cfg_capability_reaches_bar_0() {
+        let d = Direct::new(false);
+        let cap = u16::from(d.dev.capabilities_pointer()) + 0x44;
+        assert_eq!(d.dev.read_config(cap, Byte), 0x09);
+        assert_eq!(d.dev.read_config(cap + 3, Byte), u32::from(CAP_PCI_CFG));
+        // Read num_queues (2 bytes at 0x12).
+        d.dev.write_config(cap + PCI_CFG_BAR, Byte, 0);
+        d.dev.write_config(cap + PCI_CFG_OFFSET, Word, 0x12);
+        d.dev.write_config(cap + PCI_CFG_LENGTH, Word, 2);
+        assert_eq!(d.dev.read_config(cap + PCI_CFG_DATA, Half), 2);
+        // Write device_feature_select = 1 through the window.
+        d.dev.write_config(cap + PCI_CFG_OFFSET, Word, 0);
+        d.dev.write_config(cap + PCI_CFG_LENGTH, Word, 4);
+        d.dev.write_config(cap + PCI_CFG_DATA, Word, 1);
+        assert_eq!(d.r(common::DEVICE_FEATURE_SELECT, Word), 1);
+        // Bad windows do nothing.
+        for (bar, offset, length) in [(1, 0, 4), (0, 2, 4), (0, 0, 3), (0, 0, 8), (0, 0x4000, 1)] {
+            d.dev.write_config(cap + PCI_CFG_BAR, Byte, bar);
+            d.dev.write_config(cap + PCI_CFG_OFFSET, Word, offset);
+            d.dev.write_config(cap + PCI_CFG_LENGTH, Word, length);
+            d.dev.write_config(cap + PCI_CFG_DATA, Word, 7);
+            assert_eq!(d.dev.read_config(cap + PCI_CFG_DATA, Word), 0);
+        }
+        assert_eq!(d.r(common::DEVICE_FEATURE_SELECT, Word), 1);
+        // The rest of the capability is read-only.
+        d.dev.write_config(cap + 3, Byte, 1);
+        assert_eq!(d.dev.read_config(cap + 3, Byte), u32::from(CAP_PCI_CFG));
+        d.dev.reset();
+        assert_eq!(d.dev.read_config(cap + PCI_CFG_LENGTH, Word), 0);
+    }
+
+    #[test]
+    fn every_offset_and_width_is_harmless() {
+        let d = Direct::new(false);
+        d.live();
+        for width in [Byte, Half, Word, Double] {
+            let mut offset = 0;
+            while offset < BAR_SIZE + 0x100 {
+                let _ = d.r(offset, width);
+                d.w(offset, width, u64::MAX);
+                let _ = d.dev.read_bar(3, offset, width);
+                d.dev.write_bar(3, offset, width, u64::MAX);
+                offset += width.bytes();
+            }
+            let mut offset = 0x40u16;
+            while offset < 0x1000 {
+                let _ = d.dev.read_config(offset, width);
+                d.dev.write_config(offset, width, u32::MAX);
+                offset += width.bytes() as u16;
+            }
+        }
+        let _ = d.r(u64::MAX, Double);
+        let _ = d.dev.read_config(u16::MAX, Double);
+        d.dev.write_config(u16::MAX, Double, u32::MAX);
+        // Everything written all-ones: still a sane device afterwards.
+        d.status(0);
+        d.live();
     }
 }
