@@ -735,6 +735,29 @@ mod tests {
     }
 
     #[test]
+    fn refuses_an_invalid_interrupt_pin() {
+        let (host, _) = host();
+        assert!(matches!(
+            host.add_device(Fake::with_pin("z", 5)),
+            Err(PciError::InterruptPin { pin: 5, .. })
+        ));
+        assert_eq!(host.add_device(Fake::with_pin("none", 0)).unwrap(), 1);
+        assert_eq!(host.ecam().read(cfg(1, 0x3d), Byte), 0);
+    }
+
+    #[test]
+    fn misaligned_config_accesses_read_all_ones_and_do_nothing() {
+        let (host, _) = host();
+        host.add_device(Fake::new("a")).unwrap();
+        let ecam = host.ecam();
+        assert_eq!(ecam.read(cfg(1, 1), Half), 0xffff);
+        assert_eq!(ecam.read(cfg(1, 2), Word), 0xffff_ffff);
+        ecam.write(cfg(1, 3), Half, 0xffff);
+        ecam.write(cfg(1, 4 + 2), Word, 0xffff_ffff);
+        assert_eq!(ecam.read(cfg(1, 4), Half), 0);
+    }
+
+    #[test]
     fn intx_swizzle_matches_the_gpex_formula() {
         assert_eq!(intx_line(1, 0), 1);
         assert_eq!(intx_line(4, 0), 4);
