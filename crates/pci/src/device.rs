@@ -54,6 +54,15 @@ pub trait PciDevice: Send + Sync {
         let _ = (offset, width, value);
     }
 
+    /// Size of the function's configuration space: 0x100 for a
+    /// conventional PCI function, 0x1000 for one with a PCI Express
+    /// capability. Beyond it, loads read all-ones and stores vanish. QEMU
+    /// makes every virtio-pci function on vmapple's root bus conventional
+    /// (it drops the Express capability of devices not behind a port).
+    fn config_size(&self) -> u16 {
+        0x100
+    }
+
     /// Offset of the first capability in config space (0 when none).
     fn capabilities_pointer(&self) -> u8 {
         0

@@ -17,8 +17,11 @@
 //!   delivers it whole, naturally aligned) acts as two dword accesses, low
 //!   dword first.
 //! * **Header vs. function.** The host keeps each function's type-0 header
-//!   ([`ConfigSpace`]); bytes 0x40..0x1000 go to the function through
-//!   [`PciDevice::read_config`]/[`PciDevice::write_config`].
+//!   ([`ConfigSpace`]); bytes from 0x40 up to the function's
+//!   [`PciDevice::config_size`] go to the function through
+//!   [`PciDevice::read_config`]/[`PciDevice::write_config`]. Past that size
+//!   (0x100 for the conventional functions vmapple has, the root complex
+//!   included) loads read all-ones and stores vanish, as in QEMU.
 //! * **MMIO window** ([`PciHost::mmio_window`], `0x5000_0000` up to
 //!   `0x6FFF_0000` exclusive, identity-mapped to PCI memory space): an
 //!   access goes to the BAR that covers it, provided the owning function
@@ -194,6 +197,7 @@ impl PciDevice for HostBridge {
 
 struct Function {
     slot: u8,
+    config_size: u16,
     device: Arc<dyn PciDevice>,
     config: Mutex<ConfigSpace>,
     intx: Option<Arc<FunctionIntx>>,
@@ -260,6 +264,9 @@ impl HostInner {
     }
 
     fn config_read_dword_or_less(f: &Function, register: u16, width: AccessWidth) -> u64 {
+        if register >= f.config_size {
+            return width.mask();
+        }
         if register < reg::HEADER_END {
             let mut config = lock(&f.config);
             config.set_interrupt_status(f.intx.as_ref().is_some_and(|i| i.level()));
@@ -276,6 +283,9 @@ impl HostInner {
         width: AccessWidth,
         value: u64,
     ) {
+        if register >= f.config_size {
+            return;
+        }
         if register < reg::HEADER_END {
             let intx_disabled = {
                 let mut config = lock(&f.config);
@@ -460,6 +470,9 @@ impl PciHost {
         }
         Ok(Arc::new(Function {
             slot,
+            config_size: device
+                .config_size()
+                .clamp(reg::HEADER_END, reg::CONFIG_SIZE),
             device,
             config: Mutex::new(config),
             intx,
@@ -613,6 +626,16 @@ mod tests {
         fn read_config(&self, offset: u16, _width: AccessWidth) -> u32 {
             0xc0de_0000 | u32::from(offset)
         }
+        fn write_config(&self, offset: u16, _width: AccessWidth, value: u32) {
+            lock(&self.writes).push((0xff, u64::from(offset), u64::from(value)));
+        }
+        fn config_size(&self) -> u16 {
+            if self.name == "conventional" {
+                0x100
+            } else {
+                0x1000
+            }
+        }
         fn capabilities_pointer(&self) -> u8 {
             0x40
         }
@@ -716,6 +739,21 @@ mod tests {
             host.devices(),
             vec![(0, "gpex-root".into()), (1, "a".into()), (2, "b".into())]
         );
+    }
+
+    #[test]
+    fn config_space_ends_at_the_function_size() {
+        let (host, _) = host();
+        let conv = Fake::new("conventional");
+        host.add_device(conv.clone()).unwrap();
+        let ecam = host.ecam();
+        assert_eq!(ecam.read(cfg(1, 0xfc), Word), 0xc0de_00fc);
+        assert_eq!(ecam.read(cfg(1, 0x100), Word), 0xffff_ffff);
+        assert_eq!(ecam.read(cfg(1, 0xffe), Half), 0xffff);
+        assert_eq!(ecam.read(cfg(0, 0x100), Word), 0xffff_ffff, "root complex");
+        ecam.write(cfg(1, 0x100), Word, 1);
+        ecam.write(cfg(1, 0x80), Word, 2);
+        assert_eq!(*lock(&conv.writes), vec![(0xff, 0x80, 2)]);
     }
 
     #[test]

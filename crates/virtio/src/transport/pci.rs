@@ -7,19 +7,25 @@
 //!   there is no legacy I/O BAR, and the driver must accept
 //!   `VIRTIO_F_VERSION_1` or `FEATURES_OK` does not stick (§4.1.2.1,
 //!   §2.2.1).
-//! * **BAR 0** is a 16 KiB 64-bit prefetchable memory BAR (the flags QEMU
-//!   gives its modern BAR) holding four 4 KiB structures, each described
-//!   by a vendor-specific capability (§4.1.4): common config at 0x0000,
-//!   ISR at 0x1000, device config at 0x2000, notifications at 0x3000 with
-//!   `notify_off_multiplier` 4 and `queue_notify_off` = queue index. A
-//!   fifth capability is the PCI configuration access window (§4.1.4.9).
+//! * **BAR 4** (QEMU's `modern_mem_bar_idx`; BARs 0–3 stay unused as
+//!   under QEMU, where the legacy I/O BAR is off and the MSI-X BAR fails
+//!   without MSI support) is a 16 KiB 64-bit prefetchable memory BAR
+//!   holding four 4 KiB structures, each described by a vendor-specific
+//!   capability (§4.1.4) whose length is the whole 4 KiB, as in QEMU:
+//!   common config at 0x0000, ISR at 0x1000, device config at 0x2000,
+//!   notifications at 0x3000 with `notify_off_multiplier` 4 and
+//!   `queue_notify_off` = queue index. A fifth capability is the PCI
+//!   configuration access window (§4.1.4.9). The capabilities sit at
+//!   0x40, 0x50, 0x60, 0x70 and 0x84, the offsets QEMU's allocator gives
+//!   them. The function is conventional PCI (256-byte config space), as
+//!   QEMU makes virtio functions on a root bus.
 //! * **Interrupts** are INTx only (no MSI-X on vmapple, §7.5):
 //!   `config_msix_vector` and `queue_msix_vector` always read `NO_VECTOR`
 //!   (0xFFFF), which §4.1.4.3 and §4.1.5.1.2 let a driver read as "mapping
 //!   refused". A used-buffer notification sets ISR bit 0, a configuration
 //!   change sets ISR bit 1 (and bumps `config_generation`); either raises
-//!   the INTx line. Reading the ISR returns and clears it and lowers the
-//!   line (§4.1.4.5).
+//!   the INTx line. Reading the ISR (at any offset of its 4 KiB, as QEMU
+//!   decodes it) returns and clears it and lowers the line (§4.1.4.5).
 //! * **Feature negotiation.** Feature bits the transport cannot honour
 //!   (packed rings, notification data, ring reset, SR-IOV, config-data
 //!   notifications) are withdrawn from the device's offer. Setting
@@ -69,14 +75,16 @@ use vm_memory::GuestAddress;
 
 use crate::device::{ActivateContext, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 
-/// Size of BAR 0.
+/// The BAR that holds the virtio structures.
+pub const MODERN_BAR: u8 = 4;
+/// Size of that BAR.
 pub const BAR_SIZE: u64 = 0x4000;
-/// Offsets of the structures in BAR 0.
+/// Offsets of the structures in the BAR.
 pub const COMMON_CFG_OFFSET: u64 = 0x0000;
 pub const ISR_OFFSET: u64 = 0x1000;
 pub const DEVICE_CFG_OFFSET: u64 = 0x2000;
 pub const NOTIFY_OFFSET: u64 = 0x3000;
-/// Size of each structure's slot in BAR 0.
+/// Size of each structure's slot in the BAR, and its capability length.
 pub const REGION_SIZE: u64 = 0x1000;
 /// Bytes between two queues' notify addresses.
 pub const NOTIFY_OFF_MULTIPLIER: u32 = 4;
@@ -537,7 +545,7 @@ impl Inner {
     fn read_bar0(&self, shared: &Shared, offset: u64, width: AccessWidth) -> u64 {
         match offset / REGION_SIZE {
             0 => self.read_common(shared, offset, width),
-            1 if offset == ISR_OFFSET => u64::from(shared.take_isr()),
+            1 => u64::from(shared.take_isr()),
             2 => {
                 let mut bytes = [0u8; 8];
                 let len = width.bytes() as usize;
@@ -560,7 +568,7 @@ impl Inner {
             }
             3 => self.notify(offset - NOTIFY_OFFSET),
             _ => vm_core::guest_error!(
-                "virtio-pci: {width} store to read-only BAR 0 offset {offset:#x}"
+                "virtio-pci: {width} store to read-only BAR offset {offset:#x}"
             ),
         }
     }
@@ -580,7 +588,8 @@ impl Inner {
         let width = AccessWidth::from_bytes(u64::from(word(PCI_CFG_LENGTH)))?;
         let aligned = offset % width.bytes() == 0;
         let inside = offset + width.bytes() <= BAR_SIZE;
-        (bar == 0 && width != AccessWidth::Double && aligned && inside).then_some((offset, width))
+        (bar == MODERN_BAR && width != AccessWidth::Double && aligned && inside)
+            .then_some((offset, width))
     }
 
     fn pci_cfg_data_range(&self) -> std::ops::Range<u16> {
@@ -676,21 +685,22 @@ impl VirtioPciDevice {
 
         let mut caps = CapabilityList::new();
         let region = |cfg_type: u8, offset: u64, length: u64| {
-            let mut body = vec![CAP_LEN, cfg_type, 0, 0, 0, 0];
+            let mut body = vec![CAP_LEN, cfg_type, MODERN_BAR, 0, 0, 0];
             body.extend_from_slice(&(offset as u32).to_le_bytes());
             body.extend_from_slice(&(length as u32).to_le_bytes());
             body
         };
-        let notify_len = (queues.len().max(1) as u64) * u64::from(NOTIFY_OFF_MULTIPLIER);
-        let mut notify = region(CAP_NOTIFY_CFG, NOTIFY_OFFSET, notify_len);
+        let mut notify = region(CAP_NOTIFY_CFG, NOTIFY_OFFSET, REGION_SIZE);
         notify[0] = NOTIFY_CAP_LEN;
         notify.extend_from_slice(&NOTIFY_OFF_MULTIPLIER.to_le_bytes());
         let mut pci_cfg = region(CAP_PCI_CFG, 0, 0);
         pci_cfg[0] = PCI_CFG_CAP_LEN;
+        // The driver picks the BAR of each access itself.
+        pci_cfg[2] = 0;
         pci_cfg.extend_from_slice(&[0; 4]);
         for body in [
-            region(CAP_COMMON_CFG, COMMON_CFG_OFFSET, common::SIZE),
-            region(CAP_ISR_CFG, ISR_OFFSET, 1),
+            region(CAP_COMMON_CFG, COMMON_CFG_OFFSET, REGION_SIZE),
+            region(CAP_ISR_CFG, ISR_OFFSET, REGION_SIZE),
             region(CAP_DEVICE_CFG, DEVICE_CFG_OFFSET, REGION_SIZE),
             notify,
         ] {
@@ -755,7 +765,7 @@ impl PciDevice for VirtioPciDevice {
 
     fn bars(&self) -> Vec<BarRegion> {
         vec![BarRegion {
-            index: 0,
+            index: MODERN_BAR,
             size: BAR_SIZE,
             kind: BarKind::Memory64,
             prefetchable: true,
@@ -775,14 +785,14 @@ impl PciDevice for VirtioPciDevice {
     }
 
     fn read_bar(&self, bar: u8, offset: u64, width: AccessWidth) -> u64 {
-        if bar != 0 || offset >= BAR_SIZE {
+        if bar != MODERN_BAR || offset >= BAR_SIZE {
             return 0;
         }
         lock(&self.inner).read_bar0(&self.shared, offset, width)
     }
 
     fn write_bar(&self, bar: u8, offset: u64, width: AccessWidth, value: u64) {
-        if bar != 0 || offset >= BAR_SIZE {
+        if bar != MODERN_BAR || offset >= BAR_SIZE {
             return;
         }
         lock(&self.inner).write_bar0(&self.shared, offset, width, value)
@@ -930,10 +940,10 @@ mod tests {
             Self { dev, log, irq }
         }
         fn r(&self, offset: u64, width: AccessWidth) -> u64 {
-            self.dev.read_bar(0, offset, width)
+            self.dev.read_bar(MODERN_BAR, offset, width)
         }
         fn w(&self, offset: u64, width: AccessWidth, value: u64) {
-            self.dev.write_bar(0, offset, width, value)
+            self.dev.write_bar(MODERN_BAR, offset, width, value)
         }
         fn status(&self, value: u8) {
             self.w(common::DEVICE_STATUS, Byte, u64::from(value));
@@ -970,7 +980,7 @@ mod tests {
     const DRIVER_OK: u8 = 4;
     const FEATURES_OK: u8 = 8;
 
-    /// A host with the device in slot 1, BAR 0 at 0x5000_0000, memory on.
+    /// A host with the device in slot 1, BAR 4 at 0x5000_0000, memory on.
     fn plugged() -> (Arc<Mutex<Log>>, Vec<Arc<TestIrq>>, PciHost) {
         let irqs: Vec<Arc<TestIrq>> = (0..NUM_INTX_LINES)
             .map(|_| Arc::new(TestIrq::new()))
@@ -988,8 +998,8 @@ mod tests {
         );
         assert_eq!(host.add_device(Arc::new(dev)).unwrap(), 1);
         let ecam = host.ecam();
-        ecam.write(1 << 15 | 0x10, Word, 0x5000_0000);
-        ecam.write(1 << 15 | 0x14, Word, 0);
+        ecam.write(1 << 15 | 0x20, Word, 0x5000_0000);
+        ecam.write(1 << 15 | 0x24, Word, 0);
         ecam.write(1 << 15 | 0x04, Half, 0x2);
         (log, irqs, host)
     }
@@ -1004,9 +1014,13 @@ mod tests {
         assert_eq!(cfg(0x2c, Word), 0x1100_1af4);
         assert_eq!(cfg(0x06, Half) & 0x10, 0x10);
         assert_eq!(cfg(0x3d, Byte), 1);
-        assert_eq!(cfg(0x10, Word), 0x5000_000c);
-        ecam.write(1 << 15 | 0x10, Word, 0xffff_ffff);
-        assert_eq!(cfg(0x10, Word), 0xffff_c00c, "16 KiB");
+        for unused in [0x10, 0x14, 0x18, 0x1c] {
+            assert_eq!(cfg(unused, Word), 0, "BAR at {unused:#x}");
+        }
+        assert_eq!(cfg(0x20, Word), 0x5000_000c);
+        ecam.write(1 << 15 | 0x20, Word, 0xffff_ffff);
+        assert_eq!(cfg(0x20, Word), 0xffff_c00c, "16 KiB");
+        assert_eq!(cfg(0x100, Word), 0xffff_ffff, "conventional PCI");
         // Walk the capability list the way a driver does.
         let mut found = Vec::new();
         let mut at = cfg(0x34, Byte);
@@ -1023,10 +1037,10 @@ mod tests {
         assert_eq!(
             found,
             vec![
-                (1, 0, 0x0000, 0x3c, 0),
-                (3, 0, 0x1000, 1, 0),
-                (4, 0, 0x2000, 0x1000, 0),
-                (2, 0, 0x3000, 8, 4),
+                (1, 4, 0x0000, 0x1000, 0),
+                (3, 4, 0x1000, 0x1000, 0),
+                (4, 4, 0x2000, 0x1000, 0),
+                (2, 4, 0x3000, 0x1000, 4),
                 (5, 0, 0, 0, 0),
             ]
         );
@@ -1307,9 +1321,11 @@ mod tests {
         interrupt.notify_queue(1);
         interrupt.notify_config();
         assert!(d.irq.is_asserted());
-        assert_eq!(d.r(ISR_OFFSET + 1, Byte), 0, "only offset 0 is the ISR");
-        assert!(d.irq.is_asserted());
-        assert_eq!(d.r(ISR_OFFSET, Byte), 3);
+        assert_eq!(
+            d.r(ISR_OFFSET + 0x10, Byte),
+            3,
+            "the whole 4 KiB is the ISR"
+        );
         assert!(!d.irq.is_asserted());
         assert_eq!(d.r(ISR_OFFSET, Byte), 0);
         d.w(ISR_OFFSET, Byte, 0xff);
@@ -1340,7 +1356,8 @@ mod tests {
         assert_eq!(d.dev.read_config(cap, Byte), 0x09);
         assert_eq!(d.dev.read_config(cap + 3, Byte), u32::from(CAP_PCI_CFG));
         // Read num_queues (2 bytes at 0x12).
-        d.dev.write_config(cap + PCI_CFG_BAR, Byte, 0);
+        d.dev
+            .write_config(cap + PCI_CFG_BAR, Byte, u32::from(MODERN_BAR));
         d.dev.write_config(cap + PCI_CFG_OFFSET, Word, 0x12);
         d.dev.write_config(cap + PCI_CFG_LENGTH, Word, 2);
         assert_eq!(d.dev.read_config(cap + PCI_CFG_DATA, Half), 2);
@@ -1350,7 +1367,7 @@ mod tests {
         d.dev.write_config(cap + PCI_CFG_DATA, Word, 1);
         assert_eq!(d.r(common::DEVICE_FEATURE_SELECT, Word), 1);
         // Bad windows do nothing.
-        for (bar, offset, length) in [(1, 0, 4), (0, 2, 4), (0, 0, 3), (0, 0, 8), (0, 0x4000, 1)] {
+        for (bar, offset, length) in [(0, 0, 4), (4, 2, 4), (4, 0, 3), (4, 0, 8), (4, 0x4000, 1)] {
             d.dev.write_config(cap + PCI_CFG_BAR, Byte, bar);
             d.dev.write_config(cap + PCI_CFG_OFFSET, Word, offset);
             d.dev.write_config(cap + PCI_CFG_LENGTH, Word, length);
