@@ -68,6 +68,14 @@ pub trait PciDevice: Send + Sync {
         0
     }
 
+    /// The guest stored to the command register, which now holds
+    /// `command`. The host already applies memory-space enable and
+    /// interrupt disable; this lets a function that does DMA notice bus
+    /// mastering being switched off.
+    fn command_written(&self, command: u16) {
+        let _ = command;
+    }
+
     /// A load from BAR `bar` at `offset` into it.
     fn read_bar(&self, bar: u8, offset: u64, width: AccessWidth) -> u64;
 

@@ -287,15 +287,19 @@ impl HostInner {
             return;
         }
         if register < reg::HEADER_END {
-            let intx_disabled = {
+            let (intx_disabled, command) = {
                 let mut config = lock(&f.config);
                 config.write(register, width, value);
-                config.intx_disabled()
+                (config.intx_disabled(), config.command())
             };
             if let Some(intx) = &f.intx {
                 intx.set_disabled(intx_disabled);
             }
             self.remap();
+            let end = register + width.bytes() as u16;
+            if register < reg::COMMAND + 2 && end > reg::COMMAND {
+                f.device.command_written(command);
+            }
         } else {
             f.device
                 .write_config(register, width, (value & width.mask()) as u32);
@@ -401,6 +405,31 @@ pub struct IntxRoute {
 /// bits of the device number (the swizzle repeats every 16 slots) and the
 /// pin.
 pub const INTERRUPT_MAP_MASK: [u32; 4] = [0x7800, 0, 0, 7];
+
+/// The `ranges` property of the node, for a parent with
+/// `#address-cells = <2>` and `#size-cells = <2>`: one 32-bit
+/// non-prefetchable memory window, identity-mapped (PCI address = CPU
+/// address). There is no I/O window and no 64-bit window (§2).
+pub const FDT_RANGES: [u32; 7] = [
+    0x0200_0000,
+    0,
+    MMIO_BASE as u32,
+    0,
+    MMIO_BASE as u32,
+    0,
+    MMIO_SIZE as u32,
+];
+
+/// The `reg` property of the node (two address and two size cells): the
+/// ECAM window.
+pub const FDT_REG: [u64; 2] = [ECAM_BASE, ECAM_SIZE];
+
+/// The `bus-range` property.
+pub const FDT_BUS_RANGE: [u32; 2] = [0, 255];
+
+/// GIC interrupt specifier constants (Linux `arm,gic-v3` binding).
+const GIC_SPI: u32 = 0;
+const IRQ_TYPE_LEVEL_HIGH: u32 = 4;
 
 /// The vmapple PCIe host bridge.
 pub struct PciHost {
@@ -547,6 +576,20 @@ impl PciHost {
         self.inner.remap();
     }
 
+    /// The whole `interrupt-map` property as cells, for a GICv3 parent with
+    /// phandle `gic_phandle` and `#address-cells = gic_address_cells`
+    /// (each entry: child `phys.hi 0 0 pin`, then the phandle, that many
+    /// zero parent-address cells, then `GIC_SPI spi IRQ_TYPE_LEVEL_HIGH`).
+    pub fn interrupt_map_cells(&self, gic_phandle: u32, gic_address_cells: u32) -> Vec<u32> {
+        let mut cells = Vec::new();
+        for route in self.interrupt_map() {
+            cells.extend_from_slice(&[route.child_hi, 0, 0, route.pin, gic_phandle]);
+            cells.extend(std::iter::repeat_n(0, gic_address_cells as usize));
+            cells.extend_from_slice(&[GIC_SPI, route.spi, IRQ_TYPE_LEVEL_HIGH]);
+        }
+        cells
+    }
+
     /// The `interrupt-map` of a device-tree node for this host: one entry
     /// per device number 0..16 and pin INTA..INTD; with
     /// [`INTERRUPT_MAP_MASK`] it covers all 32 slots.
@@ -577,6 +620,7 @@ mod tests {
         intx: Mutex<Option<Arc<dyn IrqLine>>>,
         writes: Mutex<Vec<(u8, u64, u64)>>,
         resets: Mutex<u32>,
+        commands: Mutex<Vec<u16>>,
     }
 
     impl Fake {
@@ -590,6 +634,7 @@ mod tests {
                 intx: Mutex::new(None),
                 writes: Mutex::new(Vec::new()),
                 resets: Mutex::new(0),
+                commands: Mutex::new(Vec::new()),
             })
         }
         fn irq(&self, level: bool) {
@@ -653,6 +698,9 @@ mod tests {
         }
         fn reset(&self) {
             *lock(&self.resets) += 1;
+        }
+        fn command_written(&self, command: u16) {
+            lock(&self.commands).push(command);
         }
     }
 
@@ -857,6 +905,22 @@ mod tests {
     }
 
     #[test]
+    fn command_stores_are_reported_to_the_function() {
+        let (host, _) = host();
+        let a = Fake::new("a");
+        host.add_device(a.clone()).unwrap();
+        let ecam = host.ecam();
+        ecam.write(cfg(1, 0x04), Half, 0x0006);
+        ecam.write(cfg(1, 0x05), Byte, 0x04);
+        ecam.write(cfg(1, 0x06), Half, 0xffff);
+        ecam.write(cfg(1, 0x00), Double, 0xffff_ffff_0000_0000);
+        assert_eq!(
+            *lock(&a.commands),
+            vec![0x0006, 0x0406, 0xffff & reg::COMMAND_WRITABLE]
+        );
+    }
+
+    #[test]
     fn interrupt_disable_gates_the_line_but_not_the_status_bit() {
         let (host, irqs) = host();
         let a = Fake::new("a");
@@ -992,6 +1056,20 @@ mod tests {
         let hi = (17u32 << 11) & INTERRUPT_MAP_MASK[0];
         let hit = map.iter().find(|r| r.child_hi == hi && r.pin == 2).unwrap();
         assert_eq!(hit.spi, intx_spi(intx_line(17, 1)));
+    }
+
+    #[test]
+    fn interrupt_map_cells_follow_the_gic_binding() {
+        let (host, _) = host();
+        let cells = host.interrupt_map_cells(0x8001, 2);
+        assert_eq!(cells.len(), 64 * 10);
+        // slot 1, INTB → line 2 → SPI 0x22
+        assert_eq!(
+            &cells[50..60],
+            &[1 << 11, 0, 0, 2, 0x8001, 0, 0, 0, 0x22, 4]
+        );
+        assert_eq!(host.interrupt_map_cells(1, 0).len(), 64 * 8);
+        assert_eq!(FDT_RANGES[2] as u64 + FDT_RANGES[6] as u64, 0x6fff_0000);
     }
 
     #[test]

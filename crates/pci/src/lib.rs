@@ -20,6 +20,6 @@ pub use capability::CapabilityList;
 pub use config::{ConfigSpace, HeaderIdentity};
 pub use device::{BarKind, BarRegion, PciDevice};
 pub use host::{
-    intx_line, intx_spi, IntxRoute, PciError, PciHost, ECAM_BASE, ECAM_SIZE, INTERRUPT_MAP_MASK,
-    INTX_SPI_BASE, MMIO_BASE, MMIO_SIZE, NUM_INTX_LINES,
+    intx_line, intx_spi, IntxRoute, PciError, PciHost, ECAM_BASE, ECAM_SIZE, FDT_BUS_RANGE,
+    FDT_RANGES, FDT_REG, INTERRUPT_MAP_MASK, INTX_SPI_BASE, MMIO_BASE, MMIO_SIZE, NUM_INTX_LINES,
 };

@@ -49,6 +49,14 @@
 //!   are aligned (16/2/4) and lie wholly in guest RAM. An out-of-range
 //!   `queue_select` reads `queue_size` 0, so the driver sees no queue there
 //!   (§4.1.4.3.2), and writes to it are dropped.
+//! * **Bus mastering.** As under QEMU, a device may do DMA only while the
+//!   command register's bus-master bit is set: a `DRIVER_OK` written
+//!   before it is recorded but the device starts only once bus mastering
+//!   is on, and clearing the bit stops a running device (its reset) and
+//!   clears `DRIVER_OK` (QEMU's `virtio_write_config`). Setting
+//!   `DRIVER_OK` again starts it afresh from the queues' current
+//!   configuration, with ring indices at 0 (QEMU would resume where it
+//!   stopped; only a driver that ignores the reset protocol can tell).
 //! * **Notifications.** A store anywhere in queue *n*'s 4-byte notify slot
 //!   calls [`VirtioDevice::queue_notify`] for *n*, only while the device
 //!   is live and *n* is enabled.
@@ -278,6 +286,7 @@ struct Inner {
     queue_select: u16,
     queues: Vec<QueueConfig>,
     live: bool,
+    bus_master: bool,
     caps: CapabilityList,
     pci_cfg_cap: u16,
 }
@@ -451,8 +460,23 @@ impl Inner {
             return;
         }
         self.status = new;
-        if activate {
+        if activate && self.bus_master {
             self.activate(shared);
+        }
+    }
+
+    fn command_written(&mut self, shared: &Arc<Shared>, command: u16) {
+        let master = command & ::pci::config::reg::COMMAND_MASTER != 0;
+        let was = std::mem::replace(&mut self.bus_master, master);
+        let driver_ok = self.status & STATUS_DRIVER_OK != 0;
+        if master && !was && driver_ok && !self.live && self.status & STATUS_NEEDS_RESET == 0 {
+            self.activate(shared);
+        } else if !master && driver_ok {
+            if self.live {
+                self.device.reset();
+                self.live = false;
+            }
+            self.status &= !STATUS_DRIVER_OK;
         }
     }
 
@@ -725,6 +749,7 @@ impl VirtioPciDevice {
                 queue_select: 0,
                 queues,
                 live: false,
+                bus_master: false,
                 caps,
                 pci_cfg_cap,
             }),
@@ -798,6 +823,10 @@ impl PciDevice for VirtioPciDevice {
         lock(&self.inner).write_bar0(&self.shared, offset, width, value)
     }
 
+    fn command_written(&self, command: u16) {
+        lock(&self.inner).command_written(&self.shared, command)
+    }
+
     fn set_intx(&self, line: Arc<dyn IrqLine>) {
         let mut irq = lock(&self.shared.irq);
         line.set_level(irq.isr != 0);
@@ -807,6 +836,7 @@ impl PciDevice for VirtioPciDevice {
     fn reset(&self) {
         let mut inner = lock(&self.inner);
         inner.reset(&self.shared);
+        inner.bus_master = false;
         let cap = inner.pci_cfg_cap;
         if let Some(fields) = inner.caps.bytes_mut(cap + PCI_CFG_BAR, 1) {
             fields[0] = 0;
@@ -937,6 +967,7 @@ mod tests {
             );
             let irq = Arc::new(TestIrq::new());
             dev.set_intx(irq.clone());
+            dev.command_written(MASTER | MEMORY);
             Self { dev, log, irq }
         }
         fn r(&self, offset: u64, width: AccessWidth) -> u64 {
@@ -975,6 +1006,8 @@ mod tests {
         }
     }
 
+    const MEMORY: u16 = 1 << 1;
+    const MASTER: u16 = 1 << 2;
     const ACK: u8 = 1;
     const DRIVER: u8 = 2;
     const DRIVER_OK: u8 = 4;
@@ -1000,7 +1033,7 @@ mod tests {
         let ecam = host.ecam();
         ecam.write(1 << 15 | 0x20, Word, 0x5000_0000);
         ecam.write(1 << 15 | 0x24, Word, 0);
-        ecam.write(1 << 15 | 0x04, Half, 0x2);
+        ecam.write(1 << 15 | 0x04, Half, u64::from(MEMORY | MASTER));
         (log, irqs, host)
     }
 
@@ -1222,6 +1255,37 @@ mod tests {
             "NEEDS_RESET is the device's"
         );
         assert_eq!(lock(&d.log).activations.len(), 1, "activated once");
+    }
+
+    #[test]
+    fn the_device_runs_only_while_bus_mastering_is_on() {
+        let d = Direct::new(false);
+        d.dev.command_written(MEMORY);
+        d.status(ACK | DRIVER);
+        d.features(VIRTIO_F_VERSION_1);
+        d.status(0xb);
+        d.queue0();
+        d.status(0xf);
+        assert_eq!(d.dev.status(), 0xf);
+        assert!(
+            lock(&d.log).activations.is_empty(),
+            "no DMA before bus master"
+        );
+        d.w(NOTIFY_OFFSET, Half, 0);
+        assert!(lock(&d.log).notifies.is_empty());
+        d.dev.command_written(MEMORY | MASTER);
+        assert_eq!(lock(&d.log).activations.len(), 1);
+        d.w(NOTIFY_OFFSET, Half, 0);
+        assert_eq!(lock(&d.log).notifies, vec![0]);
+        // Clearing bus master stops the device and drops DRIVER_OK.
+        let resets = lock(&d.log).resets;
+        d.dev.command_written(MEMORY);
+        assert_eq!(lock(&d.log).resets, resets + 1);
+        assert_eq!(d.dev.status(), 0xb);
+        d.dev.command_written(MEMORY | MASTER);
+        assert_eq!(lock(&d.log).activations.len(), 1, "stays stopped");
+        d.w(NOTIFY_OFFSET, Half, 0);
+        assert_eq!(lock(&d.log).notifies, vec![0]);
     }
 
     #[test]
