@@ -916,7 +916,7 @@ mod tests {
         ecam.write(cfg(1, 0x00), Double, 0xffff_ffff_0000_0000);
         assert_eq!(
             *lock(&a.commands),
-            vec![0x0006, 0x0406, 0xffff & reg::COMMAND_WRITABLE]
+            vec![0x0006, 0x0406, reg::COMMAND_WRITABLE]
         );
     }
 
