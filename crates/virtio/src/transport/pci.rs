@@ -26,7 +26,8 @@
 //!   change sets ISR bit 1 (and bumps `config_generation`); either raises
 //!   the INTx line. Reading the ISR (at any offset of its 4 KiB, as QEMU
 //!   decodes it) returns and clears it and lowers the line (§4.1.4.5).
-//! * **Feature negotiation.** Feature bits the transport cannot honour
+//! * **Feature negotiation.** `VIRTIO_F_VERSION_1` is always offered (the
+//!   transport is modern-only). Feature bits the transport cannot honour
 //!   (packed rings, notification data, ring reset, SR-IOV, config-data
 //!   notifications) are withdrawn from the device's offer. Setting
 //!   `FEATURES_OK` succeeds only if the driver's bits are a subset of the
