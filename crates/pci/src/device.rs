@@ -54,9 +54,26 @@ pub trait PciDevice: Send + Sync {
         let _ = (offset, width, value);
     }
 
+    /// Size of the function's configuration space: 0x100 for a
+    /// conventional PCI function, 0x1000 for one with a PCI Express
+    /// capability. Beyond it, loads read all-ones and stores vanish. QEMU
+    /// makes every virtio-pci function on vmapple's root bus conventional
+    /// (it drops the Express capability of devices not behind a port).
+    fn config_size(&self) -> u16 {
+        0x100
+    }
+
     /// Offset of the first capability in config space (0 when none).
     fn capabilities_pointer(&self) -> u8 {
         0
+    }
+
+    /// The guest stored to the command register, which now holds
+    /// `command`. The host already applies memory-space enable and
+    /// interrupt disable; this lets a function that does DMA notice bus
+    /// mastering being switched off.
+    fn command_written(&self, command: u16) {
+        let _ = command;
     }
 
     /// A load from BAR `bar` at `offset` into it.
@@ -65,7 +82,18 @@ pub trait PciDevice: Send + Sync {
     /// A store to BAR `bar` at `offset` into it.
     fn write_bar(&self, bar: u8, offset: u64, width: AccessWidth, value: u64);
 
-    /// Hands the function its INTx line (INTA) once it is placed in a slot.
+    /// The interrupt pin the function uses: 0 for none, 1..=4 for
+    /// INTA..INTD. Read once, when the function is plugged in.
+    fn interrupt_pin(&self) -> u8 {
+        1
+    }
+
+    /// Hands the function the INTx line of its [`interrupt_pin`] once it is
+    /// placed in a slot. The host gates it with the command register's
+    /// interrupt-disable bit and shares the wire with other functions, so
+    /// the function just drives its own level.
+    ///
+    /// [`interrupt_pin`]: PciDevice::interrupt_pin
     fn set_intx(&self, line: Arc<dyn IrqLine>);
 
     /// System reset: back to power-on state.

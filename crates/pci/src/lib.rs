@@ -4,9 +4,22 @@
 //! of 256 buses at `0x4000_0000`, a 32-bit MMIO window at `0x5000_0000` that
 //! ends at `0x6FFF_0000`, and 16 legacy INTx lines to SPIs `0x20..=0x2F`.
 //! Devices plug in through [`PciDevice`]; the host owns their config-space
-//! headers' routing and maps their BARs into the MMIO window when the guest
-//! programs them.
+//! headers ([`config`]), routes their interrupts and maps their BARs into
+//! the MMIO window when the guest programs them ([`host`]). A function's
+//! capabilities are built with [`capability::CapabilityList`]; [`msix`]
+//! holds an MSI-X capability model for later use (vmapple offers no MSI-X
+//! today, §7.5).
 
+pub mod capability;
+pub mod config;
 pub mod device;
+pub mod host;
+pub mod msix;
 
+pub use capability::CapabilityList;
+pub use config::{ConfigSpace, HeaderIdentity};
 pub use device::{BarKind, BarRegion, PciDevice};
+pub use host::{
+    intx_line, intx_spi, IntxRoute, PciError, PciHost, ECAM_BASE, ECAM_SIZE, FDT_BUS_RANGE,
+    FDT_RANGES, FDT_REG, INTERRUPT_MAP_MASK, INTX_SPI_BASE, MMIO_BASE, MMIO_SIZE, NUM_INTX_LINES,
+};

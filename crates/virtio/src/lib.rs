@@ -7,5 +7,6 @@
 //! driver sets DRIVER_OK.
 
 pub mod device;
+pub mod transport;
 
 pub use device::{ActivateContext, ActivateError, PciIdentity, VirtioDevice, VirtioInterrupt};

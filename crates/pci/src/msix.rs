@@ -1,0 +1,300 @@
+//! MSI-X capability, vector table and pending-bit array (PCI Local Bus
+//! Specification 3.0 §6.8.2), not yet wired to interrupts.
+//!
+//! vmapple has no GICv3 ITS, so no function offers MSI-X (vmapple-machine.md
+//! §7.5, §20.1 item 10) and nothing uses this module yet. It is the storage
+//! a function needs when one does: the capability body for
+//! [`CapabilityList::add`](crate::capability::CapabilityList::add), the
+//! message-control word's enable and function-mask bits, and the table and
+//! PBA a BAR exposes.
+//!
+//! # Model
+//!
+//! * **Message control**: bits 10:0 read table size − 1; bit 14 (function
+//!   mask) and bit 15 (enable) are writable; the rest read 0.
+//! * **Table**: 16 bytes per vector (address low, address high, data,
+//!   vector control). Only bit 0 of vector control (mask) is writable, and
+//!   every vector starts masked. Loads of any width return the bytes they
+//!   cover; stores must be 4 or 8 bytes, naturally aligned (§6.8.2.9),
+//!   other stores are ignored and logged.
+//! * **PBA**: one bit per vector, read-only to the guest; the function
+//!   sets and clears bits with [`MsixState::set_pending`].
+
+use vm_core::AccessWidth;
+
+/// Capability ID of MSI-X.
+pub use crate::capability::CAP_ID_MSIX;
+
+/// Most vectors one function may have.
+pub const MAX_VECTORS: u16 = 2048;
+/// Bytes per table entry.
+pub const ENTRY_SIZE: u64 = 16;
+/// Offsets inside an entry.
+pub const ENTRY_ADDR_LO: u64 = 0x0;
+pub const ENTRY_ADDR_HI: u64 = 0x4;
+pub const ENTRY_DATA: u64 = 0x8;
+pub const ENTRY_VECTOR_CONTROL: u64 = 0xc;
+pub const VECTOR_MASKED: u32 = 1 << 0;
+
+/// Message-control bits.
+pub const CONTROL_FUNCTION_MASK: u16 = 1 << 14;
+pub const CONTROL_ENABLE: u16 = 1 << 15;
+/// Offset of message control from the capability's start.
+pub const CONTROL_OFFSET: u16 = 2;
+
+/// Where a function keeps its table and PBA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MsixLayout {
+    pub vectors: u16,
+    pub table_bar: u8,
+    /// Offset of the table in its BAR (8-byte aligned).
+    pub table_offset: u32,
+    pub pba_bar: u8,
+    /// Offset of the PBA in its BAR (8-byte aligned).
+    pub pba_offset: u32,
+}
+
+impl MsixLayout {
+    /// The capability bytes after the ID and next pointer: message
+    /// control, table offset/BIR, PBA offset/BIR.
+    pub fn capability_body(&self) -> [u8; 10] {
+        let control = self.vectors.clamp(1, MAX_VECTORS) - 1;
+        let table = self.table_offset & !7 | u32::from(self.table_bar & 7);
+        let pba = self.pba_offset & !7 | u32::from(self.pba_bar & 7);
+        let mut body = [0u8; 10];
+        body[0..2].copy_from_slice(&control.to_le_bytes());
+        body[2..6].copy_from_slice(&table.to_le_bytes());
+        body[6..10].copy_from_slice(&pba.to_le_bytes());
+        body
+    }
+
+    /// Bytes the table occupies.
+    pub fn table_size(&self) -> u64 {
+        u64::from(self.vectors) * ENTRY_SIZE
+    }
+
+    /// Bytes the PBA occupies (whole qwords).
+    pub fn pba_size(&self) -> u64 {
+        u64::from(self.vectors).div_ceil(64) * 8
+    }
+}
+
+/// One table entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MsixEntry {
+    pub address: u64,
+    pub data: u32,
+    pub masked: bool,
+}
+
+/// The MSI-X state of one function.
+#[derive(Clone, Debug)]
+pub struct MsixState {
+    control: u16,
+    table: Vec<[u32; 4]>,
+    pba: Vec<u64>,
+}
+
+impl MsixState {
+    /// State for `vectors` vectors (clamped to 1..=2048), all masked.
+    pub fn new(vectors: u16) -> Self {
+        let n = vectors.clamp(1, MAX_VECTORS);
+        Self {
+            control: n - 1,
+            table: vec![[0, 0, 0, VECTOR_MASKED]; usize::from(n)],
+            pba: vec![0; usize::from(n).div_ceil(64)],
+        }
+    }
+
+    /// Back to power-on state: disabled, every vector masked and idle.
+    pub fn reset(&mut self) {
+        *self = Self::new(self.table.len() as u16);
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.control & CONTROL_ENABLE != 0
+    }
+
+    pub fn function_masked(&self) -> bool {
+        self.control & CONTROL_FUNCTION_MASK != 0
+    }
+
+    pub fn control(&self) -> u16 {
+        self.control
+    }
+
+    /// A store to the message-control word.
+    pub fn write_control(&mut self, value: u16) {
+        let writable = CONTROL_ENABLE | CONTROL_FUNCTION_MASK;
+        self.control = self.control & !writable | value & writable;
+    }
+
+    /// The entry of `vector`, if it exists.
+    pub fn entry(&self, vector: u16) -> Option<MsixEntry> {
+        let e = self.table.get(usize::from(vector))?;
+        Some(MsixEntry {
+            address: u64::from(e[1]) << 32 | u64::from(e[0]),
+            data: e[2],
+            masked: e[3] & VECTOR_MASKED != 0,
+        })
+    }
+
+    /// Sets or clears `vector`'s pending bit.
+    pub fn set_pending(&mut self, vector: u16, pending: bool) {
+        let (word, bit) = (usize::from(vector) / 64, vector % 64);
+        if let Some(w) = self.pba.get_mut(word) {
+            if pending {
+                *w |= 1 << bit;
+            } else {
+                *w &= !(1 << bit);
+            }
+        }
+    }
+
+    pub fn pending(&self, vector: u16) -> bool {
+        self.pba
+            .get(usize::from(vector) / 64)
+            .is_some_and(|w| w & (1 << (vector % 64)) != 0)
+    }
+
+    fn table_dword(&self, offset: u64) -> u32 {
+        let index = offset / ENTRY_SIZE;
+        let field = (offset % ENTRY_SIZE / 4) as usize;
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| self.table.get(i))
+            .map_or(0, |e| e[field])
+    }
+
+    /// A load from the table at `offset` into it; 0 past its end.
+    pub fn read_table(&self, offset: u64, width: AccessWidth) -> u64 {
+        let mut value = 0u64;
+        for i in 0..width.bytes() {
+            let Some(at) = offset.checked_add(i) else {
+                break;
+            };
+            let byte = (self.table_dword(at & !3) >> (8 * (at & 3))) & 0xff;
+            value |= u64::from(byte) << (8 * i);
+        }
+        value
+    }
+
+    /// A store to the table at `offset` into it.
+    pub fn write_table(&mut self, offset: u64, width: AccessWidth, value: u64) {
+        let dwords: &[(u64, u32)] = match width {
+            AccessWidth::Word if offset % 4 == 0 => &[(offset, value as u32)],
+            AccessWidth::Double if offset % 8 == 0 => {
+                &[(offset, value as u32), (offset + 4, (value >> 32) as u32)]
+            }
+            _ => {
+                vm_core::guest_error!("msix: {width} table store at {offset:#x} ignored");
+                return;
+            }
+        };
+        for &(at, v) in dwords {
+            let index = at / ENTRY_SIZE;
+            let field = (at % ENTRY_SIZE / 4) as usize;
+            let Some(entry) = usize::try_from(index)
+                .ok()
+                .and_then(|i| self.table.get_mut(i))
+            else {
+                vm_core::guest_error!("msix: table store past the end at {at:#x}");
+                continue;
+            };
+            entry[field] = if field == 3 { v & VECTOR_MASKED } else { v };
+        }
+    }
+
+    /// A load from the PBA at `offset` into it; 0 past its end.
+    pub fn read_pba(&self, offset: u64, width: AccessWidth) -> u64 {
+        let mut value = 0u64;
+        for i in 0..width.bytes() {
+            let Some(at) = offset.checked_add(i) else {
+                break;
+            };
+            let byte = usize::try_from(at / 8)
+                .ok()
+                .and_then(|w| self.pba.get(w))
+                .map_or(0, |w| (w >> (8 * (at % 8))) & 0xff);
+            value |= byte << (8 * i);
+        }
+        value
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capability::CapabilityList;
+    use AccessWidth::*;
+
+    #[test]
+    fn capability_body_encodes_size_and_locations() {
+        let layout = MsixLayout {
+            vectors: 3,
+            table_bar: 1,
+            table_offset: 0x2000,
+            pba_bar: 1,
+            pba_offset: 0x3000,
+        };
+        let mut caps = CapabilityList::new();
+        let at = caps.add(CAP_ID_MSIX, &layout.capability_body()).unwrap();
+        assert_eq!(caps.read(at, Word), 0x0002_0011);
+        assert_eq!(caps.read(at + 4, Word), 0x2001);
+        assert_eq!(caps.read(at + 8, Word), 0x3001);
+        assert_eq!(layout.table_size(), 48);
+        assert_eq!(layout.pba_size(), 8);
+    }
+
+    #[test]
+    fn control_keeps_only_enable_and_function_mask() {
+        let mut msix = MsixState::new(3);
+        assert_eq!(msix.control(), 2);
+        msix.write_control(0xffff);
+        assert_eq!(msix.control(), 0xc002);
+        assert!(msix.enabled() && msix.function_masked());
+        msix.reset();
+        assert_eq!(msix.control(), 2);
+    }
+
+    #[test]
+    fn table_entries_start_masked_and_store_dwords_and_qwords() {
+        let mut msix = MsixState::new(2);
+        assert_eq!(msix.read_table(0x0c, Word), 1);
+        assert!(msix.entry(1).unwrap().masked);
+        msix.write_table(0x10, Double, 0x0000_0001_0804_0000);
+        msix.write_table(0x18, Word, 0x41);
+        msix.write_table(0x1c, Word, 0xffff_fffe);
+        assert_eq!(
+            msix.entry(1),
+            Some(MsixEntry {
+                address: 0x1_0804_0000,
+                data: 0x41,
+                masked: false
+            })
+        );
+        assert_eq!(msix.read_table(0x12, Half), 0x0804);
+        msix.write_table(0x10, Byte, 0xff);
+        msix.write_table(0x14, Double, 0);
+        assert_eq!(msix.read_table(0x10, Double), 0x0000_0001_0804_0000);
+        msix.write_table(0x20, Word, 5);
+        msix.write_table(u64::MAX - 3, Word, 5);
+        assert_eq!(msix.read_table(0x20, Double), 0);
+        assert_eq!(msix.read_table(u64::MAX, Double), 0);
+        assert_eq!(msix.entry(2), None);
+    }
+
+    #[test]
+    fn pending_bits_show_in_the_pba() {
+        let mut msix = MsixState::new(70);
+        msix.set_pending(1, true);
+        msix.set_pending(65, true);
+        msix.set_pending(2000, true);
+        assert_eq!(msix.read_pba(0, Double), 2);
+        assert_eq!(msix.read_pba(8, Byte), 2);
+        assert!(msix.pending(65) && !msix.pending(64) && !msix.pending(2000));
+        msix.set_pending(1, false);
+        assert_eq!(msix.read_pba(0, Word), 0);
+        assert_eq!(msix.read_pba(16, Word), 0);
+    }
+}
