@@ -6,6 +6,8 @@
 //! negotiation and device status, and hands the device its queues when the
 //! driver sets DRIVER_OK.
 
+pub mod block;
 pub mod device;
+pub mod net;
 
 pub use device::{ActivateContext, ActivateError, PciIdentity, VirtioDevice, VirtioInterrupt};
