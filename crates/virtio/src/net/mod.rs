@@ -481,3 +481,276 @@ impl VirtioDevice for VirtioNet {
         PciIdentity::standard(DEVICE_TYPE, 0x02_00_00)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::test_driver::{TestInterrupt, TestQueue};
+    use std::sync::mpsc;
+    use std::time::Instant;
+    use vm_core::memory::{create_guest_memory, read_exact, write_all};
+
+    const RAM: usize = 0x10_0000;
+    const RXQ: u64 = 0x1000;
+    const TXQ: u64 = 0x3000;
+    const BUF: u64 = 0x1_0000;
+    const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+
+    /// Records what is sent; receives what the test pushes.
+    struct FakeBackend {
+        sent: Arc<Mutex<Vec<Vec<u8>>>>,
+        receiver: Option<Box<dyn NetReceiver>>,
+    }
+
+    struct FakeReceiver(mpsc::Receiver<Vec<u8>>);
+
+    impl NetReceiver for FakeReceiver {
+        fn recv(&mut self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
+            match self.0.recv_timeout(timeout) {
+                Ok(frame) => {
+                    let n = frame.len().min(buf.len());
+                    buf[..n].copy_from_slice(&frame[..n]);
+                    Ok(Some(frame.len().min(MAX_FRAME_LEN + 1)))
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => Ok(None),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    Err(io::Error::from(io::ErrorKind::UnexpectedEof))
+                }
+            }
+        }
+    }
+
+    impl NetBackend for FakeBackend {
+        fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+            self.sent.lock().unwrap().push(frame.to_vec());
+            Ok(())
+        }
+        fn take_receiver(&mut self) -> Option<Box<dyn NetReceiver>> {
+            self.receiver.take()
+        }
+    }
+
+    struct Rig {
+        mem: GuestMemory,
+        rxq: TestQueue,
+        txq: TestQueue,
+        dev: VirtioNet,
+        irq: Arc<TestInterrupt>,
+        sent: Arc<Mutex<Vec<Vec<u8>>>>,
+        inject: mpsc::Sender<Vec<u8>>,
+    }
+
+    fn rig() -> Rig {
+        let mem = create_guest_memory(&[(0, RAM)]).unwrap();
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let (inject, rx) = mpsc::channel();
+        let backend = FakeBackend {
+            sent: sent.clone(),
+            receiver: Some(Box::new(FakeReceiver(rx))),
+        };
+        let mut dev = VirtioNet::new(Box::new(backend), MAC);
+        let rxq = TestQueue::new(&mem, RXQ, 16);
+        let txq = TestQueue::new(&mem, TXQ, 16);
+        let irq = Arc::new(TestInterrupt::default());
+        activate(&mut dev, &mem, &rxq, &txq, &irq);
+        Rig {
+            mem,
+            rxq,
+            txq,
+            dev,
+            irq,
+            sent,
+            inject,
+        }
+    }
+
+    fn activate(
+        dev: &mut VirtioNet,
+        mem: &GuestMemory,
+        rxq: &TestQueue,
+        txq: &TestQueue,
+        irq: &Arc<TestInterrupt>,
+    ) {
+        dev.activate(ActivateContext {
+            memory: mem.clone(),
+            queues: vec![rxq.queue(), txq.queue()],
+            acked_features: dev.features(),
+            interrupt: irq.clone(),
+        })
+        .unwrap();
+    }
+
+    fn frame(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| seed.wrapping_add(i as u8)).collect()
+    }
+
+    fn wait_until(what: &str, f: impl Fn() -> bool) {
+        let start = Instant::now();
+        while !f() {
+            assert!(start.elapsed() < Duration::from_secs(5), "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn guest(mem: &GuestMemory, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        read_exact(mem, addr, &mut v).unwrap();
+        v
+    }
+
+    #[test]
+    fn identity_features_and_config() {
+        let r = rig();
+        assert_eq!(r.dev.device_type(), 1);
+        assert_eq!(r.dev.features(), (1 << 32) | (1 << 5) | (1 << 16));
+        assert_eq!(r.dev.queue_max_sizes().len(), 2);
+        let mut c = [0xee; 10];
+        r.dev.read_config(0, &mut c);
+        assert_eq!(c, [0x52, 0x54, 0x00, 0x12, 0x34, 0x56, 1, 0, 0, 0]);
+        let mut b = [0xee; 2];
+        r.dev.read_config(u64::MAX, &mut b);
+        assert_eq!(b, [0, 0]);
+        let id = r.dev.pci_identity();
+        assert_eq!((id.vendor, id.device, id.class_code), (0x1af4, 0x1041, 0x020000));
+    }
+
+    #[test]
+    fn tx_strips_header_and_returns_buffers() {
+        let mut r = rig();
+        let f = frame(60, 3);
+        write_all(&r.mem, BUF, &[0xab; HDR_LEN]).unwrap();
+        write_all(&r.mem, BUF + 0x100, &f).unwrap();
+        r.txq.add_chain(&[(BUF, HDR_LEN as u32, false), (BUF + 0x100, 60, false)]);
+        // Header and frame in one buffer.
+        let mut packet = vec![0u8; HDR_LEN];
+        packet.extend(frame(1514, 9));
+        write_all(&r.mem, BUF + 0x1000, &packet).unwrap();
+        r.txq.add_chain(&[(BUF + 0x1000, packet.len() as u32, false)]);
+        r.dev.queue_notify(TX_QUEUE);
+        assert_eq!(*r.sent.lock().unwrap(), vec![f, frame(1514, 9)]);
+        assert_eq!(r.txq.used_idx(), 2);
+        assert_eq!(r.txq.used_elem(0), (0, 0));
+        assert_eq!(r.txq.used_elem(1), (2, 0));
+        assert_eq!(*r.irq.queues.lock().unwrap(), vec![TX_QUEUE]);
+    }
+
+    #[test]
+    fn tx_drops_bad_packets_but_returns_them() {
+        let mut r = rig();
+        // Runt: header plus 13 bytes.
+        r.txq.add_chain(&[(BUF, (HDR_LEN + 13) as u32, false)]);
+        // Giant: header plus MAX_FRAME_LEN + 1.
+        r.txq.add_chain(&[(BUF, (HDR_LEN + MAX_FRAME_LEN + 1) as u32, false)]);
+        // Outside RAM, and a huge length.
+        r.txq.add_chain(&[(BUF, 12, false), (0x1_0000_0000, 60, false)]);
+        r.txq.add_chain(&[(BUF, 12, false), (BUF, u32::MAX - 100, false)]);
+        // Only writable buffers.
+        r.txq.add_chain(&[(BUF, 100, true)]);
+        r.dev.queue_notify(TX_QUEUE);
+        assert!(r.sent.lock().unwrap().is_empty());
+        assert_eq!(r.txq.used_idx(), 5);
+        // The smallest and largest legal frames go through.
+        r.txq.add_chain(&[(BUF, (HDR_LEN + MIN_FRAME_LEN) as u32, false)]);
+        r.txq.add_chain(&[(BUF, (HDR_LEN + MAX_FRAME_LEN) as u32, false)]);
+        r.dev.queue_notify(TX_QUEUE);
+        let sent = r.sent.lock().unwrap();
+        assert_eq!(sent.len(), 2);
+        assert_eq!((sent[0].len(), sent[1].len()), (MIN_FRAME_LEN, MAX_FRAME_LEN));
+    }
+
+    #[test]
+    fn rx_frame_lands_with_header() {
+        let mut r = rig();
+        guest(&r.mem, BUF, 1);
+        write_all(&r.mem, BUF, &[0xcc; 1600]).unwrap();
+        r.rxq.add_chain(&[(BUF, 1526, true)]);
+        r.dev.queue_notify(RX_QUEUE);
+        let f = frame(98, 1);
+        r.inject.send(f.clone()).unwrap();
+        wait_until("rx used", || r.rxq.used_idx() == 1);
+        assert_eq!(r.rxq.used_elem(0), (0, (HDR_LEN + 98) as u32));
+        let mut want_hdr = [0u8; HDR_LEN];
+        want_hdr[10] = 1; // num_buffers
+        assert_eq!(guest(&r.mem, BUF, HDR_LEN), want_hdr);
+        assert_eq!(guest(&r.mem, BUF + HDR_LEN as u64, 98), f);
+        assert_eq!(guest(&r.mem, BUF + 110, 1), [0xcc], "nothing past the frame");
+        wait_until("rx interrupt", || {
+            r.irq.queues.lock().unwrap().contains(&RX_QUEUE)
+        });
+    }
+
+    #[test]
+    fn rx_waits_for_buffers_and_drops_what_cannot_fit() {
+        let mut r = rig();
+        // A frame arrives before any buffer.
+        r.inject.send(frame(60, 1)).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(r.rxq.used_idx(), 0);
+        // A 40-byte buffer split in two: too small for 12 + 60.
+        r.rxq
+            .add_chain(&[(BUF, 20, true), (BUF + 0x100, 20, true)]);
+        r.dev.queue_notify(RX_QUEUE);
+        // Runt and giant frames from the backend are dropped too.
+        r.inject.send(frame(13, 0)).unwrap();
+        r.inject.send(frame(MAX_FRAME_LEN + 1, 0)).unwrap();
+        // 12 + 28 fits exactly, across both buffers.
+        let f = frame(28, 7);
+        r.inject.send(f.clone()).unwrap();
+        wait_until("rx used", || r.rxq.used_idx() == 1);
+        assert_eq!(r.rxq.used_elem(0), (0, 40));
+        let mut got = guest(&r.mem, BUF + HDR_LEN as u64, 8);
+        got.extend(guest(&r.mem, BUF + 0x100, 20));
+        assert_eq!(got, f);
+    }
+
+    #[test]
+    fn rx_skips_malformed_chains() {
+        let mut r = rig();
+        // Readable buffer, outside RAM, then a good one.
+        r.rxq.add_chain(&[(BUF, 100, false)]);
+        r.rxq.add_chain(&[(0x1_0000_0000, 100, true)]);
+        r.rxq.add_chain(&[(BUF + 0x1000, 100, true)]);
+        r.dev.queue_notify(RX_QUEUE);
+        r.inject.send(frame(60, 2)).unwrap();
+        wait_until("rx used", || r.rxq.used_idx() == 3);
+        assert_eq!(r.rxq.used_elem(0), (0, 0));
+        assert_eq!(r.rxq.used_elem(1), (1, 0));
+        assert_eq!(r.rxq.used_elem(2), (2, 72));
+        assert_eq!(guest(&r.mem, BUF + 0x1000 + 12, 60), frame(60, 2));
+    }
+
+    #[test]
+    fn reset_stops_and_reactivation_resumes_receive() {
+        let mut r = rig();
+        r.dev.reset();
+        r.dev.queue_notify(RX_QUEUE);
+        r.dev.queue_notify(TX_QUEUE);
+        r.dev.queue_notify(7);
+        let rxq = TestQueue::new(&r.mem, RXQ, 16);
+        let txq = TestQueue::new(&r.mem, TXQ, 16);
+        r.rxq = rxq;
+        r.txq = txq;
+        activate(&mut r.dev, &r.mem, &r.rxq, &r.txq, &r.irq);
+        r.rxq.add_chain(&[(BUF, 1526, true)]);
+        r.inject.send(frame(64, 4)).unwrap();
+        wait_until("rx after reset", || r.rxq.used_idx() == 1);
+        // A missing queue refuses activation.
+        r.dev.reset();
+        let err = r.dev.activate(ActivateContext {
+            memory: r.mem.clone(),
+            queues: vec![r.rxq.queue()],
+            acked_features: 0,
+            interrupt: r.irq.clone(),
+        });
+        assert!(matches!(err, Err(ActivateError::MissingQueue(1))));
+    }
+
+    #[test]
+    fn backend_gone_does_not_hang_reset() {
+        let mut r = rig();
+        let (dead, _) = mpsc::channel::<Vec<u8>>();
+        r.inject = dead; // drops the only sender: the receiver sees EOF
+        std::thread::sleep(Duration::from_millis(20));
+        r.dev.reset();
+    }
+}
