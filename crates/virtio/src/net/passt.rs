@@ -116,3 +116,59 @@ impl Drop for PasstBackend {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::MAX_FRAME_LEN;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn missing_passt_is_a_clear_error() {
+        let err = PasstBackend::spawn_with(Path::new("/nonexistent/passt"), &[])
+            .err()
+            .unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert!(err.to_string().contains("install"), "{err}");
+    }
+
+    /// Talks to a real passt, if this machine has one: an ARP request for
+    /// an address on the guest's network gets passt's ARP reply.
+    #[test]
+    fn real_passt_answers_arp() {
+        if !Path::new("/usr/bin/passt").exists() {
+            eprintln!("passt not installed; skipping");
+            return;
+        }
+        let mut backend = PasstBackend::spawn().unwrap();
+        assert!(backend.child_id().is_some());
+        let mut rx = backend.take_receiver().unwrap();
+        let guest_mac = [0x52, 0x54, 0x00, 0xaa, 0xbb, 0xcc];
+        let mut arp = Vec::new();
+        arp.extend([0xff; 6]); // broadcast
+        arp.extend(guest_mac);
+        arp.extend([0x08, 0x06]); // ARP
+        arp.extend([0, 1, 0x08, 0, 6, 4, 0, 1]); // Ethernet/IPv4 request
+        arp.extend(guest_mac);
+        arp.extend([0, 0, 0, 0]); // sender IP unknown (probe)
+        arp.extend([0; 6]);
+        arp.extend([192, 0, 2, 77]); // target
+        arp.resize(60, 0);
+        let mut buf = vec![0u8; MAX_FRAME_LEN + 1];
+        let start = Instant::now();
+        let mut answered = false;
+        while !answered && start.elapsed() < Duration::from_secs(5) {
+            backend.send(&arp).unwrap();
+            while let Some(n) = rx.recv(&mut buf, Duration::from_millis(200)).unwrap() {
+                let f = &buf[..n];
+                // An ARP reply (opcode 2) sent to us.
+                if n >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] {
+                    assert_eq!(f[..6], guest_mac);
+                    answered = true;
+                    break;
+                }
+            }
+        }
+        assert!(answered, "passt did not answer ARP");
+    }
+}
