@@ -239,7 +239,6 @@ impl VirtioBlock {
 }
 
 impl Disk {
-
     fn capacity_sectors(&self) -> u64 {
         self.backend.len() / SECTOR_SIZE
     }
@@ -256,8 +255,14 @@ impl Disk {
             put(cfg::MAX_DISCARD_SECTORS, &MAX_DISCARD_SECTORS.to_le_bytes());
             put(cfg::MAX_DISCARD_SEG, &MAX_DISCARD_SEGMENTS.to_le_bytes());
             put(cfg::DISCARD_SECTOR_ALIGNMENT, &1u32.to_le_bytes());
-            put(cfg::MAX_WRITE_ZEROES_SECTORS, &MAX_DISCARD_SECTORS.to_le_bytes());
-            put(cfg::MAX_WRITE_ZEROES_SEG, &MAX_DISCARD_SEGMENTS.to_le_bytes());
+            put(
+                cfg::MAX_WRITE_ZEROES_SECTORS,
+                &MAX_DISCARD_SECTORS.to_le_bytes(),
+            );
+            put(
+                cfg::MAX_WRITE_ZEROES_SEG,
+                &MAX_DISCARD_SEGMENTS.to_le_bytes(),
+            );
             put(cfg::WRITE_ZEROES_MAY_UNMAP, &[1]);
         }
         match self.config.apple_variant {
@@ -277,9 +282,7 @@ impl Disk {
             return 0;
         };
         // Last byte of the last writable buffer (len > 0 by construction).
-        let status_addr = status_seg
-            .addr
-            .wrapping_add(u64::from(status_seg.len) - 1);
+        let status_addr = status_seg.addr.wrapping_add(u64::from(status_seg.len) - 1);
         let (status, written) = self.execute(mem, chain);
         if vm_core::memory::write_all(mem, status_addr, &[status]).is_err() {
             guest_error!("virtio-blk: status byte at {status_addr:#x} is outside RAM");
@@ -379,13 +382,7 @@ impl Disk {
         Some(offset)
     }
 
-    fn read(
-        &self,
-        mem: &GuestMemory,
-        segs: &[chain::Segment],
-        offset: u64,
-        len: u64,
-    ) -> (u8, u64) {
+    fn read(&self, mem: &GuestMemory, segs: &[chain::Segment], offset: u64, len: u64) -> (u8, u64) {
         let mut buf = vec![0u8; (len as usize).min(CHUNK_BYTES)];
         let mut done = 0u64;
         while done < len {
@@ -419,13 +416,7 @@ impl Disk {
         status::OK
     }
 
-    fn discard_or_zero(
-        &self,
-        mem: &GuestMemory,
-        ty: u32,
-        segs: &[chain::Segment],
-        len: u64,
-    ) -> u8 {
+    fn discard_or_zero(&self, mem: &GuestMemory, ty: u32, segs: &[chain::Segment], len: u64) -> u8 {
         if self.read_only {
             return status::IOERR;
         }
@@ -446,7 +437,11 @@ impl Disk {
         let num = u32::from_le_bytes(raw[8..12].try_into().unwrap_or_default());
         let flags = u32::from_le_bytes(raw[12..16].try_into().unwrap_or_default());
         // §5.2.6.2: unknown flags, or UNMAP on a discard, are UNSUPP.
-        let allowed = if ty == req::WRITE_ZEROES { WZ_FLAG_UNMAP } else { 0 };
+        let allowed = if ty == req::WRITE_ZEROES {
+            WZ_FLAG_UNMAP
+        } else {
+            0
+        };
         if flags & !allowed != 0 {
             guest_error!("virtio-blk: segment flags {flags:#x} not supported");
             return status::UNSUPP;
@@ -489,10 +484,7 @@ impl VirtioDevice for VirtioBlock {
     }
 
     fn features(&self) -> u64 {
-        let mut f = VIRTIO_F_VERSION_1
-            | feature::FLUSH
-            | feature::BLK_SIZE
-            | feature::SEG_MAX;
+        let mut f = VIRTIO_F_VERSION_1 | feature::FLUSH | feature::BLK_SIZE | feature::SEG_MAX;
         if self.disk.read_only {
             f |= feature::RO;
         } else {
@@ -756,7 +748,11 @@ mod tests {
         assert_eq!(r.config_u32(cfg::SEG_MAX as u64), 254);
         assert_eq!(r.config_u32(cfg::MAX_DISCARD_SEG as u64), 1);
         assert_eq!(r.config(cfg::NUM_QUEUES as u64, 2), [1, 0]);
-        assert_eq!(r.config(0x3c, 8), [0; 8], "nothing past the standard fields");
+        assert_eq!(
+            r.config(0x3c, 8),
+            [0; 8],
+            "nothing past the standard fields"
+        );
         assert_eq!(r.config(u64::MAX, 4), [0; 4]);
         assert_eq!(r.dev.queue_max_sizes(), vec![QUEUE_SIZE]);
     }
@@ -829,7 +825,10 @@ mod tests {
         let (st, len) = r.request(req::OUT, 3, 512, false);
         assert_eq!((st, len), (status::OK, 1));
         assert_eq!(r.disk.inner.contents()[3 * 512..4 * 512], [0x5a; 512]);
-        assert_eq!(r.disk.inner.contents()[..3 * 512], disk_pattern()[..3 * 512]);
+        assert_eq!(
+            r.disk.inner.contents()[..3 * 512],
+            disk_pattern()[..3 * 512]
+        );
     }
 
     #[test]
@@ -944,9 +943,15 @@ mod tests {
         assert_eq!(r.request(req::IN, DISK_SECTORS, 512, true).0, status::IOERR);
         assert_eq!(r.request(req::IN, u64::MAX, 512, true).0, status::IOERR);
         assert_eq!(r.request(req::IN, 0, 100, true).0, status::IOERR);
-        assert_eq!(r.request(req::OUT, DISK_SECTORS - 1, 1024, false).0, status::IOERR);
+        assert_eq!(
+            r.request(req::OUT, DISK_SECTORS - 1, 1024, false).0,
+            status::IOERR
+        );
         // IN of the last sector works, one past does not.
-        assert_eq!(r.request(req::IN, DISK_SECTORS - 1, 512, true).0, status::OK);
+        assert_eq!(
+            r.request(req::IN, DISK_SECTORS - 1, 512, true).0,
+            status::OK
+        );
         // A short header.
         r.header(req::IN, 0);
         let (st, len) = r.submit(&[(HDR, 8, false), (STATUS, 1, true)]);
@@ -995,7 +1000,11 @@ mod tests {
         write_all(&mem, HDR, &h).unwrap();
         // 64 MiB + 512 of valid RAM, one sector over the cap.
         let big = (MAX_REQUEST_BYTES + 512) as u32;
-        tq.add_chain(&[(HDR, 16, false), (0x1000_0000, big, true), (STATUS, 1, true)]);
+        tq.add_chain(&[
+            (HDR, 16, false),
+            (0x1000_0000, big, true),
+            (STATUS, 1, true),
+        ]);
         dev.queue_notify(0);
         let mut st = [0u8];
         read_exact(&mem, STATUS, &mut st).unwrap();
@@ -1018,14 +1027,26 @@ mod tests {
         ]);
         assert_eq!(st, status::IOERR);
         // Huge length.
-        let (st, _) = r.submit(&[(HDR, 16, false), (DATA, u32::MAX - 32, true), (STATUS, 1, true)]);
+        let (st, _) = r.submit(&[
+            (HDR, 16, false),
+            (DATA, u32::MAX - 32, true),
+            (STATUS, 1, true),
+        ]);
         assert_eq!(st, status::IOERR);
         // A chain of 2^32 bytes or more is cut short by virtio-queue before
         // the status: nothing can be reported.
-        let (st, len) = r.submit(&[(HDR, 16, false), (DATA, u32::MAX - 15, true), (STATUS, 1, true)]);
+        let (st, len) = r.submit(&[
+            (HDR, 16, false),
+            (DATA, u32::MAX - 15, true),
+            (STATUS, 1, true),
+        ]);
         assert_eq!((st, len), (0xaa, 0));
         // Address wrapping around.
-        let (st, _) = r.submit(&[(HDR, 16, false), (u64::MAX - 8, 512, true), (STATUS, 1, true)]);
+        let (st, _) = r.submit(&[
+            (HDR, 16, false),
+            (u64::MAX - 8, 512, true),
+            (STATUS, 1, true),
+        ]);
         assert_eq!(st, status::IOERR);
         // Zero-length descriptors carry nothing, wherever they point.
         let (st, len) = r.submit(&[

@@ -164,8 +164,14 @@ mod tests {
     fn streams_span_segments() {
         let mem = vm_core::memory::create_guest_memory(&[(0, 0x10000)]).unwrap();
         let segs = [
-            Segment { addr: 0x100, len: 3 },
-            Segment { addr: 0x200, len: 5 },
+            Segment {
+                addr: 0x100,
+                len: 3,
+            },
+            Segment {
+                addr: 0x200,
+                len: 5,
+            },
         ];
         assert_eq!(stream_len(&segs), 8);
         assert_eq!(write_stream(&mem, &segs, 2, b"abcdefghij").unwrap(), 6);

@@ -158,7 +158,12 @@ mod tests {
 
     #[test]
     fn round_trip_in_any_read_size() {
-        let frames = vec![frame(60, 1), frame(1514, 2), frame(MAX_FRAME_LEN, 3), frame(14, 4)];
+        let frames = vec![
+            frame(60, 1),
+            frame(1514, 2),
+            frame(MAX_FRAME_LEN, 3),
+            frame(14, 4),
+        ];
         let mut stream = Vec::new();
         let mut one = Vec::new();
         for f in &frames {

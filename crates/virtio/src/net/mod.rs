@@ -240,7 +240,11 @@ fn rx_loop(
     while !shared.stop.load(Ordering::Acquire) {
         if pending.is_none() {
             // Batch: while frames keep coming, interrupt once at the end.
-            let timeout = if owe_interrupt { Duration::ZERO } else { RX_POLL };
+            let timeout = if owe_interrupt {
+                Duration::ZERO
+            } else {
+                RX_POLL
+            };
             match receiver.recv(&mut buf, timeout) {
                 Ok(Some(n)) if (MIN_FRAME_LEN..=MAX_FRAME_LEN).contains(&n) => pending = Some(n),
                 Ok(Some(n)) => {
@@ -587,7 +591,10 @@ mod tests {
     fn wait_until(what: &str, f: impl Fn() -> bool) {
         let start = Instant::now();
         while !f() {
-            assert!(start.elapsed() < Duration::from_secs(5), "timed out: {what}");
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "timed out: {what}"
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
     }
@@ -611,7 +618,10 @@ mod tests {
         r.dev.read_config(u64::MAX, &mut b);
         assert_eq!(b, [0, 0]);
         let id = r.dev.pci_identity();
-        assert_eq!((id.vendor, id.device, id.class_code), (0x1af4, 0x1041, 0x020000));
+        assert_eq!(
+            (id.vendor, id.device, id.class_code),
+            (0x1af4, 0x1041, 0x020000)
+        );
     }
 
     #[test]
@@ -620,12 +630,14 @@ mod tests {
         let f = frame(60, 3);
         write_all(&r.mem, BUF, &[0xab; HDR_LEN]).unwrap();
         write_all(&r.mem, BUF + 0x100, &f).unwrap();
-        r.txq.add_chain(&[(BUF, HDR_LEN as u32, false), (BUF + 0x100, 60, false)]);
+        r.txq
+            .add_chain(&[(BUF, HDR_LEN as u32, false), (BUF + 0x100, 60, false)]);
         // Header and frame in one buffer.
         let mut packet = vec![0u8; HDR_LEN];
         packet.extend(frame(1514, 9));
         write_all(&r.mem, BUF + 0x1000, &packet).unwrap();
-        r.txq.add_chain(&[(BUF + 0x1000, packet.len() as u32, false)]);
+        r.txq
+            .add_chain(&[(BUF + 0x1000, packet.len() as u32, false)]);
         r.dev.queue_notify(TX_QUEUE);
         assert_eq!(*r.sent.lock().unwrap(), vec![f, frame(1514, 9)]);
         assert_eq!(r.txq.used_idx(), 2);
@@ -640,22 +652,30 @@ mod tests {
         // Runt: header plus 13 bytes.
         r.txq.add_chain(&[(BUF, (HDR_LEN + 13) as u32, false)]);
         // Giant: header plus MAX_FRAME_LEN + 1.
-        r.txq.add_chain(&[(BUF, (HDR_LEN + MAX_FRAME_LEN + 1) as u32, false)]);
+        r.txq
+            .add_chain(&[(BUF, (HDR_LEN + MAX_FRAME_LEN + 1) as u32, false)]);
         // Outside RAM, and a huge length.
-        r.txq.add_chain(&[(BUF, 12, false), (0x1_0000_0000, 60, false)]);
-        r.txq.add_chain(&[(BUF, 12, false), (BUF, u32::MAX - 100, false)]);
+        r.txq
+            .add_chain(&[(BUF, 12, false), (0x1_0000_0000, 60, false)]);
+        r.txq
+            .add_chain(&[(BUF, 12, false), (BUF, u32::MAX - 100, false)]);
         // Only writable buffers.
         r.txq.add_chain(&[(BUF, 100, true)]);
         r.dev.queue_notify(TX_QUEUE);
         assert!(r.sent.lock().unwrap().is_empty());
         assert_eq!(r.txq.used_idx(), 5);
         // The smallest and largest legal frames go through.
-        r.txq.add_chain(&[(BUF, (HDR_LEN + MIN_FRAME_LEN) as u32, false)]);
-        r.txq.add_chain(&[(BUF, (HDR_LEN + MAX_FRAME_LEN) as u32, false)]);
+        r.txq
+            .add_chain(&[(BUF, (HDR_LEN + MIN_FRAME_LEN) as u32, false)]);
+        r.txq
+            .add_chain(&[(BUF, (HDR_LEN + MAX_FRAME_LEN) as u32, false)]);
         r.dev.queue_notify(TX_QUEUE);
         let sent = r.sent.lock().unwrap();
         assert_eq!(sent.len(), 2);
-        assert_eq!((sent[0].len(), sent[1].len()), (MIN_FRAME_LEN, MAX_FRAME_LEN));
+        assert_eq!(
+            (sent[0].len(), sent[1].len()),
+            (MIN_FRAME_LEN, MAX_FRAME_LEN)
+        );
     }
 
     #[test]
@@ -673,7 +693,11 @@ mod tests {
         want_hdr[10] = 1; // num_buffers
         assert_eq!(guest(&r.mem, BUF, HDR_LEN), want_hdr);
         assert_eq!(guest(&r.mem, BUF + HDR_LEN as u64, 98), f);
-        assert_eq!(guest(&r.mem, BUF + 110, 1), [0xcc], "nothing past the frame");
+        assert_eq!(
+            guest(&r.mem, BUF + 110, 1),
+            [0xcc],
+            "nothing past the frame"
+        );
         wait_until("rx interrupt", || {
             r.irq.queues.lock().unwrap().contains(&RX_QUEUE)
         });
@@ -687,8 +711,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(r.rxq.used_idx(), 0);
         // A 40-byte buffer split in two: too small for 12 + 60.
-        r.rxq
-            .add_chain(&[(BUF, 20, true), (BUF + 0x100, 20, true)]);
+        r.rxq.add_chain(&[(BUF, 20, true), (BUF + 0x100, 20, true)]);
         r.dev.queue_notify(RX_QUEUE);
         // Runt and giant frames from the backend are dropped too.
         r.inject.send(frame(13, 0)).unwrap();

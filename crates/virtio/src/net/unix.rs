@@ -29,7 +29,10 @@ impl UnixStreamBackend {
     /// Connects to a listening socket at `path`.
     pub fn connect(path: &Path) -> io::Result<Self> {
         let stream = UnixStream::connect(path).map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot connect to {}: {e}", path.display()))
+            io::Error::new(
+                e.kind(),
+                format!("cannot connect to {}: {e}", path.display()),
+            )
         })?;
         Self::from_stream(stream)
     }
@@ -100,7 +103,10 @@ impl UnixDgramBackend {
             io::Error::new(e.kind(), format!("cannot bind {}: {e}", local.display()))
         })?;
         socket.connect(peer).map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot connect to {}: {e}", peer.display()))
+            io::Error::new(
+                e.kind(),
+                format!("cannot connect to {}: {e}", peer.display()),
+            )
         })?;
         Self::from_socket(socket)
     }
@@ -255,7 +261,9 @@ mod tests {
         let mut got = [0u8; 64];
         let (n, from) = switch.recv_from(&mut got).unwrap();
         assert_eq!(n, 30);
-        switch.send_to(&frame(31, 2), from.as_pathname().unwrap()).unwrap();
+        switch
+            .send_to(&frame(31, 2), from.as_pathname().unwrap())
+            .unwrap();
         let mut buf = vec![0u8; MAX_FRAME_LEN + 1];
         assert_eq!(rx.recv(&mut buf, WAIT).unwrap(), Some(31));
         std::fs::remove_dir_all(&dir).unwrap();
