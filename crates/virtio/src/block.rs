@@ -67,8 +67,9 @@ pub const MAX_REQUEST_BYTES: u64 = 64 << 20;
 /// Bounce-buffer size for data copies.
 const CHUNK_BYTES: usize = 256 << 10;
 
-/// `max_discard_sectors` / `max_write_zeroes_sectors`: 4 GiB - 512 in
-/// sectors, the largest a u32 byte count in the backend path never needs.
+/// `max_discard_sectors` / `max_write_zeroes_sectors`: just under 4 GiB
+/// per request. The backend punches or zeroes the range without a buffer,
+/// so this only bounds how long one request can keep the vCPU.
 pub const MAX_DISCARD_SECTORS: u32 = (u32::MAX as u64 / SECTOR_SIZE) as u32;
 
 /// Segments per DISCARD / WRITE_ZEROES request.
@@ -232,7 +233,7 @@ impl VirtioBlock {
             }
             used_any = true;
         }
-        if used_any && queue.needs_notification(mem).unwrap_or(true) {
+        if used_any && chain::should_interrupt(queue, mem) {
             active.interrupt.notify_queue(index);
         }
     }
@@ -801,11 +802,10 @@ mod tests {
     }
 
     #[test]
-    fn read_data_split_over_descriptors_and_status_shared() {
+    fn request_framing_is_free() {
         let mut r = rig(BlockConfig::default());
         r.header(req::IN, 1);
-        // 300 + 212 bytes of data, the status as the last byte of a
-        // 2-byte... no: status in its own buffer, data split unevenly.
+        // Data split unevenly over two buffers.
         let (st, len) = r.submit(&[
             (HDR, 16, false),
             (DATA, 300, true),
@@ -816,6 +816,23 @@ mod tests {
         let mut got = r.guest(DATA, 300);
         got.extend(r.guest(DATA + 0x1000, 212));
         assert_eq!(got, disk_pattern()[512..1024]);
+        // Header split in two, status sharing a buffer with the data.
+        write_all(&r.mem, STATUS, &[0xaa]).unwrap();
+        let before = r.tq.used_idx();
+        r.tq.add_chain(&[(HDR, 5, false), (HDR + 5, 11, false), (DATA, 513, true)]);
+        r.dev.queue_notify(0);
+        assert_eq!(r.tq.used_elem(before).1, 513);
+        assert_eq!(r.guest(DATA, 512), disk_pattern()[512..1024]);
+        assert_eq!(r.byte(DATA + 512), status::OK);
+    }
+
+    #[test]
+    fn driver_can_suppress_interrupts() {
+        let mut r = rig(BlockConfig::default());
+        // VRING_AVAIL_F_NO_INTERRUPT in avail.flags.
+        write_all(&r.mem, QUEUE_BASE + 16 * 16, &1u16.to_le_bytes()).unwrap();
+        assert_eq!(r.request(req::IN, 0, 512, true).0, status::OK);
+        assert!(r.irq.queues.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! of failing half-way, and every copy goes through the checked helpers of
 //! `vm_core::memory`, which refuse ranges outside RAM.
 
-use virtio_queue::DescriptorChain;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_core::memory::{range_is_ram, read_exact, write_all};
 use vm_core::GuestMemory;
 
@@ -95,6 +95,26 @@ impl Chain {
             }
         }
         walked
+    }
+}
+
+/// `VRING_AVAIL_F_NO_INTERRUPT` in the available ring's flags.
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Whether to interrupt the driver after adding used buffers.
+///
+/// virtio-queue decides with EVENT_IDX but ignores the older
+/// `VRING_AVAIL_F_NO_INTERRUPT` flag, which the device SHOULD honour when
+/// EVENT_IDX is not negotiated (virtio 1.2 §2.7.7.2); this adds it.
+pub(crate) fn should_interrupt(queue: &mut Queue, mem: &GuestMemory) -> bool {
+    let needed = queue.needs_notification(mem).unwrap_or(true);
+    if !needed || queue.event_idx_enabled() {
+        return needed;
+    }
+    let mut flags = [0u8; 2];
+    match read_exact(mem, queue.avail_ring(), &mut flags) {
+        Ok(()) => u16::from_le_bytes(flags) & AVAIL_F_NO_INTERRUPT == 0,
+        Err(_) => true,
     }
 }
 

@@ -45,7 +45,7 @@ use std::time::Duration;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_core::{guest_error, GuestMemory};
 
-use crate::block::chain::{read_stream, stream_len, write_stream, Chain};
+use crate::block::chain::{read_stream, should_interrupt, stream_len, write_stream, Chain};
 use crate::device::{
     ActivateContext, ActivateError, PciIdentity, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
@@ -233,7 +233,7 @@ fn rx_loop(
     let mut pending: Option<usize> = None;
     let mut owe_interrupt = false;
     let notify = |queue: &mut Queue| {
-        if queue.needs_notification(&memory).unwrap_or(true) {
+        if should_interrupt(queue, &memory) {
             interrupt.notify_queue(RX_QUEUE);
         }
     };
@@ -356,7 +356,7 @@ impl VirtioNet {
             }
             used_any = true;
         }
-        if used_any && queue.needs_notification(mem).unwrap_or(true) {
+        if used_any && should_interrupt(queue, mem) {
             active.interrupt.notify_queue(TX_QUEUE);
         }
     }
