@@ -312,7 +312,8 @@ impl Disk {
             header[8], header[9], header[10], header[11], header[12], header[13], header[14],
             header[15],
         ]);
-        // Writable stream minus the status byte.
+        // Data the driver supplies (after the header) and room for data
+        // from the device (before the status byte).
         let out_len = stream_len(&chain.readable) - HEADER_LEN;
         let in_len = stream_len(&chain.writable).saturating_sub(1);
         let in_segs = &chain.writable;
