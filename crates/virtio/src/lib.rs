@@ -6,7 +6,9 @@
 //! negotiation and device status, and hands the device its queues when the
 //! driver sets DRIVER_OK.
 
+pub mod block;
 pub mod device;
+pub mod net;
 pub mod transport;
 
 pub use device::{ActivateContext, ActivateError, PciIdentity, VirtioDevice, VirtioInterrupt};

@@ -1,0 +1,779 @@
+//! virtio-net (virtio 1.2 §5.1): one receive and one transmit queue, a MAC
+//! address and a link that is always up.
+//!
+//! Offered features are VERSION_1, MAC and STATUS only. Without CSUM, GSO
+//! or MRG_RXBUF the guest computes every checksum and segments every
+//! packet itself, and each received frame goes into one buffer chain, so
+//! the device moves plain Ethernet frames and nothing it forwards can be
+//! half-offloaded.
+//!
+//! Each buffer starts with the 12-byte `virtio_net_hdr` (VERSION_1 always
+//! uses the `num_buffers` form, §5.1.6). On transmit it is stripped and its
+//! offload fields ignored (none was negotiated); on receive it is written
+//! as zeros except `num_buffers` = 1, which §5.1.6.4.1 requires when
+//! MRG_RXBUF is not negotiated.
+//!
+//! # Threads
+//!
+//! Transmit runs on the vCPU thread in [`VirtioDevice::queue_notify`]. A
+//! receive thread, started on activation and joined on reset, waits on the
+//! backend with a short timeout, puts each frame into the next receive
+//! chain and interrupts. When the guest has no receive buffer the thread
+//! holds the frame and stops reading, so the backend (and through it the
+//! host socket) is what queues or drops, not the device.
+//!
+//! # Backends
+//!
+//! A [`NetBackend`] sends frames and hands over a [`NetReceiver`] once, so
+//! the transmit and receive directions never wait on each other:
+//! [`passt::PasstBackend`], [`unix::UnixStreamBackend`],
+//! [`unix::UnixDgramBackend`] and, on Linux, [`tap::TapBackend`].
+
+pub mod framing;
+pub mod passt;
+#[cfg(target_os = "linux")]
+pub mod tap;
+pub mod unix;
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_core::{guest_error, GuestMemory};
+
+use crate::block::chain::{read_stream, should_interrupt, stream_len, write_stream, Chain};
+use crate::device::{
+    ActivateContext, ActivateError, PciIdentity, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+};
+
+/// virtio device type of a network device.
+pub const DEVICE_TYPE: u32 = 1;
+
+/// Entries per queue.
+pub const QUEUE_SIZE: u16 = 256;
+
+/// Queue indices.
+pub const RX_QUEUE: u16 = 0;
+pub const TX_QUEUE: u16 = 1;
+
+/// Largest Ethernet frame moved either way: 64 KiB of IP plus an Ethernet
+/// header with a VLAN tag.
+pub const MAX_FRAME_LEN: usize = 65550;
+/// An Ethernet header.
+pub const MIN_FRAME_LEN: usize = 14;
+
+/// `struct virtio_net_hdr` with `num_buffers` (virtio 1.2 §5.1.6).
+pub const HDR_LEN: usize = 12;
+/// Offset of `num_buffers` in the header.
+const HDR_NUM_BUFFERS: usize = 10;
+
+/// How long the receive thread waits before rechecking for a stop.
+const RX_POLL: Duration = Duration::from_millis(100);
+
+/// Feature bits (virtio 1.2 §5.1.3).
+pub mod feature {
+    pub const MAC: u64 = 1 << 5;
+    pub const STATUS: u64 = 1 << 16;
+}
+
+/// Device config space (virtio 1.2 §5.1.4).
+pub mod cfg {
+    pub const MAC: usize = 0;
+    pub const STATUS: usize = 6;
+    pub const LEN: usize = 8;
+    /// `status` bit: the link is up.
+    pub const S_LINK_UP: u16 = 1;
+}
+
+/// The host side of a network device.
+pub trait NetBackend: Send {
+    /// Sends one Ethernet frame (no virtio header).
+    fn send(&mut self, frame: &[u8]) -> io::Result<()>;
+
+    /// The receive side, for the device's receive thread; `None` once
+    /// taken.
+    fn take_receiver(&mut self) -> Option<Box<dyn NetReceiver>>;
+}
+
+/// The receive side of a backend.
+pub trait NetReceiver: Send {
+    /// Waits up to `timeout` for the next frame and copies it into `buf`
+    /// (at least `MAX_FRAME_LEN + 1` bytes); returns its length, which is
+    /// more than [`MAX_FRAME_LEN`] for a frame that did not fit. `Ok(None)`
+    /// when none arrived in time; an error when the backend is gone.
+    fn recv(&mut self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>>;
+}
+
+/// Waits until `fd` is readable or `timeout` passes.
+pub(crate) fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `pfd` is a valid pollfd and we pass a count of exactly one.
+    let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+    match r {
+        -1 => {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(e)
+            }
+        }
+        0 => Ok(false),
+        // POLLHUP/POLLERR count as readable: the read reports them.
+        _ => Ok(true),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// State the vCPU and the receive thread share.
+struct RxShared {
+    queue: Mutex<Queue>,
+    /// Signalled when the driver kicks the receive queue or on stop.
+    kicked: Condvar,
+    stop: AtomicBool,
+}
+
+struct RxThread {
+    shared: Arc<RxShared>,
+    handle: JoinHandle<Box<dyn NetReceiver>>,
+}
+
+struct Active {
+    memory: GuestMemory,
+    tx: Queue,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    rx: Option<RxThread>,
+}
+
+/// A virtio network device.
+pub struct VirtioNet {
+    mac: [u8; 6],
+    backend: Box<dyn NetBackend>,
+    /// The backend's receive side while no receive thread owns it.
+    receiver: Option<Box<dyn NetReceiver>>,
+    active: Option<Active>,
+    tx_buf: Vec<u8>,
+}
+
+/// What happened to a frame offered to the receive queue.
+#[derive(Debug, PartialEq, Eq)]
+enum Delivery {
+    Delivered,
+    /// No buffer: keep the frame and wait for a kick.
+    NoBuffer,
+    /// A bad chain was consumed: try again with the same frame.
+    Retry,
+    /// The frame does not fit the buffer; it is dropped, the buffer kept.
+    Dropped,
+}
+
+fn deliver(queue: &mut Queue, mem: &GuestMemory, frame: &[u8]) -> Delivery {
+    let Some(dc) = queue.pop_descriptor_chain(mem) else {
+        return Delivery::NoBuffer;
+    };
+    let chain = Chain::walk(dc, mem);
+    if chain.head >= queue.size() {
+        guest_error!("virtio-net: rx head {} out of range", chain.head);
+        return Delivery::Retry;
+    }
+    if chain.fault.is_some() || !chain.readable.is_empty() {
+        guest_error!("virtio-net: malformed rx chain: {:?}", chain.fault);
+        if queue.add_used(mem, chain.head, 0).is_err() {
+            return Delivery::NoBuffer;
+        }
+        return Delivery::Retry;
+    }
+    let total = HDR_LEN + frame.len();
+    if stream_len(&chain.writable) < total as u64 {
+        guest_error!(
+            "virtio-net: {}-byte rx buffer too small for a {}-byte frame; frame dropped",
+            stream_len(&chain.writable),
+            frame.len()
+        );
+        queue.go_to_previous_position();
+        return Delivery::Dropped;
+    }
+    let mut hdr = [0u8; HDR_LEN];
+    hdr[HDR_NUM_BUFFERS..].copy_from_slice(&1u16.to_le_bytes());
+    let ok = write_stream(mem, &chain.writable, 0, &hdr).is_ok()
+        && write_stream(mem, &chain.writable, HDR_LEN as u64, frame).is_ok();
+    // The walk checked every buffer is RAM, so this cannot fail short of
+    // a bug; the chain still goes back.
+    let len = if ok { total as u32 } else { 0 };
+    if let Err(e) = queue.add_used(mem, chain.head, len) {
+        guest_error!("virtio-net: cannot return rx chain: {e}");
+        return Delivery::NoBuffer;
+    }
+    if ok {
+        Delivery::Delivered
+    } else {
+        Delivery::Retry
+    }
+}
+
+fn rx_loop(
+    shared: Arc<RxShared>,
+    mut receiver: Box<dyn NetReceiver>,
+    memory: GuestMemory,
+    interrupt: Arc<dyn VirtioInterrupt>,
+) -> Box<dyn NetReceiver> {
+    let mut buf = vec![0u8; MAX_FRAME_LEN + 1];
+    let mut pending: Option<usize> = None;
+    let mut owe_interrupt = false;
+    let notify = |queue: &mut Queue| {
+        if should_interrupt(queue, &memory) {
+            interrupt.notify_queue(RX_QUEUE);
+        }
+    };
+    while !shared.stop.load(Ordering::Acquire) {
+        if pending.is_none() {
+            // Batch: while frames keep coming, interrupt once at the end.
+            let timeout = if owe_interrupt {
+                Duration::ZERO
+            } else {
+                RX_POLL
+            };
+            match receiver.recv(&mut buf, timeout) {
+                Ok(Some(n)) if (MIN_FRAME_LEN..=MAX_FRAME_LEN).contains(&n) => pending = Some(n),
+                Ok(Some(n)) => {
+                    tracing::warn!("virtio-net: dropping a {n}-byte frame from the backend");
+                    continue;
+                }
+                Ok(None) => {
+                    if owe_interrupt {
+                        notify(&mut lock(&shared.queue));
+                        owe_interrupt = false;
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!("virtio-net: backend receive failed, receive stopped: {e}");
+                    if owe_interrupt {
+                        notify(&mut lock(&shared.queue));
+                    }
+                    let mut q = lock(&shared.queue);
+                    while !shared.stop.load(Ordering::Acquire) {
+                        q = shared
+                            .kicked
+                            .wait_timeout(q, RX_POLL)
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .0;
+                    }
+                    break;
+                }
+            }
+        }
+        let Some(n) = pending else { continue };
+        let mut q = lock(&shared.queue);
+        match deliver(&mut q, &memory, &buf[..n]) {
+            Delivery::Delivered => {
+                pending = None;
+                owe_interrupt = true;
+            }
+            Delivery::Dropped => pending = None,
+            Delivery::Retry => owe_interrupt = true,
+            Delivery::NoBuffer => {
+                if owe_interrupt {
+                    notify(&mut q);
+                    owe_interrupt = false;
+                }
+                drop(
+                    shared
+                        .kicked
+                        .wait_timeout(q, RX_POLL)
+                        .unwrap_or_else(PoisonError::into_inner),
+                );
+            }
+        }
+    }
+    receiver
+}
+
+impl VirtioNet {
+    pub fn new(mut backend: Box<dyn NetBackend>, mac: [u8; 6]) -> Self {
+        let receiver = backend.take_receiver();
+        Self {
+            mac,
+            backend,
+            receiver,
+            active: None,
+            tx_buf: vec![0; HDR_LEN + MAX_FRAME_LEN],
+        }
+    }
+
+    fn process_tx(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = &active.memory;
+        let queue = &mut active.tx;
+        if !queue.ready() {
+            return;
+        }
+        let mut used_any = false;
+        let mut budget = queue.size();
+        while budget > 0 {
+            let Some(dc) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            budget -= 1;
+            let chain = Chain::walk(dc, mem);
+            if chain.head >= queue.size() {
+                guest_error!("virtio-net: tx head {} out of range", chain.head);
+                continue;
+            }
+            let total = stream_len(&chain.readable);
+            if chain.fault.is_some() {
+                guest_error!("virtio-net: malformed tx chain: {:?}", chain.fault);
+            } else if total < (HDR_LEN + MIN_FRAME_LEN) as u64
+                || total > (HDR_LEN + MAX_FRAME_LEN) as u64
+            {
+                guest_error!("virtio-net: dropping a tx packet of {total} bytes");
+            } else {
+                let buf = &mut self.tx_buf[..total as usize];
+                if read_stream(mem, &chain.readable, 0, buf).is_ok() {
+                    if let Err(e) = self.backend.send(&buf[HDR_LEN..]) {
+                        tracing::warn!("virtio-net: backend send failed: {e}");
+                    }
+                }
+            }
+            // Transmit buffers are only read: used length 0.
+            if let Err(e) = queue.add_used(mem, chain.head, 0) {
+                guest_error!("virtio-net: cannot return tx chain: {e}");
+                break;
+            }
+            used_any = true;
+        }
+        if used_any && should_interrupt(queue, mem) {
+            active.interrupt.notify_queue(TX_QUEUE);
+        }
+    }
+
+    fn stop_rx(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        if let Some(rx) = active.rx.take() {
+            rx.shared.stop.store(true, Ordering::Release);
+            rx.shared.kicked.notify_all();
+            match rx.handle.join() {
+                Ok(receiver) => self.receiver = Some(receiver),
+                Err(_) => tracing::error!("virtio-net: receive thread panicked"),
+            }
+        }
+    }
+}
+
+impl Drop for VirtioNet {
+    fn drop(&mut self) {
+        self.stop_rx();
+    }
+}
+
+impl VirtioDevice for VirtioNet {
+    fn device_type(&self) -> u32 {
+        DEVICE_TYPE
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE; 2]
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | feature::MAC | feature::STATUS
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut space = [0u8; cfg::LEN];
+        space[cfg::MAC..cfg::MAC + 6].copy_from_slice(&self.mac);
+        space[cfg::STATUS..cfg::STATUS + 2].copy_from_slice(&cfg::S_LINK_UP.to_le_bytes());
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = offset
+                .checked_add(i as u64)
+                .and_then(|at| usize::try_from(at).ok())
+                .and_then(|at| space.get(at).copied())
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // virtio 1.x: the MAC is set by the device (changing it needs the
+        // control queue, not offered).
+        guest_error!(
+            "virtio-net: write of {} bytes to read-only config at {offset:#x}",
+            data.len()
+        );
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.stop_rx();
+        let mut queues = ctx.queues.into_iter();
+        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
+            return Err(ActivateError::MissingQueue(TX_QUEUE));
+        };
+        for (i, q) in [(RX_QUEUE, &rx), (TX_QUEUE, &tx)] {
+            if !q.ready() {
+                return Err(ActivateError::MissingQueue(i));
+            }
+            if !q.is_valid(&ctx.memory) {
+                return Err(ActivateError::Other(format!(
+                    "virtio-net: queue {i} is not inside guest RAM"
+                )));
+            }
+        }
+        let rx_thread = match self.receiver.take() {
+            Some(receiver) => {
+                let shared = Arc::new(RxShared {
+                    queue: Mutex::new(rx),
+                    kicked: Condvar::new(),
+                    stop: AtomicBool::new(false),
+                });
+                let (s, mem, irq) = (shared.clone(), ctx.memory.clone(), ctx.interrupt.clone());
+                let handle = std::thread::Builder::new()
+                    .name("virtio-net-rx".into())
+                    .spawn(move || rx_loop(s, receiver, mem, irq))
+                    .map_err(|e| ActivateError::Other(format!("virtio-net: rx thread: {e}")))?;
+                Some(RxThread { shared, handle })
+            }
+            None => {
+                tracing::warn!("virtio-net: backend has no receive side; receive disabled");
+                None
+            }
+        };
+        self.active = Some(Active {
+            memory: ctx.memory,
+            tx,
+            interrupt: ctx.interrupt,
+            rx: rx_thread,
+        });
+        Ok(())
+    }
+
+    fn queue_notify(&mut self, queue: u16) {
+        match queue {
+            RX_QUEUE => {
+                if let Some(rx) = self.active.as_ref().and_then(|a| a.rx.as_ref()) {
+                    // Taking the lock orders the kick after a wait began.
+                    drop(lock(&rx.shared.queue));
+                    rx.shared.kicked.notify_all();
+                }
+            }
+            TX_QUEUE => self.process_tx(),
+            _ => guest_error!("virtio-net: notify for missing queue {queue}"),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.stop_rx();
+        self.active = None;
+    }
+
+    fn pci_identity(&self) -> PciIdentity {
+        // Network controller, Ethernet.
+        PciIdentity::standard(DEVICE_TYPE, 0x02_00_00)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::test_driver::{TestInterrupt, TestQueue};
+    use std::sync::mpsc;
+    use std::time::Instant;
+    use vm_core::memory::{create_guest_memory, read_exact, write_all};
+
+    const RAM: usize = 0x10_0000;
+    const RXQ: u64 = 0x1000;
+    const TXQ: u64 = 0x3000;
+    const BUF: u64 = 0x1_0000;
+    const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+
+    /// Records what is sent; receives what the test pushes.
+    struct FakeBackend {
+        sent: Arc<Mutex<Vec<Vec<u8>>>>,
+        receiver: Option<Box<dyn NetReceiver>>,
+    }
+
+    struct FakeReceiver(mpsc::Receiver<Vec<u8>>);
+
+    impl NetReceiver for FakeReceiver {
+        fn recv(&mut self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
+            match self.0.recv_timeout(timeout) {
+                Ok(frame) => {
+                    let n = frame.len().min(buf.len());
+                    buf[..n].copy_from_slice(&frame[..n]);
+                    Ok(Some(frame.len().min(MAX_FRAME_LEN + 1)))
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => Ok(None),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    Err(io::Error::from(io::ErrorKind::UnexpectedEof))
+                }
+            }
+        }
+    }
+
+    impl NetBackend for FakeBackend {
+        fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+            self.sent.lock().unwrap().push(frame.to_vec());
+            Ok(())
+        }
+        fn take_receiver(&mut self) -> Option<Box<dyn NetReceiver>> {
+            self.receiver.take()
+        }
+    }
+
+    struct Rig {
+        mem: GuestMemory,
+        rxq: TestQueue,
+        txq: TestQueue,
+        dev: VirtioNet,
+        irq: Arc<TestInterrupt>,
+        sent: Arc<Mutex<Vec<Vec<u8>>>>,
+        inject: mpsc::Sender<Vec<u8>>,
+    }
+
+    fn rig() -> Rig {
+        let mem = create_guest_memory(&[(0, RAM)]).unwrap();
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let (inject, rx) = mpsc::channel();
+        let backend = FakeBackend {
+            sent: sent.clone(),
+            receiver: Some(Box::new(FakeReceiver(rx))),
+        };
+        let mut dev = VirtioNet::new(Box::new(backend), MAC);
+        let rxq = TestQueue::new(&mem, RXQ, 16);
+        let txq = TestQueue::new(&mem, TXQ, 16);
+        let irq = Arc::new(TestInterrupt::default());
+        activate(&mut dev, &mem, &rxq, &txq, &irq);
+        Rig {
+            mem,
+            rxq,
+            txq,
+            dev,
+            irq,
+            sent,
+            inject,
+        }
+    }
+
+    fn activate(
+        dev: &mut VirtioNet,
+        mem: &GuestMemory,
+        rxq: &TestQueue,
+        txq: &TestQueue,
+        irq: &Arc<TestInterrupt>,
+    ) {
+        dev.activate(ActivateContext {
+            memory: mem.clone(),
+            queues: vec![rxq.queue(), txq.queue()],
+            acked_features: dev.features(),
+            interrupt: irq.clone(),
+        })
+        .unwrap();
+    }
+
+    fn frame(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| seed.wrapping_add(i as u8)).collect()
+    }
+
+    fn wait_until(what: &str, f: impl Fn() -> bool) {
+        let start = Instant::now();
+        while !f() {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "timed out: {what}"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn guest(mem: &GuestMemory, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        read_exact(mem, addr, &mut v).unwrap();
+        v
+    }
+
+    #[test]
+    fn identity_features_and_config() {
+        let r = rig();
+        assert_eq!(r.dev.device_type(), 1);
+        assert_eq!(r.dev.features(), (1 << 32) | (1 << 5) | (1 << 16));
+        assert_eq!(r.dev.queue_max_sizes().len(), 2);
+        let mut c = [0xee; 10];
+        r.dev.read_config(0, &mut c);
+        assert_eq!(c, [0x52, 0x54, 0x00, 0x12, 0x34, 0x56, 1, 0, 0, 0]);
+        let mut b = [0xee; 2];
+        r.dev.read_config(u64::MAX, &mut b);
+        assert_eq!(b, [0, 0]);
+        let id = r.dev.pci_identity();
+        assert_eq!(
+            (id.vendor, id.device, id.class_code),
+            (0x1af4, 0x1041, 0x020000)
+        );
+    }
+
+    #[test]
+    fn tx_strips_header_and_returns_buffers() {
+        let mut r = rig();
+        let f = frame(60, 3);
+        write_all(&r.mem, BUF, &[0xab; HDR_LEN]).unwrap();
+        write_all(&r.mem, BUF + 0x100, &f).unwrap();
+        r.txq
+            .add_chain(&[(BUF, HDR_LEN as u32, false), (BUF + 0x100, 60, false)]);
+        // Header and frame in one buffer.
+        let mut packet = vec![0u8; HDR_LEN];
+        packet.extend(frame(1514, 9));
+        write_all(&r.mem, BUF + 0x1000, &packet).unwrap();
+        r.txq
+            .add_chain(&[(BUF + 0x1000, packet.len() as u32, false)]);
+        r.dev.queue_notify(TX_QUEUE);
+        assert_eq!(*r.sent.lock().unwrap(), vec![f, frame(1514, 9)]);
+        assert_eq!(r.txq.used_idx(), 2);
+        assert_eq!(r.txq.used_elem(0), (0, 0));
+        assert_eq!(r.txq.used_elem(1), (2, 0));
+        assert_eq!(*r.irq.queues.lock().unwrap(), vec![TX_QUEUE]);
+    }
+
+    #[test]
+    fn tx_drops_bad_packets_but_returns_them() {
+        let mut r = rig();
+        // Runt: header plus 13 bytes.
+        r.txq.add_chain(&[(BUF, (HDR_LEN + 13) as u32, false)]);
+        // Giant: header plus MAX_FRAME_LEN + 1.
+        r.txq
+            .add_chain(&[(BUF, (HDR_LEN + MAX_FRAME_LEN + 1) as u32, false)]);
+        // Outside RAM, and a huge length.
+        r.txq
+            .add_chain(&[(BUF, 12, false), (0x1_0000_0000, 60, false)]);
+        r.txq
+            .add_chain(&[(BUF, 12, false), (BUF, u32::MAX - 100, false)]);
+        // Only writable buffers.
+        r.txq.add_chain(&[(BUF, 100, true)]);
+        r.dev.queue_notify(TX_QUEUE);
+        assert!(r.sent.lock().unwrap().is_empty());
+        assert_eq!(r.txq.used_idx(), 5);
+        // The smallest and largest legal frames go through.
+        r.txq
+            .add_chain(&[(BUF, (HDR_LEN + MIN_FRAME_LEN) as u32, false)]);
+        r.txq
+            .add_chain(&[(BUF, (HDR_LEN + MAX_FRAME_LEN) as u32, false)]);
+        r.dev.queue_notify(TX_QUEUE);
+        let sent = r.sent.lock().unwrap();
+        assert_eq!(sent.len(), 2);
+        assert_eq!(
+            (sent[0].len(), sent[1].len()),
+            (MIN_FRAME_LEN, MAX_FRAME_LEN)
+        );
+    }
+
+    #[test]
+    fn rx_frame_lands_with_header() {
+        let mut r = rig();
+        guest(&r.mem, BUF, 1);
+        write_all(&r.mem, BUF, &[0xcc; 1600]).unwrap();
+        r.rxq.add_chain(&[(BUF, 1526, true)]);
+        r.dev.queue_notify(RX_QUEUE);
+        let f = frame(98, 1);
+        r.inject.send(f.clone()).unwrap();
+        wait_until("rx used", || r.rxq.used_idx() == 1);
+        assert_eq!(r.rxq.used_elem(0), (0, (HDR_LEN + 98) as u32));
+        let mut want_hdr = [0u8; HDR_LEN];
+        want_hdr[10] = 1; // num_buffers
+        assert_eq!(guest(&r.mem, BUF, HDR_LEN), want_hdr);
+        assert_eq!(guest(&r.mem, BUF + HDR_LEN as u64, 98), f);
+        assert_eq!(
+            guest(&r.mem, BUF + 110, 1),
+            [0xcc],
+            "nothing past the frame"
+        );
+        wait_until("rx interrupt", || {
+            r.irq.queues.lock().unwrap().contains(&RX_QUEUE)
+        });
+    }
+
+    #[test]
+    fn rx_waits_for_buffers_and_drops_what_cannot_fit() {
+        let mut r = rig();
+        // A frame arrives before any buffer.
+        r.inject.send(frame(60, 1)).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(r.rxq.used_idx(), 0);
+        // A 40-byte buffer split in two: too small for 12 + 60.
+        r.rxq.add_chain(&[(BUF, 20, true), (BUF + 0x100, 20, true)]);
+        r.dev.queue_notify(RX_QUEUE);
+        // Runt and giant frames from the backend are dropped too.
+        r.inject.send(frame(13, 0)).unwrap();
+        r.inject.send(frame(MAX_FRAME_LEN + 1, 0)).unwrap();
+        // 12 + 28 fits exactly, across both buffers.
+        let f = frame(28, 7);
+        r.inject.send(f.clone()).unwrap();
+        wait_until("rx used", || r.rxq.used_idx() == 1);
+        assert_eq!(r.rxq.used_elem(0), (0, 40));
+        let mut got = guest(&r.mem, BUF + HDR_LEN as u64, 8);
+        got.extend(guest(&r.mem, BUF + 0x100, 20));
+        assert_eq!(got, f);
+    }
+
+    #[test]
+    fn rx_skips_malformed_chains() {
+        let mut r = rig();
+        // Readable buffer, outside RAM, then a good one.
+        r.rxq.add_chain(&[(BUF, 100, false)]);
+        r.rxq.add_chain(&[(0x1_0000_0000, 100, true)]);
+        r.rxq.add_chain(&[(BUF + 0x1000, 100, true)]);
+        r.dev.queue_notify(RX_QUEUE);
+        r.inject.send(frame(60, 2)).unwrap();
+        wait_until("rx used", || r.rxq.used_idx() == 3);
+        assert_eq!(r.rxq.used_elem(0), (0, 0));
+        assert_eq!(r.rxq.used_elem(1), (1, 0));
+        assert_eq!(r.rxq.used_elem(2), (2, 72));
+        assert_eq!(guest(&r.mem, BUF + 0x1000 + 12, 60), frame(60, 2));
+    }
+
+    #[test]
+    fn reset_stops_and_reactivation_resumes_receive() {
+        let mut r = rig();
+        r.dev.reset();
+        r.dev.queue_notify(RX_QUEUE);
+        r.dev.queue_notify(TX_QUEUE);
+        r.dev.queue_notify(7);
+        let rxq = TestQueue::new(&r.mem, RXQ, 16);
+        let txq = TestQueue::new(&r.mem, TXQ, 16);
+        r.rxq = rxq;
+        r.txq = txq;
+        activate(&mut r.dev, &r.mem, &r.rxq, &r.txq, &r.irq);
+        r.rxq.add_chain(&[(BUF, 1526, true)]);
+        r.inject.send(frame(64, 4)).unwrap();
+        wait_until("rx after reset", || r.rxq.used_idx() == 1);
+        // A missing queue refuses activation.
+        r.dev.reset();
+        let err = r.dev.activate(ActivateContext {
+            memory: r.mem.clone(),
+            queues: vec![r.rxq.queue()],
+            acked_features: 0,
+            interrupt: r.irq.clone(),
+        });
+        assert!(matches!(err, Err(ActivateError::MissingQueue(1))));
+    }
+
+    #[test]
+    fn backend_gone_does_not_hang_reset() {
+        let mut r = rig();
+        let (dead, _) = mpsc::channel::<Vec<u8>>();
+        r.inject = dead; // drops the only sender: the receiver sees EOF
+        std::thread::sleep(Duration::from_millis(20));
+        r.dev.reset();
+    }
+}
