@@ -33,20 +33,16 @@ pub struct FdtParams {
     /// Devices present besides GIC, timer and UART.
     pub rtc: bool,
     pub gpio_power_key: bool,
-    /// The PCIe host (§7): ECAM, the 32-bit window and the INTx routing.
-    pub pci: bool,
+    /// The PCIe host (§7), given as its `interrupt-map` cells (from
+    /// [`pci::PciHost::interrupt_map_cells`]); `None` leaves it out.
+    pub pci_interrupt_map: Option<Vec<u32>>,
 }
 
-/// PCI address space code of 32-bit non-prefetchable memory (the
-/// `phys.hi` cell of the PCI bus binding).
-const PCI_SPACE_MEM32: u32 = 0x0200_0000;
-const PCI_SLOTS: u32 = 32;
-
-/// The SPI that PCI slot `slot`'s pin `pin` (0 = INTA) drives on the root
-/// bus: vmapple routes 16 lines, line = (slot + pin) mod 16 (§7.2).
-pub fn pci_intx_spi(slot: u32, pin: u32) -> u32 {
-    SPI_PCIE_INTX + (slot + pin) % PCIE_INTX_LINES
-}
+/// The GIC node's `#address-cells` (absent, so 0): the parent unit
+/// address in each `interrupt-map` entry is empty.
+pub const GIC_ADDRESS_CELLS: u32 = 0;
+/// The GIC's phandle, for building `interrupt-map` cells.
+pub const GIC_PHANDLE: u32 = PHANDLE_GIC;
 
 fn node_name(kind: &str, base: u64) -> String {
     format!("{kind}@{base:x}")
@@ -188,8 +184,8 @@ pub fn build(p: &FdtParams) -> FdtWriterResult<Vec<u8>> {
         fdt.end_node(keys)?;
     }
 
-    if p.pci {
-        pci_host(&mut fdt)?;
+    if let Some(map) = &p.pci_interrupt_map {
+        pci_host(&mut fdt, map)?;
     }
 
     fdt.end_node(root)?;
@@ -198,47 +194,22 @@ pub fn build(p: &FdtParams) -> FdtWriterResult<Vec<u8>> {
 
 /// A `pci-host-ecam-generic` node: Linux enumerates the bus and assigns
 /// BARs itself inside the window, and takes INTx from the interrupt map,
-/// which spells out every slot and pin because 16 lines do not fit the
+/// which spells out 16 slots and 4 pins because 16 lines do not fit the
 /// usual 4-line mask.
-fn pci_host(fdt: &mut FdtWriter) -> FdtWriterResult<()> {
+fn pci_host(fdt: &mut FdtWriter, interrupt_map: &[u32]) -> FdtWriterResult<()> {
     let node = fdt.begin_node(&node_name("pcie", PCIE_ECAM_BASE))?;
     fdt.property_string("compatible", "pci-host-ecam-generic")?;
     fdt.property_string("device_type", "pci")?;
-    fdt.property_array_u64("reg", &[PCIE_ECAM_BASE, PCIE_ECAM_SIZE])?;
-    fdt.property_array_u32("bus-range", &[0, 255])?;
+    fdt.property_array_u64("reg", &pci::host::FDT_REG)?;
+    fdt.property_array_u32("bus-range", &pci::host::FDT_BUS_RANGE)?;
     fdt.property_u32("#address-cells", 3)?;
     fdt.property_u32("#size-cells", 2)?;
     fdt.property_u32("#interrupt-cells", 1)?;
     fdt.property_u32("linux,pci-domain", 0)?;
     fdt.property_null("dma-coherent")?;
-    let window = [
-        PCI_SPACE_MEM32,
-        (PCIE_MMIO_BASE >> 32) as u32,
-        PCIE_MMIO_BASE as u32,
-        (PCIE_MMIO_BASE >> 32) as u32,
-        PCIE_MMIO_BASE as u32,
-        (PCIE_MMIO_SIZE >> 32) as u32,
-        PCIE_MMIO_SIZE as u32,
-    ];
-    fdt.property_array_u32("ranges", &window)?;
-    // Match on the whole device number and the pin.
-    fdt.property_array_u32("interrupt-map-mask", &[0xf800, 0, 0, 7])?;
-    let mut map = Vec::with_capacity((PCI_SLOTS * 4 * 7) as usize);
-    for slot in 0..PCI_SLOTS {
-        for pin in 0..4 {
-            map.extend_from_slice(&[
-                slot << 11,
-                0,
-                0,
-                pin + 1,
-                PHANDLE_GIC,
-                GIC_SPI,
-                pci_intx_spi(slot, pin),
-                IRQ_TYPE_LEVEL_HIGH,
-            ]);
-        }
-    }
-    fdt.property_array_u32("interrupt-map", &map)?;
+    fdt.property_array_u32("ranges", &pci::host::FDT_RANGES)?;
+    fdt.property_array_u32("interrupt-map-mask", &pci::host::INTERRUPT_MAP_MASK)?;
+    fdt.property_array_u32("interrupt-map", interrupt_map)?;
     fdt.end_node(node)
 }
 
@@ -296,14 +267,11 @@ mod tests {
     }
 
     #[test]
-    fn pci_interrupt_map_follows_the_16_line_swizzle() {
-        assert_eq!(pci_intx_spi(1, 0), 0x21, "XHCI at 01.0 INTA (§7.4)");
-        assert_eq!(pci_intx_spi(2, 0), 0x22);
-        assert_eq!(pci_intx_spi(15, 1), 0x20, "(15 + 1) mod 16 = line 0");
+    fn pci_host_node_is_present_when_asked_for() {
         let blob = build(&FdtParams {
             cpus: 1,
             ram_size: 256 << 20,
-            pci: true,
+            pci_interrupt_map: Some(vec![0; 8]),
             ..Default::default()
         })
         .unwrap();

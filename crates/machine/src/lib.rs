@@ -11,6 +11,7 @@ pub mod exits;
 pub mod fdt;
 pub mod handle;
 pub mod layout;
+pub mod pci_devices;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,6 +31,8 @@ use devices::pl061::Pl061;
 use devices::power_button::PowerButton;
 use devices::pvpanic::{PanicEvents, PvPanic};
 use handle::{EventBus, MachineEvent, MachineHandle};
+use pci::PciHost;
+pub use pci_devices::{default_mac, NetBackendSpec, NicSpec};
 use devices::serial::{SerialBackend, SerialHandle};
 use gic::{CpuInterruptOutputs, GicV3};
 use vm_core::{GuestMemory, MmioBus};
@@ -123,6 +126,10 @@ pub struct MachineConfig {
     /// What the AES engine does with its command FIFO at reset (§10.8, Q4).
     pub aes_fifo_on_reset: FifoResetPolicy,
     pub on_panic: PanicPolicy,
+    /// virtio-net devices, in slot order.
+    pub nics: Vec<NicSpec>,
+    /// Plain virtio-blk disks, after the Apple ones.
+    pub disks: Vec<DiskSpec>,
 }
 
 impl MachineConfig {
@@ -139,6 +146,8 @@ impl MachineConfig {
             root: None,
             aes_fifo_on_reset: FifoResetPolicy::default(),
             on_panic: PanicPolicy::default(),
+            nics: Vec::new(),
+            disks: Vec::new(),
         }
     }
 }
@@ -164,6 +173,8 @@ pub enum MachineError {
         which: &'static str,
         source: block::OpenError,
     },
+    #[error("network backend {backend}: {error}")]
+    Net { backend: String, error: String },
     #[error(transparent)]
     Accel(#[from] AccelError),
     #[error("internal error while building the machine: {0}")]
@@ -284,6 +295,7 @@ pub struct Machine {
     gic: Arc<GicV3>,
     uart: Arc<Pl011>,
     aes: Arc<AppleAes>,
+    pci: Arc<PciHost>,
     rtc: Arc<Pl031>,
     gpio: Arc<Pl061>,
     power_button: Arc<PowerButton>,
@@ -323,6 +335,10 @@ impl Machine {
         };
         let aux = open_disk("aux", &config.aux)?;
         let root = open_disk("root", &config.root)?;
+        let mut disks = Vec::new();
+        for spec in &config.disks {
+            disks.push((spec.path.clone(), open_disk("disk", &Some(spec.clone()))?));
+        }
         if matches!(config.boot, BootSource::Firmware(_)) && config.aux.is_none() {
             tracing::warn!(
                 "no --aux disk: a boot ROM that loads the OS through the backdoor will fail"
@@ -387,7 +403,30 @@ impl Machine {
             BDIF_BASE,
             BDIF_SIZE,
             "bdif",
-            Arc::new(Bdif::new(memory.clone(), root, aux)),
+            Arc::new(Bdif::new(memory.clone(), root.clone(), aux.clone())),
+        )?;
+
+        let intx: [Arc<dyn vm_core::IrqLine>; PCIE_INTX_LINES as usize] =
+            std::array::from_fn(|line| gic.spi(SPI_PCIE_INTX + line as u32));
+        let pci = Arc::new(PciHost::new(intx));
+        pci_devices::populate(
+            &pci,
+            pci_devices::PciPlan {
+                memory: &memory,
+                aux: config.aux.is_some().then_some(aux),
+                root: config.root.is_some().then_some(root),
+                nics: &config.nics,
+                disks,
+                queues_per_disk: config.cpus.clamp(1, 16) as u16,
+            },
+        )?;
+        add(&mut bus, PCIE_ECAM_BASE, PCIE_ECAM_SIZE, "pcie-ecam", pci.ecam())?;
+        add(
+            &mut bus,
+            PCIE_MMIO_BASE,
+            PCIE_MMIO_SIZE,
+            "pcie-mmio",
+            pci.mmio_window(),
         )?;
         let counter = Arc::new(Counter::new(COUNTER_HZ));
         let events = Arc::new(EventBus::default());
@@ -435,6 +474,7 @@ impl Machine {
             gic,
             uart,
             aes,
+            pci,
             rtc,
             gpio,
             power_button,
@@ -502,6 +542,10 @@ impl Machine {
                     rng_seed: random_seed(),
                     rtc: true,
                     gpio_power_key: true,
+                    pci_interrupt_map: Some(
+                        self.pci
+                            .interrupt_map_cells(fdt::GIC_PHANDLE, fdt::GIC_ADDRESS_CELLS),
+                    ),
                     ..Default::default()
                 };
                 // The blob's size hardly depends on the initrd addresses:
@@ -521,6 +565,7 @@ impl Machine {
         self.gic.reset();
         self.uart.reset();
         self.aes.reset();
+        self.pci.reset();
         self.rtc.reset();
         self.gpio.reset();
         self.power_button.reset();

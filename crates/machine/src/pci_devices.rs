@@ -1,0 +1,189 @@
+//! The PCIe side of the machine (vmapple-machine.md §7, §11): the host
+//! bridge, and the devices in the slot order QEMU gives them with the
+//! documented command line (§7.4): XHCI first, then the Apple aux and
+//! root block devices, the NIC, and any plain virtio disks.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use block::BlockBackend;
+use pci::{PciDevice, PciHost};
+use virtio::block::{AppleVariant, BlockConfig, VirtioBlock};
+use virtio::net::VirtioNet;
+use virtio::transport::pci::VirtioPciDevice;
+use vm_core::GuestMemory;
+
+use crate::MachineError;
+
+/// Where a virtio-net device's frames go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetBackendSpec {
+    /// User-mode networking through a `passt` process vmapple starts.
+    Passt,
+    /// A unix stream socket speaking passt's framing (4-byte big-endian
+    /// length before each frame), e.g. one `passt --socket` listens on.
+    UnixStream(PathBuf),
+    /// A unix datagram socket: one frame per datagram, bound at `local`,
+    /// sending to `peer`.
+    UnixDgram { local: PathBuf, peer: PathBuf },
+    /// A TAP interface (Linux).
+    Tap(String),
+}
+
+impl NetBackendSpec {
+    /// Parses `passt`, `unix:PATH`, `unix-dgram:LOCAL,PEER` or `tap:NAME`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "{text:?} is not a network backend (use passt, unix:PATH, unix-dgram:LOCAL,PEER, tap:NAME or none)"
+            )
+        };
+        match text.split_once(':') {
+            None if text == "passt" => Ok(Self::Passt),
+            Some(("unix", path)) if !path.is_empty() => Ok(Self::UnixStream(path.into())),
+            Some(("unix-dgram", paths)) => match paths.split_once(',') {
+                Some((local, peer)) if !local.is_empty() && !peer.is_empty() => {
+                    Ok(Self::UnixDgram {
+                        local: local.into(),
+                        peer: peer.into(),
+                    })
+                }
+                _ => Err(bad()),
+            },
+            Some(("tap", name)) if !name.is_empty() => Ok(Self::Tap(name.into())),
+            _ => Err(bad()),
+        }
+    }
+
+    fn open(&self) -> std::io::Result<Box<dyn virtio::net::NetBackend>> {
+        use virtio::net::{passt::PasstBackend, unix};
+        Ok(match self {
+            Self::Passt => Box::new(PasstBackend::spawn()?),
+            Self::UnixStream(path) => Box::new(unix::UnixStreamBackend::connect(path)?),
+            Self::UnixDgram { local, peer } => {
+                Box::new(unix::UnixDgramBackend::bind_connect(local, peer)?)
+            }
+            #[cfg(target_os = "linux")]
+            Self::Tap(name) => Box::new(virtio::net::tap::TapBackend::open(name)?),
+            #[cfg(not(target_os = "linux"))]
+            Self::Tap(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "TAP networking is only available on Linux",
+                ))
+            }
+        })
+    }
+}
+
+/// A NIC the user asked for.
+#[derive(Clone, Debug)]
+pub struct NicSpec {
+    pub backend: NetBackendSpec,
+    pub mac: [u8; 6],
+}
+
+/// A locally administered MAC address in QEMU's 52:54:00 range, unique
+/// enough per NIC of a host.
+pub fn default_mac(index: u8) -> [u8; 6] {
+    let pid = std::process::id().to_le_bytes();
+    [0x52, 0x54, 0x00, pid[0], pid[1] ^ index, 0x56u8.wrapping_add(index)]
+}
+
+/// What goes on the PCI bus.
+pub(crate) struct PciPlan<'a> {
+    pub memory: &'a GuestMemory,
+    pub aux: Option<Arc<dyn BlockBackend>>,
+    pub root: Option<Arc<dyn BlockBackend>>,
+    pub nics: &'a [NicSpec],
+    pub disks: Vec<(PathBuf, Arc<dyn BlockBackend>)>,
+    pub queues_per_disk: u16,
+}
+
+pub(crate) fn populate(host: &PciHost, plan: PciPlan) -> Result<(), MachineError> {
+    let plug = |name: &str, device: Arc<dyn PciDevice>| {
+        let slot = host
+            .add_device(device)
+            .map_err(|e| MachineError::Internal(format!("PCI: cannot add {name}: {e}")))?;
+        tracing::debug!(slot, "PCI 00:{slot:02x}.0 is {name}");
+        Ok::<(), MachineError>(())
+    };
+    let virtio = |device: Box<dyn virtio::VirtioDevice>| -> Arc<dyn PciDevice> {
+        Arc::new(VirtioPciDevice::new(device, plan.memory.clone()))
+    };
+    let block = |backend: Arc<dyn BlockBackend>, serial: &str, apple: Option<AppleVariant>| {
+        let config = BlockConfig {
+            read_only: backend.is_read_only(),
+            serial: Some(serial.to_owned()),
+            num_queues: plan.queues_per_disk,
+            apple_variant: apple,
+        };
+        virtio(Box::new(VirtioBlock::new(backend, config)))
+    };
+    if let Some(aux) = plan.aux {
+        plug(
+            "vmapple-virtio-blk (aux)",
+            block(aux, "vmapple-aux", Some(AppleVariant::Aux)),
+        )?;
+    }
+    if let Some(root) = plan.root {
+        plug(
+            "vmapple-virtio-blk (root)",
+            block(root, "vmapple-root", Some(AppleVariant::Root)),
+        )?;
+    }
+    for (i, nic) in plan.nics.iter().enumerate() {
+        let backend = nic.backend.open().map_err(|e| MachineError::Net {
+            backend: format!("{:?}", nic.backend),
+            error: e.to_string(),
+        })?;
+        tracing::info!(
+            "NIC {i}: {:?}, MAC {}",
+            nic.backend,
+            nic.mac.map(|b| format!("{b:02x}")).join(":")
+        );
+        plug("virtio-net", virtio(Box::new(VirtioNet::new(backend, nic.mac))))?;
+    }
+    for (i, (path, disk)) in plan.disks.into_iter().enumerate() {
+        let name = format!("virtio-blk ({})", path.display());
+        plug(&name, block(disk, &format!("vmapple-disk{i}"), None))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_backend_syntax() {
+        assert_eq!(NetBackendSpec::parse("passt"), Ok(NetBackendSpec::Passt));
+        assert_eq!(
+            NetBackendSpec::parse("unix:/tmp/s"),
+            Ok(NetBackendSpec::UnixStream("/tmp/s".into()))
+        );
+        assert_eq!(
+            NetBackendSpec::parse("unix-dgram:/a,/b"),
+            Ok(NetBackendSpec::UnixDgram {
+                local: "/a".into(),
+                peer: "/b".into()
+            })
+        );
+        assert_eq!(
+            NetBackendSpec::parse("tap:tap0"),
+            Ok(NetBackendSpec::Tap("tap0".into()))
+        );
+        for bad in ["", "unix:", "unix-dgram:/a", "tap:", "slirp", "passt:x"] {
+            assert!(NetBackendSpec::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn default_macs_are_locally_administered_and_distinct() {
+        let a = default_mac(0);
+        let b = default_mac(1);
+        assert_eq!(a[0] & 0x02, 0x02, "locally administered");
+        assert_eq!(a[0] & 0x01, 0, "unicast");
+        assert_ne!(a, b);
+    }
+}
