@@ -36,13 +36,19 @@ pub enum GlyphError {
 }
 
 /// Converts an R, G, B, A glyph with row padding into ARGB words.
-pub fn convert_glyph(glyph: &CursorGlyph, hotspot: DisplayCoord) -> Result<CursorImage, GlyphError> {
+pub fn convert_glyph(
+    glyph: &CursorGlyph,
+    hotspot: DisplayCoord,
+) -> Result<CursorImage, GlyphError> {
     let (w, h) = (glyph.width, glyph.height);
     if glyph.bits_per_pixel != 32 {
         return Err(GlyphError::Depth(glyph.bits_per_pixel));
     }
     if w == 0 || h == 0 || w > MAX_CURSOR_SIDE || h > MAX_CURSOR_SIDE {
-        return Err(GlyphError::Size { width: w, height: h });
+        return Err(GlyphError::Size {
+            width: w,
+            height: h,
+        });
     }
     // Both factors are at most 1024, so none of this arithmetic overflows.
     let row = w as usize * 4;
@@ -124,13 +130,19 @@ mod tests {
         ];
         let hot = DisplayCoord { x: 1, y: 0 };
         let img = convert_glyph(&glyph(2, 2, 12, data), hot).unwrap();
-        assert_eq!(img.pixels, vec![0x4411_2233, 0x8855_6677, 0x0401_0203, 0x0805_0607]);
+        assert_eq!(
+            img.pixels,
+            vec![0x4411_2233, 0x8855_6677, 0x0401_0203, 0x0805_0607]
+        );
         assert_eq!((img.width, img.height, img.hotspot), (2, 2, hot));
     }
 
     #[test]
     fn last_row_needs_no_padding() {
-        let img = convert_glyph(&glyph(1, 2, 8, vec![1, 2, 3, 4, 0, 0, 0, 0, 5, 6, 7, 8]), DisplayCoord::default());
+        let img = convert_glyph(
+            &glyph(1, 2, 8, vec![1, 2, 3, 4, 0, 0, 0, 0, 5, 6, 7, 8]),
+            DisplayCoord::default(),
+        );
         assert_eq!(img.unwrap().pixels, vec![0x0401_0203, 0x0805_0607]);
     }
 
@@ -138,7 +150,10 @@ mod tests {
     fn bad_glyphs_are_refused() {
         let mut g = glyph(2, 2, 8, vec![0; 16]);
         g.bits_per_pixel = 24;
-        assert_eq!(convert_glyph(&g, DisplayCoord::default()), Err(GlyphError::Depth(24)));
+        assert_eq!(
+            convert_glyph(&g, DisplayCoord::default()),
+            Err(GlyphError::Depth(24))
+        );
         assert!(matches!(
             convert_glyph(&glyph(2, 2, 4, vec![0; 16]), DisplayCoord::default()),
             Err(GlyphError::Stride { .. })
@@ -152,7 +167,10 @@ mod tests {
             Err(GlyphError::Size { .. })
         ));
         assert!(matches!(
-            convert_glyph(&glyph(u32::MAX, u32::MAX, u32::MAX, vec![]), DisplayCoord::default()),
+            convert_glyph(
+                &glyph(u32::MAX, u32::MAX, u32::MAX, vec![]),
+                DisplayCoord::default()
+            ),
             Err(GlyphError::Size { .. })
         ));
     }

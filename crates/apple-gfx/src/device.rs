@@ -191,7 +191,11 @@ impl AppleGfx {
         let is_mmio = iosfc_route.is_some();
         let interface = fw.memory_interface();
         let inner = Arc::new(Inner {
-            tasks: Mutex::new(TaskTable::new(cfg.memory.clone(), cfg.va_space, cfg.page_size)),
+            tasks: Mutex::new(TaskTable::new(
+                cfg.memory.clone(),
+                cfg.va_space,
+                cfg.page_size,
+            )),
             iosfc_maps: Mutex::new(IosfcMappings::new(cfg.memory.clone())),
             memory: cfg.memory,
             state: Mutex::new(State::default()),
@@ -579,5 +583,442 @@ impl IosfcCallbacks for Callbacks {
             }
             None => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::*;
+    use crate::framework::MemoryMapRange;
+    use crate::memory::host_address;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    const RAM: u64 = HARNESS_RAM[0].0;
+
+    fn glyph_2x1() -> CursorGlyph {
+        CursorGlyph {
+            bits_per_pixel: 32,
+            width: 2,
+            height: 1,
+            bytes_per_row: 8,
+            data: vec![0x10, 0x20, 0x30, 0xff, 0x40, 0x50, 0x60, 0x80],
+        }
+    }
+
+    /// Runs `f` on a thread and fails the test if it does not finish: a
+    /// deadlock shows up as a failure, not a hung test run.
+    fn within_deadline<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("deadlock: register access did not complete")
+    }
+
+    #[test]
+    fn realize_creates_device_display_and_hot_plugs_default_modes() {
+        let h = Harness::mmio();
+        assert_eq!(h.fake.mode_list(), DEFAULT_MODES_VEC.to_vec());
+        let (name, port, serial) = h.fake.display_info().unwrap();
+        assert_eq!((name.as_str(), port), (DISPLAY_NAME, 0));
+        assert_eq!(serial, h.gfx.display_serial());
+        assert!(serial >= 1);
+        assert!(h.fake.using_iosurface_mapper());
+        assert_eq!(h.fake.memory_setup(), Some(MemorySetup::Tasks));
+        assert_eq!(h.gfx.mmio_length(), FAKE_MMIO_LENGTH);
+        // Nothing is shown before the guest picks a mode.
+        assert_eq!(h.gfx.surface_size(), None);
+    }
+
+    const DEFAULT_MODES_VEC: [DisplayMode; 3] = crate::modes::DEFAULT_MODES;
+
+    #[test]
+    fn configured_modes_replace_the_defaults_and_serials_differ() {
+        let modes = vec![
+            DisplayMode::new(3840, 2160, 60),
+            DisplayMode::new(800, 600, 60),
+        ];
+        let a = Harness::with_modes(modes.clone());
+        let b = Harness::mmio();
+        assert_eq!(a.fake.mode_list(), modes);
+        assert_ne!(a.gfx.display_serial(), b.gfx.display_serial());
+    }
+
+    #[test]
+    fn realize_failures_are_errors() {
+        let h = Harness::mmio();
+        let cfg = || GfxConfig {
+            memory: h.memory.clone(),
+            va_space: h.va.clone(),
+            page_size: FAKE_PAGE,
+            sink: h.sink.clone(),
+            executor: h.executor.clone(),
+            modes: vec![],
+        };
+        let variant = || Variant::Pci { msi: h.msi.clone() };
+        let err = AppleGfx::new(&FakeFramework::failing(), variant(), cfg())
+            .err()
+            .unwrap();
+        assert!(matches!(
+            err,
+            GfxError::Framework(FrameworkError::CreationFailed("device"))
+        ));
+        let mut too_many = cfg();
+        too_many.modes = vec![DisplayMode::new(1, 1, 1); 129];
+        let fw = FakeFramework::new(MemoryInterface::Tasks);
+        assert!(matches!(
+            AppleGfx::new(&fw, variant(), too_many),
+            Err(GfxError::TooManyModes(129))
+        ));
+    }
+
+    #[test]
+    fn pci_variant_has_no_iosurface_device() {
+        let h = Harness::pci();
+        assert!(!h.fake.using_iosurface_mapper());
+        h.gfx.iosfc_write(0x10, 5);
+        assert_eq!(h.gfx.iosfc_read(0x10), 0);
+        assert!(h.fake.access_log().is_empty());
+    }
+
+    #[test]
+    fn memory_map_framework_gets_all_ram_and_no_tasks() {
+        let h = Harness::mmio_memory_map();
+        let want: Vec<MemoryMapRange> = HARNESS_RAM
+            .iter()
+            .map(|&(gpa, len)| MemoryMapRange {
+                gpa,
+                len: len as u64,
+                host_addr: host_address(&h.memory, gpa, 1).unwrap(),
+            })
+            .collect();
+        assert_eq!(h.fake.memory_setup(), Some(MemorySetup::MemoryMap(want)));
+        h.gfx.write_register(CMD_CREATE_TASK, 0x4000);
+        assert_eq!(h.fake.register(REG_STATUS), Some(0));
+        assert_eq!(h.gfx.with_tasks(|t| t.task_count()), 0);
+    }
+
+    /// Every callback the framework can make from inside a register write,
+    /// on the writing thread and on a worker the write waits for.
+    fn reentrant_session(on_worker: bool) {
+        let h = Harness::mmio();
+        h.fake.set_callbacks_on_worker(on_worker);
+        h.fake.guest_mode_change(640, 480);
+        memory_write(&h, RAM + 0x2000, &0x1234_5678u32.to_le_bytes());
+        let h = Arc::new(h);
+        let hh = h.clone();
+        within_deadline(move || {
+            let g = &hh.gfx;
+            g.write_register(CMD_CREATE_TASK, 0x10000);
+            assert_eq!(g.read_register(REG_STATUS), 1);
+            hh.set_addr(RAM + 0x2000);
+            g.write_register(CMD_MAP_PAGE, 0x3000);
+            assert_eq!(g.read_register(REG_STATUS), 1, "mapMemory");
+            g.write_register(CMD_READ_MEMORY, 4);
+            assert_eq!(g.read_register(REG_STATUS), 1);
+            assert_eq!(g.read_register(REG_DATA), 0x1234_5678);
+            g.write_register(CMD_RAISE_IRQ, 3);
+            g.write_register(CMD_NEW_FRAME, 0);
+            g.write_register(CMD_MOVE_CURSOR, 5 | 7 << 16);
+            g.write_register(CMD_UNMAP_PAGE, 0x3000);
+            assert_eq!(g.read_register(REG_STATUS), 1, "unmapMemory");
+            g.write_register(CMD_DESTROY_TASK, 0);
+        });
+        assert_eq!(h.gfx_irq.rising_edges(), 1);
+        assert_eq!(h.iosfc_irq.rising_edges(), 0);
+        assert_eq!(h.executor.queued(), 1, "frame render queued");
+        assert_eq!(h.gfx.cursor().position, DisplayCoord { x: 5, y: 7 });
+        assert_eq!(h.gfx.with_tasks(|t| t.task_count()), 0);
+        assert_eq!(h.va.released().len(), 1);
+    }
+
+    fn memory_write(h: &Harness, gpa: u64, bytes: &[u8]) {
+        vm_core::memory::write_all(&h.memory, gpa, bytes).unwrap();
+    }
+
+    #[test]
+    fn callbacks_from_inside_a_register_write_do_not_deadlock() {
+        reentrant_session(false);
+    }
+
+    #[test]
+    fn callbacks_from_a_framework_thread_during_a_write_do_not_deadlock() {
+        reentrant_session(true);
+    }
+
+    #[test]
+    fn concurrent_vcpus_with_reentrant_callbacks() {
+        let h = Arc::new(Harness::mmio());
+        h.fake.set_callbacks_on_worker(true);
+        h.fake.guest_mode_change(64, 64);
+        let hh = h.clone();
+        within_deadline(move || {
+            let threads: Vec<_> = (0..4)
+                .map(|i| {
+                    let h = hh.clone();
+                    std::thread::spawn(move || {
+                        for n in 0..50u32 {
+                            h.gfx.write_register(CMD_RAISE_IRQ, n);
+                            h.gfx.write_register(CMD_NEW_FRAME, 0);
+                            h.gfx.write_register(CMD_MOVE_CURSOR, i);
+                            h.gfx.write_register(0x100 + u64::from(i) * 4, n);
+                            // Renders finishing on this thread while others
+                            // announce frames and move the cursor.
+                            h.executor.run_one();
+                            h.gfx.ui_update();
+                        }
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap();
+            }
+        });
+        assert_eq!(h.gfx_irq.rising_edges(), 200);
+        for i in 0..4 {
+            assert_eq!(h.fake.register(0x100 + i * 4), Some(49));
+        }
+        h.executor.run_all();
+        assert_eq!(h.gfx.pending_frames(), 0);
+    }
+
+    #[test]
+    fn guest_memory_reads_outside_ram_fail() {
+        let h = Harness::mmio();
+        for addr in [0x1000, RAM + 0x10_0000 - 2, u64::MAX - 1] {
+            h.set_addr(addr);
+            h.gfx.write_register(CMD_READ_MEMORY, 4);
+            assert_eq!(h.gfx.read_register(REG_STATUS), 0, "{addr:#x}");
+        }
+        let mut buf = [0u8; 8];
+        assert!(!h
+            .fake
+            .device_callbacks()
+            .read_memory(RAM + 0x10_0000 - 4, &mut buf));
+    }
+
+    #[test]
+    fn out_of_ram_maps_are_refused_through_the_callbacks() {
+        let h = Harness::mmio();
+        let cb = h.fake.device_callbacks();
+        let (task, _) = cb.create_task(0x8000).unwrap();
+        let hole = PhysRange {
+            gpa: RAM + 0x10_0000,
+            len: FAKE_PAGE,
+        };
+        assert!(!cb.map_memory(task, 0, false, &[hole]));
+        let ok = PhysRange {
+            gpa: RAM,
+            len: FAKE_PAGE,
+        };
+        assert!(cb.map_memory(task, 0, false, &[ok]));
+        assert!(!cb.map_memory(task, 0, false, &[ok]), "overlap");
+        assert!(!cb.map_memory(task, 0x8000, false, &[ok]), "past the task");
+        assert!(!cb.unmap_memory(task, 0x8000, FAKE_PAGE));
+        assert!(!cb.map_memory(TaskId(77), 0, false, &[ok]));
+        cb.destroy_task(TaskId(77));
+        assert_eq!(h.va.aliases(), 1);
+    }
+
+    #[test]
+    fn frame_requested_rendered_presented() {
+        let h = Harness::mmio();
+        h.fake.guest_mode_change(320, 200);
+        assert_eq!(h.sink.take(), vec![SinkEvent::Resize(320, 200)]);
+        assert_eq!(h.gfx.surface_size(), Some((320, 200)));
+        h.fake.guest_new_frame();
+        assert_eq!(h.executor.queued(), 1);
+        // A second frame while the first renders: queued behind it, not
+        // rendered concurrently; a third coalesces.
+        h.fake.guest_new_frame();
+        h.fake.guest_new_frame();
+        assert_eq!(h.executor.queued(), 1);
+        assert_eq!(h.gfx.pending_frames(), 2);
+        // The UI asks while rendering: answered by the completion.
+        h.gfx.ui_update();
+        assert!(h.sink.take().is_empty());
+        assert!(h.executor.run_one());
+        assert_eq!(
+            h.sink.take(),
+            vec![
+                SinkEvent::Present(320, 200, 0xff00_0001),
+                SinkEvent::UpdateDone
+            ]
+        );
+        // The queued frame started when the first finished.
+        assert_eq!(h.executor.queued(), 1);
+        h.executor.run_all();
+        assert_eq!(h.fake.renders(), 2);
+        assert!(h.sink.take().is_empty(), "kept until the UI asks");
+        h.gfx.ui_update();
+        assert_eq!(
+            h.sink.take(),
+            vec![
+                SinkEvent::Present(320, 200, 0xff00_0002),
+                SinkEvent::UpdateDone
+            ]
+        );
+        h.gfx.ui_update();
+        assert_eq!(h.sink.take(), vec![SinkEvent::UpdateDone]);
+    }
+
+    #[test]
+    fn failed_render_still_answers_the_ui() {
+        let h = Harness::mmio();
+        h.fake.guest_mode_change(16, 16);
+        h.fake.set_render_fails(true);
+        h.fake.guest_new_frame();
+        h.gfx.ui_update();
+        h.sink.take();
+        h.executor.run_all();
+        assert_eq!(h.sink.take(), vec![SinkEvent::UpdateDone]);
+        assert_eq!(h.gfx.pending_frames(), 0);
+    }
+
+    #[test]
+    fn frames_before_a_mode_and_hostile_modes_are_ignored() {
+        let h = Harness::mmio();
+        h.fake.guest_new_frame();
+        assert_eq!(h.executor.queued(), 0);
+        h.fake.guest_mode_change(0, 1080);
+        h.fake.guest_mode_change(65535, 65535);
+        assert!(h.sink.take().is_empty());
+        assert_eq!(h.gfx.surface_size(), None);
+        h.fake.guest_mode_change(8192, 8192);
+        assert_eq!(h.sink.take(), vec![SinkEvent::Resize(8192, 8192)]);
+    }
+
+    #[test]
+    fn resize_while_rendering_discards_the_stale_frame() {
+        let h = Harness::mmio();
+        h.fake.guest_mode_change(32, 32);
+        h.fake.guest_new_frame();
+        h.fake.guest_mode_change(64, 48);
+        h.sink.take();
+        h.executor.run_all();
+        h.gfx.ui_update();
+        assert_eq!(
+            h.sink.take(),
+            vec![SinkEvent::UpdateDone],
+            "nothing stale shown"
+        );
+    }
+
+    #[test]
+    fn cursor_glyph_show_and_move() {
+        let h = Harness::mmio();
+        h.fake.guest_cursor_move(10, 20);
+        assert_eq!(h.sink.take(), vec![SinkEvent::MoveCursor(10, 20, true)]);
+        let hot = DisplayCoord { x: 1, y: 0 };
+        h.fake.guest_cursor_glyph(glyph_2x1(), hot);
+        let img = CursorImage {
+            width: 2,
+            height: 1,
+            hotspot: hot,
+            pixels: vec![0xff10_2030, 0x8040_5060],
+        };
+        assert_eq!(
+            h.sink.take(),
+            vec![
+                SinkEvent::DefineCursor(Some(img.clone())),
+                SinkEvent::MoveCursor(10, 20, true)
+            ]
+        );
+        assert_eq!(h.gfx.cursor().image, Some(img));
+        h.fake.guest_cursor_show(false);
+        assert_eq!(h.sink.take(), vec![SinkEvent::MoveCursor(10, 20, false)]);
+        h.fake.guest_cursor_show(true);
+        h.fake.guest_cursor_move(0xffff, 0xffff);
+        assert_eq!(
+            h.sink.take(),
+            vec![
+                SinkEvent::MoveCursor(10, 20, true),
+                SinkEvent::MoveCursor(0xffff, 0xffff, false)
+            ]
+        );
+        // A glyph the core cannot use clears the cursor.
+        let mut bad = glyph_2x1();
+        bad.bits_per_pixel = 8;
+        h.fake.guest_cursor_glyph(bad, hot);
+        assert_eq!(h.sink.take()[0], SinkEvent::DefineCursor(None));
+        assert_eq!(h.gfx.cursor().image, None);
+    }
+
+    #[test]
+    fn interrupts_reach_the_right_lines() {
+        let h = Harness::mmio();
+        h.gfx.write_register(CMD_RAISE_IRQ, 9);
+        assert_eq!(
+            (h.gfx_irq.rising_edges(), h.iosfc_irq.rising_edges()),
+            (1, 0)
+        );
+        h.gfx.iosfc_write(IOSFC_CMD_RAISE_IRQ, 2);
+        assert_eq!(
+            (h.gfx_irq.rising_edges(), h.iosfc_irq.rising_edges()),
+            (1, 1)
+        );
+        assert!(h.fake.iosfc_callbacks().raise_interrupt(0));
+        assert_eq!(h.iosfc_irq.rising_edges(), 2);
+        assert!(!h.gfx_irq.is_asserted() && !h.iosfc_irq.is_asserted());
+        assert_eq!(h.gfx.interrupts_delivered(), (1, 2));
+    }
+
+    #[test]
+    fn pci_interrupts_need_msi_enabled() {
+        let h = Harness::pci();
+        h.gfx.write_register(CMD_RAISE_IRQ, 0);
+        assert!(h.msi.sent().is_empty());
+        assert_eq!(h.gfx.interrupts_dropped(), 1);
+        h.msi
+            .enabled
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        h.gfx.write_register(CMD_RAISE_IRQ, 0);
+        assert_eq!(h.msi.sent(), vec![0]);
+    }
+
+    #[test]
+    fn iosfc_mappings_hand_out_guest_ram_only() {
+        let h = Harness::mmio();
+        let cb = h.fake.iosfc_callbacks();
+        let va = cb.map_memory(RAM + 0x100, 0x40, true).unwrap();
+        assert_eq!(va, host_address(&h.memory, RAM + 0x100, 1).unwrap());
+        assert_eq!(cb.map_memory(0x1000, 0x40, false), None);
+        assert_eq!(cb.map_memory(RAM + 0xf_fff0, 0x20, false), None);
+        assert_eq!(h.gfx.iosfc_mappings(), 1);
+        assert!(cb.unmap_memory(va));
+        assert!(!cb.unmap_memory(va));
+        assert!(!cb.unmap_memory(0xdead_0000));
+        assert_eq!(h.gfx.iosfc_mappings(), 0);
+    }
+
+    #[test]
+    fn reset_drains_the_framework_and_the_frame_pipeline() {
+        let h = Harness::mmio();
+        h.fake.guest_mode_change(16, 16);
+        h.fake.guest_new_frame();
+        h.gfx.ui_update();
+        h.sink.take();
+        h.gfx.reset();
+        assert_eq!(h.fake.resets(), 1);
+        assert_eq!(h.sink.take(), vec![SinkEvent::UpdateDone]);
+        assert_eq!(h.gfx.pending_frames(), 0);
+        // The render from before the reset finishes: ignored.
+        h.executor.run_all();
+        assert!(h.sink.take().is_empty());
+        assert_eq!(h.gfx.surface_size(), Some((16, 16)));
+    }
+
+    #[test]
+    fn callbacks_after_the_device_is_gone_are_refused() {
+        let h = Harness::mmio();
+        let cb = h.fake.device_callbacks();
+        let Harness { gfx, .. } = h;
+        drop(gfx);
+        assert_eq!(cb.create_task(0x1000), None);
+        let mut b = [0u8; 4];
+        assert!(!cb.read_memory(RAM, &mut b));
     }
 }

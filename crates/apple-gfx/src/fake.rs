@@ -146,15 +146,21 @@ impl FakeFramework {
 
     /// The descriptor's callbacks, as the framework holds them.
     pub fn device_callbacks(&self) -> Arc<dyn DeviceCallbacks> {
-        lock(&self.shared.device_cb).clone().expect("no device created")
+        lock(&self.shared.device_cb)
+            .clone()
+            .expect("no device created")
     }
 
     pub fn iosfc_callbacks(&self) -> Arc<dyn IosfcCallbacks> {
-        lock(&self.shared.iosfc_cb).clone().expect("no IOSurface device created")
+        lock(&self.shared.iosfc_cb)
+            .clone()
+            .expect("no IOSurface device created")
     }
 
     fn display_callbacks(&self) -> Arc<dyn DisplayCallbacks> {
-        lock(&self.shared.display_cb).clone().expect("no display created")
+        lock(&self.shared.display_cb)
+            .clone()
+            .expect("no display created")
     }
 
     pub fn memory_setup(&self) -> Option<MemorySetup> {
@@ -221,7 +227,9 @@ impl FakeFramework {
         let job = move || fw.command(offset, value);
         if shared.on_worker.load(Ordering::SeqCst) {
             // The framework waiting on its own queue while a callback runs.
-            std::thread::spawn(job).join().expect("fake worker panicked");
+            std::thread::spawn(job)
+                .join()
+                .expect("fake worker panicked");
         } else {
             job();
         }
@@ -238,7 +246,9 @@ impl FakeFramework {
             CMD_RAISE_IRQ => self.device_callbacks().raise_interrupt(value),
             CMD_ADDR_LO => {
                 let hi = addr & !0xffff_ffff;
-                self.shared.addr.store(hi | u64::from(value), Ordering::SeqCst);
+                self.shared
+                    .addr
+                    .store(hi | u64::from(value), Ordering::SeqCst);
             }
             CMD_ADDR_HI => {
                 let lo = addr & 0xffff_ffff;
@@ -672,7 +682,11 @@ impl Harness {
 
     /// The MMIO variant with a memory-map framework (macOS 27 style).
     pub fn mmio_memory_map() -> Self {
-        Self::build(FakeFramework::new(MemoryInterface::MemoryMap), false, vec![])
+        Self::build(
+            FakeFramework::new(MemoryInterface::MemoryMap),
+            false,
+            vec![],
+        )
     }
 
     pub fn pci() -> Self {

@@ -300,6 +300,7 @@ mod tests {
         assert!(f.render_completed(t).is_empty());
         assert!(f.render_failed(t).is_empty());
         assert_eq!(f.pending(), 0);
+        assert_eq!(f.ui_update(), vec![Publish, UpdateDone]);
         let t = token(&f.new_frame());
         assert!(f.ui_update().is_empty());
         assert_eq!(f.reset(), vec![UpdateDone]);
@@ -311,7 +312,7 @@ mod tests {
     #[test]
     fn pending_stays_in_bounds_under_any_event_order() {
         // Every sequence of up to 7 events from a small alphabet.
-        fn walk(f: &mut FrameState, inflight: &mut Vec<RenderToken>, depth: u32, waiting: bool) {
+        fn walk(f: &FrameState, inflight: &[RenderToken], depth: u32, waiting: bool) {
             assert!(f.pending() <= 2);
             assert!(inflight.len() <= 1, "two renders in flight");
             if depth == 0 {
@@ -319,7 +320,7 @@ mod tests {
             }
             for ev in 0..5 {
                 let mut g = f.clone();
-                let mut fl = inflight.clone();
+                let mut fl = inflight.to_vec();
                 let mut w = waiting;
                 let acts = match ev {
                     0 => g.new_frame(),
@@ -354,9 +355,9 @@ mod tests {
                 // A waiting UI is never forgotten: once nothing is pending
                 // it must have been answered.
                 assert!(!(w && g.pending() == 0), "UI left waiting");
-                walk(&mut g, &mut fl, depth - 1, w);
+                walk(&g, &fl, depth - 1, w);
             }
         }
-        walk(&mut with_surface(), &mut vec![], 7, false);
+        walk(&with_surface(), &[], 7, false);
     }
 }

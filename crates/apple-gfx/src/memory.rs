@@ -66,7 +66,11 @@ pub enum MapError {
     #[error("host address space reservation of {0:#x} bytes failed")]
     ReserveFailed(u64),
     #[error("task range {offset:#x}+{len:#x} lies outside the task ({task_len:#x} bytes)")]
-    OutsideTask { offset: u64, len: u64, task_len: u64 },
+    OutsideTask {
+        offset: u64,
+        len: u64,
+        task_len: u64,
+    },
     #[error("guest range {gpa:#x}+{len:#x} is not inside one guest RAM region")]
     NotRam { gpa: u64, len: u64 },
     #[error("{what} {value:#x} is not aligned to the host page size {page:#x}")]
@@ -76,7 +80,11 @@ pub enum MapError {
         page: u64,
     },
     #[error("task range {offset:#x}+{len:#x} overlaps an existing mapping at {existing:#x}")]
-    Overlap { offset: u64, len: u64, existing: u64 },
+    Overlap {
+        offset: u64,
+        len: u64,
+        existing: u64,
+    },
     #[error("task offset {0:#x} is not mapped")]
     Unmapped(u64),
     #[error("host mapping of task range {offset:#x}+{len:#x} failed")]
@@ -236,7 +244,10 @@ impl TaskTable {
 
     /// `destroyTask` (§6.2): drops every alias and the reservation.
     pub fn destroy(&mut self, task: TaskId) -> Result<(), MapError> {
-        let t = self.tasks.remove(&task).ok_or(MapError::UnknownTask(task))?;
+        let t = self
+            .tasks
+            .remove(&task)
+            .ok_or(MapError::UnknownTask(task))?;
         tracing::trace!(target: "apple_gfx", ?task, mappings = t.mappings.len(), "apple_gfx_destroy_task");
         self.va.release(t.base, t.len);
         Ok(())
@@ -279,7 +290,11 @@ impl TaskTable {
             tracing::trace!(target: "apple_gfx", i, gpa = r.gpa, len = r.len, "apple_gfx_map_memory_range");
             let result = self.map_one(task, base, offset, *r, read_only, page);
             if let Err(e) = result {
-                vm_core::guest_error!("apple-gfx: mapMemory range {i} ({:#x}+{:#x}): {e}", r.gpa, r.len);
+                vm_core::guest_error!(
+                    "apple-gfx: mapMemory range {i} ({:#x}+{:#x}): {e}",
+                    r.gpa,
+                    r.len
+                );
                 first_error.get_or_insert(e);
             }
         }
@@ -304,7 +319,10 @@ impl TaskTable {
         let host = host_address(&self.mem, r.gpa, r.len)?;
         self.aligned("host address", host as u64)?;
         let end = offset + r.len;
-        let t = self.tasks.get_mut(&task).ok_or(MapError::UnknownTask(task))?;
+        let t = self
+            .tasks
+            .get_mut(&task)
+            .ok_or(MapError::UnknownTask(task))?;
         if let Some((existing, _)) = t.first_overlap(offset, end) {
             return Err(MapError::Overlap {
                 offset,
@@ -319,10 +337,7 @@ impl TaskTable {
         let ok = self.va.alias(target, host, r.len, read_only);
         tracing::trace!(target: "apple_gfx", ok, source = host, target, page, "apple_gfx_remap");
         if !ok {
-            return Err(MapError::HostMapFailed {
-                offset,
-                len: r.len,
-            });
+            return Err(MapError::HostMapFailed { offset, len: r.len });
         }
         t.mappings.insert(
             offset,
@@ -362,7 +377,10 @@ impl TaskTable {
                 len: length,
             });
         }
-        let t = self.tasks.get_mut(&task).ok_or(MapError::UnknownTask(task))?;
+        let t = self
+            .tasks
+            .get_mut(&task)
+            .ok_or(MapError::UnknownTask(task))?;
         while let Some((o, m)) = t.first_overlap(offset, end) {
             t.mappings.remove(&o);
             if o < offset {
@@ -492,9 +510,7 @@ mod tests {
     const RAM2: u64 = 0x8000_0000;
 
     fn setup() -> (TaskTable, Arc<FakeVaSpace>, Arc<GuestMemory>) {
-        let mem = Arc::new(
-            create_guest_memory(&[(RAM, 0x10_0000), (RAM2, 0x10_0000)]).unwrap(),
-        );
+        let mem = Arc::new(create_guest_memory(&[(RAM, 0x10_0000), (RAM2, 0x10_0000)]).unwrap());
         let va = Arc::new(FakeVaSpace::new());
         (TaskTable::new(mem.clone(), va.clone(), PAGE), va, mem)
     }
@@ -511,8 +527,13 @@ mod tests {
         let (task, base) = tt.create(0x10_0000).unwrap();
         assert_eq!(tt.task_extent(task), Some((base, 0x10_0000)));
         // Two discontiguous guest ranges land back to back at 0x2000.
-        tt.map(task, 0x2000, false, &[r(RAM + 0x3000, 0x1000), r(RAM2, 0x1000)])
-            .unwrap();
+        tt.map(
+            task,
+            0x2000,
+            false,
+            &[r(RAM + 0x3000, 0x1000), r(RAM2, 0x1000)],
+        )
+        .unwrap();
         let mut buf = [0u8; 0x2000];
         tt.read(task, 0x2000, &mut buf).unwrap();
         assert!(buf[..0x1000].iter().all(|&b| b == 0xaa));
@@ -543,15 +564,25 @@ mod tests {
         let (mut tt, va, _mem) = setup();
         let (task, _) = tt.create(0x10000).unwrap();
         tt.map(task, 0x2000, false, &[r(RAM, 0x2000)]).unwrap();
-        for (offset, len) in [(0x2000, 0x1000), (0x1000, 0x2000), (0x3000, 0x1000), (0x0, 0x8000)] {
+        for (offset, len) in [
+            (0x2000, 0x1000),
+            (0x1000, 0x2000),
+            (0x3000, 0x1000),
+            (0x0, 0x8000),
+        ] {
             assert!(matches!(
                 tt.map(task, offset, false, &[r(RAM + 0x8000, len)]),
-                Err(MapError::Overlap { existing: 0x2000, .. })
+                Err(MapError::Overlap {
+                    existing: 0x2000,
+                    ..
+                })
             ));
         }
         // Adjacent is fine.
-        tt.map(task, 0x4000, false, &[r(RAM + 0x8000, 0x1000)]).unwrap();
-        tt.map(task, 0x1000, false, &[r(RAM + 0x9000, 0x1000)]).unwrap();
+        tt.map(task, 0x4000, false, &[r(RAM + 0x8000, 0x1000)])
+            .unwrap();
+        tt.map(task, 0x1000, false, &[r(RAM + 0x9000, 0x1000)])
+            .unwrap();
         assert_eq!(tt.mappings(task).len(), 3);
         assert_eq!(va.aliases(), 3);
     }
@@ -569,7 +600,10 @@ mod tests {
             (u64::MAX - 0xfff, 0x1000),
         ] {
             assert!(
-                matches!(tt.map(task, 0, false, &[r(gpa, len)]), Err(MapError::NotRam { .. })),
+                matches!(
+                    tt.map(task, 0, false, &[r(gpa, len)]),
+                    Err(MapError::NotRam { .. })
+                ),
                 "{gpa:#x}+{len:#x}"
             );
         }
@@ -599,7 +633,12 @@ mod tests {
     fn a_bad_range_leaves_a_hole_and_the_rest_is_mapped() {
         let (mut tt, _va, _mem) = setup();
         let (task, _) = tt.create(0x10000).unwrap();
-        let res = tt.map(task, 0, true, &[r(RAM, 0x1000), r(0x1000, 0x1000), r(RAM2, 0x1000)]);
+        let res = tt.map(
+            task,
+            0,
+            true,
+            &[r(RAM, 0x1000), r(0x1000, 0x1000), r(RAM2, 0x1000)],
+        );
         assert!(matches!(res, Err(MapError::NotRam { gpa: 0x1000, .. })));
         let offsets: Vec<u64> = tt.mappings(task).iter().map(|(o, _)| *o).collect();
         assert_eq!(offsets, vec![0, 0x2000]);
@@ -615,8 +654,22 @@ mod tests {
         assert_eq!(
             tt.mappings(task),
             vec![
-                (0, Mapping { len: 0x1000, gpa: RAM, read_only: false }),
-                (0x3000, Mapping { len: 0x1000, gpa: RAM + 0x3000, read_only: false }),
+                (
+                    0,
+                    Mapping {
+                        len: 0x1000,
+                        gpa: RAM,
+                        read_only: false
+                    }
+                ),
+                (
+                    0x3000,
+                    Mapping {
+                        len: 0x1000,
+                        gpa: RAM + 0x3000,
+                        read_only: false
+                    }
+                ),
             ]
         );
         assert_eq!(va.zeroed(), vec![(base + 0x1000, 0x2000)]);
@@ -624,8 +677,14 @@ mod tests {
         // The hole can be mapped again; unmapping nothing is fine.
         tt.map(task, 0x1000, false, &[r(RAM2, 0x2000)]).unwrap();
         tt.unmap(task, 0x8000, 0x1000).unwrap();
-        assert!(matches!(tt.unmap(task, 0xf000, 0x2000), Err(MapError::OutsideTask { .. })));
-        assert!(matches!(tt.unmap(task, u64::MAX, 2), Err(MapError::OutsideTask { .. })));
+        assert!(matches!(
+            tt.unmap(task, 0xf000, 0x2000),
+            Err(MapError::OutsideTask { .. })
+        ));
+        assert!(matches!(
+            tt.unmap(task, u64::MAX, 2),
+            Err(MapError::OutsideTask { .. })
+        ));
         tt.unmap(task, 0, 0x10000).unwrap();
         assert!(tt.mappings(task).is_empty());
     }
@@ -681,7 +740,10 @@ mod tests {
         assert_eq!(io.unmap(a), Ok((RAM + 0x10, 0x100)));
         assert_eq!(io.unmap(a), Ok((RAM + 0x10, 0x100)));
         assert_eq!(io.unmap(a), Err(MapError::UnknownHostAddress(a)));
-        assert!(matches!(io.map(RAM2 - 0x10, 0x20, false), Err(MapError::NotRam { .. })));
+        assert!(matches!(
+            io.map(RAM2 - 0x10, 0x20, false),
+            Err(MapError::NotRam { .. })
+        ));
         assert_eq!(io.outstanding(), 0);
     }
 

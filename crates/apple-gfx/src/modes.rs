@@ -112,9 +112,13 @@ pub enum EntryError {
     Negative(Field),
     #[error("the {0} is larger than 65535")]
     TooLarge(Field),
-    #[error("expected '{expected}' after the {after} (the form is WIDTHxHEIGHT@HZ, e.g. 1920x1080@60)")]
+    #[error(
+        "expected '{expected}' after the {after} (the form is WIDTHxHEIGHT@HZ, e.g. 1920x1080@60)"
+    )]
     Separator { expected: char, after: Field },
-    #[error("unexpected text after the refresh rate (the form is WIDTHxHEIGHT@HZ, e.g. 1920x1080@60)")]
+    #[error(
+        "unexpected text after the refresh rate (the form is WIDTHxHEIGHT@HZ, e.g. 1920x1080@60)"
+    )]
     Trailing,
 }
 
@@ -255,11 +259,17 @@ fn number(s: &[u8], field: Field, syntax: ModeSyntax) -> Result<(u16, &[u8]), En
     }
     let digits = s.iter().take_while(|c| c.is_ascii_digit()).count();
     if digits == 0 {
-        return Err(if s.is_empty() || (field != Field::Refresh && s[0] == b'x') || s[0] == b'@' || s[0] == b',' {
-            EntryError::Missing(field)
-        } else {
-            EntryError::NotANumber(field)
-        });
+        return Err(
+            if s.is_empty()
+                || (field != Field::Refresh && s[0] == b'x')
+                || s[0] == b'@'
+                || s[0] == b','
+            {
+                EntryError::Missing(field)
+            } else {
+                EntryError::NotANumber(field)
+            },
+        );
     }
     // Saturate instead of overflowing: any value past u16 is refused anyway.
     let value = s[..digits].iter().fold(0u32, |acc, &d| {
@@ -297,12 +307,21 @@ mod tests {
 
     #[test]
     fn single_and_multiple_entries() {
-        assert_eq!(strict("1920x1080@60").unwrap(), vec![DisplayMode::new(1920, 1080, 60)]);
+        assert_eq!(
+            strict("1920x1080@60").unwrap(),
+            vec![DisplayMode::new(1920, 1080, 60)]
+        );
         assert_eq!(
             strict("3840x2160@60,1280x720@30").unwrap(),
-            vec![DisplayMode::new(3840, 2160, 60), DisplayMode::new(1280, 720, 30)]
+            vec![
+                DisplayMode::new(3840, 2160, 60),
+                DisplayMode::new(1280, 720, 30)
+            ]
         );
-        assert_eq!(strict("65535x65535@65535").unwrap()[0], DisplayMode::new(65535, 65535, 65535));
+        assert_eq!(
+            strict("65535x65535@65535").unwrap()[0],
+            DisplayMode::new(65535, 65535, 65535)
+        );
         assert_eq!(strict("1x1@1").unwrap()[0], DisplayMode::new(1, 1, 1));
     }
 
@@ -311,7 +330,10 @@ mod tests {
         let modes = strict("1920x1080@60,800x600@75").unwrap();
         assert_eq!(format_mode_list(&modes), "1920x1080@60,800x600@75");
         assert_eq!(DisplayMode::new(1, 2, 3).to_string(), "1x2@3");
-        assert_eq!("640x480@60".parse::<DisplayMode>().unwrap(), DisplayMode::new(640, 480, 60));
+        assert_eq!(
+            "640x480@60".parse::<DisplayMode>().unwrap(),
+            DisplayMode::new(640, 480, 60)
+        );
     }
 
     #[test]
@@ -355,27 +377,51 @@ mod tests {
         // Strict refuses each of them.
         assert_eq!(reason(strict("1920x1080@60Hz")), EntryError::Trailing);
         assert_eq!(reason(strict("1920x1080@60 ")), EntryError::Trailing);
-        assert_eq!(reason(strict("+1920x1080@60")), EntryError::NotANumber(Field::Width));
+        assert_eq!(
+            reason(strict("+1920x1080@60")),
+            EntryError::NotANumber(Field::Width)
+        );
     }
 
     #[test]
     fn zero_and_oversized_dimensions() {
         assert_eq!(reason(strict("0x0@60")), EntryError::Zero(Field::Width));
         assert_eq!(reason(strict("1920x0@60")), EntryError::Zero(Field::Height));
-        assert_eq!(reason(strict("1920x1080@0")), EntryError::Zero(Field::Refresh));
-        assert_eq!(reason(strict("99999999999x1@60")), EntryError::TooLarge(Field::Width));
-        assert_eq!(reason(strict("65536x1@60")), EntryError::TooLarge(Field::Width));
-        assert_eq!(reason(strict("1x1@70000")), EntryError::TooLarge(Field::Refresh));
+        assert_eq!(
+            reason(strict("1920x1080@0")),
+            EntryError::Zero(Field::Refresh)
+        );
+        assert_eq!(
+            reason(strict("99999999999x1@60")),
+            EntryError::TooLarge(Field::Width)
+        );
+        assert_eq!(
+            reason(strict("65536x1@60")),
+            EntryError::TooLarge(Field::Width)
+        );
+        assert_eq!(
+            reason(strict("1x1@70000")),
+            EntryError::TooLarge(Field::Refresh)
+        );
         let huge = format!("1x{}@60", "9".repeat(10_000));
         assert_eq!(reason(strict(&huge)), EntryError::TooLarge(Field::Height));
-        assert_eq!(reason(qemu("-1920x1080@60")), EntryError::Negative(Field::Width));
+        assert_eq!(
+            reason(qemu("-1920x1080@60")),
+            EntryError::Negative(Field::Width)
+        );
         assert_eq!(reason(qemu("-0x1080@60")), EntryError::Zero(Field::Width));
     }
 
     #[test]
     fn missing_parts_and_garbage() {
-        assert_eq!(reason(strict("1920x1080@")), EntryError::Missing(Field::Refresh));
-        assert_eq!(reason(qemu("1920x1080@")), EntryError::Missing(Field::Refresh));
+        assert_eq!(
+            reason(strict("1920x1080@")),
+            EntryError::Missing(Field::Refresh)
+        );
+        assert_eq!(
+            reason(qemu("1920x1080@")),
+            EntryError::Missing(Field::Refresh)
+        );
         assert_eq!(
             reason(strict("1920x1080")),
             EntryError::Separator {
@@ -383,12 +429,21 @@ mod tests {
                 after: Field::Height
             }
         );
-        assert_eq!(reason(strict("x1080@60")), EntryError::Missing(Field::Width));
-        assert_eq!(reason(strict("1920x@60")), EntryError::Missing(Field::Height));
+        assert_eq!(
+            reason(strict("x1080@60")),
+            EntryError::Missing(Field::Width)
+        );
+        assert_eq!(
+            reason(strict("1920x@60")),
+            EntryError::Missing(Field::Height)
+        );
         assert_eq!(reason(strict("a,b")), EntryError::NotANumber(Field::Width));
         assert_eq!(reason(strict("1920x1080@60,")), EntryError::Empty);
         assert_eq!(reason(strict(",1920x1080@60")), EntryError::Empty);
-        assert_eq!(reason(strict("１９２０x1080@60")), EntryError::NotANumber(Field::Width));
+        assert_eq!(
+            reason(strict("１９２０x1080@60")),
+            EntryError::NotANumber(Field::Width)
+        );
         assert_eq!(strict(""), Err(ModeError::NoModes));
         assert_eq!(qemu(""), Err(ModeError::NoModes));
     }
@@ -396,14 +451,27 @@ mod tests {
     #[test]
     fn errors_name_the_entry_and_the_reason() {
         let msg = strict("1920x1080@60,a,b").unwrap_err().to_string();
-        assert_eq!(msg, "display mode 2 \"a\": the width is not a decimal number");
+        assert_eq!(
+            msg,
+            "display mode 2 \"a\": the width is not a decimal number"
+        );
         let msg = strict("0x0@60").unwrap_err().to_string();
-        assert_eq!(msg, "display mode 1 \"0x0@60\": the width must be at least 1");
+        assert_eq!(
+            msg,
+            "display mode 1 \"0x0@60\": the width must be at least 1"
+        );
         let msg = strict("1920x1080@").unwrap_err().to_string();
-        assert!(msg.contains("1920x1080@") && msg.contains("refresh rate is missing"), "{msg}");
+        assert!(
+            msg.contains("1920x1080@") && msg.contains("refresh rate is missing"),
+            "{msg}"
+        );
         let long = format!("{}x1@60", "7".repeat(500));
         let msg = strict(&long).unwrap_err().to_string();
-        assert!(msg.len() < 200, "hostile entry quoted in full: {}", msg.len());
+        assert!(
+            msg.len() < 200,
+            "hostile entry quoted in full: {}",
+            msg.len()
+        );
     }
 
     #[test]
@@ -417,7 +485,10 @@ mod tests {
                 first: 1
             }
         );
-        assert_eq!(err.to_string(), "display mode 3 \"1920x1080@60\" repeats mode 1");
+        assert_eq!(
+            err.to_string(),
+            "display mode 3 \"1920x1080@60\" repeats mode 1"
+        );
         // Same size at another rate is a different mode.
         assert_eq!(strict("1920x1080@60,1920x1080@30").unwrap().len(), 2);
     }
