@@ -472,7 +472,9 @@ impl DeviceCallbacks for Callbacks {
             return false;
         };
         let result = lock(&inner.tasks).map(task, virtual_offset, read_only, ranges);
-        result.is_ok()
+        result
+            .map_err(|e| vm_core::guest_error!("apple-gfx: mapMemory: {e}"))
+            .is_ok()
     }
 
     fn unmap_memory(&self, task: TaskId, virtual_offset: u64, length: u64) -> bool {
@@ -863,6 +865,47 @@ mod tests {
         );
         h.gfx.ui_update();
         assert_eq!(h.sink.take(), vec![SinkEvent::UpdateDone]);
+    }
+
+    /// An executor that runs each job before `spawn` returns.
+    struct InlineExecutor;
+
+    impl Executor for InlineExecutor {
+        fn spawn(&self, job: Box<dyn FnOnce() + Send>) {
+            job();
+        }
+    }
+
+    #[test]
+    fn an_executor_that_runs_at_once_does_not_deadlock() {
+        let h = Harness::mmio();
+        let fw = FakeFramework::new(MemoryInterface::Tasks);
+        let gfx = AppleGfx::new(
+            &fw,
+            Variant::Pci { msi: h.msi.clone() },
+            GfxConfig {
+                memory: h.memory.clone(),
+                va_space: h.va.clone(),
+                page_size: FAKE_PAGE,
+                sink: h.sink.clone(),
+                executor: Arc::new(InlineExecutor),
+                modes: vec![],
+            },
+        )
+        .unwrap();
+        fw.guest_mode_change(8, 8);
+        within_deadline(move || {
+            fw.guest_new_frame();
+            gfx.ui_update();
+        });
+        assert_eq!(
+            h.sink.take(),
+            vec![
+                SinkEvent::Resize(8, 8),
+                SinkEvent::Present(8, 8, 0xff00_0001),
+                SinkEvent::UpdateDone
+            ]
+        );
     }
 
     #[test]

@@ -263,7 +263,6 @@ impl TaskTable {
         read_only: bool,
         ranges: &[PhysRange],
     ) -> Result<(), MapError> {
-        let page = self.page_size;
         let t = self.tasks.get(&task).ok_or(MapError::UnknownTask(task))?;
         let (base, task_len) = (t.base, t.len);
         tracing::trace!(target: "apple_gfx", ?task, count = ranges.len(), virtual_offset, read_only, "apple_gfx_map_memory");
@@ -288,7 +287,7 @@ impl TaskTable {
             // Cannot overflow: the sum was checked above.
             cursor += r.len;
             tracing::trace!(target: "apple_gfx", i, gpa = r.gpa, len = r.len, "apple_gfx_map_memory_range");
-            let result = self.map_one(task, base, offset, *r, read_only, page);
+            let result = self.map_one(task, base, offset, *r, read_only);
             if let Err(e) = result {
                 vm_core::guest_error!(
                     "apple-gfx: mapMemory range {i} ({:#x}+{:#x}): {e}",
@@ -308,7 +307,6 @@ impl TaskTable {
         offset: u64,
         r: PhysRange,
         read_only: bool,
-        page: u64,
     ) -> Result<(), MapError> {
         if r.len == 0 {
             return Err(MapError::Empty);
@@ -335,7 +333,7 @@ impl TaskTable {
         }
         let target = base.wrapping_add(offset);
         let ok = self.va.alias(target, host, r.len, read_only);
-        tracing::trace!(target: "apple_gfx", ok, source = host, target, page, "apple_gfx_remap");
+        tracing::trace!(target: "apple_gfx", ok, source = host, target, "apple_gfx_remap");
         if !ok {
             return Err(MapError::HostMapFailed { offset, len: r.len });
         }
@@ -354,7 +352,6 @@ impl TaskTable {
     /// straddle its edges keep their outside parts.
     pub fn unmap(&mut self, task: TaskId, offset: u64, length: u64) -> Result<(), MapError> {
         tracing::trace!(target: "apple_gfx", ?task, offset, length, "apple_gfx_unmap_memory");
-        let page = self.page_size;
         let t = self.tasks.get(&task).ok_or(MapError::UnknownTask(task))?;
         let (base, task_len) = (t.base, t.len);
         if length == 0 {
@@ -370,7 +367,6 @@ impl TaskTable {
             })?;
         self.aligned("task offset", offset)?;
         self.aligned("length", length)?;
-        let _ = page;
         if !self.va.zero(base.wrapping_add(offset), length) {
             return Err(MapError::HostMapFailed {
                 offset,
