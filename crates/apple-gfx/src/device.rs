@@ -212,14 +212,14 @@ impl AppleGfx {
             serial: next_display_serial(),
         });
         let callbacks = Arc::new(Callbacks(Arc::downgrade(&inner)));
-        if is_mmio {
-            let iosfc = fw.create_iosfc_device(callbacks.clone())?;
-            let _ = inner.iosfc.set(iosfc);
-        }
         let memory = match interface {
             MemoryInterface::Tasks => MemorySetup::Tasks,
             MemoryInterface::MemoryMap => MemorySetup::MemoryMap(memory_map_ranges(&inner.memory)),
         };
+        if is_mmio {
+            let iosfc = fw.create_iosfc_device(callbacks.clone(), &memory)?;
+            let _ = inner.iosfc.set(iosfc);
+        }
         let device = fw.create_device(DeviceDescriptor {
             callbacks: callbacks.clone(),
             memory,
@@ -630,6 +630,7 @@ mod tests {
         assert!(serial >= 1);
         assert!(h.fake.using_iosurface_mapper());
         assert_eq!(h.fake.memory_setup(), Some(MemorySetup::Tasks));
+        assert_eq!(h.fake.iosfc_memory_setup(), Some(MemorySetup::Tasks));
         assert_eq!(h.gfx.mmio_length(), FAKE_MMIO_LENGTH);
         // Nothing is shown before the guest picks a mode.
         assert_eq!(h.gfx.surface_size(), None);
@@ -697,7 +698,14 @@ mod tests {
                 host_addr: host_address(&h.memory, gpa, 1).unwrap(),
             })
             .collect();
-        assert_eq!(h.fake.memory_setup(), Some(MemorySetup::MemoryMap(want)));
+        assert_eq!(
+            h.fake.memory_setup(),
+            Some(MemorySetup::MemoryMap(want.clone()))
+        );
+        assert_eq!(
+            h.fake.iosfc_memory_setup(),
+            Some(MemorySetup::MemoryMap(want))
+        );
         h.gfx.write_register(CMD_CREATE_TASK, 0x4000);
         assert_eq!(h.fake.register(REG_STATUS), Some(0));
         assert_eq!(h.gfx.with_tasks(|t| t.task_count()), 0);

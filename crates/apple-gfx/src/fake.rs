@@ -84,6 +84,7 @@ struct Shared {
     display_cb: Mutex<Option<Arc<dyn DisplayCallbacks>>>,
     iosfc_cb: Mutex<Option<Arc<dyn IosfcCallbacks>>>,
     memory_setup: Mutex<Option<MemorySetup>>,
+    iosfc_memory_setup: Mutex<Option<MemorySetup>>,
     using_iosurface_mapper: AtomicBool,
     display: Mutex<Option<(String, u32, u32)>>,
     modes: Mutex<Vec<DisplayMode>>,
@@ -165,6 +166,11 @@ impl FakeFramework {
 
     pub fn memory_setup(&self) -> Option<MemorySetup> {
         lock(&self.shared.memory_setup).clone()
+    }
+
+    /// What the IOSurface host device was created with.
+    pub fn iosfc_memory_setup(&self) -> Option<MemorySetup> {
+        lock(&self.shared.iosfc_memory_setup).clone()
     }
 
     pub fn using_iosurface_mapper(&self) -> bool {
@@ -325,8 +331,10 @@ impl Framework for FakeFramework {
     fn create_iosfc_device(
         &self,
         callbacks: Arc<dyn IosfcCallbacks>,
+        memory: &MemorySetup,
     ) -> Result<Arc<dyn PgIosfcDevice>, FrameworkError> {
         *lock(&self.shared.iosfc_cb) = Some(callbacks);
+        *lock(&self.shared.iosfc_memory_setup) = Some(memory.clone());
         Ok(Arc::new(FakeIosfc {
             shared: self.shared.clone(),
         }))

@@ -20,16 +20,24 @@
 //!
 //! # Two ways to reach guest RAM
 //!
-//! The macOS 27 SDK marks `PGTask_t`, `createTask` (and with them the task
-//! map/unmap blocks) obsoleted ("No longer supported", `macos(11.0, 27.0,
-//! 27.0)`); from macOS 15.4 on the IOSurface mapper already lost its
-//! map/unmap blocks. Their replacement is a `PGMemoryMapDescriptor` set on
-//! the device descriptor's `memoryMapDescriptor`, filled once with every
-//! guest RAM range as `{guest physical address, length, host address}`; the
-//! framework then translates by itself. [`MemoryInterface`] says which of
-//! the two a framework build wants, and [`DeviceDescriptor::memory`]
-//! carries either the task callbacks (through [`DeviceCallbacks`]) or the
-//! static RAM map.
+//! Up to macOS 26 the device descriptor carries `createTask`,
+//! `destroyTask`, `mapMemory` and `unmapMemory` blocks, and the host builds
+//! task address spaces on request (§6.1–§6.4). The macOS 27 SDK marks
+//! `PGTask_t` and `createTask` "obsoleted in macOS 27.0 – No longer
+//! supported" (`API_OBSOLETED(…, macos(11.0, 27.0, 27.0))` in `PGDevice.h`,
+//! quoted in MacPorts' qemu build-failure PR #34686). The replacement seen
+//! in QEMU-derived code is a `PGMemoryMapDescriptor`, filled once through
+//! `addRange:` with every guest RAM range as `{physicalAddress,
+//! physicalLength, virtualAddress}` and assigned to the descriptor's
+//! `memoryMapDescriptor` property (on the device descriptor, and on the
+//! IOSurface host device descriptor, whose map/unmap blocks disappeared
+//! earlier); the framework then resolves guest addresses itself. It is
+//! private API, absent from the public headers, so its details are
+//! UNCONFIRMED. The glue chooses at run time (e.g. by probing whether the
+//! descriptor still responds to `setCreateTask:`) and reports the result
+//! through [`Framework::memory_interface`]; the core then builds a
+//! [`MemorySetup`]: either the task bookkeeping behind [`DeviceCallbacks`]
+//! or the static RAM map. `readMemory` and `raiseInterrupt` stay in both.
 
 use std::sync::Arc;
 
@@ -143,10 +151,16 @@ pub trait Framework: Send + Sync {
     /// `PGNewDeviceWithDescriptor` / `PGCreateDeviceWithDescriptor`.
     fn create_device(&self, desc: DeviceDescriptor) -> Result<Arc<dyn PgDevice>, FrameworkError>;
     /// The private `PGIOSurfaceHostDevice` behind the MMIO variant's second
-    /// window (§2.6, §7.3).
+    /// window (§2.6, §7.3). With [`MemorySetup::Tasks`] the glue installs
+    /// the descriptor's `mapMemory`/`unmapMemory` blocks (forwarding to
+    /// `callbacks`); with [`MemorySetup::MemoryMap`] it sets the
+    /// descriptor's `memoryMapDescriptor` instead, because newer framework
+    /// builds no longer have those blocks. `raiseInterrupt` is installed
+    /// either way.
     fn create_iosfc_device(
         &self,
         callbacks: Arc<dyn IosfcCallbacks>,
+        memory: &MemorySetup,
     ) -> Result<Arc<dyn PgIosfcDevice>, FrameworkError>;
 }
 
