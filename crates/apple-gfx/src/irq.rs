@@ -7,10 +7,14 @@
 //! enabled MSI, and is otherwise dropped — there is no INTx fallback, as in
 //! QEMU — but drops are counted and logged.
 //!
-//! A pulse is raise-then-lower: the GIC latches the rising edge, which is
-//! how QEMU delivers these interrupts. It is done at once, from whatever
-//! thread the framework calls on, since [`IrqLine`] is thread-safe and
-//! takes no device lock (QEMU has to defer it to its big lock instead).
+//! A pulse is raise-then-lower, which is how QEMU delivers these
+//! interrupts; the GIC sees it only if the guest configured the SPI as
+//! edge-triggered (a level-configured SPI follows the line and would miss
+//! it). macOS guests work that way under QEMU; a third-party QEMU fork holds
+//! the line up on a timer instead, so whether some guest versions need a
+//! longer pulse is UNCONFIRMED. The pulse is driven at once, from whatever
+//! thread the framework calls on, since [`IrqLine`] is thread-safe and takes
+//! no device lock (QEMU has to defer it to its big lock instead).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,6 +22,11 @@ use std::sync::Arc;
 use vm_core::IrqLine;
 
 /// The PCI function's MSI capability as the core needs it.
+///
+/// Called from framework threads, possibly while a vCPU is inside a BAR0
+/// access that the framework is still processing: an implementation must
+/// not wait for a lock that the PCI model holds while it dispatches BAR
+/// accesses, or the two deadlock.
 pub trait MsiSender: Send + Sync {
     /// Whether the guest has set MSI Enable.
     fn msi_enabled(&self) -> bool;
