@@ -1,0 +1,31 @@
+//! Portable core of the apple-gfx paravirtualised display.
+//!
+//! macOS guests drive a paravirtual GPU whose host side is Apple's closed
+//! ParavirtualizedGraphics.framework. This crate holds everything about the
+//! `apple-gfx-mmio` (vmapple) and `apple-gfx-pci` devices that is not a
+//! literal Objective-C, Metal or Mach call (apple-gfx.md §17): display-mode
+//! configuration, guest-memory bookkeeping for the framework, register
+//! forwarding with its re-entrancy rules, interrupt routing, the frame and
+//! cursor state machines and the PCI identity. The framework is reached
+//! through the traits in [`framework`]; a macOS glue crate implements them,
+//! and [`fake`] implements them for tests on any host.
+//!
+//! Spec: `apple-gfx.md` (whole), `vmapple-machine.md` §2, §3, §15.
+
+pub mod cursor;
+pub mod device;
+pub mod frame;
+pub mod framework;
+pub mod irq;
+pub mod memory;
+pub mod mmio;
+pub mod modes;
+pub mod pci;
+
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
+
+pub use device::{AppleGfx, DisplaySink, Executor, GfxConfig, GfxError, ThreadExecutor, Variant};
+pub use framework::{Framework, MemoryInterface};
+pub use mmio::{GfxWindow, IosfcWindow};
+pub use modes::{parse_mode_list, DisplayMode, ModeError, ModeSyntax, DEFAULT_MODES};
