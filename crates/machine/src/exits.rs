@@ -74,8 +74,18 @@ impl ExitHandler for MachineExits {
 
 impl MachineExits {
     fn hvc(&self, cpu: CpuId, imm: u16, args: [u64; 4]) -> ExitResponse {
-        if imm != 0 || !psci::is_psci_call(args[0]) {
-            guest_error!("vCPU {cpu}: unsupported HVC #{imm} function {:#x}", args[0]);
+        if imm != 0 {
+            guest_error!("vCPU {cpu}: HVC #{imm} (only HVC #0 calls exist)");
+            return ExitResponse::Value(PsciError::NotSupported.to_x0());
+        }
+        if !psci::is_psci_call(args[0]) {
+            // SMCCC services other than PSCI (TRNG, vendor hypervisor
+            // calls, ARCH_FEATURES): kernels probe them at boot and take
+            // NOT_SUPPORTED as the answer, so this is not a guest error.
+            tracing::debug!(
+                "vCPU {cpu}: SMCCC function {:#x} not implemented",
+                args[0]
+            );
             return ExitResponse::Value(PsciError::NotSupported.to_x0());
         }
         match psci::dispatch(args, self) {

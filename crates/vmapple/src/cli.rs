@@ -4,7 +4,10 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use devices::serial::SerialBackend;
-use machine::{BootSource, DiskSpec, Machine, MachineConfig, PanicPolicy, RunOutcome};
+use machine::{
+    default_mac, BootSource, DiskSpec, Machine, MachineConfig, NetBackendSpec, NicSpec,
+    PanicPolicy, RunOutcome,
+};
 
 use crate::status;
 
@@ -112,10 +115,59 @@ pub struct RunArgs {
     #[arg(long)]
     pub run_installer: bool,
 
+    /// An extra virtio-blk disk (a raw image; sparse files stay sparse).
+    /// Repeat for more disks. Append `,readonly` to open it read-only.
+    #[arg(long = "disk", value_name = "FILE[,readonly]", value_parser = parse_disk)]
+    pub disks: Vec<DiskSpec>,
+
+    /// Network: `passt` (user-mode networking through the passt program;
+    /// the default when passt is installed), `unix:PATH` (a stream socket
+    /// with passt's framing), `unix-dgram:LOCAL,PEER`, `tap:NAME` (Linux)
+    /// or `none`.
+    #[arg(long, value_name = "BACKEND")]
+    pub net: Option<String>,
+
+    /// MAC address of the NIC [default: 52:54:00 followed by three bytes
+    /// derived from the process id].
+    #[arg(long, value_name = "MAC", value_parser = parse_mac)]
+    pub mac: Option<[u8; 6]>,
+
     /// What a guest panic reported through pvpanic does: `exit` (stop with
     /// status 5), `pause` (keep the VM for inspection) or `continue`.
     #[arg(long, default_value = "exit", value_parser = parse_panic_policy, value_name = "POLICY")]
     pub on_panic: PanicPolicy,
+}
+
+fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let mac = devices::apple_cfg::parse_mac(text).map_err(|e| e.to_string())?;
+    if mac[0] & 1 != 0 {
+        return Err(format!("{text} is a multicast address; a NIC needs a unicast one"));
+    }
+    Ok(mac)
+}
+
+/// The NIC list for `--net`: none when asked, passt by default when it is
+/// installed (and nothing, with a note, when it is not).
+fn nics(net: Option<&str>, mac: Option<[u8; 6]>) -> Result<Vec<NicSpec>, String> {
+    let backend = match net {
+        Some("none") => return Ok(Vec::new()),
+        Some(text) => NetBackendSpec::parse(text)?,
+        None if passt_installed() => NetBackendSpec::Passt,
+        None => {
+            tracing::info!("passt is not installed: no network (install passt, or give --net)");
+            return Ok(Vec::new());
+        }
+    };
+    Ok(vec![NicSpec {
+        backend,
+        mac: mac.unwrap_or_else(|| default_mac(0)),
+    }])
+}
+
+fn passt_installed() -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|dir| dir.join("passt").is_file())
+    })
 }
 
 fn parse_panic_policy(text: &str) -> Result<PanicPolicy, String> {
@@ -248,6 +300,11 @@ pub fn run(args: RunArgs) -> Result<u8, String> {
     config.aux = args.aux;
     config.root = args.root;
     config.on_panic = args.on_panic;
+    config.disks = args.disks;
+    if args.mac.is_some() && args.net.as_deref() == Some("none") {
+        return Err("--mac needs a network: it conflicts with --net none".into());
+    }
+    config.nics = nics(args.net.as_deref(), args.mac)?;
     let mut machine = Machine::new(config).map_err(|e| e.to_string())?;
     let signals = crate::signals::forward_to(machine.handle()).map_err(|e| e.to_string())?;
     let mut vm = create_vm(&machine, &args.accel)?;

@@ -36,6 +36,18 @@ pub fn linux_guest() -> (PathBuf, PathBuf) {
     (kernel, initrd)
 }
 
+/// The same kernel with the device initramfs (virtio, ext4, XHCI, HID
+/// drivers as modules).
+pub fn linux_guest_devices() -> (PathBuf, PathBuf) {
+    let (kernel, _) = linux_guest();
+    let initrd = guest_out().join("linux/initramfs-devices.cpio.gz");
+    assert!(
+        initrd.exists(),
+        "the device initramfs is not built: run scripts/setup.sh (or guest/linux/build.sh)"
+    );
+    (kernel, initrd)
+}
+
 /// Builds guest/firmware once per test process into the test target dir
 /// and returns the output directory.
 pub fn firmware_dir() -> &'static Path {
