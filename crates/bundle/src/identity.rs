@@ -379,9 +379,7 @@ mod tests {
         let xml = dir.path().join("id.xml");
         fs::write(
             &xml,
-            xml_plist(&format!(
-                "<dict><key>ECID</key><integer>42</integer></dict>"
-            )),
+            xml_plist("<dict><key>ECID</key><integer>42</integer></dict>"),
         )
         .unwrap();
         assert_eq!(ecid_from_path(&xml).unwrap(), 42);
