@@ -391,30 +391,20 @@ fn import_macosvm_value(
                             _ => warnings.push(format!("networks[0].mac {mac} is not usable")),
                         }
                     }
+                    // macosvm treats a missing type as NAT.
+                    config.network = Network::Passt;
                     match n.get("type").and_then(Value::as_str) {
-                        Some("nat") => config.network = Network::Passt,
-                        Some("unix") => match n.get("path").and_then(Value::as_str) {
-                            Some(path) => config.network = Network::Unix(path.into()),
-                            None => {
-                                config.network = Network::Passt;
-                                warnings.push(
-                                    "networks[0] unix socket without a path; using passt".into(),
-                                );
-                            }
-                        },
-                        other => {
-                            config.network = Network::Passt;
-                            warnings.push(format!(
-                                "networks[0] type {} is not supported; using passt (user-mode NAT)",
-                                other.unwrap_or("(none)")
-                            ));
-                        }
+                        None | Some("nat") => {}
+                        Some("unix") => warnings.push(
+                            "networks[0] type unix (macosvm's datagram socket to a slirp proxy) is not supported; using passt (user-mode NAT)"
+                                .into(),
+                        ),
+                        Some(other) => warnings.push(format!(
+                            "networks[0] type {other} is not supported; using passt (user-mode NAT)"
+                        )),
                     }
                     if let Some(obj) = n.as_object() {
-                        for k in obj
-                            .keys()
-                            .filter(|k| !matches!(k.as_str(), "type" | "mac" | "path"))
-                        {
+                        for k in obj.keys().filter(|k| !matches!(k.as_str(), "type" | "mac")) {
                             warnings
                                 .push(format!("networks[0].{k} is not supported and was ignored"));
                         }
@@ -633,6 +623,33 @@ mod tests {
             assert!(w.contains(want), "{want}: {w}");
         }
         assert_eq!(vm.config.serial, Serial::None);
+    }
+
+    #[test]
+    fn macosvm_networks() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = macosvm_json(dir.path(), "");
+        let text = fs::read_to_string(&p).unwrap();
+        let nat = r#"[{"type":"nat", "mac":"52:54:00:00:00:09"}]"#;
+
+        fs::write(
+            &p,
+            text.replace(nat, r#"[{"type":"unix","path":"/tmp/slirp"}]"#),
+        )
+        .unwrap();
+        let vm = import_macosvm(&p).unwrap();
+        assert_eq!(vm.config.network, Network::Passt);
+        let w = vm.warnings.join("\n");
+        assert!(w.contains("datagram socket"), "{w}");
+        assert!(w.contains("networks[0].path"), "{w}");
+
+        fs::write(&p, text.replace(nat, "[]")).unwrap();
+        assert_eq!(import_macosvm(&p).unwrap().config.network, Network::None);
+
+        fs::write(&p, text.replace(nat, "[{}]")).unwrap();
+        let vm = import_macosvm(&p).unwrap();
+        assert_eq!(vm.config.network, Network::Passt);
+        assert!(!vm.warnings.iter().any(|w| w.contains("network")));
     }
 
     #[test]
