@@ -279,7 +279,12 @@ mod tests {
     #[test]
     fn binary_plist_round_trips() {
         let plist = machine_identifier_plist(ECID);
-        assert!(plist.starts_with(b"bplist00"));
+        // Same shape as the sample machineId in macosvm's README, whose
+        // visible prefix `YnBsaXN0MDDRAQJURUN` is `bplist00 d1 01 02 54 'E'
+        // 'C'...`: a one-entry dictionary with a four-letter ASCII key.
+        let readme = decode_base64("YnBsaXN0MDDRAQJU").unwrap();
+        assert!(plist.starts_with(&readme), "{plist:02x?}");
+        assert_eq!(&plist[readme.len()..readme.len() + 4], b"ECID");
         assert_eq!(ecid_from_plist(&plist, "test").unwrap(), ECID);
         // The cfg region stores it little-endian (§20.7).
         assert_eq!(
@@ -436,3 +441,4 @@ mod tests {
         ));
     }
 }
+
