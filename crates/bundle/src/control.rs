@@ -956,7 +956,13 @@ fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
         unsafe { libc::poll(&mut pfd, 1, 100) };
         let stream = match listener.accept() {
             Ok((s, _)) => s,
-            Err(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => {
+                // E.g. out of descriptors: poll would report the pending
+                // connection again at once, so back off instead of spinning.
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
         };
         let _ = stream.set_nonblocking(false);
         let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
