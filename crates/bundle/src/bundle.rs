@@ -1,0 +1,757 @@
+//! VM bundles: one directory per VM.
+//!
+//! ```text
+//! NAME.vmapple/
+//!   config.toml         human-editable configuration (config.rs)
+//!   MachineIdentifier   binary plist {ECID: n}, as Virtualization.framework
+//!   aux.img             auxiliary storage (sparse)
+//!   root.img            system disk (sparse)
+//!   bundle.lock         flock(2)ed by the process running the VM; holds its pid
+//!   control.sock        control socket while running (control.rs)
+//!   vmapple.log         log of the last run
+//! ```
+//!
+//! A name (no `/`, no `.vmapple` suffix) resolves to `HOME/NAME.vmapple`
+//! where HOME is `$VMAPPLE_HOME`, else `$XDG_DATA_HOME/vmapple`, else
+//! `~/.local/share/vmapple`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Component, Path, PathBuf};
+
+use crate::config::{ConfigError, Disk, DisplayMode, Ecid, MacAddress, Network, VmConfig};
+use crate::identity::{self, IdentityError, MACHINE_IDENTIFIER_FILE};
+
+pub const CONFIG_FILE: &str = "config.toml";
+pub const LOCK_FILE: &str = "bundle.lock";
+pub const CONTROL_SOCKET: &str = "control.sock";
+pub const LOG_FILE: &str = "vmapple.log";
+pub const AUX_IMAGE: &str = "aux.img";
+pub const ROOT_IMAGE: &str = "root.img";
+pub const BUNDLE_SUFFIX: &str = "vmapple";
+
+/// Default size of a new aux image: what Virtualization.framework creates
+/// (macosvm: "aux is typically 32M").
+pub const DEFAULT_AUX_SIZE: u64 = 32 << 20;
+pub const DEFAULT_ROOT_SIZE: u64 = 64 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} already exists; refusing to overwrite it", path.display())]
+    Exists { path: PathBuf },
+    #[error("{} is not a vmapple bundle (no {CONFIG_FILE})", path.display())]
+    NotABundle { path: PathBuf },
+    #[error("{name:?} is not a valid bundle name (letters, digits, '.', '_', '-'; not starting with '.')")]
+    BadName { name: String },
+    #[error("no bundle home: set VMAPPLE_HOME, XDG_DATA_HOME or HOME")]
+    NoHome,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("{}: config.toml says ecid {config} but {MACHINE_IDENTIFIER_FILE} says {file}", path.display())]
+    EcidMismatch {
+        path: PathBuf,
+        config: u64,
+        file: u64,
+    },
+    #[error("{}: {message}", path.display())]
+    Invalid { path: PathBuf, message: String },
+    #[error(transparent)]
+    Lock(#[from] LockError),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
+    move |source| BundleError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("bundle {} is already in use by process {pid}", bundle.display())]
+    InUse { bundle: PathBuf, pid: u32 },
+    #[error("bundle {} is already in use by another process", bundle.display())]
+    InUseUnknown { bundle: PathBuf },
+    #[error("{}: cannot lock: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What `vmapple create` asks for.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    pub cpus: u32,
+    pub memory: u64,
+    /// `None`: a random ECID (a new machine).
+    pub ecid: Option<u64>,
+    pub firmware: Option<PathBuf>,
+    pub aux_size: u64,
+    pub root_size: u64,
+    pub network: Network,
+    pub mac: Option<MacAddress>,
+    pub display_modes: Vec<DisplayMode>,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            cpus: 2,
+            memory: 4 << 30,
+            ecid: None,
+            firmware: None,
+            aux_size: DEFAULT_AUX_SIZE,
+            root_size: DEFAULT_ROOT_SIZE,
+            network: Network::default(),
+            mac: None,
+            display_modes: crate::config::DisplayConfig::default().modes,
+        }
+    }
+}
+
+/// An opened bundle.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    dir: PathBuf,
+    config: VmConfig,
+}
+
+/// One line of `vmapple list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleSummary {
+    pub name: String,
+    pub path: PathBuf,
+    /// `None` when the configuration could not be read (see `error`).
+    pub cpus: Option<u32>,
+    pub memory: Option<u64>,
+    /// Pid of the process running it, if it is running.
+    pub running: Option<u32>,
+    pub error: Option<String>,
+}
+
+/// The bundles home from explicit values of `VMAPPLE_HOME`,
+/// `XDG_DATA_HOME` and `HOME` (empty values count as unset, as the XDG
+/// spec says).
+pub fn bundles_home_from(
+    vmapple_home: Option<&Path>,
+    xdg_data_home: Option<&Path>,
+    home: Option<&Path>,
+) -> Option<PathBuf> {
+    fn set(p: Option<&Path>) -> Option<&Path> {
+        p.filter(|p| !p.as_os_str().is_empty())
+    }
+    if let Some(p) = set(vmapple_home) {
+        return Some(p.to_path_buf());
+    }
+    if let Some(p) = set(xdg_data_home) {
+        return Some(p.join("vmapple"));
+    }
+    set(home).map(|h| h.join(".local/share/vmapple"))
+}
+
+/// The bundles home from the environment.
+pub fn bundles_home() -> Result<PathBuf, BundleError> {
+    let var = |k| std::env::var_os(k).map(PathBuf::from);
+    bundles_home_from(
+        var("VMAPPLE_HOME").as_deref(),
+        var("XDG_DATA_HOME").as_deref(),
+        var("HOME").as_deref(),
+    )
+    .ok_or(BundleError::NoHome)
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name.len() <= 200
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// Where `spec` points: a bare name (one path component, no `.vmapple`
+/// suffix) is looked up in `home`; anything else is a path.
+pub fn resolve_in(home: &Path, spec: &Path) -> Result<PathBuf, BundleError> {
+    let mut comps = spec.components();
+    let single = match (comps.next(), comps.next()) {
+        (Some(Component::Normal(c)), None) => Some(c),
+        _ => None,
+    };
+    let has_suffix = spec.extension().is_some_and(|e| e == BUNDLE_SUFFIX);
+    match single {
+        Some(name) if !has_suffix => {
+            let name =
+                name.to_str()
+                    .filter(|n| valid_name(n))
+                    .ok_or_else(|| BundleError::BadName {
+                        name: name.to_string_lossy().into_owned(),
+                    })?;
+            Ok(home.join(format!("{name}.{BUNDLE_SUFFIX}")))
+        }
+        _ => Ok(spec.to_path_buf()),
+    }
+}
+
+fn random_u64() -> std::io::Result<u64> {
+    let mut b = [0u8; 8];
+    File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(u64::from_ne_bytes(b))
+}
+
+fn create_sparse(path: &Path, size: u64) -> Result<(), BundleError> {
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    f.set_len(size).map_err(io_err(path))
+}
+
+fn write_new(path: &Path, data: &[u8]) -> Result<(), BundleError> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    f.write_all(data).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))
+}
+
+impl Bundle {
+    /// Creates a new bundle directory with sparse disks and a machine
+    /// identifier. Refuses if `dir` exists; on failure removes what it made.
+    pub fn create(dir: &Path, opts: CreateOptions) -> Result<Bundle, BundleError> {
+        let ecid = match opts.ecid {
+            Some(e) => e,
+            None => random_u64().map_err(io_err(Path::new("/dev/urandom")))?,
+        };
+        let mut config = VmConfig::new(
+            opts.cpus,
+            opts.memory,
+            Disk::new(AUX_IMAGE),
+            Disk::new(ROOT_IMAGE),
+        );
+        config.ecid = Some(Ecid(ecid));
+        config.firmware = opts.firmware;
+        config.network = opts.network;
+        config.mac = opts.mac;
+        config.display.modes = opts.display_modes;
+        config.validate().map_err(|message| BundleError::Invalid {
+            path: dir.to_path_buf(),
+            message,
+        })?;
+        Self::create_with(
+            dir,
+            config,
+            ecid,
+            &[(AUX_IMAGE, opts.aux_size), (ROOT_IMAGE, opts.root_size)],
+        )
+    }
+
+    /// Creates a bundle around an imported VM: its config (whose disks
+    /// point at the imported files, not copies) and its machine identifier.
+    pub fn create_imported(
+        dir: &Path,
+        imported: &crate::import::ImportedVm,
+    ) -> Result<Bundle, BundleError> {
+        Self::create_with(dir, imported.config.clone(), imported.ecid, &[])
+    }
+
+    fn create_with(
+        dir: &Path,
+        config: VmConfig,
+        ecid: u64,
+        images: &[(&str, u64)],
+    ) -> Result<Bundle, BundleError> {
+        if fs::symlink_metadata(dir).is_ok() {
+            return Err(BundleError::Exists {
+                path: dir.to_path_buf(),
+            });
+        }
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        // create_dir fails on an existing path, so a race with another
+        // creator cannot make us fill someone else's directory.
+        fs::create_dir(dir).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                BundleError::Exists {
+                    path: dir.to_path_buf(),
+                }
+            } else {
+                io_err(dir)(e)
+            }
+        })?;
+        let fill = || -> Result<(), BundleError> {
+            write_new(
+                &dir.join(MACHINE_IDENTIFIER_FILE),
+                &identity::machine_identifier_plist(ecid),
+            )?;
+            for (name, size) in images {
+                create_sparse(&dir.join(name), *size)?;
+            }
+            write_new(&dir.join(CONFIG_FILE), config.to_toml().as_bytes())
+        };
+        if let Err(e) = fill() {
+            let _ = fs::remove_dir_all(dir);
+            return Err(e);
+        }
+        Ok(Bundle {
+            dir: dir.to_path_buf(),
+            config,
+        })
+    }
+
+    /// Opens a bundle by path, or by name under [`bundles_home`].
+    pub fn open(path_or_name: &Path) -> Result<Bundle, BundleError> {
+        let needs_home = resolve_in(Path::new("/"), path_or_name)? != path_or_name;
+        let dir = if needs_home {
+            resolve_in(&bundles_home()?, path_or_name)?
+        } else {
+            path_or_name.to_path_buf()
+        };
+        Self::open_dir(&dir)
+    }
+
+    /// Opens a bundle by path, or by name under `home`.
+    pub fn open_in(home: &Path, path_or_name: &Path) -> Result<Bundle, BundleError> {
+        Self::open_dir(&resolve_in(home, path_or_name)?)
+    }
+
+    fn open_dir(dir: &Path) -> Result<Bundle, BundleError> {
+        let config_path = dir.join(CONFIG_FILE);
+        if !config_path.is_file() {
+            if !dir.exists() {
+                return Err(BundleError::Io {
+                    path: dir.to_path_buf(),
+                    source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                });
+            }
+            return Err(BundleError::NotABundle {
+                path: dir.to_path_buf(),
+            });
+        }
+        let config = VmConfig::load(&config_path)?;
+        Ok(Bundle {
+            dir: dir.to_path_buf(),
+            config,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The bundle's name: its directory name without `.vmapple`.
+    pub fn name(&self) -> String {
+        bundle_name(&self.dir)
+    }
+
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// A path from config.toml, made absolute against the bundle directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        self.dir.join(p)
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join(CONFIG_FILE)
+    }
+
+    pub fn control_socket_path(&self) -> PathBuf {
+        self.dir.join(CONTROL_SOCKET)
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join(LOG_FILE)
+    }
+
+    pub fn lock_path(&self) -> PathBuf {
+        self.dir.join(LOCK_FILE)
+    }
+
+    pub fn machine_identifier_path(&self) -> PathBuf {
+        self.dir.join(MACHINE_IDENTIFIER_FILE)
+    }
+
+    /// The machine's ECID: config.toml's `ecid`, else the
+    /// `MachineIdentifier` file; if both exist they must agree.
+    pub fn ecid(&self) -> Result<u64, BundleError> {
+        let ident = self.machine_identifier_path();
+        let from_file = if ident.exists() {
+            Some(identity::ecid_from_path(&ident)?)
+        } else {
+            None
+        };
+        match (self.config.ecid, from_file) {
+            (Some(Ecid(c)), Some(f)) if c != f => Err(BundleError::EcidMismatch {
+                path: self.dir.clone(),
+                config: c,
+                file: f,
+            }),
+            (Some(Ecid(c)), _) => Ok(c),
+            (None, Some(f)) => Ok(f),
+            (None, None) => Err(BundleError::Invalid {
+                path: self.dir.clone(),
+                message: format!("no ecid in {CONFIG_FILE} and no {MACHINE_IDENTIFIER_FILE}"),
+            }),
+        }
+    }
+
+    /// Takes the bundle's run lock: only one process may run a VM from a
+    /// bundle at a time. Held until the returned guard drops (or the
+    /// process dies: the kernel releases flocks).
+    pub fn lock(&self) -> Result<BundleLock, LockError> {
+        BundleLock::acquire(&self.dir)
+    }
+}
+
+fn bundle_name(dir: &Path) -> String {
+    let file = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+    let file = file.unwrap_or_else(|| dir.display().to_string());
+    file.strip_suffix(&format!(".{BUNDLE_SUFFIX}"))
+        .map(str::to_string)
+        .unwrap_or(file)
+}
+
+/// The bundles in `home`, sorted by name. A bundle whose config cannot be
+/// read is listed with its error, not left out.
+pub fn list(home: &Path) -> Vec<BundleSummary> {
+    let Ok(entries) = fs::read_dir(home) else {
+        return Vec::new();
+    };
+    let mut out: Vec<BundleSummary> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == BUNDLE_SUFFIX) && p.is_dir())
+        .map(|path| {
+            let running = holder_pid(&path);
+            let (cpus, memory, error) = match Bundle::open_dir(&path) {
+                Ok(b) => (Some(b.config.cpus), Some(b.config.memory.0), None),
+                Err(e) => (None, None, Some(e.to_string())),
+            };
+            BundleSummary {
+                name: bundle_name(&path),
+                path,
+                cpus,
+                memory,
+                running,
+                error,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// Pid of the process holding `dir`'s lock, if one does.
+fn holder_pid(dir: &Path) -> Option<u32> {
+    match BundleLock::acquire(dir) {
+        Ok(_) => None,
+        Err(LockError::InUse { pid, .. }) => Some(pid),
+        Err(LockError::InUseUnknown { .. }) => Some(0),
+        Err(LockError::Io { .. }) => None,
+    }
+}
+
+/// Deletes a bundle directory. Refuses while the bundle is locked (its VM
+/// runs) and refuses directories that are not bundles.
+pub fn delete(path: &Path) -> Result<(), BundleError> {
+    if !path.join(CONFIG_FILE).is_file() {
+        return Err(BundleError::NotABundle {
+            path: path.to_path_buf(),
+        });
+    }
+    // Hold the lock while deleting so no VM starts in the middle.
+    let _lock = BundleLock::acquire(path)?;
+    fs::remove_dir_all(path).map_err(io_err(path))
+}
+
+/// The run lock of a bundle; released on drop.
+#[derive(Debug)]
+pub struct BundleLock {
+    file: File,
+    path: PathBuf,
+}
+
+impl BundleLock {
+    fn acquire(dir: &Path) -> Result<BundleLock, LockError> {
+        let path = dir.join(LOCK_FILE);
+        let io = |source| LockError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                let mut text = String::new();
+                let _ = Read::by_ref(&mut file).take(32).read_to_string(&mut text);
+                let bundle = dir.to_path_buf();
+                return Err(match text.trim().parse::<u32>() {
+                    Ok(pid) => LockError::InUse { bundle, pid },
+                    Err(_) => LockError::InUseUnknown { bundle },
+                });
+            }
+            return Err(io(err));
+        }
+        // Record who holds it, for the message other processes print.
+        file.set_len(0).map_err(io)?;
+        file.seek(SeekFrom::Start(0)).map_err(io)?;
+        writeln!(file, "{}", std::process::id()).map_err(io)?;
+        Ok(BundleLock { file, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for BundleLock {
+    fn drop(&mut self) {
+        // A stale pid must not outlive the lock; the flock itself goes with
+        // the descriptor.
+        let _ = self.file.set_len(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn small() -> CreateOptions {
+        CreateOptions {
+            ecid: Some(1234567890123456789),
+            root_size: 1 << 30,
+            ..CreateOptions::default()
+        }
+    }
+
+    #[test]
+    fn create_then_open() {
+        let home = tempfile::tempdir().unwrap();
+        let dir = home.path().join("mac.vmapple");
+        let b = Bundle::create(&dir, small()).unwrap();
+        assert_eq!(b.name(), "mac");
+        assert_eq!(b.ecid().unwrap(), 1234567890123456789);
+        let root = fs::metadata(dir.join(ROOT_IMAGE)).unwrap();
+        assert_eq!(root.len(), 1 << 30);
+        // Sparse: nothing (or next to nothing) allocated.
+        assert!(root.blocks() * 512 < 1 << 20);
+        assert_eq!(
+            fs::metadata(dir.join(AUX_IMAGE)).unwrap().len(),
+            DEFAULT_AUX_SIZE
+        );
+        assert_eq!(
+            identity::ecid_from_path(&dir.join(MACHINE_IDENTIFIER_FILE)).unwrap(),
+            1234567890123456789
+        );
+        assert_eq!(identity::ecid_from_path(&dir).unwrap(), 1234567890123456789);
+
+        let by_name = Bundle::open_in(home.path(), Path::new("mac")).unwrap();
+        assert_eq!(by_name.config(), b.config());
+        assert_eq!(by_name.config().cpus, 2);
+        assert_eq!(
+            by_name.resolve(&by_name.config().root.path),
+            dir.join(ROOT_IMAGE)
+        );
+        let by_path = Bundle::open_in(Path::new("/nonexistent"), &dir).unwrap();
+        assert_eq!(by_path.dir(), dir);
+        assert_eq!(by_path.control_socket_path(), dir.join("control.sock"));
+        assert_eq!(by_path.log_path(), dir.join("vmapple.log"));
+    }
+
+    #[test]
+    fn create_refuses_to_overwrite() {
+        let home = tempfile::tempdir().unwrap();
+        let dir = home.path().join("a.vmapple");
+        fs::create_dir(&dir).unwrap();
+        fs::write(dir.join("precious"), "x").unwrap();
+        let e = Bundle::create(&dir, small()).unwrap_err();
+        assert!(e.to_string().contains("already exists"), "{e}");
+        assert!(dir.join("precious").exists());
+    }
+
+    #[test]
+    fn create_with_bad_options_leaves_nothing() {
+        let home = tempfile::tempdir().unwrap();
+        let dir = home.path().join("bad.vmapple");
+        let e = Bundle::create(&dir, CreateOptions { cpus: 0, ..small() }).unwrap_err();
+        assert!(e.to_string().contains("cpus"), "{e}");
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn random_ecids_differ() {
+        let home = tempfile::tempdir().unwrap();
+        let opts = CreateOptions {
+            ecid: None,
+            root_size: 4096,
+            ..CreateOptions::default()
+        };
+        let a = Bundle::create(&home.path().join("a.vmapple"), opts.clone()).unwrap();
+        let b = Bundle::create(&home.path().join("b.vmapple"), opts).unwrap();
+        assert_ne!(a.ecid().unwrap(), b.ecid().unwrap());
+    }
+
+    #[test]
+    fn ecid_mismatch_is_reported() {
+        let home = tempfile::tempdir().unwrap();
+        let dir = home.path().join("m.vmapple");
+        Bundle::create(&dir, small()).unwrap();
+        fs::write(
+            dir.join(MACHINE_IDENTIFIER_FILE),
+            identity::machine_identifier_plist(5),
+        )
+        .unwrap();
+        let b = Bundle::open_in(home.path(), Path::new("m")).unwrap();
+        let e = b.ecid().unwrap_err().to_string();
+        assert!(e.contains("says ecid 1234567890123456789"), "{e}");
+    }
+
+    #[test]
+    fn names_and_homes() {
+        let home = Path::new("/h");
+        assert_eq!(
+            resolve_in(home, Path::new("mac")).unwrap(),
+            Path::new("/h/mac.vmapple")
+        );
+        assert_eq!(
+            resolve_in(home, Path::new("mac.vmapple")).unwrap(),
+            Path::new("mac.vmapple")
+        );
+        assert_eq!(
+            resolve_in(home, Path::new("./mac")).unwrap(),
+            Path::new("./mac")
+        );
+        assert_eq!(
+            resolve_in(home, Path::new("/x/y")).unwrap(),
+            Path::new("/x/y")
+        );
+        assert!(matches!(
+            resolve_in(home, Path::new("bad name")),
+            Err(BundleError::BadName { .. })
+        ));
+        assert_eq!(
+            bundles_home_from(
+                Some(Path::new("/v")),
+                Some(Path::new("/x")),
+                Some(Path::new("/h"))
+            ),
+            Some(PathBuf::from("/v"))
+        );
+        assert_eq!(
+            bundles_home_from(
+                Some(Path::new("")),
+                Some(Path::new("/x")),
+                Some(Path::new("/h"))
+            ),
+            Some(PathBuf::from("/x/vmapple"))
+        );
+        assert_eq!(
+            bundles_home_from(None, None, Some(Path::new("/h"))),
+            Some(PathBuf::from("/h/.local/share/vmapple"))
+        );
+        assert_eq!(bundles_home_from(None, None, None), None);
+    }
+
+    #[test]
+    fn open_errors() {
+        let home = tempfile::tempdir().unwrap();
+        let e = Bundle::open_in(home.path(), Path::new("nope")).unwrap_err();
+        assert!(matches!(e, BundleError::Io { .. }), "{e}");
+        fs::create_dir(home.path().join("empty.vmapple")).unwrap();
+        let e = Bundle::open_in(home.path(), Path::new("empty")).unwrap_err();
+        assert!(e.to_string().contains("not a vmapple bundle"), "{e}");
+    }
+
+    #[test]
+    fn lock_contention_names_the_holder() {
+        let home = tempfile::tempdir().unwrap();
+        let dir = home.path().join("busy.vmapple");
+        let b = Bundle::create(&dir, small()).unwrap();
+        let held = b.lock().unwrap();
+        assert_eq!(
+            fs::read_to_string(held.path()).unwrap().trim(),
+            std::process::id().to_string()
+        );
+        let e = b.lock().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "bundle {} is already in use by process {}",
+                dir.display(),
+                std::process::id()
+            )
+        );
+        // Deleting a running bundle is refused; the bundle stays.
+        let e = delete(&dir).unwrap_err();
+        assert!(e.to_string().contains("already in use"), "{e}");
+        assert!(dir.join(CONFIG_FILE).exists());
+        let listed = list(home.path());
+        assert_eq!(listed[0].running, Some(std::process::id()));
+
+        drop(held);
+        assert_eq!(list(home.path())[0].running, None);
+        let again = b.lock().unwrap();
+        drop(again);
+        delete(&dir).unwrap();
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn delete_refuses_non_bundles() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("keep"), "x").unwrap();
+        assert!(matches!(
+            delete(dir.path()),
+            Err(BundleError::NotABundle { .. })
+        ));
+        assert!(dir.path().join("keep").exists());
+    }
+
+    #[test]
+    fn list_shows_broken_bundles_too() {
+        let home = tempfile::tempdir().unwrap();
+        Bundle::create(&home.path().join("b.vmapple"), small()).unwrap();
+        Bundle::create(
+            &home.path().join("a.vmapple"),
+            CreateOptions { cpus: 8, ..small() },
+        )
+        .unwrap();
+        let broken = home.path().join("c.vmapple");
+        fs::create_dir(&broken).unwrap();
+        fs::write(broken.join(CONFIG_FILE), "cpus = 1\nwat = 2\n").unwrap();
+        fs::create_dir(home.path().join("not-a-bundle")).unwrap();
+
+        let l = list(home.path());
+        let names: Vec<_> = l.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        assert_eq!(l[0].cpus, Some(8));
+        assert_eq!(l[1].memory, Some(4 << 30));
+        assert!(l[2].error.as_deref().unwrap().contains("wat"));
+        assert!(list(&home.path().join("missing")).is_empty());
+    }
+}

@@ -1,0 +1,676 @@
+//! Importing VMs made by other tools: Tart VM directories and macosvm JSON
+//! configurations.
+//!
+//! The field names follow the tools' own sources: cirruslabs/tart
+//! `Sources/tart/VMConfig.swift` and `Platform/Darwin.swift` (config.json),
+//! `VMDirectory.swift` (disk.img, nvram.bin); s-u/macosvm
+//! `macosvm/VMInstance.m` (`readFromJSON:`). Every setting that does not map
+//! onto vmapple is reported in [`ImportedVm::warnings`]; the mapping table is
+//! in `docs/bundles.md`.
+//!
+//! Imported disks are referenced where they are, not copied: the aux file
+//! keeps its 16 KiB Virtualization.framework header and is given
+//! `offset = 16384` (vmapple-machine.md §16.2) instead of being trimmed.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::config::{
+    Disk, DisplayMode, MacAddress, Network, Serial, Size, VmConfig, MAX_CPUS, MEMORY_ALIGN,
+    VZ_AUX_HEADER,
+};
+use crate::identity::{self, IdentityError};
+
+/// A VM description ready to become a bundle
+/// ([`crate::Bundle::create_imported`]).
+#[derive(Debug, Clone)]
+pub struct ImportedVm {
+    /// Disks point at the source files by absolute path.
+    pub config: VmConfig,
+    pub ecid: u64,
+    /// Everything in the source that vmapple does not use or does
+    /// differently, one sentence each.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("{}: {message}", path.display())]
+    Invalid { path: PathBuf, message: String },
+}
+
+fn invalid(path: &Path, message: impl Into<String>) -> ImportError {
+    ImportError::Invalid {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+fn read_json(path: &Path) -> Result<Map<String, Value>, ImportError> {
+    let data = identity::read_bounded(path)?;
+    match serde_json::from_slice(&data) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(invalid(path, "top level is not a JSON object")),
+        Err(e) => Err(invalid(path, format!("not valid JSON: {e}"))),
+    }
+}
+
+fn absolute(path: &Path) -> Result<PathBuf, ImportError> {
+    std::path::absolute(path).map_err(|source| ImportError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn cpus_from(path: &Path, key: &str, v: &Value) -> Result<u32, ImportError> {
+    v.as_u64()
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|n| (1..=MAX_CPUS).contains(n))
+        .ok_or_else(|| {
+            invalid(
+                path,
+                format!("{key} = {v}: vmapple runs 1 to {MAX_CPUS} CPUs"),
+            )
+        })
+}
+
+fn memory_from(path: &Path, key: &str, v: &Value) -> Result<u64, ImportError> {
+    v.as_u64()
+        .filter(|n| *n != 0 && n % MEMORY_ALIGN == 0)
+        .ok_or_else(|| {
+            invalid(
+                path,
+                format!("{key} = {v}: expected a non-zero byte count, a multiple of 64 KiB"),
+            )
+        })
+}
+
+fn require_file(path: &Path, what: &str) -> Result<PathBuf, ImportError> {
+    match fs::metadata(path) {
+        Ok(m) if m.is_file() => absolute(path),
+        Ok(_) => Err(invalid(path, format!("{what} is not a regular file"))),
+        Err(source) => Err(ImportError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Imports a Tart VM directory (`~/.tart/vms/NAME`): `config.json`,
+/// `disk.img` (root disk), `nvram.bin` (auxiliary storage).
+pub fn import_tart(dir: &Path) -> Result<ImportedVm, ImportError> {
+    let config_path = dir.join("config.json");
+    let json = read_json(&config_path)?;
+    let mut warnings = Vec::new();
+    let p = config_path.as_path();
+
+    let os = json.get("os").and_then(Value::as_str).unwrap_or("darwin");
+    if os != "darwin" {
+        return Err(invalid(
+            p,
+            format!("os = {os:?}: vmapple runs macOS guests only"),
+        ));
+    }
+    let arch = json.get("arch").and_then(Value::as_str).unwrap_or("arm64");
+    if arch != "arm64" {
+        return Err(invalid(
+            p,
+            format!("arch = {arch:?}: vmapple runs arm64 guests only"),
+        ));
+    }
+    let cpus = cpus_from(p, "cpuCount", json.get("cpuCount").unwrap_or(&Value::Null))?;
+    let memory = memory_from(
+        p,
+        "memorySize",
+        json.get("memorySize").unwrap_or(&Value::Null),
+    )?;
+    let ecid = identity::ecid_from_tart_config(
+        &serde_json::to_vec(&json).unwrap_or_default(),
+        &config_path.display().to_string(),
+    )?;
+
+    let root = require_file(&dir.join("disk.img"), "disk.img")?;
+    let aux = require_file(&dir.join("nvram.bin"), "nvram.bin")?;
+    let mut config = VmConfig::new(
+        cpus,
+        memory,
+        Disk {
+            path: aux,
+            read_only: false,
+            offset: VZ_AUX_HEADER,
+        },
+        Disk::new(root),
+    );
+    config.ecid = Some(crate::config::Ecid(ecid));
+
+    for (key, value) in &json {
+        match key.as_str() {
+            "os" | "arch" | "cpuCount" | "memorySize" | "ecid" => {}
+            "version" => {
+                if value.as_u64() != Some(1) {
+                    warnings.push(format!(
+                        "Tart config version {value} is newer than the version 1 this importer knows; check the result"
+                    ));
+                }
+            }
+            "cpuCountMin" => {
+                if value.as_u64().is_some_and(|min| u64::from(cpus) < min) {
+                    warnings.push(format!(
+                        "cpuCount {cpus} is below the image's cpuCountMin {value}; macOS may refuse to boot"
+                    ));
+                }
+            }
+            "memorySizeMin" => {
+                if value.as_u64().is_some_and(|min| memory < min) {
+                    warnings.push(format!(
+                        "memorySize {memory} is below the image's memorySizeMin {value}; macOS may refuse to boot"
+                    ));
+                }
+            }
+            "macAddress" => match value.as_str().map(str::parse::<MacAddress>) {
+                Some(Ok(mac)) => config.mac = Some(mac),
+                _ => warnings.push(format!(
+                    "macAddress {value} is not a usable MAC address; a random one will be used"
+                )),
+            },
+            "display" => {
+                let w = value.get("width").and_then(Value::as_u64);
+                let h = value.get("height").and_then(Value::as_u64);
+                let mode = w
+                    .zip(h)
+                    .and_then(|(w, h)| format!("{w}x{h}").parse::<DisplayMode>().ok());
+                match mode {
+                    Some(m) => config.display.modes = vec![m],
+                    None => warnings.push(format!(
+                        "display {value} is not a usable WIDTHxHEIGHT; the default mode is used"
+                    )),
+                }
+                if let Some(obj) = value.as_object() {
+                    for k in obj.keys().filter(|k| *k != "width" && *k != "height") {
+                        warnings.push(format!("display.{k} is not supported and was ignored"));
+                    }
+                }
+            }
+            "hardwareModel" => warnings
+                .push("hardwareModel ignored: vmapple emulates one fixed machine model".into()),
+            "sync" => {
+                if value.as_str() != Some("full") {
+                    warnings.push(format!(
+                        "sync = {value} not supported: vmapple flushes to disk whenever the guest asks"
+                    ));
+                }
+            }
+            other => warnings.push(format!(
+                "{other} = {value} is not supported and was ignored"
+            )),
+        }
+    }
+    warnings.push(
+        "Tart chooses networking at `tart run` time; the imported VM uses network = \"passt\" (user-mode NAT)"
+            .into(),
+    );
+    if let Ok(entries) = fs::read_dir(dir) {
+        let mut extra: Vec<String> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !matches!(n.as_str(), "config.json" | "disk.img" | "nvram.bin"))
+            .collect();
+        extra.sort();
+        for name in extra {
+            let why = match name.as_str() {
+                "state.vzvmsave" => {
+                    "a suspended VM state cannot be resumed by vmapple; the VM cold-boots"
+                }
+                _ => "not used by vmapple",
+            };
+            warnings.push(format!("{name}: {why}"));
+        }
+    }
+    Ok(ImportedVm {
+        config,
+        ecid,
+        warnings,
+    })
+}
+
+/// Imports a macosvm JSON configuration. Relative disk paths are taken
+/// relative to the JSON file's directory.
+pub fn import_macosvm(json_path: &Path) -> Result<ImportedVm, ImportError> {
+    let json = read_json(json_path)?;
+    let base = json_path.parent().unwrap_or(Path::new("."));
+    import_macosvm_value(&json, json_path, base)
+}
+
+fn import_macosvm_value(
+    json: &Map<String, Value>,
+    p: &Path,
+    base: &Path,
+) -> Result<ImportedVm, ImportError> {
+    let mut warnings = Vec::new();
+    let os = json.get("os").and_then(Value::as_str).unwrap_or("macos");
+    if os != "macos" {
+        return Err(invalid(
+            p,
+            format!("os = {os:?}: vmapple runs macOS guests only"),
+        ));
+    }
+    let cpus = cpus_from(p, "cpus", json.get("cpus").unwrap_or(&Value::Null))?;
+    let memory = memory_from(p, "ram", json.get("ram").unwrap_or(&Value::Null))?;
+    let ecid = identity::ecid_from_macosvm_json(
+        &serde_json::to_vec(json).unwrap_or_default(),
+        &p.display().to_string(),
+    )?;
+
+    let storage = json
+        .get("storage")
+        .and_then(Value::as_array)
+        .ok_or_else(|| {
+            invalid(
+                p,
+                "no storage array: a macOS VM needs a disk and an aux entry",
+            )
+        })?;
+    let mut aux: Option<Disk> = None;
+    let mut disks: Vec<Disk> = Vec::new();
+    for (i, entry) in storage.iter().enumerate() {
+        let Some(obj) = entry.as_object() else {
+            warnings.push(format!("storage[{i}] is not an object and was ignored"));
+            continue;
+        };
+        let kind = obj.get("type").and_then(Value::as_str).unwrap_or("");
+        let Some(file) = obj.get("file").and_then(Value::as_str) else {
+            warnings.push(format!(
+                "storage[{i}] ({kind}) has no file (URL-backed storage is not supported) and was ignored"
+            ));
+            continue;
+        };
+        let read_only = obj
+            .get("readOnly")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        for (k, v) in obj {
+            match k.as_str() {
+                "type" | "file" | "readOnly" => {}
+                _ => warnings.push(format!(
+                    "storage[{i}].{k} = {v} is not supported and was ignored"
+                )),
+            }
+        }
+        let path = absolute(&base.join(file))?;
+        if !path.is_file() {
+            warnings.push(format!("storage[{i}]: {} does not exist", path.display()));
+        }
+        match kind {
+            "disk" => disks.push(Disk {
+                path,
+                read_only,
+                offset: 0,
+            }),
+            "aux" if aux.is_none() => {
+                aux = Some(Disk {
+                    path,
+                    read_only,
+                    offset: VZ_AUX_HEADER,
+                })
+            }
+            "aux" => warnings.push(format!("storage[{i}]: a second aux entry was ignored")),
+            other => warnings.push(format!(
+                "storage[{i}]: type {other:?} is not supported and was ignored"
+            )),
+        }
+    }
+    let aux = aux.ok_or_else(|| invalid(p, "storage has no \"aux\" entry"))?;
+    if disks.is_empty() {
+        return Err(invalid(p, "storage has no \"disk\" entry"));
+    }
+    let root = disks.remove(0);
+    let mut config = VmConfig::new(cpus, memory, aux, root);
+    config.disks = disks;
+    config.ecid = Some(crate::config::Ecid(ecid));
+    config.memory = Size(memory);
+
+    for (key, value) in json {
+        match key.as_str() {
+            "os" | "cpus" | "ram" | "machineId" | "storage" | "version" => {}
+            "hardwareModel" => warnings
+                .push("hardwareModel ignored: vmapple emulates one fixed machine model".into()),
+            "displays" => {
+                let list = value.as_array().map(Vec::as_slice).unwrap_or(&[]);
+                let mut modes = Vec::new();
+                for (i, d) in list.iter().enumerate() {
+                    let w = d.get("width").and_then(Value::as_u64);
+                    let h = d.get("height").and_then(Value::as_u64);
+                    match w
+                        .zip(h)
+                        .and_then(|(w, h)| format!("{w}x{h}").parse::<DisplayMode>().ok())
+                    {
+                        Some(m) => modes.push(m),
+                        None => warnings.push(format!("displays[{i}] has no usable width/height")),
+                    }
+                    if d.get("dpi").is_some() {
+                        warnings.push(format!(
+                            "displays[{i}].dpi is not supported (vmapple has no pixel-density setting)"
+                        ));
+                    }
+                }
+                if list.len() > 1 {
+                    warnings.push(format!(
+                        "{} displays: vmapple has one display; their sizes become modes of it",
+                        list.len()
+                    ));
+                }
+                if !modes.is_empty() {
+                    config.display.modes = modes;
+                }
+            }
+            "networks" => {
+                let list = value.as_array().map(Vec::as_slice).unwrap_or(&[]);
+                if list.is_empty() {
+                    config.network = Network::None;
+                }
+                for (i, n) in list.iter().enumerate() {
+                    if i > 0 {
+                        warnings.push(format!(
+                            "networks[{i}] ignored: vmapple has one network card"
+                        ));
+                        continue;
+                    }
+                    if let Some(mac) = n.get("mac") {
+                        match mac.as_str().map(str::parse::<MacAddress>) {
+                            Some(Ok(m)) => config.mac = Some(m),
+                            _ => warnings.push(format!("networks[0].mac {mac} is not usable")),
+                        }
+                    }
+                    // macosvm treats a missing type as NAT.
+                    config.network = Network::Passt;
+                    match n.get("type").and_then(Value::as_str) {
+                        None | Some("nat") => {}
+                        Some("unix") => warnings.push(
+                            "networks[0] type unix (macosvm's datagram socket to a slirp proxy) is not supported; using passt (user-mode NAT)"
+                                .into(),
+                        ),
+                        Some(other) => warnings.push(format!(
+                            "networks[0] type {other} is not supported; using passt (user-mode NAT)"
+                        )),
+                    }
+                    if let Some(obj) = n.as_object() {
+                        for k in obj.keys().filter(|k| !matches!(k.as_str(), "type" | "mac")) {
+                            warnings
+                                .push(format!("networks[0].{k} is not supported and was ignored"));
+                        }
+                    }
+                }
+            }
+            "serial" => {
+                if value.as_bool() == Some(false) || value.as_u64() == Some(0) {
+                    config.serial = Serial::None;
+                }
+            }
+            "audio" => {
+                if value.as_bool() == Some(true) || value.as_u64().is_some_and(|v| v != 0) {
+                    warnings.push("audio is not supported by vmapple and was dropped".into());
+                }
+            }
+            "shares" => {
+                if value.as_array().is_some_and(|a| !a.is_empty()) {
+                    warnings.push(
+                        "shares (virtio-fs directories) are not supported and were dropped".into(),
+                    );
+                }
+            }
+            other => warnings.push(format!("{other} is not supported and was ignored")),
+        }
+    }
+    Ok(ImportedVm {
+        config,
+        ecid,
+        warnings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{encode_base64, machine_identifier_plist};
+
+    const ECID: u64 = 1234567890123456789;
+
+    fn tart_dir(extra: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let ecid = encode_base64(&machine_identifier_plist(ECID));
+        let config = format!(
+            r#"{{
+  "version" : 1,
+  "os" : "darwin",
+  "arch" : "arm64",
+  "ecid" : "{ecid}",
+  "hardwareModel" : "YnBsaXN0MDDTAQIDBAUGXxAZRGF0YVJlcHJlc2VudGF0aW9uVmVyc2lvbg==",
+  "cpuCountMin" : 4,
+  "cpuCount" : 6,
+  "memorySizeMin" : 8589934592,
+  "memorySize" : 17179869184,
+  "macAddress" : "7a:65:e4:3c:2b:01",
+  "display" : {{ "width" : 1024, "height" : 768 }},
+  "sync" : "full"{extra}
+}}"#
+        );
+        fs::write(dir.path().join("config.json"), config).unwrap();
+        fs::File::create(dir.path().join("disk.img"))
+            .unwrap()
+            .set_len(50 << 30)
+            .unwrap();
+        fs::File::create(dir.path().join("nvram.bin"))
+            .unwrap()
+            .set_len(32 << 20)
+            .unwrap();
+        dir
+    }
+
+    #[test]
+    fn tart_import_maps_every_field() {
+        let dir = tart_dir("");
+        let vm = import_tart(dir.path()).unwrap();
+        let c = &vm.config;
+        assert_eq!(c.cpus, 6);
+        assert_eq!(c.memory, Size(16 << 30));
+        assert_eq!(vm.ecid, ECID);
+        assert_eq!(c.ecid, Some(crate::config::Ecid(ECID)));
+        assert_eq!(c.root.path, dir.path().join("disk.img"));
+        assert_eq!(c.aux.path, dir.path().join("nvram.bin"));
+        assert_eq!(c.aux.offset, 0x4000);
+        assert_eq!(c.root.offset, 0);
+        assert_eq!(c.mac.unwrap().to_string(), "7a:65:e4:3c:2b:01");
+        assert_eq!(c.display.modes[0].to_string(), "1024x768");
+        assert!(vm.warnings.iter().any(|w| w.contains("hardwareModel")));
+        assert!(vm.warnings.iter().any(|w| w.contains("passt")));
+        assert!(!vm.warnings.iter().any(|w| w.contains("cpuCountMin")));
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn tart_unknowns_become_warnings() {
+        let dir = tart_dir(r#", "diskFormat" : "asif", "sync" : "none""#);
+        fs::write(dir.path().join("state.vzvmsave"), "x").unwrap();
+        let vm = import_tart(dir.path()).unwrap();
+        let w = vm.warnings.join("\n");
+        assert!(w.contains("diskFormat = \"asif\" is not supported"), "{w}");
+        assert!(w.contains("sync = \"none\""), "{w}");
+        assert!(w.contains("state.vzvmsave: a suspended VM state"), "{w}");
+    }
+
+    #[test]
+    fn tart_refusals() {
+        let dir = tart_dir("");
+        let cfg = dir.path().join("config.json");
+        let text = fs::read_to_string(&cfg).unwrap();
+
+        fs::write(&cfg, text.replace("\"darwin\"", "\"linux\"")).unwrap();
+        let e = import_tart(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("macOS guests only"), "{e}");
+
+        fs::write(&cfg, text.replace("\"cpuCount\" : 6", "\"cpuCount\" : 64")).unwrap();
+        let e = import_tart(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("cpuCount = 64"), "{e}");
+
+        fs::write(&cfg, text.replace("\"cpuCount\" : 6", "\"cpuCount\" : 2")).unwrap();
+        let vm = import_tart(dir.path()).unwrap();
+        assert!(vm
+            .warnings
+            .iter()
+            .any(|w| w.contains("below the image's cpuCountMin")));
+
+        fs::write(&cfg, &text).unwrap();
+        fs::remove_file(dir.path().join("nvram.bin")).unwrap();
+        let e = import_tart(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("nvram.bin"), "{e}");
+    }
+
+    #[test]
+    fn tart_import_becomes_a_bundle() {
+        let dir = tart_dir("");
+        let vm = import_tart(dir.path()).unwrap();
+        let home = tempfile::tempdir().unwrap();
+        crate::Bundle::create_imported(&home.path().join("t.vmapple"), &vm).unwrap();
+        let b = crate::Bundle::open_in(home.path(), Path::new("t")).unwrap();
+        assert_eq!(b.ecid().unwrap(), ECID);
+        assert_eq!(b.config().cpus, 6);
+        assert_eq!(
+            b.resolve(&b.config().root.path),
+            dir.path().join("disk.img")
+        );
+    }
+
+    fn macosvm_json(dir: &Path, extra: &str) -> PathBuf {
+        fs::write(dir.join("disk.img"), "").unwrap();
+        fs::write(dir.join("aux.img"), "").unwrap();
+        let id = encode_base64(&machine_identifier_plist(ECID));
+        let text = format!(
+            r#"{{
+  "hardwareModel":"YnBsaXN0MDA=",
+  "storage":[
+    {{"type":"disk", "file":"disk.img", "readOnly":false}},
+    {{"type":"aux", "file":"aux.img", "readOnly":false}},
+    {{"type":"disk", "file":"/data/extra.img", "readOnly":true}}
+  ],
+  "ram":4294967296,
+  "machineId":"{id}",
+  "displays":[{{"dpi":200, "width":2560, "height":1600}}],
+  "version":1,
+  "cpus":2,
+  "networks":[{{"type":"nat", "mac":"52:54:00:00:00:09"}}],
+  "audio":false{extra}
+}}"#
+        );
+        let p = dir.join("macosvm.json");
+        fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn macosvm_import() {
+        let dir = tempfile::tempdir().unwrap();
+        let vm = import_macosvm(&macosvm_json(dir.path(), "")).unwrap();
+        let c = &vm.config;
+        assert_eq!(vm.ecid, ECID);
+        assert_eq!(c.cpus, 2);
+        assert_eq!(c.memory, Size(4 << 30));
+        assert_eq!(c.root.path, dir.path().join("disk.img"));
+        assert_eq!(c.aux.path, dir.path().join("aux.img"));
+        assert_eq!(c.aux.offset, 0x4000);
+        assert_eq!(c.disks.len(), 1);
+        assert!(c.disks[0].read_only);
+        assert_eq!(c.network, Network::Passt);
+        assert_eq!(c.mac.unwrap().to_string(), "52:54:00:00:00:09");
+        assert_eq!(c.display.modes[0].to_string(), "2560x1600");
+        let w = vm.warnings.join("\n");
+        assert!(w.contains("dpi"), "{w}");
+        assert!(w.contains("/data/extra.img does not exist"), "{w}");
+        assert!(!w.contains("audio"), "{w}");
+    }
+
+    #[test]
+    fn macosvm_unsupported_settings_warn() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = macosvm_json(
+            dir.path(),
+            r#", "audio":true, "shares":[{"path":"/x"}], "serial":false, "spice":1"#,
+        );
+        let text = fs::read_to_string(&p).unwrap().replace(
+            r#"[{"type":"nat", "mac":"52:54:00:00:00:09"}]"#,
+            r#"[{"type":"bridge","interface":"en0"},{"type":"nat"}]"#,
+        );
+        fs::write(&p, text).unwrap();
+        let vm = import_macosvm(&p).unwrap();
+        let w = vm.warnings.join("\n");
+        for want in [
+            "audio",
+            "shares",
+            "spice is not supported",
+            "bridge is not supported",
+            "networks[0].interface",
+            "networks[1] ignored",
+        ] {
+            assert!(w.contains(want), "{want}: {w}");
+        }
+        assert_eq!(vm.config.serial, Serial::None);
+    }
+
+    #[test]
+    fn macosvm_networks() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = macosvm_json(dir.path(), "");
+        let text = fs::read_to_string(&p).unwrap();
+        let nat = r#"[{"type":"nat", "mac":"52:54:00:00:00:09"}]"#;
+
+        fs::write(
+            &p,
+            text.replace(nat, r#"[{"type":"unix","path":"/tmp/slirp"}]"#),
+        )
+        .unwrap();
+        let vm = import_macosvm(&p).unwrap();
+        assert_eq!(vm.config.network, Network::Passt);
+        let w = vm.warnings.join("\n");
+        assert!(w.contains("datagram socket"), "{w}");
+        assert!(w.contains("networks[0].path"), "{w}");
+
+        fs::write(&p, text.replace(nat, "[]")).unwrap();
+        assert_eq!(import_macosvm(&p).unwrap().config.network, Network::None);
+
+        fs::write(&p, text.replace(nat, "[{}]")).unwrap();
+        let vm = import_macosvm(&p).unwrap();
+        assert_eq!(vm.config.network, Network::Passt);
+        assert!(!vm.warnings.iter().any(|w| w.contains("network")));
+    }
+
+    #[test]
+    fn macosvm_refusals() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = macosvm_json(dir.path(), "");
+        let text = fs::read_to_string(&p).unwrap();
+        let cases = [
+            (r#""type":"aux""#, r#""type":"usb""#, "no \"aux\" entry"),
+            (r#""cpus":2"#, r#""cpus":"two""#, "cpus = \"two\""),
+            (r#""ram":4294967296"#, r#""ram":5"#, "ram = 5"),
+            (
+                r#""machineId":""#,
+                r#""machineId":"!!"#,
+                "machineId is not base64",
+            ),
+        ];
+        for (from, to, want) in cases {
+            fs::write(&p, text.replace(from, to)).unwrap();
+            let e = import_macosvm(&p).unwrap_err().to_string();
+            assert!(e.contains(want), "{to}: {e}");
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! Everything about vmapple VMs at rest and at arm's length: bundles
+//! (`NAME.vmapple/` directories with a `config.toml`), the machine
+//! identity (ECID) a macOS guest is tied to, importing Tart and macosvm
+//! VMs, and the JSON-lines control-socket protocol a running VM serves.
+//!
+//! Pure library code: nothing here knows about the machine model or an
+//! accelerator; the `vmapple` binary wires it up.
+
+pub mod bundle;
+pub mod config;
+pub mod control;
+pub mod identity;
+pub mod import;
+
+pub use bundle::{
+    bundles_home, delete, list, Bundle, BundleError, BundleLock, BundleSummary, CreateOptions,
+    LockError,
+};
+pub use config::VmConfig;
+pub use identity::{ecid_from_path, machine_identifier_plist, IdentityError};
+pub use import::{import_macosvm, import_tart, ImportError, ImportedVm};
