@@ -151,3 +151,89 @@ mod tests {
         assert!(ro.write_at(&[1], 0).is_err());
     }
 }
+
+/// A disk that starts `offset` bytes into another: how an untrimmed
+/// Virtualization.framework aux file (16 KiB of metadata first,
+/// vmapple-machine.md §16.2) is served without copying it.
+pub struct OffsetDisk {
+    inner: std::sync::Arc<dyn BlockBackend>,
+    offset: u64,
+}
+
+impl OffsetDisk {
+    /// Fails if `offset` lies past the end of `inner`.
+    pub fn new(inner: std::sync::Arc<dyn BlockBackend>, offset: u64) -> io::Result<Self> {
+        if offset > inner.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "offset {offset:#x} is past the end of the {:#x}-byte image",
+                    inner.len()
+                ),
+            ));
+        }
+        Ok(Self { inner, offset })
+    }
+
+    fn outer(&self, offset: u64, len: u64) -> io::Result<u64> {
+        check_range(self.len(), offset, len)?;
+        Ok(offset + self.offset)
+    }
+}
+
+impl BlockBackend for OffsetDisk {
+    fn len(&self) -> u64 {
+        self.inner.len().saturating_sub(self.offset)
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.inner.is_read_only()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let at = self.outer(offset, buf.len() as u64)?;
+        self.inner.read_at(buf, at)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let at = self.outer(offset, buf.len() as u64)?;
+        self.inner.write_at(buf, at)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let at = self.outer(offset, len)?;
+        self.inner.discard(at, len)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        let at = self.outer(offset, len)?;
+        self.inner.write_zeroes(at, len)
+    }
+}
+
+#[cfg(test)]
+mod offset_tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn offset_disk_hides_the_header_and_stays_inside() {
+        let data: Vec<u8> = (0..64u8).collect();
+        let inner = Arc::new(MemoryDisk::new(data, false));
+        let disk = OffsetDisk::new(inner.clone(), 16).unwrap();
+        assert_eq!(disk.len(), 48);
+        let mut buf = [0u8; 4];
+        disk.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [16, 17, 18, 19]);
+        assert!(disk.read_at(&mut buf, 46).is_err(), "past the end");
+        assert!(disk.read_at(&mut buf, u64::MAX - 1).is_err(), "overflow");
+        disk.write_at(&[0xaa], 0).unwrap();
+        assert_eq!(inner.contents()[16], 0xaa);
+        assert_eq!(inner.contents()[15], 15, "the header is untouched");
+        assert!(OffsetDisk::new(inner, 65).is_err());
+    }
+}

@@ -140,6 +140,8 @@ pub enum OnPanic {
     Pause,
     /// Reset and boot again.
     Reset,
+    /// Log it and let the guest run on (to its crash kernel, say).
+    Continue,
 }
 
 macro_rules! string_serde {

@@ -75,6 +75,8 @@ pub enum PanicPolicy {
     Pause,
     /// Log it and let the guest go on (to its crash kernel, say).
     Continue,
+    /// Reset the machine and boot again.
+    Reset,
 }
 
 impl PanicPolicy {
@@ -83,6 +85,7 @@ impl PanicPolicy {
             Self::Exit => "exit",
             Self::Pause => "pause",
             Self::Continue => "continue",
+            Self::Reset => "reset",
         }
     }
 }
@@ -94,8 +97,9 @@ impl std::str::FromStr for PanicPolicy {
             "exit" => Ok(Self::Exit),
             "pause" => Ok(Self::Pause),
             "continue" => Ok(Self::Continue),
+            "reset" => Ok(Self::Reset),
             other => Err(format!(
-                "{other:?} is not a panic policy (use exit, pause or continue)"
+                "{other:?} is not a panic policy (use exit, pause, continue or reset)"
             )),
         }
     }
@@ -106,6 +110,9 @@ impl std::str::FromStr for PanicPolicy {
 pub struct DiskSpec {
     pub path: PathBuf,
     pub read_only: bool,
+    /// Bytes at the start of the file the guest does not see (16 KiB for
+    /// an untrimmed Virtualization.framework aux file).
+    pub offset: u64,
 }
 
 /// Everything needed to build a machine.
@@ -172,6 +179,12 @@ pub enum MachineError {
     Disk {
         which: &'static str,
         source: block::OpenError,
+    },
+    #[error("--{which} {}: {error}", path.display())]
+    DiskOffset {
+        which: &'static str,
+        path: PathBuf,
+        error: String,
     },
     #[error("network backend {backend}: {error}")]
     Net { backend: String, error: String },
@@ -255,6 +268,7 @@ impl PanicEvents for PanicActions {
                 tracing::warn!("VM paused after the guest panic");
             }
             PanicPolicy::Continue => {}
+            PanicPolicy::Reset => self.control.request_stop(StopReason::Reset),
         }
         self.events.publish(MachineEvent::GuestPanicked {
             action: self.policy.name(),
@@ -326,9 +340,23 @@ impl Machine {
         }
         .build()?;
         let open_disk = |which: &'static str, spec: &Option<DiskSpec>| match spec {
-            Some(spec) => DiskImage::open(&spec.path, spec.read_only)
-                .map(|d| Arc::new(d) as Arc<dyn BlockBackend>)
-                .map_err(|source| MachineError::Disk { which, source }),
+            Some(spec) => {
+                let image: Arc<dyn BlockBackend> = Arc::new(
+                    DiskImage::open(&spec.path, spec.read_only)
+                        .map_err(|source| MachineError::Disk { which, source })?,
+                );
+                if spec.offset == 0 {
+                    Ok(image)
+                } else {
+                    block::OffsetDisk::new(image, spec.offset)
+                        .map(|d| Arc::new(d) as Arc<dyn BlockBackend>)
+                        .map_err(|e| MachineError::DiskOffset {
+                            which,
+                            path: spec.path.clone(),
+                            error: e.to_string(),
+                        })
+                }
+            }
             // No drive: every backdoor read fails with status 1, as
             // reading past the end of an empty disk would.
             None => Ok(Arc::new(MemoryDisk::new(Vec::new(), true)) as Arc<dyn BlockBackend>),

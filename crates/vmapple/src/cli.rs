@@ -191,6 +191,7 @@ pub fn parse_disk(text: &str) -> Result<DiskSpec, String> {
     Ok(DiskSpec {
         path: PathBuf::from(path),
         read_only,
+        offset: 0,
     })
 }
 
