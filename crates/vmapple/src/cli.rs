@@ -34,21 +34,37 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Boot and run a VM.
+    /// Boot and run a VM: a bundle (by name or path), or a machine given
+    /// entirely by options. Options override the bundle's config.toml.
     #[command(after_help = EXIT_STATUS_HELP)]
     Run(RunArgs),
+    /// Make a new VM bundle (config.toml, sparse aux and root disks, a new
+    /// machine identifier).
+    Create(crate::bundles::CreateArgs),
+    /// Turn a Tart VM directory or a macosvm JSON into a vmapple bundle
+    /// (disks are used in place, not copied).
+    Import(crate::bundles::ImportArgs),
+    /// List the bundles in the bundles home ($VMAPPLE_HOME, else
+    /// $XDG_DATA_HOME/vmapple, else ~/.local/share/vmapple).
+    List,
+    /// Delete a bundle that is not running.
+    Delete(crate::bundles::DeleteArgs),
+    /// Print the ECID of a machine identifier: a bundle, a Tart VM, a
+    /// macosvm JSON, a Virtualization.framework bundle or the plist itself.
+    Identity(crate::bundles::IdentityArgs),
+    /// Send a command to a running VM's control socket.
+    Ctl(crate::control::CtlArgs),
 }
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
+    /// A bundle name (in the bundles home) or path; see `vmapple create`.
+    #[arg(value_name = "BUNDLE")]
+    pub bundle: Option<PathBuf>,
+
     /// Boot ROM image loaded at 0x10_0000 (at most 1 MiB), e.g. Apple's
     /// AVPBooter.vmapple2.bin or vmapple's test firmware.
-    #[arg(
-        long,
-        value_name = "FILE",
-        required_unless_present = "kernel",
-        conflicts_with = "kernel"
-    )]
+    #[arg(long, value_name = "FILE", conflicts_with = "kernel")]
     pub firmware: Option<PathBuf>,
 
     /// Linux kernel Image (raw or gzip) to boot directly with a generated
@@ -64,18 +80,25 @@ pub struct RunArgs {
     #[arg(long, value_name = "CMDLINE")]
     pub append: Option<String>,
 
-    /// Number of vCPUs (1 to 32).
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    pub cpus: usize,
+    /// Number of vCPUs (1 to 32) [default: 1, or the bundle's].
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<usize>,
 
-    /// Guest RAM, with a K, M, G or T suffix (binary units), e.g. 512M or 4G.
-    #[arg(long, default_value = "512M", value_parser = parse_size, value_name = "SIZE")]
-    pub memory: u64,
+    /// Guest RAM, with a K, M, G or T suffix (binary units), e.g. 512M or
+    /// 4G [default: 512M, or the bundle's].
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    pub memory: Option<u64>,
 
     /// Serial console: `stdio`, `file:PATH`, `unix:PATH` (a socket vmapple
-    /// listens on) or `none`. On stdio, Ctrl-A x stops the VM.
-    #[arg(long, default_value = "stdio", value_name = "BACKEND")]
-    pub serial: SerialBackend,
+    /// listens on) or `none` [default: stdio, or the bundle's]. On stdio,
+    /// Ctrl-A x stops the VM.
+    #[arg(long, value_name = "BACKEND")]
+    pub serial: Option<SerialBackend>,
+
+    /// Serve the control socket (JSON lines, see docs/bundles.md) at PATH
+    /// [default: control.sock in the bundle; none without a bundle].
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
 
     /// Accelerator: `tcg` (the portable software CPU).
     #[arg(long, default_value = "tcg", value_name = "ACCEL")]
@@ -110,6 +133,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "TEXT", default_value = devices::apple_cfg::DEFAULT_SOC_NAME)]
     pub soc_name: String,
 
+    /// Bytes to skip at the start of the --aux file: 16384 for an
+    /// untrimmed Virtualization.framework auxiliary-storage file.
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    pub aux_offset: u64,
+
     /// Tell the boot ROM to start the macOS installer (sets the cfg
     /// region's run_installer1 and run_installer2 words).
     #[arg(long)]
@@ -133,9 +161,10 @@ pub struct RunArgs {
     pub mac: Option<[u8; 6]>,
 
     /// What a guest panic reported through pvpanic does: `exit` (stop with
-    /// status 5), `pause` (keep the VM for inspection) or `continue`.
-    #[arg(long, default_value = "exit", value_parser = parse_panic_policy, value_name = "POLICY")]
-    pub on_panic: PanicPolicy,
+    /// status 5), `pause` (keep the VM for inspection), `reset` or
+    /// `continue` [default: exit, or the bundle's].
+    #[arg(long, value_parser = parse_panic_policy, value_name = "POLICY")]
+    pub on_panic: Option<PanicPolicy>,
 }
 
 fn parse_mac(text: &str) -> Result<[u8; 6], String> {
@@ -277,7 +306,63 @@ impl RunArgs {
     }
 }
 
-pub fn run(args: RunArgs) -> Result<u8, String> {
+/// The bundle a run uses, locked for the run's lifetime.
+struct OpenBundle {
+    bundle: bundle::Bundle,
+    _lock: bundle::BundleLock,
+}
+
+fn open_bundle(spec: &std::path::Path) -> Result<OpenBundle, String> {
+    let bundle = bundle::Bundle::open(spec).map_err(|e| e.to_string())?;
+    let lock = bundle.lock().map_err(|e| e.to_string())?;
+    Ok(OpenBundle {
+        bundle,
+        _lock: lock,
+    })
+}
+
+fn disk_from_bundle(b: &bundle::Bundle, disk: &bundle::config::Disk) -> DiskSpec {
+    DiskSpec {
+        path: b.resolve(&disk.path),
+        read_only: disk.read_only,
+        offset: disk.offset,
+    }
+}
+
+fn panic_policy_from_bundle(p: bundle::config::OnPanic) -> PanicPolicy {
+    use bundle::config::OnPanic;
+    match p {
+        OnPanic::Exit => PanicPolicy::Exit,
+        OnPanic::Pause => PanicPolicy::Pause,
+        OnPanic::Reset => PanicPolicy::Reset,
+        OnPanic::Continue => PanicPolicy::Continue,
+    }
+}
+
+fn net_from_bundle(n: &bundle::config::Network) -> Option<String> {
+    use bundle::config::Network;
+    Some(match n {
+        Network::Passt => "passt".into(),
+        Network::None => "none".into(),
+        Network::Unix(path) => format!("unix:{}", path.display()),
+        Network::Tap(name) => format!("tap:{name}"),
+    })
+}
+
+fn serial_from_bundle(s: &bundle::config::Serial) -> SerialBackend {
+    use bundle::config::Serial;
+    match s {
+        Serial::Stdio => SerialBackend::Stdio,
+        Serial::None => SerialBackend::None,
+        Serial::File(p) => SerialBackend::File(p.clone()),
+        Serial::Unix(p) => SerialBackend::Unix(p.clone()),
+    }
+}
+
+/// Resolves a run's settings: options first, then the bundle, then the
+/// built-in defaults.
+fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<MachineConfig, String> {
+    let config = bundle.map(|b| b.config());
     let boot = match (args.firmware, args.kernel) {
         (Some(firmware), None) => BootSource::Firmware(firmware),
         (None, Some(kernel)) => BootSource::Linux {
@@ -285,12 +370,38 @@ pub fn run(args: RunArgs) -> Result<u8, String> {
             initrd: args.initrd,
             cmdline: args.append.unwrap_or_else(|| "console=ttyAMA0".into()),
         },
-        _ => return Err("give exactly one of --firmware and --kernel".into()),
+        (None, None) => match (bundle, config.and_then(|c| c.firmware.as_ref())) {
+            (Some(b), Some(firmware)) => BootSource::Firmware(b.resolve(firmware)),
+            (Some(b), None) => {
+                return Err(format!(
+                    "bundle {} names no firmware: add `firmware = \"PATH\"` to its config.toml or give --firmware",
+                    b.name()
+                ))
+            }
+            (None, _) => {
+                return Err("nothing to boot: give a bundle, --firmware FILE or --kernel FILE".into())
+            }
+        },
+        (Some(_), Some(_)) => return Err("give only one of --firmware and --kernel".into()),
     };
-    let mut config = MachineConfig::new(args.cpus, args.memory, boot, args.serial);
+    let cpus = args
+        .cpus
+        .or(config.map(|c| c.cpus as usize))
+        .unwrap_or(1);
+    let memory = args.memory.or(config.map(|c| c.memory.0)).unwrap_or(512 << 20);
+    let serial = args
+        .serial
+        .or(config.map(|c| serial_from_bundle(&c.serial)))
+        .unwrap_or(SerialBackend::Stdio);
+    let mut machine = MachineConfig::new(cpus, memory, boot, serial);
+    let ecid = match (args.ecid, bundle) {
+        (Some(ecid), _) => ecid,
+        (None, Some(b)) => b.ecid().map_err(|e| e.to_string())?,
+        (None, None) => 0,
+    };
     let installer = u32::from(args.run_installer);
-    config.platform = devices::apple_cfg::CfgParams {
-        ecid: args.ecid.unwrap_or(0),
+    machine.platform = devices::apple_cfg::CfgParams {
+        ecid,
         serial: args.serial_number,
         model: args.model,
         soc_name: args.soc_name,
@@ -298,20 +409,59 @@ pub fn run(args: RunArgs) -> Result<u8, String> {
         run_installer2: installer,
         ..Default::default()
     };
-    config.aux = args.aux;
-    config.root = args.root;
-    config.on_panic = args.on_panic;
-    config.disks = args.disks;
-    if args.mac.is_some() && args.net.as_deref() == Some("none") {
+    machine.aux = match (args.aux, bundle) {
+        (Some(mut aux), _) => {
+            aux.offset = args.aux_offset;
+            Some(aux)
+        }
+        (None, Some(b)) => Some(disk_from_bundle(b, &b.config().aux)),
+        (None, None) => None,
+    };
+    machine.root = args
+        .root
+        .or_else(|| bundle.map(|b| disk_from_bundle(b, &b.config().root)));
+    machine.disks = if args.disks.is_empty() {
+        bundle
+            .map(|b| b.config().disks.iter().map(|d| disk_from_bundle(b, d)).collect())
+            .unwrap_or_default()
+    } else {
+        args.disks
+    };
+    machine.on_panic = args
+        .on_panic
+        .or(config.map(|c| panic_policy_from_bundle(c.on_panic)))
+        .unwrap_or_default();
+    let net = args.net.or_else(|| config.and_then(|c| net_from_bundle(&c.network)));
+    let mac = args.mac.or(config.and_then(|c| c.mac.map(|m| m.0)));
+    if mac.is_some() && net.as_deref() == Some("none") {
         return Err("--mac needs a network: it conflicts with --net none".into());
     }
-    config.nics = nics(args.net.as_deref(), args.mac)?;
+    machine.nics = nics(net.as_deref(), mac)?;
+    Ok(machine)
+}
+
+pub fn run(args: RunArgs) -> Result<u8, String> {
+    let opened = args.bundle.as_deref().map(open_bundle).transpose()?;
+    let bundle = opened.as_ref().map(|o| &o.bundle);
+    if let Some(b) = bundle {
+        tracing::info!("running bundle {} ({})", b.name(), b.dir().display());
+    }
+    let control_path = args
+        .control
+        .clone()
+        .or_else(|| bundle.map(|b| b.control_socket_path()));
+    let accel = args.accel.clone();
+    let config = machine_config(args, bundle)?;
     let mut machine = Machine::new(config).map_err(|e| e.to_string())?;
     let signals = crate::signals::forward_to(machine.handle()).map_err(|e| e.to_string())?;
-    let mut vm = create_vm(&machine, &args.accel)?;
-    let outcome = machine.run(vm.as_mut()).map_err(|e| e.to_string())?;
+    let control = control_path
+        .map(|path| crate::control::serve(&path, machine.handle(), None))
+        .transpose()?;
+    let mut vm = create_vm(&machine, &accel)?;
+    let outcome = machine.run(vm.as_mut()).map_err(|e| e.to_string());
+    drop(control);
     drop(signals);
-    Ok(match outcome {
+    Ok(match outcome? {
         RunOutcome::PoweredOff => {
             tracing::info!("guest powered off");
             status::POWERED_OFF

@@ -6,7 +6,9 @@
 //! in a reset loop; 5 the guest panicked (pvpanic); 6 the host stopped the
 //! VM before the guest powered off.
 
+mod bundles;
 mod cli;
+mod control;
 mod signals;
 
 use std::process::ExitCode;
@@ -42,11 +44,9 @@ fn init_logging(level: Option<&str>) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match &cli.command {
-        Command::Run(args) => {
-            if let Err(e) = args.check() {
-                e.exit();
-            }
+    if let Command::Run(args) = &cli.command {
+        if let Err(e) = args.check() {
+            e.exit();
         }
     }
     if let Err(message) = init_logging(cli.log.as_deref()) {
@@ -55,6 +55,12 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Run(args) => cli::run(args),
+        Command::Create(args) => bundles::create(args),
+        Command::Import(args) => bundles::import(args),
+        Command::List => bundles::list(),
+        Command::Delete(args) => bundles::delete(args),
+        Command::Identity(args) => bundles::identity(args),
+        Command::Ctl(args) => control::ctl(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

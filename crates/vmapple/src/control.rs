@@ -1,0 +1,254 @@
+//! The control socket of a running VM (`bundle::control` speaks the
+//! protocol; this maps requests onto the machine) and `vmapple ctl`, its
+//! command-line client.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bundle::control::{
+    Button, ControlHandler, ControlServer, ErrorClass, Event, EventKind, Request, Response,
+    RunState,
+};
+use clap::Args;
+use machine::handle::{MachineEvent, MachineHandle};
+
+/// Input a control client sends into the guest (keyboard and tablet).
+pub trait InputTarget: Send + Sync {
+    fn send_keys(&self, keys: &[String]) -> Result<(), String>;
+    fn pointer(&self, x: u16, y: u16, buttons: &[Button]) -> Result<(), String>;
+}
+
+struct MachineControl {
+    machine: MachineHandle,
+    input: Option<Arc<dyn InputTarget>>,
+}
+
+impl ControlHandler for MachineControl {
+    fn handle(&self, req: Request) -> Response {
+        tracing::debug!(command = req.name(), "control request");
+        match req {
+            Request::Status => Response::status(if self.machine.is_paused() {
+                RunState::Paused
+            } else {
+                RunState::Running
+            }),
+            Request::Pause => {
+                self.machine.pause();
+                Response::ok()
+            }
+            Request::Resume => {
+                self.machine.resume();
+                Response::ok()
+            }
+            Request::Powerdown => {
+                self.machine.power_button();
+                Response::ok()
+            }
+            Request::Stop => {
+                self.machine.stop();
+                Response::ok()
+            }
+            Request::Reset => {
+                self.machine.reset();
+                Response::ok()
+            }
+            Request::SendKeys { keys } => match &self.input {
+                Some(input) => result(input.send_keys(&keys)),
+                None => no_input(),
+            },
+            Request::Pointer { x, y, buttons } => match &self.input {
+                Some(input) => result(input.pointer(x, y, &buttons)),
+                None => no_input(),
+            },
+            Request::Screenshot { .. } => Response::error(
+                ErrorClass::Unsupported,
+                "this VM has no display (displays need the macOS host)",
+            ),
+            // The server answers subscriptions itself.
+            Request::Subscribe => Response::ok(),
+        }
+    }
+}
+
+fn result(r: Result<(), String>) -> Response {
+    match r {
+        Ok(()) => Response::ok(),
+        Err(e) => Response::error(ErrorClass::Failed, e),
+    }
+}
+
+fn no_input() -> Response {
+    Response::error(
+        ErrorClass::Unsupported,
+        "this VM has no USB keyboard or tablet (run it without --no-usb)",
+    )
+}
+
+/// The control socket and the thread forwarding machine events to it.
+pub struct Control {
+    _server: Arc<ControlServer>,
+    _events: std::thread::JoinHandle<()>,
+}
+
+/// Serves the control socket at `path` until the returned value drops.
+pub fn serve(
+    path: &Path,
+    machine: MachineHandle,
+    input: Option<Arc<dyn InputTarget>>,
+) -> Result<Control, String> {
+    let events = machine.subscribe();
+    let handler = Arc::new(MachineControl { machine, input });
+    let server = Arc::new(
+        ControlServer::bind(path, handler)
+            .map_err(|e| format!("control socket {}: {e}", path.display()))?,
+    );
+    tracing::info!("control socket at {}", path.display());
+    let forward = server.clone();
+    let thread = std::thread::Builder::new()
+        .name("control-events".into())
+        .spawn(move || {
+            // Ends when the machine drops its event bus (the run is over).
+            for event in events {
+                let kind = match event {
+                    MachineEvent::GuestPanicked { .. } => EventKind::GuestPanicked,
+                    MachineEvent::GuestCrashLoaded => EventKind::CrashLoaded,
+                    MachineEvent::Paused => EventKind::Paused,
+                    MachineEvent::Resumed => EventKind::Resumed,
+                    MachineEvent::Reset => EventKind::Reset,
+                    MachineEvent::Stopped { .. } => EventKind::PoweredOff,
+                    MachineEvent::PowerButton => continue,
+                };
+                let mut e = Event::now(kind);
+                if let MachineEvent::GuestPanicked { action } = event {
+                    e.data = Some(serde_json::json!({ "action": action }));
+                }
+                if let MachineEvent::Stopped { reason } = event {
+                    e.data = Some(serde_json::json!({ "reason": reason }));
+                }
+                forward.broadcast(&e);
+            }
+        })
+        .map_err(|e| format!("cannot start the control thread: {e}"))?;
+    Ok(Control {
+        _server: server,
+        _events: thread,
+    })
+}
+
+#[derive(Args, Debug)]
+pub struct CtlArgs {
+    /// The VM: a bundle name or path, or the path of a control socket.
+    #[arg(value_name = "VM")]
+    pub vm: PathBuf,
+
+    /// status, pause, resume, powerdown, stop, reset,
+    /// `send-keys KEY...` (QEMU key names, pressed together),
+    /// `pointer X Y [BUTTON...]` (0..32767), `screenshot PATH`, or `events`
+    /// (print events until the VM stops).
+    #[arg(value_name = "COMMAND", num_args = 1.., required = true)]
+    pub command: Vec<String>,
+}
+
+fn socket_of(vm: &Path) -> Result<PathBuf, String> {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::metadata(vm).is_ok_and(|m| m.file_type().is_socket()) {
+        return Ok(vm.to_path_buf());
+    }
+    let bundle = bundle::Bundle::open(vm).map_err(|e| e.to_string())?;
+    Ok(bundle.control_socket_path())
+}
+
+/// Builds the request line from `vmapple ctl`'s words; the VM validates it
+/// again.
+fn request_from_words(words: &[String]) -> Result<String, String> {
+    let (cmd, rest) = words.split_first().ok_or("no command given")?;
+    let json = match (cmd.as_str(), rest) {
+        ("events", []) => serde_json::json!({ "cmd": "subscribe" }),
+        ("send-keys", keys) if !keys.is_empty() => {
+            serde_json::json!({ "cmd": "send-keys", "keys": keys })
+        }
+        ("pointer", [x, y, buttons @ ..]) => {
+            let coordinate = |v: &str| {
+                v.parse::<u16>()
+                    .map_err(|_| format!("pointer coordinate {v:?} is not a number 0..32767"))
+            };
+            serde_json::json!({
+                "cmd": "pointer", "x": coordinate(x)?, "y": coordinate(y)?, "buttons": buttons
+            })
+        }
+        ("screenshot", [path]) => {
+            let path = std::path::absolute(path).map_err(|e| format!("{path}: {e}"))?;
+            serde_json::json!({ "cmd": "screenshot", "path": path })
+        }
+        (cmd, []) => serde_json::json!({ "cmd": cmd }),
+        (cmd, _) => return Err(format!("unexpected arguments after {cmd:?}")),
+    };
+    Ok(json.to_string())
+}
+
+pub fn ctl(args: CtlArgs) -> Result<u8, String> {
+    let socket = socket_of(&args.vm)?;
+    let line = request_from_words(&args.command)?;
+    let request =
+        bundle::control::parse_request(line.as_bytes()).map_err(|e| e.to_string())?;
+    let mut client =
+        bundle::control::Client::connect(&socket).map_err(|e| e.to_string())?;
+    let response = client.call(&request).map_err(|e| e.to_string())?;
+    print!("{}", response.to_line());
+    if !response.is_ok() {
+        return Ok(crate::status::HOST_ERROR);
+    }
+    if request == Request::Subscribe {
+        client.set_timeout(None).map_err(|e| e.to_string())?;
+        loop {
+            match client.next_event() {
+                Ok(event) => {
+                    print!("{}", event.to_line());
+                    if event.kind == EventKind::PoweredOff {
+                        break;
+                    }
+                }
+                Err(bundle::control::ClientError::Closed { .. }) => break,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+    Ok(crate::status::POWERED_OFF)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(w: &[&str]) -> Vec<String> {
+        w.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn ctl_words_become_valid_requests() {
+        for (w, want) in [
+            (words(&["status"]), Request::Status),
+            (words(&["events"]), Request::Subscribe),
+            (
+                words(&["send-keys", "ctrl", "a"]),
+                Request::SendKeys {
+                    keys: words(&["ctrl", "a"]),
+                },
+            ),
+        ] {
+            let line = request_from_words(&w).unwrap();
+            assert_eq!(
+                bundle::control::parse_request(line.as_bytes()).unwrap(),
+                want
+            );
+        }
+        let line = request_from_words(&words(&["pointer", "100", "200", "left"])).unwrap();
+        assert!(matches!(
+            bundle::control::parse_request(line.as_bytes()).unwrap(),
+            Request::Pointer { x: 100, y: 200, .. }
+        ));
+        assert!(request_from_words(&words(&["pointer", "x", "1"])).is_err());
+        assert!(request_from_words(&words(&["status", "now"])).is_err());
+        assert!(request_from_words(&[]).is_err());
+    }
+}
