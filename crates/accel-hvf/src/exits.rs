@@ -14,7 +14,7 @@
 //! Nothing here calls the framework: registers come through
 //! [`VcpuRegisters`], so the logic runs (and is tested) on any host.
 
-use accel::{AccelError, AccessWidth, ExitResponse, VcpuExit};
+use accel::{AccelError, AccessWidth, CpuSnapshot, ExitResponse, VcpuExit};
 use arch_arm64::esr::{self, DataAccess, Syndrome};
 use arch_arm64::SysReg;
 
@@ -348,6 +348,26 @@ fn width_mask(size: u8) -> u64 {
     AccessWidth::from_bytes(u64::from(size)).map_or(u64::MAX, AccessWidth::mask)
 }
 
+/// The registers a crash report shows.
+pub fn capture(regs: &mut impl VcpuRegisters) -> Result<CpuSnapshot, AccelError> {
+    let mut snap = CpuSnapshot {
+        pc: regs.read(Reg::Pc)?,
+        pstate: regs.read(Reg::Pstate)?,
+        sp_el0: regs.read(Reg::Sys(SP_EL0))?,
+        sp_el1: regs.read(Reg::Sys(SP_EL1))?,
+        elr_el1: regs.read(Reg::Sys(ELR_EL1))?,
+        esr_el1: regs.read(Reg::Sys(ESR_EL1))?,
+        far_el1: regs.read(Reg::Sys(FAR_EL1))?,
+        vbar_el1: regs.read(Reg::Sys(VBAR_EL1))?,
+        sctlr_el1: regs.read(Reg::Sys(SCTLR_EL1))?,
+        ..Default::default()
+    };
+    for (n, x) in (0u8..).zip(snap.x.iter_mut()) {
+        *x = regs.read(Reg::X(n))?;
+    }
+    Ok(snap)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -657,6 +677,17 @@ mod tests {
             Trap::Handled
         );
         assert_eq!(r.pc, PC + 4);
+    }
+
+    #[test]
+    fn snapshot_reads_the_register_file() {
+        let mut r = regs();
+        r.sys.insert(ESR_EL1, 0x9600_0045);
+        r.sys.insert(SP_EL1, 0xffff_8000_0001_0000);
+        let snap = capture(&mut r).unwrap();
+        assert_eq!((snap.pc, snap.pstate), (PC, 0x3c5));
+        assert_eq!(snap.x, r.x);
+        assert_eq!((snap.esr_el1, snap.sp_el1), (0x9600_0045, 0xffff_8000_0001_0000));
     }
 
     #[test]
