@@ -475,7 +475,11 @@ mod tests {
         ];
         for (sas, sse, sf, loaded, want) in cases {
             let mut r = regs();
-            let (exit, done) = roundtrip(dabt(sas, sse, 5, sf, false), &mut r, ExitResponse::Value(loaded));
+            let (exit, done) = roundtrip(
+                dabt(sas, sse, 5, sf, false),
+                &mut r,
+                ExitResponse::Value(loaded),
+            );
             let width = AccessWidth::from_bytes(1 << sas).unwrap();
             assert_eq!(exit, Some(VcpuExit::MmioRead { addr: MMIO, width }));
             assert_eq!(done, Completion::Continue);
@@ -487,7 +491,11 @@ mod tests {
     #[test]
     fn device_bits_above_the_access_width_do_not_leak_into_the_register() {
         let mut r = regs();
-        roundtrip(dabt(0, false, 2, false, false), &mut r, ExitResponse::Value(0xffff_ff42));
+        roundtrip(
+            dabt(0, false, 2, false, false),
+            &mut r,
+            ExitResponse::Value(0xffff_ff42),
+        );
         assert_eq!(r.x[2], 0x42);
     }
 
@@ -496,7 +504,11 @@ mod tests {
         for sas in 0..4u64 {
             let mut r = regs();
             r.x[7] = 0x8877_6655_4433_2211;
-            let (exit, done) = roundtrip(dabt(sas, false, 7, sas == 3, true), &mut r, ExitResponse::Done);
+            let (exit, done) = roundtrip(
+                dabt(sas, false, 7, sas == 3, true),
+                &mut r,
+                ExitResponse::Done,
+            );
             let width = AccessWidth::from_bytes(1 << sas).unwrap();
             assert_eq!(
                 exit,
@@ -527,11 +539,19 @@ mod tests {
             })
         );
         // ldr wzr, [x0]: the value is discarded, nothing else changes.
-        roundtrip(dabt(2, false, 31, false, false), &mut r, ExitResponse::Value(7));
+        roundtrip(
+            dabt(2, false, 31, false, false),
+            &mut r,
+            ExitResponse::Value(7),
+        );
         assert_eq!(r.x, before);
         assert_eq!(r.pc, PC + 8);
         // msr icc_eoir1_el1, xzr
-        let (exit, _) = roundtrip(sysreg_esr(ICC_EOIR1_EL1, 31, false), &mut r, ExitResponse::Done);
+        let (exit, _) = roundtrip(
+            sysreg_esr(ICC_EOIR1_EL1, 31, false),
+            &mut r,
+            ExitResponse::Done,
+        );
         assert_eq!(
             exit,
             Some(VcpuExit::SysRegWrite {
@@ -546,13 +566,21 @@ mod tests {
     fn gic_and_timer_sysreg_traps() {
         // mrs x3, icc_iar1_el1 → the INTID lands in x3.
         let mut r = regs();
-        let (exit, _) = roundtrip(sysreg_esr(ICC_IAR1_EL1, 3, true), &mut r, ExitResponse::Value(27));
+        let (exit, _) = roundtrip(
+            sysreg_esr(ICC_IAR1_EL1, 3, true),
+            &mut r,
+            ExitResponse::Value(27),
+        );
         assert_eq!(exit, Some(VcpuExit::SysRegRead { reg: ICC_IAR1_EL1 }));
         assert_eq!((r.x[3], r.pc), (27, PC + 4));
 
         // msr icc_eoir1_el1, x4
         r.x[4] = 27;
-        let (exit, _) = roundtrip(sysreg_esr(ICC_EOIR1_EL1, 4, false), &mut r, ExitResponse::Done);
+        let (exit, _) = roundtrip(
+            sysreg_esr(ICC_EOIR1_EL1, 4, false),
+            &mut r,
+            ExitResponse::Done,
+        );
         assert_eq!(
             exit,
             Some(VcpuExit::SysRegWrite {
@@ -564,7 +592,11 @@ mod tests {
 
         // msr icc_sgi1r_el1, x1 (SGI 1 to CPU 1)
         r.x[1] = (1 << 24) | 0b10;
-        let (exit, _) = roundtrip(sysreg_esr(ICC_SGI1R_EL1, 1, false), &mut r, ExitResponse::Done);
+        let (exit, _) = roundtrip(
+            sysreg_esr(ICC_SGI1R_EL1, 1, false),
+            &mut r,
+            ExitResponse::Done,
+        );
         assert_eq!(
             exit,
             Some(VcpuExit::SysRegWrite {
@@ -575,7 +607,11 @@ mod tests {
 
         // mrs x0, cntv_ctl_el0 (trapped only if the framework chose to):
         // it reaches the machine like any other register.
-        let (exit, _) = roundtrip(sysreg_esr(CNTV_CTL_EL0, 0, true), &mut r, ExitResponse::Value(5));
+        let (exit, _) = roundtrip(
+            sysreg_esr(CNTV_CTL_EL0, 0, true),
+            &mut r,
+            ExitResponse::Value(5),
+        );
         assert_eq!(exit, Some(VcpuExit::SysRegRead { reg: CNTV_CTL_EL0 }));
         assert_eq!(r.x[0], 5);
     }
@@ -585,7 +621,11 @@ mod tests {
         let mut r = regs();
         r.pstate = 0x3c5; // EL1h
         r.sys.insert(VBAR_EL1, 0x7010_0000);
-        let (_, done) = roundtrip(sysreg_esr(CNTV_CTL_EL0, 2, false), &mut r, ExitResponse::Undefined);
+        let (_, done) = roundtrip(
+            sysreg_esr(CNTV_CTL_EL0, 2, false),
+            &mut r,
+            ExitResponse::Undefined,
+        );
         assert_eq!(done, Completion::Continue);
         assert_eq!(r.pc, 0x7010_0200, "current EL with SP_ELx, synchronous");
         assert_eq!(r.sys[&ELR_EL1], PC, "return address is the MSR itself");
@@ -615,16 +655,25 @@ mod tests {
         assert_eq!((r.x[0], r.x[1], r.pc), (0, 1, PC));
 
         let mut r = regs();
-        assert_eq!(roundtrip(0x5a00_0000, &mut r, ExitResponse::Undefined).1, Completion::Continue);
+        assert_eq!(
+            roundtrip(0x5a00_0000, &mut r, ExitResponse::Undefined).1,
+            Completion::Continue
+        );
         assert_eq!(r.x[0], u64::MAX, "unknown SMCCC call returns -1");
 
         let mut r = regs();
-        assert_eq!(roundtrip(0x5a00_0000, &mut r, ExitResponse::Suspend).1, Completion::Suspend);
+        assert_eq!(
+            roundtrip(0x5a00_0000, &mut r, ExitResponse::Suspend).1,
+            Completion::Suspend
+        );
         assert_eq!(r.x[0], 0);
 
         let mut r = regs();
         let x0 = r.x[0];
-        assert_eq!(roundtrip(0x5a00_0000, &mut r, ExitResponse::CpuOff).1, Completion::CpuOff);
+        assert_eq!(
+            roundtrip(0x5a00_0000, &mut r, ExitResponse::CpuOff).1,
+            Completion::CpuOff
+        );
         assert_eq!((r.x[0], r.pc), (x0, PC));
     }
 
@@ -637,7 +686,10 @@ mod tests {
             Trap::WaitForInterrupt
         );
         assert_eq!(r.pc, PC + 4);
-        assert_eq!(translate(0x0600_0001, 0, 0, &mut r, &mut local).unwrap(), Trap::Handled);
+        assert_eq!(
+            translate(0x0600_0001, 0, 0, &mut r, &mut local).unwrap(),
+            Trap::Handled
+        );
         assert_eq!(r.pc, PC + 8);
     }
 
@@ -646,7 +698,10 @@ mod tests {
         let mut local = LocalState::default();
         let mut r = regs();
         r.sys.insert(VBAR_EL1, 0x8000);
-        assert_eq!(translate(0x5e00_0000, 0, 0, &mut r, &mut local).unwrap(), Trap::Handled);
+        assert_eq!(
+            translate(0x5e00_0000, 0, 0, &mut r, &mut local).unwrap(),
+            Trap::Handled
+        );
         assert_eq!(r.pc, 0x8200);
         assert_eq!(r.sys[&ELR_EL1], PC);
     }
@@ -656,10 +711,15 @@ mod tests {
         let mut local = LocalState::default();
         let mut r = regs();
         // ldp x0, x1, [x2] into MMIO: EC 0x24, IL, no ISV, DFSC 6.
-        let Trap::Crash(report) = translate(0x9200_0006, 0xffff_8000_1000, MMIO, &mut r, &mut local).unwrap() else {
+        let Trap::Crash(report) =
+            translate(0x9200_0006, 0xffff_8000_1000, MMIO, &mut r, &mut local).unwrap()
+        else {
             panic!("expected a crash");
         };
-        assert!(report.contains("0x20010018") && report.contains("pc 0x70001000"), "{report}");
+        assert!(
+            report.contains("0x20010018") && report.contains("pc 0x70001000"),
+            "{report}"
+        );
         assert_eq!(r.pc, PC, "nothing was executed");
         // Instruction fetch from MMIO (EC 0x20).
         assert!(matches!(
@@ -668,7 +728,14 @@ mod tests {
         ));
         // A stage-1 walk into MMIO, even with ISV.
         assert!(matches!(
-            translate(dabt(3, false, 0, true, false) | ISS_S1PTW, 0, MMIO, &mut r, &mut local).unwrap(),
+            translate(
+                dabt(3, false, 0, true, false) | ISS_S1PTW,
+                0,
+                MMIO,
+                &mut r,
+                &mut local
+            )
+            .unwrap(),
             Trap::Crash(_)
         ));
         // dc civac on MMIO: CM set, no ISV: skipped.
@@ -687,7 +754,10 @@ mod tests {
         let snap = capture(&mut r).unwrap();
         assert_eq!((snap.pc, snap.pstate), (PC, 0x3c5));
         assert_eq!(snap.x, r.x);
-        assert_eq!((snap.esr_el1, snap.sp_el1), (0x9600_0045, 0xffff_8000_0001_0000));
+        assert_eq!(
+            (snap.esr_el1, snap.sp_el1),
+            (0x9600_0045, 0xffff_8000_0001_0000)
+        );
     }
 
     #[test]
@@ -696,9 +766,15 @@ mod tests {
         let mut r = regs();
         r.x[0] = 1;
         let esr = sysreg_esr(OSLAR_EL1, 0, false);
-        assert_eq!(translate(esr, 0, 0, &mut r, &mut local).unwrap(), Trap::Handled);
+        assert_eq!(
+            translate(esr, 0, 0, &mut r, &mut local).unwrap(),
+            Trap::Handled
+        );
         let esr = sysreg_esr(OSLSR_EL1, 6, true);
-        assert_eq!(translate(esr, 0, 0, &mut r, &mut local).unwrap(), Trap::Handled);
+        assert_eq!(
+            translate(esr, 0, 0, &mut r, &mut local).unwrap(),
+            Trap::Handled
+        );
         assert_eq!(r.x[6], OSLSR_OSLM_IMPLEMENTED | OSLSR_OSLK);
         r.x[0] = 0;
         translate(sysreg_esr(OSLAR_EL1, 0, false), 0, 0, &mut r, &mut local).unwrap();

@@ -65,7 +65,11 @@ extern "C" {
     pub fn hv_vm_map(addr: *mut c_void, ipa: HvIpa, size: usize, flags: u64) -> HvReturn;
     pub fn hv_vm_unmap(ipa: HvIpa, size: usize) -> HvReturn;
 
-    pub fn hv_vcpu_create(vcpu: *mut HvVcpu, exit: *mut *const HvVcpuExit, config: OsObject) -> HvReturn;
+    pub fn hv_vcpu_create(
+        vcpu: *mut HvVcpu,
+        exit: *mut *const HvVcpuExit,
+        config: OsObject,
+    ) -> HvReturn;
     pub fn hv_vcpu_destroy(vcpu: HvVcpu) -> HvReturn;
     pub fn hv_vcpu_run(vcpu: HvVcpu) -> HvReturn;
     pub fn hv_vcpus_exit(vcpus: *const HvVcpu, vcpu_count: u32) -> HvReturn;
@@ -107,18 +111,26 @@ pub struct MachTimebaseInfo {
 /// MMIO ranges would leave our bus, `ICC_*` traps and pending-interrupt
 /// injection would stop, device lines would go through `hv_gic_set_spi`
 /// and the vtimer PPI would be wired by the framework (no VTIMER exits).
+type FnConfigCreate = unsafe extern "C" fn() -> OsObject;
+type FnConfigSetBase = unsafe extern "C" fn(OsObject, HvIpa) -> HvReturn;
+type FnCreate = unsafe extern "C" fn(OsObject) -> HvReturn;
+type FnReset = unsafe extern "C" fn() -> HvReturn;
+type FnSetSpi = unsafe extern "C" fn(u32, bool) -> HvReturn;
+type FnGetSize = unsafe extern "C" fn(*mut usize) -> HvReturn;
+type FnGetRange = unsafe extern "C" fn(*mut u32, *mut u32) -> HvReturn;
+
 #[allow(dead_code)]
 pub struct GicApi {
-    pub config_create: unsafe extern "C" fn() -> OsObject,
-    pub config_set_distributor_base: unsafe extern "C" fn(OsObject, HvIpa) -> HvReturn,
-    pub config_set_redistributor_base: unsafe extern "C" fn(OsObject, HvIpa) -> HvReturn,
-    pub create: unsafe extern "C" fn(OsObject) -> HvReturn,
-    pub reset: unsafe extern "C" fn() -> HvReturn,
-    pub set_spi: unsafe extern "C" fn(u32, bool) -> HvReturn,
-    pub get_distributor_size: unsafe extern "C" fn(*mut usize) -> HvReturn,
-    pub get_redistributor_size: unsafe extern "C" fn(*mut usize) -> HvReturn,
-    pub get_redistributor_region_size: unsafe extern "C" fn(*mut usize) -> HvReturn,
-    pub get_spi_interrupt_range: unsafe extern "C" fn(*mut u32, *mut u32) -> HvReturn,
+    pub config_create: FnConfigCreate,
+    pub config_set_distributor_base: FnConfigSetBase,
+    pub config_set_redistributor_base: FnConfigSetBase,
+    pub create: FnCreate,
+    pub reset: FnReset,
+    pub set_spi: FnSetSpi,
+    pub get_distributor_size: FnGetSize,
+    pub get_redistributor_size: FnGetSize,
+    pub get_redistributor_region_size: FnGetSize,
+    pub get_spi_interrupt_range: FnGetRange,
 }
 
 /// Looks up a symbol in the already-loaded images.
@@ -131,11 +143,11 @@ fn lookup(name: &'static [u8]) -> Option<*mut c_void> {
 }
 
 macro_rules! symbol {
-    ($name:literal) => {{
+    ($name:literal, $ty:ty) => {{
         let p = lookup(concat!($name, "\0").as_bytes())?;
         // SAFETY: the symbol is the framework function of that name, whose
-        // C signature (hv_gic.h, macOS 15) is the field's type.
-        unsafe { std::mem::transmute::<*mut c_void, _>(p) }
+        // C signature (hv_gic.h, macOS 15) is `$ty`.
+        unsafe { std::mem::transmute::<*mut c_void, $ty>(p) }
     }};
 }
 
@@ -144,16 +156,25 @@ impl GicApi {
     #[allow(dead_code)]
     pub fn load() -> Option<Self> {
         Some(Self {
-            config_create: symbol!("hv_gic_config_create"),
-            config_set_distributor_base: symbol!("hv_gic_config_set_distributor_base"),
-            config_set_redistributor_base: symbol!("hv_gic_config_set_redistributor_base"),
-            create: symbol!("hv_gic_create"),
-            reset: symbol!("hv_gic_reset"),
-            set_spi: symbol!("hv_gic_set_spi"),
-            get_distributor_size: symbol!("hv_gic_get_distributor_size"),
-            get_redistributor_size: symbol!("hv_gic_get_redistributor_size"),
-            get_redistributor_region_size: symbol!("hv_gic_get_redistributor_region_size"),
-            get_spi_interrupt_range: symbol!("hv_gic_get_spi_interrupt_range"),
+            config_create: symbol!("hv_gic_config_create", FnConfigCreate),
+            config_set_distributor_base: symbol!(
+                "hv_gic_config_set_distributor_base",
+                FnConfigSetBase
+            ),
+            config_set_redistributor_base: symbol!(
+                "hv_gic_config_set_redistributor_base",
+                FnConfigSetBase
+            ),
+            create: symbol!("hv_gic_create", FnCreate),
+            reset: symbol!("hv_gic_reset", FnReset),
+            set_spi: symbol!("hv_gic_set_spi", FnSetSpi),
+            get_distributor_size: symbol!("hv_gic_get_distributor_size", FnGetSize),
+            get_redistributor_size: symbol!("hv_gic_get_redistributor_size", FnGetSize),
+            get_redistributor_region_size: symbol!(
+                "hv_gic_get_redistributor_region_size",
+                FnGetSize
+            ),
+            get_spi_interrupt_range: symbol!("hv_gic_get_spi_interrupt_range", FnGetRange),
         })
     }
 }

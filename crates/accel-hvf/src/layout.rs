@@ -63,7 +63,11 @@ pub fn required_ipa_bits(top: u64) -> u32 {
 
 /// The IPA size to configure: `None` keeps the framework's default (which
 /// suffices), `Some(bits)` asks for more. Fails if the host cannot.
-pub fn choose_ipa_bits(ram_top: u64, default_bits: u32, max_bits: u32) -> Result<Option<u32>, AccelError> {
+pub fn choose_ipa_bits(
+    ram_top: u64,
+    default_bits: u32,
+    max_bits: u32,
+) -> Result<Option<u32>, AccelError> {
     let needed = required_ipa_bits(ram_top);
     if needed <= default_bits {
         Ok(None)
@@ -132,7 +136,10 @@ mod tests {
         assert_eq!(required_ipa_bits(0x7000_0000 + 128 * MIB), 31);
         assert_eq!(choose_ipa_bits(0x1_7000_0000, 36, 40).unwrap(), None);
         // 64 GiB of RAM from 0x7000_0000 ends above 2^36.
-        assert_eq!(choose_ipa_bits(0x7000_0000 + (64 << 30), 36, 40).unwrap(), Some(37));
+        assert_eq!(
+            choose_ipa_bits(0x7000_0000 + (64 << 30), 36, 40).unwrap(),
+            Some(37)
+        );
         let err = choose_ipa_bits(1 << 41, 36, 40).unwrap_err();
         assert!(err.to_string().contains("at most 40 bits"), "{err}");
     }

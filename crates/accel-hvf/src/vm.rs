@@ -33,7 +33,11 @@ fn check(ret: HvReturn, what: impl FnOnce() -> String) -> Result<(), AccelError>
     if ret == ffi::HV_SUCCESS {
         Ok(())
     } else {
-        Err(AccelError::Run(format!("{}: {}", what(), ffi::describe(ret))))
+        Err(AccelError::Run(format!(
+            "{}: {}",
+            what(),
+            ffi::describe(ret)
+        )))
     }
 }
 
@@ -113,8 +117,9 @@ impl HvfVm {
         };
         // From here on, dropping `vm` unmaps and destroys the VM.
         for r in &regions {
-            let len = usize::try_from(r.len)
-                .map_err(|_| AccelError::Setup(format!("RAM region at {:#x} too large", r.guest)))?;
+            let len = usize::try_from(r.len).map_err(|_| {
+                AccelError::Setup(format!("RAM region at {:#x} too large", r.guest))
+            })?;
             // SAFETY: the region is a live mapping of `len` bytes owned by
             // `memory`, a clone of which `vm` keeps until after it unmaps.
             check(
@@ -134,7 +139,9 @@ impl HvfVm {
         // SAFETY: writes the two u32 of the struct given.
         let ret = unsafe { ffi::mach_timebase_info(&mut vm.timebase) };
         if ret != 0 || vm.timebase.denom == 0 {
-            return Err(AccelError::Setup(format!("mach_timebase_info failed ({ret})")));
+            return Err(AccelError::Setup(format!(
+                "mach_timebase_info failed ({ret})"
+            )));
         }
         // SAFETY: no arguments, reads the host counter.
         vm.vtimer_offset = unsafe { ffi::mach_absolute_time() };
@@ -164,9 +171,10 @@ impl HvfVm {
         }
         // SAFETY: `config` is the live object created above; released
         // exactly once after its last use.
-        let result = check(unsafe { ffi::hv_vm_config_set_ipa_size(config, bits) }, || {
-            format!("setting a {bits}-bit IPA size")
-        })
+        let result = check(
+            unsafe { ffi::hv_vm_config_set_ipa_size(config, bits) },
+            || format!("setting a {bits}-bit IPA size"),
+        )
         .and_then(|()| {
             check(unsafe { ffi::hv_vm_create(config) }, || {
                 "creating the VM (is the com.apple.security.hypervisor entitlement signed in?)"
@@ -291,7 +299,13 @@ impl<'a> Vcpu<'a> {
     /// PSCI's entry state: PC at `entry`, x0 = `context_id`, EL1h with
     /// DAIF masked, the machine's MPIDR, the VM-wide counter offset, and
     /// debug exceptions left to the guest.
-    fn start(&self, entry: u64, context_id: u64, mpidr: u64, vtimer_offset: u64) -> Result<(), AccelError> {
+    fn start(
+        &self,
+        entry: u64,
+        context_id: u64,
+        mpidr: u64,
+        vtimer_offset: u64,
+    ) -> Result<(), AccelError> {
         let mut regs = HvfRegs(self);
         regs.write(Reg::Pc, entry)?;
         regs.write(Reg::X(0), context_id)?;
@@ -334,12 +348,14 @@ impl<'a> Vcpu<'a> {
     /// returns, so the GIC's outputs are given again before every run.
     fn set_lines(&self, irq: bool, fiq: bool) -> Result<(), AccelError> {
         // SAFETY: owning thread.
-        let ret =
-            unsafe { ffi::hv_vcpu_set_pending_interrupt(self.handle, ffi::HV_INTERRUPT_TYPE_IRQ, irq) };
+        let ret = unsafe {
+            ffi::hv_vcpu_set_pending_interrupt(self.handle, ffi::HV_INTERRUPT_TYPE_IRQ, irq)
+        };
         self.hv(ret, "setting IRQ")?;
         // SAFETY: owning thread.
-        let ret =
-            unsafe { ffi::hv_vcpu_set_pending_interrupt(self.handle, ffi::HV_INTERRUPT_TYPE_FIQ, fiq) };
+        let ret = unsafe {
+            ffi::hv_vcpu_set_pending_interrupt(self.handle, ffi::HV_INTERRUPT_TYPE_FIQ, fiq)
+        };
         self.hv(ret, "setting FIQ")
     }
 
@@ -358,7 +374,11 @@ impl Drop for Vcpu<'_> {
         // SAFETY: owning thread; the handle is no longer reachable by kicks.
         let ret = unsafe { ffi::hv_vcpu_destroy(self.handle) };
         if ret != ffi::HV_SUCCESS {
-            tracing::warn!(cpu = self.cpu, "destroying the vCPU: {}", ffi::describe(ret));
+            tracing::warn!(
+                cpu = self.cpu,
+                "destroying the vCPU: {}",
+                ffi::describe(ret)
+            );
         }
     }
 }
@@ -420,7 +440,10 @@ impl VcpuThread<'_> {
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "unknown panic".into());
-                Err(AccelError::Run(format!("vCPU {} thread panicked: {message}", self.cpu)))
+                Err(AccelError::Run(format!(
+                    "vCPU {} thread panicked: {message}",
+                    self.cpu
+                )))
             }
         };
         if result.is_err() {
@@ -462,7 +485,12 @@ impl VcpuThread<'_> {
                 fresh.start(entry, context_id, self.config.mpidr, self.vtimer_offset)?;
                 local = LocalState::default();
                 self.set_vtimer_level(vtimer.reset());
-                tracing::debug!(cpu, entry = format_args!("{entry:#x}"), context_id, "vCPU started");
+                tracing::debug!(
+                    cpu,
+                    entry = format_args!("{entry:#x}"),
+                    context_id,
+                    "vCPU started"
+                );
                 vcpu = Some(fresh);
                 continue;
             }
@@ -532,7 +560,12 @@ impl VcpuThread<'_> {
             }
         }
         if let Some(v) = &vcpu {
-            if self.snapshot.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+            if self
+                .snapshot
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_none()
+            {
                 self.save_snapshot(v);
             }
         }
@@ -630,7 +663,9 @@ impl Vm for HvfVm {
             }
             for t in threads {
                 let result = t.join().unwrap_or_else(|_| {
-                    Err(AccelError::Run("a vCPU thread panicked outside its guard".into()))
+                    Err(AccelError::Run(
+                        "a vCPU thread panicked outside its guard".into(),
+                    ))
                 });
                 if let Err(e) = result {
                     first_error.get_or_insert(e);

@@ -116,7 +116,11 @@ mod tests {
     #[test]
     fn line_stays_up_and_masked_until_the_guest_handles_the_timer() {
         let mut v = VtimerLine::default();
-        assert_eq!(v.sync(CTL_ENABLE | CTL_ISTATUS), VtimerSync::default(), "not masked: hardware's business");
+        assert_eq!(
+            v.sync(CTL_ENABLE | CTL_ISTATUS),
+            VtimerSync::default(),
+            "not masked: hardware's business"
+        );
         assert_eq!(v.activated(), Some(true));
         assert!(v.masked());
         // Guest has not acknowledged yet: line high, still masked.
@@ -156,7 +160,10 @@ mod tests {
     #[test]
     fn wfi_sleeps_until_cval() {
         assert_eq!(wfi_wait(0, 100, 0), WfiWait::Indefinitely);
-        assert_eq!(wfi_wait(CTL_ENABLE | CTL_IMASK, 100, 0), WfiWait::Indefinitely);
+        assert_eq!(
+            wfi_wait(CTL_ENABLE | CTL_IMASK, 100, 0),
+            WfiWait::Indefinitely
+        );
         assert_eq!(wfi_wait(CTL_ENABLE, 100, 40), WfiWait::Ticks(60));
         assert_eq!(wfi_wait(CTL_ENABLE, 100, 100), WfiWait::NotAtAll);
         assert_eq!(wfi_wait(CTL_ENABLE, u64::MAX, 0), WfiWait::Ticks(u64::MAX));
@@ -165,11 +172,17 @@ mod tests {
     #[test]
     fn apple_silicon_timebase_is_24_mhz() {
         // numer/denom = 125/3 on Apple silicon: 24 ticks per microsecond.
-        assert_eq!(ticks_to_duration(24_000_000, 125, 3), Duration::from_secs(1));
+        assert_eq!(
+            ticks_to_duration(24_000_000, 125, 3),
+            Duration::from_secs(1)
+        );
         assert_eq!(ticks_to_duration(24, 125, 3), Duration::from_micros(1));
         assert_eq!(ticks_to_duration(1000, 1, 1), Duration::from_nanos(1000));
         // Absurd deadlines saturate instead of overflowing.
-        assert_eq!(ticks_to_duration(u64::MAX, u32::MAX, 1), Duration::from_nanos(u64::MAX));
+        assert_eq!(
+            ticks_to_duration(u64::MAX, u32::MAX, 1),
+            Duration::from_nanos(u64::MAX)
+        );
         assert_eq!(ticks_to_duration(5, 1, 0), Duration::from_nanos(5));
     }
 }
