@@ -213,13 +213,31 @@ pub struct HvfKick {
     /// held across `hv_vcpus_exit` so a handle is never used after its
     /// thread destroyed it.
     vcpus: Mutex<Vec<Option<HvVcpu>>>,
+    /// Set by every kick, cleared by the vCPU just before it programs its
+    /// interrupt lines: a kick that lands between then and `hv_vcpu_run`
+    /// is seen without relying on how the framework treats an exit request
+    /// for a vCPU that is not running.
+    pending: Box<[AtomicBool]>,
 }
 
 impl HvfKick {
     fn new(cpus: usize) -> Self {
         Self {
             vcpus: Mutex::new(vec![None; cpus]),
+            pending: (0..cpus).map(|_| AtomicBool::new(false)).collect(),
         }
+    }
+
+    fn clear_pending(&self, cpu: CpuId) {
+        if let Some(p) = self.pending.get(cpu) {
+            p.store(false, Ordering::SeqCst);
+        }
+    }
+
+    fn is_pending(&self, cpu: CpuId) -> bool {
+        self.pending
+            .get(cpu)
+            .is_some_and(|p| p.load(Ordering::SeqCst))
     }
 
     fn set(&self, cpu: CpuId, handle: Option<HvVcpu>) {
@@ -232,6 +250,9 @@ impl HvfKick {
 
 impl Kick for HvfKick {
     fn kick(&self, cpu: CpuId) {
+        if let Some(p) = self.pending.get(cpu) {
+            p.store(true, Ordering::SeqCst);
+        }
         let vcpus = self.vcpus.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(Some(handle)) = vcpus.get(cpu) {
             // SAFETY: `handle` names a live vCPU (removed under this lock
@@ -512,10 +533,12 @@ impl VcpuThread<'_> {
                     v.set_vtimer_mask(false)?;
                 }
             }
+            self.kick.clear_pending(cpu);
             let (irq, fiq) = control.interrupt_lines(cpu);
             v.set_lines(irq, fiq)?;
-            if control.stop_requested() {
-                break;
+            if self.kick.is_pending(cpu) {
+                // Lines, power or the stop flag moved meanwhile: re-read.
+                continue;
             }
             let exit = v.run()?;
             match exit.reason {
