@@ -16,7 +16,9 @@
 //!   [`accel::ExitResponse`] back into registers (through a register-file
 //!   trait), UNDEFINED injection;
 //! * [`vtimer`]: the vtimer mask/PPI state machine and WFI deadlines;
-//! * [`layout`]: 16 KiB page and IPA-size checks, `hv_sys_reg_t` numbers.
+//! * [`layout`]: 16 KiB page and IPA-size checks, `hv_sys_reg_t` numbers;
+//! * [`vcpu_loop`]: a vCPU thread's life (power states, interrupt lines,
+//!   exits, WFI) over a trait standing for the framework's vCPU calls.
 //!
 //! **Threads.** One host thread per vCPU, created inside [`accel::Vm::run`]:
 //! the framework lets only the creating thread use a vCPU. `run` itself may
@@ -26,6 +28,7 @@
 
 pub mod exits;
 pub mod layout;
+pub mod vcpu_loop;
 pub mod vtimer;
 
 #[cfg(all(target_os = "macos", target_arch = "aarch64"))]

@@ -7,24 +7,22 @@
 //! state), and destroys it when the run ends.
 
 use std::ffi::c_void;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::Duration;
 
 use accel::{
-    AccelError, CpuId, CpuPower, CpuSnapshot, ExitHandler, Kick, StopReason, VcpuConfig, Vm,
-    VmControl,
+    AccelError, CpuId, CpuSnapshot, ExitHandler, Kick, StopReason, VcpuConfig, Vm, VmControl,
 };
-use arch_arm64::sysreg::{CNTV_CTL_EL0, CNTV_CVAL_EL0, MPIDR_EL1};
 use vm_core::GuestMemory;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::exits::{self, Completion, LocalState, Reg, Trap, VcpuRegisters, PSTATE_EL1H_MASKED};
+use crate::exits::{Reg, VcpuRegisters};
 use crate::ffi::{self, HvReturn, HvVcpu, HvVcpuExit, MachTimebaseInfo};
 use crate::layout::{self, RamRegion};
-use crate::vtimer::{self, VtimerLine, WfiWait};
+use crate::vcpu_loop::{HvVcpu as VcpuOps, PendingKicks, RunExit, VcpuThread};
+use crate::vtimer;
 
 /// The framework holds one VM per process.
 static VM_EXISTS: AtomicBool = AtomicBool::new(false);
@@ -213,31 +211,15 @@ pub struct HvfKick {
     /// held across `hv_vcpus_exit` so a handle is never used after its
     /// thread destroyed it.
     vcpus: Mutex<Vec<Option<HvVcpu>>>,
-    /// Set by every kick, cleared by the vCPU just before it programs its
-    /// interrupt lines: a kick that lands between then and `hv_vcpu_run`
-    /// is seen without relying on how the framework treats an exit request
-    /// for a vCPU that is not running.
-    pending: Box<[AtomicBool]>,
+    pending: PendingKicks,
 }
 
 impl HvfKick {
     fn new(cpus: usize) -> Self {
         Self {
             vcpus: Mutex::new(vec![None; cpus]),
-            pending: (0..cpus).map(|_| AtomicBool::new(false)).collect(),
+            pending: PendingKicks::new(cpus),
         }
-    }
-
-    fn clear_pending(&self, cpu: CpuId) {
-        if let Some(p) = self.pending.get(cpu) {
-            p.store(false, Ordering::SeqCst);
-        }
-    }
-
-    fn is_pending(&self, cpu: CpuId) -> bool {
-        self.pending
-            .get(cpu)
-            .is_some_and(|p| p.load(Ordering::SeqCst))
     }
 
     fn set(&self, cpu: CpuId, handle: Option<HvVcpu>) {
@@ -250,9 +232,7 @@ impl HvfKick {
 
 impl Kick for HvfKick {
     fn kick(&self, cpu: CpuId) {
-        if let Some(p) = self.pending.get(cpu) {
-            p.store(true, Ordering::SeqCst);
-        }
+        self.pending.set(cpu);
         let vcpus = self.vcpus.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(Some(handle)) = vcpus.get(cpu) {
             // SAFETY: `handle` names a live vCPU (removed under this lock
@@ -273,10 +253,17 @@ struct Vcpu<'a> {
     exit: *const HvVcpuExit,
     cpu: CpuId,
     kick: &'a HvfKick,
+    vtimer_offset: u64,
+    timebase: MachTimebaseInfo,
 }
 
 impl<'a> Vcpu<'a> {
-    fn create(cpu: CpuId, kick: &'a HvfKick) -> Result<Self, AccelError> {
+    fn create(
+        cpu: CpuId,
+        kick: &'a HvfKick,
+        vtimer_offset: u64,
+        timebase: MachTimebaseInfo,
+    ) -> Result<Self, AccelError> {
         let mut handle: HvVcpu = 0;
         let mut exit: *const HvVcpuExit = ptr::null();
         // SAFETY: out-pointers to locals; a null configuration asks for
@@ -290,6 +277,8 @@ impl<'a> Vcpu<'a> {
             exit,
             cpu,
             kick,
+            vtimer_offset,
+            timebase,
         };
         if exit.is_null() {
             return Err(AccelError::Run(format!("vCPU {cpu} has no exit record")));
@@ -300,92 +289,6 @@ impl<'a> Vcpu<'a> {
 
     fn hv(&self, ret: HvReturn, what: &str) -> Result<(), AccelError> {
         check(ret, || format!("vCPU {}: {what}", self.cpu))
-    }
-
-    fn sys(&self, reg: arch_arm64::SysReg) -> Result<u64, AccelError> {
-        let mut value = 0;
-        // SAFETY: owning thread; out-pointer to a local.
-        let ret =
-            unsafe { ffi::hv_vcpu_get_sys_reg(self.handle, layout::hv_sys_reg(reg), &mut value) };
-        self.hv(ret, &format!("reading {reg}"))?;
-        Ok(value)
-    }
-
-    fn set_sys(&self, reg: arch_arm64::SysReg, value: u64) -> Result<(), AccelError> {
-        // SAFETY: owning thread.
-        let ret = unsafe { ffi::hv_vcpu_set_sys_reg(self.handle, layout::hv_sys_reg(reg), value) };
-        self.hv(ret, &format!("writing {reg}"))
-    }
-
-    /// PSCI's entry state: PC at `entry`, x0 = `context_id`, EL1h with
-    /// DAIF masked, the machine's MPIDR, the VM-wide counter offset, and
-    /// debug exceptions left to the guest.
-    fn start(
-        &self,
-        entry: u64,
-        context_id: u64,
-        mpidr: u64,
-        vtimer_offset: u64,
-    ) -> Result<(), AccelError> {
-        let mut regs = HvfRegs(self);
-        regs.write(Reg::Pc, entry)?;
-        regs.write(Reg::X(0), context_id)?;
-        regs.write(Reg::Pstate, PSTATE_EL1H_MASKED)?;
-        self.set_sys(MPIDR_EL1, mpidr)?;
-        // SAFETY (all four): owning thread, plain values.
-        self.hv(
-            unsafe { ffi::hv_vcpu_set_vtimer_offset(self.handle, vtimer_offset) },
-            "setting the vtimer offset",
-        )?;
-        self.hv(
-            unsafe { ffi::hv_vcpu_set_vtimer_mask(self.handle, false) },
-            "unmasking the vtimer",
-        )?;
-        self.hv(
-            unsafe { ffi::hv_vcpu_set_trap_debug_exceptions(self.handle, false) },
-            "leaving debug exceptions to the guest",
-        )?;
-        self.hv(
-            unsafe { ffi::hv_vcpu_set_trap_debug_reg_accesses(self.handle, false) },
-            "leaving debug registers to the guest",
-        )
-    }
-
-    fn vtimer_offset(&self) -> Result<u64, AccelError> {
-        let mut offset = 0;
-        // SAFETY: owning thread; out-pointer to a local.
-        let ret = unsafe { ffi::hv_vcpu_get_vtimer_offset(self.handle, &mut offset) };
-        self.hv(ret, "reading the vtimer offset")?;
-        Ok(offset)
-    }
-
-    fn set_vtimer_mask(&self, masked: bool) -> Result<(), AccelError> {
-        // SAFETY: owning thread.
-        let ret = unsafe { ffi::hv_vcpu_set_vtimer_mask(self.handle, masked) };
-        self.hv(ret, "setting the vtimer mask")
-    }
-
-    /// The framework forgets pending interrupts when `hv_vcpu_run`
-    /// returns, so the GIC's outputs are given again before every run.
-    fn set_lines(&self, irq: bool, fiq: bool) -> Result<(), AccelError> {
-        // SAFETY: owning thread.
-        let ret = unsafe {
-            ffi::hv_vcpu_set_pending_interrupt(self.handle, ffi::HV_INTERRUPT_TYPE_IRQ, irq)
-        };
-        self.hv(ret, "setting IRQ")?;
-        // SAFETY: owning thread.
-        let ret = unsafe {
-            ffi::hv_vcpu_set_pending_interrupt(self.handle, ffi::HV_INTERRUPT_TYPE_FIQ, fiq)
-        };
-        self.hv(ret, "setting FIQ")
-    }
-
-    fn run(&self) -> Result<HvVcpuExit, AccelError> {
-        // SAFETY: owning thread.
-        self.hv(unsafe { ffi::hv_vcpu_run(self.handle) }, "running")?;
-        // SAFETY: the exit record belongs to this vCPU, lives as long as
-        // it does, and is only written during hv_vcpu_run on this thread.
-        Ok(unsafe { *self.exit })
     }
 }
 
@@ -404,232 +307,113 @@ impl Drop for Vcpu<'_> {
     }
 }
 
-/// The register file of a vCPU, for the platform-neutral exit logic.
-struct HvfRegs<'v, 'a>(&'v Vcpu<'a>);
+fn hv_reg(reg: Reg) -> Result<u32, AccelError> {
+    match reg {
+        Reg::X(n) if n < 31 => Ok(u32::from(n)),
+        Reg::Pc => Ok(ffi::HV_REG_PC),
+        Reg::Pstate => Ok(ffi::HV_REG_CPSR),
+        other => Err(AccelError::Run(format!("no general register {other:?}"))),
+    }
+}
 
-impl VcpuRegisters for HvfRegs<'_, '_> {
+impl VcpuRegisters for Vcpu<'_> {
     fn read(&mut self, reg: Reg) -> Result<u64, AccelError> {
-        let v = self.0;
-        let hv_reg = match reg {
-            Reg::X(n) if n < 31 => u32::from(n),
-            Reg::X(n) => return Err(AccelError::Run(format!("no register x{n}"))),
-            Reg::Pc => ffi::HV_REG_PC,
-            Reg::Pstate => ffi::HV_REG_CPSR,
-            Reg::Sys(r) => return v.sys(r),
-        };
         let mut value = 0;
-        // SAFETY: owning thread; out-pointer to a local.
-        let ret = unsafe { ffi::hv_vcpu_get_reg(v.handle, hv_reg, &mut value) };
-        v.hv(ret, &format!("reading {reg:?}"))?;
+        let ret = match reg {
+            // SAFETY: owning thread; out-pointer to a local.
+            Reg::Sys(r) => unsafe {
+                ffi::hv_vcpu_get_sys_reg(self.handle, layout::hv_sys_reg(r), &mut value)
+            },
+            // SAFETY: as above.
+            _ => unsafe { ffi::hv_vcpu_get_reg(self.handle, hv_reg(reg)?, &mut value) },
+        };
+        self.hv(ret, &format!("reading {reg:?}"))?;
         Ok(value)
     }
 
     fn write(&mut self, reg: Reg, value: u64) -> Result<(), AccelError> {
-        let v = self.0;
-        let hv_reg = match reg {
-            Reg::X(n) if n < 31 => u32::from(n),
-            Reg::X(n) => return Err(AccelError::Run(format!("no register x{n}"))),
-            Reg::Pc => ffi::HV_REG_PC,
-            Reg::Pstate => ffi::HV_REG_CPSR,
-            Reg::Sys(r) => return v.set_sys(r, value),
+        let ret = match reg {
+            // SAFETY: owning thread.
+            Reg::Sys(r) => unsafe {
+                ffi::hv_vcpu_set_sys_reg(self.handle, layout::hv_sys_reg(r), value)
+            },
+            // SAFETY: owning thread.
+            _ => unsafe { ffi::hv_vcpu_set_reg(self.handle, hv_reg(reg)?, value) },
         };
+        self.hv(ret, &format!("writing {reg:?}"))
+    }
+}
+
+impl VcpuOps for Vcpu<'_> {
+    /// Every vCPU gets the VM-wide counter offset, so all read the same
+    /// CNTVCT; debug exceptions and registers are left to the guest.
+    fn init(&mut self) -> Result<(), AccelError> {
+        // SAFETY (all three): owning thread, plain values.
+        self.hv(
+            unsafe { ffi::hv_vcpu_set_vtimer_offset(self.handle, self.vtimer_offset) },
+            "setting the vtimer offset",
+        )?;
+        self.hv(
+            unsafe { ffi::hv_vcpu_set_trap_debug_exceptions(self.handle, false) },
+            "leaving debug exceptions to the guest",
+        )?;
+        self.hv(
+            unsafe { ffi::hv_vcpu_set_trap_debug_reg_accesses(self.handle, false) },
+            "leaving debug registers to the guest",
+        )?;
+        self.set_vtimer_mask(false)
+    }
+
+    fn set_vtimer_mask(&mut self, masked: bool) -> Result<(), AccelError> {
         // SAFETY: owning thread.
-        let ret = unsafe { ffi::hv_vcpu_set_reg(v.handle, hv_reg, value) };
-        v.hv(ret, &format!("writing {reg:?}"))
+        let ret = unsafe { ffi::hv_vcpu_set_vtimer_mask(self.handle, masked) };
+        self.hv(ret, "setting the vtimer mask")
     }
-}
 
-/// What one vCPU thread works with.
-struct VcpuThread<'a> {
-    cpu: CpuId,
-    config: &'a VcpuConfig,
-    handler: &'a dyn ExitHandler,
-    control: &'a VmControl,
-    kick: &'a HvfKick,
-    vtimer_offset: u64,
-    timebase: MachTimebaseInfo,
-    snapshot: &'a Mutex<Option<CpuSnapshot>>,
-}
-
-impl VcpuThread<'_> {
-    fn main(&self) -> Result<(), AccelError> {
-        let result = match catch_unwind(AssertUnwindSafe(|| self.run_loop())) {
-            Ok(r) => r,
-            Err(panic) => {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                Err(AccelError::Run(format!(
-                    "vCPU {} thread panicked: {message}",
-                    self.cpu
-                )))
-            }
+    /// The framework forgets pending interrupts when `hv_vcpu_run`
+    /// returns, so the GIC's outputs are given again before every run.
+    fn set_pending_interrupts(&mut self, irq: bool, fiq: bool) -> Result<(), AccelError> {
+        // SAFETY: owning thread.
+        let ret = unsafe {
+            ffi::hv_vcpu_set_pending_interrupt(self.handle, ffi::HV_INTERRUPT_TYPE_IRQ, irq)
         };
-        if result.is_err() {
-            self.control.request_stop(StopReason::HostStop);
-        }
-        result
-    }
-
-    fn save_snapshot(&self, vcpu: &Vcpu<'_>) {
-        match exits::capture(&mut HvfRegs(vcpu)) {
-            Ok(snap) => {
-                *self.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = Some(snap);
-            }
-            Err(e) => tracing::warn!(cpu = self.cpu, "no register snapshot: {e}"),
-        }
-    }
-
-    fn set_vtimer_level(&self, level: Option<bool>) {
-        if let Some(level) = level {
-            self.config.vtimer_irq.set_level(level);
-        }
-    }
-
-    fn run_loop(&self) -> Result<(), AccelError> {
-        let cpu = self.cpu;
-        let control = self.control;
-        let mut vcpu: Option<Vcpu<'_>> = None;
-        let mut local = LocalState::default();
-        let mut vtimer = VtimerLine::default();
-        loop {
-            if control.stop_requested() {
-                break;
-            }
-            if let Some((entry, context_id)) = control.take_start(cpu) {
-                // A new vCPU is the reset state; the old one goes first
-                // (its handle leaves the kick table in Drop).
-                drop(vcpu.take());
-                let fresh = Vcpu::create(cpu, self.kick)?;
-                fresh.start(entry, context_id, self.config.mpidr, self.vtimer_offset)?;
-                local = LocalState::default();
-                self.set_vtimer_level(vtimer.reset());
-                tracing::debug!(
-                    cpu,
-                    entry = format_args!("{entry:#x}"),
-                    context_id,
-                    "vCPU started"
-                );
-                vcpu = Some(fresh);
-                continue;
-            }
-            let on = control.power(cpu) == CpuPower::On;
-            let Some(v) = vcpu.as_ref().filter(|_| on) else {
-                if on {
-                    return Err(AccelError::Run(format!(
-                        "vCPU {cpu} is marked on but was never started"
-                    )));
-                }
-                control.wait(None, || control.power(cpu) != CpuPower::Off);
-                continue;
-            };
-
-            if vtimer.masked() {
-                let sync = vtimer.sync(v.sys(CNTV_CTL_EL0)?);
-                self.set_vtimer_level(sync.set_level);
-                if sync.unmask {
-                    v.set_vtimer_mask(false)?;
-                }
-            }
-            self.kick.clear_pending(cpu);
-            let (irq, fiq) = control.interrupt_lines(cpu);
-            v.set_lines(irq, fiq)?;
-            if self.kick.is_pending(cpu) {
-                // Lines, power or the stop flag moved meanwhile: re-read.
-                continue;
-            }
-            let exit = v.run()?;
-            match exit.reason {
-                // A kick: the top of the loop re-reads stop, power and lines.
-                ffi::HV_EXIT_REASON_CANCELED => {}
-                ffi::HV_EXIT_REASON_VTIMER_ACTIVATED => self.set_vtimer_level(vtimer.activated()),
-                ffi::HV_EXIT_REASON_EXCEPTION => {
-                    let e = exit.exception;
-                    let mut regs = HvfRegs(v);
-                    let trap = exits::translate(
-                        e.syndrome,
-                        e.virtual_address,
-                        e.physical_address,
-                        &mut regs,
-                        &mut local,
-                    )?;
-                    match trap {
-                        Trap::Exit { exit, pending } => {
-                            let response = self.handler.handle(cpu, exit);
-                            match exits::complete(pending, response, &mut regs)? {
-                                Completion::Continue => {}
-                                // The handler has marked the vCPU off.
-                                Completion::CpuOff => tracing::debug!(cpu, "vCPU powered off"),
-                                Completion::Suspend => self.wait_for_interrupt(v, &vtimer)?,
-                            }
-                        }
-                        Trap::WaitForInterrupt => self.wait_for_interrupt(v, &vtimer)?,
-                        Trap::Handled => {}
-                        Trap::Crash(report) => {
-                            let report = format!("vCPU {cpu}: {report}");
-                            tracing::error!("{report}");
-                            self.save_snapshot(v);
-                            control.request_stop(StopReason::GuestCrash(report));
-                        }
-                    }
-                }
-                other => {
-                    return Err(AccelError::Run(format!(
-                        "vCPU {cpu}: unexpected exit reason {other}"
-                    )))
-                }
-            }
-        }
-        if let Some(v) = &vcpu {
-            if self
-                .snapshot
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_none()
-            {
-                self.save_snapshot(v);
-            }
-        }
-        Ok(())
-    }
-
-    /// WFI or CPU_SUSPEND: sleep until an interrupt line rises, the vtimer
-    /// would fire, the vCPU's power changes or the VM stops.
-    fn wait_for_interrupt(&self, v: &Vcpu<'_>, vtimer: &VtimerLine) -> Result<(), AccelError> {
-        let cpu = self.cpu;
-        let control = self.control;
-        let pending = || {
-            let (irq, fiq) = control.interrupt_lines(cpu);
-            irq || fiq || control.power(cpu) != CpuPower::On
+        self.hv(ret, "setting IRQ")?;
+        // SAFETY: owning thread.
+        let ret = unsafe {
+            ffi::hv_vcpu_set_pending_interrupt(self.handle, ffi::HV_INTERRUPT_TYPE_FIQ, fiq)
         };
-        if pending() {
-            return Ok(());
-        }
-        // While the framework holds the vtimer masked its line is already
-        // up at the GIC: only an interrupt delivery can wake us.
-        let wait = if vtimer.masked() {
-            WfiWait::Indefinitely
-        } else {
-            let ctl = v.sys(CNTV_CTL_EL0)?;
-            let cval = v.sys(CNTV_CVAL_EL0)?;
-            // SAFETY: no arguments, reads the host counter.
-            let host_now = unsafe { ffi::mach_absolute_time() };
-            let now = host_now.wrapping_sub(v.vtimer_offset()?);
-            vtimer::wfi_wait(ctl, cval, now)
-        };
-        let deadline = match wait {
-            WfiWait::NotAtAll => return Ok(()),
-            WfiWait::Indefinitely => None,
-            WfiWait::Ticks(t) => Instant::now().checked_add(vtimer::ticks_to_duration(
-                t,
-                self.timebase.numer,
-                self.timebase.denom,
-            )),
-        };
-        control.wait(deadline, pending);
-        Ok(())
+        self.hv(ret, "setting FIQ")
+    }
+
+    fn run(&mut self) -> Result<RunExit, AccelError> {
+        // SAFETY: owning thread.
+        self.hv(unsafe { ffi::hv_vcpu_run(self.handle) }, "running")?;
+        // SAFETY: the exit record belongs to this vCPU, lives as long as
+        // it does, and is only written during hv_vcpu_run on this thread.
+        let exit = unsafe { *self.exit };
+        Ok(match exit.reason {
+            ffi::HV_EXIT_REASON_CANCELED => RunExit::Canceled,
+            ffi::HV_EXIT_REASON_EXCEPTION => RunExit::Exception {
+                syndrome: exit.exception.syndrome,
+                far: exit.exception.virtual_address,
+                ipa: exit.exception.physical_address,
+            },
+            ffi::HV_EXIT_REASON_VTIMER_ACTIVATED => RunExit::VtimerActivated,
+            other => RunExit::Unknown(other),
+        })
+    }
+
+    fn virtual_count(&mut self) -> Result<u64, AccelError> {
+        let mut offset = 0;
+        // SAFETY: owning thread; out-pointer to a local.
+        let ret = unsafe { ffi::hv_vcpu_get_vtimer_offset(self.handle, &mut offset) };
+        self.hv(ret, "reading the vtimer offset")?;
+        // SAFETY: no arguments, reads the host counter.
+        Ok(unsafe { ffi::mach_absolute_time() }.wrapping_sub(offset))
+    }
+
+    fn ticks_to_duration(&self, ticks: u64) -> Duration {
+        vtimer::ticks_to_duration(ticks, self.timebase.numer, self.timebase.denom)
     }
 }
 
@@ -660,19 +444,24 @@ impl Vm for HvfVm {
         std::thread::scope(|scope| {
             let mut threads = Vec::with_capacity(cpus);
             for cpu in 0..cpus {
-                let worker = VcpuThread {
-                    cpu,
-                    config: &this.cpus[cpu],
-                    handler,
-                    control,
-                    kick: &kick,
-                    vtimer_offset: this.vtimer_offset,
-                    timebase: this.timebase,
-                    snapshot: &this.snapshots[cpu],
-                };
+                let kick = &kick;
+                let config = &this.cpus[cpu];
+                let snapshot = &this.snapshots[cpu];
+                let (vtimer_offset, timebase) = (this.vtimer_offset, this.timebase);
                 let spawned = std::thread::Builder::new()
                     .name(format!("vcpu{cpu}"))
-                    .spawn_scoped(scope, move || worker.main());
+                    .spawn_scoped(scope, move || {
+                        let worker = VcpuThread {
+                            cpu,
+                            mpidr: config.mpidr,
+                            vtimer_irq: &*config.vtimer_irq,
+                            handler,
+                            control,
+                            kicks: &kick.pending,
+                            snapshot,
+                        };
+                        worker.main(|| Vcpu::create(cpu, kick, vtimer_offset, timebase))
+                    });
                 match spawned {
                     Ok(t) => threads.push(t),
                     Err(e) => {
