@@ -276,3 +276,483 @@ impl VcpuThread<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use accel::{ExitResponse, Kick, VcpuExit};
+    use arch_arm64::timer::{CTL_ENABLE, CTL_ISTATUS};
+    use arch_arm64::SysReg;
+    use std::collections::{HashMap, VecDeque};
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+    use vm_core::{AccessWidth, TestIrq};
+
+    /// What the scripted guest sees and changes.
+    #[derive(Default)]
+    struct Guest {
+        x: [u64; 31],
+        pc: u64,
+        pstate: u64,
+        sys: HashMap<SysReg, u64>,
+        /// The framework's vtimer mask.
+        masked: bool,
+        /// IRQ/FIQ pending for the run in progress.
+        lines: (bool, bool),
+        count: u64,
+        /// Make the next `set_pending_interrupts` look kicked.
+        kick_during_set_lines: bool,
+        runs: usize,
+    }
+
+    type Step = Box<dyn FnMut(&mut Guest) -> RunExit + Send>;
+
+    /// The steps every created vCPU of one test plays in turn; when they
+    /// run out the VM stops.
+    struct Script {
+        steps: Mutex<VecDeque<Step>>,
+        created: AtomicUsize,
+        control: Arc<VmControl>,
+        kicks: Arc<PendingKicks>,
+    }
+
+    struct FakeVcpu<'a> {
+        guest: Guest,
+        script: &'a Script,
+    }
+
+    impl VcpuRegisters for FakeVcpu<'_> {
+        fn read(&mut self, reg: Reg) -> Result<u64, AccelError> {
+            let g = &self.guest;
+            Ok(match reg {
+                Reg::X(n) => g.x[usize::from(n)],
+                Reg::Pc => g.pc,
+                Reg::Pstate => g.pstate,
+                Reg::Sys(r) => g.sys.get(&r).copied().unwrap_or(0),
+            })
+        }
+        fn write(&mut self, reg: Reg, value: u64) -> Result<(), AccelError> {
+            let g = &mut self.guest;
+            match reg {
+                Reg::X(n) => g.x[usize::from(n)] = value,
+                Reg::Pc => g.pc = value,
+                Reg::Pstate => g.pstate = value,
+                Reg::Sys(r) => {
+                    g.sys.insert(r, value);
+                }
+            }
+            Ok(())
+        }
+    }
+
+    impl HvVcpu for FakeVcpu<'_> {
+        fn init(&mut self) -> Result<(), AccelError> {
+            Ok(())
+        }
+        fn set_vtimer_mask(&mut self, masked: bool) -> Result<(), AccelError> {
+            self.guest.masked = masked;
+            Ok(())
+        }
+        fn set_pending_interrupts(&mut self, irq: bool, fiq: bool) -> Result<(), AccelError> {
+            self.guest.lines = (irq, fiq);
+            if std::mem::take(&mut self.guest.kick_during_set_lines) {
+                // Another thread's device raises a line (and kicks) just
+                // after the loop read the lines for this run.
+                self.script.control.set_interrupt_lines(0, true, true);
+            }
+            Ok(())
+        }
+        fn run(&mut self) -> Result<RunExit, AccelError> {
+            self.guest.runs += 1;
+            let step = self.script.steps.lock().unwrap().pop_front();
+            Ok(match step {
+                Some(mut step) => step(&mut self.guest),
+                None => {
+                    self.script.control.request_stop(StopReason::PowerOff);
+                    RunExit::Canceled
+                }
+            })
+        }
+        fn virtual_count(&mut self) -> Result<u64, AccelError> {
+            Ok(self.guest.count)
+        }
+        /// One tick is a millisecond here.
+        fn ticks_to_duration(&self, ticks: u64) -> Duration {
+            Duration::from_millis(ticks)
+        }
+    }
+
+    struct KickFlags(Arc<PendingKicks>);
+    impl Kick for KickFlags {
+        fn kick(&self, cpu: CpuId) {
+            self.0.set(cpu);
+        }
+    }
+
+    type Answer = Box<dyn Fn(&VmControl, CpuId, VcpuExit) -> ExitResponse + Send + Sync>;
+
+    /// Records every exit and answers with a test-given function.
+    struct Handler {
+        seen: Mutex<Vec<VcpuExit>>,
+        answer: Answer,
+        control: Arc<VmControl>,
+    }
+    impl ExitHandler for Handler {
+        fn handle(&self, cpu: CpuId, exit: VcpuExit) -> ExitResponse {
+            self.seen.lock().unwrap().push(exit);
+            (self.answer)(&self.control, cpu, exit)
+        }
+    }
+
+    struct Rig {
+        script: Script,
+        handler: Handler,
+        vtimer: Arc<TestIrq>,
+        snapshot: Mutex<Option<CpuSnapshot>>,
+    }
+
+    const ENTRY: u64 = 0x10_0000;
+    const DTB: u64 = 0x4800_0000;
+    const MPIDR: u64 = 0x8000_0001;
+
+    fn dabt(sas: u64, srt: u64, write: bool) -> u64 {
+        (0x24 << 26)
+            | (1 << 25)
+            | (1 << 24)
+            | (sas << 22)
+            | (srt << 16)
+            | (u64::from(write) << 6)
+            | 6
+    }
+    const WFI: u64 = 0x0600_0000;
+    const HVC0: u64 = 0x5a00_0000;
+
+    fn rig(cpus: usize, steps: Vec<Step>, answer: Answer) -> Rig {
+        let control = Arc::new(VmControl::new(cpus));
+        let kicks = Arc::new(PendingKicks::new(cpus));
+        control.set_kicker(Arc::new(KickFlags(kicks.clone())));
+        Rig {
+            script: Script {
+                steps: Mutex::new(steps.into()),
+                created: AtomicUsize::new(0),
+                control: control.clone(),
+                kicks,
+            },
+            handler: Handler {
+                seen: Mutex::new(Vec::new()),
+                answer,
+                control: control.clone(),
+            },
+            vtimer: Arc::new(TestIrq::new()),
+            snapshot: Mutex::new(None),
+        }
+    }
+
+    impl Rig {
+        fn control(&self) -> &VmControl {
+            &self.script.control
+        }
+
+        fn push(&self, s: Step) {
+            self.script.steps.lock().unwrap().push_back(s);
+        }
+
+        /// Runs vCPU `cpu`'s thread to the end on this thread.
+        fn run(&self, cpu: CpuId) -> Result<(), AccelError> {
+            let thread = VcpuThread {
+                cpu,
+                mpidr: MPIDR,
+                vtimer_irq: &*self.vtimer,
+                handler: &self.handler,
+                control: self.control(),
+                kicks: &self.script.kicks,
+                snapshot: &self.snapshot,
+            };
+            thread.main(|| {
+                self.script.created.fetch_add(1, Ordering::SeqCst);
+                Ok(FakeVcpu {
+                    guest: Guest::default(),
+                    script: &self.script,
+                })
+            })
+        }
+
+        fn final_registers(&self) -> CpuSnapshot {
+            self.snapshot.lock().unwrap().clone().expect("a snapshot")
+        }
+    }
+
+    fn step(f: impl FnMut(&mut Guest) -> RunExit + Send + 'static) -> Step {
+        Box::new(f)
+    }
+
+    fn mmio_answers() -> Answer {
+        Box::new(|_, _, exit| match exit {
+            VcpuExit::MmioRead { .. } => ExitResponse::Value(0x30),
+            _ => ExitResponse::Done,
+        })
+    }
+
+    #[test]
+    fn boots_at_the_entry_point_and_completes_mmio() {
+        let r = rig(
+            1,
+            vec![
+                step(|g| {
+                    assert_eq!((g.pc, g.x[0], g.pstate), (ENTRY, DTB, PSTATE_EL1H_MASKED));
+                    assert_eq!(g.sys[&MPIDR_EL1], MPIDR);
+                    // ldr w1, [x0] to the UART.
+                    RunExit::Exception {
+                        syndrome: dabt(2, 1, false),
+                        far: 0,
+                        ipa: 0x2001_0018,
+                    }
+                }),
+                step(|g| {
+                    assert_eq!((g.x[1], g.pc), (0x30, ENTRY + 4));
+                    // str w1, [x0]
+                    RunExit::Exception {
+                        syndrome: dabt(2, 1, true),
+                        far: 0,
+                        ipa: 0x2001_0000,
+                    }
+                }),
+            ],
+            mmio_answers(),
+        );
+        r.control().reset_for_boot(ENTRY, DTB);
+        r.run(0).unwrap();
+        assert_eq!(r.control().stop_reason(), Some(StopReason::PowerOff));
+        assert_eq!(
+            *r.handler.seen.lock().unwrap(),
+            vec![
+                VcpuExit::MmioRead {
+                    addr: 0x2001_0018,
+                    width: AccessWidth::Word
+                },
+                VcpuExit::MmioWrite {
+                    addr: 0x2001_0000,
+                    width: AccessWidth::Word,
+                    value: 0x30
+                },
+            ]
+        );
+        assert_eq!(r.final_registers().pc, ENTRY + 8);
+    }
+
+    #[test]
+    fn gic_outputs_are_injected_before_every_run() {
+        let r = rig(1, vec![], mmio_answers());
+        let gic = r.script.control.clone();
+        r.push(step(move |g| {
+            assert_eq!(g.lines, (true, false));
+            // The GIC's outputs move while the guest runs (and kick it).
+            gic.set_interrupt_lines(0, false, true);
+            RunExit::Canceled
+        }));
+        r.push(step(|g| {
+            assert_eq!(g.lines, (false, true));
+            // A line moves while the next run is being prepared.
+            g.kick_during_set_lines = true;
+            RunExit::Canceled
+        }));
+        r.push(step(|g| {
+            assert_eq!(g.lines, (true, true), "ran with stale interrupt lines");
+            assert_eq!(g.runs, 3);
+            RunExit::Canceled
+        }));
+        r.control().reset_for_boot(ENTRY, 0);
+        r.control().set_interrupt_lines(0, true, false);
+        r.run(0).unwrap();
+        assert_eq!(r.control().stop_reason(), Some(StopReason::PowerOff));
+    }
+
+    #[test]
+    fn cpu_off_then_cpu_on_starts_a_fresh_vcpu() {
+        let r = rig(
+            2,
+            vec![
+                step(|g| {
+                    assert_eq!((g.pc, g.x[0]), (0x7000_0000, 5));
+                    g.x[5] = 77;
+                    g.x[0] = u64::from(arch_arm64::psci::CPU_OFF);
+                    RunExit::Exception {
+                        syndrome: HVC0,
+                        far: 0,
+                        ipa: 0,
+                    }
+                }),
+                step(|g| {
+                    assert_eq!((g.pc, g.x[0], g.x[5]), (0x7100_0000, 9, 0));
+                    RunExit::Canceled
+                }),
+            ],
+            // As the machine's PSCI handler does.
+            Box::new(|control, cpu, _| {
+                control.cpu_off(cpu);
+                ExitResponse::CpuOff
+            }),
+        );
+        let control = r.script.control.clone();
+        control.cpu_on(1, 0x7000_0000, 5).unwrap();
+        std::thread::scope(|s| {
+            let t = s.spawn(|| r.run(1));
+            while control.power(1) != CpuPower::Off {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            assert_eq!(r.script.created.load(Ordering::SeqCst), 1);
+            control.cpu_on(1, 0x7100_0000, 9).unwrap();
+            t.join().unwrap().unwrap();
+        });
+        assert_eq!(r.script.created.load(Ordering::SeqCst), 2);
+        assert_eq!(control.stop_reason(), Some(StopReason::PowerOff));
+    }
+
+    #[test]
+    fn vtimer_line_stays_up_until_the_guest_handles_it() {
+        let r = rig(1, vec![], mmio_answers());
+        let ppi = r.vtimer.clone();
+        r.push(step(move |g| {
+            assert!(!ppi.is_asserted());
+            g.sys.insert(CNTV_CTL_EL0, CTL_ENABLE | CTL_ISTATUS);
+            g.masked = true; // the framework masks as it exits
+            RunExit::VtimerActivated
+        }));
+        let ppi = r.vtimer.clone();
+        r.push(step(move |g| {
+            assert!(ppi.is_asserted());
+            assert!(g.masked, "guest has not handled it yet");
+            RunExit::Canceled
+        }));
+        let ppi = r.vtimer.clone();
+        r.push(step(move |g| {
+            assert!(ppi.is_asserted() && g.masked, "still pending");
+            // The guest's handler re-arms the timer: the condition clears.
+            g.sys.insert(CNTV_CTL_EL0, CTL_ENABLE);
+            RunExit::Canceled
+        }));
+        let ppi = r.vtimer.clone();
+        r.push(step(move |g| {
+            assert!(!ppi.is_asserted());
+            assert!(!g.masked, "unmasked once handled");
+            RunExit::Canceled
+        }));
+        r.control().reset_for_boot(ENTRY, 0);
+        r.run(0).unwrap();
+        assert_eq!(r.control().stop_reason(), Some(StopReason::PowerOff));
+        assert_eq!(r.vtimer.rising_edges(), 1);
+    }
+
+    #[test]
+    fn wfi_sleeps_until_the_vtimer_deadline() {
+        let started = Arc::new(Mutex::new(None::<Instant>));
+        let (s1, s2) = (started.clone(), started.clone());
+        let r = rig(
+            1,
+            vec![
+                step(move |g| {
+                    g.count = 1000;
+                    g.sys.insert(CNTV_CTL_EL0, CTL_ENABLE);
+                    g.sys.insert(CNTV_CVAL_EL0, 1030);
+                    *s1.lock().unwrap() = Some(Instant::now());
+                    RunExit::Exception {
+                        syndrome: WFI,
+                        far: 0,
+                        ipa: 0,
+                    }
+                }),
+                step(move |g| {
+                    let slept = s2.lock().unwrap().unwrap().elapsed();
+                    assert!(slept >= Duration::from_millis(30), "woke after {slept:?}");
+                    assert_eq!(g.pc, ENTRY + 4);
+                    RunExit::Canceled
+                }),
+            ],
+            mmio_answers(),
+        );
+        r.control().reset_for_boot(ENTRY, 0);
+        r.run(0).unwrap();
+        assert_eq!(r.control().stop_reason(), Some(StopReason::PowerOff));
+    }
+
+    #[test]
+    fn wfi_with_an_interrupt_pending_does_not_sleep() {
+        let started = Arc::new(Mutex::new(None::<Instant>));
+        let (s1, s2) = (started.clone(), started.clone());
+        let r = rig(
+            1,
+            vec![
+                step(move |g| {
+                    g.sys.insert(CNTV_CTL_EL0, CTL_ENABLE);
+                    g.sys.insert(CNTV_CVAL_EL0, 100_000); // 100 s away
+                    *s1.lock().unwrap() = Some(Instant::now());
+                    RunExit::Exception {
+                        syndrome: WFI,
+                        far: 0,
+                        ipa: 0,
+                    }
+                }),
+                step(move |_| {
+                    let slept = s2.lock().unwrap().unwrap().elapsed();
+                    assert!(slept < Duration::from_secs(10), "slept {slept:?}");
+                    RunExit::Canceled
+                }),
+            ],
+            mmio_answers(),
+        );
+        r.control().reset_for_boot(ENTRY, 0);
+        r.control().set_interrupt_lines(0, true, false);
+        r.run(0).unwrap();
+    }
+
+    #[test]
+    fn an_access_without_syndrome_stops_the_vm_with_a_report() {
+        let r = rig(
+            1,
+            vec![step(|_| RunExit::Exception {
+                // ldp x0, x1, [x2] on MMIO
+                syndrome: 0x9200_0006,
+                far: 0xffff_0000_3000_0000,
+                ipa: 0x3000_0000,
+            })],
+            mmio_answers(),
+        );
+        r.control().reset_for_boot(ENTRY, 0);
+        r.run(0).unwrap();
+        let Some(StopReason::GuestCrash(report)) = r.control().stop_reason() else {
+            panic!("no crash: {:?}", r.control().stop_reason());
+        };
+        assert!(
+            report.starts_with("vCPU 0:") && report.contains("0x30000000"),
+            "{report}"
+        );
+        assert_eq!(r.final_registers().pc, ENTRY);
+        assert!(r.handler.seen.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_panicking_handler_stops_the_vm_instead_of_unwinding() {
+        let r = rig(
+            1,
+            vec![step(|_| RunExit::Exception {
+                syndrome: dabt(0, 0, false),
+                far: 0,
+                ipa: 0x2001_0000,
+            })],
+            Box::new(|_, _, _| panic!("device bug")),
+        );
+        r.control().reset_for_boot(ENTRY, 0);
+        let err = r.run(0).unwrap_err();
+        assert!(err.to_string().contains("device bug"), "{err}");
+        assert_eq!(r.control().stop_reason(), Some(StopReason::HostStop));
+    }
+
+    #[test]
+    fn unknown_exit_reasons_are_host_errors() {
+        let r = rig(1, vec![step(|_| RunExit::Unknown(3))], mmio_answers());
+        r.control().reset_for_boot(ENTRY, 0);
+        assert!(r.run(0).is_err());
+        assert_eq!(r.control().stop_reason(), Some(StopReason::HostStop));
+    }
+}
