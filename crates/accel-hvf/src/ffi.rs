@@ -81,6 +81,8 @@ extern "C" {
 
     pub fn hv_vcpu_set_pending_interrupt(vcpu: HvVcpu, kind: u32, pending: bool) -> HvReturn;
     pub fn hv_vcpu_set_vtimer_mask(vcpu: HvVcpu, vtimer_is_masked: bool) -> HvReturn;
+    // Unused: offsets come from our GuestClock and are never read back.
+    #[allow(dead_code)]
     pub fn hv_vcpu_get_vtimer_offset(vcpu: HvVcpu, vtimer_offset: *mut u64) -> HvReturn;
     pub fn hv_vcpu_set_vtimer_offset(vcpu: HvVcpu, vtimer_offset: u64) -> HvReturn;
     pub fn hv_vcpu_set_trap_debug_exceptions(vcpu: HvVcpu, value: bool) -> HvReturn;

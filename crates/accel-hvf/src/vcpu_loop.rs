@@ -16,7 +16,7 @@ use arch_arm64::sysreg::{CNTV_CTL_EL0, CNTV_CVAL_EL0, MPIDR_EL1};
 use vm_core::IrqLine;
 
 use crate::exits::{self, Completion, LocalState, Reg, Trap, VcpuRegisters, PSTATE_EL1H_MASKED};
-use crate::vtimer::{self, VtimerLine, WfiWait};
+use crate::vtimer::{self, GuestClock, VtimerLine, WfiWait};
 
 /// Why `hv_vcpu_run` returned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,9 +40,15 @@ pub trait HvVcpu: VcpuRegisters {
     /// Pending IRQ/FIQ for the next run only.
     fn set_pending_interrupts(&mut self, irq: bool, fiq: bool) -> Result<(), AccelError>;
     fn run(&mut self) -> Result<RunExit, AccelError>;
-    /// CNTVCT_EL0 as the guest would read it now.
-    fn virtual_count(&mut self) -> Result<u64, AccelError>;
-    /// Host time for `ticks` of the guest counter.
+    /// CNTVCT_EL0 = host count − `offset` from now on.
+    fn set_counter_offset(&mut self, offset: u64) -> Result<(), AccelError>;
+}
+
+/// The host's view of the counter the guest's derives from.
+pub trait HostCounter: Sync {
+    /// The host count now.
+    fn now(&self) -> u64;
+    /// Host time for `ticks` of the counter.
     fn ticks_to_duration(&self, ticks: u64) -> Duration;
 }
 
@@ -84,6 +90,8 @@ pub struct VcpuThread<'a> {
     pub handler: &'a dyn ExitHandler,
     pub control: &'a VmControl,
     pub kicks: &'a PendingKicks,
+    pub clock: &'a GuestClock,
+    pub host: &'a dyn HostCounter,
     /// Where the registers are left when the thread ends or the guest
     /// crashes.
     pub snapshot: &'a Mutex<Option<CpuSnapshot>>,
@@ -160,14 +168,23 @@ impl VcpuThread<'_> {
         let mut vcpu: Option<V> = None;
         let mut local = LocalState::default();
         let mut vtimer = VtimerLine::default();
+        // The offset the vCPU has, if any.
+        let mut offset = None;
         loop {
             if control.stop_requested() {
                 break;
+            }
+            if control.is_paused() {
+                self.clock.pause(self.host.now());
+                control.wait_while_paused();
+                self.clock.resume(self.host.now());
+                continue;
             }
             if let Some((entry, context_id)) = control.take_start(cpu) {
                 // A new vCPU is the reset state; the old one goes first.
                 drop(vcpu.take());
                 vcpu = Some(self.start(&mut create, entry, context_id)?);
+                offset = None;
                 local = LocalState::default();
                 self.drive_vtimer(vtimer.reset());
                 continue;
@@ -179,9 +196,17 @@ impl VcpuThread<'_> {
                         "vCPU {cpu} is marked on but was never started"
                     )));
                 }
-                control.wait(None, || control.power(cpu) != CpuPower::Off);
+                control.wait(None, || {
+                    control.power(cpu) != CpuPower::Off || control.is_paused()
+                });
                 continue;
             };
+
+            let current = self.clock.offset();
+            if offset != Some(current) {
+                v.set_counter_offset(current)?;
+                offset = Some(current);
+            }
 
             if vtimer.masked() {
                 let sync = vtimer.sync(v.read(Reg::Sys(CNTV_CTL_EL0))?);
@@ -253,7 +278,7 @@ impl VcpuThread<'_> {
         let control = self.control;
         let pending = || {
             let (irq, fiq) = control.interrupt_lines(cpu);
-            irq || fiq || control.power(cpu) != CpuPower::On
+            irq || fiq || control.power(cpu) != CpuPower::On || control.is_paused()
         };
         if pending() {
             return Ok(());
@@ -265,12 +290,13 @@ impl VcpuThread<'_> {
         } else {
             let ctl = v.read(Reg::Sys(CNTV_CTL_EL0))?;
             let cval = v.read(Reg::Sys(CNTV_CVAL_EL0))?;
-            vtimer::wfi_wait(ctl, cval, v.virtual_count()?)
+            let now = self.host.now().wrapping_sub(self.clock.offset());
+            vtimer::wfi_wait(ctl, cval, now)
         };
         let deadline = match wait {
             WfiWait::NotAtAll => return Ok(()),
             WfiWait::Indefinitely => None,
-            WfiWait::Ticks(t) => Instant::now().checked_add(v.ticks_to_duration(t)),
+            WfiWait::Ticks(t) => Instant::now().checked_add(self.host.ticks_to_duration(t)),
         };
         control.wait(deadline, pending);
         Ok(())
@@ -299,7 +325,8 @@ mod tests {
         masked: bool,
         /// IRQ/FIQ pending for the run in progress.
         lines: (bool, bool),
-        count: u64,
+        /// The counter offset the loop gave the vCPU.
+        offset: Option<u64>,
         /// Make the next `set_pending_interrupts` look kicked.
         kick_during_set_lines: bool,
         runs: usize,
@@ -373,10 +400,18 @@ mod tests {
                 }
             })
         }
-        fn virtual_count(&mut self) -> Result<u64, AccelError> {
-            Ok(self.guest.count)
+        fn set_counter_offset(&mut self, offset: u64) -> Result<(), AccelError> {
+            self.guest.offset = Some(offset);
+            Ok(())
         }
-        /// One tick is a millisecond here.
+    }
+
+    /// A host counter ticking once a millisecond.
+    struct MsCounter(Instant);
+    impl HostCounter for MsCounter {
+        fn now(&self) -> u64 {
+            self.0.elapsed().as_millis() as u64
+        }
         fn ticks_to_duration(&self, ticks: u64) -> Duration {
             Duration::from_millis(ticks)
         }
@@ -409,6 +444,8 @@ mod tests {
         handler: Handler,
         vtimer: Arc<TestIrq>,
         snapshot: Mutex<Option<CpuSnapshot>>,
+        clock: GuestClock,
+        host: Arc<MsCounter>,
     }
 
     const ENTRY: u64 = 0x10_0000;
@@ -445,6 +482,8 @@ mod tests {
             },
             vtimer: Arc::new(TestIrq::new()),
             snapshot: Mutex::new(None),
+            clock: GuestClock::new(0),
+            host: Arc::new(MsCounter(Instant::now())),
         }
     }
 
@@ -466,6 +505,8 @@ mod tests {
                 handler: &self.handler,
                 control: self.control(),
                 kicks: &self.script.kicks,
+                clock: &self.clock,
+                host: &*self.host,
                 snapshot: &self.snapshot,
             };
             thread.main(|| {
@@ -646,31 +687,52 @@ mod tests {
 
     #[test]
     fn wfi_sleeps_until_the_vtimer_deadline() {
+        let r = rig(1, vec![], mmio_answers());
         let started = Arc::new(Mutex::new(None::<Instant>));
         let (s1, s2) = (started.clone(), started.clone());
-        let r = rig(
-            1,
-            vec![
-                step(move |g| {
-                    g.count = 1000;
-                    g.sys.insert(CNTV_CTL_EL0, CTL_ENABLE);
-                    g.sys.insert(CNTV_CVAL_EL0, 1030);
-                    *s1.lock().unwrap() = Some(Instant::now());
-                    RunExit::Exception {
-                        syndrome: WFI,
-                        far: 0,
-                        ipa: 0,
-                    }
-                }),
-                step(move |g| {
-                    let slept = s2.lock().unwrap().unwrap().elapsed();
-                    assert!(slept >= Duration::from_millis(30), "woke after {slept:?}");
-                    assert_eq!(g.pc, ENTRY + 4);
-                    RunExit::Canceled
-                }),
-            ],
-            mmio_answers(),
-        );
+        let host = r.host.clone();
+        r.push(step(move |g| {
+            assert_eq!(g.offset, Some(0));
+            g.sys.insert(CNTV_CTL_EL0, CTL_ENABLE);
+            g.sys.insert(CNTV_CVAL_EL0, host.now() + 30);
+            *s1.lock().unwrap() = Some(Instant::now());
+            RunExit::Exception {
+                syndrome: WFI,
+                far: 0,
+                ipa: 0,
+            }
+        }));
+        r.push(step(move |g| {
+            let slept = s2.lock().unwrap().unwrap().elapsed();
+            assert!(slept >= Duration::from_millis(29), "woke after {slept:?}");
+            assert_eq!(g.pc, ENTRY + 4);
+            RunExit::Canceled
+        }));
+        r.control().reset_for_boot(ENTRY, 0);
+        r.run(0).unwrap();
+        assert_eq!(r.control().stop_reason(), Some(StopReason::PowerOff));
+    }
+
+    #[test]
+    fn pausing_parks_the_vcpu_and_stops_the_guest_count() {
+        let r = rig(1, vec![], mmio_answers());
+        let control = r.script.control.clone();
+        r.push(step(move |g| {
+            assert_eq!(g.offset, Some(0));
+            control.pause();
+            let c = control.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(40));
+                c.resume();
+            });
+            RunExit::Canceled
+        }));
+        r.push(step(|g| {
+            // 40 ms paused at one tick per ms: the guest lost ~40 ticks.
+            let offset = g.offset.unwrap();
+            assert!((35..5000).contains(&offset), "offset {offset}");
+            RunExit::Canceled
+        }));
         r.control().reset_for_boot(ENTRY, 0);
         r.run(0).unwrap();
         assert_eq!(r.control().stop_reason(), Some(StopReason::PowerOff));

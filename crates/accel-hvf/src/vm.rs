@@ -21,8 +21,8 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use crate::exits::{Reg, VcpuRegisters};
 use crate::ffi::{self, HvReturn, HvVcpu, HvVcpuExit, MachTimebaseInfo};
 use crate::layout::{self, RamRegion};
-use crate::vcpu_loop::{HvVcpu as VcpuOps, PendingKicks, RunExit, VcpuThread};
-use crate::vtimer;
+use crate::vcpu_loop::{HostCounter, HvVcpu as VcpuOps, PendingKicks, RunExit, VcpuThread};
+use crate::vtimer::{self, GuestClock};
 
 /// The framework holds one VM per process.
 static VM_EXISTS: AtomicBool = AtomicBool::new(false);
@@ -57,9 +57,9 @@ pub struct HvfVm {
     _memory: GuestMemory,
     mapped: Vec<(u64, usize)>,
     cpus: Vec<VcpuConfig>,
-    /// Host counter value at which every vCPU's CNTVCT reads 0.
-    vtimer_offset: u64,
-    timebase: MachTimebaseInfo,
+    /// The guest's counter offset, shared by every vCPU.
+    clock: GuestClock,
+    host: MachCounter,
     snapshots: Vec<Mutex<Option<CpuSnapshot>>>,
 }
 
@@ -109,8 +109,8 @@ impl HvfVm {
             _memory: memory.clone(),
             mapped: Vec::with_capacity(regions.len()),
             cpus: config.cpus,
-            vtimer_offset: 0,
-            timebase: MachTimebaseInfo::default(),
+            clock: GuestClock::new(0),
+            host: MachCounter(MachTimebaseInfo::default()),
             snapshots: Vec::new(),
         };
         // From here on, dropping `vm` unmaps and destroys the VM.
@@ -135,14 +135,14 @@ impl HvfVm {
             vm.mapped.push((r.guest, len));
         }
         // SAFETY: writes the two u32 of the struct given.
-        let ret = unsafe { ffi::mach_timebase_info(&mut vm.timebase) };
-        if ret != 0 || vm.timebase.denom == 0 {
+        let ret = unsafe { ffi::mach_timebase_info(&mut vm.host.0) };
+        if ret != 0 || vm.host.0.denom == 0 {
             return Err(AccelError::Setup(format!(
                 "mach_timebase_info failed ({ret})"
             )));
         }
-        // SAFETY: no arguments, reads the host counter.
-        vm.vtimer_offset = unsafe { ffi::mach_absolute_time() };
+        // The guest's count starts at 0 now.
+        vm.clock = GuestClock::new(vm.host.now());
         vm.snapshots = vm.cpus.iter().map(|_| Mutex::new(None)).collect();
         tracing::info!(
             cpus = vm.cpus.len(),
@@ -253,17 +253,10 @@ struct Vcpu<'a> {
     exit: *const HvVcpuExit,
     cpu: CpuId,
     kick: &'a HvfKick,
-    vtimer_offset: u64,
-    timebase: MachTimebaseInfo,
 }
 
 impl<'a> Vcpu<'a> {
-    fn create(
-        cpu: CpuId,
-        kick: &'a HvfKick,
-        vtimer_offset: u64,
-        timebase: MachTimebaseInfo,
-    ) -> Result<Self, AccelError> {
+    fn create(cpu: CpuId, kick: &'a HvfKick) -> Result<Self, AccelError> {
         let mut handle: HvVcpu = 0;
         let mut exit: *const HvVcpuExit = ptr::null();
         // SAFETY: out-pointers to locals; a null configuration asks for
@@ -277,8 +270,6 @@ impl<'a> Vcpu<'a> {
             exit,
             cpu,
             kick,
-            vtimer_offset,
-            timebase,
         };
         if exit.is_null() {
             return Err(AccelError::Run(format!("vCPU {cpu} has no exit record")));
@@ -345,14 +336,9 @@ impl VcpuRegisters for Vcpu<'_> {
 }
 
 impl VcpuOps for Vcpu<'_> {
-    /// Every vCPU gets the VM-wide counter offset, so all read the same
-    /// CNTVCT; debug exceptions and registers are left to the guest.
+    /// Debug exceptions and debug registers are left to the guest.
     fn init(&mut self) -> Result<(), AccelError> {
-        // SAFETY (all three): owning thread, plain values.
-        self.hv(
-            unsafe { ffi::hv_vcpu_set_vtimer_offset(self.handle, self.vtimer_offset) },
-            "setting the vtimer offset",
-        )?;
+        // SAFETY (both): owning thread, plain values.
         self.hv(
             unsafe { ffi::hv_vcpu_set_trap_debug_exceptions(self.handle, false) },
             "leaving debug exceptions to the guest",
@@ -403,17 +389,25 @@ impl VcpuOps for Vcpu<'_> {
         })
     }
 
-    fn virtual_count(&mut self) -> Result<u64, AccelError> {
-        let mut offset = 0;
-        // SAFETY: owning thread; out-pointer to a local.
-        let ret = unsafe { ffi::hv_vcpu_get_vtimer_offset(self.handle, &mut offset) };
-        self.hv(ret, "reading the vtimer offset")?;
+    fn set_counter_offset(&mut self, offset: u64) -> Result<(), AccelError> {
+        // SAFETY: owning thread.
+        let ret = unsafe { ffi::hv_vcpu_set_vtimer_offset(self.handle, offset) };
+        self.hv(ret, "setting the vtimer offset")
+    }
+}
+
+/// `mach_absolute_time`, which on Apple silicon reads the counter the
+/// guest's CNTVCT derives from.
+struct MachCounter(MachTimebaseInfo);
+
+impl HostCounter for MachCounter {
+    fn now(&self) -> u64 {
         // SAFETY: no arguments, reads the host counter.
-        Ok(unsafe { ffi::mach_absolute_time() }.wrapping_sub(offset))
+        unsafe { ffi::mach_absolute_time() }
     }
 
     fn ticks_to_duration(&self, ticks: u64) -> Duration {
-        vtimer::ticks_to_duration(ticks, self.timebase.numer, self.timebase.denom)
+        vtimer::ticks_to_duration(ticks, self.0.numer, self.0.denom)
     }
 }
 
@@ -447,7 +441,6 @@ impl Vm for HvfVm {
                 let kick = &kick;
                 let config = &this.cpus[cpu];
                 let snapshot = &this.snapshots[cpu];
-                let (vtimer_offset, timebase) = (this.vtimer_offset, this.timebase);
                 let spawned = std::thread::Builder::new()
                     .name(format!("vcpu{cpu}"))
                     .spawn_scoped(scope, move || {
@@ -458,9 +451,11 @@ impl Vm for HvfVm {
                             handler,
                             control,
                             kicks: &kick.pending,
+                            clock: &this.clock,
+                            host: &this.host,
                             snapshot,
                         };
-                        worker.main(|| Vcpu::create(cpu, kick, vtimer_offset, timebase))
+                        worker.main(|| Vcpu::create(cpu, kick))
                     });
                 match spawned {
                     Ok(t) => threads.push(t),

@@ -11,6 +11,7 @@
 //! While a vCPU waits in WFI the VMM, not the hardware, must notice the
 //! timer's deadline: [`wfi_wait`] computes it from CNTV_CTL/CNTV_CVAL.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use arch_arm64::timer::{CTL_ENABLE, CTL_IMASK, CTL_ISTATUS};
@@ -109,6 +110,52 @@ pub fn ticks_to_duration(ticks: u64, numer: u32, denom: u32) -> Duration {
     Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
 }
 
+/// The guest's counter: CNTVCT_EL0 = host count − offset, one offset for
+/// every vCPU. Pausing the VM stops the guest's count by growing the
+/// offset by the time spent paused, as the software CPU's counter does.
+#[derive(Debug)]
+pub struct GuestClock {
+    state: Mutex<ClockState>,
+}
+
+#[derive(Debug)]
+struct ClockState {
+    offset: u64,
+    paused_at: Option<u64>,
+}
+
+impl GuestClock {
+    /// A clock whose count is 0 at host count `origin`.
+    pub fn new(origin: u64) -> Self {
+        Self {
+            state: Mutex::new(ClockState {
+                offset: origin,
+                paused_at: None,
+            }),
+        }
+    }
+
+    pub fn offset(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).offset
+    }
+
+    /// The VM is paused since host count `now` (the first caller of a
+    /// pause decides; later ones change nothing).
+    pub fn pause(&self, now: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.paused_at.get_or_insert(now);
+    }
+
+    /// The VM runs again at host count `now`: the guest's count carries on
+    /// from where it stopped. Idempotent.
+    pub fn resume(&self, now: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(since) = s.paused_at.take() {
+            s.offset = s.offset.wrapping_add(now.saturating_sub(since));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +202,21 @@ mod tests {
         assert_eq!(v.reset(), Some(false));
         assert_eq!(v.reset(), None);
         assert!(!v.masked());
+    }
+
+    #[test]
+    fn the_guest_count_stands_still_while_paused() {
+        let c = GuestClock::new(1000);
+        let guest = |host: u64| host - c.offset();
+        assert_eq!(guest(1500), 500);
+        c.pause(1500);
+        c.pause(1700); // a second vCPU noticing later
+        c.resume(2500);
+        c.resume(2600); // and resuming later
+        assert_eq!(guest(2500), 500, "the count resumes where it stopped");
+        assert_eq!(guest(2600), 600);
+        c.resume(9000);
+        assert_eq!(c.offset(), 2000, "resume without pause changes nothing");
     }
 
     #[test]
