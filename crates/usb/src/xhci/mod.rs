@@ -648,9 +648,7 @@ impl XhciState {
     fn erdp_written(&mut self, idx: usize) {
         let it = &mut self.intrs[idx];
         it.dequeue_moved();
-        if it.has_unconsumed_events() {
-            it.undelivered = true;
-        }
+        it.undelivered = it.has_unconsumed_events();
         self.try_signal(idx);
     }
 

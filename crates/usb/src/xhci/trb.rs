@@ -227,6 +227,16 @@ mod tests {
         assert_eq!(t.parameter, 7);
         assert_eq!(c, RingCursor::new(0x1800, false));
         c.advance(&mut budget);
+        // The producer still owns the next TRB (its cycle bit is the old one).
+        put(
+            &mem,
+            0x1810,
+            Trb {
+                parameter: 0,
+                status: 0,
+                control: (TRB_NORMAL << 10) | TRB_CYCLE,
+            },
+        );
         assert_eq!(c.peek(&mem, &mut budget), Ok(None));
     }
 
@@ -249,6 +259,7 @@ mod tests {
         let mut c = RingCursor::new(0x1000, true);
         assert_eq!(c.peek(&mem, &mut budget), Err(RingError::Budget));
         let mut c = RingCursor::new(0xffff_fff0, true);
+        let mut budget = 3;
         assert_eq!(
             c.peek(&mem, &mut budget),
             Err(RingError::Dma(0xffff_fff0))
