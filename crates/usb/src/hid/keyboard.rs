@@ -207,27 +207,35 @@ mod tests {
     #[test]
     fn descriptors_describe_a_boot_keyboard() {
         let mut k = UsbKeyboard::new();
-        let ControlResult::Ok(dev) = k.control(&setup(0x80, REQ_GET_DESCRIPTOR, 0x0100, 0, 18), &[])
+        let ControlResult::Ok(dev) =
+            k.control(&setup(0x80, REQ_GET_DESCRIPTOR, 0x0100, 0, 18), &[])
         else {
             panic!("stalled")
         };
         assert_eq!(dev.len(), 18);
         assert_eq!(&dev[8..12], &[0x27, 0x06, 0x01, 0x00]);
-        let ControlResult::Ok(cfg) = k.control(&setup(0x80, REQ_GET_DESCRIPTOR, 0x0200, 0, 255), &[])
+        let ControlResult::Ok(cfg) =
+            k.control(&setup(0x80, REQ_GET_DESCRIPTOR, 0x0200, 0, 255), &[])
         else {
             panic!("stalled")
         };
         assert_eq!(cfg.len(), 34);
         assert_eq!(u16::from_le_bytes([cfg[2], cfg[3]]), 34);
-        assert_eq!(&cfg[9 + 5..9 + 8], &[3, 1, 1], "HID boot keyboard interface");
+        assert_eq!(
+            &cfg[9 + 5..9 + 8],
+            &[3, 1, 1],
+            "HID boot keyboard interface"
+        );
         assert_eq!(cfg[18 + 1], 0x21);
         assert_eq!(&cfg[27..], &[7, 5, 0x81, 3, 8, 0, 10]);
-        let ControlResult::Ok(rd) = k.control(&setup(0x81, REQ_GET_DESCRIPTOR, 0x2200, 0, 255), &[])
+        let ControlResult::Ok(rd) =
+            k.control(&setup(0x81, REQ_GET_DESCRIPTOR, 0x2200, 0, 255), &[])
         else {
             panic!("stalled")
         };
         assert_eq!(rd, KEYBOARD_REPORT_DESCRIPTOR.to_vec());
-        let ControlResult::Ok(s) = k.control(&setup(0x80, REQ_GET_DESCRIPTOR, 0x0302, 0x409, 255), &[])
+        let ControlResult::Ok(s) =
+            k.control(&setup(0x80, REQ_GET_DESCRIPTOR, 0x0302, 0x409, 255), &[])
         else {
             panic!("stalled")
         };

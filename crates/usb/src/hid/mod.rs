@@ -392,9 +392,7 @@ impl HidCore {
                 ok(Vec::new())
             }
             (0x81, REQ_GET_INTERFACE) if setup.index == 0 => ok(vec![0]),
-            (0x01, REQ_SET_INTERFACE) if setup.index == 0 && setup.value == 0 => {
-                ok(Vec::new())
-            }
+            (0x01, REQ_SET_INTERFACE) if setup.index == 0 && setup.value == 0 => ok(Vec::new()),
             (0xa1, HID_GET_REPORT) if value_hi == REPORT_TYPE_INPUT => ok(self.current.clone()),
             (0xa1, HID_GET_IDLE) => ok(vec![self.idle]),
             (0x21, HID_SET_IDLE) => {

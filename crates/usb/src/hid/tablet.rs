@@ -176,7 +176,10 @@ mod tests {
     fn reports_absolute_position_buttons_and_wheel() {
         let mut t = UsbTablet::new();
         t.control(&setup(0, REQ_SET_CONFIGURATION, 1, 0, 0), &[]);
-        t.handle_input(&InputEvent::PointerAbs { x: 0x1234, y: 0xffff });
+        t.handle_input(&InputEvent::PointerAbs {
+            x: 0x1234,
+            y: 0xffff,
+        });
         t.handle_input(&InputEvent::Buttons(0x05));
         t.handle_input(&InputEvent::Wheel(-3));
         assert_eq!(next(&mut t), Some([0, 0x34, 0x12, 0xff, 0x7f, 0]));
@@ -208,7 +211,8 @@ mod tests {
     #[test]
     fn descriptors_name_an_absolute_pointer_and_boot_requests_stall() {
         let mut t = UsbTablet::new();
-        let ControlResult::Ok(cfg) = t.control(&setup(0x80, REQ_GET_DESCRIPTOR, 0x0200, 0, 255), &[])
+        let ControlResult::Ok(cfg) =
+            t.control(&setup(0x80, REQ_GET_DESCRIPTOR, 0x0200, 0, 255), &[])
         else {
             panic!("stalled")
         };

@@ -40,7 +40,9 @@ impl XhciState {
         let addr = self.output_addr(slot_id, 12)?;
         let mut d = [0u8; 4];
         self.read_guest(addr, &mut d)?;
-        let v = (u32::from_le_bytes(d) & 0x07ff_ff00) | (u32::from(s.state) << 27) | u32::from(s.address);
+        let v = (u32::from_le_bytes(d) & 0x07ff_ff00)
+            | (u32::from(s.state) << 27)
+            | u32::from(s.address);
         self.write_guest(addr, &v.to_le_bytes())
     }
 
@@ -204,10 +206,7 @@ impl XhciState {
             return Ok(CC_PARAMETER_ERROR);
         }
         let ring = ep_ctx_ring(ep0_in);
-        let entry = self
-            .dcbaap
-            .checked_add(8 * u64::from(slot_id))
-            .ok_or(Hse)?;
+        let entry = self.dcbaap.checked_add(8 * u64::from(slot_id)).ok_or(Hse)?;
         let mut out = [0u8; 8];
         self.read_guest(entry, &mut out)?;
         let output_ctx = u64::from_le_bytes(out) & !0x3f;
@@ -220,11 +219,16 @@ impl XhciState {
         };
         let mut slot_out = [0u8; 32];
         slot_out.copy_from_slice(slot_in);
-        let d3 = (dword(&slot_out, 3) & 0x07ff_ff00) | (u32::from(state) << 27) | u32::from(address);
+        let d3 =
+            (dword(&slot_out, 3) & 0x07ff_ff00) | (u32::from(state) << 27) | u32::from(address);
         set_dword(&mut slot_out, 3, d3);
         let mut ep0_out = [0u8; 32];
         ep0_out.copy_from_slice(ep0_in);
-        set_dword(&mut ep0_out, 0, (dword(ep0_in, 0) & !7) | u32::from(EP_RUNNING));
+        set_dword(
+            &mut ep0_out,
+            0,
+            (dword(ep0_in, 0) & !7) | u32::from(EP_RUNNING),
+        );
         self.write_guest(output_ctx, &slot_out)?;
         self.write_guest(output_ctx.checked_add(CTX_SIZE).ok_or(Hse)?, &ep0_out)?;
 
@@ -319,7 +323,9 @@ impl XhciState {
             let addr = self.output_addr(slot_id, 0)?;
             self.write_guest(addr, &dword(&ictx, 8).to_le_bytes())?;
         }
-        let any = self.slots[idx].eps[1..].iter().any(|e| e.state != EP_DISABLED);
+        let any = self.slots[idx].eps[1..]
+            .iter()
+            .any(|e| e.state != EP_DISABLED);
         self.slots[idx].state = if any { SLOT_CONFIGURED } else { SLOT_ADDRESSED };
         self.write_slot_state(slot_id)?;
         Ok(CC_SUCCESS)

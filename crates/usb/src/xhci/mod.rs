@@ -127,7 +127,8 @@ impl Port {
     }
 
     fn set_pls(&mut self, pls: u32) {
-        self.portsc = (self.portsc & !PORTSC_PLS_MASK) | ((pls << PORTSC_PLS_SHIFT) & PORTSC_PLS_MASK);
+        self.portsc =
+            (self.portsc & !PORTSC_PLS_MASK) | ((pls << PORTSC_PLS_SHIFT) & PORTSC_PLS_MASK);
     }
 
     /// PORTSC after a controller reset or an attach: powered, connected
@@ -137,7 +138,8 @@ impl Port {
         match &self.device {
             Some(dev) => {
                 let speed = dev.speed();
-                self.portsc |= PORTSC_CCS | PORTSC_CSC | (speed.xhci_speed_id() << PORTSC_SPEED_SHIFT);
+                self.portsc |=
+                    PORTSC_CCS | PORTSC_CSC | (speed.xhci_speed_id() << PORTSC_SPEED_SHIFT);
                 if self.usb3 {
                     // SuperSpeed link training ends enabled in U0.
                     self.portsc |= PORTSC_PED;
@@ -308,7 +310,10 @@ impl Xhci {
     /// (low dword first); narrower or misaligned stores are ignored.
     pub fn mmio_write(&self, offset: u64, width: AccessWidth, value: u64) {
         let mut st = lock(&self.state);
-        if offset.checked_add(width.bytes()).is_none_or(|end| end > BAR_SIZE) {
+        if offset
+            .checked_add(width.bytes())
+            .is_none_or(|end| end > BAR_SIZE)
+        {
             vm_core::guest_error!("xhci: write beyond BAR 0 at {offset:#x}");
             return;
         }
@@ -481,13 +486,7 @@ impl XhciState {
             OP_PAGESIZE => PAGESIZE,
             OP_DNCTRL => self.dnctrl,
             // The ring pointer reads as 0 (XHCI 1.2 §5.4.5); only CRR shows.
-            OP_CRCR_LO => {
-                if self.crr {
-                    CRCR_CRR as u32
-                } else {
-                    0
-                }
-            }
+            OP_CRCR_LO => u32::from(self.crr) * CRCR_CRR as u32,
             OP_DCBAAP_LO => self.dcbaap as u32,
             OP_DCBAAP_HI => (self.dcbaap >> 32) as u32,
             OP_CONFIG => self.config_reg,
@@ -631,7 +630,11 @@ impl XhciState {
             IR_ERSTBA_LO => it.set_erstba((it.erstba & !0xffff_ffff) | v),
             IR_ERSTBA_HI => it.set_erstba((it.erstba & 0xffff_ffff) | (v << 32)),
             IR_ERDP_LO => {
-                let ehb = if v & ERDP_EHB != 0 { 0 } else { it.erdp & ERDP_EHB };
+                let ehb = if v & ERDP_EHB != 0 {
+                    0
+                } else {
+                    it.erdp & ERDP_EHB
+                };
                 it.erdp = (it.erdp & !0xffff_ffff) | (v & 0xffff_fff7) | ehb;
                 self.erdp_written(idx);
             }
@@ -776,7 +779,9 @@ impl XhciState {
     pub(crate) fn update_irq(&mut self) {
         let i0 = &self.intrs[0];
         let level = !self.msi_enabled()
-            && ((i0.iman & IMAN_IP != 0 && i0.iman & IMAN_IE != 0 && self.usbcmd & USBCMD_INTE != 0)
+            && ((i0.iman & IMAN_IP != 0
+                && i0.iman & IMAN_IE != 0
+                && self.usbcmd & USBCMD_INTE != 0)
                 || (self.usbsts & USBSTS_HSE != 0 && self.usbcmd & USBCMD_HSEE != 0));
         if level != self.irq_level {
             self.irq_level = level;
@@ -883,12 +888,16 @@ impl XhciState {
                 let Some(ep) = self.slots[slot].endpoint(dci) else {
                     continue;
                 };
-                let is_in = matches!(ep.ep_type, context::EP_TYPE_INT_IN | context::EP_TYPE_BULK_IN);
-                if ep.state == context::EP_RUNNING && is_in {
-                    if self.process_endpoint((slot + 1) as u8, dci).is_err() {
-                        self.host_system_error();
-                        return;
-                    }
+                let is_in = matches!(
+                    ep.ep_type,
+                    context::EP_TYPE_INT_IN | context::EP_TYPE_BULK_IN
+                );
+                if ep.state == context::EP_RUNNING
+                    && is_in
+                    && self.process_endpoint((slot + 1) as u8, dci).is_err()
+                {
+                    self.host_system_error();
+                    return;
                 }
             }
         }

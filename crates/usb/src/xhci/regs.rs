@@ -41,7 +41,8 @@ pub const OP_BASE: u64 = CAP_LENGTH as u64;
 pub const RUNTIME_BASE: u64 = 0x1000;
 pub const DOORBELL_BASE: u64 = 0x2000;
 
-pub const HCSPARAMS1: u32 = ((NUM_PORTS as u32) << 24) | ((NUM_INTRS as u32) << 8) | NUM_SLOTS as u32;
+pub const HCSPARAMS1: u32 =
+    ((NUM_PORTS as u32) << 24) | ((NUM_INTRS as u32) << 8) | NUM_SLOTS as u32;
 /// IST 15 (frame-granular isochronous threshold, as QEMU), ERST Max, no
 /// scratchpad buffers.
 pub const HCSPARAMS2: u32 = 0xf | (ERST_MAX << 4);

@@ -378,7 +378,9 @@ impl XhciState {
             let residual = (len - chunk) as u32;
             let first_short = residual > 0 && !short;
             short |= residual > 0;
-            let report = t.flag(TRB_IOC) || (first_short && t.flag(TRB_ISP)) || (short && i == last && t.flag(TRB_IOC));
+            let report = t.flag(TRB_IOC)
+                || (first_short && t.flag(TRB_ISP))
+                || (short && i == last && t.flag(TRB_IOC));
             if report {
                 let code = if short { CC_SHORT_PACKET } else { CC_SUCCESS };
                 self.transfer_event(slot_id, dci, (addr, t), code, residual)?;

@@ -260,9 +260,6 @@ mod tests {
         assert_eq!(c.peek(&mem, &mut budget), Err(RingError::Budget));
         let mut c = RingCursor::new(0xffff_fff0, true);
         let mut budget = 3;
-        assert_eq!(
-            c.peek(&mem, &mut budget),
-            Err(RingError::Dma(0xffff_fff0))
-        );
+        assert_eq!(c.peek(&mem, &mut budget), Err(RingError::Dma(0xffff_fff0)));
     }
 }
