@@ -57,6 +57,8 @@ static IDENTITY: HidIdentity = HidIdentity {
     report_descriptor: &KEYBOARD_REPORT_DESCRIPTOR,
     report_len: 8,
     boot: true,
+    interval: 7,
+    config_name: "HID Keyboard",
 };
 
 /// Keys a boot report can name at once.
@@ -131,7 +133,7 @@ impl UsbKeyboard {
 
 impl UsbDevice for UsbKeyboard {
     fn speed(&self) -> UsbSpeed {
-        UsbSpeed::Full
+        UsbSpeed::High
     }
 
     fn reset(&mut self) {
@@ -149,6 +151,8 @@ impl UsbDevice for UsbKeyboard {
                 None => ControlResult::Stall,
             },
             HidOutcome::SetReport(..) => ControlResult::Stall,
+            HidOutcome::GetReport(REPORT_TYPE_OUTPUT) => ControlResult::Ok(vec![self.leds]),
+            HidOutcome::GetReport(_) => ControlResult::Stall,
         }
     }
 
@@ -227,7 +231,7 @@ mod tests {
             "HID boot keyboard interface"
         );
         assert_eq!(cfg[18 + 1], 0x21);
-        assert_eq!(&cfg[27..], &[7, 5, 0x81, 3, 8, 0, 10]);
+        assert_eq!(&cfg[27..], &[7, 5, 0x81, 3, 8, 0, 7]);
         let ControlResult::Ok(rd) =
             k.control(&setup(0x81, REQ_GET_DESCRIPTOR, 0x2200, 0, 255), &[])
         else {
@@ -319,6 +323,10 @@ mod tests {
             ControlResult::Ok(vec![])
         );
         assert_eq!(k.leds(), 0x02);
+        assert_eq!(
+            k.control(&setup(0xa1, 0x01, 0x0200, 0, 1), &[]),
+            ControlResult::Ok(vec![0x02])
+        );
         assert_eq!(
             k.control(&setup(0xa1, 0x03, 0, 0, 1), &[]),
             ControlResult::Ok(vec![1])

@@ -4,11 +4,14 @@
 //!
 //! Requests follow USB 2.0 chapter 9 (standard device requests, descriptor
 //! layouts) and HID 1.11 (class requests §7.2, HID descriptor §6.2.1, boot
-//! keyboard report Appendix B.1). Both devices are full-speed, have one
-//! configuration with one interface and one interrupt IN endpoint (0x81),
-//! and identify as QEMU's do: vendor `0x0627`, product `0x0001`,
-//! manufacturer "QEMU", products "QEMU USB Keyboard" / "QEMU USB Tablet",
-//! serials "68284" / "28754" (QEMU `hw/usb/dev-hid.c`).
+//! keyboard report Appendix B.1). Both devices have one configuration with
+//! one interface and one interrupt IN endpoint (0x81, 8-byte packets), and
+//! present themselves as QEMU's default (`usb_version=2`) devices do on an
+//! XHCI USB 2 port: high speed, bcdUSB 2.00, 64-byte EP0, bus powered with
+//! remote wakeup, vendor `0x0627`, product `0x0001`, manufacturer "QEMU",
+//! products "QEMU USB Keyboard" / "QEMU USB Tablet", serials "68284" /
+//! "28754", configurations "HID Keyboard" / "HID Tablet", report endpoint
+//! bInterval 7 (8 ms) / 4 (1 ms) (facts from QEMU `hw/usb/dev-hid.c`).
 //!
 //! Input reaches a device as an [`InputEvent`]; the device turns it into a
 //! report and queues it (at most [`REPORT_QUEUE_LEN`] reports, later ones
@@ -26,6 +29,9 @@ pub use tablet::UsbTablet;
 /// Reports a HID device holds for the host before merging new input into
 /// the newest one.
 pub const REPORT_QUEUE_LEN: usize = 16;
+
+/// wMaxPacketSize of the report endpoint.
+pub const REPORT_MAX_PACKET: u16 = 8;
 
 /// Vendor ID of QEMU's HID devices.
 pub const HID_VENDOR_ID: u16 = 0x0627;
@@ -213,10 +219,14 @@ pub(crate) struct HidIdentity {
     pub subclass: u8,
     pub protocol: u8,
     pub report_descriptor: &'static [u8],
-    /// Length of one input report (also the endpoint's max packet size).
+    /// Length of one input report.
     pub report_len: u8,
     /// Boot-interface devices answer GET/SET_PROTOCOL.
     pub boot: bool,
+    /// High-speed bInterval of the report endpoint (2^(n-1) microframes).
+    pub interval: u8,
+    /// Configuration string (iConfiguration 4).
+    pub config_name: &'static str,
 }
 
 /// What the class-independent part of a HID device leaves to its owner.
@@ -224,6 +234,8 @@ pub(crate) enum HidOutcome {
     Done(ControlResult),
     /// A SET_REPORT with this report type and data.
     SetReport(u8, Vec<u8>),
+    /// A GET_REPORT for a report type other than Input.
+    GetReport(u8),
 }
 
 /// State and request handling shared by the HID devices.
@@ -293,7 +305,7 @@ impl HidCore {
     pub fn device_descriptor(&self) -> Vec<u8> {
         let mut d = vec![18, DESC_DEVICE];
         d.extend_from_slice(&0x0200u16.to_le_bytes()); // bcdUSB
-        d.extend_from_slice(&[0, 0, 0, 8]); // class, subclass, protocol, bMaxPacketSize0
+        d.extend_from_slice(&[0, 0, 0, 64]); // class, subclass, protocol, bMaxPacketSize0
         d.extend_from_slice(&HID_VENDOR_ID.to_le_bytes());
         d.extend_from_slice(&HID_PRODUCT_ID.to_le_bytes());
         d.extend_from_slice(&0u16.to_le_bytes()); // bcdDevice
@@ -310,7 +322,7 @@ impl HidCore {
         let total: u16 = 9 + 9 + 9 + 7;
         let t = total.to_le_bytes();
         // Bus powered with remote wakeup, 100 mA.
-        let mut d = vec![9, DESC_CONFIGURATION, t[0], t[1], 1, 1, 0, 0xa0, 50];
+        let mut d = vec![9, DESC_CONFIGURATION, t[0], t[1], 1, 1, 4, 0xa0, 50];
         d.extend_from_slice(&[
             9,
             DESC_INTERFACE,
@@ -323,9 +335,16 @@ impl HidCore {
             0,
         ]);
         d.extend_from_slice(&self.hid_descriptor());
-        let mps = u16::from(self.ident.report_len).to_le_bytes();
-        // Interrupt IN endpoint 1, polled every 10 ms.
-        d.extend_from_slice(&[7, DESC_ENDPOINT, 0x81, 0x03, mps[0], mps[1], 10]);
+        let mps = REPORT_MAX_PACKET.to_le_bytes();
+        d.extend_from_slice(&[
+            7,
+            DESC_ENDPOINT,
+            0x81,
+            0x03, // interrupt
+            mps[0],
+            mps[1],
+            self.ident.interval,
+        ]);
         d
     }
 
@@ -335,6 +354,7 @@ impl HidCore {
             1 => "QEMU",
             2 => self.ident.product,
             3 => self.ident.serial,
+            4 => self.ident.config_name,
             _ => return None,
         };
         let mut d = vec![0, DESC_STRING];
@@ -394,6 +414,7 @@ impl HidCore {
             (0x81, REQ_GET_INTERFACE) if setup.index == 0 => ok(vec![0]),
             (0x01, REQ_SET_INTERFACE) if setup.index == 0 && setup.value == 0 => ok(Vec::new()),
             (0xa1, HID_GET_REPORT) if value_hi == REPORT_TYPE_INPUT => ok(self.current.clone()),
+            (0xa1, HID_GET_REPORT) => HidOutcome::GetReport(value_hi),
             (0xa1, HID_GET_IDLE) => ok(vec![self.idle]),
             (0x21, HID_SET_IDLE) => {
                 self.idle = value_hi;

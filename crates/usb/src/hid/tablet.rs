@@ -64,6 +64,8 @@ static IDENTITY: HidIdentity = HidIdentity {
     report_descriptor: &TABLET_REPORT_DESCRIPTOR,
     report_len: 6,
     boot: false,
+    interval: 4,
+    config_name: "HID Tablet",
 };
 
 /// The emulated tablet.
@@ -107,7 +109,7 @@ impl UsbTablet {
 
 impl UsbDevice for UsbTablet {
     fn speed(&self) -> UsbSpeed {
-        UsbSpeed::Full
+        UsbSpeed::High
     }
 
     fn reset(&mut self) {
@@ -117,8 +119,8 @@ impl UsbDevice for UsbTablet {
     fn control(&mut self, setup: &SetupPacket, data_out: &[u8]) -> ControlResult {
         match self.core.control(setup, data_out) {
             HidOutcome::Done(r) => r,
-            // No output reports to set.
-            HidOutcome::SetReport(..) => ControlResult::Stall,
+            // Input reports only.
+            HidOutcome::SetReport(..) | HidOutcome::GetReport(_) => ControlResult::Stall,
         }
     }
 

@@ -20,7 +20,7 @@
 //!   commands and TRBs get their completion codes.
 //! * Interrupts: pin (INTx) only, because vmapple offers no MSI/MSI-X
 //!   (§7.5). The line follows interrupter 0: IMAN.IP and IMAN.IE and
-//!   USBCMD.INTE (plus USBSTS.HSE with USBCMD.HSEE). With
+//!   USBCMD.INTE. With
 //!   [`XhciConfig::conditional_intr_mapping`] (vmapple's default, §6.5 and
 //!   §7.6) every event goes to interrupter 0 while neither MSI nor MSI-X is
 //!   enabled, which today is always.
@@ -778,11 +778,12 @@ impl XhciState {
     /// Drives INTx from interrupter 0 (pin mode, §7.6).
     pub(crate) fn update_irq(&mut self) {
         let i0 = &self.intrs[0];
+        // USBSTS.HSE with USBCMD.HSEE asks for out-of-band signalling
+        // (SERR#), which is not an INTx source.
         let level = !self.msi_enabled()
-            && ((i0.iman & IMAN_IP != 0
-                && i0.iman & IMAN_IE != 0
-                && self.usbcmd & USBCMD_INTE != 0)
-                || (self.usbsts & USBSTS_HSE != 0 && self.usbcmd & USBCMD_HSEE != 0));
+            && i0.iman & IMAN_IP != 0
+            && i0.iman & IMAN_IE != 0
+            && self.usbcmd & USBCMD_INTE != 0;
         if level != self.irq_level {
             self.irq_level = level;
             if let Some(irq) = &self.irq {

@@ -418,7 +418,7 @@ fn capability_registers_and_pci_identity_match_qemu_xhci() {
 }
 
 #[test]
-fn ports_show_the_keyboard_and_tablet_at_full_speed() {
+fn ports_show_the_keyboard_and_tablet_at_high_speed() {
     let d = Driver::new(XhciConfig::default());
     for port in 1..=NUM_PORTS {
         let sc = d.r32(Driver::portsc_off(port));
@@ -426,7 +426,11 @@ fn ports_show_the_keyboard_and_tablet_at_full_speed() {
         let connected = port == KEYBOARD_PORT || port == TABLET_PORT;
         assert_eq!(sc & PORTSC_CCS != 0, connected, "port {port}");
         if connected {
-            assert_eq!((sc & PORTSC_SPEED_MASK) >> PORTSC_SPEED_SHIFT, 1);
+            assert_eq!(
+                (sc & PORTSC_SPEED_MASK) >> PORTSC_SPEED_SHIFT,
+                3,
+                "high speed"
+            );
             assert_ne!(sc & PORTSC_CSC, 0);
             assert_eq!(sc & PORTSC_PED, 0, "USB 2 ports wait for a reset");
         }
@@ -763,7 +767,7 @@ fn command_ring_outside_ram_is_a_host_system_error() {
         let sts = d.op(OP_USBSTS);
         assert_ne!(sts & USBSTS_HSE, 0, "ring at {ring:#x}");
         assert_ne!(sts & USBSTS_HCH, 0, "controller halted");
-        assert!(d.irq.is_asserted(), "HSEE signals the host system error");
+        assert!(!d.irq.is_asserted(), "HSE is not an INTx source");
         assert_eq!(d.pop_event(0), None);
     }
 }
@@ -1089,4 +1093,132 @@ fn input_sink_outlives_nothing() {
     .unwrap();
     drop(d);
     assert!(!sink.send(InputEvent::Buttons(1)), "controller gone");
+}
+
+#[test]
+fn keyboard_leds_through_a_control_out_data_stage() {
+    let mut d = Driver::new(XhciConfig::default());
+    d.bring_up();
+    let slot = d.ready_device(KEYBOARD_PORT, 8);
+    // SET_REPORT(Output, 0), one byte: Caps Lock.
+    let (ev, _) = d.control(slot, [0x21, 9, 0, 2, 0, 0, 1, 0], Some(&[0x02]));
+    assert_eq!(ev.len(), 1);
+    assert!(is_transfer_event(&ev[0], slot, 1, CC_SUCCESS));
+    let (ev, data) = d.control(slot, [0xa1, 1, 0, 2, 0, 0, 1, 0], None);
+    assert!(is_transfer_event(&ev[0], slot, 1, CC_SUCCESS));
+    assert_eq!(data, [0x02]);
+    // The same with the data inside the TRB (IDT).
+    let setup = [0x21, 9, 0, 2, 0, 0, 1, 0];
+    d.push_xfer(
+        slot,
+        1,
+        trb(
+            TRB_SETUP_STAGE,
+            u64::from_le_bytes(setup),
+            8,
+            TRB_IDT | (2 << 16),
+        ),
+    );
+    d.push_xfer(slot, 1, trb(TRB_DATA_STAGE, 0x05, 1, TRB_IDT));
+    d.push_xfer(slot, 1, trb(TRB_STATUS_STAGE, 0, 0, TRB_IOC | TRB_DIR_IN));
+    d.w32(DOORBELL_BASE + 4 * u64::from(slot), 1);
+    assert!(is_transfer_event(
+        &d.pop_event(0).unwrap(),
+        slot,
+        1,
+        CC_SUCCESS
+    ));
+    let (_, data) = d.control(slot, [0xa1, 1, 0, 2, 0, 0, 1, 0], None);
+    assert_eq!(data, [0x05]);
+}
+
+#[test]
+fn chained_td_with_event_data_scatters_and_reports_the_total() {
+    let mut d = Driver::new(XhciConfig::default());
+    d.bring_up();
+    let slot = d.ready_device(KEYBOARD_PORT, 8);
+    d.push_xfer(slot, 3, trb(TRB_NORMAL, BUF, 4, TRB_CH));
+    d.push_xfer(slot, 3, trb(TRB_NORMAL, BUF + 0x40, 4, TRB_CH));
+    d.push_xfer(slot, 3, trb(TRB_EVENT_DATA, 0xdead_beef_0000, 0, TRB_IOC));
+    d.w32(DOORBELL_BASE + 4 * u64::from(slot), 3);
+    for usage in [0xe0, 0x04, 0x05] {
+        d.x.input_sink().send(InputEvent::Key {
+            usage,
+            pressed: true,
+        });
+    }
+    assert_eq!(d.read(BUF, 4), [0x01, 0, 0, 0]);
+    assert_eq!(d.read(BUF + 0x40, 4), [0, 0, 0, 0]);
+    let ev = d.pop_event(0).unwrap();
+    assert!(is_transfer_event(&ev, slot, 3, CC_SUCCESS));
+    assert_ne!(ev.control & TRB_ED, 0, "Event Data event");
+    assert_eq!(ev.parameter, 0xdead_beef_0000);
+    assert_eq!(ev.status & 0xff_ffff, 8, "EDTLA");
+    assert_eq!(d.pop_event(0), None);
+
+    // A chained TD that comes up short: 4 + 8 bytes of room, 8 arrive.
+    d.push_xfer(slot, 3, trb(TRB_NORMAL, BUF, 4, TRB_CH | TRB_ISP));
+    d.push_xfer(slot, 3, trb(TRB_NORMAL, BUF + 0x40, 8, TRB_IOC | TRB_ISP));
+    d.w32(DOORBELL_BASE + 4 * u64::from(slot), 3);
+    assert_eq!(d.read(BUF, 4), [0x01, 0, 0x04, 0]);
+    assert_eq!(d.read(BUF + 0x40, 4), [0, 0, 0, 0]);
+    let ev = d.pop_event(0).unwrap();
+    assert!(is_transfer_event(&ev, slot, 3, CC_SHORT_PACKET));
+    assert_eq!(ev.status & 0xff_ffff, 4, "residual of the last TRB");
+    // The third queued report (0x05 added) is next.
+    d.push_xfer(slot, 3, trb(TRB_NORMAL, BUF, 8, TRB_IOC));
+    d.w32(DOORBELL_BASE + 4 * u64::from(slot), 3);
+    assert_eq!(d.read(BUF, 8), [0x01, 0, 0x04, 0x05, 0, 0, 0, 0]);
+}
+
+#[test]
+fn wrong_trb_types_get_trb_errors() {
+    let mut d = Driver::new(XhciConfig::default());
+    d.bring_up();
+    let slot = d.ready_device(KEYBOARD_PORT, 8);
+    // A Status stage with no Setup on EP0.
+    let t = d.push_xfer(slot, 1, trb(TRB_NORMAL, BUF, 8, TRB_IOC));
+    d.w32(DOORBELL_BASE + 4 * u64::from(slot), 1);
+    let ev = d.pop_event(0).unwrap();
+    assert!(is_transfer_event(&ev, slot, 1, CC_TRB_ERROR));
+    assert_eq!(ev.parameter, t);
+    // A Setup stage on the interrupt ring, and an IN TRB with IDT.
+    d.push_xfer(slot, 3, trb(TRB_SETUP_STAGE, 0, 8, TRB_IDT | TRB_IOC));
+    d.push_xfer(slot, 3, trb(TRB_NORMAL, 0, 8, TRB_IDT | TRB_IOC));
+    d.w32(DOORBELL_BASE + 4 * u64::from(slot), 3);
+    assert!(is_transfer_event(
+        &d.pop_event(0).unwrap(),
+        slot,
+        3,
+        CC_TRB_ERROR
+    ));
+    assert!(is_transfer_event(
+        &d.pop_event(0).unwrap(),
+        slot,
+        3,
+        CC_TRB_ERROR
+    ));
+    // A TD that never ends (every TRB chained, the ring looping without a
+    // cycle toggle) is cut at MAX_TD_TRBS with a TRB Error.
+    let base = Driver::ring_base(slot, 3);
+    for i in 0..RING_TRBS - 1 {
+        d.put(base + 16 * i, trb(TRB_NORMAL, BUF, 1, TRB_CH | TRB_CYCLE));
+    }
+    d.put(
+        base + 16 * (RING_TRBS - 1),
+        trb(TRB_LINK, base, 0, TRB_CYCLE),
+    );
+    let stop = trb(TRB_STOP_ENDPOINT, 0, 0, (u32::from(slot) << 24) | (3 << 16));
+    assert_eq!(d.command(stop).0, CC_SUCCESS);
+    let deq = trb(
+        TRB_SET_TR_DEQUEUE,
+        base | 1,
+        0,
+        (u32::from(slot) << 24) | (3 << 16),
+    );
+    assert_eq!(d.command(deq).0, CC_SUCCESS);
+    d.w32(DOORBELL_BASE + 4 * u64::from(slot), 3);
+    let ev = d.pop_event(0).unwrap();
+    assert!(is_transfer_event(&ev, slot, 3, CC_TRB_ERROR), "{ev:?}");
+    assert_eq!(d.op(OP_USBSTS) & USBSTS_HSE, 0);
 }
