@@ -277,6 +277,22 @@ mod tests {
     }
 
     #[test]
+    fn input_before_configuration_is_not_replayed() {
+        let mut k = UsbKeyboard::new();
+        k.handle_input(&InputEvent::Key {
+            usage: 0x04,
+            pressed: true,
+        });
+        k.control(&setup(0, REQ_SET_CONFIGURATION, 1, 0, 0), &[]);
+        assert_eq!(next_report(&mut k), None);
+        // GET_REPORT still tells the current state.
+        assert_eq!(
+            k.control(&setup(0xa1, 0x01, 0x0100, 0, 8), &[]),
+            ControlResult::Ok(vec![0, 0, 0x04, 0, 0, 0, 0, 0])
+        );
+    }
+
+    #[test]
     fn seven_keys_roll_over() {
         let mut k = configured();
         for usage in 4..11 {

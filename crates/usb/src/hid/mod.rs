@@ -84,7 +84,8 @@ pub enum UsbSpeed {
 }
 
 impl UsbSpeed {
-    /// The default Protocol Speed ID of an XHCI port (XHCI 1.2 §7.2.2.1.1).
+    /// The default Protocol Speed ID of an XHCI port (XHCI 1.2 §7.2, the
+    /// mapping used when a Supported Protocol capability lists no PSIs).
     pub fn xhci_speed_id(self) -> u32 {
         match self {
             UsbSpeed::Full => 1,
@@ -291,6 +292,11 @@ impl HidCore {
     /// `merge` combines the newest queued report with the new one.
     pub fn push_report(&mut self, report: Vec<u8>, merge: impl FnOnce(&[u8], &mut Vec<u8>)) {
         self.current = report.clone();
+        // An unconfigured device has no host listening: input from before
+        // the guest's driver started must not replay later.
+        if self.configuration == 0 {
+            return;
+        }
         if self.queue.len() >= REPORT_QUEUE_LEN {
             if let Some(last) = self.queue.back_mut() {
                 let mut merged = report;

@@ -15,8 +15,8 @@
 //!   TRBs per doorbell, [`trb::MAX_CONSECUTIVE_LINKS`] links in a row) and
 //!   every TRB, context and buffer access goes through the guest-memory
 //!   helpers. A DMA access outside guest RAM is a Host System Error
-//!   (USBSTS.HSE): the controller halts, as XHCI 1.2 §4.10.2.6 and the
-//!   USBSTS.HSE definition describe for host access errors. Malformed
+//!   (USBSTS.HSE): the controller halts, as the USBSTS.HSE definition
+//!   (XHCI 1.2 §5.4.2) describes for errors in host system accesses. Malformed
 //!   commands and TRBs get their completion codes.
 //! * Interrupts: pin (INTx) only, because vmapple offers no MSI/MSI-X
 //!   (§7.5). The line follows interrupter 0: IMAN.IP and IMAN.IE and
