@@ -27,6 +27,9 @@
 //! * Moderation: IMAN.IP is set only while ERDP.EHB is clear, and not
 //!   sooner than IMOD.IMODI × 250 ns after the previous interrupt; a
 //!   deferred interrupt fires from a short-lived timer thread.
+//! * No DMA while the PCI command register's Bus Master Enable is clear
+//!   (the host bridge reports it through `PciDevice::command_written`):
+//!   doorbells are ignored and events dropped.
 //! * MFINDEX counts 125 µs microframes of host time while running; no
 //!   MFINDEX wrap events.
 //! * Isochronous endpoints and streams are not supported (TRB Error).
@@ -67,6 +70,7 @@ pub const PCI_REVISION: u8 = 1;
 pub const CFG_SBRN: u16 = 0x60;
 pub const CFG_FLADJ: u16 = 0x61;
 const SBRN_USB30: u8 = 0x30;
+const PCI_COMMAND_BUS_MASTER: u16 = 1 << 2;
 const FLADJ_RESET: u8 = 0x20;
 
 /// Where the machine attaches the HID devices (the first two USB 2 ports,
@@ -170,6 +174,8 @@ pub(crate) struct XhciState {
     pub slots: Vec<Slot>,
     run_start: Option<Instant>,
     fladj: u8,
+    /// PCI command register Bus Master Enable: without it no DMA happens.
+    bus_master: bool,
     weak_self: Weak<Mutex<XhciState>>,
 }
 
@@ -233,6 +239,7 @@ impl Xhci {
                 slots: vec![Slot::default(); NUM_SLOTS],
                 run_start: None,
                 fladj: FLADJ_RESET,
+                bus_master: false,
                 weak_self: weak.clone(),
             };
             st.reset_controller();
@@ -400,9 +407,14 @@ impl PciDevice for Xhci {
         st.irq = Some(line);
     }
 
+    fn command_written(&self, command: u16) {
+        lock(&self.state).bus_master = command & PCI_COMMAND_BUS_MASTER != 0;
+    }
+
     fn reset(&self) {
         let mut st = lock(&self.state);
         st.fladj = FLADJ_RESET;
+        st.bus_master = false;
         st.reset_controller();
     }
 }
@@ -660,6 +672,10 @@ impl XhciState {
             vm_core::guest_error!("xhci: doorbell {idx} rung while halted");
             return;
         }
+        if !self.bus_master {
+            vm_core::guest_error!("xhci: doorbell {idx} rung with bus mastering off");
+            return;
+        }
         if idx == 0 {
             if val & 0xff != 0 {
                 vm_core::guest_error!("xhci: command doorbell with target {}", val & 0xff);
@@ -711,6 +727,10 @@ impl XhciState {
     /// Posts `event` on the ring of interrupter `target` (after routing).
     pub(crate) fn post_event(&mut self, target: usize, event: Trb) -> Result<(), Hse> {
         let v = self.route(target);
+        if !self.bus_master {
+            vm_core::guest_error!("xhci: event dropped, bus mastering off");
+            return Ok(());
+        }
         match self.intrs[v].post(&self.mem, event) {
             Ok(()) => {}
             Err(PostError::NoRing) => {
@@ -870,7 +890,7 @@ impl XhciState {
     /// The device on port `idx` has new IN data: wake a suspended link if
     /// allowed and run its IN endpoints.
     fn device_has_data(&mut self, idx: usize) {
-        if !self.running() {
+        if !self.running() || !self.bus_master {
             return;
         }
         let p = &mut self.ports[idx];

@@ -53,6 +53,8 @@ impl Driver {
         let x = Xhci::with_hid_devices(mem.clone(), config);
         let irq = Arc::new(TestIrq::new());
         x.set_intx(irq.clone());
+        // Memory space and bus master enable, as firmware sets them.
+        x.command_written(0x0006);
         Self {
             x,
             mem,
@@ -1054,6 +1056,7 @@ fn every_bar_offset_and_width_is_safe() {
     }
     // The controller still works after all that.
     d.x.reset();
+    d.x.command_written(0x0006);
     d.cmd = (CMD_RING, true);
     d.bring_up();
     assert_eq!(d.command(trb(TRB_NOOP_COMMAND, 0, 0, 0)).0, CC_SUCCESS);
@@ -1221,4 +1224,19 @@ fn wrong_trb_types_get_trb_errors() {
     let ev = d.pop_event(0).unwrap();
     assert!(is_transfer_event(&ev, slot, 3, CC_TRB_ERROR), "{ev:?}");
     assert_eq!(d.op(OP_USBSTS) & USBSTS_HSE, 0);
+}
+
+#[test]
+fn no_dma_without_bus_mastering() {
+    let mut d = Driver::new(XhciConfig::default());
+    d.bring_up();
+    d.x.command_written(0x0002);
+    d.push_cmd(trb(TRB_NOOP_COMMAND, 0, 0, 0));
+    d.w32(DOORBELL_BASE, 0);
+    assert_eq!(d.pop_event(0), None);
+    assert!(!d.irq.is_asserted());
+    d.x.command_written(0x0006);
+    d.w32(DOORBELL_BASE, 0);
+    let ev = d.pop_event(0).unwrap();
+    assert_eq!((ev.status >> 24) as u8, CC_SUCCESS);
 }
