@@ -8,9 +8,10 @@
 //! those rules takes no events (they are dropped with a guest error); a
 //! table or segment that is not guest RAM is a host system error.
 //!
-//! The ring is full when the next enqueue position is the guest's dequeue
-//! pointer (ERDP); the producer then writes an Event Ring Full Error event
-//! in the last free slot and drops events until the guest moves ERDP.
+//! Enqueue == dequeue (ERDP) means empty, so one slot always stays free.
+//! When a single event still fits, an Event Ring Full Error event is
+//! written instead, and later events are dropped until the guest moves
+//! ERDP past some events.
 
 use std::sync::atomic::{fence, Ordering};
 use std::time::Instant;
@@ -55,7 +56,6 @@ pub struct Interrupter {
     seg: Option<Segment>,
     enq_index: u32,
     pcs: bool,
-    full: bool,
     /// Events were posted that no interrupt has announced yet.
     pub undelivered: bool,
     pub last_irq: Option<Instant>,
@@ -80,7 +80,6 @@ impl Interrupter {
             seg: None,
             enq_index: 0,
             pcs: true,
-            full: false,
             undelivered: false,
             last_irq: None,
             timer_armed: false,
@@ -94,16 +93,10 @@ impl Interrupter {
         self.seg = None;
         self.enq_index = 0;
         self.pcs = true;
-        self.full = false;
     }
 
     pub fn dequeue(&self) -> u64 {
         self.erdp & ERDP_PTR_MASK
-    }
-
-    /// A new dequeue pointer from the guest lifts a full condition.
-    pub fn dequeue_moved(&mut self) {
-        self.full = false;
     }
 
     /// Whether events sit between the guest's dequeue pointer and ours.
@@ -140,11 +133,32 @@ impl Interrupter {
         Ok(Segment { base, size })
     }
 
-    /// Writes `event` at the enqueue position with the producer cycle bit.
-    pub fn post(&mut self, mem: &GuestMemory, event: Trb) -> Result<(), PostError> {
-        if self.full {
-            return Err(PostError::Full);
+    /// The producer position after `pos`, loading the next segment entry
+    /// when `pos` is the last TRB of its segment.
+    fn step(&self, mem: &GuestMemory, pos: Position) -> Result<Position, PostError> {
+        if pos.enq + 1 < pos.seg.size {
+            return Ok(Position {
+                enq: pos.enq + 1,
+                ..pos
+            });
         }
+        let wrap = pos.seg_index + 1 >= self.erstsz;
+        let seg_index = if wrap { 0 } else { pos.seg_index + 1 };
+        Ok(Position {
+            seg_index,
+            seg: self.load_segment(mem, seg_index)?,
+            enq: 0,
+            pcs: pos.pcs ^ wrap,
+        })
+    }
+
+    /// Writes `event` at the enqueue position with the producer cycle bit.
+    ///
+    /// One slot always stays empty so that enqueue == dequeue means an
+    /// empty ring. When only one more event fits, an Event Ring Full Error
+    /// takes its place; after that events are dropped until the guest
+    /// consumes some.
+    pub fn post(&mut self, mem: &GuestMemory, event: Trb) -> Result<(), PostError> {
         let seg = match self.seg {
             Some(s) => s,
             None => {
@@ -153,21 +167,19 @@ impl Interrupter {
                 s
             }
         };
-        let here = self.enqueue_addr(seg);
-        // Where the producer goes next.
-        let (next_index, next_enq, next_pcs, next_seg) = if self.enq_index + 1 < seg.size {
-            (self.seg_index, self.enq_index + 1, self.pcs, seg)
-        } else {
-            let wrap = self.seg_index + 1 >= self.erstsz;
-            let ni = if wrap { 0 } else { self.seg_index + 1 };
-            let ns = self.load_segment(mem, ni)?;
-            (ni, 0, self.pcs ^ wrap, ns)
+        let here = Position {
+            seg_index: self.seg_index,
+            seg,
+            enq: self.enq_index,
+            pcs: self.pcs,
         };
-        let next_addr = next_seg
-            .base
-            .wrapping_add(u64::from(next_enq).wrapping_mul(TRB_SIZE));
+        let deq = self.dequeue();
+        let next = self.step(mem, here)?;
+        if next.addr() == deq {
+            return Err(PostError::Full);
+        }
+        let full = self.step(mem, next)?.addr() == deq;
         let mut event = event;
-        let full = next_addr == self.dequeue();
         if full {
             event = Trb {
                 parameter: 0,
@@ -175,20 +187,37 @@ impl Interrupter {
                 control: TRB_HOST_CONTROLLER_EVENT << 10,
             };
         }
-        event.control = (event.control & !TRB_CYCLE) | u32::from(self.pcs);
+        event.control = (event.control & !TRB_CYCLE) | u32::from(here.pcs);
         let bytes = event.to_bytes();
+        let addr = here.addr();
         // The cycle bit hands the TRB to the guest, so it goes last.
-        write_all(mem, here, &bytes[..12]).map_err(|_| PostError::Dma)?;
+        write_all(mem, addr, &bytes[..12]).map_err(|_| PostError::Dma)?;
         fence(Ordering::Release);
-        write_all(mem, here.wrapping_add(12), &bytes[12..]).map_err(|_| PostError::Dma)?;
-        self.seg_index = next_index;
-        self.enq_index = next_enq;
-        self.pcs = next_pcs;
-        self.seg = Some(next_seg);
+        write_all(mem, addr.wrapping_add(12), &bytes[12..]).map_err(|_| PostError::Dma)?;
+        self.seg_index = next.seg_index;
+        self.enq_index = next.enq;
+        self.pcs = next.pcs;
+        self.seg = Some(next.seg);
         if full {
-            self.full = true;
             return Err(PostError::Full);
         }
         Ok(())
+    }
+}
+
+/// A producer position on the ring.
+#[derive(Clone, Copy, Debug)]
+struct Position {
+    seg_index: u32,
+    seg: Segment,
+    enq: u32,
+    pcs: bool,
+}
+
+impl Position {
+    fn addr(&self) -> u64 {
+        self.seg
+            .base
+            .wrapping_add(u64::from(self.enq).wrapping_mul(TRB_SIZE))
     }
 }

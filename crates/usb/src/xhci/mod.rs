@@ -658,11 +658,10 @@ impl XhciState {
         }
     }
 
-    /// The guest consumed events: lift a full ring and announce events
-    /// that arrived while the handler was busy.
+    /// The guest consumed events: announce events that arrived while the
+    /// handler was busy.
     fn erdp_written(&mut self, idx: usize) {
         let it = &mut self.intrs[idx];
-        it.dequeue_moved();
         it.undelivered = it.has_unconsumed_events();
         self.try_signal(idx);
     }

@@ -900,18 +900,28 @@ fn full_event_ring_gets_an_event_ring_full_error_and_nothing_is_overwritten() {
     }
     d.w32(DOORBELL_BASE, 0);
     let base = Driver::ev_ring(0);
-    for i in 0..15 {
+    for i in 0..14 {
         let e = d.get(base + 16 * i);
         assert_eq!(e.trb_type(), TRB_COMMAND_COMPLETION, "slot {i}");
         assert!(e.cycle());
     }
-    let full = d.get(base + 16 * 15);
+    let full = d.get(base + 16 * 14);
     assert_eq!(full.trb_type(), TRB_HOST_CONTROLLER_EVENT);
     assert_eq!((full.status >> 24) as u8, CC_EVENT_RING_FULL);
+    assert!(!d.get(base + 16 * 15).cycle(), "one slot stays empty");
+    // An ERDP write that consumes nothing keeps the ring full.
+    d.w64(Driver::ir(0, IR_ERDP_LO), base | ERDP_EHB);
+    d.push_cmd(trb(TRB_NOOP_COMMAND, 0, 0, 0));
+    d.w32(DOORBELL_BASE, 0);
+    assert!(!d.get(base + 16 * 15).cycle());
+    assert_eq!(d.get(base).parameter, CMD_RING, "oldest event intact");
     // After the guest consumes, events flow again (wrapping, cycle 0).
-    for _ in 0..16 {
+    for _ in 0..15 {
         d.pop_event(0).unwrap();
     }
+    assert_eq!(d.pop_event(0), None);
+    assert_eq!(d.command(trb(TRB_NOOP_COMMAND, 0, 0, 0)).0, CC_SUCCESS);
+    assert!(d.get(base + 16 * 15).cycle());
     assert_eq!(d.command(trb(TRB_NOOP_COMMAND, 0, 0, 0)).0, CC_SUCCESS);
     assert!(!d.get(base).cycle());
 }
