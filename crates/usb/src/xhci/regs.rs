@@ -17,9 +17,11 @@ pub const FIRST_USB2_PORT: usize = NUM_PORTS_USB3 + 1;
 pub const NUM_SLOTS: usize = 64;
 /// Interrupters (vmapple-machine.md §7.3; macOS wants at least 4, §7.6).
 pub const NUM_INTRS: usize = 16;
-/// Event Ring Segment Table entries an interrupter may use (2^ERST_MAX).
-pub const ERST_MAX: u32 = 4;
-pub const MAX_ERST_ENTRIES: u32 = 1 << ERST_MAX;
+/// ERST Max as QEMU advertises it: 2^0 = one segment per event ring.
+pub const ERST_MAX: u32 = 0;
+/// Segment table entries the controller nonetheless follows (a guest that
+/// uses more than it was offered still gets a working ring, up to this).
+pub const MAX_ERST_ENTRIES: u32 = 16;
 
 // Capability registers.
 pub const CAP_LENGTH_VERSION: u64 = 0x00;
@@ -43,8 +45,8 @@ pub const DOORBELL_BASE: u64 = 0x2000;
 
 pub const HCSPARAMS1: u32 =
     ((NUM_PORTS as u32) << 24) | ((NUM_INTRS as u32) << 8) | NUM_SLOTS as u32;
-/// IST 15 (frame-granular isochronous threshold, as QEMU), ERST Max, no
-/// scratchpad buffers.
+/// IST 15 (frame-granular isochronous threshold), ERST Max, no scratchpad
+/// buffers: 0x0000000F, QEMU's value.
 pub const HCSPARAMS2: u32 = 0xf | (ERST_MAX << 4);
 /// 64-bit addressing (AC64), 32-byte contexts (CSZ 0), no streams, no port
 /// power control; extended capabilities at 0x20 (xECP in dwords).

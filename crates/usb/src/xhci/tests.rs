@@ -397,6 +397,8 @@ fn capability_registers_and_pci_identity_match_qemu_xhci() {
     );
     assert_eq!(d.r32(CAP_HCSPARAMS1), 0x0800_1040);
     assert_eq!(d.r32(CAP_HCSPARAMS1) >> 8 & 0x7ff, 16, "16 interrupters");
+    assert_eq!(d.r32(CAP_HCSPARAMS2), 0x0000_000f);
+    assert_eq!(d.r32(CAP_HCSPARAMS3), 0);
     assert_eq!(d.r32(CAP_HCCPARAMS1), 0x0008_0001);
     assert_eq!(d.r32(CAP_DBOFF), 0x2000);
     assert_eq!(d.r32(CAP_RTSOFF), 0x1000);
@@ -1249,4 +1251,56 @@ fn no_dma_without_bus_mastering() {
     d.w32(DOORBELL_BASE, 0);
     let ev = d.pop_event(0).unwrap();
     assert_eq!((ev.status >> 24) as u8, CC_SUCCESS);
+}
+
+#[test]
+fn event_ring_follows_several_segments() {
+    let mut d = Driver::new(XhciConfig::default());
+    d.bring_up();
+    // Two 16-TRB segments: ring 0's own buffer and ring 3's.
+    let (a, b) = (Driver::ev_ring(0), Driver::ev_ring(3));
+    let mut e = [0u8; 32];
+    e[0..8].copy_from_slice(&a.to_le_bytes());
+    e[8..12].copy_from_slice(&16u32.to_le_bytes());
+    e[16..24].copy_from_slice(&b.to_le_bytes());
+    e[24..28].copy_from_slice(&16u32.to_le_bytes());
+    write_all(&d.mem, ERST, &e).unwrap();
+    write_all(&d.mem, a, &[0u8; 256]).unwrap();
+    write_all(&d.mem, b, &[0u8; 256]).unwrap();
+    d.w32(Driver::ir(0, IR_ERSTSZ), 2);
+    d.w64(Driver::ir(0, IR_ERDP_LO), a);
+    d.w64(Driver::ir(0, IR_ERSTBA_LO), ERST);
+    for _ in 0..20 {
+        d.push_cmd(trb(TRB_NOOP_COMMAND, 0, 0, 0));
+    }
+    d.w32(DOORBELL_BASE, 0);
+    for i in 0..16 {
+        assert_eq!(d.get(a + 16 * i).trb_type(), TRB_COMMAND_COMPLETION);
+    }
+    for i in 0..4 {
+        let t = d.get(b + 16 * i);
+        assert_eq!(t.trb_type(), TRB_COMMAND_COMPLETION, "second segment {i}");
+        assert!(t.cycle());
+    }
+    assert!(!d.get(b + 16 * 4).cycle());
+}
+
+#[test]
+fn intx_needs_ip_ie_and_inte() {
+    let mut d = Driver::new(XhciConfig::default());
+    d.bring_up();
+    d.w32(Driver::ir(0, IR_IMAN), 0);
+    d.push_cmd(trb(TRB_NOOP_COMMAND, 0, 0, 0));
+    d.w32(DOORBELL_BASE, 0);
+    assert_ne!(d.r32(Driver::ir(0, IR_IMAN)) & IMAN_IP, 0, "IP without IE");
+    assert!(!d.irq.is_asserted());
+    d.w32(Driver::ir(0, IR_IMAN), IMAN_IE);
+    assert!(d.irq.is_asserted());
+    d.set_op(OP_USBCMD, USBCMD_RS);
+    assert!(!d.irq.is_asserted(), "INTE clear");
+    d.set_op(OP_USBCMD, USBCMD_RS | USBCMD_INTE);
+    assert!(d.irq.is_asserted());
+    d.ack(0);
+    assert!(!d.irq.is_asserted());
+    assert_eq!(d.irq.rising_edges(), 2);
 }
