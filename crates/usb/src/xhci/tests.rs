@@ -1098,6 +1098,8 @@ fn suspended_port_resumes_on_input_with_remote_wakeup() {
 
 #[test]
 fn input_sink_outlives_nothing() {
+    fn usable_from_any_thread<T: Clone + Send + Sync>() {}
+    usable_from_any_thread::<InputSink>();
     let d = Driver::new(XhciConfig::default());
     let sink = d.x.input_sink();
     let clone = sink.clone();
