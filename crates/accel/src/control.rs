@@ -367,7 +367,11 @@ mod tests {
         c.set_kicker(kicks.clone());
         c.pause();
         assert!(c.is_paused());
-        assert_eq!(kicks.0.load(Ordering::SeqCst), 1, "running vCPUs are kicked");
+        assert_eq!(
+            kicks.0.load(Ordering::SeqCst),
+            1,
+            "running vCPUs are kicked"
+        );
         let c2 = c.clone();
         let t = std::thread::spawn(move || {
             c2.wait_while_paused();

@@ -82,10 +82,7 @@ impl MachineExits {
             // SMCCC services other than PSCI (TRNG, vendor hypervisor
             // calls, ARCH_FEATURES): kernels probe them at boot and take
             // NOT_SUPPORTED as the answer, so this is not a guest error.
-            tracing::debug!(
-                "vCPU {cpu}: SMCCC function {:#x} not implemented",
-                args[0]
-            );
+            tracing::debug!("vCPU {cpu}: SMCCC function {:#x} not implemented", args[0]);
             return ExitResponse::Value(PsciError::NotSupported.to_x0());
         }
         match psci::dispatch(args, self) {

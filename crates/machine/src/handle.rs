@@ -12,7 +12,9 @@ use arch_arm64::timer::Counter;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MachineEvent {
     /// pvpanic PANICKED; `action` is what the `--on-panic` policy did.
-    GuestPanicked { action: &'static str },
+    GuestPanicked {
+        action: &'static str,
+    },
     /// pvpanic CRASH_LOADED: a crash kernel is loaded; the VM runs on.
     GuestCrashLoaded,
     /// The power button was pressed for the guest.
@@ -22,7 +24,9 @@ pub enum MachineEvent {
     /// The guest reset the machine (PSCI SYSTEM_RESET or a host reset).
     Reset,
     /// The guest powered off or the VM stopped; no more events follow.
-    Stopped { reason: String },
+    Stopped {
+        reason: String,
+    },
 }
 
 /// Events queued per subscriber before the slowest one starts losing

@@ -30,11 +30,11 @@ use devices::pl031::Pl031;
 use devices::pl061::Pl061;
 use devices::power_button::PowerButton;
 use devices::pvpanic::{PanicEvents, PvPanic};
+use devices::serial::{SerialBackend, SerialHandle};
+use gic::{CpuInterruptOutputs, GicV3};
 use handle::{EventBus, MachineEvent, MachineHandle};
 use pci::PciHost;
 pub use pci_devices::{default_mac, NetBackendSpec, NicSpec};
-use devices::serial::{SerialBackend, SerialHandle};
-use gic::{CpuInterruptOutputs, GicV3};
 use vm_core::{GuestMemory, MmioBus};
 
 use boot::{BootError, Firmware, LinuxImages};
@@ -137,6 +137,9 @@ pub struct MachineConfig {
     pub nics: Vec<NicSpec>,
     /// Plain virtio-blk disks, after the Apple ones.
     pub disks: Vec<DiskSpec>,
+    /// The XHCI controller with a USB keyboard and tablet (§7.3; QEMU
+    /// leaves it out with -nodefaults).
+    pub usb: bool,
 }
 
 impl MachineConfig {
@@ -155,6 +158,7 @@ impl MachineConfig {
             on_panic: PanicPolicy::default(),
             nics: Vec::new(),
             disks: Vec::new(),
+            usb: true,
         }
     }
 }
@@ -310,6 +314,7 @@ pub struct Machine {
     uart: Arc<Pl011>,
     aes: Arc<AppleAes>,
     pci: Arc<PciHost>,
+    input: Option<usb::InputSink>,
     rtc: Arc<Pl031>,
     gpio: Arc<Pl061>,
     power_button: Arc<PowerButton>,
@@ -437,10 +442,18 @@ impl Machine {
         let intx: [Arc<dyn vm_core::IrqLine>; PCIE_INTX_LINES as usize] =
             std::array::from_fn(|line| gic.spi(SPI_PCIE_INTX + line as u32));
         let pci = Arc::new(PciHost::new(intx));
+        let xhci = config.usb.then(|| {
+            Arc::new(usb::Xhci::with_hid_devices(
+                memory.clone(),
+                usb::XhciConfig::default(),
+            ))
+        });
+        let input = xhci.as_ref().map(|x| x.input_sink());
         pci_devices::populate(
             &pci,
             pci_devices::PciPlan {
                 memory: &memory,
+                xhci,
                 aux: config.aux.is_some().then_some(aux),
                 root: config.root.is_some().then_some(root),
                 nics: &config.nics,
@@ -448,7 +461,13 @@ impl Machine {
                 queues_per_disk: config.cpus.clamp(1, 16) as u16,
             },
         )?;
-        add(&mut bus, PCIE_ECAM_BASE, PCIE_ECAM_SIZE, "pcie-ecam", pci.ecam())?;
+        add(
+            &mut bus,
+            PCIE_ECAM_BASE,
+            PCIE_ECAM_SIZE,
+            "pcie-ecam",
+            pci.ecam(),
+        )?;
         add(
             &mut bus,
             PCIE_MMIO_BASE,
@@ -503,6 +522,7 @@ impl Machine {
             uart,
             aes,
             pci,
+            input,
             rtc,
             gpio,
             power_button,
@@ -529,6 +549,12 @@ impl Machine {
             events: self.events.clone(),
             power_button: Arc::new(move || button.press()),
         }
+    }
+
+    /// Where keyboard and pointer input for the USB devices goes; `None`
+    /// without USB.
+    pub fn input_sink(&self) -> Option<usb::InputSink> {
+        self.input.clone()
     }
 
     pub fn control(&self) -> Arc<VmControl> {

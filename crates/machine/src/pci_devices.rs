@@ -87,12 +87,21 @@ pub struct NicSpec {
 /// enough per NIC of a host.
 pub fn default_mac(index: u8) -> [u8; 6] {
     let pid = std::process::id().to_le_bytes();
-    [0x52, 0x54, 0x00, pid[0], pid[1] ^ index, 0x56u8.wrapping_add(index)]
+    [
+        0x52,
+        0x54,
+        0x00,
+        pid[0],
+        pid[1] ^ index,
+        0x56u8.wrapping_add(index),
+    ]
 }
 
 /// What goes on the PCI bus.
 pub(crate) struct PciPlan<'a> {
     pub memory: &'a GuestMemory,
+    /// The USB controller with keyboard and tablet, or none.
+    pub xhci: Option<Arc<usb::Xhci>>,
     pub aux: Option<Arc<dyn BlockBackend>>,
     pub root: Option<Arc<dyn BlockBackend>>,
     pub nics: &'a [NicSpec],
@@ -120,6 +129,9 @@ pub(crate) fn populate(host: &PciHost, plan: PciPlan) -> Result<(), MachineError
         };
         virtio(Box::new(VirtioBlock::new(backend, config)))
     };
+    if let Some(xhci) = plan.xhci {
+        plug("qemu-xhci (USB keyboard, tablet)", xhci)?;
+    }
     if let Some(aux) = plan.aux {
         plug(
             "vmapple-virtio-blk (aux)",
@@ -142,7 +154,10 @@ pub(crate) fn populate(host: &PciHost, plan: PciPlan) -> Result<(), MachineError
             nic.backend,
             nic.mac.map(|b| format!("{b:02x}")).join(":")
         );
-        plug("virtio-net", virtio(Box::new(VirtioNet::new(backend, nic.mac))))?;
+        plug(
+            "virtio-net",
+            virtio(Box::new(VirtioNet::new(backend, nic.mac))),
+        )?;
     }
     for (i, (path, disk)) in plan.disks.into_iter().enumerate() {
         let name = format!("virtio-blk ({})", path.display());

@@ -81,7 +81,11 @@ fn network(text: &str) -> Result<Network, String> {
         None if text == "none" => Network::None,
         Some(("unix", path)) if !path.is_empty() => Network::Unix(path.into()),
         Some(("tap", name)) if !name.is_empty() => Network::Tap(name.into()),
-        _ => return Err(format!("{text:?} is not a network (passt, none, unix:PATH, tap:NAME)")),
+        _ => {
+            return Err(format!(
+                "{text:?} is not a network (passt, none, unix:PATH, tap:NAME)"
+            ))
+        }
     })
 }
 

@@ -1,6 +1,7 @@
 //! Command-line interface.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use devices::serial::SerialBackend;
@@ -100,8 +101,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 
-    /// Accelerator: `tcg` (the portable software CPU).
-    #[arg(long, default_value = "tcg", value_name = "ACCEL")]
+    /// Accelerator: `hvf` (Hypervisor.framework, macOS on Apple silicon;
+    /// the default there) or `tcg` (the portable software CPU; the default
+    /// elsewhere).
+    #[arg(long, default_value = AVAILABLE_ACCELERATORS.first().copied().unwrap_or("tcg"), value_name = "ACCEL")]
     pub accel: String,
 
     /// The aux volume (VZF's auxiliary storage with its 16 KiB header
@@ -160,6 +163,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "MAC", value_parser = parse_mac)]
     pub mac: Option<[u8; 6]>,
 
+    /// Leave out the XHCI controller with its USB keyboard and tablet
+    /// (QEMU's -nodefaults).
+    #[arg(long)]
+    pub no_usb: bool,
+
     /// What a guest panic reported through pvpanic does: `exit` (stop with
     /// status 5), `pause` (keep the VM for inspection), `reset` or
     /// `continue` [default: exit, or the bundle's].
@@ -170,7 +178,9 @@ pub struct RunArgs {
 fn parse_mac(text: &str) -> Result<[u8; 6], String> {
     let mac = devices::apple_cfg::parse_mac(text).map_err(|e| e.to_string())?;
     if mac[0] & 1 != 0 {
-        return Err(format!("{text} is a multicast address; a NIC needs a unicast one"));
+        return Err(format!(
+            "{text} is a multicast address; a NIC needs a unicast one"
+        ));
     }
     Ok(mac)
 }
@@ -194,9 +204,8 @@ fn nics(net: Option<&str>, mac: Option<[u8; 6]>) -> Result<Vec<NicSpec>, String>
 }
 
 fn passt_installed() -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|dir| dir.join("passt").is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join("passt").is_file()))
 }
 
 fn parse_panic_policy(text: &str) -> Result<PanicPolicy, String> {
@@ -271,8 +280,19 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is too large"))
 }
 
-// Without any accelerator feature `machine` has no use.
-#[cfg_attr(not(feature = "tcg"), allow(unused_variables))]
+/// Accelerators this build has, the default first.
+const AVAILABLE_ACCELERATORS: &[&str] = &[
+    #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
+    "hvf",
+    #[cfg(feature = "tcg")]
+    "tcg",
+];
+
+// Without any accelerator `machine` has no use.
+#[cfg_attr(
+    not(any(feature = "tcg", all(target_os = "macos", target_arch = "aarch64"))),
+    allow(unused_variables)
+)]
 fn create_vm(machine: &Machine, accel: &str) -> Result<Box<dyn accel::Vm>, String> {
     match accel {
         #[cfg(feature = "tcg")]
@@ -285,9 +305,17 @@ fn create_vm(machine: &Machine, accel: &str) -> Result<Box<dyn accel::Vm>, Strin
             let vm = accel_tcg::TcgVm::new(machine.memory(), config).map_err(|e| e.to_string())?;
             Ok(Box::new(vm))
         }
+        #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
+        "hvf" => {
+            let config = accel_hvf::HvfConfig {
+                cpus: machine.vcpu_configs(),
+            };
+            let vm = accel_hvf::HvfVm::new(machine.memory(), config).map_err(|e| e.to_string())?;
+            Ok(Box::new(vm))
+        }
         other => Err(format!(
             "--accel {other}: not available in this build (available: {})",
-            if cfg!(feature = "tcg") { "tcg" } else { "none" }
+            AVAILABLE_ACCELERATORS.join(", ")
         )),
     }
 }
@@ -384,11 +412,11 @@ fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<Mach
         },
         (Some(_), Some(_)) => return Err("give only one of --firmware and --kernel".into()),
     };
-    let cpus = args
-        .cpus
-        .or(config.map(|c| c.cpus as usize))
-        .unwrap_or(1);
-    let memory = args.memory.or(config.map(|c| c.memory.0)).unwrap_or(512 << 20);
+    let cpus = args.cpus.or(config.map(|c| c.cpus as usize)).unwrap_or(1);
+    let memory = args
+        .memory
+        .or(config.map(|c| c.memory.0))
+        .unwrap_or(512 << 20);
     let serial = args
         .serial
         .or(config.map(|c| serial_from_bundle(&c.serial)))
@@ -422,7 +450,13 @@ fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<Mach
         .or_else(|| bundle.map(|b| disk_from_bundle(b, &b.config().root)));
     machine.disks = if args.disks.is_empty() {
         bundle
-            .map(|b| b.config().disks.iter().map(|d| disk_from_bundle(b, d)).collect())
+            .map(|b| {
+                b.config()
+                    .disks
+                    .iter()
+                    .map(|d| disk_from_bundle(b, d))
+                    .collect()
+            })
             .unwrap_or_default()
     } else {
         args.disks
@@ -431,12 +465,15 @@ fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<Mach
         .on_panic
         .or(config.map(|c| panic_policy_from_bundle(c.on_panic)))
         .unwrap_or_default();
-    let net = args.net.or_else(|| config.and_then(|c| net_from_bundle(&c.network)));
+    let net = args
+        .net
+        .or_else(|| config.and_then(|c| net_from_bundle(&c.network)));
     let mac = args.mac.or(config.and_then(|c| c.mac.map(|m| m.0)));
     if mac.is_some() && net.as_deref() == Some("none") {
         return Err("--mac needs a network: it conflicts with --net none".into());
     }
     machine.nics = nics(net.as_deref(), mac)?;
+    machine.usb = !args.no_usb;
     Ok(machine)
 }
 
@@ -455,7 +492,15 @@ pub fn run(args: RunArgs) -> Result<u8, String> {
     let mut machine = Machine::new(config).map_err(|e| e.to_string())?;
     let signals = crate::signals::forward_to(machine.handle()).map_err(|e| e.to_string())?;
     let control = control_path
-        .map(|path| crate::control::serve(&path, machine.handle(), None))
+        .map(|path| {
+            crate::control::serve(
+                &path,
+                machine.handle(),
+                machine.input_sink().map(|sink| {
+                    Arc::new(crate::input::UsbInput(sink)) as Arc<dyn crate::control::InputTarget>
+                }),
+            )
+        })
         .transpose()?;
     let mut vm = create_vm(&machine, &accel)?;
     let outcome = machine.run(vm.as_mut()).map_err(|e| e.to_string());

@@ -189,10 +189,8 @@ fn request_from_words(words: &[String]) -> Result<String, String> {
 pub fn ctl(args: CtlArgs) -> Result<u8, String> {
     let socket = socket_of(&args.vm)?;
     let line = request_from_words(&args.command)?;
-    let request =
-        bundle::control::parse_request(line.as_bytes()).map_err(|e| e.to_string())?;
-    let mut client =
-        bundle::control::Client::connect(&socket).map_err(|e| e.to_string())?;
+    let request = bundle::control::parse_request(line.as_bytes()).map_err(|e| e.to_string())?;
+    let mut client = bundle::control::Client::connect(&socket).map_err(|e| e.to_string())?;
     let response = client.call(&request).map_err(|e| e.to_string())?;
     print!("{}", response.to_line());
     if !response.is_ok() {

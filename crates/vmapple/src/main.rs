@@ -9,6 +9,7 @@
 mod bundles;
 mod cli;
 mod control;
+mod input;
 mod signals;
 
 use std::process::ExitCode;

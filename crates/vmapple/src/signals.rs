@@ -22,7 +22,11 @@ pub fn forward_to(machine: MachineHandle) -> std::io::Result<SignalForwarder> {
         .spawn(move || {
             let mut pressed = false;
             for signal in signals.forever() {
-                let name = if signal == SIGINT { "SIGINT" } else { "SIGTERM" };
+                let name = if signal == SIGINT {
+                    "SIGINT"
+                } else {
+                    "SIGTERM"
+                };
                 if pressed {
                     tracing::warn!("{name} again: stopping the VM now");
                     machine.stop();

@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{firmware_dir, vmapple, vmapple_with_triggers, Trigger};
+use common::{firmware_dir, vmapple, vmapple_with_triggers, Action, Trigger};
 
 const SECTOR: usize = 512;
 /// Where the aux image keeps the second stage (apple.c reads the header
@@ -109,7 +109,7 @@ fn boot_rom_style_guest_uses_every_apple_device_and_powers_off_on_sigterm() {
         Duration::from_secs(120),
         &[Trigger {
             when_console_shows: "waiting for the power button",
-            signal: libc::SIGTERM,
+            action: Action::Signal(libc::SIGTERM),
         }],
     );
     run.assert_line("stage 2: running, loaded from the aux disk");
@@ -178,7 +178,7 @@ fn the_cfg_random_word_differs_between_launches() {
             Duration::from_secs(120),
             &[Trigger {
                 when_console_shows: "waiting for the power button",
-                signal: libc::SIGINT,
+                action: Action::Signal(libc::SIGINT),
             }],
         );
         assert_eq!(run.code, 0, "{}", run.stderr);
@@ -233,11 +233,11 @@ fn guest_panic_with_pause_policy_pauses_until_stopped() {
         &[
             Trigger {
                 when_console_shows: "reporting a panic",
-                signal: libc::SIGTERM,
+                action: Action::Signal(libc::SIGTERM),
             },
             Trigger {
                 when_console_shows: "reporting a panic",
-                signal: libc::SIGTERM,
+                action: Action::Signal(libc::SIGTERM),
             },
         ],
     );

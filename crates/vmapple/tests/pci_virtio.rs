@@ -49,7 +49,9 @@ fn debugfs_cat(image: &Path, file: &str) -> Vec<u8> {
 /// A payload no two offsets of which look alike, so a shifted or
 /// truncated copy cannot pass.
 fn payload() -> Vec<u8> {
-    (0..300_000u32).map(|i| (i * 7 + 3 % 251) as u8 ^ (i >> 11) as u8).collect()
+    (0..300_000u32)
+        .map(|i| (i * 7 + 3 % 251) as u8 ^ (i >> 11) as u8)
+        .collect()
 }
 
 fn md5_hex(bytes: &[u8]) -> String {
@@ -112,8 +114,7 @@ fn linux_sees_the_pci_devices_uses_virtio_blk_and_talks_tcp_through_passt() {
         })
     };
 
-    let append =
-        format!("console=ttyAMA0 vmapple.pci vmapple.blk=vda vmapple.net={port} quiet");
+    let append = format!("console=ttyAMA0 vmapple.pci vmapple.blk=vda vmapple.net={port} quiet");
     let run = vmapple(
         &[
             "run",
@@ -158,7 +159,8 @@ fn linux_sees_the_pci_devices_uses_virtio_blk_and_talks_tcp_through_passt() {
     assert_eq!(has("0x1af4", "0x1041"), 1, "virtio-net: {pci:?}");
     assert_eq!(has("0x1af4", "0x1042"), 1, "virtio-blk: {pci:?}");
     assert!(
-        pci.iter().any(|l| l.starts_with("0000:00:01.0 0x106b 0x1a00 0x010000")),
+        pci.iter()
+            .any(|l| l.starts_with("0000:00:01.0 0x106b 0x1a00 0x010000")),
         "aux is the first device after the bridge, class 0x010000: {pci:?}"
     );
 
@@ -181,7 +183,11 @@ fn linux_sees_the_pci_devices_uses_virtio_blk_and_talks_tcp_through_passt() {
         md5_hex(&random),
         guest_value(&run.stdout, "VMAPPLE-GUEST: blk random.bin ")
     );
-    let fsck = Command::new("e2fsck").arg("-fn").arg(&data).output().unwrap();
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&data)
+        .output()
+        .unwrap();
     assert!(
         fsck.status.success(),
         "e2fsck -fn: {}{}",

@@ -93,10 +93,35 @@ pub fn vmapple(args: &[&str], limit: Duration) -> Run {
 }
 
 /// Something a test does to a running `vmapple` once its console shows a
-/// line: send it a signal.
+/// line.
 pub struct Trigger<'a> {
     pub when_console_shows: &'a str,
-    pub signal: i32,
+    pub action: Action<'a>,
+}
+
+pub enum Action<'a> {
+    /// Send the VMM this signal.
+    Signal(i32),
+    /// Run this (e.g. `vmapple ctl ...`).
+    Call(Box<dyn Fn() + 'a>),
+}
+
+/// Runs `vmapple ctl SOCKET WORDS...` and returns its stdout; fails the
+/// test if it fails.
+pub fn ctl(socket: &Path, words: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_vmapple"))
+        .arg("ctl")
+        .arg(socket)
+        .args(words)
+        .output()
+        .expect("running vmapple ctl");
+    assert!(
+        out.status.success(),
+        "vmapple ctl {words:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Like [`vmapple`], but sends each trigger's signal once, as soon as the
@@ -134,8 +159,14 @@ pub fn vmapple_with_triggers(args: &[&str], limit: Duration, triggers: &[Trigger
             let seen = String::from_utf8_lossy(&console.lock().unwrap())
                 .contains(trigger.when_console_shows);
             if seen {
-                // SAFETY: kill(2) on our own child's pid has no memory effects.
-                unsafe { libc::kill(child.id() as i32, trigger.signal) };
+                match &trigger.action {
+                    // SAFETY: kill(2) on our own child's pid has no memory
+                    // effects.
+                    Action::Signal(signal) => unsafe {
+                        libc::kill(child.id() as i32, *signal);
+                    },
+                    Action::Call(f) => f(),
+                }
                 pending.next();
             }
         }
