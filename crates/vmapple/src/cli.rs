@@ -38,7 +38,7 @@ pub enum Command {
     /// Boot and run a VM: a bundle (by name or path), or a machine given
     /// entirely by options. Options override the bundle's config.toml.
     #[command(after_help = EXIT_STATUS_HELP)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Make a new VM bundle (config.toml, sparse aux and root disks, a new
     /// machine identifier).
     Create(crate::bundles::CreateArgs),

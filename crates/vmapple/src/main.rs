@@ -55,7 +55,7 @@ fn main() -> ExitCode {
         return ExitCode::from(status::HOST_ERROR);
     }
     let result = match cli.command {
-        Command::Run(args) => cli::run(args),
+        Command::Run(args) => cli::run(*args),
         Command::Create(args) => bundles::create(args),
         Command::Import(args) => bundles::import(args),
         Command::List => bundles::list(),

@@ -50,7 +50,7 @@ fn debugfs_cat(image: &Path, file: &str) -> Vec<u8> {
 /// truncated copy cannot pass.
 fn payload() -> Vec<u8> {
     (0..300_000u32)
-        .map(|i| (i * 7 + 3 % 251) as u8 ^ (i >> 11) as u8)
+        .map(|i| ((i * 7 + 3) % 251) as u8 ^ (i >> 11) as u8)
         .collect()
 }
 
