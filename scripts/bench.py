@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmarks vmapple's software CPU side by side with QEMU TCG.
 
-    scripts/bench.py [--runs N]
+    scripts/bench.py [--runs N] [--suite cpu|blk|all]
 
 Runs, on vmapple and on qemu-system-aarch64 -M virt -accel tcg (both
 multi-threaded and single-threaded TCG), in one go:
@@ -9,6 +9,10 @@ multi-threaded and single-threaded TCG), in one go:
     MMIO round trips/s, virtual-timer interrupt latency;
   - Debian's arm64 Linux (guest/out/linux) with 2 vCPUs: wall time from
     process start to the init's first line, and to power-off.
+The blk suite boots the same Linux on both with one virtio-blk-pci disk
+(a 256 MiB raw image, host page cache on both sides) and times, inside
+the guest, 1 MiB sequential and 4 KiB queue-depth-1 direct reads and
+writes (guest/linux/init, vmapple.blkbench). QEMU runs multi-threaded TCG.
 Each figure is the median of N runs (default 3) and every ratio is
 vmapple / QEMU, so > 1 means vmapple is faster for throughputs and
 < 1 means vmapple is faster for times. Figures never gate CI.
@@ -69,15 +73,73 @@ def bench_firmware(cmd, runs):
     return {k: statistics.median(v) for k, v in values.items()}
 
 
+BLK_WORKLOADS = {
+    # label in the guest: (metric, bytes moved, operations)
+    "seq-read-128MiB": ("blk-seq-read-MiB/s", 128 << 20, 128),
+    "seq-write-128MiB": ("blk-seq-write-MiB/s", 128 << 20, 128),
+    "read-4KiB-x8192": ("blk-4k-read-IOPS", 8192 * 4096, 8192),
+    "write-4KiB-x8192": ("blk-4k-write-IOPS", 8192 * 4096, 8192),
+}
+
+
+def bench_blk(cmd, runs):
+    """Runs the guest's blkbench; returns {metric: median}."""
+    values = {}
+    for _ in range(runs):
+        out = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                             errors="replace", timeout=900).stdout
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 5 and parts[:2] == ["VMAPPLE-GUEST:", "blkbench"]:
+                metric, nbytes, ops = BLK_WORKLOADS[parts[2]]
+                seconds = max(float(parts[4]) - float(parts[3]), 0.01)
+                if metric.endswith("IOPS"):
+                    values.setdefault(metric, []).append(ops / seconds)
+                else:
+                    values.setdefault(metric, []).append(nbytes / seconds / (1 << 20))
+    return {k: statistics.median(v) for k, v in values.items()}
+
+
+def blk_suite(runs):
+    image = OUT / "blk-bench.raw"
+    OUT.mkdir(parents=True, exist_ok=True)
+    with open(image, "wb") as f:
+        chunk = bytes(range(256)) * 4096
+        for _ in range(256):
+            f.write(chunk)
+    append = "console=ttyAMA0 vmapple.blkbench=vda"
+    initrd = str(LINUX / "initramfs-devices.cpio.gz")
+    vmapple = [str(VMAPPLE), "run", "--memory", "512M", "--cpus", "2", "--serial", "stdio",
+               "--no-usb", "--net", "none", "--kernel", str(LINUX / "Image"),
+               "--initrd", initrd, "--append", append, "--disk", str(image)]
+    peer = qemu("tcg", 2) + [
+        "-kernel", str(LINUX / "Image"), "-initrd", initrd, "-append", append, "-nic", "none",
+        "-drive", f"file={image},format=raw,if=none,id=bench",
+        "-device", "virtio-blk-pci,drive=bench"]
+    results = {"vmapple": bench_blk(vmapple, runs), "qemu-mttcg": bench_blk(peer, runs)}
+    image.unlink()
+    print(f"{'metric':24} {'vmapple':>10} {'qemu-mttcg':>11} {'ratio':>7}")
+    for metric, _, _ in BLK_WORKLOADS.values():
+        v = results["vmapple"].get(metric, float("nan"))
+        a = results["qemu-mttcg"].get(metric, float("nan"))
+        print(f"{metric:24} {v:10.1f} {a:11.1f} {v / a:7.2f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--suite", choices=["cpu", "blk", "all"], default="all")
     args = parser.parse_args()
 
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "vmapple"], cwd=ROOT, check=True)
     subprocess.run(["make", "-s", "-C", str(ROOT / "guest" / "firmware"), f"OUT={OUT}"], check=True)
     if not (LINUX / "Image").exists():
         sys.exit("bench.py: the Linux guest is missing; run scripts/setup.sh")
+
+    if args.suite in ("blk", "all"):
+        blk_suite(args.runs)
+    if args.suite == "blk":
+        return
 
     peers = {
         "vmapple": lambda fw, smp: [str(VMAPPLE), "run", "--memory", "512M", "--cpus", str(smp),
