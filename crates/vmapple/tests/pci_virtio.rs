@@ -158,11 +158,19 @@ fn linux_sees_the_pci_devices_uses_virtio_blk_and_talks_tcp_through_passt() {
     assert_eq!(has("0x106b", "0x1a00"), 2, "Apple aux + root: {pci:?}");
     assert_eq!(has("0x1af4", "0x1041"), 1, "virtio-net: {pci:?}");
     assert_eq!(has("0x1af4", "0x1042"), 1, "virtio-blk: {pci:?}");
-    assert!(
-        pci.iter()
-            .any(|l| l.starts_with("0000:00:01.0 0x106b 0x1a00 0x010000")),
-        "aux is the first device after the bridge, class 0x010000: {pci:?}"
-    );
+    // Slots as vmapple-machine.md §7.4 lays them out.
+    for (slot, ids) in [
+        ("01.0", "0x1b36 0x000d 0x0c0330"),
+        ("02.0", "0x106b 0x1a00 0x010000"),
+        ("03.0", "0x106b 0x1a00 0x010000"),
+        ("04.0", "0x1af4 0x1041 0x020000"),
+    ] {
+        let line = format!("0000:00:{slot} {ids}");
+        assert!(
+            pci.iter().any(|l| l.starts_with(&line)),
+            "{line} (XHCI, aux, root, then the NIC): {pci:?}"
+        );
+    }
 
     // Block: the guest's files are on the image, intact, and the
     // filesystem is clean.
