@@ -5,7 +5,11 @@
 use std::path::PathBuf;
 
 fn main() -> std::io::Result<()> {
-    let dir = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "fuzz/corpus".into()));
+    let dir = PathBuf::from(
+        std::env::args()
+            .nth(1)
+            .unwrap_or_else(|| "fuzz/corpus".into()),
+    );
     for (name, _) in fuzz_targets::TARGETS {
         let target_dir = dir.join(name);
         std::fs::create_dir_all(&target_dir)?;

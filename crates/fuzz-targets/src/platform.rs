@@ -209,7 +209,11 @@ pub fn cfg(data: &[u8]) -> Report {
             apple_cfg::install(&mem, base, size, &image).expect("window is RAM");
             let mut back = vec![0u8; size as usize];
             vm_core::memory::read_exact(&mem, base, &mut back).expect("window is RAM");
-            assert_eq!(back[..image.len()], image[..], "reset restores the structure");
+            assert_eq!(
+                back[..image.len()],
+                image[..],
+                "reset restores the structure"
+            );
             assert!(
                 back[image.len()..].iter().all(|&b| b == 0),
                 "reset zeroes the rest"
@@ -289,8 +293,7 @@ pub fn pl031(data: &[u8]) -> Report {
     let dev = Pl031::new(irq.clone(), clock.clone());
     use pl031::reg::*;
     let regs = [DR, MR, LR, CR, IMSC, RIS, MIS, ICR, PERIPH_ID0, PCELL_ID3];
-    let mut report = Report::default();
-    report.ops = input::drive_with(
+    let ops = input::drive_with(
         &mut input,
         dev.as_ref(),
         Pl031::SIZE,
@@ -312,8 +315,11 @@ pub fn pl031(data: &[u8]) -> Report {
             check_line(&irq, mis != 0, "pl031");
         },
     );
-    report.interrupts = irq.rising_edges();
-    report
+    Report {
+        ops,
+        interrupts: irq.rising_edges(),
+        ..Report::default()
+    }
 }
 
 /// The PL061 GPIO controller with the fuzzer driving its input pins.
@@ -325,8 +331,7 @@ pub fn pl061(data: &[u8]) -> Report {
     let regs = [
         DATA, 0x3FC, DIR, IS, IBE, IEV, IE, RIS, MIS, IC, AFSEL, PERIPH_ID0,
     ];
-    let mut report = Report::default();
-    report.ops = input::drive_with(
+    let ops = input::drive_with(
         &mut input,
         dev.as_ref(),
         Pl061::SIZE,
@@ -341,8 +346,11 @@ pub fn pl061(data: &[u8]) -> Report {
             check_line(&irq, mis != 0, "pl061");
         },
     );
-    report.interrupts = irq.rising_edges();
-    report
+    Report {
+        ops,
+        interrupts: irq.rising_edges(),
+        ..Report::default()
+    }
 }
 
 /// The PL011 UART with host input arriving between accesses.
@@ -356,8 +364,7 @@ pub fn pl011(data: &[u8]) -> Report {
         DR, DR, RSR_ECR, FR, ILPR, IBRD, FBRD, LCR_H, CR, IFLS, IMSC, RIS, MIS, ICR, DMACR,
         PERIPH_ID0, PCELL_ID0,
     ];
-    let mut report = Report::default();
-    report.ops = input::drive_with(
+    let ops = input::drive_with(
         &mut input,
         dev.as_ref(),
         Pl011::SIZE,
@@ -377,7 +384,9 @@ pub fn pl011(data: &[u8]) -> Report {
             check_line(&irq, mis != 0, "pl011");
         },
     );
-    report.completions = out.contents().len() as u64;
-    report.interrupts = irq.rising_edges();
-    report
+    Report {
+        ops,
+        completions: out.contents().len() as u64,
+        interrupts: irq.rising_edges(),
+    }
 }

@@ -46,7 +46,10 @@ pub fn aes() -> Vec<Vec<u8>> {
     let mut e = Encoder::new();
     e.ram(SRC, &[0x11; 32]);
     e.raw(&[0]); // FIFO policy: QEMU parity
-    e.w32(IRQ_ENABLE, apple_aes::irq::FLAG | apple_aes::irq::INVALID_CMD);
+    e.w32(
+        IRQ_ENABLE,
+        apple_aes::irq::FLAG | apple_aes::irq::INVALID_CMD,
+    );
     let key_builtin = (opcode::KEY << opcode::SHIFT)
         | (1 << cmd::KEY_SELECT_SHIFT)
         | cmd::KEY_ENCRYPT
@@ -89,7 +92,9 @@ pub fn aes() -> Vec<Vec<u8>> {
     for w in fifo {
         e.w32(FIFO, w);
     }
-    e.read(STATUS, Word).read(Q_STATUS, Word).read(FLAG_INFO, Word);
+    e.read(STATUS, Word)
+        .read(Q_STATUS, Word)
+        .read(FLAG_INFO, Word);
     let full = e.finish();
     // The same with an invalid command wedging the FIFO first (quirk Q4),
     // then a reset that clears it (second policy).
@@ -151,7 +156,12 @@ pub fn cfg() -> Vec<Vec<u8>> {
     e.raw(&[0; 12]);
     e.raw(&[0x52, 0x54, 0, 1, 2, 3]);
     e.raw(&[0; 18]);
-    for s in ["C02XYZ", "VM0001", "Apple M1 (Virtual)", "52:54:00:12:34:56"] {
+    for s in [
+        "C02XYZ",
+        "VM0001",
+        "Apple M1 (Virtual)",
+        "52:54:00:12:34:56",
+    ] {
         e.raw(&[s.len() as u8]).raw(s.as_bytes());
     }
     // Scribble over the structure, then reset (every 8th trailing byte 0).
@@ -263,7 +273,10 @@ pub fn virtio_blk(apple: bool) -> Vec<Vec<u8>> {
         .ram(RAM_BASE + 0x820, &hdr(8, 0))
         .ram(RAM_BASE + 0x830, &hdr(if apple { 0x1_0000 } else { 4 }, 0))
         .ram(RAM_BASE + 0x840, &hdr(13, 0))
-        .ram(RAM_BASE + 0x850, &[6, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0])
+        .ram(
+            RAM_BASE + 0x850,
+            &[6, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0],
+        )
         .ram(RAM_BASE + 0xA00, &[0xC3; 512]);
     // OUT: header, 512 bytes, status.
     put_desc(&mut e, table, 0, RAM_BASE + 0x800, 16, F_NEXT, 1);
@@ -311,8 +324,24 @@ pub fn virtio_net() -> Vec<Vec<u8>> {
     let rx = queue_base(0);
     let tx = queue_base(1);
     let mut e = Encoder::new();
-    put_desc(&mut e, rx + DESC_OFF, 0, RAM_BASE + 0x800, 0x100, F_WRITE, 0);
-    put_desc(&mut e, rx + DESC_OFF, 1, RAM_BASE + 0x900, 0x100, F_WRITE, 0);
+    put_desc(
+        &mut e,
+        rx + DESC_OFF,
+        0,
+        RAM_BASE + 0x800,
+        0x100,
+        F_WRITE,
+        0,
+    );
+    put_desc(
+        &mut e,
+        rx + DESC_OFF,
+        1,
+        RAM_BASE + 0x900,
+        0x100,
+        F_WRITE,
+        0,
+    );
     e.ram(rx + AVAIL_OFF, &[0, 0, 2, 0, 0, 0, 1, 0]);
     // 12-byte header, then a 60-byte frame split over two buffers.
     let mut frame = vec![0u8; 12];
@@ -365,7 +394,10 @@ pub fn xhci() -> Vec<Vec<u8>> {
     for (i, t) in cmds.iter().enumerate() {
         e.ram(CMD_RING + 16 * i as u64, t);
     }
-    e.ram(CMD_RING + 16 * 7, &trb_bytes(CMD_RING, 0, (TRB_LINK << 10) | TRB_TC));
+    e.ram(
+        CMD_RING + 16 * 7,
+        &trb_bytes(CMD_RING, 0, (TRB_LINK << 10) | TRB_TC),
+    );
     let mut ictx = [0u32; 21];
     ictx[1] = 0b11;
     ictx[8] = (1 << 27) | (1 << 20);

@@ -180,8 +180,10 @@ impl Rig<'_> {
     /// refuses out-of-range heads).
     fn notify(&mut self, q: u16) {
         let n = self.layout.sizes.len() as u16;
-        let counted =
-            self.active && self.layout.custom.is_none() && q < n && self.sync_queues & (1 << q) != 0;
+        let counted = self.active
+            && self.layout.custom.is_none()
+            && q < n
+            && self.sync_queues & (1 << q) != 0;
         let before = if counted { self.used_idx(q) } else { 0 };
         self.dev.queue_notify(q);
         if counted {

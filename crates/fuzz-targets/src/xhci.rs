@@ -153,8 +153,8 @@ pub fn xhci(data: &[u8]) -> Report {
                 }
                 _ => {
                     let offset = u16::from(input.u8());
-                    let width = AccessWidth::from_bytes(1 << (input.u8() % 3))
-                        .unwrap_or(AccessWidth::Word);
+                    let width =
+                        AccessWidth::from_bytes(1 << (input.u8() % 3)).unwrap_or(AccessWidth::Word);
                     let value = input.u32();
                     x.write_config(offset, width, value);
                     let v = x.read_config(offset, width);

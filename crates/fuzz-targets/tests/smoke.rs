@@ -154,7 +154,10 @@ fn virtio_blk_apple() {
 #[test]
 fn virtio_net() {
     let smoke_report = smoke("virtio_net", 100 * SCALE, 150 * SCALE);
-    assert!(smoke_report.completions >= 1, "frame transmitted: {smoke_report:?}");
+    assert!(
+        smoke_report.completions >= 1,
+        "frame transmitted: {smoke_report:?}"
+    );
     // Receive runs on the device's thread: wait for the looped-back frame.
     let seed = &seeds::virtio_net()[0];
     let r = fuzz_targets::virtio::virtio_net_settled(seed, Duration::from_secs(10));
