@@ -94,13 +94,27 @@ pub fn value(input: &mut Input) -> u64 {
     }
 }
 
-/// The next access inside a region of `size` bytes; `registers` are
-/// offsets worth hitting more often than a uniform draw would.
-pub fn next_access(input: &mut Input, size: u64, registers: &[u64]) -> Option<Access> {
+/// One step of a guest: an access, or (first byte `0xF?`) something
+/// else the target decodes itself (host input, time passing, a reset).
+#[derive(Clone, Copy, Debug)]
+pub enum Op {
+    Access(Access),
+    Extra,
+}
+
+/// Marks an [`Op::Extra`]: the upper nibble of the op's first byte.
+pub const EXTRA: u8 = 0xF0;
+
+/// The next op inside a region of `size` bytes; `registers` are offsets
+/// worth hitting more often than a uniform draw would.
+pub fn next_op(input: &mut Input, size: u64, registers: &[u64]) -> Option<Op> {
     if input.is_empty() {
         return None;
     }
     let kind = input.u8();
+    if kind & 0xF0 == EXTRA {
+        return Some(Op::Extra);
+    }
     let width = match kind & 3 {
         0 => AccessWidth::Byte,
         1 => AccessWidth::Half,
@@ -112,7 +126,7 @@ pub fn next_access(input: &mut Input, size: u64, registers: &[u64]) -> Option<Ac
     } else {
         u64::from(input.u32()) % size.max(1)
     };
-    Some(if kind & 8 != 0 {
+    Some(Op::Access(if kind & 8 != 0 {
         Access::Read { offset, width }
     } else {
         Access::Write {
@@ -120,27 +134,169 @@ pub fn next_access(input: &mut Input, size: u64, registers: &[u64]) -> Option<Ac
             width,
             value: value(input),
         }
-    })
+    }))
 }
 
-/// Replays up to [`MAX_ACCESSES`] accesses on `device`.
-pub fn drive(
+/// Runs up to [`MAX_ACCESSES`] ops: accesses go to `device`, are then
+/// passed to `after` with what a read returned, and extras go to `extra`.
+/// Panics if a read returns bits above its width: callers rely on the
+/// value being what the guest register would hold.
+pub fn drive_with(
     input: &mut Input,
     device: &dyn vm_core::MmioDevice,
     size: u64,
     registers: &[u64],
-) {
-    for _ in 0..MAX_ACCESSES {
-        match next_access(input, size, registers) {
-            None => break,
-            Some(Access::Read { offset, width }) => {
-                device.read(offset, width);
+    mut extra: impl FnMut(&mut Input),
+    mut after: impl FnMut(Access, Option<u64>),
+) -> u64 {
+    let mut ops = 0;
+    while ops < MAX_ACCESSES as u64 {
+        let Some(op) = next_op(input, size, registers) else {
+            break;
+        };
+        ops += 1;
+        match op {
+            Op::Extra => extra(input),
+            Op::Access(a @ Access::Read { offset, width }) => {
+                let v = device.read(offset, width);
+                assert_eq!(
+                    v & !width.mask(),
+                    0,
+                    "{width} read at {offset:#x} returned {v:#x}"
+                );
+                after(a, Some(v));
             }
-            Some(Access::Write {
-                offset,
-                width,
-                value,
-            }) => device.write(offset, width, value),
+            Op::Access(
+                a @ Access::Write {
+                    offset,
+                    width,
+                    value,
+                },
+            ) => {
+                device.write(offset, width, value);
+                after(a, None);
+            }
         }
+    }
+    ops
+}
+
+/// Replays up to [`MAX_ACCESSES`] accesses on `device`, extras ignored.
+pub fn drive(input: &mut Input, device: &dyn vm_core::MmioDevice, size: u64, registers: &[u64]) {
+    drive_with(input, device, size, registers, |_| {}, |_, _| {});
+}
+
+/// Builds inputs in the format the targets decode, for hand-written seeds.
+#[derive(Clone, Debug)]
+pub struct Encoder {
+    bytes: Vec<u8>,
+}
+
+impl Default for Encoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Encoder {
+    /// An input whose RAM seed is all zeros and that has no ops yet.
+    pub fn new() -> Self {
+        Self {
+            bytes: vec![0; RAM_SEED_LEN],
+        }
+    }
+
+    /// Places `bytes` in the RAM seed at guest address `addr`.
+    pub fn ram(&mut self, addr: u64, bytes: &[u8]) -> &mut Self {
+        let at = usize::try_from(addr - RAM_BASE).expect("seed address in RAM");
+        self.bytes[at..at + bytes.len()].copy_from_slice(bytes);
+        self
+    }
+
+    /// Appends raw bytes (an extra op's operands, a target's own format).
+    pub fn raw(&mut self, bytes: &[u8]) -> &mut Self {
+        self.bytes.extend_from_slice(bytes);
+        self
+    }
+
+    fn kind(width: AccessWidth, read: bool) -> u8 {
+        let w = match width {
+            AccessWidth::Byte => 0,
+            AccessWidth::Half => 1,
+            AccessWidth::Word => 2,
+            AccessWidth::Double => 3,
+        };
+        w | if read { 8 } else { 0 }
+    }
+
+    /// A store of `value` at `offset` (which must be below the region size).
+    pub fn write(&mut self, offset: u64, width: AccessWidth, value: u64) -> &mut Self {
+        self.bytes.push(Self::kind(width, false));
+        self.bytes
+            .extend_from_slice(&u32::try_from(offset).expect("offset").to_le_bytes());
+        self.bytes.push(0);
+        self.bytes.extend_from_slice(&value.to_le_bytes());
+        self
+    }
+
+    /// A 32-bit store.
+    pub fn w32(&mut self, offset: u64, value: u32) -> &mut Self {
+        self.write(offset, AccessWidth::Word, u64::from(value))
+    }
+
+    /// A load at `offset`.
+    pub fn read(&mut self, offset: u64, width: AccessWidth) -> &mut Self {
+        self.bytes.push(Self::kind(width, true));
+        self.bytes
+            .extend_from_slice(&u32::try_from(offset).expect("offset").to_le_bytes());
+        self
+    }
+
+    /// An [`Op::Extra`] followed by its operands.
+    pub fn extra(&mut self, operands: &[u8]) -> &mut Self {
+        self.bytes.push(EXTRA);
+        self.raw(operands)
+    }
+
+    pub fn finish(&self) -> Vec<u8> {
+        self.bytes.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoder_round_trips_through_the_decoder() {
+        let mut e = Encoder::new();
+        e.ram(RAM_BASE + 8, &[1, 2, 3])
+            .write(0x40, AccessWidth::Word, 0xdead_beef)
+            .read(0x10, AccessWidth::Double)
+            .extra(&[7]);
+        let bytes = e.finish();
+        let mut input = Input::new(&bytes);
+        let mem = guest_memory(&mut input);
+        let mut b = [0u8; 3];
+        vm_core::memory::read_exact(&mem, RAM_BASE + 8, &mut b).unwrap();
+        assert_eq!(b, [1, 2, 3]);
+        assert!(matches!(
+            next_op(&mut input, 0x100, &[]),
+            Some(Op::Access(Access::Write {
+                offset: 0x40,
+                width: AccessWidth::Word,
+                value: 0xdead_beef
+            }))
+        ));
+        assert!(matches!(
+            next_op(&mut input, 0x100, &[]),
+            Some(Op::Access(Access::Read {
+                offset: 0x10,
+                width: AccessWidth::Double
+            }))
+        ));
+        assert!(matches!(next_op(&mut input, 0x100, &[]), Some(Op::Extra)));
+        assert_eq!(input.u8(), 7);
+        assert!(next_op(&mut input, 0x100, &[]).is_none());
     }
 }

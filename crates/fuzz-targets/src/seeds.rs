@@ -1,0 +1,459 @@
+//! Hand-written inputs that drive each device the way a working driver
+//! does, so the smoke pass (and a fuzzer's initial corpus) starts deep
+//! inside every device rather than at its first sanity check.
+
+use devices::apple_aes::{self, cmd, opcode};
+use devices::apple_bdif::{desc, devid, op, reg as bdif_reg, sector_block};
+use devices::{pl011, pl031, pl061};
+use usb::xhci::regs::*;
+use usb::xhci::trb::*;
+use vm_core::AccessWidth::{Double, Half, Word};
+
+use crate::input::{Encoder, RAM_BASE, RAM_SEED_LEN};
+use crate::virtio::{queue_base, AVAIL_OFF, DESC_OFF};
+use crate::xhci::ir;
+
+/// Seeds per target name (the names of [`crate::TARGETS`]).
+pub fn for_target(name: &str) -> Vec<Vec<u8>> {
+    match name {
+        "aes" => aes(),
+        "bdif" => bdif(),
+        "cfg" => cfg(),
+        "pvpanic" => pvpanic(),
+        "pl031" => pl031(),
+        "pl061" => pl061(),
+        "pl011" => pl011(),
+        "virtio_blk" => virtio_blk(false),
+        "virtio_blk_apple" => virtio_blk(true),
+        "virtio_net" => virtio_net(),
+        "xhci" => xhci(),
+        "control_request" => control_request(),
+        _ => Vec::new(),
+    }
+}
+
+fn words(v: &[u32]) -> Vec<u8> {
+    v.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// KEY (built-in key 1, CBC, encrypt), IV, DATA, FLAG; then a payload
+/// key in ECB, DATA, STORE_IV, FLAG.
+pub fn aes() -> Vec<Vec<u8>> {
+    use apple_aes::reg::*;
+    const SRC: u64 = RAM_BASE + 0x100;
+    const DST: u64 = RAM_BASE + 0x200;
+    const IV_OUT: u64 = RAM_BASE + 0x300;
+    let mut e = Encoder::new();
+    e.ram(SRC, &[0x11; 32]);
+    e.raw(&[0]); // FIFO policy: QEMU parity
+    e.w32(
+        IRQ_ENABLE,
+        apple_aes::irq::FLAG | apple_aes::irq::INVALID_CMD,
+    );
+    let key_builtin = (opcode::KEY << opcode::SHIFT)
+        | (1 << cmd::KEY_SELECT_SHIFT)
+        | cmd::KEY_ENCRYPT
+        | (1 << cmd::KEY_MODE_SHIFT);
+    let fifo = [
+        key_builtin,
+        opcode::IV << opcode::SHIFT,
+        0x0302_0100,
+        0x0706_0504,
+        0x0B0A_0908,
+        0x0F0E_0D0C,
+        (opcode::DATA << opcode::SHIFT) | 32,
+        0,
+        SRC as u32,
+        DST as u32,
+        (opcode::FLAG << opcode::SHIFT) | cmd::FLAG_RAISE | 0x42,
+    ];
+    for w in fifo {
+        e.w32(FIFO, w);
+    }
+    e.read(FLAG_INFO, Word)
+        .read(IRQ_STATUS, Double)
+        .w32(IRQ_STATUS, apple_aes::irq::FLAG);
+    // A 16-byte payload key, ECB decrypt, back over the ciphertext.
+    let key_payload = (opcode::KEY << opcode::SHIFT) | (1 << cmd::KEY_SLOT_SHIFT);
+    let fifo = [
+        key_payload,
+        1,
+        2,
+        3,
+        4,
+        (opcode::DATA << opcode::SHIFT) | (1 << cmd::DATA_KEY_SLOT_SHIFT) | 32,
+        0,
+        DST as u32,
+        SRC as u32,
+        opcode::STORE_IV << opcode::SHIFT,
+        IV_OUT as u32,
+        (opcode::FLAG << opcode::SHIFT) | cmd::FLAG_RAISE | 0x43,
+    ];
+    for w in fifo {
+        e.w32(FIFO, w);
+    }
+    e.read(STATUS, Word)
+        .read(Q_STATUS, Word)
+        .read(FLAG_INFO, Word);
+    let full = e.finish();
+    // The same with an invalid command wedging the FIFO first (quirk Q4),
+    // then a reset that clears it (second policy).
+    let mut wedged = Encoder::new();
+    wedged.raw(&[1]);
+    wedged
+        .w32(IRQ_ENABLE, u32::MAX)
+        .w32(FIFO, 0xF000_0000)
+        .w32(FIFO, (opcode::FLAG << opcode::SHIFT) | cmd::FLAG_RAISE)
+        .extra(&[0])
+        .w32(IRQ_ENABLE, apple_aes::irq::FLAG)
+        .w32(FIFO, (opcode::FLAG << opcode::SHIFT) | cmd::FLAG_RAISE);
+    vec![full, wedged.finish()]
+}
+
+/// READ requests through the ROOT and AUX windows, and a refused WRITE.
+pub fn bdif() -> Vec<Vec<u8>> {
+    const DESC: u64 = RAM_BASE + 0x100;
+    const SECTOR: u64 = RAM_BASE + 0x200;
+    const RETVAL: u64 = RAM_BASE + 0x300;
+    const DATA: u64 = RAM_BASE + 0x400;
+    let request = |flags: u32, len: u32| {
+        let mut d = [0u8; desc::SIZE];
+        d[desc::SECTOR_ADDR..][..8].copy_from_slice(&SECTOR.to_le_bytes());
+        d[desc::SECTOR_LEN..][..4].copy_from_slice(&(sector_block::SIZE as u32).to_le_bytes());
+        d[desc::DATA_ADDR..][..8].copy_from_slice(&DATA.to_le_bytes());
+        d[desc::DATA_LEN..][..4].copy_from_slice(&len.to_le_bytes());
+        d[desc::DATA_FLAGS..][..4].copy_from_slice(&flags.to_le_bytes());
+        d[desc::RETVAL_ADDR..][..8].copy_from_slice(&RETVAL.to_le_bytes());
+        d
+    };
+    let mut sector = [0u8; sector_block::SIZE];
+    sector[sector_block::SECTOR..][..4].copy_from_slice(&3u32.to_le_bytes());
+    let mut e = Encoder::new();
+    e.ram(DESC, &request(op::READ, 1024)).ram(SECTOR, &sector);
+    e.raw(&[0, 1]); // disk shapes
+    e.read(devid::ROOT | bdif_reg::STATUS, Word)
+        .read(devid::AUX | bdif_reg::NEXT_DEVICE, Word)
+        .w32(devid::ROOT | bdif_reg::CMD, DESC as u32)
+        .w32(devid::AUX | bdif_reg::CMD, DESC as u32)
+        .write(devid::ROOT | bdif_reg::CMD, Double, DESC);
+    let reads = e.finish();
+    let mut w = Encoder::new();
+    w.ram(DESC, &request(op::WRITE, 512)).ram(SECTOR, &sector);
+    w.raw(&[1, 0]);
+    w.w32(devid::ROOT | bdif_reg::CMD, DESC as u32)
+        // The descriptor (at +0x100) turned into a 12 KiB READ.
+        .extra(&[0x18, 0x01, 8, 0, 0x30, 0, 0, 1, 0, 3, 0])
+        .w32(devid::AUX | bdif_reg::CMD, DESC as u32);
+    vec![reads, w.finish()]
+}
+
+/// A valid configuration, guest scribbles and resets.
+pub fn cfg() -> Vec<Vec<u8>> {
+    let mut e = Encoder::new();
+    e.raw(&[4]);
+    e.raw(&0x1122_3344_5566_7788u64.to_le_bytes());
+    e.raw(&(4u64 << 30).to_le_bytes());
+    e.raw(&[0; 12]);
+    e.raw(&[0x52, 0x54, 0, 1, 2, 3]);
+    e.raw(&[0; 18]);
+    for s in [
+        "C02XYZ",
+        "VM0001",
+        "Apple M1 (Virtual)",
+        "52:54:00:12:34:56",
+    ] {
+        e.raw(&[s.len() as u8]).raw(s.as_bytes());
+    }
+    // Scribble over the structure, then reset (every 8th trailing byte 0).
+    e.raw(&[0x10, 0, 8]).raw(&[0xff; 8]).raw(&[1]);
+    e.raw(&[0x00, 0x05, 4]).raw(b"evil").raw(&[0]);
+    vec![e.finish()]
+}
+
+/// Panic, crash-loaded and shutdown events, and reads of the window.
+pub fn pvpanic() -> Vec<Vec<u8>> {
+    let mut e = vec![0x03]; // advertised events
+    let mut enc = Encoder::new();
+    enc.read(0, vm_core::AccessWidth::Byte)
+        .write(0, vm_core::AccessWidth::Byte, 1)
+        .write(0, Half, 0x0402)
+        .write(1, vm_core::AccessWidth::Byte, 0x80)
+        .read(0, Double);
+    // pvpanic has no RAM: drop the seed page the encoder starts with.
+    e.extend_from_slice(&enc.finish()[RAM_SEED_LEN..]);
+    vec![e]
+}
+
+/// Set the time, arm the alarm, let the clock reach it.
+pub fn pl031() -> Vec<Vec<u8>> {
+    use pl031::reg::*;
+    let mut e = Encoder::new();
+    let mut out = (1_000_000u64 << 8).to_le_bytes().to_vec();
+    e.w32(LR, 1000)
+        .w32(MR, 1003)
+        .w32(IMSC, 1)
+        .read(DR, Word)
+        .extra(&[2])
+        .read(MIS, Word)
+        .w32(ICR, 1)
+        .extra(&[1, 0, 0, 0x10, 0])
+        .extra(&[0]);
+    out.extend_from_slice(&e.finish()[RAM_SEED_LEN..]);
+    vec![out]
+}
+
+/// Edge and level interrupts on input lines, outputs through DATA.
+pub fn pl061() -> Vec<Vec<u8>> {
+    use pl061::reg::*;
+    let mut e = Encoder::new();
+    e.w32(IEV, 0x08)
+        .w32(IE, 0x08)
+        .extra(&[1, 3])
+        .read(MIS, Word)
+        .w32(IC, 0x08)
+        .w32(DIR, 0xf0)
+        .w32(0x3FC, 0xa0)
+        .read(0x3FC, Word)
+        .w32(IS, 0x04)
+        .w32(IEV, 0x04)
+        .w32(IE, 0x04)
+        .extra(&[3, 2])
+        .extra(&[2, 2])
+        .read(RIS, Word);
+    vec![e.finish()[RAM_SEED_LEN..].to_vec()]
+}
+
+/// Enable, transmit, receive with the RX interrupt unmasked.
+pub fn pl011() -> Vec<Vec<u8>> {
+    use pl011::reg::*;
+    let mut e = Encoder::new();
+    e.w32(CR, 0x301)
+        .w32(IMSC, 0x50)
+        .w32(DR, u32::from(b'o'))
+        .w32(DR, u32::from(b'k'))
+        .extra(&[1, 3])
+        .raw(b"abc")
+        .read(FR, Word)
+        .read(DR, Word)
+        .read(MIS, Word)
+        .w32(LCR_H, 0x70)
+        .extra(&[1, 20])
+        .raw(&[b'x'; 20])
+        .read(DR, Word)
+        .w32(ICR, 0x7ff);
+    vec![e.finish()[RAM_SEED_LEN..].to_vec()]
+}
+
+fn put_desc(e: &mut Encoder, table: u64, idx: u64, addr: u64, len: u32, flags: u16, next: u16) {
+    let mut raw = [0u8; 16];
+    raw[0..8].copy_from_slice(&addr.to_le_bytes());
+    raw[8..12].copy_from_slice(&len.to_le_bytes());
+    raw[12..14].copy_from_slice(&flags.to_le_bytes());
+    raw[14..16].copy_from_slice(&next.to_le_bytes());
+    e.ram(table + 16 * idx, &raw);
+}
+
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+
+/// OUT, IN, GET_ID (and the Apple barrier) on an 8-entry queue, a reset
+/// that replays them, and a WRITE_ZEROES published afterwards.
+pub fn virtio_blk(apple: bool) -> Vec<Vec<u8>> {
+    let table = queue_base(0) + DESC_OFF;
+    let avail = queue_base(0) + AVAIL_OFF;
+    let hdr = |ty: u32, sector: u64| {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&ty.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        h
+    };
+    let mut e = Encoder::new();
+    e.ram(RAM_BASE + 0x800, &hdr(1, 4))
+        .ram(RAM_BASE + 0x810, &hdr(0, 4))
+        .ram(RAM_BASE + 0x820, &hdr(8, 0))
+        .ram(RAM_BASE + 0x830, &hdr(if apple { 0x1_0000 } else { 4 }, 0))
+        .ram(RAM_BASE + 0x840, &hdr(13, 0))
+        .ram(
+            RAM_BASE + 0x850,
+            &[6, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0],
+        )
+        .ram(RAM_BASE + 0xA00, &[0xC3; 512]);
+    // OUT: header, 512 bytes, status.
+    put_desc(&mut e, table, 0, RAM_BASE + 0x800, 16, F_NEXT, 1);
+    put_desc(&mut e, table, 1, RAM_BASE + 0xA00, 512, F_NEXT, 2);
+    put_desc(&mut e, table, 2, RAM_BASE + 0xE00, 1, F_WRITE, 0);
+    // IN: header, 512 bytes, status.
+    put_desc(&mut e, table, 3, RAM_BASE + 0x810, 16, F_NEXT, 4);
+    put_desc(&mut e, table, 4, RAM_BASE + 0xC00, 512, F_WRITE | F_NEXT, 5);
+    put_desc(&mut e, table, 5, RAM_BASE + 0xE01, 1, F_WRITE, 0);
+    // GET_ID: header, 20 bytes of id plus status in one buffer.
+    put_desc(&mut e, table, 6, RAM_BASE + 0x820, 16, F_NEXT, 7);
+    put_desc(&mut e, table, 7, RAM_BASE + 0xE10, 21, F_WRITE, 0);
+    let mut ring = Vec::new();
+    for head in [0u16, 3, 6] {
+        ring.extend_from_slice(&head.to_le_bytes());
+    }
+    e.ram(avail, &[0, 0, 3, 0]).ram(avail + 4, &ring);
+    // Shape: read-write 32 KiB disk, one queue, serial; Aux for Apple.
+    e.raw(&[0x10 | if apple { 0x40 } else { 0 }]);
+    // Layout: 8 entries, fixed addresses.
+    e.raw(&[3]);
+    // Notify q0, read capacity, reset + re-activate, notify again.
+    e.raw(&[0, 0]).raw(&[4, 0, 8]).raw(&[6]).raw(&[0, 0]);
+    // Barrier (Apple) or UNSUPP, and WRITE_ZEROES of sectors 2..4, each
+    // a header+status chain written with descriptor ops and published.
+    let desc_op = |e: &mut Encoder, idx: u8, addr: u64, len: u32, flags: u16, next: u16| {
+        e.raw(&[3, 0, idx, 0]).raw(&addr.to_le_bytes());
+        e.raw(&len.to_le_bytes())
+            .raw(&flags.to_le_bytes())
+            .raw(&next.to_le_bytes());
+    };
+    desc_op(&mut e, 0, RAM_BASE + 0x830, 16, F_NEXT, 1);
+    desc_op(&mut e, 1, RAM_BASE + 0xE20, 1, F_WRITE, 0);
+    e.raw(&[1, 0, 0, 0]);
+    desc_op(&mut e, 2, RAM_BASE + 0x840, 16, F_NEXT, 3);
+    desc_op(&mut e, 3, RAM_BASE + 0x850, 16, F_NEXT, 4);
+    desc_op(&mut e, 4, RAM_BASE + 0xE21, 1, F_WRITE, 0);
+    e.raw(&[1, 0, 2, 0]).raw(&[0, 0]);
+    vec![e.finish()]
+}
+
+/// Two receive buffers, one transmitted frame that loops back, one
+/// injected frame.
+pub fn virtio_net() -> Vec<Vec<u8>> {
+    let rx = queue_base(0);
+    let tx = queue_base(1);
+    let mut e = Encoder::new();
+    put_desc(
+        &mut e,
+        rx + DESC_OFF,
+        0,
+        RAM_BASE + 0x800,
+        0x100,
+        F_WRITE,
+        0,
+    );
+    put_desc(
+        &mut e,
+        rx + DESC_OFF,
+        1,
+        RAM_BASE + 0x900,
+        0x100,
+        F_WRITE,
+        0,
+    );
+    e.ram(rx + AVAIL_OFF, &[0, 0, 2, 0, 0, 0, 1, 0]);
+    // 12-byte header, then a 60-byte frame split over two buffers.
+    let mut frame = vec![0u8; 12];
+    frame.extend((0..60u8).map(|i| i ^ 0x5a));
+    e.ram(RAM_BASE + 0xA00, &frame);
+    put_desc(&mut e, tx + DESC_OFF, 0, RAM_BASE + 0xA00, 30, F_NEXT, 1);
+    put_desc(&mut e, tx + DESC_OFF, 1, RAM_BASE + 0xA00 + 30, 42, 0, 0);
+    e.ram(tx + AVAIL_OFF, &[0, 0, 1, 0, 0, 0]);
+    e.raw(&[3]); // layout: 8 entries
+    e.raw(&[0, 0]).raw(&[0, 1]); // kick rx, kick tx
+    e.raw(&[7]).raw(&80u16.to_le_bytes()).raw(&[0x77; 80]);
+    e.raw(&[4, 0, 8]).raw(&[5, 0, 2, 1, 2]);
+    vec![e.finish()]
+}
+
+fn trb_bytes(parameter: u64, status: u32, control: u32) -> [u8; 16] {
+    Trb {
+        parameter,
+        status,
+        control,
+    }
+    .to_bytes()
+}
+
+/// Bring-up, Enable Slot + Address Device + No-Op commands, then a
+/// GET_DESCRIPTOR control transfer to the keyboard.
+pub fn xhci() -> Vec<Vec<u8>> {
+    const DCBAA: u64 = RAM_BASE;
+    const ERST: u64 = RAM_BASE + 0x240;
+    const CMD_RING: u64 = RAM_BASE + 0x280;
+    const EP0_RING: u64 = RAM_BASE + 0x300;
+    const INPUT_CTX: u64 = RAM_BASE + 0x400;
+    const BUF: u64 = RAM_BASE + 0x900;
+    const EVENT_RING: u64 = RAM_BASE + 0x1000;
+    const OUT_CTX: u64 = RAM_BASE + 0x2000;
+    let c = TRB_CYCLE;
+    let portsc =
+        OP_BASE + OP_PORT_BASE + PORT_STRIDE * (usb::xhci::KEYBOARD_PORT as u64 - 1) + PORT_SC;
+    let mut e = Encoder::new();
+    e.ram(DCBAA + 8, &OUT_CTX.to_le_bytes());
+    let mut erst = [0u8; 16];
+    erst[0..8].copy_from_slice(&EVENT_RING.to_le_bytes());
+    erst[8..12].copy_from_slice(&64u32.to_le_bytes());
+    e.ram(ERST, &erst);
+    let cmds = [
+        trb_bytes(0, 0, (TRB_ENABLE_SLOT << 10) | c),
+        trb_bytes(INPUT_CTX, 0, (TRB_ADDRESS_DEVICE << 10) | (1 << 24) | c),
+        trb_bytes(0, 0, (TRB_NOOP_COMMAND << 10) | c),
+    ];
+    for (i, t) in cmds.iter().enumerate() {
+        e.ram(CMD_RING + 16 * i as u64, t);
+    }
+    e.ram(
+        CMD_RING + 16 * 7,
+        &trb_bytes(CMD_RING, 0, (TRB_LINK << 10) | TRB_TC),
+    );
+    let mut ictx = [0u32; 21];
+    ictx[1] = 0b11;
+    ictx[8] = (1 << 27) | (1 << 20);
+    ictx[9] = (usb::xhci::KEYBOARD_PORT as u32) << 16;
+    ictx[17] = (3 << 1) | (4 << 3) | (8 << 16);
+    ictx[18] = EP0_RING as u32 | 1;
+    ictx[20] = 8;
+    e.ram(INPUT_CTX, &words(&ictx));
+    let setup = u64::from_le_bytes([0x80, 6, 0, 1, 0, 0, 18, 0]);
+    let xfer = [
+        trb_bytes(setup, 8, (TRB_SETUP_STAGE << 10) | TRB_IDT | (3 << 16) | c),
+        trb_bytes(BUF, 18, (TRB_DATA_STAGE << 10) | TRB_DIR_IN | c),
+        trb_bytes(0, 0, (TRB_STATUS_STAGE << 10) | TRB_IOC | c),
+    ];
+    for (i, t) in xfer.iter().enumerate() {
+        e.ram(EP0_RING + 16 * i as u64, t);
+    }
+    e.w32(OP_BASE + OP_USBCMD, USBCMD_HCRST)
+        .w32(OP_BASE + OP_CONFIG, 64)
+        .write(OP_BASE + OP_DCBAAP_LO, Double, DCBAA)
+        .write(OP_BASE + OP_CRCR_LO, Double, CMD_RING | CRCR_RCS)
+        .w32(ir(0, IR_ERSTSZ), 1)
+        .write(ir(0, IR_ERDP_LO), Double, EVENT_RING)
+        .write(ir(0, IR_ERSTBA_LO), Double, ERST)
+        .w32(ir(0, IR_IMOD), 0)
+        .w32(ir(0, IR_IMAN), IMAN_IE)
+        .w32(OP_BASE + OP_USBCMD, USBCMD_RS | USBCMD_INTE)
+        // A USB 2 port is enabled by a port reset.
+        .w32(portsc, PORTSC_PP | PORTSC_PR)
+        .w32(DOORBELL_BASE, 0)
+        .w32(DOORBELL_BASE + 4, 1)
+        .read(OP_BASE + OP_USBSTS, Word)
+        .read(portsc, Word)
+        .w32(ir(0, IR_IMAN), IMAN_IP | IMAN_IE)
+        .write(ir(0, IR_ERDP_LO), Double, (EVENT_RING + 0x40) | ERDP_EHB)
+        .extra(&[0, 4, 1])
+        .extra(&[1, 0, 0x40, 0, 0x40]);
+    vec![e.finish()]
+}
+
+/// One of every request, and some near misses.
+pub fn control_request() -> Vec<Vec<u8>> {
+    [
+        r#"{"cmd":"status"}"#,
+        r#"{"cmd":"pause"}"#,
+        r#"{"cmd":"send-keys","keys":["ctrl","alt","delete"]}"#,
+        r#"{"cmd":"pointer","x":100,"y":32767,"buttons":["left","middle"]}"#,
+        r#"{"cmd":"screenshot","path":"/tmp/s.png"}"#,
+        "{\"cmd\":\"subscribe\"}\r\n",
+        r#"{"cmd":"pointer","x":-1,"y":0}"#,
+        r#"{"cmd":"send-keys","keys":["a","a"]}"#,
+        r#"{"cmd":"screenshot","path":"relative"}"#,
+        r#"[{"cmd":"status"}]"#,
+        r#"{"cmd":"nope","x":1}"#,
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect()
+}
