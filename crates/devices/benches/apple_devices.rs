@@ -116,7 +116,11 @@ fn aes_engine_rate(len: u32) -> f64 {
     const SRC: u64 = RAM + 0x10_0000;
     const DST: u64 = RAM + 0x200_0000;
     let mem = create_guest_memory(&[(RAM, RAM_SIZE)]).unwrap();
-    let aes = AppleAes::new(mem.clone(), Arc::new(TestIrq::new()), FifoResetPolicy::default());
+    let aes = AppleAes::new(
+        mem.clone(),
+        Arc::new(TestIrq::new()),
+        FifoResetPolicy::default(),
+    );
     let fifo = aes.window1();
     let push = |words: &[u32]| {
         for &w in words {
@@ -124,7 +128,14 @@ fn aes_engine_rate(len: u32) -> f64 {
         }
     };
     // Built-in key 1 (AES-256), CBC, encrypt; then an IV.
-    push(&[0x1111_0000, 0x2000_0000, 0x0302_0100, 0x0706_0504, 0x0B0A_0908, 0x0F0E_0D0C]);
+    push(&[
+        0x1111_0000,
+        0x2000_0000,
+        0x0302_0100,
+        0x0706_0504,
+        0x0B0A_0908,
+        0x0F0E_0D0C,
+    ]);
     write_all(&mem, SRC, &vec![0x5A; len as usize]).unwrap();
     let rate = measure(u64::from(len), || {
         push(&[0x5000_0000 | len, 0, SRC as u32, DST as u32]);
@@ -163,7 +174,10 @@ fn main() {
     let image = dir.join("image.raw");
     make_image(&image);
 
-    println!("{:44} {:>10} {:>10} {:>7}", "workload (MiB/s)", "device", "host", "ratio");
+    println!(
+        "{:44} {:>10} {:>10} {:>7}",
+        "workload (MiB/s)", "device", "host", "ratio"
+    );
     let dd = dd_rate(&image);
     for len in [64 << 10, 1 << 20] {
         let dev = bdif_rate(&image, len);
@@ -173,7 +187,10 @@ fn main() {
                 format!("bdif read {} KiB/request vs dd bs=1M", len >> 10),
                 dev / dd
             ),
-            None => println!("bdif read {} KiB/request: {dev:.0} (dd unavailable)", len >> 10),
+            None => println!(
+                "bdif read {} KiB/request: {dev:.0} (dd unavailable)",
+                len >> 10
+            ),
         }
     }
     for len in [4u32 << 10, 64 << 10, 1 << 20] {

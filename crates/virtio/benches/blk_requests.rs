@@ -88,7 +88,11 @@ fn device_rate(len: u32, write: bool) -> f64 {
     .unwrap();
 
     let data_flags = if write { 0 } else { F_WRITE };
-    let kind = if write { VIRTIO_BLK_T_OUT } else { VIRTIO_BLK_T_IN };
+    let kind = if write {
+        VIRTIO_BLK_T_OUT
+    } else {
+        VIRTIO_BLK_T_IN
+    };
     let sectors = u64::from(len) / 512;
     let slots = (IMAGE_SIZE as u64 / u64::from(len)).max(1);
     for i in 0..BATCH {
@@ -159,7 +163,12 @@ fn main() {
         "{:28} {:>12} {:>12} {:>9} {:>12} {:>7}",
         "request", "device req/s", "device MiB/s", "", "memcpy /s", "ratio"
     );
-    for (len, write) in [(4096, false), (4096, true), (65536, false), (1 << 20, false)] {
+    for (len, write) in [
+        (4096, false),
+        (4096, true),
+        (65536, false),
+        (1 << 20, false),
+    ] {
         let dev = device_rate(len, write);
         let copy = memcpy_rate(len);
         let mib = dev * f64::from(len) / (1 << 20) as f64;
