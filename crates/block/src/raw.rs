@@ -87,6 +87,7 @@ impl DiskImage {
         }
     }
 
+    #[cfg(target_os = "linux")]
     fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
         // SAFETY: fallocate on a descriptor we own, with a range checked
         // against the image size.
@@ -95,6 +96,32 @@ impl DiskImage {
             Ok(())
         } else {
             Err(io::Error::last_os_error())
+        }
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        #[cfg(target_os = "linux")]
+        return self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        );
+        // Other hosts fall back to writing zeros (macOS's F_PUNCHHOLE
+        // would do, but is untested).
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = (offset, len);
+            Err(io::Error::from(io::ErrorKind::Unsupported))
+        }
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        #[cfg(target_os = "linux")]
+        return self.fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len);
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = (offset, len);
+            Err(io::Error::from(io::ErrorKind::Unsupported))
         }
     }
 }
@@ -132,22 +159,14 @@ impl BlockBackend for DiskImage {
         if len == 0 {
             return Ok(());
         }
-        self.fallocate(
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        )
-        .or_else(|_| self.write_zeroes(offset, len))
+        self.punch_hole(offset, len)
+            .or_else(|_| self.write_zeroes(offset, len))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         self.writable()?;
         check_range(self.size, offset, len)?;
-        if len == 0
-            || self
-                .fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len)
-                .is_ok()
-        {
+        if len == 0 || self.zero_range(offset, len).is_ok() {
             return Ok(());
         }
         // The file system cannot zero a range: write zeros, a chunk at a

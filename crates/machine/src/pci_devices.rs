@@ -28,18 +28,29 @@ pub enum NetBackendSpec {
     UnixDgram { local: PathBuf, peer: PathBuf },
     /// A TAP interface (Linux).
     Tap(String),
+    /// vmnet.framework's shared (NAT) mode (macOS; needs root or the
+    /// com.apple.vm.networking entitlement).
+    Vmnet,
 }
 
 impl NetBackendSpec {
-    /// Parses `passt`, `unix:PATH`, `unix-dgram:LOCAL,PEER` or `tap:NAME`.
+    /// Parses `passt`, `unix:PATH`, `unix-dgram:LOCAL,PEER`, `tap:NAME` or
+    /// `vmnet`; `vmnet` is refused on hosts other than macOS.
     pub fn parse(text: &str) -> Result<Self, String> {
         let bad = || {
             format!(
-                "{text:?} is not a network backend (use passt, unix:PATH, unix-dgram:LOCAL,PEER, tap:NAME or none)"
+                "{text:?} is not a network backend (use passt, unix:PATH, unix-dgram:LOCAL,PEER, tap:NAME, vmnet or none)"
             )
         };
         match text.split_once(':') {
             None if text == "passt" => Ok(Self::Passt),
+            None if text == "vmnet" => {
+                if cfg!(target_os = "macos") {
+                    Ok(Self::Vmnet)
+                } else {
+                    Err("--net vmnet needs a macOS host (vmnet.framework); use passt, unix:PATH or tap:NAME here".into())
+                }
+            }
             Some(("unix", path)) if !path.is_empty() => Ok(Self::UnixStream(path.into())),
             Some(("unix-dgram", paths)) => match paths.split_once(',') {
                 Some((local, peer)) if !local.is_empty() && !peer.is_empty() => {
@@ -70,6 +81,21 @@ impl NetBackendSpec {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::Unsupported,
                     "TAP networking is only available on Linux",
+                ))
+            }
+            #[cfg(target_os = "macos")]
+            Self::Vmnet => {
+                let backend = virtio::net::vmnet::VmnetBackend::start()?;
+                if let Some(mac) = &backend.assigned_mac {
+                    tracing::info!("vmnet: interface up (vmnet's MAC for it: {mac})");
+                }
+                Box::new(backend)
+            }
+            #[cfg(not(target_os = "macos"))]
+            Self::Vmnet => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "vmnet networking is only available on macOS",
                 ))
             }
         })
@@ -188,6 +214,12 @@ mod tests {
             NetBackendSpec::parse("tap:tap0"),
             Ok(NetBackendSpec::Tap("tap0".into()))
         );
+        let vmnet = NetBackendSpec::parse("vmnet");
+        if cfg!(target_os = "macos") {
+            assert_eq!(vmnet, Ok(NetBackendSpec::Vmnet));
+        } else {
+            assert!(vmnet.unwrap_err().contains("needs a macOS host"));
+        }
         for bad in ["", "unix:", "unix-dgram:/a", "tap:", "slirp", "passt:x"] {
             assert!(NetBackendSpec::parse(bad).is_err(), "{bad:?}");
         }

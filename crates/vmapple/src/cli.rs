@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use devices::serial::SerialBackend;
 use machine::{
     default_mac, BootSource, DiskSpec, Machine, MachineConfig, NetBackendSpec, NicSpec,
@@ -153,8 +153,9 @@ pub struct RunArgs {
 
     /// Network: `passt` (user-mode networking through the passt program;
     /// the default when passt is installed), `unix:PATH` (a stream socket
-    /// with passt's framing), `unix-dgram:LOCAL,PEER`, `tap:NAME` (Linux)
-    /// or `none`.
+    /// with passt's framing), `unix-dgram:LOCAL,PEER`, `tap:NAME` (Linux),
+    /// `vmnet` (macOS vmnet.framework NAT; needs root or the
+    /// com.apple.vm.networking entitlement) or `none`.
     #[arg(long, value_name = "BACKEND")]
     pub net: Option<String>,
 
@@ -168,11 +169,56 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_usb: bool,
 
+    /// Host display of the guest's screen: `cocoa` (a window per display,
+    /// macOS only) or `none`.
+    #[arg(long, value_enum, default_value_t = DisplayKind::None, value_name = "UI")]
+    pub display: DisplayKind,
+
+    /// Display modes offered to the guest, comma-separated
+    /// WIDTHxHEIGHT@HZ, the first preferred [default:
+    /// 1920x1080@60,1440x1080@60,1280x1024@60].
+    #[arg(long, value_name = "LIST")]
+    pub display_modes: Option<String>,
+
     /// What a guest panic reported through pvpanic does: `exit` (stop with
     /// status 5), `pause` (keep the VM for inspection), `reset` or
     /// `continue` [default: exit, or the bundle's].
     #[arg(long, value_parser = parse_panic_policy, value_name = "POLICY")]
     pub on_panic: Option<PanicPolicy>,
+}
+
+/// Where the guest's screen is shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DisplayKind {
+    /// A Cocoa window per display, frames kept on the GPU (macOS).
+    Cocoa,
+    /// No window (screenshots still work once the device is wired).
+    None,
+}
+
+/// Checks `--display` and `--display-modes` against this host; the modes
+/// are validated on every host so a bad list fails the same everywhere.
+fn display_options(
+    display: DisplayKind,
+    modes: Option<&str>,
+) -> Result<Vec<apple_gfx::DisplayMode>, String> {
+    let modes = match modes {
+        Some(list) => apple_gfx::parse_mode_list(list, apple_gfx::ModeSyntax::Strict)
+            .map_err(|e| format!("--display-modes {list:?}: {e}"))?,
+        None => Vec::new(),
+    };
+    if display == DisplayKind::Cocoa {
+        if !cfg!(target_os = "macos") {
+            return Err(
+                "--display cocoa needs a macOS host (ParavirtualizedGraphics and AppKit); use --display none"
+                    .into(),
+            );
+        }
+        // The glue (crate apple-gfx-macos) exists, but the machine does not
+        // create the apple-gfx-mmio device yet (docs/macos.md).
+        return Err("--display cocoa: the apple-gfx display device is not wired into the machine yet (see docs/macos.md); use --display none".into());
+    }
+    Ok(modes)
 }
 
 fn parse_mac(text: &str) -> Result<[u8; 6], String> {
@@ -478,6 +524,7 @@ fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<Mach
 }
 
 pub fn run(args: RunArgs) -> Result<u8, String> {
+    let _modes = display_options(args.display, args.display_modes.as_deref())?;
     let opened = args.bundle.as_deref().map(open_bundle).transpose()?;
     let bundle = opened.as_ref().map(|o| &o.bundle);
     if let Some(b) = bundle {
@@ -542,6 +589,22 @@ mod tests {
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("99999999999T").is_err());
         assert!(parse_size("-1M").is_err());
+    }
+
+    #[test]
+    fn display_options_are_checked_on_every_host() {
+        let err = display_options(DisplayKind::None, Some("1920x")).unwrap_err();
+        assert!(err.starts_with("--display-modes \"1920x\": "), "{err}");
+        assert!(display_options(DisplayKind::None, Some("")).is_err());
+        let modes = display_options(DisplayKind::None, Some("1280x800@60,640x480@30")).unwrap();
+        assert_eq!(modes.len(), 2);
+        assert!(display_options(DisplayKind::None, None).unwrap().is_empty());
+        let err = display_options(DisplayKind::Cocoa, None).unwrap_err();
+        if cfg!(target_os = "macos") {
+            assert!(err.contains("not wired"), "{err}");
+        } else {
+            assert!(err.contains("needs a macOS host"), "{err}");
+        }
     }
 
     #[test]

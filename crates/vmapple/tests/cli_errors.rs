@@ -160,3 +160,38 @@ fn unknown_accelerator() {
         "--accel kvm: not available",
     );
 }
+
+#[test]
+fn bad_display_modes() {
+    assert_user_error(
+        &["run", "--display-modes", "1920x", "--serial", "none"],
+        "vmapple: error: --display-modes \"1920x\": display mode 1 \"1920x\": the height is missing",
+    );
+    assert_user_error(
+        &["run", "--display-modes", "1920x1080@60,1920x1080@60"],
+        "repeats mode 1",
+    );
+}
+
+#[cfg(not(target_os = "macos"))]
+#[test]
+fn macos_only_display_and_network_are_refused_elsewhere() {
+    assert_user_error(
+        &["run", "--display", "cocoa", "--serial", "none"],
+        "--display cocoa needs a macOS host",
+    );
+    let path = scratch("tiny-vmnet.bin");
+    std::fs::write(&path, [0u8; 4]).unwrap();
+    assert_user_error(
+        &[
+            "run",
+            "--firmware",
+            path.to_str().unwrap(),
+            "--net",
+            "vmnet",
+            "--serial",
+            "none",
+        ],
+        "--net vmnet needs a macOS host",
+    );
+}

@@ -27,13 +27,16 @@
 //! A [`NetBackend`] sends frames and hands over a [`NetReceiver`] once, so
 //! the transmit and receive directions never wait on each other:
 //! [`passt::PasstBackend`], [`unix::UnixStreamBackend`],
-//! [`unix::UnixDgramBackend`] and, on Linux, [`tap::TapBackend`].
+//! [`unix::UnixDgramBackend`], on Linux [`tap::TapBackend`] and on macOS
+//! `vmnet::VmnetBackend`.
 
 pub mod framing;
 pub mod passt;
 #[cfg(target_os = "linux")]
 pub mod tap;
 pub mod unix;
+#[cfg(target_os = "macos")]
+pub mod vmnet;
 
 use std::io;
 use std::os::fd::RawFd;
