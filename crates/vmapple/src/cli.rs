@@ -25,7 +25,9 @@ Exit status:
 #[derive(Parser, Debug)]
 #[command(name = "vmapple", version, about = "Run Apple's vmapple arm64 machine", after_help = EXIT_STATUS_HELP)]
 pub struct Cli {
-    /// Log filter, e.g. `info`, `debug`, `warn,guest=off` (overrides RUST_LOG).
+    /// Log filter, e.g. `info`, `debug`, `warn,guest=off` (overrides
+    /// RUST_LOG). The log goes to stderr and, when running a bundle, is
+    /// also appended to the bundle's vmapple.log.
     #[arg(long, global = true, value_name = "FILTER")]
     pub log: Option<String>,
 
@@ -167,6 +169,12 @@ pub struct RunArgs {
     /// (QEMU's -nodefaults).
     #[arg(long)]
     pub no_usb: bool,
+
+    /// Start with the vCPUs paused: nothing runs until `vmapple ctl VM
+    /// resume`, so a client can subscribe to events before the guest's
+    /// first instruction (QEMU's -S).
+    #[arg(long)]
+    pub paused: bool,
 
     /// What a guest panic reported through pvpanic does: `exit` (stop with
     /// status 5), `pause` (keep the VM for inspection), `reset` or
@@ -324,6 +332,12 @@ impl RunArgs {
     /// Rules clap's derive cannot express; a violation is a usage error.
     pub fn check(&self) -> Result<(), clap::Error> {
         use clap::CommandFactory;
+        if self.paused && self.control.is_none() && self.bundle.is_none() {
+            return Err(Cli::command().error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "--paused needs a control socket to resume from: run a bundle or give --control PATH",
+            ));
+        }
         if self.kernel.is_none() && (self.initrd.is_some() || self.append.is_some()) {
             return Err(Cli::command().error(
                 clap::error::ErrorKind::MissingRequiredArgument,
@@ -343,6 +357,7 @@ struct OpenBundle {
 fn open_bundle(spec: &std::path::Path) -> Result<OpenBundle, String> {
     let bundle = bundle::Bundle::open(spec).map_err(|e| e.to_string())?;
     let lock = bundle.lock().map_err(|e| e.to_string())?;
+    crate::logging::log_to_file(&bundle.log_path())?;
     Ok(OpenBundle {
         bundle,
         _lock: lock,
@@ -481,13 +496,20 @@ pub fn run(args: RunArgs) -> Result<u8, String> {
     let opened = args.bundle.as_deref().map(open_bundle).transpose()?;
     let bundle = opened.as_ref().map(|o| &o.bundle);
     if let Some(b) = bundle {
-        tracing::info!("running bundle {} ({})", b.name(), b.dir().display());
+        tracing::info!(
+            "vmapple {} (pid {}) running bundle {} ({})",
+            env!("CARGO_PKG_VERSION"),
+            std::process::id(),
+            b.name(),
+            b.dir().display()
+        );
     }
     let control_path = args
         .control
         .clone()
         .or_else(|| bundle.map(|b| b.control_socket_path()));
     let accel = args.accel.clone();
+    let start_paused = args.paused;
     let config = machine_config(args, bundle)?;
     let mut machine = Machine::new(config).map_err(|e| e.to_string())?;
     let signals = crate::signals::forward_to(machine.handle()).map_err(|e| e.to_string())?;
@@ -503,6 +525,9 @@ pub fn run(args: RunArgs) -> Result<u8, String> {
         })
         .transpose()?;
     let mut vm = create_vm(&machine, &accel)?;
+    if start_paused {
+        machine.handle().pause();
+    }
     let outcome = machine.run(vm.as_mut()).map_err(|e| e.to_string());
     drop(control);
     drop(signals);

@@ -149,13 +149,32 @@ pub struct CtlArgs {
     pub command: Vec<String>,
 }
 
-fn socket_of(vm: &Path) -> Result<PathBuf, String> {
+/// The control socket of `vm`, and the bundle's name when `vm` is a
+/// bundle.
+fn socket_of(vm: &Path) -> Result<(PathBuf, Option<String>), String> {
     use std::os::unix::fs::FileTypeExt;
     if std::fs::metadata(vm).is_ok_and(|m| m.file_type().is_socket()) {
-        return Ok(vm.to_path_buf());
+        return Ok((vm.to_path_buf(), None));
     }
     let bundle = bundle::Bundle::open(vm).map_err(|e| e.to_string())?;
-    Ok(bundle.control_socket_path())
+    Ok((bundle.control_socket_path(), Some(bundle.name())))
+}
+
+/// Connecting failed: for a bundle whose socket is missing or dead, the
+/// VM is simply not running, which is what the user needs to hear.
+fn connect_error(e: bundle::control::ClientError, bundle: Option<&str>) -> String {
+    use std::io::ErrorKind;
+    match (&e, bundle) {
+        (bundle::control::ClientError::Io { source, .. }, Some(name))
+            if matches!(
+                source.kind(),
+                ErrorKind::NotFound | ErrorKind::ConnectionRefused
+            ) =>
+        {
+            format!("bundle {name} is not running (start it with `vmapple run {name}`)")
+        }
+        _ => e.to_string(),
+    }
 }
 
 /// Builds the request line from `vmapple ctl`'s words; the VM validates it
@@ -187,10 +206,11 @@ fn request_from_words(words: &[String]) -> Result<String, String> {
 }
 
 pub fn ctl(args: CtlArgs) -> Result<u8, String> {
-    let socket = socket_of(&args.vm)?;
+    let (socket, bundle) = socket_of(&args.vm)?;
     let line = request_from_words(&args.command)?;
     let request = bundle::control::parse_request(line.as_bytes()).map_err(|e| e.to_string())?;
-    let mut client = bundle::control::Client::connect(&socket).map_err(|e| e.to_string())?;
+    let mut client = bundle::control::Client::connect(&socket)
+        .map_err(|e| connect_error(e, bundle.as_deref()))?;
     let response = client.call(&request).map_err(|e| e.to_string())?;
     print!("{}", response.to_line());
     if !response.is_ok() {
