@@ -483,10 +483,13 @@ fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<Mach
     let net = args
         .net
         .or_else(|| config.and_then(|c| net_from_bundle(&c.network)));
-    let mac = args.mac.or(config.and_then(|c| c.mac.map(|m| m.0)));
-    if mac.is_some() && net.as_deref() == Some("none") {
+    // Only a MAC given here conflicts with no network: the bundle's is for
+    // runs that have one, and `--net none` for one run must not need an
+    // edit of config.toml.
+    if args.mac.is_some() && net.as_deref() == Some("none") {
         return Err("--mac needs a network: it conflicts with --net none".into());
     }
+    let mac = args.mac.or(config.and_then(|c| c.mac.map(|m| m.0)));
     machine.nics = nics(net.as_deref(), mac)?;
     machine.usb = !args.no_usb;
     Ok(machine)
@@ -555,6 +558,39 @@ pub fn run(args: RunArgs) -> Result<u8, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn run_args(words: &[&str]) -> RunArgs {
+        let cli = Cli::try_parse_from(["vmapple", "run"].iter().chain(words)).unwrap();
+        match cli.command {
+            Command::Run(args) => *args,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn net_none_for_one_run_overrides_a_bundle_with_a_mac() {
+        let home = tempfile::tempdir().unwrap();
+        let dir = home.path().join("m.vmapple");
+        let b = bundle::Bundle::create(
+            &dir,
+            bundle::CreateOptions {
+                ecid: Some(7),
+                root_size: 4096,
+                mac: Some("52:54:00:00:00:01".parse().unwrap()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let config =
+            machine_config(run_args(&["--firmware", "f", "--net", "none"]), Some(&b)).unwrap();
+        assert!(config.nics.is_empty());
+        let e = machine_config(
+            run_args(&["--firmware", "f", "--net", "none", "--mac", "52:54:00:00:00:02"]),
+            Some(&b),
+        )
+        .unwrap_err();
+        assert!(e.contains("--mac needs a network"), "{e}");
+    }
 
     #[test]
     fn sizes() {

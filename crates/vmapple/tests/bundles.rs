@@ -255,7 +255,7 @@ fn create_makes_a_listed_bundle_with_what_was_asked_and_sparse_disks() {
         "cpus = 3",
         "memory = \"768M\"",
         "network = \"none\"",
-        "ecid = \"0x1122334455667788\"",
+        "ecid = \"1234605616436508552\"",
     ] {
         assert!(
             config.lines().any(|l| l.trim() == want),
@@ -293,7 +293,8 @@ fn ctl_on_a_bundle_that_is_not_running_says_so() {
     let out = home.run(&["ctl", "idle", "status"]);
     assert_user_error(&out, "is not running");
     let out = home.run(&["ctl", "nosuchvm", "status"]);
-    assert_user_error(&out, "nosuchvm");
+    assert_user_error(&out, "no bundle at");
+    assert!(text(&out.stderr).contains("nosuchvm.vmapple"));
 }
 
 /// One boot of the Linux guest from a bundle, driven the way a user would:
