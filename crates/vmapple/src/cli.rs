@@ -585,7 +585,14 @@ mod tests {
             machine_config(run_args(&["--firmware", "f", "--net", "none"]), Some(&b)).unwrap();
         assert!(config.nics.is_empty());
         let e = machine_config(
-            run_args(&["--firmware", "f", "--net", "none", "--mac", "52:54:00:00:00:02"]),
+            run_args(&[
+                "--firmware",
+                "f",
+                "--net",
+                "none",
+                "--mac",
+                "52:54:00:00:00:02",
+            ]),
             Some(&b),
         )
         .unwrap_err();

@@ -545,7 +545,11 @@ fn base64(data: &[u8]) -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -604,7 +608,10 @@ fn boot_rom_checks_pass(home: &Home, name: &str) {
         "{console}"
     );
     for check in ["cfg-nr-cpus", "cfg-ecid", "cfg-ram-size", "bdif-root-read"] {
-        assert!(console.contains(&format!("PASS {check}")), "{check}: {console}");
+        assert!(
+            console.contains(&format!("PASS {check}")),
+            "{check}: {console}"
+        );
     }
     assert!(console.contains("ALL CHECKS PASSED"), "{console}");
 }
@@ -649,10 +656,7 @@ fn a_tart_vm_imports_with_its_cpus_memory_identity_and_disks() {
     ] {
         assert!(stderr.contains(want), "{want} in:\n{stderr}");
     }
-    assert_eq!(
-        home.ok(&["identity", "fromtart"]).trim(),
-        ECID.to_string()
-    );
+    assert_eq!(home.ok(&["identity", "fromtart"]).trim(), ECID.to_string());
     let config = std::fs::read_to_string(home.bundle("fromtart").join("config.toml")).unwrap();
     assert!(config.contains("mac = \"7a:65:e4:3c:2b:01\""), "{config}");
     assert!(config.contains("1024x768"), "{config}");
