@@ -697,7 +697,7 @@ mod tests {
     fn open_errors() {
         let home = tempfile::tempdir().unwrap();
         let e = Bundle::open_in(home.path(), Path::new("nope")).unwrap_err();
-        assert!(matches!(e, BundleError::Io { .. }), "{e}");
+        assert!(matches!(e, BundleError::NotFound { .. }), "{e}");
         fs::create_dir(home.path().join("empty.vmapple")).unwrap();
         let e = Bundle::open_in(home.path(), Path::new("empty")).unwrap_err();
         assert!(e.to_string().contains("not a vmapple bundle"), "{e}");
