@@ -332,12 +332,6 @@ impl RunArgs {
     /// Rules clap's derive cannot express; a violation is a usage error.
     pub fn check(&self) -> Result<(), clap::Error> {
         use clap::CommandFactory;
-        if self.bundle.is_none() && self.firmware.is_none() && self.kernel.is_none() {
-            return Err(Cli::command().error(
-                clap::error::ErrorKind::MissingRequiredArgument,
-                "nothing to boot: give a bundle, --firmware FILE or --kernel FILE",
-            ));
-        }
         if self.paused && self.control.is_none() && self.bundle.is_none() {
             return Err(Cli::command().error(
                 clap::error::ErrorKind::MissingRequiredArgument,

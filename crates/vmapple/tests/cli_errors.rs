@@ -126,8 +126,7 @@ fn kernel_that_is_not_an_image() {
 #[test]
 fn syntax_errors_exit_2() {
     for args in [
-        &["run"][..],
-        &["run", "--firmware", "a", "--kernel", "b"],
+        &["run", "--firmware", "a", "--kernel", "b"][..],
         &["run", "--firmware", "a", "--memory", "12Q"],
         &["run", "--firmware", "a", "--serial", "telnet:1234"],
         &["run", "--firmware", "a", "--initrd", "x"],
@@ -136,6 +135,12 @@ fn syntax_errors_exit_2() {
         assert_eq!(run.code, 2, "{args:?}: {}", run.stderr);
         assert!(!run.stderr.contains("panicked"));
     }
+}
+
+#[test]
+fn run_without_anything_to_boot() {
+    // Not a syntax error: a bundle could have supplied what to boot.
+    assert_user_error(&["run"], "nothing to boot");
 }
 
 #[test]
