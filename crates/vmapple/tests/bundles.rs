@@ -297,6 +297,23 @@ fn ctl_on_a_bundle_that_is_not_running_says_so() {
     assert!(text(&out.stderr).contains("nosuchvm.vmapple"));
 }
 
+#[test]
+fn a_run_that_fails_leaves_its_reason_in_the_bundle_log() {
+    let home = Home::new();
+    create_small(&home, "broken");
+    let out = home.run(&["run", "broken", "--kernel", "/nonexistent/Image"]);
+    assert_user_error(&out, "/nonexistent/Image");
+    let log = std::fs::read_to_string(home.bundle("broken").join("vmapple.log")).unwrap();
+    assert!(log.contains("running bundle broken"), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("/nonexistent/Image")),
+        "{log}"
+    );
+    // The error is on stderr once, not once per sink.
+    assert_eq!(text(&out.stderr).matches("/nonexistent/Image").count(), 1);
+}
+
 /// One boot of the Linux guest from a bundle, driven the way a user would:
 /// control socket (status, pause, resume, hostile input, powerdown), a
 /// second `run` of the same bundle, an event follower, the log file.
