@@ -48,6 +48,8 @@ pub enum BundleError {
     Exists { path: PathBuf },
     #[error("{} is not a vmapple bundle (no {CONFIG_FILE})", path.display())]
     NotABundle { path: PathBuf },
+    #[error("no bundle at {} (`vmapple list` shows the bundles there are)", path.display())]
+    NotFound { path: PathBuf },
     #[error("{name:?} is not a valid bundle name (letters, digits, '.', '_', '-'; not starting with '.')")]
     BadName { name: String },
     #[error("no bundle home: set VMAPPLE_HOME, XDG_DATA_HOME or HOME")]
@@ -333,9 +335,8 @@ impl Bundle {
         let config_path = dir.join(CONFIG_FILE);
         if !config_path.is_file() {
             if !dir.exists() {
-                return Err(BundleError::Io {
+                return Err(BundleError::NotFound {
                     path: dir.to_path_buf(),
-                    source: std::io::Error::from(std::io::ErrorKind::NotFound),
                 });
             }
             return Err(BundleError::NotABundle {
@@ -584,6 +585,21 @@ mod tests {
     }
 
     #[test]
+    fn opening_a_missing_bundle_says_there_is_none() {
+        let home = tempfile::tempdir().unwrap();
+        let e = Bundle::open_in(home.path(), Path::new("ghost"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("no bundle at "), "{e}");
+        assert!(e.contains("ghost.vmapple"), "{e}");
+        fs::create_dir(home.path().join("empty.vmapple")).unwrap();
+        let e = Bundle::open_in(home.path(), Path::new("empty"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is not a vmapple bundle"), "{e}");
+    }
+
+    #[test]
     fn create_refuses_to_overwrite() {
         let home = tempfile::tempdir().unwrap();
         let dir = home.path().join("a.vmapple");
@@ -681,7 +697,7 @@ mod tests {
     fn open_errors() {
         let home = tempfile::tempdir().unwrap();
         let e = Bundle::open_in(home.path(), Path::new("nope")).unwrap_err();
-        assert!(matches!(e, BundleError::Io { .. }), "{e}");
+        assert!(matches!(e, BundleError::NotFound { .. }), "{e}");
         fs::create_dir(home.path().join("empty.vmapple")).unwrap();
         let e = Bundle::open_in(home.path(), Path::new("empty")).unwrap_err();
         assert!(e.to_string().contains("not a vmapple bundle"), "{e}");

@@ -62,8 +62,8 @@ pub struct DeleteArgs {
 
 #[derive(Args, Debug)]
 pub struct IdentityArgs {
-    /// A bundle, Tart VM, macosvm JSON, Virtualization.framework bundle or
-    /// MachineIdentifier plist.
+    /// A bundle (name or path), Tart VM, macosvm JSON,
+    /// Virtualization.framework bundle or MachineIdentifier plist.
     #[arg(value_name = "PATH")]
     pub path: PathBuf,
 }
@@ -168,7 +168,15 @@ pub fn delete(args: DeleteArgs) -> Result<u8, String> {
 }
 
 pub fn identity(args: IdentityArgs) -> Result<u8, String> {
-    let ecid = bundle::identity::ecid_from_path(&args.path).map_err(|e| e.to_string())?;
+    // A file of that name here (say `MachineIdentifier`) wins; otherwise a
+    // bare name is a bundle in the bundles home, as for `run` and `ctl`.
+    let path = if args.path.exists() {
+        args.path
+    } else {
+        let home = bundle::bundles_home().map_err(|e| e.to_string())?;
+        bundle::bundle::resolve_in(&home, &args.path).unwrap_or(args.path)
+    };
+    let ecid = bundle::identity::ecid_from_path(&path).map_err(|e| e.to_string())?;
     println!("{ecid}");
     Ok(status::POWERED_OFF)
 }

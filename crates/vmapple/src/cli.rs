@@ -25,7 +25,9 @@ Exit status:
 #[derive(Parser, Debug)]
 #[command(name = "vmapple", version, about = "Run Apple's vmapple arm64 machine", after_help = EXIT_STATUS_HELP)]
 pub struct Cli {
-    /// Log filter, e.g. `info`, `debug`, `warn,guest=off` (overrides RUST_LOG).
+    /// Log filter, e.g. `info`, `debug`, `warn,guest=off` (overrides
+    /// RUST_LOG). The log goes to stderr and, when running a bundle, is
+    /// also appended to the bundle's vmapple.log.
     #[arg(long, global = true, value_name = "FILTER")]
     pub log: Option<String>,
 
@@ -179,6 +181,12 @@ pub struct RunArgs {
     /// 1920x1080@60,1440x1080@60,1280x1024@60].
     #[arg(long, value_name = "LIST")]
     pub display_modes: Option<String>,
+
+    /// Start with the vCPUs paused: nothing runs until `vmapple ctl VM
+    /// resume`, so a client can subscribe to events before the guest's
+    /// first instruction (QEMU's -S).
+    #[arg(long)]
+    pub paused: bool,
 
     /// What a guest panic reported through pvpanic does: `exit` (stop with
     /// status 5), `pause` (keep the VM for inspection), `reset` or
@@ -370,6 +378,12 @@ impl RunArgs {
     /// Rules clap's derive cannot express; a violation is a usage error.
     pub fn check(&self) -> Result<(), clap::Error> {
         use clap::CommandFactory;
+        if self.paused && self.control.is_none() && self.bundle.is_none() {
+            return Err(Cli::command().error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "--paused needs a control socket to resume from: run a bundle or give --control PATH",
+            ));
+        }
         if self.kernel.is_none() && (self.initrd.is_some() || self.append.is_some()) {
             return Err(Cli::command().error(
                 clap::error::ErrorKind::MissingRequiredArgument,
@@ -389,6 +403,7 @@ struct OpenBundle {
 fn open_bundle(spec: &std::path::Path) -> Result<OpenBundle, String> {
     let bundle = bundle::Bundle::open(spec).map_err(|e| e.to_string())?;
     let lock = bundle.lock().map_err(|e| e.to_string())?;
+    crate::logging::log_to_file(&bundle.log_path())?;
     Ok(OpenBundle {
         bundle,
         _lock: lock,
@@ -514,10 +529,13 @@ fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<Mach
     let net = args
         .net
         .or_else(|| config.and_then(|c| net_from_bundle(&c.network)));
-    let mac = args.mac.or(config.and_then(|c| c.mac.map(|m| m.0)));
-    if mac.is_some() && net.as_deref() == Some("none") {
+    // Only a MAC given here conflicts with no network: the bundle's is for
+    // runs that have one, and `--net none` for one run must not need an
+    // edit of config.toml.
+    if args.mac.is_some() && net.as_deref() == Some("none") {
         return Err("--mac needs a network: it conflicts with --net none".into());
     }
+    let mac = args.mac.or(config.and_then(|c| c.mac.map(|m| m.0)));
     machine.nics = nics(net.as_deref(), mac)?;
     machine.usb = !args.no_usb;
     Ok(machine)
@@ -528,13 +546,20 @@ pub fn run(args: RunArgs) -> Result<u8, String> {
     let opened = args.bundle.as_deref().map(open_bundle).transpose()?;
     let bundle = opened.as_ref().map(|o| &o.bundle);
     if let Some(b) = bundle {
-        tracing::info!("running bundle {} ({})", b.name(), b.dir().display());
+        tracing::info!(
+            "vmapple {} (pid {}) running bundle {} ({})",
+            env!("CARGO_PKG_VERSION"),
+            std::process::id(),
+            b.name(),
+            b.dir().display()
+        );
     }
     let control_path = args
         .control
         .clone()
         .or_else(|| bundle.map(|b| b.control_socket_path()));
     let accel = args.accel.clone();
+    let start_paused = args.paused;
     let config = machine_config(args, bundle)?;
     let mut machine = Machine::new(config).map_err(|e| e.to_string())?;
     let signals = crate::signals::forward_to(machine.handle()).map_err(|e| e.to_string())?;
@@ -550,6 +575,9 @@ pub fn run(args: RunArgs) -> Result<u8, String> {
         })
         .transpose()?;
     let mut vm = create_vm(&machine, &accel)?;
+    if start_paused {
+        machine.handle().pause();
+    }
     let outcome = machine.run(vm.as_mut()).map_err(|e| e.to_string());
     drop(control);
     drop(signals);
@@ -577,6 +605,46 @@ pub fn run(args: RunArgs) -> Result<u8, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn run_args(words: &[&str]) -> RunArgs {
+        let cli = Cli::try_parse_from(["vmapple", "run"].iter().chain(words)).unwrap();
+        match cli.command {
+            Command::Run(args) => *args,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn net_none_for_one_run_overrides_a_bundle_with_a_mac() {
+        let home = tempfile::tempdir().unwrap();
+        let dir = home.path().join("m.vmapple");
+        let b = bundle::Bundle::create(
+            &dir,
+            bundle::CreateOptions {
+                ecid: Some(7),
+                root_size: 4096,
+                mac: Some("52:54:00:00:00:01".parse().unwrap()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let config =
+            machine_config(run_args(&["--firmware", "f", "--net", "none"]), Some(&b)).unwrap();
+        assert!(config.nics.is_empty());
+        let e = machine_config(
+            run_args(&[
+                "--firmware",
+                "f",
+                "--net",
+                "none",
+                "--mac",
+                "52:54:00:00:00:02",
+            ]),
+            Some(&b),
+        )
+        .unwrap_err();
+        assert!(e.contains("--mac needs a network"), "{e}");
+    }
 
     #[test]
     fn sizes() {

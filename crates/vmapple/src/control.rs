@@ -3,7 +3,10 @@
 //! command-line client.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bundle::control::{
     Button, ControlHandler, ControlServer, ErrorClass, Event, EventKind, Request, Response,
@@ -85,9 +88,45 @@ fn no_input() -> Response {
 }
 
 /// The control socket and the thread forwarding machine events to it.
+/// Dropping it delivers the events already published (the run's last one,
+/// `powered-off`, included), then closes the socket and removes its file,
+/// before the process goes on to exit.
 pub struct Control {
-    _server: Arc<ControlServer>,
-    _events: std::thread::JoinHandle<()>,
+    server: Option<Arc<ControlServer>>,
+    done: Arc<AtomicBool>,
+    events: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Release);
+        if let Some(thread) = self.events.take() {
+            let _ = thread.join();
+        }
+        // The thread's clone is gone, so this is the last reference: the
+        // server shuts down here, not at some point after exit began.
+        self.server.take();
+    }
+}
+
+fn event_line(event: MachineEvent) -> Option<Event> {
+    let kind = match event {
+        MachineEvent::GuestPanicked { .. } => EventKind::GuestPanicked,
+        MachineEvent::GuestCrashLoaded => EventKind::CrashLoaded,
+        MachineEvent::Paused => EventKind::Paused,
+        MachineEvent::Resumed => EventKind::Resumed,
+        MachineEvent::Reset => EventKind::Reset,
+        MachineEvent::Stopped { .. } => EventKind::PoweredOff,
+        MachineEvent::PowerButton => return None,
+    };
+    let mut e = Event::now(kind);
+    if let MachineEvent::GuestPanicked { action } = event {
+        e.data = Some(serde_json::json!({ "action": action }));
+    }
+    if let MachineEvent::Stopped { reason } = event {
+        e.data = Some(serde_json::json!({ "reason": reason }));
+    }
+    Some(e)
 }
 
 /// Serves the control socket at `path` until the returned value drops.
@@ -104,34 +143,28 @@ pub fn serve(
     );
     tracing::info!("control socket at {}", path.display());
     let forward = server.clone();
+    let done = Arc::new(AtomicBool::new(false));
+    let finished = done.clone();
     let thread = std::thread::Builder::new()
         .name("control-events".into())
-        .spawn(move || {
-            // Ends when the machine drops its event bus (the run is over).
-            for event in events {
-                let kind = match event {
-                    MachineEvent::GuestPanicked { .. } => EventKind::GuestPanicked,
-                    MachineEvent::GuestCrashLoaded => EventKind::CrashLoaded,
-                    MachineEvent::Paused => EventKind::Paused,
-                    MachineEvent::Resumed => EventKind::Resumed,
-                    MachineEvent::Reset => EventKind::Reset,
-                    MachineEvent::Stopped { .. } => EventKind::PoweredOff,
-                    MachineEvent::PowerButton => continue,
-                };
-                let mut e = Event::now(kind);
-                if let MachineEvent::GuestPanicked { action } = event {
-                    e.data = Some(serde_json::json!({ "action": action }));
+        .spawn(move || loop {
+            // The machine's event bus outlives the run, so the channel
+            // does not disconnect when the VM stops: poll for the drop.
+            match events.recv_timeout(Duration::from_millis(50)) {
+                Ok(event) => {
+                    if let Some(e) = event_line(event) {
+                        forward.broadcast(&e);
+                    }
                 }
-                if let MachineEvent::Stopped { reason } = event {
-                    e.data = Some(serde_json::json!({ "reason": reason }));
-                }
-                forward.broadcast(&e);
+                Err(RecvTimeoutError::Timeout) if !finished.load(Ordering::Acquire) => {}
+                Err(_) => break,
             }
         })
         .map_err(|e| format!("cannot start the control thread: {e}"))?;
     Ok(Control {
-        _server: server,
-        _events: thread,
+        server: Some(server),
+        done,
+        events: Some(thread),
     })
 }
 
@@ -149,13 +182,32 @@ pub struct CtlArgs {
     pub command: Vec<String>,
 }
 
-fn socket_of(vm: &Path) -> Result<PathBuf, String> {
+/// The control socket of `vm`, and the bundle's name when `vm` is a
+/// bundle.
+fn socket_of(vm: &Path) -> Result<(PathBuf, Option<String>), String> {
     use std::os::unix::fs::FileTypeExt;
     if std::fs::metadata(vm).is_ok_and(|m| m.file_type().is_socket()) {
-        return Ok(vm.to_path_buf());
+        return Ok((vm.to_path_buf(), None));
     }
     let bundle = bundle::Bundle::open(vm).map_err(|e| e.to_string())?;
-    Ok(bundle.control_socket_path())
+    Ok((bundle.control_socket_path(), Some(bundle.name())))
+}
+
+/// Connecting failed: for a bundle whose socket is missing or dead, the
+/// VM is simply not running, which is what the user needs to hear.
+fn connect_error(e: bundle::control::ClientError, bundle: Option<&str>) -> String {
+    use std::io::ErrorKind;
+    match (&e, bundle) {
+        (bundle::control::ClientError::Io { source, .. }, Some(name))
+            if matches!(
+                source.kind(),
+                ErrorKind::NotFound | ErrorKind::ConnectionRefused
+            ) =>
+        {
+            format!("bundle {name} is not running (start it with `vmapple run {name}`)")
+        }
+        _ => e.to_string(),
+    }
 }
 
 /// Builds the request line from `vmapple ctl`'s words; the VM validates it
@@ -187,10 +239,11 @@ fn request_from_words(words: &[String]) -> Result<String, String> {
 }
 
 pub fn ctl(args: CtlArgs) -> Result<u8, String> {
-    let socket = socket_of(&args.vm)?;
+    let (socket, bundle) = socket_of(&args.vm)?;
     let line = request_from_words(&args.command)?;
     let request = bundle::control::parse_request(line.as_bytes()).map_err(|e| e.to_string())?;
-    let mut client = bundle::control::Client::connect(&socket).map_err(|e| e.to_string())?;
+    let mut client = bundle::control::Client::connect(&socket)
+        .map_err(|e| connect_error(e, bundle.as_deref()))?;
     let response = client.call(&request).map_err(|e| e.to_string())?;
     print!("{}", response.to_line());
     if !response.is_ok() {

@@ -10,6 +10,7 @@ mod bundles;
 mod cli;
 mod control;
 mod input;
+mod logging;
 mod signals;
 
 use std::process::ExitCode;
@@ -28,21 +29,6 @@ pub mod status {
     pub const HOST_STOPPED: u8 = 6;
 }
 
-fn init_logging(level: Option<&str>) -> Result<(), String> {
-    use tracing_subscriber::EnvFilter;
-    let filter = match level {
-        Some(directives) => EnvFilter::try_new(directives)
-            .map_err(|e| format!("--log {directives:?} is not a valid log filter: {e}"))?,
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
-    Ok(())
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Run(args) = &cli.command {
@@ -50,7 +36,7 @@ fn main() -> ExitCode {
             e.exit();
         }
     }
-    if let Err(message) = init_logging(cli.log.as_deref()) {
+    if let Err(message) = logging::init(cli.log.as_deref()) {
         eprintln!("vmapple: error: {message}");
         return ExitCode::from(status::HOST_ERROR);
     }
@@ -66,6 +52,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(message) => {
+            logging::file_only_error(&message);
             eprintln!("vmapple: error: {message}");
             ExitCode::from(status::HOST_ERROR)
         }

@@ -1,0 +1,99 @@
+//! Logging: to stderr always and, while a bundle runs, to the bundle's
+//! `vmapple.log` as well, so a VM started in the background leaves a
+//! record of what happened to it.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Mutex, OnceLock};
+
+use tracing_subscriber::filter::{filter_fn, EnvFilter};
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::prelude::*;
+
+/// Events with this target go to the log file only: the message is
+/// already on stderr in another form (see [`file_only_error`]).
+const FILE_ONLY: &str = "vmapple::file_only";
+
+static LOG_FILE: OnceLock<Mutex<File>> = OnceLock::new();
+
+/// Writes to the bundle log once [`log_to_file`] has opened it, and
+/// nowhere before: the subscriber is set up before the bundle is known
+/// (and locked), and only the process holding the lock may write there.
+struct BundleLog;
+
+impl Write for BundleLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match LOG_FILE.get() {
+            Some(file) => file.lock().unwrap_or_else(|e| e.into_inner()).write(buf),
+            None => Ok(buf.len()),
+        }
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        match LOG_FILE.get() {
+            // One write_all per event under the lock: lines of different
+            // threads never interleave.
+            Some(file) => file
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write_all(buf),
+            None => Ok(()),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for BundleLog {
+    type Writer = BundleLog;
+    fn make_writer(&'a self) -> BundleLog {
+        BundleLog
+    }
+}
+
+/// Installs the subscriber: `--log` if given, else `RUST_LOG`, else
+/// `info`.
+pub fn init(level: Option<&str>) -> Result<(), String> {
+    let filter = match level {
+        Some(directives) => EnvFilter::try_new(directives)
+            .map_err(|e| format!("--log {directives:?} is not a valid log filter: {e}"))?,
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let stderr = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_filter(filter_fn(|meta| meta.target() != FILE_ONLY));
+    let file = tracing_subscriber::fmt::layer()
+        .with_writer(BundleLog)
+        .with_ansi(false)
+        .with_target(false);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(stderr)
+        .with(file)
+        .init();
+    Ok(())
+}
+
+/// From now on, log to `path` too (appending: earlier runs stay).
+pub fn log_to_file(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("log file {}: {e}", path.display()))?;
+    LOG_FILE
+        .set(Mutex::new(file))
+        .map_err(|_| "the log file is already open".to_string())
+}
+
+/// Records an error that is reported on stderr by other means in the log
+/// file (if one is open), so the log tells why a run ended.
+pub fn file_only_error(message: &str) {
+    tracing::error!(target: FILE_ONLY, "{message}");
+}
