@@ -37,6 +37,9 @@ def qemu(accel, smp):
         "qemu-system-aarch64", "-M", "virt,gic-version=3,virtualization=off,secure=off",
         "-cpu", QEMU_CPU, "-accel", accel, "-smp", str(smp), "-m", "512M",
         "-nographic", "-no-reboot",
+        # No NIC: QEMU's default one wants an option ROM (Debian's ipxe-qemu),
+        # and vmapple's bench runs have none either.
+        "-nic", "none",
     ]
 
 
@@ -113,7 +116,7 @@ def blk_suite(runs):
                "--no-usb", "--net", "none", "--kernel", str(LINUX / "Image"),
                "--initrd", initrd, "--append", append, "--disk", str(image)]
     peer = qemu("tcg", 2) + [
-        "-kernel", str(LINUX / "Image"), "-initrd", initrd, "-append", append, "-nic", "none",
+        "-kernel", str(LINUX / "Image"), "-initrd", initrd, "-append", append,
         "-drive", f"file={image},format=raw,if=none,id=bench",
         "-device", "virtio-blk-pci,drive=bench"]
     results = {"vmapple": bench_blk(vmapple, runs), "qemu-mttcg": bench_blk(peer, runs)}
