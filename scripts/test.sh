@@ -1,6 +1,7 @@
 #!/bin/sh
 # Runs vmapple's whole test suite: formatting and lint gates, unit tests,
-# device tests, and the guest tests that boot the aarch64 test firmware
+# device tests, a type-check of the macOS-only code for aarch64-apple-darwin,
+# and the guest tests that boot the aarch64 test firmware
 # and Debian's arm64 Linux on the software CPU. Prepares what it needs
 # first (scripts/setup.sh).
 #
@@ -12,4 +13,7 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 # The binary must also build without the GPL software CPU.
 cargo clippy -p vmapple --no-default-features -- -D warnings
+# The macOS-only crates and modules, type-checked and linted for
+# aarch64-apple-darwin (no SDK needed; adds the Rust target if missing).
+scripts/check-macos.sh
 cargo test --workspace "$@"
