@@ -633,6 +633,50 @@ fn boot_rom_checks_pass(home: &Home, name: &str) {
     assert!(console.contains("ALL CHECKS PASSED"), "{console}");
 }
 
+/// `vmapple identity` prints the ECID in decimal, as uuid.sh's
+/// `plutil -extract ECID raw` does, from a MachineIdentifier plist file,
+/// from a Virtualization.framework bundle holding one, and from a macosvm
+/// JSON carrying it base64-encoded.
+#[test]
+fn identity_prints_the_ecid_of_a_machine_identifier() {
+    let home = Home::new();
+    let dir = tempfile::tempdir().unwrap();
+    let plist = dir.path().join("MachineIdentifier.plist");
+    std::fs::write(&plist, machine_identifier(ECID)).unwrap();
+    assert_eq!(
+        home.ok(&["identity", plist.to_str().unwrap()]).trim(),
+        "1234605616436508552"
+    );
+
+    let vz = dir.path().join("VM.bundle");
+    std::fs::create_dir(&vz).unwrap();
+    std::fs::write(
+        vz.join("MachineIdentifier"),
+        machine_identifier(i64::MAX as u64),
+    )
+    .unwrap();
+    assert_eq!(
+        home.ok(&["identity", vz.to_str().unwrap()]).trim(),
+        "9223372036854775807"
+    );
+
+    let macosvm = dir.path().join("vm.json");
+    let json = serde_json::json!({ "machineId": base64(&machine_identifier(7)) });
+    std::fs::write(&macosvm, json.to_string()).unwrap();
+    assert_eq!(
+        home.ok(&["identity", macosvm.to_str().unwrap()]).trim(),
+        "7"
+    );
+
+    let broken = dir.path().join("broken.plist");
+    std::fs::write(&broken, b"bplist00 truncated").unwrap();
+    let out = home.run(&["identity", broken.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("broken.plist"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 #[test]
 fn a_tart_vm_imports_with_its_cpus_memory_identity_and_disks() {
     let home = Home::new();
