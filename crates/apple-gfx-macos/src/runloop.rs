@@ -83,6 +83,12 @@ pub struct AppKitLoop {
 const DEFAULT_POINTS: (f64, f64) = (1024.0, 640.0);
 
 impl AppKitLoop {
+    /// [`Self::new`] if called on the main thread, else `None`; spares
+    /// callers a dependency on objc2 for the marker.
+    pub fn on_main_thread(fw: &MacFramework) -> Option<Self> {
+        MainThreadMarker::new().map(|mtm| Self::new(mtm, fw))
+    }
+
     /// Creates the application and a window for every display of `fw`.
     pub fn new(mtm: MainThreadMarker, fw: &MacFramework) -> Self {
         let app = NSApplication::sharedApplication(mtm);
