@@ -187,12 +187,13 @@ impl Modifiers {
 }
 
 /// The tablet position of a point in a view `width` × `height` (AppKit's
-/// coordinates: origin bottom left); `None` outside the view or for an
-/// empty one.
+/// coordinates: origin bottom left), clamped to the view's edges so a drag
+/// that leaves the window still ends with its button release; `None` for
+/// an empty view or a coordinate that is not a number.
 pub fn tablet_position(x: f64, y: f64, width: f64, height: f64) -> Option<(u16, u16)> {
-    // NaN fails every comparison, so it is refused here too.
-    if !(width > 0.0 && height > 0.0 && (0.0..=width).contains(&x) && (0.0..=height).contains(&y))
-    {
+    // Written so that a NaN size fails too.
+    let usable = width > 0.0 && height > 0.0 && !x.is_nan() && !y.is_nan();
+    if !usable {
         return None;
     }
     let scale = |v: f64| (v * 32767.0).round().clamp(0.0, 32767.0) as u16;
@@ -266,10 +267,14 @@ mod tests {
             tablet_position(100.0, 50.0, 200.0, 100.0),
             Some((16384, 16384))
         );
-        assert_eq!(tablet_position(-1.0, 5.0, 200.0, 100.0), None);
-        assert_eq!(tablet_position(5.0, 101.0, 200.0, 100.0), None);
+        assert_eq!(tablet_position(-1.0, 5.0, 200.0, 100.0), Some((0, 31129)));
+        assert_eq!(
+            tablet_position(500.0, 101.0, 200.0, 100.0),
+            Some((32767, 0))
+        );
         assert_eq!(tablet_position(0.0, 0.0, 0.0, 100.0), None);
         assert_eq!(tablet_position(f64::NAN, 0.0, 10.0, 10.0), None);
+        assert_eq!(tablet_position(1.0, 1.0, f64::NAN, 10.0), None);
         assert_eq!(buttons(0b1011), 0b011);
     }
 }

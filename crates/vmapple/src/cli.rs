@@ -463,7 +463,11 @@ fn run_machine(mut machine: Machine, accel: String, window: bool) -> Result<RunO
         let framework = machine
             .mac_framework()
             .ok_or("--display cocoa: the machine has no display")?;
-        let mut app = AppKitLoop::on_main_thread(framework)
+        let input = machine.input_sink().map(|sink| {
+            Arc::new(crate::input::WindowInput::new(sink))
+                as Arc<dyn apple_gfx_macos::input::InputSink>
+        });
+        let mut app = AppKitLoop::on_main_thread(framework, input)
             .ok_or("--display cocoa: AppKit needs the process's main thread")?;
         return run_vmm(Some(&mut app as &mut dyn PlatformLoop), move || {
             let mut vm = create_vm(&machine, &accel)?;
