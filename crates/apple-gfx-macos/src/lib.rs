@@ -18,11 +18,15 @@
 //! * [`main_thread::run_vmm`] moves the VMM's loop off the main thread
 //!   when a platform loop must own it; [`runloop`] has the loops.
 //!
-//! On other hosts only the portable parts ([`gpu`], [`main_thread`])
-//! exist. Everything Apple-specific has been type-checked and linted for
+//! * [`input`] translates the window's keyboard and mouse events for the
+//!   guest's USB keyboard and tablet.
+//!
+//! On other hosts only the portable parts ([`gpu`], [`input`],
+//! [`main_thread`]) exist. Everything Apple-specific has been type-checked and linted for
 //! `aarch64-apple-darwin` but never run (docs/macos.md).
 
 pub mod gpu;
+pub mod input;
 pub mod main_thread;
 
 #[cfg(target_os = "macos")]

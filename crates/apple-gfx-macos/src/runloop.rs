@@ -7,22 +7,24 @@
 //! `--display cocoa`; a headless VMM gives the framework a private queue
 //! and keeps its main thread.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use dispatch2::DispatchQueue;
 use objc2::rc::Retained;
-use objc2::runtime::ProtocolObject;
-use objc2::{MainThreadMarker, MainThreadOnly as _};
+use objc2::runtime::{NSObject, ProtocolObject};
+use objc2::{define_class, msg_send, DefinedClass as _, MainThreadMarker, MainThreadOnly};
 use objc2_app_kit::{
     NSApplication, NSApplicationActivationPolicy, NSBackingStoreType, NSEvent,
-    NSEventModifierFlags, NSEventType, NSView, NSWindow, NSWindowStyleMask,
+    NSEventModifierFlags, NSEventType, NSResponder, NSView, NSWindow, NSWindowStyleMask,
 };
 use objc2_core_foundation::{kCFRunLoopDefaultMode, CFRunLoop};
 use objc2_foundation::{NSPoint, NSRect, NSSize, NSString};
 use objc2_metal::MTLPixelFormat;
 use objc2_quartz_core::CAMetalLayer;
 
+use crate::input::{self, InputSink, Modifiers};
 use crate::main_thread::{LoopStopper, PlatformLoop};
 use crate::MacFramework;
 
@@ -71,6 +73,161 @@ impl LoopStopper for CfStop {
     }
 }
 
+/// What the window's view keeps: where input goes, and which modifiers it
+/// reported down.
+struct ViewState {
+    input: Option<Arc<dyn InputSink>>,
+    modifiers: RefCell<Modifiers>,
+}
+
+define_class!(
+    // SAFETY: NSView may be subclassed; the class has no Drop, and each
+    // override has the signature of the NSResponder method it replaces.
+    #[unsafe(super(NSView, NSResponder, NSObject))]
+    #[thread_kind = MainThreadOnly]
+    #[ivars = ViewState]
+    struct InputView;
+
+    impl InputView {
+        // Without this, key events go to the window, not to us.
+        #[unsafe(method(acceptsFirstResponder))]
+        fn accepts_first_responder(&self) -> bool {
+            true
+        }
+
+        #[unsafe(method(keyDown:))]
+        fn key_down(&self, event: &NSEvent) {
+            // The guest repeats keys itself.
+            if !event.isARepeat() {
+                self.key(event.keyCode(), true);
+            }
+        }
+
+        #[unsafe(method(keyUp:))]
+        fn key_up(&self, event: &NSEvent) {
+            self.key(event.keyCode(), false);
+        }
+
+        #[unsafe(method(flagsChanged:))]
+        fn flags_changed(&self, event: &NSEvent) {
+            let code = event.keyCode();
+            let flags = event.modifierFlags();
+            let family = match input::hid_usage(code) {
+                Some(0xe0 | 0xe4) => NSEventModifierFlags::Control,
+                Some(0xe1 | 0xe5) => NSEventModifierFlags::Shift,
+                Some(0xe2 | 0xe6) => NSEventModifierFlags::Option,
+                Some(0xe3 | 0xe7) => NSEventModifierFlags::Command,
+                _ => NSEventModifierFlags::CapsLock,
+            };
+            let changes = self
+                .ivars()
+                .modifiers
+                .borrow_mut()
+                .changed(code, flags.contains(family));
+            self.send_keys(&changes);
+        }
+
+        #[unsafe(method(resignFirstResponder))]
+        fn resign_first_responder(&self) -> bool {
+            // Keys held while focus leaves would stay down in the guest.
+            let changes = self.ivars().modifiers.borrow_mut().release_all();
+            self.send_keys(&changes);
+            // SAFETY: NSResponder's method, same signature.
+            unsafe { msg_send![super(self), resignFirstResponder] }
+        }
+
+        #[unsafe(method(mouseMoved:))]
+        fn mouse_moved(&self, event: &NSEvent) {
+            self.pointer(event);
+        }
+
+        #[unsafe(method(mouseDragged:))]
+        fn mouse_dragged(&self, event: &NSEvent) {
+            self.pointer(event);
+        }
+
+        #[unsafe(method(rightMouseDragged:))]
+        fn right_mouse_dragged(&self, event: &NSEvent) {
+            self.pointer(event);
+        }
+
+        #[unsafe(method(otherMouseDragged:))]
+        fn other_mouse_dragged(&self, event: &NSEvent) {
+            self.pointer(event);
+        }
+
+        #[unsafe(method(mouseDown:))]
+        fn mouse_down(&self, event: &NSEvent) {
+            self.pointer(event);
+        }
+
+        #[unsafe(method(mouseUp:))]
+        fn mouse_up(&self, event: &NSEvent) {
+            self.pointer(event);
+        }
+
+        #[unsafe(method(rightMouseDown:))]
+        fn right_mouse_down(&self, event: &NSEvent) {
+            self.pointer(event);
+        }
+
+        #[unsafe(method(rightMouseUp:))]
+        fn right_mouse_up(&self, event: &NSEvent) {
+            self.pointer(event);
+        }
+
+        #[unsafe(method(otherMouseDown:))]
+        fn other_mouse_down(&self, event: &NSEvent) {
+            self.pointer(event);
+        }
+
+        #[unsafe(method(otherMouseUp:))]
+        fn other_mouse_up(&self, event: &NSEvent) {
+            self.pointer(event);
+        }
+    }
+);
+
+impl InputView {
+    fn new(
+        mtm: MainThreadMarker,
+        frame: NSRect,
+        input: Option<Arc<dyn InputSink>>,
+    ) -> Retained<Self> {
+        let this = Self::alloc(mtm).set_ivars(ViewState {
+            input,
+            modifiers: RefCell::new(Modifiers::default()),
+        });
+        // SAFETY: NSView's designated initialiser on a fresh allocation.
+        unsafe { msg_send![super(this), initWithFrame: frame] }
+    }
+
+    fn key(&self, code: u16, pressed: bool) {
+        if let Some(usage) = input::hid_usage(code) {
+            self.send_keys(&[(usage, pressed)]);
+        }
+    }
+
+    fn send_keys(&self, keys: &[(u8, bool)]) {
+        if let Some(sink) = &self.ivars().input {
+            for &(usage, pressed) in keys {
+                sink.key(usage, pressed);
+            }
+        }
+    }
+
+    fn pointer(&self, event: &NSEvent) {
+        let Some(sink) = &self.ivars().input else {
+            return;
+        };
+        let at = self.convertPoint_fromView(event.locationInWindow(), None);
+        let size = self.bounds().size;
+        if let Some((x, y)) = input::tablet_position(at.x, at.y, size.width, size.height) {
+            sink.pointer(x, y, input::buttons(NSEvent::pressedMouseButtons()));
+        }
+    }
+}
+
 /// `NSApplication` with one window per display; each window's content is a
 /// `CAMetalLayer` the framework renders into directly.
 pub struct AppKitLoop {
@@ -83,8 +240,19 @@ pub struct AppKitLoop {
 const DEFAULT_POINTS: (f64, f64) = (1024.0, 640.0);
 
 impl AppKitLoop {
-    /// Creates the application and a window for every display of `fw`.
-    pub fn new(mtm: MainThreadMarker, fw: &MacFramework) -> Self {
+    /// [`Self::new`] if called on the main thread, else `None`; spares
+    /// callers a dependency on objc2 for the marker.
+    pub fn on_main_thread(fw: &MacFramework, input: Option<Arc<dyn InputSink>>) -> Option<Self> {
+        MainThreadMarker::new().map(|mtm| Self::new(mtm, fw, input))
+    }
+
+    /// Creates the application and a window for every display of `fw`;
+    /// keys and the mouse in a window go to `input`.
+    pub fn new(
+        mtm: MainThreadMarker,
+        fw: &MacFramework,
+        input: Option<Arc<dyn InputSink>>,
+    ) -> Self {
         let app = NSApplication::sharedApplication(mtm);
         // A regular app: Dock icon, key windows, a visible host cursor.
         app.setActivationPolicy(NSApplicationActivationPolicy::Regular);
@@ -123,11 +291,15 @@ impl AppKitLoop {
                 // display pass, not a render pass of ours), which a
                 // framebuffer-only texture may not allow.
                 layer.setFramebufferOnly(false);
-                let view = NSView::initWithFrame(NSView::alloc(mtm), rect);
+                let view = InputView::new(mtm, rect, input.clone());
                 // Layer-hosting view: set the layer before asking for one.
                 view.setLayer(Some(&layer));
                 view.setWantsLayer(true);
                 window.setContentView(Some(&view));
+                // Moves without a button held reach the first responder
+                // only when the window asks for them.
+                window.setAcceptsMouseMovedEvents(true);
+                window.makeFirstResponder(Some(&view));
                 window.setTitle(&NSString::from_str(&format!("vmapple display {i}")));
                 window.center();
                 window.makeKeyAndOrderFront(None);

@@ -301,6 +301,19 @@ impl AppleGfx {
         self.inner.step(None, FrameState::ui_update);
     }
 
+    /// Renders the guest's current frame again and publishes it once done,
+    /// answered through [`DisplaySink::update_done`] like
+    /// [`Self::ui_update`]. For a screenshot of a screen the guest no
+    /// longer redraws, and for a window that takes frames on the GPU,
+    /// which leaves the CPU pipeline unfed: a guest that sent no frame
+    /// since the last publish would otherwise give nothing. It goes
+    /// through the same state machine as a guest announcement, so it
+    /// coalesces with frames in flight.
+    pub fn refresh(&self) {
+        self.inner.step(None, FrameState::new_frame);
+        self.inner.step(None, FrameState::ui_update);
+    }
+
     /// A snapshot of the cursor.
     pub fn cursor(&self) -> CursorState {
         lock(&self.inner.state).cursor.clone()
@@ -914,6 +927,31 @@ mod tests {
                 SinkEvent::UpdateDone
             ]
         );
+    }
+
+    #[test]
+    fn refresh_renders_a_frame_the_guest_did_not_announce() {
+        let h = Harness::mmio();
+        h.gfx.refresh();
+        assert_eq!(h.sink.take(), vec![SinkEvent::UpdateDone], "no mode yet");
+        assert_eq!(h.executor.queued(), 0);
+        h.fake.guest_mode_change(24, 16);
+        h.fake.guest_new_frame();
+        h.executor.run_all();
+        h.gfx.ui_update();
+        h.sink.take();
+        // The guest stays quiet; a refresh still yields a fresh render.
+        h.gfx.refresh();
+        assert!(h.sink.take().is_empty(), "waits for the render");
+        h.executor.run_all();
+        assert_eq!(
+            h.sink.take(),
+            vec![
+                SinkEvent::Present(24, 16, 0xff00_0002),
+                SinkEvent::UpdateDone
+            ]
+        );
+        assert_eq!(h.fake.renders(), 2);
     }
 
     #[test]

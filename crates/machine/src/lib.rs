@@ -7,6 +7,7 @@
 //! the guest powers off or something stops it.
 
 pub mod boot;
+pub mod display;
 pub mod exits;
 pub mod fdt;
 pub mod handle;
@@ -38,6 +39,7 @@ pub use pci_devices::{default_mac, NetBackendSpec, NicSpec};
 use vm_core::{GuestMemory, MmioBus};
 
 use boot::{BootError, Firmware, LinuxImages};
+use display::{DisplayConfig, FrameGrabber, GfxBackend, Screen};
 use exits::MachineExits;
 use layout::*;
 
@@ -140,6 +142,11 @@ pub struct MachineConfig {
     /// The XHCI controller with a USB keyboard and tablet (§7.3; QEMU
     /// leaves it out with -nodefaults).
     pub usb: bool,
+    /// The apple-gfx-mmio display; `None` leaves it out. It needs
+    /// ParavirtualizedGraphics.framework, so elsewhere than on macOS
+    /// (Apple silicon) the machine has no display even when one is asked
+    /// for without a window.
+    pub display: Option<DisplayConfig>,
 }
 
 impl MachineConfig {
@@ -159,6 +166,7 @@ impl MachineConfig {
             nics: Vec::new(),
             disks: Vec::new(),
             usb: true,
+            display: None,
         }
     }
 }
@@ -192,6 +200,8 @@ pub enum MachineError {
     },
     #[error("network backend {backend}: {error}")]
     Net { backend: String, error: String },
+    #[error("display: {0}")]
+    Display(String),
     #[error(transparent)]
     Accel(#[from] AccelError),
     #[error("internal error while building the machine: {0}")]
@@ -315,6 +325,10 @@ pub struct Machine {
     aes: Arc<AppleAes>,
     pci: Arc<PciHost>,
     input: Option<usb::InputSink>,
+    /// The apple-gfx-mmio device and its host side, when there is one.
+    gfx: Option<Screen>,
+    #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
+    mac_framework: Option<Arc<apple_gfx_macos::MacFramework>>,
     rtc: Arc<Pl031>,
     gpio: Arc<Pl061>,
     power_button: Arc<PowerButton>,
@@ -330,7 +344,31 @@ pub struct Machine {
 }
 
 impl Machine {
+    /// Builds the machine with this host's display backend, if the
+    /// configuration asks for a display and the host has one.
     pub fn new(config: MachineConfig) -> Result<Self, MachineError> {
+        #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
+        {
+            let (backend, framework) = mac_display_backend(config.display.as_ref())?;
+            let mut machine = Self::with_display_backend(config, backend)?;
+            // Without a device the framework has no display to show.
+            if machine.gfx.is_some() {
+                machine.mac_framework = framework;
+            }
+            Ok(machine)
+        }
+        #[cfg(not(all(target_os = "macos", target_arch = "aarch64")))]
+        Self::with_display_backend(config, None)
+    }
+
+    /// Builds the machine; the display device, if configured, comes from
+    /// `backend`'s framework. A window display without a backend, or whose
+    /// device cannot be created, is an error; a windowless one is left
+    /// out with a warning, and the guest then has no display.
+    pub fn with_display_backend(
+        config: MachineConfig,
+        backend: Option<GfxBackend>,
+    ) -> Result<Self, MachineError> {
         if !(MIN_CPUS..=MAX_CPUS).contains(&config.cpus) {
             return Err(MachineError::CpuCount(config.cpus));
         }
@@ -512,6 +550,24 @@ impl Machine {
         let aes = AppleAes::new(memory.clone(), gic.spi(SPI_AES), config.aes_fifo_on_reset);
         add(&mut bus, AES1_BASE, AES_WINDOW_SIZE, "aes", aes.window1())?;
         add(&mut bus, AES2_BASE, AES_WINDOW_SIZE, "aes-2", aes.window2())?;
+        let gfx = match &config.display {
+            Some(display) => create_gfx(display, backend, &memory, &gic)?,
+            None => None,
+        };
+        if let Some(screen) = &gfx {
+            let gfx_window = apple_gfx::GfxWindow::new(screen.device().clone());
+            // The window decodes the framework's mmioLength, at most the
+            // 64 KiB slot; the rest of the slot stays unmapped.
+            let size = gfx_window.size().min(GFX_SLOT);
+            add(&mut bus, GFX_BASE, size, "apple-gfx", Arc::new(gfx_window))?;
+            add(
+                &mut bus,
+                GFX_IOSFC_BASE,
+                GFX_IOSFC_SIZE,
+                "apple-gfx-iosfc",
+                Arc::new(apple_gfx::IosfcWindow::new(screen.device().clone())),
+            )?;
+        }
 
         Ok(Self {
             cpus: config.cpus,
@@ -523,6 +579,9 @@ impl Machine {
             aes,
             pci,
             input,
+            gfx,
+            #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
+            mac_framework: None,
             rtc,
             gpio,
             power_button,
@@ -555,6 +614,18 @@ impl Machine {
     /// without USB.
     pub fn input_sink(&self) -> Option<usb::InputSink> {
         self.input.clone()
+    }
+
+    /// The display as host-side clients see it; `None` without one.
+    pub fn screen(&self) -> Option<Screen> {
+        self.gfx.clone()
+    }
+
+    /// ParavirtualizedGraphics as this machine's display uses it (for the
+    /// window code); `None` without a display.
+    #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
+    pub fn mac_framework(&self) -> Option<&apple_gfx_macos::MacFramework> {
+        self.mac_framework.as_deref()
     }
 
     pub fn control(&self) -> Arc<VmControl> {
@@ -623,6 +694,11 @@ impl Machine {
         self.rtc.reset();
         self.gpio.reset();
         self.power_button.reset();
+        if let Some(screen) = &self.gfx {
+            // Drains the framework's work, which may call back into the
+            // device: no machine lock is held here.
+            screen.device().reset();
+        }
     }
 
     /// Boots the machine on `vm` and runs it, through guest resets, until
@@ -686,6 +762,99 @@ impl Machine {
     }
 }
 
+/// The apple-gfx-mmio device on `backend`'s framework, its interrupts on
+/// the GIC (§3), or `None` where a windowless display cannot be had.
+fn create_gfx(
+    display: &DisplayConfig,
+    backend: Option<GfxBackend>,
+    memory: &GuestMemory,
+    gic: &Arc<GicV3>,
+) -> Result<Option<Screen>, MachineError> {
+    let refuse = |why: String| {
+        if display.window {
+            Err(MachineError::Display(why))
+        } else {
+            tracing::warn!("{why}; the guest has no display");
+            Ok(None)
+        }
+    };
+    let Some(backend) = backend else {
+        if display.window {
+            return Err(MachineError::Display(
+                "this host has no ParavirtualizedGraphics.framework".into(),
+            ));
+        }
+        tracing::debug!("no display device: this host has no ParavirtualizedGraphics.framework");
+        return Ok(None);
+    };
+    let grabber = Arc::new(FrameGrabber::default());
+    let created = apple_gfx::AppleGfx::new(
+        &*backend.framework,
+        apple_gfx::Variant::Mmio {
+            gfx_irq: gic.spi(SPI_GFX),
+            iosfc_irq: gic.spi(SPI_GFX_IOSFC),
+        },
+        apple_gfx::GfxConfig {
+            memory: Arc::new(memory.clone()),
+            va_space: backend.va_space,
+            page_size: backend.page_size,
+            sink: grabber.clone(),
+            executor: backend.executor,
+            modes: display.modes.clone(),
+        },
+    );
+    match created {
+        Ok(gfx) => Ok(Some(Screen::new(gfx, grabber))),
+        Err(e) => refuse(format!("cannot create the apple-gfx display device: {e}")),
+    }
+}
+
+/// ParavirtualizedGraphics as the display backend: handlers on the main
+/// queue for a window (its layer belongs to the main thread), on a private
+/// queue otherwise so a headless VMM needs no main run loop. A framework
+/// that cannot be set up fails a window display and only costs a
+/// windowless one its display.
+#[cfg(all(target_os = "macos", target_arch = "aarch64"))]
+#[allow(clippy::type_complexity)]
+fn mac_display_backend(
+    display: Option<&DisplayConfig>,
+) -> Result<
+    (
+        Option<GfxBackend>,
+        Option<Arc<apple_gfx_macos::MacFramework>>,
+    ),
+    MachineError,
+> {
+    use apple_gfx_macos::{host_page_size, DisplayQueue, MacFramework, MachVaSpace};
+    let Some(display) = display else {
+        return Ok((None, None));
+    };
+    let queue = if display.window {
+        DisplayQueue::Main
+    } else {
+        DisplayQueue::Private
+    };
+    match MacFramework::new(queue) {
+        Ok(fw) => {
+            let fw = Arc::new(fw);
+            let backend = GfxBackend {
+                framework: fw.clone(),
+                va_space: Arc::new(MachVaSpace),
+                page_size: host_page_size(),
+                executor: Arc::new(apple_gfx::ThreadExecutor),
+            };
+            Ok((Some(backend), Some(fw)))
+        }
+        Err(e) if display.window => Err(MachineError::Display(format!(
+            "ParavirtualizedGraphics: {e}"
+        ))),
+        Err(e) => {
+            tracing::warn!("ParavirtualizedGraphics: {e}; the guest has no display");
+            Ok((None, None))
+        }
+    }
+}
+
 /// The cfg region's `rnd` word: 32 random bits per VMM launch (§6.6).
 fn random_u32() -> u32 {
     let seed = random_seed();
@@ -711,6 +880,144 @@ fn random_seed() -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use apple_gfx::fake::IOSFC_CMD_RAISE_IRQ;
+    use apple_gfx::fake::{FakeFramework, FakeVaSpace, CMD_RAISE_IRQ, FAKE_MMIO_LENGTH, FAKE_PAGE};
+    use apple_gfx::MemoryInterface;
+    use display::{DisplayMode, ScreenshotError};
+    use vm_core::AccessWidth::Word;
+
+    /// A machine with a display on `fw`, or on no backend at all.
+    fn with_display(fw: Option<&FakeFramework>, window: bool) -> Result<Machine, MachineError> {
+        let dir = tempfile::tempdir().unwrap();
+        let rom = dir.path().join("rom.bin");
+        std::fs::write(&rom, [0u8; 16]).unwrap();
+        let mut config =
+            MachineConfig::new(1, MIN_RAM, BootSource::Firmware(rom), SerialBackend::None);
+        config.usb = false;
+        config.display = Some(DisplayConfig {
+            modes: vec![DisplayMode::new(800, 600, 60)],
+            window,
+        });
+        let backend = fw.map(|fw| GfxBackend {
+            framework: Arc::new(fw.clone()),
+            va_space: Arc::new(FakeVaSpace::new()),
+            page_size: FAKE_PAGE,
+            executor: Arc::new(apple_gfx::ThreadExecutor),
+        });
+        Machine::with_display_backend(config, backend)
+    }
+
+    /// GICD_ISPENDR1: pending bits of INTIDs 32..64.
+    fn spis_pending(m: &Machine) -> u64 {
+        m.bus().read(GICD_BASE + 0x204, Word).unwrap()
+    }
+
+    #[test]
+    fn gfx_registers_interrupts_and_reset_go_through_the_machine() {
+        let fw = FakeFramework::new(MemoryInterface::Tasks);
+        let m = with_display(Some(&fw), false).unwrap();
+        assert_eq!(fw.mode_list(), vec![DisplayMode::new(800, 600, 60)]);
+
+        m.bus().write(GFX_BASE + 0x100, Word, 7).unwrap();
+        assert_eq!(fw.register(0x100), Some(7));
+        assert_eq!(m.bus().read(GFX_BASE + 0x100, Word).unwrap(), 7);
+        m.bus().write(GFX_IOSFC_BASE + 0x40, Word, 9).unwrap();
+        assert_eq!(fw.iosfc_register(0x40), Some(9));
+        assert_eq!(fw.register(0x40), None, "the main window is separate");
+        // Past mmioLength the slot is unmapped: nothing reaches the device.
+        let before = fw.access_log().len();
+        let _ = m.bus().write(GFX_BASE + FAKE_MMIO_LENGTH, Word, 1);
+        assert_eq!(fw.access_log().len(), before);
+
+        // The device pulses its lines; INTIDs 48 and 49 must be
+        // edge-triggered (GICD_ICFGR3) for a pulse to latch.
+        let gfx_bit = 1 << (SPI_GFX % 32);
+        let iosfc_bit = 1 << (SPI_GFX_IOSFC % 32);
+        m.bus().write(GICD_BASE + 0xc0c, Word, 0b1010).unwrap();
+        assert_eq!(spis_pending(&m) & (gfx_bit | iosfc_bit), 0);
+        m.bus().write(GFX_BASE + CMD_RAISE_IRQ, Word, 0).unwrap();
+        assert_eq!(spis_pending(&m) & (gfx_bit | iosfc_bit), gfx_bit);
+        m.bus()
+            .write(GFX_IOSFC_BASE + IOSFC_CMD_RAISE_IRQ, Word, 0)
+            .unwrap();
+        assert_eq!(
+            spis_pending(&m) & (gfx_bit | iosfc_bit),
+            gfx_bit | iosfc_bit
+        );
+
+        assert_eq!(fw.resets(), 0);
+        m.reset_devices();
+        assert_eq!(fw.resets(), 1);
+    }
+
+    #[test]
+    fn screenshots_show_the_guest_frame() {
+        let fw = FakeFramework::new(MemoryInterface::Tasks);
+        let m = with_display(Some(&fw), false).unwrap();
+        let screen = m.screen().unwrap();
+        let wait = Duration::from_secs(10);
+        assert!(matches!(
+            screen.capture(wait),
+            Err(ScreenshotError::NoFrame)
+        ));
+        fw.guest_mode_change(3, 2);
+        let frame = screen.capture(wait).unwrap();
+        assert_eq!((frame.width, frame.height), (3, 2));
+        // The fake fills each render with its sequence number.
+        assert_eq!(frame.pixels, vec![0xff00_0001; 6]);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.png");
+        screen.screenshot_png(&path, wait).unwrap();
+        let png = std::fs::read(&path).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        assert_eq!(&png[12..16], b"IHDR");
+        assert_eq!(&png[16..24], &[0, 0, 0, 3, 0, 0, 0, 2]);
+        let idat_len = u32::from_be_bytes(png[33..37].try_into().unwrap()) as usize;
+        assert_eq!(&png[37..41], b"IDAT");
+        let mut raw = Vec::new();
+        use std::io::Read;
+        flate2::read::ZlibDecoder::new(&png[41..41 + idat_len])
+            .read_to_end(&mut raw)
+            .unwrap();
+        let row = [0u8, 0, 0, 2, 0, 0, 2, 0, 0, 2];
+        assert_eq!(raw, [row, row].concat(), "second render, RGB rows");
+        assert!(png.ends_with(&[0xae, 0x42, 0x60, 0x82]), "IEND's CRC");
+
+        let bad = dir.path().join("missing").join("s.png");
+        assert!(matches!(
+            screen.screenshot_png(&bad, wait),
+            Err(ScreenshotError::Write { .. })
+        ));
+    }
+
+    #[test]
+    fn a_display_that_cannot_be_had_fails_only_a_window() {
+        for fw in [None, Some(FakeFramework::failing())] {
+            let m = with_display(fw.as_ref(), false).unwrap();
+            assert!(m.screen().is_none());
+            assert!(m.bus().read(GFX_BASE, Word).is_err(), "nothing mapped");
+            assert!(matches!(
+                with_display(fw.as_ref(), true),
+                Err(MachineError::Display(_))
+            ));
+        }
+    }
+
+    #[cfg(not(all(target_os = "macos", target_arch = "aarch64")))]
+    #[test]
+    fn without_the_framework_the_machine_has_no_display() {
+        let dir = tempfile::tempdir().unwrap();
+        let rom = dir.path().join("rom.bin");
+        std::fs::write(&rom, [0u8; 16]).unwrap();
+        let mut config =
+            MachineConfig::new(1, MIN_RAM, BootSource::Firmware(rom), SerialBackend::None);
+        config.usb = false;
+        config.display = Some(DisplayConfig::default());
+        let m = Machine::new(config).unwrap();
+        assert!(m.screen().is_none());
+        assert!(m.bus().read(GFX_BASE, Word).is_err());
+    }
 
     #[test]
     fn reset_loop_needs_quick_resets_in_a_row() {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use devices::serial::SerialBackend;
+use machine::display::DisplayConfig;
 use machine::{
     default_mac, BootSource, DiskSpec, Machine, MachineConfig, NetBackendSpec, NicSpec,
     PanicPolicy, RunOutcome,
@@ -200,7 +201,8 @@ pub struct RunArgs {
 pub enum DisplayKind {
     /// A Cocoa window per display, frames kept on the GPU (macOS).
     Cocoa,
-    /// No window (screenshots still work once the device is wired).
+    /// No window; on macOS the guest still has its display, and the
+    /// control socket's `screenshot` shows it.
     None,
 }
 
@@ -215,16 +217,11 @@ fn display_options(
             .map_err(|e| format!("--display-modes {list:?}: {e}"))?,
         None => Vec::new(),
     };
-    if display == DisplayKind::Cocoa {
-        if !cfg!(target_os = "macos") {
-            return Err(
-                "--display cocoa needs a macOS host (ParavirtualizedGraphics and AppKit); use --display none"
-                    .into(),
-            );
-        }
-        // The glue (crate apple-gfx-macos) exists, but the machine does not
-        // create the apple-gfx-mmio device yet (docs/macos.md).
-        return Err("--display cocoa: the apple-gfx display device is not wired into the machine yet (see docs/macos.md); use --display none".into());
+    if display == DisplayKind::Cocoa && !cfg!(all(target_os = "macos", target_arch = "aarch64")) {
+        return Err(
+            "--display cocoa needs a macOS host on Apple silicon (ParavirtualizedGraphics and AppKit); use --display none"
+                .into(),
+        );
     }
     Ok(modes)
 }
@@ -448,6 +445,39 @@ fn serial_from_bundle(s: &bundle::config::Serial) -> SerialBackend {
     }
 }
 
+/// Boots `machine` on `accel` and runs it to the end.
+///
+/// With a window, AppKit must own the main thread (this one) and serve the
+/// main queue the display handlers run on, so the machine runs on a
+/// `vmm-main` thread meanwhile; the vCPUs have their own threads either
+/// way. The accelerator is created on the thread that runs the machine.
+#[cfg_attr(
+    not(all(target_os = "macos", target_arch = "aarch64")),
+    allow(unused_variables)
+)]
+fn run_machine(mut machine: Machine, accel: String, window: bool) -> Result<RunOutcome, String> {
+    #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
+    if window {
+        use apple_gfx_macos::main_thread::{run_vmm, PlatformLoop};
+        use apple_gfx_macos::runloop::AppKitLoop;
+        let framework = machine
+            .mac_framework()
+            .ok_or("--display cocoa: the machine has no display")?;
+        let input = machine.input_sink().map(|sink| {
+            Arc::new(crate::input::WindowInput::new(sink))
+                as Arc<dyn apple_gfx_macos::input::InputSink>
+        });
+        let mut app = AppKitLoop::on_main_thread(framework, input)
+            .ok_or("--display cocoa: AppKit needs the process's main thread")?;
+        return run_vmm(Some(&mut app as &mut dyn PlatformLoop), move || {
+            let mut vm = create_vm(&machine, &accel)?;
+            machine.run(vm.as_mut()).map_err(|e| e.to_string())
+        });
+    }
+    let mut vm = create_vm(&machine, &accel)?;
+    machine.run(vm.as_mut()).map_err(|e| e.to_string())
+}
+
 /// Resolves a run's settings: options first, then the bundle, then the
 /// built-in defaults.
 fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<MachineConfig, String> {
@@ -538,11 +568,51 @@ fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<Mach
     let mac = args.mac.or(config.and_then(|c| c.mac.map(|m| m.0)));
     machine.nics = nics(net.as_deref(), mac)?;
     machine.usb = !args.no_usb;
+    machine.display = display_config(
+        args.display,
+        args.display_modes.as_deref(),
+        bundle.map(|b| (b.name(), &b.config().display.modes[..])),
+    )?;
     Ok(machine)
 }
 
+/// The display: `--display-modes` first, then the bundle's modes (an empty
+/// list there means no display), then apple-gfx's defaults.
+fn display_config(
+    display: DisplayKind,
+    modes: Option<&str>,
+    bundle: Option<(String, &[bundle::config::DisplayMode])>,
+) -> Result<Option<DisplayConfig>, String> {
+    let window = display == DisplayKind::Cocoa;
+    let given = display_options(display, modes)?;
+    let modes = match (modes, bundle) {
+        (None, Some((name, list))) => {
+            if list.is_empty() {
+                if window {
+                    return Err(format!(
+                        "--display cocoa: bundle {name} has no display (its display.modes is empty); give --display-modes"
+                    ));
+                }
+                return Ok(None);
+            }
+            // The bundle has no refresh rates; 60 Hz is what the defaults use.
+            let text = list
+                .iter()
+                .map(|m| format!("{}x{}@60", m.width, m.height))
+                .collect::<Vec<_>>()
+                .join(",");
+            apple_gfx::parse_mode_list(&text, apple_gfx::ModeSyntax::Strict)
+                .map_err(|e| format!("bundle {name}: display.modes: {e}"))?
+        }
+        _ => given,
+    };
+    Ok(Some(DisplayConfig { modes, window }))
+}
+
 pub fn run(args: RunArgs) -> Result<u8, String> {
-    let _modes = display_options(args.display, args.display_modes.as_deref())?;
+    // Checked before the bundle is opened, so a typo fails at once.
+    display_options(args.display, args.display_modes.as_deref())?;
+    let window = args.display == DisplayKind::Cocoa;
     let opened = args.bundle.as_deref().map(open_bundle).transpose()?;
     let bundle = opened.as_ref().map(|o| &o.bundle);
     if let Some(b) = bundle {
@@ -561,7 +631,7 @@ pub fn run(args: RunArgs) -> Result<u8, String> {
     let accel = args.accel.clone();
     let start_paused = args.paused;
     let config = machine_config(args, bundle)?;
-    let mut machine = Machine::new(config).map_err(|e| e.to_string())?;
+    let machine = Machine::new(config).map_err(|e| e.to_string())?;
     let signals = crate::signals::forward_to(machine.handle()).map_err(|e| e.to_string())?;
     let control = control_path
         .map(|path| {
@@ -571,14 +641,14 @@ pub fn run(args: RunArgs) -> Result<u8, String> {
                 machine.input_sink().map(|sink| {
                     Arc::new(crate::input::UsbInput(sink)) as Arc<dyn crate::control::InputTarget>
                 }),
+                machine.screen(),
             )
         })
         .transpose()?;
-    let mut vm = create_vm(&machine, &accel)?;
     if start_paused {
         machine.handle().pause();
     }
-    let outcome = machine.run(vm.as_mut()).map_err(|e| e.to_string());
+    let outcome = run_machine(machine, accel, window);
     drop(control);
     drop(signals);
     Ok(match outcome? {
@@ -647,6 +717,45 @@ mod tests {
     }
 
     #[test]
+    fn display_modes_come_from_the_option_then_the_bundle() {
+        use apple_gfx::DisplayMode as M;
+        let bundle_modes = [
+            bundle::config::DisplayMode {
+                width: 1024,
+                height: 768,
+            },
+            bundle::config::DisplayMode {
+                width: 800,
+                height: 600,
+            },
+        ];
+        let b = || Some(("m".to_string(), &bundle_modes[..]));
+        let c = display_config(DisplayKind::None, None, b())
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.modes, vec![M::new(1024, 768, 60), M::new(800, 600, 60)]);
+        assert!(!c.window);
+        let c = display_config(DisplayKind::None, Some("640x480@30"), b())
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.modes, vec![M::new(640, 480, 30)]);
+        let c = display_config(DisplayKind::None, None, None)
+            .unwrap()
+            .unwrap();
+        assert!(c.modes.is_empty(), "apple-gfx's defaults");
+        let none = Some(("m".to_string(), &[][..]));
+        assert_eq!(
+            display_config(DisplayKind::None, None, none.clone()),
+            Ok(None)
+        );
+        assert!(display_config(DisplayKind::Cocoa, None, none).is_err());
+        let twice = [bundle_modes[0], bundle_modes[0]];
+        let e =
+            display_config(DisplayKind::None, None, Some(("m".into(), &twice[..]))).unwrap_err();
+        assert!(e.starts_with("bundle m: display.modes: "), "{e}");
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_size("512M"), Ok(512 << 20));
         assert_eq!(parse_size("4G"), Ok(4 << 30));
@@ -667,10 +776,11 @@ mod tests {
         let modes = display_options(DisplayKind::None, Some("1280x800@60,640x480@30")).unwrap();
         assert_eq!(modes.len(), 2);
         assert!(display_options(DisplayKind::None, None).unwrap().is_empty());
-        let err = display_options(DisplayKind::Cocoa, None).unwrap_err();
-        if cfg!(target_os = "macos") {
-            assert!(err.contains("not wired"), "{err}");
+        let cocoa = display_options(DisplayKind::Cocoa, Some("640x480@60"));
+        if cfg!(all(target_os = "macos", target_arch = "aarch64")) {
+            assert_eq!(cocoa.unwrap().len(), 1);
         } else {
+            let err = cocoa.unwrap_err();
             assert!(err.contains("needs a macOS host"), "{err}");
         }
     }

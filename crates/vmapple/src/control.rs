@@ -13,7 +13,11 @@ use bundle::control::{
     RunState,
 };
 use clap::Args;
+use machine::display::Screen;
 use machine::handle::{MachineEvent, MachineHandle};
+
+/// How long a screenshot waits for the display to render the frame.
+const SCREENSHOT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Input a control client sends into the guest (keyboard and tablet).
 pub trait InputTarget: Send + Sync {
@@ -24,6 +28,7 @@ pub trait InputTarget: Send + Sync {
 struct MachineControl {
     machine: MachineHandle,
     input: Option<Arc<dyn InputTarget>>,
+    screen: Option<Screen>,
 }
 
 impl ControlHandler for MachineControl {
@@ -63,10 +68,16 @@ impl ControlHandler for MachineControl {
                 Some(input) => result(input.pointer(x, y, &buttons)),
                 None => no_input(),
             },
-            Request::Screenshot { .. } => Response::error(
-                ErrorClass::Unsupported,
-                "this VM has no display (displays need the macOS host)",
-            ),
+            Request::Screenshot { path } => match &self.screen {
+                Some(screen) => match screen.screenshot_png(&path, SCREENSHOT_TIMEOUT) {
+                    Ok(()) => Response::ok(),
+                    Err(e) => Response::error(ErrorClass::Failed, format!("screenshot: {e}")),
+                },
+                None => Response::error(
+                    ErrorClass::Unsupported,
+                    "this VM has no display (displays need ParavirtualizedGraphics on a macOS host)",
+                ),
+            },
             // The server answers subscriptions itself.
             Request::Subscribe => Response::ok(),
         }
@@ -134,9 +145,14 @@ pub fn serve(
     path: &Path,
     machine: MachineHandle,
     input: Option<Arc<dyn InputTarget>>,
+    screen: Option<Screen>,
 ) -> Result<Control, String> {
     let events = machine.subscribe();
-    let handler = Arc::new(MachineControl { machine, input });
+    let handler = Arc::new(MachineControl {
+        machine,
+        input,
+        screen,
+    });
     let server = Arc::new(
         ControlServer::bind(path, handler)
             .map_err(|e| format!("control socket {}: {e}", path.display()))?,
@@ -273,6 +289,94 @@ mod tests {
 
     fn words(w: &[&str]) -> Vec<String> {
         w.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// A machine whose display is the core's fake framework, serving its
+    /// control socket; the fake and the socket path come back too.
+    fn machine_with_fake_display(
+        dir: &Path,
+    ) -> (
+        machine::Machine,
+        apple_gfx::fake::FakeFramework,
+        Control,
+        PathBuf,
+    ) {
+        use apple_gfx::fake::{FakeFramework, FakeVaSpace, FAKE_PAGE};
+        let rom = dir.join("rom.bin");
+        std::fs::write(&rom, [0u8; 16]).unwrap();
+        let mut config = machine::MachineConfig::new(
+            1,
+            machine::MIN_RAM,
+            machine::BootSource::Firmware(rom),
+            devices::serial::SerialBackend::None,
+        );
+        config.usb = false;
+        config.display = Some(machine::display::DisplayConfig::default());
+        let fake = FakeFramework::new(apple_gfx::MemoryInterface::Tasks);
+        let backend = machine::display::GfxBackend {
+            framework: Arc::new(fake.clone()),
+            va_space: Arc::new(FakeVaSpace::new()),
+            page_size: FAKE_PAGE,
+            executor: Arc::new(apple_gfx::ThreadExecutor),
+        };
+        let m = machine::Machine::with_display_backend(config, Some(backend)).unwrap();
+        let socket = dir.join("control.sock");
+        let control = serve(&socket, m.handle(), None, m.screen()).unwrap();
+        (m, fake, control, socket)
+    }
+
+    fn screenshot(socket: &Path, png: &Path) -> Response {
+        bundle::control::call(
+            socket,
+            &Request::Screenshot {
+                path: png.to_path_buf(),
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn screenshot_over_the_control_socket_writes_the_guest_frame() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_machine, fake, _control, socket) = machine_with_fake_display(dir.path());
+        let png = dir.path().join("shot.png");
+        match screenshot(&socket, &png) {
+            Response::Error { class, desc } => {
+                assert_eq!(class, ErrorClass::Failed);
+                assert!(desc.contains("not shown anything"), "{desc}");
+            }
+            ok => panic!("a display without a mode gave {ok:?}"),
+        }
+        assert!(!png.exists());
+        fake.guest_mode_change(640, 480);
+        fake.guest_new_frame();
+        assert!(screenshot(&socket, &png).is_ok());
+        let bytes = std::fs::read(&png).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+        // IHDR: width and height.
+        assert_eq!(&bytes[16..24], &[0, 0, 2, 128, 0, 0, 1, 224]);
+    }
+
+    #[test]
+    fn screenshot_without_a_display_is_unsupported() {
+        let dir = tempfile::tempdir().unwrap();
+        let rom = dir.path().join("rom.bin");
+        std::fs::write(&rom, [0u8; 16]).unwrap();
+        let mut config = machine::MachineConfig::new(
+            1,
+            machine::MIN_RAM,
+            machine::BootSource::Firmware(rom),
+            devices::serial::SerialBackend::None,
+        );
+        config.usb = false;
+        let m = machine::Machine::new(config).unwrap();
+        let socket = dir.path().join("control.sock");
+        let _control = serve(&socket, m.handle(), None, m.screen()).unwrap();
+        let r = screenshot(&socket, &dir.path().join("x.png"));
+        assert!(
+            matches!(&r, Response::Error { class: ErrorClass::Unsupported, desc } if desc.contains("no display")),
+            "{r:?}"
+        );
     }
 
     #[test]

@@ -1,0 +1,209 @@
+//! The `apple-gfx-mmio` display on the vmapple board (vmapple-machine.md
+//! §2, §3; apple-gfx.md §7) and what the host sees of it.
+//!
+//! The machine builds the device from any [`apple_gfx::Framework`]: on
+//! macOS the ParavirtualizedGraphics glue, in tests the core's fake. The
+//! host side of the device is a [`Screen`]: the last frame the core
+//! published, kept for the control socket's `screenshot`.
+
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use apple_gfx::cursor::CursorImage;
+use apple_gfx::memory::VaSpace;
+use apple_gfx::{AppleGfx, DisplaySink, Executor, Framework};
+
+pub use apple_gfx::DisplayMode;
+
+/// The display the user asked for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DisplayConfig {
+    /// Modes offered to the guest, the first preferred; empty means
+    /// apple-gfx's defaults.
+    pub modes: Vec<DisplayMode>,
+    /// A host window shows the display (`--display cocoa`). The display
+    /// handlers then run on the main queue, and a device that cannot be
+    /// created is an error instead of a warning.
+    pub window: bool,
+}
+
+/// What the machine needs from the host to build the device.
+pub struct GfxBackend {
+    pub framework: Arc<dyn Framework>,
+    /// Host address-space operations for the framework's task interface.
+    pub va_space: Arc<dyn VaSpace>,
+    pub page_size: u64,
+    pub executor: Arc<dyn Executor>,
+}
+
+/// One frame as the guest drew it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub width: u32,
+    pub height: u32,
+    /// `width * height` pixels, `0xAARRGGBB`, row-major.
+    pub pixels: Vec<u32>,
+}
+
+#[derive(Default)]
+struct Grabbed {
+    frame: Option<Frame>,
+    /// `update_done` calls so far: a capture waits for the next one.
+    updates: u64,
+}
+
+/// A [`DisplaySink`] that keeps the last published frame.
+#[derive(Default)]
+pub struct FrameGrabber {
+    state: Mutex<Grabbed>,
+    updated: Condvar,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl FrameGrabber {
+    pub fn last_frame(&self) -> Option<Frame> {
+        lock(&self.state).frame.clone()
+    }
+
+    fn updates(&self) -> u64 {
+        lock(&self.state).updates
+    }
+
+    /// Waits until more than `seen` updates were answered; false on
+    /// timeout.
+    fn wait_update(&self, seen: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = lock(&self.state);
+        while st.updates <= seen {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            st = self
+                .updated
+                .wait_timeout(st, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
+    }
+}
+
+// Called with the core's state lock held: only our own lock is taken, and
+// nothing calls back into the core.
+impl DisplaySink for FrameGrabber {
+    fn resize(&self, _width: u32, _height: u32) {
+        // The old frame no longer shows what the guest displays.
+        lock(&self.state).frame = None;
+    }
+
+    fn present(&self, width: u32, height: u32, pixels: &[u32]) {
+        lock(&self.state).frame = Some(Frame {
+            width,
+            height,
+            pixels: pixels.to_vec(),
+        });
+    }
+
+    fn update_done(&self) {
+        lock(&self.state).updates += 1;
+        self.updated.notify_all();
+    }
+
+    fn define_cursor(&self, _cursor: Option<&CursorImage>) {}
+
+    fn move_cursor(&self, _x: u16, _y: u16, _visible: bool) {}
+}
+
+/// Why a screenshot failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ScreenshotError {
+    #[error("the guest has not shown anything on the display yet")]
+    NoFrame,
+    #[error("the display did not deliver a frame within {0:?}")]
+    Timeout(Duration),
+    #[error("{}: {error}", path.display())]
+    Write {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
+}
+
+/// The display as host-side clients (the control socket) see it.
+#[derive(Clone)]
+pub struct Screen {
+    gfx: AppleGfx,
+    grabber: Arc<FrameGrabber>,
+}
+
+impl Screen {
+    pub(crate) fn new(gfx: AppleGfx, grabber: Arc<FrameGrabber>) -> Self {
+        Self { gfx, grabber }
+    }
+
+    /// The device, for the machine's bus and reset.
+    pub fn device(&self) -> &AppleGfx {
+        &self.gfx
+    }
+
+    /// The guest's current frame: renders it afresh and waits up to
+    /// `timeout` for it.
+    pub fn capture(&self, timeout: Duration) -> Result<Frame, ScreenshotError> {
+        let seen = self.grabber.updates();
+        self.gfx.refresh();
+        if !self.grabber.wait_update(seen, timeout) {
+            return Err(ScreenshotError::Timeout(timeout));
+        }
+        self.grabber.last_frame().ok_or(ScreenshotError::NoFrame)
+    }
+
+    /// Captures the current frame into a PNG file at `path`.
+    pub fn screenshot_png(&self, path: &Path, timeout: Duration) -> Result<(), ScreenshotError> {
+        let frame = self.capture(timeout)?;
+        std::fs::write(path, encode_png(&frame)).map_err(|error| ScreenshotError::Write {
+            path: path.to_path_buf(),
+            error,
+        })
+    }
+}
+
+/// Encodes `frame` as an 8-bit RGB PNG. Alpha is dropped: a screen is
+/// opaque, and guest frames need not fill the alpha byte.
+pub fn encode_png(frame: &Frame) -> Vec<u8> {
+    use std::io::Write;
+    let (w, h) = (frame.width as usize, frame.height as usize);
+    let mut raw = Vec::with_capacity(h * (1 + 3 * w));
+    for row in frame.pixels.chunks(w.max(1)).take(h) {
+        raw.push(0); // filter: none
+        for &p in row {
+            raw.extend_from_slice(&[(p >> 16) as u8, (p >> 8) as u8, p as u8]);
+        }
+    }
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+    // Writing into a Vec cannot fail.
+    let _ = z.write_all(&raw);
+    let idat = z.finish().unwrap_or_default();
+
+    let mut ihdr = Vec::with_capacity(13);
+    ihdr.extend_from_slice(&frame.width.to_be_bytes());
+    ihdr.extend_from_slice(&frame.height.to_be_bytes());
+    // Bit depth 8, colour type 2 (RGB), deflate, adaptive filters, no
+    // interlace.
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    for (kind, data) in [(b"IHDR", &ihdr), (b"IDAT", &idat), (b"IEND", &Vec::new())] {
+        png.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let start = png.len();
+        png.extend_from_slice(kind);
+        png.extend_from_slice(data);
+        let mut crc = flate2::Crc::new();
+        crc.update(&png[start..]);
+        png.extend_from_slice(&crc.sum().to_be_bytes());
+    }
+    png
+}
