@@ -174,36 +174,24 @@ impl Screen {
 /// Encodes `frame` as an 8-bit RGB PNG. Alpha is dropped: a screen is
 /// opaque, and guest frames need not fill the alpha byte.
 pub fn encode_png(frame: &Frame) -> Vec<u8> {
-    use std::io::Write;
-    let (w, h) = (frame.width as usize, frame.height as usize);
-    let mut raw = Vec::with_capacity(h * (1 + 3 * w));
-    for row in frame.pixels.chunks(w.max(1)).take(h) {
-        raw.push(0); // filter: none
-        for &p in row {
-            raw.extend_from_slice(&[(p >> 16) as u8, (p >> 8) as u8, p as u8]);
-        }
-    }
-    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
-    // Writing into a Vec cannot fail.
-    let _ = z.write_all(&raw);
-    let idat = z.finish().unwrap_or_default();
-
-    let mut ihdr = Vec::with_capacity(13);
-    ihdr.extend_from_slice(&frame.width.to_be_bytes());
-    ihdr.extend_from_slice(&frame.height.to_be_bytes());
-    // Bit depth 8, colour type 2 (RGB), deflate, adaptive filters, no
-    // interlace.
-    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
-
-    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-    for (kind, data) in [(b"IHDR", &ihdr), (b"IDAT", &idat), (b"IEND", &Vec::new())] {
-        png.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        let start = png.len();
-        png.extend_from_slice(kind);
-        png.extend_from_slice(data);
-        let mut crc = flate2::Crc::new();
-        crc.update(&png[start..]);
-        png.extend_from_slice(&crc.sum().to_be_bytes());
+    let rgb: Vec<u8> = frame
+        .pixels
+        .iter()
+        .flat_map(|&p| [(p >> 16) as u8, (p >> 8) as u8, p as u8])
+        .collect();
+    let mut png = Vec::new();
+    let mut encoder = png::Encoder::new(&mut png, frame.width, frame.height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    encoder.set_compression(png::Compression::Fast);
+    // Into a Vec only a frame whose pixel count disagrees with its size can
+    // fail; the core never publishes one, and an empty file says so.
+    let written = encoder
+        .write_header()
+        .and_then(|mut writer| writer.write_image_data(&rgb));
+    if let Err(e) = written {
+        tracing::error!("screenshot: PNG encoding failed: {e}");
+        png.clear();
     }
     png
 }

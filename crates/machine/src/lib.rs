@@ -969,20 +969,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.png");
         screen.screenshot_png(&path, wait).unwrap();
-        let png = std::fs::read(&path).unwrap();
-        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
-        assert_eq!(&png[12..16], b"IHDR");
-        assert_eq!(&png[16..24], &[0, 0, 0, 3, 0, 0, 0, 2]);
-        let idat_len = u32::from_be_bytes(png[33..37].try_into().unwrap()) as usize;
-        assert_eq!(&png[37..41], b"IDAT");
-        let mut raw = Vec::new();
-        use std::io::Read;
-        flate2::read::ZlibDecoder::new(&png[41..41 + idat_len])
-            .read_to_end(&mut raw)
-            .unwrap();
-        let row = [0u8, 0, 0, 2, 0, 0, 2, 0, 0, 2];
-        assert_eq!(raw, [row, row].concat(), "second render, RGB rows");
-        assert!(png.ends_with(&[0xae, 0x42, 0x60, 0x82]), "IEND's CRC");
+        let decoder =
+            png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()));
+        let mut reader = decoder.read_info().unwrap();
+        let mut rgb = vec![0; reader.output_buffer_size().unwrap()];
+        let info = reader.next_frame(&mut rgb).unwrap();
+        assert_eq!((info.width, info.height), (3, 2));
+        assert_eq!(info.color_type, png::ColorType::Rgb);
+        assert_eq!(rgb, [0, 0, 2].repeat(6), "second render, RGB");
 
         let bad = dir.path().join("missing").join("s.png");
         assert!(matches!(
