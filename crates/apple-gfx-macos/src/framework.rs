@@ -382,7 +382,18 @@ impl Framework for MacFramework {
                     let () = msg_send![&*desc, setUnmapMemory: &*unmap];
                 }
             }
-            MemorySetup::MemoryMap(ranges) => set_memory_map(&desc, ranges)?,
+            MemorySetup::MemoryMap(ranges) => {
+                set_memory_map(&desc, ranges)?;
+                // Releases with the memory map size the IOSurface window from
+                // the descriptor (QEMU's 2026 port sets it); ours is the
+                // fixed 64 KiB slot at 0x3021_0000.
+                if responds(&desc, sel!(setMmioLength:)) {
+                    // SAFETY: probed just above; a size_t property.
+                    let () = unsafe {
+                        msg_send![&*desc, setMmioLength: apple_gfx::mmio::IOSFC_SIZE as usize]
+                    };
+                }
+            }
         }
         let c = cb.clone();
         let irq =
