@@ -14,6 +14,11 @@
 //!   offscreen BGRA8 texture, a managed-storage sync on discrete GPUs, a
 //!   wait for completion and `getBytes`. Kept for screenshots and for a VMM
 //!   without a window.
+//!
+//! A window also shows the guest's cursor: [`MacDisplay::attach_cursor`]
+//! hands the framework's glyph image and show/hide events to a
+//! [`CursorTarget`] (the window's view), which makes it the host cursor
+//! over the display, so the guest's pointer costs no frame.
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,12 +50,21 @@ use crate::framework::{FwShared, Shared};
 /// are tiny; this only bounds what a confused guest driver can make us copy.
 const MAX_GLYPH_BYTES: usize = 4 << 20;
 
+/// Where a window shows the guest's cursor. Called from the display's
+/// handlers, on the display queue (the main queue when a window exists).
+pub trait CursorTarget: Send + Sync {
+    /// A new cursor image with its hot spot, in the glyph's pixels.
+    fn set_glyph(&self, glyph: &NSBitmapImageRep, hot_spot: (u16, u16));
+    fn set_visible(&self, visible: bool);
+}
+
 /// One display of a device.
 pub struct MacDisplay {
     pg: OnceLock<Shared<AnyObject>>,
     fw: Arc<FwShared>,
     callbacks: Arc<dyn DisplayCallbacks>,
     layer: Mutex<Option<Shared<CAMetalLayer>>>,
+    cursor: Mutex<Option<Arc<dyn CursorTarget>>>,
     /// Feed the core's CPU pipeline even though a layer is attached.
     cpu_frames: AtomicBool,
     /// A GPU present is running; `again` asks it for one more.
@@ -116,6 +130,7 @@ impl MacDisplay {
             fw: fw.clone(),
             callbacks: desc.callbacks.clone(),
             layer: Mutex::new(None),
+            cursor: Mutex::new(None),
             cpu_frames: AtomicBool::new(false),
             presenting: AtomicBool::new(false),
             again: AtomicBool::new(false),
@@ -148,7 +163,13 @@ impl MacDisplay {
         let glyph = RcBlock::new(move |rep: *mut NSBitmapImageRep, hot: PgDisplayCoord| {
             let Some(me) = w.upgrade() else { return };
             // SAFETY: the framework passes a live image for the call.
-            let glyph = unsafe { rep.as_ref() }.and_then(glyph_from);
+            let rep = unsafe { rep.as_ref() };
+            let glyph = rep.and_then(glyph_from);
+            // Only a glyph that passed glyph_from's bounds becomes a host
+            // cursor.
+            if let (Some(rep), Some(_), Some(target)) = (rep, &glyph, lock(&me.cursor).clone()) {
+                target.set_glyph(rep, (hot.x, hot.y));
+            }
             let glyph = glyph.unwrap_or(CursorGlyph {
                 bits_per_pixel: 0,
                 width: 0,
@@ -162,6 +183,9 @@ impl MacDisplay {
         let show = RcBlock::new(move |show: Bool| {
             if let Some(me) = w.upgrade() {
                 me.callbacks.cursor_show(show.as_bool());
+                if let Some(target) = lock(&me.cursor).clone() {
+                    target.set_visible(show.as_bool());
+                }
             }
         });
         let w: Weak<Self> = Arc::downgrade(&this);
@@ -219,6 +243,11 @@ impl MacDisplay {
             layer.setDrawableSize(CGSize::new(f64::from(w), f64::from(h)));
         }
         *lock(&self.layer) = Some(Shared(layer));
+    }
+
+    /// Shows the guest's cursor through `target` from now on.
+    pub fn attach_cursor(&self, target: Arc<dyn CursorTarget>) {
+        *lock(&self.cursor) = Some(target);
     }
 
     /// Whether the core's CPU pipeline gets frames while a layer is attached.

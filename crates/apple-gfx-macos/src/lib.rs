@@ -19,12 +19,14 @@
 //!   when a platform loop must own it; [`runloop`] has the loops.
 //!
 //! * [`input`] translates the window's keyboard and mouse events for the
-//!   guest's USB keyboard and tablet.
+//!   guest's USB keyboard and tablet; [`cursor`] scales the guest's cursor
+//!   glyph into the window's host cursor.
 //!
-//! On other hosts only the portable parts ([`gpu`], [`input`],
+//! On other hosts only the portable parts ([`cursor`], [`gpu`], [`input`],
 //! [`main_thread`]) exist. Everything Apple-specific has been type-checked and linted for
 //! `aarch64-apple-darwin` but never run (docs/macos.md).
 
+pub mod cursor;
 pub mod gpu;
 pub mod input;
 pub mod main_thread;
@@ -41,7 +43,7 @@ pub mod runloop;
 mod va_space;
 
 #[cfg(target_os = "macos")]
-pub use display::MacDisplay;
+pub use display::{CursorTarget, MacDisplay};
 #[cfg(target_os = "macos")]
 pub use framework::{DisplayQueue, MacDevice, MacFramework, MacIosfcDevice};
 #[cfg(target_os = "macos")]

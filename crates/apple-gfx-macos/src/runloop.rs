@@ -7,23 +7,28 @@
 //! `--display cocoa`; a headless VMM gives the framework a private queue
 //! and keeps its main thread.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use dispatch2::DispatchQueue;
 use objc2::rc::Retained;
 use objc2::runtime::{NSObject, ProtocolObject};
-use objc2::{define_class, msg_send, DefinedClass as _, MainThreadMarker, MainThreadOnly};
+use objc2::{
+    define_class, msg_send, AnyThread, DefinedClass as _, MainThreadMarker, MainThreadOnly,
+};
 use objc2_app_kit::{
-    NSApplication, NSApplicationActivationPolicy, NSBackingStoreType, NSEvent,
-    NSEventModifierFlags, NSEventType, NSResponder, NSView, NSWindow, NSWindowStyleMask,
+    NSApplication, NSApplicationActivationPolicy, NSBackingStoreType, NSBitmapImageRep, NSCursor,
+    NSEvent, NSEventModifierFlags, NSEventType, NSImage, NSResponder, NSView, NSWindow,
+    NSWindowStyleMask,
 };
 use objc2_core_foundation::{kCFRunLoopDefaultMode, CFRunLoop};
 use objc2_foundation::{NSPoint, NSRect, NSSize, NSString};
 use objc2_metal::MTLPixelFormat;
 use objc2_quartz_core::CAMetalLayer;
 
+use crate::cursor::cursor_geometry;
+use crate::display::CursorTarget;
 use crate::input::{self, InputSink, Modifiers};
 use crate::main_thread::{LoopStopper, PlatformLoop};
 use crate::MacFramework;
@@ -73,11 +78,15 @@ impl LoopStopper for CfStop {
     }
 }
 
-/// What the window's view keeps: where input goes, and which modifiers it
-/// reported down.
+/// What the window's view keeps: where input goes, which modifiers it
+/// reported down, and the guest's cursor.
 struct ViewState {
     input: Option<Arc<dyn InputSink>>,
     modifiers: RefCell<Modifiers>,
+    /// The guest's glyph as a host cursor; the arrow until the guest sets
+    /// one.
+    cursor: RefCell<Option<Retained<NSCursor>>>,
+    cursor_visible: Cell<bool>,
 }
 
 define_class!(
@@ -134,6 +143,27 @@ define_class!(
             self.send_keys(&changes);
             // SAFETY: NSResponder's method, same signature.
             unsafe { msg_send![super(self), resignFirstResponder] }
+        }
+
+        // AppKit asks again after invalidateCursorRectsForView:, which is
+        // how a new glyph or a show/hide takes effect.
+        #[unsafe(method(resetCursorRects))]
+        fn reset_cursor_rects(&self) {
+            let state = self.ivars();
+            let cursor = if state.cursor_visible.get() {
+                state.cursor.borrow().clone()
+            } else {
+                // An image with no representation draws nothing.
+                let blank = NSImage::initWithSize(NSImage::alloc(), NSSize::new(1.0, 1.0));
+                Some(NSCursor::initWithImage_hotSpot(
+                    NSCursor::alloc(),
+                    &blank,
+                    NSPoint::new(0.0, 0.0),
+                ))
+            };
+            if let Some(cursor) = cursor {
+                self.addCursorRect_cursor(self.bounds(), &cursor);
+            }
         }
 
         #[unsafe(method(mouseMoved:))]
@@ -197,6 +227,8 @@ impl InputView {
         let this = Self::alloc(mtm).set_ivars(ViewState {
             input,
             modifiers: RefCell::new(Modifiers::default()),
+            cursor: RefCell::new(None),
+            cursor_visible: Cell::new(true),
         });
         // SAFETY: NSView's designated initialiser on a fresh allocation.
         unsafe { msg_send![super(this), initWithFrame: frame] }
@@ -225,6 +257,74 @@ impl InputView {
         if let Some((x, y)) = input::tablet_position(at.x, at.y, size.width, size.height) {
             sink.pointer(x, y, input::buttons(NSEvent::pressedMouseButtons()));
         }
+    }
+}
+
+thread_local! {
+    /// Each window's view and layer, by display index. Kept on the main
+    /// thread, where AppKit objects live and die: the display owning a
+    /// [`WindowCursor`] may be dropped on any thread, even while the main
+    /// thread waits for it.
+    static WINDOW_VIEWS: RefCell<Vec<(Retained<InputView>, Retained<CAMetalLayer>)>> =
+        const { RefCell::new(Vec::new()) };
+}
+
+/// A window's view as the display's [`CursorTarget`]. The display's
+/// handlers run on the main queue whenever a window exists
+/// ([`DisplayQueue::Main`](crate::DisplayQueue)), so the view is reached
+/// from the main thread only.
+struct WindowCursor {
+    index: usize,
+}
+
+impl WindowCursor {
+    fn with_view(&self, f: impl FnOnce(&InputView, &CAMetalLayer)) {
+        if MainThreadMarker::new().is_none() {
+            tracing::warn!("apple-gfx: cursor event off the main thread ignored");
+            return;
+        }
+        WINDOW_VIEWS.with(|views| {
+            if let Some((view, layer)) = views.borrow().get(self.index) {
+                f(view, layer);
+            }
+        });
+    }
+}
+
+impl CursorTarget for WindowCursor {
+    fn set_glyph(&self, glyph: &NSBitmapImageRep, hot_spot: (u16, u16)) {
+        self.with_view(|view, layer| {
+            let pixels = (
+                u32::try_from(glyph.pixelsWide()).unwrap_or(0),
+                u32::try_from(glyph.pixelsHigh()).unwrap_or(0),
+            );
+            // The glyph is scaled like the frame the layer shows.
+            let frame_pixels = layer.drawableSize().width as u32;
+            let Some(g) = cursor_geometry(pixels, hot_spot, view.bounds().size.width, frame_pixels)
+            else {
+                return;
+            };
+            let image = NSImage::initWithSize(NSImage::alloc(), NSSize::new(g.width, g.height));
+            image.addRepresentation(glyph);
+            let cursor = NSCursor::initWithImage_hotSpot(
+                NSCursor::alloc(),
+                &image,
+                NSPoint::new(g.hot_x, g.hot_y),
+            );
+            *view.ivars().cursor.borrow_mut() = Some(cursor);
+            if let Some(window) = view.window() {
+                window.invalidateCursorRectsForView(view);
+            }
+        });
+    }
+
+    fn set_visible(&self, visible: bool) {
+        self.with_view(|view, _| {
+            view.ivars().cursor_visible.set(visible);
+            if let Some(window) = view.window() {
+                window.invalidateCursorRectsForView(view);
+            }
+        });
     }
 }
 
@@ -303,6 +403,12 @@ impl AppKitLoop {
                 window.setTitle(&NSString::from_str(&format!("vmapple display {i}")));
                 window.center();
                 window.makeKeyAndOrderFront(None);
+                let index = WINDOW_VIEWS.with(|views| {
+                    let mut views = views.borrow_mut();
+                    views.push((view.clone(), layer.clone()));
+                    views.len() - 1
+                });
+                display.attach_cursor(Arc::new(WindowCursor { index }));
                 // SAFETY: from here the layer's properties are changed only
                 // by the display's handlers, which run on the main queue.
                 unsafe { display.attach_layer(layer) };
