@@ -619,8 +619,9 @@ impl MsiSender for FakeMsi {
         self.enabled.load(Ordering::SeqCst)
     }
 
-    fn send_msi(&self, vector: u32) {
+    fn send_msi(&self, vector: u32) -> bool {
         lock(&self.sent).push(vector);
+        true
     }
 }
 

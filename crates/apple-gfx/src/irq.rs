@@ -28,10 +28,12 @@ use vm_core::IrqLine;
 /// not wait for a lock that the PCI model holds while it dispatches BAR
 /// accesses, or the two deadlock.
 pub trait MsiSender: Send + Sync {
-    /// Whether the guest has set MSI Enable.
+    /// Whether a message can go out: the guest has set MSI Enable (and Bus
+    /// Master Enable, where the function models it).
     fn msi_enabled(&self) -> bool;
-    /// Signals message `vector`.
-    fn send_msi(&self, vector: u32);
+    /// Signals message `vector`; false if nothing went out (MSI was turned
+    /// off meanwhile, or the guest granted no such vector).
+    fn send_msi(&self, vector: u32) -> bool;
 }
 
 /// Where one framework interrupt source goes.
@@ -70,7 +72,7 @@ impl IrqRouter {
                 line.set_level(false);
             }
             IrqRoute::Msi(msi) => {
-                if !msi.msi_enabled() {
+                if !msi.msi_enabled() || !msi.send_msi(vector) {
                     self.dropped.fetch_add(1, Ordering::Relaxed);
                     vm_core::guest_error!(
                         "apple-gfx: {} interrupt {vector} dropped: MSI is disabled",
@@ -78,7 +80,6 @@ impl IrqRouter {
                     );
                     return;
                 }
-                msi.send_msi(vector);
             }
         }
         self.delivered.fetch_add(1, Ordering::Relaxed);
@@ -110,8 +111,12 @@ mod tests {
         fn msi_enabled(&self) -> bool {
             self.enabled.load(Ordering::SeqCst)
         }
-        fn send_msi(&self, vector: u32) {
+        fn send_msi(&self, vector: u32) -> bool {
+            if vector > 3 {
+                return false;
+            }
             self.sent.lock().unwrap().push(vector);
+            true
         }
     }
 
@@ -137,5 +142,11 @@ mod tests {
         r.raise(0);
         assert_eq!(*msi.sent.lock().unwrap(), vec![0]);
         assert_eq!((r.delivered(), r.dropped()), (1, 1));
+        r.raise(4);
+        assert_eq!(
+            (r.delivered(), r.dropped()),
+            (1, 2),
+            "refused by the sender"
+        );
     }
 }

@@ -6,7 +6,9 @@
 //! literal Objective-C, Metal or Mach call (apple-gfx.md §17): display-mode
 //! configuration, guest-memory bookkeeping for the framework, register
 //! forwarding with its re-entrancy rules, interrupt routing, the frame and
-//! cursor state machines and the PCI identity. The framework is reached
+//! cursor state machines, the MMIO variant's register windows ([`mmio`])
+//! and the PCI variant as a PCI function ([`pci`]; it needs MSI, so it is
+//! not attachable on vmapple). The framework is reached
 //! through the traits in [`framework`]; a macOS glue crate implements them,
 //! and [`fake`] implements them for tests on any host.
 //!
@@ -25,6 +27,7 @@ pub mod pci;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
 
+pub use self::pci::{ApplePciGfx, PciGfxError};
 pub use device::{AppleGfx, DisplaySink, Executor, GfxConfig, GfxError, ThreadExecutor, Variant};
 pub use framework::{Framework, MemoryInterface};
 pub use mmio::{GfxWindow, IosfcWindow};

@@ -36,8 +36,9 @@ pub const GFX_SPI: u32 = 0x11;
 /// GIC SPI of the IOSFC interrupt (INTID 48).
 pub const IOSFC_SPI: u32 = 0x10;
 
-/// Splits an access into the 32-bit accesses the framework takes.
-fn forward_read(
+/// Splits an access into the 32-bit accesses the framework takes. Shared
+/// with the PCI variant's BAR0, which follows the same rules.
+pub(crate) fn forward_read(
     name: &str,
     size: u64,
     offset: u64,
@@ -58,7 +59,7 @@ fn forward_read(
     }
 }
 
-fn forward_write(
+pub(crate) fn forward_write(
     name: &str,
     size: u64,
     offset: u64,

@@ -5,6 +5,13 @@
 //! macOS the ParavirtualizedGraphics glue, in tests the core's fake. The
 //! host side of the device is a [`Screen`]: the last frame the core
 //! published, kept for the control socket's `screenshot`.
+//!
+//! The PCI variant, `apple-gfx-pci` ([`apple_gfx::ApplePciGfx`]), is not
+//! offered: it signals interrupts only by MSI, and vmapple has no MSI
+//! controller (vmapple-machine.md §7.5), which is why QEMU refuses it
+//! there too. Built from this machine's PCI host
+//! ([`pci::PciHost::msi_sink`] is `None`) it fails with
+//! [`apple_gfx::PciGfxError::NoMsi`].
 
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};

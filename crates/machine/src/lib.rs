@@ -951,6 +951,26 @@ mod tests {
     }
 
     #[test]
+    fn the_pci_display_cannot_be_attached_to_vmapple() {
+        let m = with_display(None, false).unwrap();
+        let fw = FakeFramework::new(MemoryInterface::Tasks);
+        let config = apple_gfx::GfxConfig {
+            memory: Arc::new(m.memory.clone()),
+            va_space: Arc::new(FakeVaSpace::new()),
+            page_size: FAKE_PAGE,
+            sink: Arc::new(display::FrameGrabber::default()),
+            executor: Arc::new(apple_gfx::ThreadExecutor),
+            modes: vec![],
+        };
+        let err = apple_gfx::ApplePciGfx::new(&fw, config, m.pci.msi_sink())
+            .err()
+            .expect("vmapple has no MSI");
+        assert!(matches!(err, apple_gfx::PciGfxError::NoMsi));
+        assert!(err.to_string().contains("use the MMIO display"), "{err}");
+        assert_eq!(fw.display_info(), None, "the framework was never asked");
+    }
+
+    #[test]
     fn screenshots_show_the_guest_frame() {
         let fw = FakeFramework::new(MemoryInterface::Tasks);
         let m = with_display(Some(&fw), false).unwrap();

@@ -14,7 +14,8 @@
 
 use vm_core::AccessWidth;
 
-/// Capability IDs used on vmapple.
+/// Capability IDs used here.
+pub const CAP_ID_MSI: u8 = 0x05;
 pub const CAP_ID_VENDOR: u8 = 0x09;
 pub const CAP_ID_MSIX: u8 = 0x11;
 

@@ -37,7 +37,9 @@
 //!   does not hide another's. The command register's interrupt-disable
 //!   bit gates a function's contribution; status bit 3 shows the function's
 //!   own level regardless.
-//! * **No MSI/MSI-X** is offered by the host (§7.5).
+//! * **No MSI/MSI-X** is offered by the host (§7.5): there is no ITS or
+//!   GICv2m frame an MSI write could reach, so [`PciHost::msi_sink`] is
+//!   `None`, and functions that need MSI refuse to be built from it.
 //! * **Reset** ([`PciHost::reset`]): every header returns to power-on
 //!   state (decoding off, BARs 0) and every function is reset.
 
@@ -536,6 +538,14 @@ impl PciHost {
         Ok(slot)
     }
 
+    /// Where functions on this bus could send MSIs: nowhere, since the
+    /// vmapple GIC has neither an ITS nor a GICv2m frame (§7.5). Functions
+    /// that can fall back to INTx do; one that cannot (`apple-gfx-pci`)
+    /// takes this value and refuses to be built.
+    pub fn msi_sink(&self) -> Option<Arc<dyn crate::msi::MsiSink>> {
+        None
+    }
+
     /// `(slot, name)` of every function, the root complex included.
     pub fn devices(&self) -> Vec<(u8, String)> {
         self.inner
@@ -722,6 +732,12 @@ mod tests {
 
     fn cfg(slot: u64, reg: u64) -> u64 {
         slot << 15 | reg
+    }
+
+    #[test]
+    fn the_host_offers_no_msi() {
+        let (host, _) = host();
+        assert!(host.msi_sink().is_none());
     }
 
     #[test]

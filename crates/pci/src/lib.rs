@@ -6,14 +6,16 @@
 //! Devices plug in through [`PciDevice`]; the host owns their config-space
 //! headers ([`config`]), routes their interrupts and maps their BARs into
 //! the MMIO window when the guest programs them ([`host`]). A function's
-//! capabilities are built with [`capability::CapabilityList`]; [`msix`]
-//! holds an MSI-X capability model for later use (vmapple offers no MSI-X
-//! today, §7.5).
+//! capabilities are built with [`capability::CapabilityList`]; [`msi`]
+//! and [`msix`] hold MSI and MSI-X capability models. vmapple offers
+//! neither (§7.5): [`PciHost::msi_sink`] says so, and a function that needs
+//! MSI (`apple-gfx-pci`) can be modelled and tested but not attached.
 
 pub mod capability;
 pub mod config;
 pub mod device;
 pub mod host;
+pub mod msi;
 pub mod msix;
 
 pub use capability::CapabilityList;
@@ -23,3 +25,4 @@ pub use host::{
     intx_line, intx_spi, IntxRoute, PciError, PciHost, ECAM_BASE, ECAM_SIZE, FDT_BUS_RANGE,
     FDT_RANGES, FDT_REG, INTERRUPT_MAP_MASK, INTX_SPI_BASE, MMIO_BASE, MMIO_SIZE, NUM_INTX_LINES,
 };
+pub use msi::{Msi, MsiConfig, MsiMessage, MsiSink};
