@@ -886,14 +886,21 @@ mod tests {
     use display::{DisplayMode, ScreenshotError};
     use vm_core::AccessWidth::Word;
 
-    /// A machine with a display on `fw`, or on no backend at all.
-    fn with_display(fw: Option<&FakeFramework>, window: bool) -> Result<Machine, MachineError> {
-        let dir = tempfile::tempdir().unwrap();
-        let rom = dir.path().join("rom.bin");
+    /// The smallest machine: one CPU, a 16-byte ROM written into `dir`, no
+    /// USB.
+    fn bare_config(dir: &std::path::Path) -> MachineConfig {
+        let rom = dir.join("rom.bin");
         std::fs::write(&rom, [0u8; 16]).unwrap();
         let mut config =
             MachineConfig::new(1, MIN_RAM, BootSource::Firmware(rom), SerialBackend::None);
         config.usb = false;
+        config
+    }
+
+    /// A machine with a display on `fw`, or on no backend at all.
+    fn with_display(fw: Option<&FakeFramework>, window: bool) -> Result<Machine, MachineError> {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = bare_config(dir.path());
         config.display = Some(DisplayConfig {
             modes: vec![DisplayMode::new(800, 600, 60)],
             window,
@@ -1022,11 +1029,7 @@ mod tests {
     #[test]
     fn without_the_framework_the_machine_has_no_display() {
         let dir = tempfile::tempdir().unwrap();
-        let rom = dir.path().join("rom.bin");
-        std::fs::write(&rom, [0u8; 16]).unwrap();
-        let mut config =
-            MachineConfig::new(1, MIN_RAM, BootSource::Firmware(rom), SerialBackend::None);
-        config.usb = false;
+        let mut config = bare_config(dir.path());
         config.display = Some(DisplayConfig::default());
         let m = Machine::new(config).unwrap();
         assert!(m.screen().is_none());

@@ -291,6 +291,21 @@ mod tests {
         w.iter().map(|s| s.to_string()).collect()
     }
 
+    /// The smallest machine: one CPU, a 16-byte ROM written into `dir`, no
+    /// USB.
+    fn bare_config(dir: &Path) -> machine::MachineConfig {
+        let rom = dir.join("rom.bin");
+        std::fs::write(&rom, [0u8; 16]).unwrap();
+        let mut config = machine::MachineConfig::new(
+            1,
+            machine::MIN_RAM,
+            machine::BootSource::Firmware(rom),
+            devices::serial::SerialBackend::None,
+        );
+        config.usb = false;
+        config
+    }
+
     /// A machine whose display is the core's fake framework, serving its
     /// control socket; the fake and the socket path come back too.
     fn machine_with_fake_display(
@@ -302,15 +317,7 @@ mod tests {
         PathBuf,
     ) {
         use apple_gfx::fake::{FakeFramework, FakeVaSpace, FAKE_PAGE};
-        let rom = dir.join("rom.bin");
-        std::fs::write(&rom, [0u8; 16]).unwrap();
-        let mut config = machine::MachineConfig::new(
-            1,
-            machine::MIN_RAM,
-            machine::BootSource::Firmware(rom),
-            devices::serial::SerialBackend::None,
-        );
-        config.usb = false;
+        let mut config = bare_config(dir);
         config.display = Some(machine::display::DisplayConfig::default());
         let fake = FakeFramework::new(apple_gfx::MemoryInterface::Tasks);
         let backend = machine::display::GfxBackend {
@@ -360,16 +367,7 @@ mod tests {
     #[test]
     fn screenshot_without_a_display_is_unsupported() {
         let dir = tempfile::tempdir().unwrap();
-        let rom = dir.path().join("rom.bin");
-        std::fs::write(&rom, [0u8; 16]).unwrap();
-        let mut config = machine::MachineConfig::new(
-            1,
-            machine::MIN_RAM,
-            machine::BootSource::Firmware(rom),
-            devices::serial::SerialBackend::None,
-        );
-        config.usb = false;
-        let m = machine::Machine::new(config).unwrap();
+        let m = machine::Machine::new(bare_config(dir.path())).unwrap();
         let socket = dir.path().join("control.sock");
         let _control = serve(&socket, m.handle(), None, m.screen()).unwrap();
         let r = screenshot(&socket, &dir.path().join("x.png"));
