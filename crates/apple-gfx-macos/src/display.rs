@@ -22,7 +22,9 @@
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use vm_core::sync::lock;
 
 use apple_gfx::framework::{
     CursorGlyph, DisplayCallbacks, DisplayCoord, DisplayDescriptor, FrameworkError, PgDisplay,
@@ -73,10 +75,6 @@ pub struct MacDisplay {
     mode: Mutex<Option<(u16, u16)>>,
     port: u32,
     serial: u32,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn whole(w: usize, h: usize) -> MTLRegion {

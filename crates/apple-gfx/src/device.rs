@@ -33,7 +33,8 @@
 //! deadlocks (§9.3).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use vm_core::sync::lock;
 
 use vm_core::GuestMemory;
 
@@ -159,11 +160,6 @@ struct Inner {
     /// Written by `cursorShowHandler`, read when the cursor is refreshed.
     cursor_show: AtomicBool,
     serial: u32,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic elsewhere must not take the display down with it.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The device core. Cloning gives another handle to the same device.

@@ -15,7 +15,8 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
+use vm_core::sync::lock;
 
 use vm_core::memory::create_guest_memory;
 use vm_core::{GuestMemory, TestIrq};
@@ -62,10 +63,6 @@ pub const REG_STATUS: u64 = 0x3104;
 pub const REG_TASK: u64 = 0x3108;
 /// IOSFC window: write `vector`: the IOSurface device's `raiseInterrupt`.
 pub const IOSFC_CMD_RAISE_IRQ: u64 = 0x8000;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// One register access the fake saw.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

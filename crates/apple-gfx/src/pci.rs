@@ -30,7 +30,8 @@
 //!   meaningful on a Mac host and for firmware that runs it).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
+use vm_core::sync::lock;
 
 use pci::config::reg::COMMAND_MASTER;
 use pci::{BarKind, BarRegion, CapabilityList, Msi, MsiConfig, MsiSink, PciDevice};
@@ -93,10 +94,6 @@ pub enum PciGfxError {
     BarSize(u64),
     #[error(transparent)]
     Gfx(#[from] GfxError),
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The function's MSI side: its capability image and what gates it.

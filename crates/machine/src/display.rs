@@ -14,8 +14,9 @@
 //! [`apple_gfx::PciGfxError::NoMsi`].
 
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
+use vm_core::sync::lock;
 
 use apple_gfx::cursor::CursorImage;
 use apple_gfx::memory::VaSpace;
@@ -65,10 +66,6 @@ struct Grabbed {
 pub struct FrameGrabber {
     state: Mutex<Grabbed>,
     updated: Condvar,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl FrameGrabber {

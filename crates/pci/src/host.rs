@@ -44,6 +44,7 @@
 //!   state (decoding off, BARs 0) and every function is reset.
 
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use vm_core::sync::lock;
 
 use vm_core::{AccessWidth, IrqLine, MmioDevice, NoIrq};
 
@@ -98,10 +99,6 @@ pub enum PciError {
     },
     #[error("{name}: interrupt pin {pin} is not 0..=4")]
     InterruptPin { name: String, pin: u8 },
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// One INTx wire shared by several functions: high while any input is.

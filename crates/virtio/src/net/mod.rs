@@ -41,9 +41,10 @@ pub mod vmnet;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
+use vm_core::sync::lock;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_core::{guest_error, GuestMemory};
@@ -134,10 +135,6 @@ pub(crate) fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
         // POLLHUP/POLLERR count as readable: the read reports them.
         _ => Ok(true),
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// State the vCPU and the receive thread share.

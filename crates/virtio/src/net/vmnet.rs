@@ -19,6 +19,7 @@ use std::ffi::{c_char, c_void, CStr};
 use std::io;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
+use vm_core::sync::lock;
 
 use block2::RcBlock;
 use dispatch2::{DispatchQueue, DispatchRetained};
@@ -83,10 +84,6 @@ extern "C" {
     fn xpc_dictionary_get_uint64(dict: XpcObject, key: *const c_char) -> u64;
     fn xpc_dictionary_get_string(dict: XpcObject, key: *const c_char) -> *const c_char;
     fn xpc_release(obj: XpcObject);
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The running interface, shared by the sending and receiving halves.

@@ -68,7 +68,8 @@
 //!   Device config loads and stores of any width go to the device.
 
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
+use vm_core::sync::lock;
 
 use ::pci::capability::{CapabilityList, CAP_ID_VENDOR};
 use ::pci::{BarKind, BarRegion, PciDevice};
@@ -160,10 +161,6 @@ const PCI_CFG_BAR: u16 = 4;
 const PCI_CFG_OFFSET: u16 = 8;
 const PCI_CFG_LENGTH: u16 = 12;
 const PCI_CFG_DATA: u16 = 16;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// The interrupt side, shared with the device after activation.
 struct IrqState {
