@@ -4,11 +4,15 @@
 //! A [`DiskImage`] is opened once per VM. Read-write images take an
 //! exclusive advisory lock (`flock`) so that a second VMM cannot open the
 //! same image for writing; read-only images take a shared lock, which
-//! still excludes a writer. Devices see only the [`BlockBackend`] trait, so
-//! they are testable against an in-memory disk.
+//! still excludes a writer. On Linux they also take the byte-range locks
+//! QEMU takes, so QEMU and vmapple exclude each other too (lock.rs).
+//! Devices see only the [`BlockBackend`] trait, so they are testable
+//! against an in-memory disk.
 
+mod lock;
 mod raw;
 
+pub use lock::{Conflict, Holder, ImageLock, Perm};
 pub use raw::{DiskImage, OpenError};
 
 use std::io;

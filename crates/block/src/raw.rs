@@ -7,6 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use crate::lock::{self, Conflict, Holder, LockFailure};
 use crate::{check_range, BlockBackend};
 
 /// Why an image could not be opened.
@@ -14,10 +15,40 @@ use crate::{check_range, BlockBackend};
 pub enum OpenError {
     #[error("cannot open disk image '{}': {source}", path.display())]
     Open { path: PathBuf, source: io::Error },
-    #[error("disk image '{}' is in use by another process (it holds a lock on it)", path.display())]
-    Locked { path: PathBuf },
+    /// Another user holds a lock that conflicts with ours (see lock.rs).
+    #[error("disk image '{}' is in use by another process{}: {conflict}", path.display(), named(holder))]
+    Locked {
+        path: PathBuf,
+        conflict: Conflict,
+        holder: Option<Holder>,
+    },
     #[error("disk image '{}' is not a regular file", path.display())]
     NotAFile { path: PathBuf },
+}
+
+fn named(holder: &Option<Holder>) -> String {
+    match holder {
+        Some(h) => format!(", pid {} ({})", h.pid, h.program),
+        None if cfg!(target_os = "linux") => {
+            " (the OS does not say which: an open-file-description lock has no owning pid, and /proc shows no readable holder)".into()
+        }
+        None => String::new(),
+    }
+}
+
+/// The error for a failed lock of `file`, naming the holder if it can.
+pub(crate) fn lock_error(file: &File, path: &Path, failure: LockFailure) -> OpenError {
+    match failure {
+        LockFailure::Conflict(conflict) => OpenError::Locked {
+            path: path.to_path_buf(),
+            conflict,
+            holder: lock::holder(file, conflict),
+        },
+        LockFailure::Io(source) => OpenError::Open {
+            path: path.to_path_buf(),
+            source,
+        },
+    }
 }
 
 /// A raw image file opened for one VM.
@@ -30,8 +61,8 @@ pub struct DiskImage {
 }
 
 impl DiskImage {
-    /// Opens `path`, read-only or read-write, and locks it: exclusively
-    /// for writing, shared for reading.
+    /// Opens `path`, read-only or read-write, and locks it (lock.rs):
+    /// exclusively for writing, shared for reading.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, OpenError> {
         let open_error = |source| OpenError::Open {
             path: path.to_path_buf(),
@@ -48,22 +79,7 @@ impl DiskImage {
                 path: path.to_path_buf(),
             });
         }
-        let lock = if read_only {
-            libc::LOCK_SH
-        } else {
-            libc::LOCK_EX
-        };
-        // SAFETY: flock on a descriptor we own; no memory is involved.
-        if unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
-            let err = io::Error::last_os_error();
-            return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                OpenError::Locked {
-                    path: path.to_path_buf(),
-                }
-            } else {
-                open_error(err)
-            });
-        }
+        lock::lock(&file, !read_only).map_err(|f| lock_error(&file, path, f))?;
         Ok(Self {
             size: meta.len(),
             file,
@@ -230,6 +246,119 @@ mod tests {
         let b = DiskImage::open(&path, true).unwrap();
         assert!(b.write_at(&[0], 0).is_err(), "read-only");
         drop((a, b));
+    }
+
+    /// Takes, on a descriptor of its own, the lock bytes a QEMU guest disk
+    /// opened read-write holds (file-posix.c: 100+perm for what it uses,
+    /// 200+perm for what it does not share), as QEMU does: read locks only.
+    #[cfg(target_os = "linux")]
+    fn hold_like_qemu(path: &Path, bytes: &[i64]) -> File {
+        let f = File::open(path).unwrap();
+        for &byte in bytes {
+            // SAFETY: all-zero is a valid flock; fcntl on our descriptor.
+            let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+            fl.l_type = libc::F_RDLCK as libc::c_short;
+            fl.l_whence = libc::SEEK_SET as libc::c_short;
+            fl.l_start = byte;
+            fl.l_len = 1;
+            // SAFETY: as above; `fl` outlives the call.
+            assert_eq!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) }, 0);
+        }
+        f
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_qemu_writer_keeps_us_out_and_is_named() {
+        let path = image("qemu-held.img", 512);
+        // QEMU's guest disk: consistent read + write used, write + resize
+        // not shared.
+        let qemu = hold_like_qemu(&path, &[100, 101, 201, 203]);
+        let err = DiskImage::open(&path, false).unwrap_err();
+        let OpenError::Locked {
+            conflict, holder, ..
+        } = &err
+        else {
+            panic!("{err}");
+        };
+        assert_eq!(*conflict, Conflict::Unshared(crate::Perm::Write));
+        let holder = holder.as_ref().expect("the holder is found in /proc");
+        assert_eq!(holder.pid, std::process::id());
+        let text = err.to_string();
+        assert!(text.contains("in use by another process, pid "), "{text}");
+        assert!(text.contains("\"write\""), "{text}");
+        // A reader is refused too: QEMU writes.
+        assert!(matches!(
+            DiskImage::open(&path, true),
+            Err(OpenError::Locked {
+                conflict: Conflict::InUse(crate::Perm::Write),
+                ..
+            })
+        ));
+        drop(qemu);
+        // A QEMU reader (qemu-img info: reads, shares no write) lets a
+        // vmapple reader in but not a writer.
+        let reader = hold_like_qemu(&path, &[100, 201, 203]);
+        DiskImage::open(&path, true).unwrap();
+        assert!(matches!(
+            DiskImage::open(&path, false),
+            Err(OpenError::Locked {
+                conflict: Conflict::Unshared(crate::Perm::Write),
+                ..
+            })
+        ));
+        drop(reader);
+        DiskImage::open(&path, false).unwrap();
+    }
+
+    /// What QEMU tests before it opens an image read-write (does anyone
+    /// refuse "write"?) and read-only (does anyone hold "write"?), asked
+    /// of an image vmapple has open.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn our_locks_are_the_bytes_qemu_tests() {
+        let path = image("ours.img", 512);
+        let probe = File::open(&path).unwrap();
+        let held = |byte: i64| {
+            // SAFETY: all-zero is a valid flock; fcntl on our descriptor.
+            let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+            fl.l_type = libc::F_WRLCK as libc::c_short;
+            fl.l_whence = libc::SEEK_SET as libc::c_short;
+            fl.l_start = byte;
+            fl.l_len = 1;
+            // SAFETY: as above; `fl` outlives the call.
+            assert_eq!(unsafe { libc::fcntl(probe.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) }, 0);
+            fl.l_type != libc::F_UNLCK as libc::c_short
+        };
+        let disk = DiskImage::open(&path, false).unwrap();
+        let bytes: Vec<i64> = (100..=104).chain(200..=204).filter(|&b| held(b)).collect();
+        assert_eq!(bytes, [100, 101, 201, 203]);
+        drop(disk);
+        assert!((100..=204).all(|b| !held(b)), "released on close");
+        let disk = DiskImage::open(&path, true).unwrap();
+        let bytes: Vec<i64> = (100..=104).chain(200..=204).filter(|&b| held(b)).collect();
+        assert_eq!(bytes, [100, 201, 203]);
+        drop(disk);
+    }
+
+    #[test]
+    fn an_exclusive_hold_keeps_every_opener_out() {
+        let path = image("held.img", 512);
+        let lock = crate::ImageLock::exclusive(&path).unwrap().unwrap();
+        assert!(matches!(
+            DiskImage::open(&path, true),
+            Err(OpenError::Locked { .. })
+        ));
+        let running = DiskImage::open(&image("running.img", 512), false).unwrap();
+        assert!(matches!(
+            crate::ImageLock::exclusive(running.path()),
+            Err(OpenError::Locked { .. })
+        ));
+        drop(lock);
+        DiskImage::open(&path, false).unwrap();
+        assert!(crate::ImageLock::exclusive(Path::new("/nonexistent/x.img"))
+            .unwrap()
+            .is_none());
     }
 
     #[test]

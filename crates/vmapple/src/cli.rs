@@ -510,7 +510,7 @@ fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<Mach
         .unwrap_or(512 << 20);
     let serial = args
         .serial
-        .or(config.map(|c| serial_from_bundle(&c.serial)))
+        .or(bundle.map(|b| serial_from_bundle(&b.serial())))
         .unwrap_or(SerialBackend::Stdio);
     let mut machine = MachineConfig::new(cpus, memory, boot, serial);
     let ecid = match (args.ecid, bundle) {
@@ -558,7 +558,7 @@ fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<Mach
         .unwrap_or_default();
     let net = args
         .net
-        .or_else(|| config.and_then(|c| net_from_bundle(&c.network)));
+        .or_else(|| bundle.and_then(|b| net_from_bundle(&b.network())));
     // Only a MAC given here conflicts with no network: the bundle's is for
     // runs that have one, and `--net none` for one run must not need an
     // edit of config.toml.

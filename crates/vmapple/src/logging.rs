@@ -78,15 +78,14 @@ pub fn init(level: Option<&str>) -> Result<(), String> {
     Ok(())
 }
 
-/// From now on, log to `path` too (appending: earlier runs stay).
+/// From now on, log to `path` too (appending: earlier runs stay). A
+/// symbolic link or hard link there is refused, never written through.
 pub fn log_to_file(path: &Path) -> Result<(), String> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| format!("log file {}: {e}", path.display()))?;
+    let file = bundle::bundle::open_bundle_file(
+        path,
+        std::fs::OpenOptions::new().append(true).create(true),
+    )
+    .map_err(|e| format!("log file: {e}"))?;
     LOG_FILE
         .set(Mutex::new(file))
         .map_err(|_| "the log file is already open".to_string())

@@ -768,3 +768,174 @@ fn importing_something_that_is_not_a_vm_is_one_clear_error() {
     assert_user_error(&out, "config.json");
     assert!(!home.bundle("x").exists());
 }
+
+/// A hostile macosvm JSON points a read-write disk at a file of the user's
+/// outside its directory: the import is refused, names the file, creates
+/// nothing; `--allow-outside-files` lets a trusted one through.
+#[test]
+fn an_import_that_points_outside_the_vm_directory_is_refused() {
+    let home = Home::new();
+    let src = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    write_vz_aux(&src.path().join("aux.img"));
+    let victim = elsewhere.path().join("documents.img");
+    std::fs::write(&victim, "the user's data").unwrap();
+    let json = serde_json::json!({
+        "machineId": base64(&machine_identifier(ECID)),
+        "cpus": 2,
+        "ram": 268435456u64,
+        "storage": [
+            { "type": "disk", "file": victim.to_str().unwrap() },
+            { "type": "aux", "file": "aux.img" },
+        ],
+    });
+    let json_path = src.path().join("vm.json");
+    std::fs::write(&json_path, json.to_string()).unwrap();
+    let out = home.run(&["import", json_path.to_str().unwrap(), "hostile"]);
+    assert_user_error(&out, &format!("storage[0] file {} is outside", victim.display()));
+    assert!(!home.bundle("hostile").exists());
+
+    // The same through a symbolic link in a Tart directory.
+    let tart = tempfile::tempdir().unwrap();
+    let config = serde_json::json!({
+        "version": 1, "os": "darwin", "arch": "arm64",
+        "ecid": base64(&machine_identifier(ECID)),
+        "cpuCount": 2, "memorySize": 268435456u64,
+    });
+    std::fs::write(tart.path().join("config.json"), config.to_string()).unwrap();
+    write_vz_aux(&tart.path().join("nvram.bin"));
+    std::os::unix::fs::symlink(&victim, tart.path().join("disk.img")).unwrap();
+    let out = home.run(&["import", tart.path().to_str().unwrap(), "linked"]);
+    assert_user_error(&out, "disk.img is outside");
+    assert!(!home.bundle("linked").exists());
+
+    home.ok(&[
+        "import",
+        json_path.to_str().unwrap(),
+        "trusted",
+        "--allow-outside-files",
+    ]);
+    let config = std::fs::read_to_string(home.bundle("trusted").join("config.toml")).unwrap();
+    assert!(config.contains(victim.to_str().unwrap()), "{config}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"the user's data");
+}
+
+/// `bundle.lock` and `vmapple.log` planted as symbolic links to a file of
+/// the user's: `list`, `run` and `delete` never write through them.
+#[test]
+fn links_planted_in_a_bundle_are_never_written_through() {
+    let home = Home::new();
+    create_small(&home, "planted");
+    let dir = home.bundle("planted");
+    let victim = home.path().join("precious.txt");
+    std::fs::write(&victim, "precious\n").unwrap();
+    std::os::unix::fs::symlink(&victim, dir.join("bundle.lock")).unwrap();
+
+    assert!(home.ok(&["list"]).contains("planted"));
+    let out = home.run(&["run", "planted", "--kernel", "/nonexistent/Image"]);
+    assert_user_error(&out, "bundle.lock: is a symbolic link");
+    let out = home.run(&["delete", "planted"]);
+    assert_user_error(&out, "is a symbolic link");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+
+    std::fs::remove_file(dir.join("bundle.lock")).unwrap();
+    let _ = std::fs::remove_file(dir.join("vmapple.log"));
+    std::os::unix::fs::symlink(&victim, dir.join("vmapple.log")).unwrap();
+    let out = home.run(&["run", "planted", "--kernel", "/nonexistent/Image"]);
+    assert_user_error(&out, "vmapple.log: is a symbolic link");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+}
+
+/// Waits (bounded) until `path` exists: a paused VM has opened its disks
+/// once its control socket is there.
+fn wait_for_file(path: &Path, vm: &mut Running) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(
+            vm.is_running() && start.elapsed() < BOOT,
+            "{} never appeared; stderr:\n{}",
+            path.display(),
+            vm.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `delete` removes only a real bundle, and not while a VM runs on one of
+/// its disks even without the bundle (`run --root DIR/root.img`).
+#[test]
+fn delete_refuses_non_bundles_and_disks_in_use() {
+    let home = Home::new();
+    create_small(&home, "keep");
+    let dir = home.bundle("keep");
+
+    let plain = home.path().join("work");
+    std::fs::create_dir(&plain).unwrap();
+    std::fs::copy(dir.join("config.toml"), plain.join("config.toml")).unwrap();
+    std::fs::write(plain.join("notes.txt"), "x").unwrap();
+    let out = home.run(&["delete", plain.to_str().unwrap()]);
+    assert_user_error(&out, "not deleted");
+    assert!(plain.join("notes.txt").exists());
+
+    let (kernel, _) = common::linux_guest();
+    let control = home.path().join("c.sock");
+    let root = dir.join("root.img");
+    let mut vm = home.spawn(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--root",
+        root.to_str().unwrap(),
+        "--net",
+        "none",
+        "--paused",
+        "--control",
+        control.to_str().unwrap(),
+    ]);
+    wait_for_file(&control, &mut vm);
+    let out = home.run(&["delete", "keep"]);
+    assert_user_error(&out, "cannot delete bundle");
+    assert!(text(&out.stderr).contains("root.img"), "{}", text(&out.stderr));
+    assert!(root.exists() && dir.join("config.toml").exists());
+    drop(vm);
+    home.ok(&["delete", "keep"]);
+    assert!(!dir.exists());
+}
+
+/// A relative `serial = "file:..."` in config.toml is a file in the
+/// bundle, wherever vmapple is started from; what vmapple creates there
+/// is private to the user.
+#[test]
+fn relative_config_paths_are_in_the_bundle_and_files_are_private() {
+    let home = Home::new();
+    create_small(&home, "ser");
+    let dir = home.bundle("ser");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    for f in ["root.img", "aux.img", "config.toml", "MachineIdentifier"] {
+        assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+    }
+
+    let config = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+    std::fs::write(
+        dir.join("config.toml"),
+        format!("serial = \"file:console.log\"\n{config}"),
+    )
+    .unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let (kernel, _) = common::linux_guest();
+    let mut command = home.command(&[
+        "run",
+        "ser",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--paused",
+    ]);
+    command.current_dir(elsewhere.path());
+    let mut vm = Running::spawn(command, &["run", "ser"]);
+    wait_for_file(&dir.join("control.sock"), &mut vm);
+    assert!(dir.join("console.log").exists());
+    assert!(!elsewhere.path().join("console.log").exists());
+    home.ok(&["ctl", "ser", "stop"]);
+    vm.wait_exit(BOOT);
+}
