@@ -832,6 +832,7 @@ fn links_planted_in_a_bundle_are_never_written_through() {
     std::os::unix::fs::symlink(&victim, dir.join("bundle.lock")).unwrap();
 
     assert!(home.ok(&["list"]).contains("planted"));
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
     let out = home.run(&["run", "planted", "--kernel", "/nonexistent/Image"]);
     assert_user_error(&out, "bundle.lock: is a symbolic link");
     let out = home.run(&["delete", "planted"]);
@@ -902,20 +903,27 @@ fn delete_refuses_non_bundles_and_disks_in_use() {
     assert!(!dir.exists());
 }
 
-/// A relative `serial = "file:..."` in config.toml is a file in the
-/// bundle, wherever vmapple is started from; what vmapple creates there
-/// is private to the user.
+/// What `create` makes is private to the user: guest disks hold the
+/// guest's data.
 #[test]
-fn relative_config_paths_are_in_the_bundle_and_files_are_private() {
+fn a_created_bundle_is_private_to_the_user() {
     let home = Home::new();
-    create_small(&home, "ser");
-    let dir = home.bundle("ser");
+    create_small(&home, "private");
+    let dir = home.bundle("private");
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&dir), 0o700);
     for f in ["root.img", "aux.img", "config.toml", "MachineIdentifier"] {
         assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
     }
+}
 
+/// A relative `serial = "file:..."` in config.toml is a file in the
+/// bundle, wherever vmapple is started from.
+#[test]
+fn a_relative_serial_file_is_in_the_bundle() {
+    let home = Home::new();
+    create_small(&home, "ser");
+    let dir = home.bundle("ser");
     let config = std::fs::read_to_string(dir.join("config.toml")).unwrap();
     std::fs::write(
         dir.join("config.toml"),

@@ -169,19 +169,15 @@ fn vmapple_refuses_an_image_qemu_runs_and_names_it() {
     wait("QEMU's write lock", &mut qemu.0, || byte_locked(&image, 101));
 
     let (kernel, _) = common::linux_guest();
-    let out = Command::new(env!("CARGO_BIN_EXE_vmapple"))
-        .arg("run")
-        .arg("--kernel")
-        .arg(&kernel)
-        .arg("--root")
-        .arg(&image)
-        .args(["--net", "none"])
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let kernel = kernel.to_str().unwrap();
+    let image_arg = image.to_str().unwrap();
+    // Bounded: a vmapple that wrongly starts is killed, failing the test.
+    let out = common::vmapple(
+        &["run", "--kernel", kernel, "--root", image_arg, "--net", "none"],
+        START,
+    );
+    let stderr = &out.stderr;
+    assert_eq!(out.code, 1, "{stderr}");
     assert!(
         stderr.contains(&format!(
             "is in use by another process, pid {qemu_pid} (qemu-system-aarch64)"
@@ -192,21 +188,15 @@ fn vmapple_refuses_an_image_qemu_runs_and_names_it() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 
     // Read-only is refused too: QEMU writes to it.
-    let out = Command::new(env!("CARGO_BIN_EXE_vmapple"))
-        .arg("run")
-        .arg("--kernel")
-        .arg(&kernel)
-        .arg("--root")
-        .arg(format!("{},readonly", image.display()))
-        .args(["--net", "none"])
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let readonly = format!("{image_arg},readonly");
+    let out = common::vmapple(
+        &["run", "--kernel", kernel, "--root", &readonly, "--net", "none"],
+        START,
+    );
+    assert_eq!(out.code, 1, "{}", out.stderr);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("in use by another process"),
+        out.stderr.contains("in use by another process"),
         "{}",
-        text(&out)
+        out.stderr
     );
 }
