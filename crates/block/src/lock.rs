@@ -100,6 +100,7 @@ const SHARED_BYTES: i64 = 200;
 /// guest disk does: a writer reads and writes and lets others neither
 /// write nor resize; a reader reads and lets others neither write nor
 /// resize (vmapple's read-only disks have always excluded writers).
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 fn plan(write: bool) -> (&'static [Perm], &'static [Perm]) {
     let unshared: &[Perm] = &[Perm::Write, Perm::Resize];
     if write {
