@@ -170,15 +170,25 @@ fn qemu_locks(file: &File, write: bool) -> Result<(), LockFailure> {
         }
     }
     for perm in perms {
-        if ofd(file, libc::F_OFD_GETLK, libc::F_WRLCK, SHARED_BYTES + perm.bit())
-            .map_err(LockFailure::Io)?
+        if ofd(
+            file,
+            libc::F_OFD_GETLK,
+            libc::F_WRLCK,
+            SHARED_BYTES + perm.bit(),
+        )
+        .map_err(LockFailure::Io)?
         {
             return Err(LockFailure::Conflict(Conflict::Unshared(*perm)));
         }
     }
     for perm in unshared {
-        if ofd(file, libc::F_OFD_GETLK, libc::F_WRLCK, PERM_BYTES + perm.bit())
-            .map_err(LockFailure::Io)?
+        if ofd(
+            file,
+            libc::F_OFD_GETLK,
+            libc::F_WRLCK,
+            PERM_BYTES + perm.bit(),
+        )
+        .map_err(LockFailure::Io)?
         {
             return Err(LockFailure::Conflict(Conflict::InUse(*perm)));
         }

@@ -262,7 +262,10 @@ mod tests {
             fl.l_start = byte;
             fl.l_len = 1;
             // SAFETY: as above; `fl` outlives the call.
-            assert_eq!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) }, 0);
+            assert_eq!(
+                unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) },
+                0
+            );
         }
         f
     }
@@ -327,7 +330,10 @@ mod tests {
             fl.l_start = byte;
             fl.l_len = 1;
             // SAFETY: as above; `fl` outlives the call.
-            assert_eq!(unsafe { libc::fcntl(probe.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) }, 0);
+            assert_eq!(
+                unsafe { libc::fcntl(probe.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) },
+                0
+            );
             fl.l_type != libc::F_UNLCK as libc::c_short
         };
         let disk = DiskImage::open(&path, false).unwrap();

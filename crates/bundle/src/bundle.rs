@@ -28,9 +28,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
-use crate::config::{
-    ConfigError, Disk, DisplayMode, Ecid, MacAddress, Network, Serial, VmConfig,
-};
+use crate::config::{ConfigError, Disk, DisplayMode, Ecid, MacAddress, Network, Serial, VmConfig};
 use crate::identity::{self, IdentityError, MACHINE_IDENTIFIER_FILE};
 
 pub const CONFIG_FILE: &str = "config.toml";
@@ -365,15 +363,18 @@ impl Bundle {
             .map_err(io_err(parent))?;
         // A non-recursive create fails on an existing path, so a race with
         // another creator cannot make us fill someone else's directory.
-        fs::DirBuilder::new().mode(DIR_MODE).create(dir).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                BundleError::Exists {
-                    path: dir.to_path_buf(),
+        fs::DirBuilder::new()
+            .mode(DIR_MODE)
+            .create(dir)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    BundleError::Exists {
+                        path: dir.to_path_buf(),
+                    }
+                } else {
+                    io_err(dir)(e)
                 }
-            } else {
-                io_err(dir)(e)
-            }
-        })?;
+            })?;
         let fill = || -> Result<(), BundleError> {
             write_new(
                 &dir.join(MACHINE_IDENTIFIER_FILE),
@@ -962,15 +963,21 @@ mod tests {
         assert!(e.contains("is a symbolic link"), "{e}");
         let e = delete(&dir).unwrap_err().to_string();
         assert!(e.contains("is a symbolic link"), "{e}");
-        let e = open_bundle_file(&dir.join(LOG_FILE), OpenOptions::new().append(true).create(true))
-            .map(|_| ())
-            .and_then(|()| {
-                fs::remove_file(dir.join(LOG_FILE)).unwrap();
-                std::os::unix::fs::symlink(&victim, dir.join(LOG_FILE)).unwrap();
-                open_bundle_file(&dir.join(LOG_FILE), OpenOptions::new().append(true).create(true))
-            })
-            .unwrap_err()
-            .to_string();
+        let e = open_bundle_file(
+            &dir.join(LOG_FILE),
+            OpenOptions::new().append(true).create(true),
+        )
+        .map(|_| ())
+        .and_then(|()| {
+            fs::remove_file(dir.join(LOG_FILE)).unwrap();
+            std::os::unix::fs::symlink(&victim, dir.join(LOG_FILE)).unwrap();
+            open_bundle_file(
+                &dir.join(LOG_FILE),
+                OpenOptions::new().append(true).create(true),
+            )
+        })
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("is a symbolic link"), "{e}");
         assert_eq!(fs::read_to_string(&victim).unwrap(), "precious\n");
 
@@ -994,10 +1001,16 @@ mod tests {
         assert!(!dir.join(LOCK_FILE).exists(), "list created the lock file");
         // What a VM killed with SIGKILL leaves: its pid, no lock.
         fs::write(dir.join(LOCK_FILE), "4242\n").unwrap();
-        let before = fs::metadata(dir.join(LOCK_FILE)).unwrap().modified().unwrap();
+        let before = fs::metadata(dir.join(LOCK_FILE))
+            .unwrap()
+            .modified()
+            .unwrap();
         assert_eq!(list(home.path())[0].running, None);
         assert_eq!(fs::read_to_string(dir.join(LOCK_FILE)).unwrap(), "4242\n");
-        let after = fs::metadata(dir.join(LOCK_FILE)).unwrap().modified().unwrap();
+        let after = fs::metadata(dir.join(LOCK_FILE))
+            .unwrap()
+            .modified()
+            .unwrap();
         assert_eq!(before, after, "list wrote to bundle.lock");
         let held = b.lock().unwrap();
         assert_eq!(list(home.path())[0].running, Some(std::process::id()));
@@ -1091,8 +1104,14 @@ mod tests {
         let dir = home.path().join("r.vmapple");
         Bundle::create(&dir, small()).unwrap();
         let config = fs::read_to_string(dir.join(CONFIG_FILE)).unwrap();
-        let edited = format!("serial = \"file:console.log\"\nnetwork = \"unix:net/sock\"\n{}",
-            config.lines().filter(|l| !l.starts_with("network") && !l.starts_with("serial")).collect::<Vec<_>>().join("\n"));
+        let edited = format!(
+            "serial = \"file:console.log\"\nnetwork = \"unix:net/sock\"\n{}",
+            config
+                .lines()
+                .filter(|l| !l.starts_with("network") && !l.starts_with("serial"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
         fs::write(dir.join(CONFIG_FILE), edited).unwrap();
         let b = Bundle::open_in(home.path(), Path::new("r")).unwrap();
         assert_eq!(b.serial(), Serial::File(dir.join("console.log")));

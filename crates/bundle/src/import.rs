@@ -162,11 +162,7 @@ fn memory_from(path: &Path, key: &str, v: &Value) -> Result<u64, ImportError> {
         })
 }
 
-fn require_file(
-    dir: &Path,
-    name: &str,
-    policy: OutsideFiles,
-) -> Result<PathBuf, ImportError> {
+fn require_file(dir: &Path, name: &str, policy: OutsideFiles) -> Result<PathBuf, ImportError> {
     let path = dir.join(name);
     let (path, what) = (path.as_path(), name);
     match fs::metadata(path) {
@@ -592,11 +588,15 @@ mod tests {
         let text = fs::read_to_string(&cfg).unwrap();
 
         fs::write(&cfg, text.replace("\"darwin\"", "\"linux\"")).unwrap();
-        let e = import_tart(dir.path(), OutsideFiles::Refuse).unwrap_err().to_string();
+        let e = import_tart(dir.path(), OutsideFiles::Refuse)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("macOS guests only"), "{e}");
 
         fs::write(&cfg, text.replace("\"cpuCount\" : 6", "\"cpuCount\" : 64")).unwrap();
-        let e = import_tart(dir.path(), OutsideFiles::Refuse).unwrap_err().to_string();
+        let e = import_tart(dir.path(), OutsideFiles::Refuse)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cpuCount = 64"), "{e}");
 
         fs::write(&cfg, text.replace("\"cpuCount\" : 6", "\"cpuCount\" : 2")).unwrap();
@@ -608,7 +608,9 @@ mod tests {
 
         fs::write(&cfg, &text).unwrap();
         fs::remove_file(dir.path().join("nvram.bin")).unwrap();
-        let e = import_tart(dir.path(), OutsideFiles::Refuse).unwrap_err().to_string();
+        let e = import_tart(dir.path(), OutsideFiles::Refuse)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("nvram.bin"), "{e}");
     }
 
@@ -660,8 +662,13 @@ mod tests {
     fn macosvm_files_outside_the_vm_directory_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let p = macosvm_json(dir.path(), "");
-        let e = import_macosvm(&p, OutsideFiles::Refuse).unwrap_err().to_string();
-        assert!(e.contains("storage[2] file /data/extra.img is outside"), "{e}");
+        let e = import_macosvm(&p, OutsideFiles::Refuse)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("storage[2] file /data/extra.img is outside"),
+            "{e}"
+        );
         assert!(e.contains("--allow-outside-files"), "{e}");
 
         let text = fs::read_to_string(&p).unwrap();
@@ -675,7 +682,9 @@ mod tests {
             ("link/missing.img", "link/missing.img"),
         ] {
             fs::write(&p, text.replace("/data/extra.img", file)).unwrap();
-            let e = import_macosvm(&p, OutsideFiles::Refuse).unwrap_err().to_string();
+            let e = import_macosvm(&p, OutsideFiles::Refuse)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("is outside") && e.contains(shown), "{file}: {e}");
         }
         fs::create_dir(dir.path().join("sub")).unwrap();
@@ -770,7 +779,13 @@ mod tests {
         assert!(w.contains("networks[0].path"), "{w}");
 
         fs::write(&p, text.replace(nat, "[]")).unwrap();
-        assert_eq!(import_macosvm(&p, OutsideFiles::Allow).unwrap().config.network, Network::None);
+        assert_eq!(
+            import_macosvm(&p, OutsideFiles::Allow)
+                .unwrap()
+                .config
+                .network,
+            Network::None
+        );
 
         fs::write(&p, text.replace(nat, "[{}]")).unwrap();
         let vm = import_macosvm(&p, OutsideFiles::Allow).unwrap();
@@ -795,7 +810,9 @@ mod tests {
         ];
         for (from, to, want) in cases {
             fs::write(&p, text.replace(from, to)).unwrap();
-            let e = import_macosvm(&p, OutsideFiles::Allow).unwrap_err().to_string();
+            let e = import_macosvm(&p, OutsideFiles::Allow)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{to}: {e}");
         }
     }

@@ -792,7 +792,10 @@ fn an_import_that_points_outside_the_vm_directory_is_refused() {
     let json_path = src.path().join("vm.json");
     std::fs::write(&json_path, json.to_string()).unwrap();
     let out = home.run(&["import", json_path.to_str().unwrap(), "hostile"]);
-    assert_user_error(&out, &format!("storage[0] file {} is outside", victim.display()));
+    assert_user_error(
+        &out,
+        &format!("storage[0] file {} is outside", victim.display()),
+    );
     assert!(!home.bundle("hostile").exists());
 
     // The same through a symbolic link in a Tart directory.
@@ -896,7 +899,11 @@ fn delete_refuses_non_bundles_and_disks_in_use() {
     wait_for_file(&control, &mut vm);
     let out = home.run(&["delete", "keep"]);
     assert_user_error(&out, "cannot delete bundle");
-    assert!(text(&out.stderr).contains("root.img"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("root.img"),
+        "{}",
+        text(&out.stderr)
+    );
     assert!(root.exists() && dir.join("config.toml").exists());
     drop(vm);
     home.ok(&["delete", "keep"]);

@@ -53,7 +53,10 @@ fn byte_locked(image: &Path, byte: i64) -> bool {
     fl.l_start = byte;
     fl.l_len = 1;
     // SAFETY: fcntl on our descriptor with a live flock it may write.
-    assert_eq!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) }, 0);
+    assert_eq!(
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) },
+        0
+    );
     fl.l_type != libc::F_UNLCK as libc::c_short
 }
 
@@ -111,7 +114,9 @@ fn qemu_refuses_an_image_vmapple_runs() {
     let mut vmapple = Killed(vmapple);
     // Its control socket is served once the machine (disks and all) is
     // built.
-    wait("vmapple's control socket", &mut vmapple.0, || control.exists());
+    wait("vmapple's control socket", &mut vmapple.0, || {
+        control.exists()
+    });
 
     let copy = dir.path().join("copy.img");
     let out = qemu_img(&[
@@ -166,14 +171,18 @@ fn vmapple_refuses_an_image_qemu_runs_and_names_it() {
     let mut qemu = Killed(qemu_system(&image).spawn().unwrap());
     let qemu_pid = qemu.0.id();
     // QEMU holds "write" (byte 101) once its disk is attached.
-    wait("QEMU's write lock", &mut qemu.0, || byte_locked(&image, 101));
+    wait("QEMU's write lock", &mut qemu.0, || {
+        byte_locked(&image, 101)
+    });
 
     let (kernel, _) = common::linux_guest();
     let kernel = kernel.to_str().unwrap();
     let image_arg = image.to_str().unwrap();
     // Bounded: a vmapple that wrongly starts is killed, failing the test.
     let out = common::vmapple(
-        &["run", "--kernel", kernel, "--root", image_arg, "--net", "none"],
+        &[
+            "run", "--kernel", kernel, "--root", image_arg, "--net", "none",
+        ],
         START,
     );
     let stderr = &out.stderr;
@@ -190,7 +199,9 @@ fn vmapple_refuses_an_image_qemu_runs_and_names_it() {
     // Read-only is refused too: QEMU writes to it.
     let readonly = format!("{image_arg},readonly");
     let out = common::vmapple(
-        &["run", "--kernel", kernel, "--root", &readonly, "--net", "none"],
+        &[
+            "run", "--kernel", kernel, "--root", &readonly, "--net", "none",
+        ],
         START,
     );
     assert_eq!(out.code, 1, "{}", out.stderr);
