@@ -588,18 +588,22 @@ const MARKER_GET: libc::c_int = libc::F_OFD_GETLK;
 #[cfg(not(target_os = "linux"))]
 const MARKER_GET: libc::c_int = libc::F_GETLK;
 
-fn marker_lock(kind: libc::c_int) -> libc::flock {
+/// A write lock on byte 0 (the lock `F_GETLK` tests for, or the marker).
+// The lock-type constants are `c_int` on Linux and `c_short` on macOS.
+#[allow(clippy::unnecessary_cast)]
+fn marker_lock() -> libc::flock {
     // SAFETY: all-zero is a valid `flock` (l_pid 0, as OFD locks need).
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = kind as libc::c_short;
+    fl.l_type = libc::F_WRLCK as libc::c_short;
     fl.l_whence = libc::SEEK_SET as libc::c_short;
     fl.l_start = 0;
     fl.l_len = 1;
     fl
 }
 
+#[allow(clippy::unnecessary_cast)] // as in marker_lock
 fn run_marker_held(file: &File) -> bool {
-    let mut fl = marker_lock(libc::F_WRLCK);
+    let mut fl = marker_lock();
     // SAFETY: fcntl on a descriptor we own with a live `flock` it may
     // write.
     let rc = unsafe { libc::fcntl(file.as_raw_fd(), MARKER_GET, &mut fl) };
@@ -608,7 +612,7 @@ fn run_marker_held(file: &File) -> bool {
 
 #[cfg(target_os = "linux")]
 fn take_run_marker(file: &File) -> std::io::Result<()> {
-    let mut fl = marker_lock(libc::F_WRLCK);
+    let mut fl = marker_lock();
     // SAFETY: as in run_marker_held.
     if unsafe { libc::fcntl(file.as_raw_fd(), MARKER_SET, &mut fl) } == 0 {
         Ok(())
