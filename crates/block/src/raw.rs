@@ -17,7 +17,7 @@ pub enum OpenError {
     #[error("cannot open disk image '{}': {source}", path.display())]
     Open { path: PathBuf, source: io::Error },
     /// Another user holds a lock that conflicts with ours (see lock.rs).
-    #[error("disk image '{}' is in use by another process{}: {conflict}", path.display(), named(holder))]
+    #[error("disk image '{}' is in use by {}: {conflict}", path.display(), named(holder))]
     Locked {
         path: PathBuf,
         conflict: Conflict,
@@ -29,11 +29,14 @@ pub enum OpenError {
 
 fn named(holder: &Option<Holder>) -> String {
     match holder {
-        Some(h) => format!(", pid {} ({})", h.pid, h.program),
-        None if cfg!(target_os = "linux") => {
-            " (the OS does not say which: an open-file-description lock has no owning pid, and /proc shows no readable holder)".into()
+        Some(h) if h.pid == std::process::id() => {
+            "this process (is the image given twice?)".into()
         }
-        None => String::new(),
+        Some(h) => format!("another process, pid {} ({})", h.pid, h.program),
+        None if cfg!(target_os = "linux") => {
+            "another process (the OS does not say which: an open-file-description lock has no owning pid, and /proc shows no readable holder)".into()
+        }
+        None => "another process".into(),
     }
 }
 
@@ -289,7 +292,7 @@ mod tests {
         let holder = holder.as_ref().expect("the holder is found in /proc");
         assert_eq!(holder.pid, std::process::id());
         let text = err.to_string();
-        assert!(text.contains("in use by another process, pid "), "{text}");
+        assert!(text.contains("in use by this process"), "{text}");
         assert!(text.contains("\"write\""), "{text}");
         // A reader is refused too: QEMU writes.
         assert!(matches!(

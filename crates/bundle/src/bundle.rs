@@ -1076,7 +1076,7 @@ mod tests {
         let e = delete(&dir).unwrap_err().to_string();
         assert!(e.contains("cannot delete bundle"), "{e}");
         assert!(e.contains("root.img"), "{e}");
-        assert!(e.contains("in use by another process"), "{e}");
+        assert!(e.contains("is in use by"), "{e}");
         assert!(dir.join(ROOT_IMAGE).exists());
         drop(running);
         let reader = block::DiskImage::open(&dir.join(AUX_IMAGE), true).unwrap();
