@@ -120,7 +120,9 @@ impl DiskImage {
             Ok(()) => Ok(Some(start..end)),
             Err(e) => match e.raw_os_error() {
                 Some(code)
-                    if code == libc::EOPNOTSUPP || code == libc::ENOTSUP || code == libc::ENOSYS =>
+                    if code == libc::EOPNOTSUPP
+                        || code == libc::ENOTSUP
+                        || code == libc::ENOSYS =>
                 {
                     // Say it once; every later discard is a no-op.
                     tracing::info!(
@@ -349,7 +351,11 @@ mod tests {
         assert!(read(&disk, MIB, 2 * MIB).iter().all(|&b| b == 0));
         assert!(read(&disk, 0, MIB).iter().all(|&b| b == 0xab));
         assert!(read(&disk, 3 * MIB, MIB).iter().all(|&b| b == 0xab));
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 * MIB, "size kept");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            4 * MIB,
+            "size kept"
+        );
     }
 
     #[test]

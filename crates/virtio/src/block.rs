@@ -395,7 +395,11 @@ impl Disk {
         while done < len {
             let n = ((len - done) as usize).min(buf.len());
             if let Err(e) = self.backend.read_at(&mut buf[..n], offset + done) {
-                vm_core::log_limited!(error, "virtio-blk: read at {:#x} failed: {e}", offset + done);
+                vm_core::log_limited!(
+                    error,
+                    "virtio-blk: read at {:#x} failed: {e}",
+                    offset + done
+                );
                 return (status::IOERR, done);
             }
             if write_stream(mem, segs, done, &buf[..n]).is_err() {
@@ -415,7 +419,11 @@ impl Disk {
                 return status::IOERR;
             }
             if let Err(e) = self.backend.write_at(&buf[..n], offset + done) {
-                vm_core::log_limited!(error, "virtio-blk: write at {:#x} failed: {e}", offset + done);
+                vm_core::log_limited!(
+                    error,
+                    "virtio-blk: write at {:#x} failed: {e}",
+                    offset + done
+                );
                 return status::IOERR;
             }
             done += n as u64;
@@ -1322,7 +1330,10 @@ mod tests {
 
         // WRITE_ZEROES with UNMAP frees too; without it the range still
         // reads as zeros.
-        assert_eq!(r.zero(req::WRITE_ZEROES, 6144, 2048, WZ_FLAG_UNMAP), status::OK);
+        assert_eq!(
+            r.zero(req::WRITE_ZEROES, 6144, 2048, WZ_FLAG_UNMAP),
+            status::OK
+        );
         let after_unmap = allocated(&path);
         assert!(
             after_unmap <= after_discard - MIB,
@@ -1356,7 +1367,12 @@ mod tests {
             .read_config(cfg::MAX_DISCARD_SECTORS as u64, &mut dmax);
         assert_eq!(u32::from_le_bytes(dmax), MAX_DISCARD_SECTORS);
         assert_eq!(
-            r.zero(req::DISCARD, 0, (2 * MAX_REQUEST_BYTES / SECTOR_SIZE) as u32, 0),
+            r.zero(
+                req::DISCARD,
+                0,
+                (2 * MAX_REQUEST_BYTES / SECTOR_SIZE) as u32,
+                0
+            ),
             status::OK
         );
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();

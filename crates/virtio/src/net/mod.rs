@@ -813,7 +813,13 @@ mod tests {
             let mut dev = VirtioNet::new(backend, MAC);
             let rxq = TestQueue::new(&mem, RXQ, 16);
             let txq = TestQueue::new(&mem, TXQ, 16);
-            activate(&mut dev, &mem, &rxq, &txq, &Arc::new(TestInterrupt::default()));
+            activate(
+                &mut dev,
+                &mem,
+                &rxq,
+                &txq,
+                &Arc::new(TestInterrupt::default()),
+            );
             Self {
                 mem,
                 txq,
@@ -868,7 +874,10 @@ mod tests {
         });
         assert_eq!(rig.txq.used_idx(), FRAMES as u16, "every frame returned");
         let dropped = rig.dev.tx_dropped();
-        assert!(dropped > 0 && dropped < u64::from(FRAMES), "{dropped} dropped");
+        assert!(
+            dropped > 0 && dropped < u64::from(FRAMES),
+            "{dropped} dropped"
+        );
         // Logged at 1, 2, 4, ... drops: a handful of lines, not one each.
         let drop_lines = lines.iter().filter(|l| l.contains("dropped")).count();
         assert!(drop_lines >= 1, "{lines:?}");
@@ -880,7 +889,8 @@ mod tests {
         // The peer starts reading: every frame it gets is whole, in order
         // (a frame cut by a full socket was finished, not garbled), and a
         // new frame still arrives intact after the drops.
-        peer.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
         let mut decoder = framing::FrameDecoder::new();
         let mut buf = vec![0u8; MAX_FRAME_LEN];
         let mut got = Vec::new();
