@@ -349,6 +349,65 @@ mod tests {
     }
 
     #[test]
+    fn a_full_stream_drops_whole_frames_and_finishes_a_cut_one_first() {
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        let mut backend = UnixStreamBackend::from_stream(ours).unwrap();
+        let mut rx = backend.take_receiver().unwrap();
+        // Frames of 60000 bytes overflow the socket within a few sends;
+        // none of these calls may block.
+        let mut accepted = Vec::new();
+        let mut dropped = 0;
+        for i in 0..64u8 {
+            match backend.send(&frame(60000, i)) {
+                Ok(()) => accepted.push(i),
+                Err(e) => {
+                    assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+                    dropped += 1;
+                }
+            }
+        }
+        assert!(dropped > 0 && !accepted.is_empty());
+        // The peer reads; the receive side alone (no further send) finishes
+        // any frame the socket took only in part. Every accepted frame
+        // arrives whole and in order, and nothing else does.
+        peer.set_nonblocking(true).unwrap();
+        let mut decoder = FrameDecoder::new();
+        let mut buf = vec![0u8; MAX_FRAME_LEN + 1];
+        let mut got = Vec::new();
+        let mut idle = 0;
+        while got.len() < accepted.len() {
+            assert!(idle < 500, "got {} of {} frames", got.len(), accepted.len());
+            if let Some(n) = decoder.next_frame(&mut buf) {
+                assert_eq!(n, 60000);
+                got.push(buf[0]);
+                assert_eq!(buf[..n], frame(60000, buf[0]), "frame {} intact", buf[0]);
+                continue;
+            }
+            match decoder.fill_from(&mut peer) {
+                Ok(0) => panic!("stream ended"),
+                Ok(_) => idle = 0,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    idle += 1;
+                    assert_eq!(rx.recv(&mut buf, Duration::from_millis(10)).unwrap(), None);
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(got, accepted);
+        assert!(matches!(
+            decoder.fill_from(&mut peer),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock
+        ));
+        // The stream is in step: the next frame goes through as usual.
+        backend.send(&frame(100, 7)).unwrap();
+        peer.set_nonblocking(false).unwrap();
+        let mut wire = [0u8; 104];
+        peer.read_exact(&mut wire).unwrap();
+        assert_eq!(wire[..4], [0, 0, 0, 100]);
+        assert_eq!(wire[4..], frame(100, 7));
+    }
+
+    #[test]
     fn stream_connect_to_path() {
         let dir = std::env::temp_dir().join(format!("virtio-net-us-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
