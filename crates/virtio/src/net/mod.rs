@@ -269,7 +269,11 @@ fn rx_loop(
                     continue;
                 }
                 Err(e) => {
-                    tracing::error!("virtio-net: backend receive failed, receive stopped: {e}");
+                    // Once per activation, which the guest can repeat.
+                    vm_core::log_limited!(
+                        error,
+                        "virtio-net: backend receive failed, receive stopped: {e}"
+                    );
                     if owe_interrupt {
                         notify(&mut lock(&shared.queue));
                     }
@@ -470,7 +474,10 @@ impl VirtioDevice for VirtioNet {
                 Some(RxThread { shared, handle })
             }
             None => {
-                tracing::warn!("virtio-net: backend has no receive side; receive disabled");
+                vm_core::log_limited!(
+                    warn,
+                    "virtio-net: backend has no receive side; receive disabled"
+                );
                 None
             }
         };
