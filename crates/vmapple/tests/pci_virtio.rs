@@ -6,6 +6,7 @@
 //! on the host's loopback through passt, byte for byte; and that the
 //! guest's discards free the image file's blocks.
 
+#[macro_use]
 mod common;
 
 use std::io::{Read, Write};
@@ -77,9 +78,9 @@ fn guest_value<'a>(stdout: &'a str, prefix: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {prefix:?} line in:\n{stdout}"))
 }
 
-#[test]
-fn linux_sees_the_pci_devices_uses_virtio_blk_and_talks_tcp_through_passt() {
-    let dir = scratch_dir("pci-virtio");
+each_accel! {
+fn linux_sees_the_pci_devices_uses_virtio_blk_and_talks_tcp_through_passt(accel) {
+    let dir = scratch_dir(&format!("pci-virtio-{accel}"));
     let (kernel, initrd) = linux_guest_devices();
     let aux = dir.join("aux.img");
     let root = dir.join("root.img");
@@ -125,6 +126,8 @@ fn linux_sees_the_pci_devices_uses_virtio_blk_and_talks_tcp_through_passt() {
             initrd.to_str().unwrap(),
             "--append",
             &append,
+            "--accel",
+            accel,
             "--cpus",
             "2",
             "--memory",
@@ -215,6 +218,7 @@ fn linux_sees_the_pci_devices_uses_virtio_blk_and_talks_tcp_through_passt() {
     );
     run.assert_line("VMAPPLE-GUEST: net upload done");
     assert!(server.join().unwrap() == sent, "what the guest sent back");
+}
 }
 
 /// Bytes a file occupies on the host.
