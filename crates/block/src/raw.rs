@@ -3,13 +3,14 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
-#[cfg(target_os = "linux")]
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::lock::{self, Conflict, Holder, LockFailure};
-use crate::{check_range, BlockBackend};
+use crate::{check_range, write_zeros_in_steps, BlockBackend};
 
 /// Why an image could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +63,7 @@ pub struct DiskImage {
     size: u64,
     read_only: bool,
     path: PathBuf,
+    holes: Holes,
 }
 
 impl DiskImage {
@@ -89,6 +91,7 @@ impl DiskImage {
             file,
             read_only,
             path: path.to_path_buf(),
+            holes: Holes::default(),
         })
     }
 
@@ -119,19 +122,90 @@ impl DiskImage {
         }
     }
 
-    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+    /// Frees the file system blocks wholly inside `[offset, offset + len)`
+    /// and returns the range freed (it reads as zeros now), or `None` if
+    /// the host file system cannot free blocks. Never writes data.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<Option<Range<u64>>> {
+        if !self.holes.can_punch.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let align = self.punch_alignment();
+        let start = offset.div_ceil(align) * align;
+        let end = (offset + len) / align * align;
+        if start >= end {
+            return Ok(Some(offset..offset));
+        }
+        match self.sys_punch(start, end - start) {
+            Ok(()) => Ok(Some(start..end)),
+            Err(e) => match e.raw_os_error() {
+                Some(code)
+                    if code == libc::EOPNOTSUPP
+                        || code == libc::ENOTSUP
+                        || code == libc::ENOSYS =>
+                {
+                    // Say it once; every later discard is a no-op.
+                    tracing::info!(
+                        "disk image '{}': the host file system cannot punch holes; \
+                         discards are ignored",
+                        self.path.display()
+                    );
+                    self.holes.can_punch.store(false, Ordering::Relaxed);
+                    Ok(None)
+                }
+                // This range only (APFS refuses some ranges).
+                Some(libc::EINVAL) => Ok(None),
+                _ => Err(e),
+            },
+        }
+    }
+
+    /// Granule of hole punching: the range is trimmed inward to it.
+    /// macOS wants whole file system blocks.
+    #[cfg(target_os = "macos")]
+    fn punch_alignment(&self) -> u64 {
+        let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+        // SAFETY: fstatfs on a descriptor we own writes the struct we pass;
+        // it is read only when the call succeeded.
+        if unsafe { libc::fstatfs(self.file.as_raw_fd(), st.as_mut_ptr()) } == 0 {
+            // SAFETY: initialised by the successful fstatfs above.
+            return u64::from(unsafe { st.assume_init() }.f_bsize).max(1);
+        }
+        4096
+    }
+
+    /// Granule of hole punching: Linux zeroes partial blocks itself.
+    #[cfg(not(target_os = "macos"))]
+    fn punch_alignment(&self) -> u64 {
+        1
+    }
+
+    fn sys_punch(&self, offset: u64, len: u64) -> io::Result<()> {
         #[cfg(target_os = "linux")]
         return self.fallocate(
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             offset,
             len,
         );
-        // Other hosts fall back to writing zeros (macOS's F_PUNCHHOLE
-        // would do, but is untested).
-        #[cfg(not(target_os = "linux"))]
+        #[cfg(target_os = "macos")]
+        {
+            let args = libc::fpunchhole_t {
+                fp_flags: 0,
+                reserved: 0,
+                fp_offset: offset as libc::off_t,
+                fp_length: len as libc::off_t,
+            };
+            // SAFETY: F_PUNCHHOLE on a descriptor we own reads the
+            // fpunchhole_t we pass and nothing else.
+            let rc = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_PUNCHHOLE, &args) };
+            if rc == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        }
+        #[cfg(not(any(target_os = "linux", target_os = "macos")))]
         {
             let _ = (offset, len);
-            Err(io::Error::from(io::ErrorKind::Unsupported))
+            Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
         }
     }
 
@@ -142,6 +216,32 @@ impl DiskImage {
         {
             let _ = (offset, len);
             Err(io::Error::from(io::ErrorKind::Unsupported))
+        }
+    }
+
+    /// Writes real zeros, in bounded steps.
+    fn write_zeros(&self, offset: u64, len: u64) -> io::Result<()> {
+        write_zeros_in_steps(offset, len, |buf, at| self.file.write_all_at(buf, at))
+    }
+
+    /// As if the host file system could not punch holes.
+    #[cfg(test)]
+    fn without_hole_punching(self) -> Self {
+        self.holes.can_punch.store(false, Ordering::Relaxed);
+        self
+    }
+}
+
+/// What the host file system can do about holes, learnt as we go.
+#[derive(Debug)]
+struct Holes {
+    can_punch: AtomicBool,
+}
+
+impl Default for Holes {
+    fn default() -> Self {
+        Self {
+            can_punch: AtomicBool::new(true),
         }
     }
 }
@@ -179,27 +279,29 @@ impl BlockBackend for DiskImage {
         if len == 0 {
             return Ok(());
         }
-        self.punch_hole(offset, len)
-            .or_else(|_| self.write_zeroes(offset, len))
+        // A hint (virtio 1.2 §5.2.6.2): free what the file system can and
+        // never write data, which on a file system without holes would
+        // fill a sparse image and keep the vCPU busy for nothing.
+        self.punch_hole(offset, len).map(|_| ())
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
         self.writable()?;
         check_range(self.size, offset, len)?;
-        if len == 0 || self.zero_range(offset, len).is_ok() {
+        if len == 0 {
             return Ok(());
         }
-        // The file system cannot zero a range: write zeros, a chunk at a
-        // time so a huge request costs no huge buffer.
-        let chunk = vec![0u8; 1 << 20];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(chunk.len() as u64);
-            self.file
-                .write_all_at(&chunk[..n as usize], offset + done)?;
-            done += n;
+        if unmap {
+            if let Some(freed) = self.punch_hole(offset, len)? {
+                // Partial blocks at either end are written.
+                self.write_zeros(offset, freed.start - offset)?;
+                return self.write_zeros(freed.end, offset + len - freed.end);
+            }
         }
-        Ok(())
+        if self.zero_range(offset, len).is_ok() {
+            return Ok(());
+        }
+        self.write_zeros(offset, len)
     }
 }
 
@@ -224,13 +326,105 @@ mod tests {
         let mut buf = [0u8; 3];
         disk.read_at(&mut buf, 4093).unwrap();
         assert_eq!(buf, [1, 2, 3]);
-        disk.write_zeroes(0, 512).unwrap();
-        disk.discard(512, 512).unwrap();
+        disk.write_zeroes(0, 512, false).unwrap();
+        disk.write_zeroes(512, 512, true).unwrap();
         disk.flush().unwrap();
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(bytes.len(), 4096, "size kept");
         assert!(bytes[..1024].iter().all(|&b| b == 0));
         assert_eq!(bytes[1024], 0xab);
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    /// A 4 MiB image whose every block is allocated and holds data.
+    fn allocated_image(name: &str) -> (PathBuf, DiskImage) {
+        let path = image(name, 4 * MIB as usize);
+        std::fs::File::open(&path).unwrap().sync_all().unwrap();
+        (path.clone(), DiskImage::open(&path, false).unwrap())
+    }
+
+    /// Bytes the file occupies on the host.
+    fn allocated(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).unwrap().blocks() * 512
+    }
+
+    fn read(disk: &DiskImage, offset: u64, len: u64) -> Vec<u8> {
+        let mut buf = vec![0u8; len as usize];
+        disk.read_at(&mut buf, offset).unwrap();
+        buf
+    }
+
+    #[test]
+    fn discard_frees_blocks_which_then_read_as_zeros() {
+        let (path, disk) = allocated_image("discard.img");
+        let before = allocated(&path);
+        assert!(before >= 4 * MIB, "the image starts fully allocated");
+        disk.discard(MIB, 2 * MIB).unwrap();
+        assert!(
+            allocated(&path) <= before - 2 * MIB,
+            "{} bytes allocated after discarding 2 MiB of {before}",
+            allocated(&path)
+        );
+        assert!(read(&disk, MIB, 2 * MIB).iter().all(|&b| b == 0));
+        assert!(read(&disk, 0, MIB).iter().all(|&b| b == 0xab));
+        assert!(read(&disk, 3 * MIB, MIB).iter().all(|&b| b == 0xab));
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            4 * MIB,
+            "size kept"
+        );
+    }
+
+    #[test]
+    fn write_zeroes_with_unmap_frees_blocks_and_zeros_exactly_the_range() {
+        let (path, disk) = allocated_image("wz-unmap.img");
+        let before = allocated(&path);
+        // Unaligned at both ends: partial blocks are zeroed, not freed.
+        disk.write_zeroes(MIB - 100, 2 * MIB + 200, true).unwrap();
+        assert!(
+            allocated(&path) <= before - 2 * MIB + 8192,
+            "{} bytes allocated after unmapping 2 MiB of {before}",
+            allocated(&path)
+        );
+        assert!(read(&disk, MIB - 100, 2 * MIB + 200)
+            .iter()
+            .all(|&b| b == 0));
+        assert_eq!(read(&disk, MIB - 101, 1), [0xab]);
+        assert_eq!(read(&disk, 3 * MIB + 100, 1), [0xab]);
+    }
+
+    #[test]
+    fn write_zeroes_without_unmap_zeros_the_range() {
+        let (_path, disk) = allocated_image("wz.img");
+        disk.write_zeroes(100, MIB, false).unwrap();
+        assert!(read(&disk, 100, MIB).iter().all(|&b| b == 0));
+        assert_eq!(read(&disk, 99, 1), [0xab]);
+        assert_eq!(read(&disk, MIB + 100, 1), [0xab]);
+    }
+
+    #[test]
+    fn without_holes_discard_writes_nothing_and_write_zeroes_still_zeros() {
+        // A sparse image on a file system that cannot punch holes (macOS
+        // HFS+, say): a discard must not fill it with zeros.
+        let path = image("noholes.img", 0);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(8 * MIB)
+            .unwrap();
+        let disk = DiskImage::open(&path, false)
+            .unwrap()
+            .without_hole_punching();
+        let before = allocated(&path);
+        disk.discard(0, 8 * MIB).unwrap();
+        disk.flush().unwrap();
+        assert_eq!(allocated(&path), before, "nothing written for a discard");
+        disk.write_at(&[0x5a; 4096], MIB).unwrap();
+        disk.write_zeroes(MIB, 4096, true).unwrap();
+        assert!(read(&disk, MIB, 4096).iter().all(|&b| b == 0));
     }
 
     #[test]

@@ -247,7 +247,11 @@ impl Bdif {
             let n = (len - done).min(CHUNK as u64) as usize;
             let chunk = &mut buf[..n];
             if let Err(e) = disk.read_at(chunk, offset + done) {
-                tracing::warn!("bdif {name}: disk read at {:#x} failed: {e}", offset + done);
+                vm_core::log_limited!(
+                    warn,
+                    "bdif {name}: disk read at {:#x} failed: {e}",
+                    offset + done
+                );
                 return status::FAILED;
             }
             if write_all(&self.memory, data_addr + done, chunk).is_err() {

@@ -103,8 +103,8 @@ impl BlockBackend for WatchedDisk {
         self.inner.discard(offset, len)
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
         self.record_write("write-zeroes", offset, len);
-        self.inner.write_zeroes(offset, len)
+        self.inner.write_zeroes(offset, len, unmap)
     }
 }

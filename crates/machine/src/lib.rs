@@ -270,7 +270,9 @@ struct PanicActions {
 
 impl PanicEvents for PanicActions {
     fn guest_panicked(&self) {
-        tracing::error!(
+        // The guest can write pvpanic as often as it likes.
+        vm_core::log_limited!(
+            error,
             "guest panicked (pvpanic); --on-panic {}",
             self.policy.name()
         );
@@ -279,7 +281,7 @@ impl PanicEvents for PanicActions {
             PanicPolicy::Pause => {
                 self.counter.pause();
                 self.control.pause();
-                tracing::warn!("VM paused after the guest panic");
+                vm_core::log_limited!(warn, "VM paused after the guest panic");
             }
             PanicPolicy::Continue => {}
             PanicPolicy::Reset => self.control.request_stop(StopReason::Reset),
@@ -290,12 +292,15 @@ impl PanicEvents for PanicActions {
     }
 
     fn guest_crash_loaded(&self) {
-        tracing::warn!("guest reports a crash-loaded event (pvpanic): its crash kernel runs");
+        vm_core::log_limited!(
+            warn,
+            "guest reports a crash-loaded event (pvpanic): its crash kernel runs"
+        );
         self.events.publish(MachineEvent::GuestCrashLoaded);
     }
 
     fn guest_shutdown(&self) {
-        tracing::info!("guest asked for an orderly shutdown (pvpanic)");
+        vm_core::log_limited!(info, "guest asked for an orderly shutdown (pvpanic)");
         self.control.request_stop(StopReason::PowerOff);
     }
 }

@@ -10,6 +10,7 @@ mod bundles;
 mod cli;
 mod control;
 mod input;
+mod log_rotate;
 mod logging;
 mod signals;
 
