@@ -11,6 +11,7 @@ use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use vm_core::sync::lock;
 
 use accel::{
     AccelError, CpuId, CpuSnapshot, ExitHandler, Kick, StopReason, VcpuConfig, Vm, VmControl,
@@ -223,7 +224,7 @@ impl HvfKick {
     }
 
     fn set(&self, cpu: CpuId, handle: Option<HvVcpu>) {
-        let mut vcpus = self.vcpus.lock().unwrap_or_else(|e| e.into_inner());
+        let mut vcpus = lock(&self.vcpus);
         if let Some(slot) = vcpus.get_mut(cpu) {
             *slot = handle;
         }
@@ -233,7 +234,7 @@ impl HvfKick {
 impl Kick for HvfKick {
     fn kick(&self, cpu: CpuId) {
         self.pending.set(cpu);
-        let vcpus = self.vcpus.lock().unwrap_or_else(|e| e.into_inner());
+        let vcpus = lock(&self.vcpus);
         if let Some(Some(handle)) = vcpus.get(cpu) {
             // SAFETY: `handle` names a live vCPU (removed under this lock
             // before destruction); hv_vcpus_exit may be called from any
@@ -429,7 +430,7 @@ impl Vm for HvfVm {
             )));
         }
         for s in &self.snapshots {
-            *s.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            *lock(&s) = None;
         }
         let kick = Arc::new(HvfKick::new(cpus));
         control.set_kicker(kick.clone());
@@ -486,10 +487,6 @@ impl Vm for HvfVm {
     }
 
     fn snapshot(&self, cpu: CpuId) -> Option<CpuSnapshot> {
-        self.snapshots
-            .get(cpu)?
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        lock(self.snapshots.get(cpu)?).clone()
     }
 }

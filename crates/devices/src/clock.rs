@@ -15,9 +15,10 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use vm_core::sync::{lock, wait_timeout_while};
 
 /// Nanoseconds in one second.
 pub const NANOS_PER_SEC: u64 = 1_000_000_000;
@@ -137,10 +138,7 @@ impl Waker {
 
     pub fn wake(&self) {
         let (state, cond) = &*self.inner;
-        state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .generation += 1;
+        lock(state).generation += 1;
         cond.notify_all();
     }
 }
@@ -182,7 +180,7 @@ fn run_timer(clock: &dyn Clock, target: &dyn Timed, waker: &Waker, max_sleep: Du
     let (state, cond) = &*waker.inner;
     loop {
         let seen = {
-            let s = state.lock().unwrap_or_else(PoisonError::into_inner);
+            let s = lock(state);
             if s.stop {
                 return;
             }
@@ -205,18 +203,16 @@ fn run_timer(clock: &dyn Clock, target: &dyn Timed, waker: &Waker, max_sleep: Du
             }
             None => max_sleep,
         };
-        let s = state.lock().unwrap_or_else(PoisonError::into_inner);
+        let s = lock(state);
         // A wake between reading the generation and here must not be lost.
-        let _ = cond
-            .wait_timeout_while(s, sleep, |s| !s.stop && s.generation == seen)
-            .unwrap_or_else(PoisonError::into_inner);
+        let _ = wait_timeout_while(cond, s, sleep, |s| !s.stop && s.generation == seen);
     }
 }
 
 impl Drop for TimerThread {
     fn drop(&mut self) {
         let (state, cond) = &*self.waker.inner;
-        state.lock().unwrap_or_else(PoisonError::into_inner).stop = true;
+        lock(state).stop = true;
         cond.notify_all();
         if let Some(handle) = self.handle.take() {
             let _ = handle.join();

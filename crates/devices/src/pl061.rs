@@ -60,8 +60,10 @@
 //! offsets, the Luminary-only registers at 0x500–0x528 and writes to
 //! read-only registers are logged and ignored.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use vm_core::sync::lock;
 
+use vm_core::regs::{Narrow, RegisterFile, Wide};
 use vm_core::{guest_error, AccessWidth, IrqLine, MmioDevice};
 
 /// Register offsets from the start of the block (TRM table 3-1).
@@ -182,7 +184,7 @@ impl Pl061 {
     // A panic while the lock was held (a bug) must not wedge the device:
     // the register file is always consistent.
     fn regs(&self) -> MutexGuard<'_, Regs> {
-        self.regs.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.regs)
     }
 
     fn settle(&self, regs: &mut Regs) {
@@ -282,42 +284,23 @@ impl Pl061 {
     }
 }
 
+/// 32-bit registers; other widths as QEMU's model takes them.
+const REGISTERS: RegisterFile = RegisterFile {
+    name: "pl061",
+    size: Pl061::SIZE,
+    narrow: Narrow::WholeRegister,
+    wide: Wide::Halves,
+};
+
 impl MmioDevice for Pl061 {
     fn read(&self, offset: u64, width: AccessWidth) -> u64 {
-        if offset >= Self::SIZE {
-            guest_error!("pl061: {width} read at offset {offset:#x} beyond the register block");
-            return 0;
-        }
-        match width {
-            AccessWidth::Double => {
-                guest_error!("pl061: 64-bit read at {offset:#x}; split into two 32-bit reads");
-                let low = u64::from(self.read_word(offset));
-                let high = match offset.checked_add(4).filter(|&o| o < Self::SIZE) {
-                    Some(next) => u64::from(self.read_word(next)),
-                    None => 0,
-                };
-                low | high << 32
-            }
-            _ => u64::from(self.read_word(offset)) & width.mask(),
-        }
+        REGISTERS.read(offset, width, |offset| self.read_word(offset))
     }
 
     fn write(&self, offset: u64, width: AccessWidth, value: u64) {
-        if offset >= Self::SIZE {
-            guest_error!("pl061: {width} write at offset {offset:#x} beyond the register block");
-            return;
-        }
-        let value = value & width.mask();
-        match width {
-            AccessWidth::Double => {
-                guest_error!("pl061: 64-bit write at {offset:#x}; split into two 32-bit writes");
-                self.write_word(offset, value as u32);
-                if let Some(next) = offset.checked_add(4).filter(|&o| o < Self::SIZE) {
-                    self.write_word(next, (value >> 32) as u32);
-                }
-            }
-            _ => self.write_word(offset, value as u32),
-        }
+        REGISTERS.write(offset, width, value, |offset, value| {
+            self.write_word(offset, value)
+        })
     }
 }
 

@@ -14,9 +14,9 @@
 //! [`apple_gfx::PciGfxError::NoMsi`].
 
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
-use vm_core::sync::lock;
+use vm_core::sync::{lock, wait_timeout};
 
 use apple_gfx::cursor::CursorImage;
 use apple_gfx::memory::VaSpace;
@@ -94,11 +94,7 @@ impl FrameGrabber {
             if left.is_zero() {
                 return false;
             }
-            st = self
-                .updated
-                .wait_timeout(st, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            st = wait_timeout(&self.updated, st, left).0;
         }
         true
     }

@@ -10,6 +10,7 @@ pub mod bus;
 pub mod guest_error;
 pub mod irq;
 pub mod memory;
+pub mod regs;
 pub mod sync;
 
 pub use bus::{AccessWidth, BusError, MmioBus, MmioDevice};

@@ -41,8 +41,9 @@ use std::io::{self, IsTerminal, Write};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use vm_core::sync::lock;
 
 use vm_core::IrqLine;
 
@@ -155,19 +156,13 @@ impl CaptureOutput {
 
     /// Everything written so far.
     pub fn contents(&self) -> Vec<u8> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        lock(&self.0).clone()
     }
 }
 
 impl SerialOutput for CaptureOutput {
     fn write_bytes(&mut self, bytes: &[u8]) {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .extend_from_slice(bytes);
+        lock(&self.0).extend_from_slice(bytes);
     }
 }
 

@@ -23,8 +23,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use vm_core::sync::lock;
 
 use super::input::InputQueue;
 use super::wake::{Poll, Waker, READABLE, WRITABLE};
@@ -177,10 +178,6 @@ pub(crate) struct Shared {
     backlog: VecDeque<u8>,
     /// Bytes dropped from the backlog since the last client connected.
     dropped: u64,
-}
-
-fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
-    shared.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Shared {
