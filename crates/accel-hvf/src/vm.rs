@@ -430,7 +430,7 @@ impl Vm for HvfVm {
             )));
         }
         for s in &self.snapshots {
-            *lock(&s) = None;
+            *lock(s) = None;
         }
         let kick = Arc::new(HvfKick::new(cpus));
         control.set_kicker(kick.clone());
