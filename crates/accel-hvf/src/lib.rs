@@ -4,11 +4,11 @@
 //! what traps: MMIO (stage-2 data aborts outside RAM), the GIC CPU
 //! interface (`ICC_*` system registers, since the interrupt controller is
 //! our userspace model from crate `gic`), HVC (PSCI), WFI and the virtual
-//! timer firing. [`HvfVm`] implements the same [`accel::Vm`] contract as
+//! timer firing. `HvfVm` implements the same [`accel::Vm`] contract as
 //! the software CPU and hands every exit to the same machine
 //! [`accel::ExitHandler`], so a guest sees one machine whichever runs it.
 //!
-//! **Layout.** The framework glue ([`HvfVm`], the FFI declarations) exists
+//! **Layout.** The framework glue (`HvfVm`, the FFI declarations) exists
 //! only when building for `aarch64-apple-darwin`; on other targets this
 //! crate holds just the platform-neutral logic, which is unit-tested
 //! everywhere:

@@ -180,6 +180,9 @@ pub struct RunArgs {
     /// Display modes offered to the guest, comma-separated
     /// WIDTHxHEIGHT@HZ, the first preferred [default:
     /// 1920x1080@60,1440x1080@60,1280x1024@60].
+    // The doc comment is clap's help text; the brackets are its notation
+    // for defaults, not a rustdoc link.
+    #[allow(rustdoc::broken_intra_doc_links)]
     #[arg(long, value_name = "LIST")]
     pub display_modes: Option<String>,
 
