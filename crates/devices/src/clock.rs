@@ -5,7 +5,8 @@
 //! A device never reads the time itself; it is handed a [`Clock`]. That
 //! lets the machine choose the time base (host wall clock for the RTC,
 //! the VM's virtual clock for the power key, vmapple-machine.md §6.8) and
-//! lets tests move time by hand with a [`FakeClock`] instead of sleeping.
+//! lets tests move time by hand with a `FakeClock` (feature `test-util`)
+//! instead of sleeping.
 //!
 //! A device with a pending deadline implements [`Timed`]: it says when it
 //! next needs attention and does its work in [`Timed::poll`]. Who calls
@@ -14,6 +15,7 @@
 //! the device's [`Waker`] whenever the deadline moves.
 
 use std::io;
+#[cfg(any(test, feature = "test-util"))]
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -73,11 +75,13 @@ impl Clock for HostClock {
 
 /// A clock that moves only when told to, for tests (here and in the
 /// machine).
+#[cfg(any(test, feature = "test-util"))]
 #[derive(Debug, Default)]
 pub struct FakeClock {
     now: AtomicU64,
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl FakeClock {
     pub fn new(start_ns: u64) -> Self {
         Self {
@@ -101,6 +105,7 @@ impl FakeClock {
     }
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl Clock for FakeClock {
     fn now_ns(&self) -> u64 {
         self.now.load(Ordering::SeqCst)

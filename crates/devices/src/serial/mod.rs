@@ -43,6 +43,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+#[cfg(any(test, feature = "test-util"))]
 use vm_core::sync::lock;
 
 use vm_core::IrqLine;
@@ -145,10 +146,13 @@ impl SerialOutput for NullOutput {
     fn write_bytes(&mut self, _bytes: &[u8]) {}
 }
 
-/// Collects output in memory, for tests. Clones share one buffer.
+/// Collects output in memory, for tests (feature `test-util`). Clones
+/// share one buffer.
+#[cfg(any(test, feature = "test-util"))]
 #[derive(Debug, Default, Clone)]
 pub struct CaptureOutput(pub Arc<Mutex<Vec<u8>>>);
 
+#[cfg(any(test, feature = "test-util"))]
 impl CaptureOutput {
     pub fn new() -> Self {
         Self::default()
@@ -160,6 +164,7 @@ impl CaptureOutput {
     }
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl SerialOutput for CaptureOutput {
     fn write_bytes(&mut self, bytes: &[u8]) {
         lock(&self.0).extend_from_slice(bytes);
