@@ -173,10 +173,10 @@ struct Key {
 /// Built-in key `select` (1–7): 1–3 are 32 bytes `select, 0, 0, …`; 4–7
 /// are empty, so DATA with them fails "Invalid key length".
 fn builtin_key(select: u32) -> Key {
-    match select {
-        1..=3 => {
+    match u8::try_from(select) {
+        Ok(select @ 1..=3) => {
             let mut bytes = [0u8; KEY_SLOT_BYTES];
-            bytes[0] = select as u8;
+            bytes[0] = select;
             Key { len: 32, bytes }
         }
         _ => Key::default(),

@@ -280,6 +280,11 @@ struct Regs {
     reported_tx_disabled: bool,
 }
 
+/// The receive FIFO entry of a break: the break flag on a NUL character
+/// (the FIFO holds 8 data bits and 4 flags).
+const BREAK_ENTRY: u16 = 1 << 10;
+const _: () = assert!(BREAK_ENTRY as u32 == dr::BE);
+
 impl Regs {
     fn new() -> Self {
         Self {
@@ -646,7 +651,8 @@ impl Pl011 {
                     self.rx_space.notify_all();
                 }
                 if regs.loopback() && new & lcr_h::BRK != 0 && old & lcr_h::BRK == 0 {
-                    regs.push_rx(dr::BE as u16);
+                    // A break is a NUL character with the break flag.
+                    regs.push_rx(BREAK_ENTRY);
                     regs.settle_rx_timeout();
                 }
                 Effect::None

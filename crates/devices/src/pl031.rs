@@ -113,7 +113,8 @@ struct Regs {
 impl Regs {
     fn count(&self, now_ns: u64) -> u32 {
         // The counter is 32 bits: the clock's seconds wrap like it does.
-        ((now_ns / NANOS_PER_SEC) as u32).wrapping_add(self.offset)
+        let [s0, s1, s2, s3, ..] = (now_ns / NANOS_PER_SEC).to_le_bytes();
+        u32::from_le_bytes([s0, s1, s2, s3]).wrapping_add(self.offset)
     }
 
     /// Recomputes when `RTCDR` next equals `RTCMR`; raises the interrupt

@@ -227,7 +227,7 @@ impl Pl061 {
     fn read_word(&self, offset: u64) -> u32 {
         let regs = self.regs();
         let value = match offset {
-            reg::DATA..=reg::DATA_END => regs.pins() & (offset >> 2) as u8,
+            reg::DATA..=reg::DATA_END => regs.pins() & data_mask(offset),
             reg::DIR => regs.dir,
             reg::IS => regs.is,
             reg::IBE => regs.ibe,
@@ -254,10 +254,10 @@ impl Pl061 {
     fn write_word(&self, offset: u64, value: u32) {
         let mut regs = self.regs();
         // Every register holds 8 bits; the rest of the word is ignored.
-        let byte = value as u8;
+        let [byte, ..] = value.to_le_bytes();
         match offset {
             reg::DATA..=reg::DATA_END => {
-                let mask = (offset >> 2) as u8 & regs.dir;
+                let mask = data_mask(offset) & regs.dir;
                 regs.data = (regs.data & !mask) | (byte & mask);
             }
             reg::DIR => regs.dir = byte,
@@ -282,6 +282,12 @@ impl Pl061 {
         }
         self.settle(&mut regs);
     }
+}
+
+/// The lines a GPIODATA access at `offset` covers: address bits 9:2.
+fn data_mask(offset: u64) -> u8 {
+    let [mask, ..] = (offset >> 2).to_le_bytes();
+    mask
 }
 
 /// 32-bit registers; other widths as QEMU's model takes them.
