@@ -1,8 +1,8 @@
 #!/bin/sh
 # Type-checks and lints the macOS-only code for macOS/arm64 from any host:
 # the Hypervisor.framework accelerator, the ParavirtualizedGraphics glue,
-# the machine (which builds the display on it), virtio (vmnet backend),
-# block (F_PUNCHHOLE) and the vmapple binary without the software CPU.
+# the machine, virtio (vmnet backend), block (F_PUNCHHOLE) and the vmapple
+# binary (which picks the display backend) without the software CPU.
 # Needs no macOS SDK: nothing is linked and none of these crates (or their
 # dependencies) has a build script that compiles C, so only
 # `cargo check`/`clippy` run. The default `tcg` feature is left out because

@@ -9,6 +9,7 @@
 mod bundles;
 mod cli;
 mod control;
+mod host_display;
 mod input;
 mod log_rotate;
 mod logging;
