@@ -261,7 +261,14 @@ mod tests {
 
     #[test]
     fn encoded_streams_decode_to_their_input() {
-        for len in [0, 1, ENCODE_BLOCK - 1, ENCODE_BLOCK, 3 * ENCODE_BLOCK + 17, 300_000] {
+        for len in [
+            0,
+            1,
+            ENCODE_BLOCK - 1,
+            ENCODE_BLOCK,
+            3 * ENCODE_BLOCK + 17,
+            300_000,
+        ] {
             let data = sample(len);
             let stream = encode(&data);
             assert_eq!(&stream[stream.len() - 4..], b"bv4$");
@@ -293,7 +300,10 @@ mod tests {
         s.extend_from_slice(&(block.len() as u32).to_le_bytes());
         s.extend_from_slice(&block);
         s.extend_from_slice(b"bv4$");
-        assert_eq!(decode_all(&s, 100).unwrap(), b"ABCDEFGHABCDEFGHABCDvwxyz"[..25]);
+        assert_eq!(
+            decode_all(&s, 100).unwrap(),
+            b"ABCDEFGHABCDEFGHABCDvwxyz"[..25]
+        );
     }
 
     #[test]

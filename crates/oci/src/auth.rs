@@ -171,7 +171,11 @@ fn run_helper(helper: &str, host: &str) -> Result<Option<Credentials>, Credentia
         helper: helper.into(),
         message,
     };
-    if helper.is_empty() || !helper.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_') {
+    if helper.is_empty()
+        || !helper
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+    {
         return Err(err("not a helper name".into()));
     }
     let mut child = Command::new(format!("docker-credential-{helper}"))
@@ -258,7 +262,11 @@ pub fn parse_challenge(header: &str) -> Option<Challenge> {
             value = rest[..end].trim().to_string();
             rest = &rest[end..];
         }
-        rest = rest.trim_start().strip_prefix(',').unwrap_or(rest).trim_start();
+        rest = rest
+            .trim_start()
+            .strip_prefix(',')
+            .unwrap_or(rest)
+            .trim_start();
         params.insert(key, value);
     }
     Some(Challenge {
@@ -316,7 +324,10 @@ mod tests {
                 password: "pa:ss".into()
             })
         );
-        assert_eq!(s.lookup("index.docker.io").unwrap().unwrap().username, "hub");
+        assert_eq!(
+            s.lookup("index.docker.io").unwrap().unwrap().username,
+            "hub"
+        );
         assert_eq!(s.lookup("ghcr.io").unwrap(), None);
     }
 
@@ -338,7 +349,10 @@ mod tests {
         let s = sources(dir.path(), "{not json");
         let e = s.lookup("a.io").unwrap_err().to_string();
         assert!(e.contains("config.json"), "{e}");
-        let s = sources(dir.path(), r#"{"credHelpers":{"a.io":"no-such-helper-xyz"}}"#);
+        let s = sources(
+            dir.path(),
+            r#"{"credHelpers":{"a.io":"no-such-helper-xyz"}}"#,
+        );
         let e = s.lookup("a.io").unwrap_err().to_string();
         assert!(e.contains("docker-credential-no-such-helper-xyz"), "{e}");
     }

@@ -49,7 +49,9 @@ impl BlobCache {
     }
 
     fn partial_path(&self, digest: &Digest) -> PathBuf {
-        self.dir.join("sha256").join(format!("{}.partial", digest.hex()))
+        self.dir
+            .join("sha256")
+            .join(format!("{}.partial", digest.hex()))
     }
 
     /// The cached blob, if it is there whole.
@@ -95,7 +97,12 @@ impl BlobCache {
     }
 
     /// Makes sure the blob is in the cache; returns its path.
-    pub fn fetch(&self, client: &Client, blob: Blob, progress: &dyn Fn(u64)) -> Result<PathBuf, DownloadError> {
+    pub fn fetch(
+        &self,
+        client: &Client,
+        blob: Blob,
+        progress: &dyn Fn(u64),
+    ) -> Result<PathBuf, DownloadError> {
         if self.get(&blob).is_some() {
             progress(blob.size);
             return Ok(self.path(&blob.digest));
@@ -238,7 +245,9 @@ impl Read for Download<'_> {
                 self.blob.digest,
                 self.pos
             );
-            std::thread::sleep(std::time::Duration::from_millis(500 << self.failures.min(6)));
+            std::thread::sleep(std::time::Duration::from_millis(
+                500 << self.failures.min(6),
+            ));
         }
     }
 }

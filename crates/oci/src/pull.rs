@@ -130,9 +130,8 @@ pub fn pull(
         .filter(|b| cache.get(b).is_some())
         .count();
 
-    let total = image.config.size
-        + image.nvram.size
-        + image.disks.iter().map(|d| d.blob.size).sum::<u64>();
+    let total =
+        image.config.size + image.nvram.size + image.disks.iter().map(|d| d.blob.size).sum::<u64>();
     progress.start(total);
     let advance = |n| progress.advance(n);
 
@@ -146,7 +145,14 @@ pub fn pull(
     fs::copy(&nvram_path, &nvram_tmp).map_err(io_at(&nvram_tmp))?;
     fs::rename(&nvram_tmp, dir.join(NVRAM_FILE)).map_err(io_at(&nvram_tmp))?;
 
-    let layers_kept = pull_disk(&client, &cache, &image, &dir.join(DISK_FILE), options, progress)?;
+    let layers_kept = pull_disk(
+        &client,
+        &cache,
+        &image,
+        &dir.join(DISK_FILE),
+        options,
+        progress,
+    )?;
     progress.finish();
     Ok(Pulled {
         manifest,

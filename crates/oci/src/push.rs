@@ -246,16 +246,19 @@ pub fn push(
         let repo = (reference.registry.clone(), reference.repository.clone());
         if !done_repos.contains(&repo) {
             let client = Client::new(reference, true, &options.client)?;
-            let upload = |blob: Blob, body: &mut dyn FnMut() -> io::Result<Box<dyn Read + Send>>| {
-                if client.has_blob(&blob.digest)? {
-                    present.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    client.upload_blob(&blob.digest, blob.size, body)?;
-                    uploaded.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok::<(), PushError>(())
-            };
-            upload(config, &mut || Ok(Box::new(io::Cursor::new(source.config_json.clone()))))?;
+            let upload =
+                |blob: Blob, body: &mut dyn FnMut() -> io::Result<Box<dyn Read + Send>>| {
+                    if client.has_blob(&blob.digest)? {
+                        present.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        client.upload_blob(&blob.digest, blob.size, body)?;
+                        uploaded.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok::<(), PushError>(())
+                };
+            upload(config, &mut || {
+                Ok(Box::new(io::Cursor::new(source.config_json.clone())))
+            })?;
             // Equal chunks (all-zero ones above all) share a blob: upload
             // each distinct one once, in parallel.
             let mut distinct: Vec<&DiskLayer> = Vec::new();
@@ -273,13 +276,19 @@ pub fn push(
                         region(&path, d.offset, d.size)?,
                     ))))
                 })?;
-                let same = disks.iter().filter(|e| e.blob == d.blob).map(|e| e.size).sum();
+                let same = disks
+                    .iter()
+                    .filter(|e| e.blob == d.blob)
+                    .map(|e| e.size)
+                    .sum();
                 progress.advance(same);
                 Ok::<(), PushError>(())
             })?;
             let nvram_path = source.nvram.clone();
             upload(nvram, &mut || Ok(Box::new(File::open(&nvram_path)?)))?;
-            upload(stub, &mut || Ok(Box::new(io::Cursor::new(stub_bytes.clone()))))?;
+            upload(stub, &mut || {
+                Ok(Box::new(io::Cursor::new(stub_bytes.clone())))
+            })?;
             done_repos.push(repo);
         }
         let client = Client::new(reference, true, &options.client)?;

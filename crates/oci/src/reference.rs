@@ -148,7 +148,9 @@ mod tests {
 
     #[test]
     fn references_parse_into_registry_repository_and_target() {
-        let r: Reference = "ghcr.io/cirruslabs/macos-sonoma-base:latest".parse().unwrap();
+        let r: Reference = "ghcr.io/cirruslabs/macos-sonoma-base:latest"
+            .parse()
+            .unwrap();
         assert_eq!(r.registry, "ghcr.io");
         assert_eq!(r.repository, "cirruslabs/macos-sonoma-base");
         assert_eq!(r.target, Target::Tag("latest".into()));

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use ureq::http::{Response, StatusCode};
 use ureq::{Agent, Body};
 
-use crate::auth::{parse_challenge, Credentials, CredentialSources};
+use crate::auth::{parse_challenge, CredentialSources, Credentials};
 use crate::digest::Digest;
 use crate::reference::Reference;
 use crate::tart::{INDEX_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, MAX_MANIFEST};
@@ -164,11 +164,7 @@ fn error_detail(resp: &mut Response<Body>) -> String {
             .unwrap_or_default(),
         Err(_) => String::new(),
     };
-    let text: String = text
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(300)
-        .collect();
+    let text: String = text.chars().filter(|c| !c.is_control()).take(300).collect();
     if text.trim().is_empty() {
         String::new()
     } else {
@@ -191,9 +187,14 @@ fn upload_url(origin: &str, location: &str, digest: &Digest) -> String {
 }
 
 impl Client {
-    pub fn new(reference: &Reference, push: bool, options: &ClientOptions) -> Result<Client, RegistryError> {
+    pub fn new(
+        reference: &Reference,
+        push: bool,
+        options: &ClientOptions,
+    ) -> Result<Client, RegistryError> {
         let scheme = if options.insecure { "http" } else { "https" };
         let config = Agent::config_builder()
+            .tls_config(tls_config())
             .http_status_as_error(false)
             .user_agent(concat!("vmapple/", env!("CARGO_PKG_VERSION")))
             .timeout_connect(Some(Duration::from_secs(30)))
@@ -266,8 +267,7 @@ impl Client {
                 return Err(self.protocol(what, format!("unknown auth scheme {other:?}")));
             }
         };
-        *self.authorization.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((value.0, value.1));
+        *self.authorization.lock().unwrap_or_else(|p| p.into_inner()) = Some((value.0, value.1));
         Ok(())
     }
 
@@ -338,7 +338,10 @@ impl Client {
             .ok_or_else(|| self.protocol(what, "token reply without a token"))?;
         // Renew a little early; the spec's default lifetime is 60 s.
         let life = Duration::from_secs(r.expires_in.unwrap_or(60).clamp(10, 86_400));
-        Ok((format!("Bearer {token}"), Some(Instant::now() + life - Duration::from_secs(5))))
+        Ok((
+            format!("Bearer {token}"),
+            Some(Instant::now() + life - Duration::from_secs(5)),
+        ))
     }
 
     /// Sends a request made by `make` (called again for each attempt, with
@@ -395,7 +398,10 @@ impl Client {
                         return Ok(resp);
                     }
                     let detail = error_detail(&mut resp);
-                    tracing::warn!("{what}: {} answered {status}{detail}; retrying", self.registry);
+                    tracing::warn!(
+                        "{what}: {} answered {status}{detail}; retrying",
+                        self.registry
+                    );
                 }
             }
             std::thread::sleep(wait);
@@ -436,9 +442,10 @@ impl Client {
         let what = format!("manifest {reference}");
         let url = self.url(&format!("manifests/{target}"));
         let mut resp = self.send(&what, &mut |agent, auth| {
-            let mut r = agent
-                .get(&url)
-                .header("Accept", format!("{MANIFEST_MEDIA_TYPE}, {INDEX_MEDIA_TYPE}"));
+            let mut r = agent.get(&url).header(
+                "Accept",
+                format!("{MANIFEST_MEDIA_TYPE}, {INDEX_MEDIA_TYPE}"),
+            );
             if let Some(a) = auth {
                 r = r.header("Authorization", a);
             }
@@ -510,7 +517,10 @@ impl Client {
                 }
                 Ok(resp)
             }
-            (200, _) => Err(self.protocol(&what, "the registry does not resume downloads (no 206 for Range)")),
+            (200, _) => Err(self.protocol(
+                &what,
+                "the registry does not resume downloads (no 206 for Range)",
+            )),
             _ => Err(self.status_error(&what, resp)),
         }
     }
@@ -592,6 +602,19 @@ impl Client {
         }
         Ok(Digest::of(bytes))
     }
+}
+
+#[cfg(not(target_os = "macos"))]
+fn tls_config() -> ureq::tls::TlsConfig {
+    ureq::tls::TlsConfig::default()
+}
+
+#[cfg(target_os = "macos")]
+fn tls_config() -> ureq::tls::TlsConfig {
+    ureq::tls::TlsConfig::builder()
+        .provider(ureq::tls::TlsProvider::NativeTls)
+        .root_certs(ureq::tls::RootCerts::PlatformVerifier)
+        .build()
 }
 
 /// Connection-level failures worth another attempt.

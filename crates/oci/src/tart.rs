@@ -37,7 +37,9 @@ pub const MAX_DISK: u64 = 64 << 40;
 pub enum LayoutError {
     #[error("the manifest is not valid JSON for an OCI image manifest: {0}")]
     Json(String),
-    #[error("the registry sent an image index (a multi-platform container image?), not a Tart VM image")]
+    #[error(
+        "the registry sent an image index (a multi-platform container image?), not a Tart VM image"
+    )]
     Index,
     #[error("the manifest's media type is {0:?}, not {MANIFEST_MEDIA_TYPE:?}")]
     MediaType(String),
@@ -270,7 +272,10 @@ pub fn build_manifest(parts: &ManifestParts) -> Vec<u8> {
     if let Some(t) = &parts.upload_time {
         annotations.insert(UPLOAD_TIME.to_string(), t.clone());
     }
-    let mut config = descriptor("application/vnd.oci.image.config.v1+json", parts.stub_config);
+    let mut config = descriptor(
+        "application/vnd.oci.image.config.v1+json",
+        parts.stub_config,
+    );
     config.set_annotations(None);
     let manifest = ImageManifestBuilder::default()
         .schema_version(2u32)
@@ -342,7 +347,10 @@ mod tests {
                 NVRAM_MEDIA_TYPE
             ]
         );
-        assert_eq!(v["layers"][1]["annotations"][UNCOMPRESSED_SIZE], "536870912");
+        assert_eq!(
+            v["layers"][1]["annotations"][UNCOMPRESSED_SIZE],
+            "536870912"
+        );
         assert_eq!(
             v["annotations"][UNCOMPRESSED_DISK_SIZE],
             (DISK_CHUNK + 4096).to_string()

@@ -9,6 +9,7 @@
 mod bundles;
 mod cli;
 mod control;
+mod images;
 mod input;
 mod logging;
 mod signals;
@@ -48,6 +49,9 @@ fn main() -> ExitCode {
         Command::Delete(args) => bundles::delete(args),
         Command::Identity(args) => bundles::identity(args),
         Command::Ctl(args) => control::ctl(args),
+        Command::Pull(args) => images::pull(args),
+        Command::Push(args) => images::push(args),
+        Command::Clone(args) => images::clone(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -192,3 +192,4 @@ pub fn vmapple_with_triggers(args: &[&str], limit: Duration, triggers: &[Trigger
     );
     run
 }
+pub mod registry;
