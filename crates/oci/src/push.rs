@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::applelz4::EncodeReader;
 use crate::digest::{digest_reader, Digest, Hasher};
 use crate::reference::{Reference, Target};
-use crate::registry::{Client, ClientOptions, RegistryError};
+use crate::registry::{Client, ClientOptions, MakeBody, RegistryError};
 use crate::tart::{self, Blob, DiskLayer, ManifestParts};
 use crate::Progress;
 
@@ -246,16 +246,15 @@ pub fn push(
         let repo = (reference.registry.clone(), reference.repository.clone());
         if !done_repos.contains(&repo) {
             let client = Client::new(reference, true, &options.client)?;
-            let upload =
-                |blob: Blob, body: &mut dyn FnMut() -> io::Result<Box<dyn Read + Send>>| {
-                    if client.has_blob(&blob.digest)? {
-                        present.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        client.upload_blob(&blob.digest, blob.size, body)?;
-                        uploaded.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok::<(), PushError>(())
-                };
+            let upload = |blob: Blob, body: &mut MakeBody| {
+                if client.has_blob(&blob.digest)? {
+                    present.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    client.upload_blob(&blob.digest, blob.size, body)?;
+                    uploaded.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok::<(), PushError>(())
+            };
             upload(config, &mut || {
                 Ok(Box::new(io::Cursor::new(source.config_json.clone())))
             })?;

@@ -111,6 +111,13 @@ pub struct FetchedManifest {
     pub digest: Digest,
 }
 
+/// Makes one attempt of a request, given the `Authorization` value to send.
+pub type MakeRequest<'a> =
+    dyn FnMut(&Agent, Option<&str>) -> Result<Response<Body>, ureq::Error> + 'a;
+
+/// Makes the body of an upload afresh for each attempt.
+pub type MakeBody<'a> = dyn FnMut() -> io::Result<Box<dyn Read + Send>> + 'a;
+
 pub struct Client {
     agent: Agent,
     /// `http[s]://host[:port]`
@@ -351,7 +358,7 @@ impl Client {
     pub fn send(
         &self,
         what: &str,
-        make: &mut dyn FnMut(&Agent, Option<&str>) -> Result<Response<Body>, ureq::Error>,
+        make: &mut MakeRequest,
     ) -> Result<Response<Body>, RegistryError> {
         let mut authenticated = false;
         let mut attempt = 0;
@@ -532,7 +539,7 @@ impl Client {
         &self,
         digest: &Digest,
         size: u64,
-        body: &mut dyn FnMut() -> io::Result<Box<dyn Read + Send>>,
+        body: &mut MakeBody,
     ) -> Result<(), RegistryError> {
         let what = format!("uploading blob {digest}");
         let start_url = self.url("blobs/uploads/");

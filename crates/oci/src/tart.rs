@@ -371,7 +371,8 @@ mod tests {
 
     #[test]
     fn manifests_that_are_not_sane_tart_images_are_refused() {
-        let cases: Vec<(Box<dyn FnOnce(&mut serde_json::Value)>, &str)> = vec![
+        type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+        let cases: Vec<(Edit, &str)> = vec![
             (
                 Box::new(|v| v["mediaType"] = INDEX_MEDIA_TYPE.into()),
                 "image index",
