@@ -92,6 +92,22 @@ impl<R: Read> Read for Hashing<'_, R> {
     }
 }
 
+/// Whether `len` bytes at `offset` are one hole (read as zeros without
+/// being stored): then their digests need not be computed again.
+fn is_hole(path: &Path, offset: u64, len: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    let (Ok(f), Ok(off)) = (File::open(path), libc::off_t::try_from(offset)) else {
+        return false;
+    };
+    // SAFETY: lseek on a descriptor we own; no memory involved.
+    let data = unsafe { libc::lseek(f.as_raw_fd(), off, libc::SEEK_DATA) };
+    if data < 0 {
+        // ENXIO: no data from offset to the end of the file.
+        return io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+    }
+    data as u64 >= offset.saturating_add(len)
+}
+
 /// Runs `work(i)` for i in 0..n on up to `threads` threads; the first
 /// error stops the others and is returned.
 fn parallel<T: Send, E: Send>(
@@ -180,10 +196,25 @@ pub fn push(
         .len();
     progress.start(2 * disk_size + nvram_size);
 
-    // Pass 1: digests of every chunk, compressed and not.
+    // Pass 1: digests of every chunk, compressed and not. Chunks that are
+    // holes all have the digests of zeros of their size, computed once.
+    let zero_chunks: Mutex<Vec<(u64, DiskLayer)>> = Mutex::new(Vec::new());
     let disks = parallel(chunks as usize, options.concurrency, &|i| {
         let offset = i as u64 * chunk;
         let size = chunk.min(disk_size - offset);
+        let hole = is_hole(&source.disk, offset, size);
+        if hole {
+            let known = zero_chunks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .find(|(s, _)| *s == size)
+                .map(|(_, d)| *d);
+            if let Some(d) = known {
+                progress.advance(size);
+                return Ok(DiskLayer { offset, ..d });
+            }
+        }
         let mut content = Hasher::default();
         let input = region(&source.disk, offset, size).map_err(io_at(&source.disk))?;
         let (digest, compressed) = digest_reader(EncodeReader::new(Hashing {
@@ -198,7 +229,7 @@ pub fn push(
                 source: io::Error::new(io::ErrorKind::UnexpectedEof, "the disk shrank while read"),
             });
         }
-        Ok(DiskLayer {
+        let layer = DiskLayer {
             blob: Blob {
                 digest,
                 size: compressed,
@@ -206,7 +237,14 @@ pub fn push(
             offset,
             size,
             content: content.finish(),
-        })
+        };
+        if hole {
+            zero_chunks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((size, layer));
+        }
+        Ok(layer)
     })?;
     let (nvram_digest, nvram_len) = File::open(&source.nvram)
         .and_then(digest_reader)
