@@ -25,8 +25,9 @@ const WINDOW: usize = 64 * 1024;
 pub const ENCODE_BLOCK: usize = 64 * 1024;
 
 /// The largest decoded block accepted: bounds what one header can make us
-/// allocate. Apple's blocks are 64 KiB; this leaves room for other encoders.
-pub const MAX_BLOCK: usize = 4 << 20;
+/// allocate. Apple's blocks are reported as 64 KiB; other writers of the
+/// framing use up to 4 MiB (Aspose's default), so leave room beyond that.
+pub const MAX_BLOCK: usize = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Lz4Error {
