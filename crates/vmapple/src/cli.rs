@@ -65,6 +65,8 @@ pub enum Command {
     /// Copy a bundle: copy-on-write disks where the filesystem allows, a
     /// new MAC address, the same machine identity unless --new-identity.
     Clone(crate::images::CloneArgs),
+    /// Change a stopped bundle: grow its root disk, set vCPUs or memory.
+    Set(crate::images::SetArgs),
 }
 
 #[derive(Args, Debug)]

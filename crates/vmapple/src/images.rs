@@ -93,6 +93,73 @@ pub fn clone(args: CloneArgs) -> Result<u8, String> {
     Ok(status::POWERED_OFF)
 }
 
+#[derive(Args, Debug)]
+pub struct SetArgs {
+    /// The bundle (name or path); it must not be running.
+    #[arg(value_name = "NAME")]
+    pub name: PathBuf,
+    /// Grow the root disk to SIZE (sparsely); shrinking is refused.
+    #[arg(long, value_parser = crate::cli::parse_size, value_name = "SIZE")]
+    pub disk_size: Option<u64>,
+    /// vCPUs (1 to 32).
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<u32>,
+    /// Guest RAM, e.g. 8G.
+    #[arg(long, value_parser = crate::cli::parse_size, value_name = "SIZE")]
+    pub memory: Option<u64>,
+}
+
+pub fn set(args: SetArgs) -> Result<u8, String> {
+    let bundle = Bundle::open(&args.name).map_err(|e| e.to_string())?;
+    let _lock = bundle.lock().map_err(|e| e.to_string())?;
+    let mut config = bundle.config().clone();
+    if let Some(c) = args.cpus {
+        config.cpus = c;
+    }
+    if let Some(m) = args.memory {
+        config.memory = bundle::config::Size(m);
+    }
+    config
+        .validate()
+        .map_err(|e| format!("{}: {e}", bundle.dir().display()))?;
+    let root = bundle.resolve(&config.root.path);
+    if let Some(size) = args.disk_size {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&root)
+            .map_err(|e| format!("{}: {e}", root.display()))?;
+        let now = f
+            .metadata()
+            .map_err(|e| format!("{}: {e}", root.display()))?
+            .len();
+        if size < now {
+            return Err(format!(
+                "{}: the disk is {now} bytes; shrinking it to {size} would cut off data the guest's file system may use (grow only)",
+                root.display()
+            ));
+        }
+        if config.root.read_only {
+            return Err(format!("{}: the root disk is read-only", root.display()));
+        }
+        // Extending a file adds a hole: no data is written.
+        f.set_len(size)
+            .map_err(|e| format!("{}: {e}", root.display()))?;
+    }
+    let path = bundle.config_path();
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, config.to_toml())
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    println!(
+        "{}: {} vCPUs, {} MiB, root disk {} bytes",
+        bundle.name(),
+        config.cpus,
+        config.memory.0 >> 20,
+        std::fs::metadata(&root).map(|m| m.len()).unwrap_or(0)
+    );
+    Ok(status::POWERED_OFF)
+}
+
 /// A progress bar on stderr when it is a terminal; silent otherwise.
 struct Bar(ProgressBar);
 

@@ -52,6 +52,7 @@ fn main() -> ExitCode {
         Command::Pull(args) => images::pull(args),
         Command::Push(args) => images::push(args),
         Command::Clone(args) => images::clone(args),
+        Command::Set(args) => images::set(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -1253,3 +1253,42 @@ fn a_clone_has_its_own_sparse_disks_and_mac_the_same_identity_and_boots() {
     let out = home.run(&["clone", "src", "twin"]);
     assert_user_error(&out, "already exists");
 }
+
+#[test]
+fn set_grows_the_disk_sparsely_changes_cpus_and_memory_and_refuses_to_shrink() {
+    let home = Home::new();
+    create_small(&home, "vm");
+    let root = home.bundle("vm").join("root.img");
+    let out = home.ok(&[
+        "set",
+        "vm",
+        "--disk-size",
+        "3G",
+        "--cpus",
+        "3",
+        "--memory",
+        "1G",
+    ]);
+    assert!(
+        out.contains("3 vCPUs, 1024 MiB, root disk 3221225472 bytes"),
+        "{out}"
+    );
+    assert_eq!(std::fs::metadata(&root).unwrap().len(), 3 << 30);
+    assert!(allocated(&root) < 1 << 20, "grown disk not sparse");
+    let list = home.ok(&["list"]);
+    assert!(list.contains("3 vCPUs, 1024 MiB"), "{list}");
+
+    let out = home.run(&["set", "vm", "--disk-size", "1G"]);
+    assert_user_error(&out, "grow only");
+    assert_eq!(std::fs::metadata(&root).unwrap().len(), 3 << 30);
+    let out = home.run(&["set", "vm", "--cpus", "99"]);
+    assert_user_error(&out, "cpus = 99");
+    let _lock = hold_lock(&home.bundle("vm"));
+    let out = home.run(&["set", "vm", "--cpus", "2"]);
+    assert_user_error(&out, "in use");
+    assert!(
+        std::fs::read_to_string(home.bundle("vm").join("config.toml"))
+            .unwrap()
+            .contains("cpus = 3")
+    );
+}
