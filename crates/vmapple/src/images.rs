@@ -260,7 +260,14 @@ pub fn pull(args: PullArgs) -> Result<u8, String> {
         if !args.insecure && reference.is_loopback() && matches!(e, oci::PullError::Registry(_)) {
             text.push_str(" (a plain-HTTP registry? add --insecure)");
         }
-        format!("{text}; run the same pull again to resume")
+        match e {
+            // The image itself is wrong: pulling again will not help.
+            oci::PullError::Config(_) | oci::PullError::Layout { .. } => {
+                let _ = std::fs::remove_dir_all(&staging);
+                text
+            }
+            _ => format!("{text}; run the same pull again to resume"),
+        }
     })?;
     let source = format!("{reference}@{}", pulled.manifest.digest);
     let (created, warnings) =

@@ -1292,3 +1292,37 @@ fn set_grows_the_disk_sparsely_changes_cpus_and_memory_and_refuses_to_shrink() {
             .contains("cpus = 3")
     );
 }
+
+#[test]
+fn an_image_with_an_absurd_config_is_refused_before_its_disk_is_fetched() {
+    if !peers_installed("an_image_with_an_absurd_config_is_refused_before_its_disk_is_fetched") {
+        return;
+    }
+    let registry = Registry::start();
+    let mut image = TartFixture::new();
+    image.config = String::from_utf8(image.config)
+        .unwrap()
+        .replace("\"cpuCount\":2", "\"cpuCount\":100000")
+        .into_bytes();
+    image.push_with_skopeo(&registry, "bad/vm:v1");
+    let home = Home::new();
+    let out = home.run(&[
+        "pull",
+        "--insecure",
+        &format!("{}/bad/vm:v1", registry.addr),
+        "vm",
+    ]);
+    assert_user_error(&out, "cpuCount = 100000");
+    assert!(
+        !text(&out.stderr).contains("resume"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!home.bundle("vm").exists());
+    assert!(!home.path().join(".vm.vmapple.pull").exists());
+    // Nothing of the disk was fetched: only the config blob is cached.
+    let cached = std::fs::read_dir(home.path().join("cache/blobs/sha256"))
+        .unwrap()
+        .count();
+    assert_eq!(cached, 1);
+}
