@@ -221,7 +221,7 @@ pub fn resolve_in(home: &Path, spec: &Path) -> Result<PathBuf, BundleError> {
     }
 }
 
-fn random_u64() -> std::io::Result<u64> {
+pub(crate) fn random_u64() -> std::io::Result<u64> {
     let mut b = [0u8; 8];
     File::open("/dev/urandom")?.read_exact(&mut b)?;
     Ok(u64::from_ne_bytes(b))
@@ -249,7 +249,7 @@ fn create_sparse(path: &Path, size: u64) -> Result<(), BundleError> {
     f.sync_all().map_err(io_err(path))
 }
 
-fn write_new(path: &Path, data: &[u8]) -> Result<(), BundleError> {
+pub(crate) fn write_new(path: &Path, data: &[u8]) -> Result<(), BundleError> {
     let mut f = create_private(path)?;
     f.write_all(data).map_err(io_err(path))?;
     f.sync_all().map_err(io_err(path))

@@ -29,6 +29,10 @@ use crate::config::{
 };
 use crate::identity::{self, IdentityError};
 
+/// The most guest RAM a Tart config may ask for (1 TiB): more is a broken
+/// or hostile image, not a VM to run.
+pub const MAX_TART_MEMORY: u64 = 1 << 40;
+
 /// A VM description ready to become a bundle
 /// ([`crate::Bundle::create_imported`]).
 #[derive(Debug, Clone)]
@@ -179,10 +183,59 @@ fn require_file(dir: &Path, name: &str, policy: OutsideFiles) -> Result<PathBuf,
 /// `disk.img` (root disk), `nvram.bin` (auxiliary storage).
 pub fn import_tart(dir: &Path, policy: OutsideFiles) -> Result<ImportedVm, ImportError> {
     let config_path = dir.join("config.json");
-    let json = read_json(&config_path)?;
-    let mut warnings = Vec::new();
-    let p = config_path.as_path();
+    let json = identity::read_bounded(&config_path)?;
+    // Configuration errors first: they say more than a missing disk.
+    let mut vm = tart_vm(&json, &config_path, "nvram.bin", Disk::new("disk.img"))?;
+    vm.config.root.path = require_file(dir, "disk.img", policy)?;
+    vm.config.aux.path = require_file(dir, "nvram.bin", policy)?;
+    let warnings = &mut vm.warnings;
+    warnings.push(
+        "Tart chooses networking at `tart run` time; the imported VM uses network = \"passt\" (user-mode NAT)"
+            .into(),
+    );
+    if let Ok(entries) = fs::read_dir(dir) {
+        let mut extra: Vec<String> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !matches!(n.as_str(), "config.json" | "disk.img" | "nvram.bin"))
+            .collect();
+        extra.sort();
+        for name in extra {
+            let why = match name.as_str() {
+                "state.vzvmsave" => {
+                    "a suspended VM state cannot be resumed by vmapple; the VM cold-boots"
+                }
+                _ => "not used by vmapple",
+            };
+            warnings.push(format!("{name}: {why}"));
+        }
+    }
+    Ok(vm)
+}
 
+/// The vmapple view of a Tart `config.json` (its bytes; `config_path`
+/// names it in messages) whose disks are `aux_path` (nvram.bin, a
+/// Virtualization.framework aux file with its header) and `root`
+/// (disk.img). Refuses what vmapple cannot run; everything it runs
+/// differently is a warning.
+pub fn tart_vm(
+    json: &[u8],
+    config_path: &Path,
+    aux_path: &str,
+    root: Disk,
+) -> Result<ImportedVm, ImportError> {
+    let aux = Disk {
+        path: aux_path.into(),
+        read_only: false,
+        offset: VZ_AUX_HEADER,
+    };
+    let p = config_path;
+    let json = match serde_json::from_slice(json) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => return Err(invalid(p, "top level is not a JSON object")),
+        Err(e) => return Err(invalid(p, format!("not valid JSON: {e}"))),
+    };
+    let mut warnings = Vec::new();
     let os = json.get("os").and_then(Value::as_str).unwrap_or("darwin");
     if os != "darwin" {
         return Err(invalid(
@@ -203,23 +256,18 @@ pub fn import_tart(dir: &Path, policy: OutsideFiles) -> Result<ImportedVm, Impor
         "memorySize",
         json.get("memorySize").unwrap_or(&Value::Null),
     )?;
+    if memory > MAX_TART_MEMORY {
+        return Err(invalid(
+            p,
+            format!("memorySize = {memory}: more than the {MAX_TART_MEMORY} bytes vmapple accepts"),
+        ));
+    }
     let ecid = identity::ecid_from_tart_config(
         &serde_json::to_vec(&json).unwrap_or_default(),
         &config_path.display().to_string(),
     )?;
 
-    let root = require_file(dir, "disk.img", policy)?;
-    let aux = require_file(dir, "nvram.bin", policy)?;
-    let mut config = VmConfig::new(
-        cpus,
-        memory,
-        Disk {
-            path: aux,
-            read_only: false,
-            offset: VZ_AUX_HEADER,
-        },
-        Disk::new(root),
-    );
+    let mut config = VmConfig::new(cpus, memory, aux, root);
     config.ecid = Some(crate::config::Ecid(ecid));
 
     for (key, value) in &json {
@@ -282,27 +330,6 @@ pub fn import_tart(dir: &Path, policy: OutsideFiles) -> Result<ImportedVm, Impor
             other => warnings.push(format!(
                 "{other} = {value} is not supported and was ignored"
             )),
-        }
-    }
-    warnings.push(
-        "Tart chooses networking at `tart run` time; the imported VM uses network = \"passt\" (user-mode NAT)"
-            .into(),
-    );
-    if let Ok(entries) = fs::read_dir(dir) {
-        let mut extra: Vec<String> = entries
-            .filter_map(Result::ok)
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| !matches!(n.as_str(), "config.json" | "disk.img" | "nvram.bin"))
-            .collect();
-        extra.sort();
-        for name in extra {
-            let why = match name.as_str() {
-                "state.vzvmsave" => {
-                    "a suspended VM state cannot be resumed by vmapple; the VM cold-boots"
-                }
-                _ => "not used by vmapple",
-            };
-            warnings.push(format!("{name}: {why}"));
         }
     }
     Ok(ImportedVm {

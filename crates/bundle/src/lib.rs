@@ -7,10 +7,12 @@
 //! accelerator; the `vmapple` binary wires it up.
 
 pub mod bundle;
+pub mod clone;
 pub mod config;
 pub mod control;
 pub mod identity;
 pub mod import;
+pub mod tart;
 
 pub use bundle::{
     bundles_home, delete, list, Bundle, BundleError, BundleLock, BundleSummary, CreateOptions,

@@ -58,6 +58,15 @@ pub enum Command {
     Identity(crate::bundles::IdentityArgs),
     /// Send a command to a running VM's control socket.
     Ctl(crate::control::CtlArgs),
+    /// Make a bundle from a Tart VM image in an OCI registry.
+    Pull(crate::images::PullArgs),
+    /// Push a bundle to an OCI registry as a Tart VM image.
+    Push(crate::images::PushArgs),
+    /// Copy a bundle: copy-on-write disks where the filesystem allows, a
+    /// new MAC address, the same machine identity unless --new-identity.
+    Clone(crate::images::CloneArgs),
+    /// Change a stopped bundle: grow its root disk, set vCPUs or memory.
+    Set(crate::images::SetArgs),
 }
 
 #[derive(Args, Debug)]

@@ -10,6 +10,7 @@ mod bundles;
 mod cli;
 mod control;
 mod host_display;
+mod images;
 mod input;
 mod log_rotate;
 mod logging;
@@ -50,6 +51,10 @@ fn main() -> ExitCode {
         Command::Delete(args) => bundles::delete(args),
         Command::Identity(args) => bundles::identity(args),
         Command::Ctl(args) => control::ctl(args),
+        Command::Pull(args) => images::pull(args),
+        Command::Push(args) => images::push(args),
+        Command::Clone(args) => images::clone(args),
+        Command::Set(args) => images::set(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

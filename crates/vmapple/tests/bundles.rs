@@ -1008,3 +1008,561 @@ fn create_syncs_its_files_and_directories() {
         );
     }
 }
+
+// ---- images: pull and push through a real registry -------------------------
+//
+// Against Debian's docker-registry (the CNCF distribution registry) and
+// skopeo, started per test on loopback (tests/common/registry.rs).
+
+use common::registry::{peers_installed, skopeo, Registry};
+use sha2::Digest as _;
+
+fn sha256_hex(data: &[u8]) -> String {
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Apple's LZ4 framing written by the test itself (not vmapple's encoder):
+/// all-zero 64 KiB blocks as one hand-made LZ4 block (a zero literal, then
+/// a match at distance 1), everything else as stored `bv4-` blocks.
+fn apple_lz4_by_hand(data: &[u8]) -> Vec<u8> {
+    const BLOCK: usize = 65536;
+    let mut out = Vec::new();
+    for block in data.chunks(BLOCK) {
+        if block.len() == BLOCK && block.iter().all(|&b| b == 0) {
+            // Literal 1 byte; match length 65530 = 4 + 15 + 255*256 + 231;
+            // then the last 5 bytes as literals.
+            let mut lz = vec![0x1f, 0x00, 0x01, 0x00];
+            lz.extend(std::iter::repeat_n(0xffu8, 256));
+            lz.push(231);
+            lz.extend_from_slice(&[0x50, 0, 0, 0, 0, 0]);
+            out.extend_from_slice(b"bv41");
+            out.extend_from_slice(&(BLOCK as u32).to_le_bytes());
+            out.extend_from_slice(&(lz.len() as u32).to_le_bytes());
+            out.extend_from_slice(&lz);
+        } else {
+            out.extend_from_slice(b"bv4-");
+            out.extend_from_slice(&(block.len() as u32).to_le_bytes());
+            out.extend_from_slice(block);
+        }
+    }
+    out.extend_from_slice(b"bv4$");
+    out
+}
+
+/// A Tart VM in pieces: config.json, nvram.bin and disk.img, the disk cut
+/// into layers of uneven sizes (as Tart 2.0–2.10 made them).
+struct TartFixture {
+    config: Vec<u8>,
+    nvram: Vec<u8>,
+    disk: Vec<u8>,
+    cuts: Vec<usize>,
+}
+
+impl TartFixture {
+    fn new() -> TartFixture {
+        let dir = tempfile::tempdir().unwrap();
+        write_vz_aux(&dir.path().join("nvram.bin"));
+        write_root(&dir.path().join("root"));
+        let nvram = std::fs::read(dir.path().join("nvram.bin")).unwrap();
+        // Layer 0: the root disk's first MiB, then zeros to 4 MiB;
+        // layer 1: 32 MiB of zeros (a hole when pulled); layer 2: noise
+        // with an odd tail.
+        let mut disk = std::fs::read(dir.path().join("root")).unwrap();
+        disk.resize(36 << 20, 0);
+        let mut x: u32 = 0x2545_f491;
+        disk.extend((0..(1 << 20) + 123).map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        }));
+        // Swift's JSONEncoder escapes '/', so real configs carry "\/".
+        let config = format!(
+            r#"{{"version":1,"os":"darwin","arch":"arm64","ecid":"{}","hardwareModel":"{}","cpuCountMin":2,"cpuCount":2,"memorySizeMin":268435456,"memorySize":268435456,"macAddress":"7a:65:e4:3c:2b:01","display":{{"width":1024,"height":768}}}}"#,
+            base64(&machine_identifier(ECID)).replace('/', "\\/"),
+            base64(b"bplist00 hardware model").replace('/', "\\/"),
+        )
+        .into_bytes();
+        TartFixture {
+            config,
+            nvram,
+            disk,
+            cuts: vec![4 << 20, 36 << 20],
+        }
+    }
+
+    fn layers(&self) -> Vec<&[u8]> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        for &end in self.cuts.iter().chain(std::iter::once(&self.disk.len())) {
+            out.push(&self.disk[start..end]);
+            start = end;
+        }
+        out
+    }
+
+    /// Writes the image as an OCI layout directory (what `skopeo copy
+    /// oci:DIR:TAG` reads), by hand from the spec; returns the compressed
+    /// disk blobs.
+    fn write_oci_layout(&self, dir: &Path, tag: &str) -> Vec<Vec<u8>> {
+        let blobs = dir.join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let put = |data: &[u8]| -> serde_json::Value {
+            let hex = sha256_hex(data);
+            std::fs::write(blobs.join(&hex), data).unwrap();
+            serde_json::json!({ "digest": format!("sha256:{hex}"), "size": data.len() })
+        };
+        let descriptor = |media: &str, data: &[u8]| {
+            let mut d = put(data);
+            d["mediaType"] = media.into();
+            d
+        };
+        let stub = br#"{"architecture":"arm64","config":{"Labels":{"org.cirruslabs.tart.disk.format":"raw"}},"os":"darwin"}"#;
+        let mut layers = vec![descriptor(
+            "application/vnd.cirruslabs.tart.config.v1",
+            &self.config,
+        )];
+        let mut compressed = Vec::new();
+        for chunk in self.layers() {
+            let lz = apple_lz4_by_hand(chunk);
+            let mut d = descriptor("application/vnd.cirruslabs.tart.disk.v2", &lz);
+            d["annotations"] = serde_json::json!({
+                "org.cirruslabs.tart.uncompressed-size": chunk.len().to_string(),
+                "org.cirruslabs.tart.uncompressed-content-digest": format!("sha256:{}", sha256_hex(chunk)),
+            });
+            layers.push(d);
+            compressed.push(lz);
+        }
+        layers.push(descriptor(
+            "application/vnd.cirruslabs.tart.nvram.v1",
+            &self.nvram,
+        ));
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": descriptor("application/vnd.oci.image.config.v1+json", stub),
+            "layers": layers,
+            "annotations": {
+                "org.cirruslabs.tart.uncompressed-disk-size": self.disk.len().to_string(),
+                "org.cirruslabs.tart.upload-time": "2026-01-02T03:04:05Z",
+            },
+        });
+        let mut m = descriptor(
+            "application/vnd.oci.image.manifest.v1+json",
+            manifest.to_string().as_bytes(),
+        );
+        m["annotations"] = serde_json::json!({ "org.opencontainers.image.ref.name": tag });
+        std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        std::fs::write(
+            dir.join("index.json"),
+            serde_json::json!({ "schemaVersion": 2, "manifests": [m] }).to_string(),
+        )
+        .unwrap();
+        compressed
+    }
+
+    /// Puts the image into the registry with skopeo; returns its
+    /// compressed disk blobs.
+    fn push_with_skopeo(&self, registry: &Registry, name: &str) -> Vec<Vec<u8>> {
+        let layout = tempfile::tempdir().unwrap();
+        let blobs = self.write_oci_layout(layout.path(), "v1");
+        skopeo(&[
+            "copy",
+            "--dest-tls-verify=false",
+            &format!("oci:{}:v1", layout.path().display()),
+            &format!("docker://{}/{name}", registry.addr),
+        ]);
+        blobs
+    }
+}
+
+/// The pulled bundle holds exactly the image's files, its root disk sparse.
+fn assert_pulled(home: &Home, name: &str, image: &TartFixture) {
+    let dir = home.bundle(name);
+    let root = std::fs::read(dir.join("root.img")).unwrap();
+    assert!(root == image.disk, "root.img differs from the image's disk");
+    assert!(std::fs::read(dir.join("aux.img")).unwrap() == image.nvram);
+    assert_eq!(home.ok(&["identity", name]).trim(), ECID.to_string());
+    // The 32 MiB zero layer and the zeros after the root text are holes.
+    let used = allocated(&dir.join("root.img"));
+    assert!(
+        used < 4 << 20,
+        "root.img not sparse: {used} bytes allocated"
+    );
+    assert!(!dir.with_file_name(format!(".{name}.vmapple.pull")).exists());
+}
+
+#[test]
+fn a_tart_image_made_without_vmapple_pulls_and_boots() {
+    if !peers_installed("a_tart_image_made_without_vmapple_pulls_and_boots") {
+        return;
+    }
+    let registry = Registry::start();
+    let image = TartFixture::new();
+    image.push_with_skopeo(&registry, "tart/vm:v1");
+    let home = Home::new();
+    let reference = format!("{}/tart/vm:v1", registry.addr);
+
+    let out = home.run(&["pull", &reference, "pulled"]);
+    assert_user_error(&out, "--insecure");
+
+    let out = home.ok(&["pull", "--insecure", &reference, "pulled"]);
+    assert!(out.contains("2 vCPUs, 256 MiB"), "{out}");
+    assert!(out.contains("in 3 layers"), "{out}");
+    assert_pulled(&home, "pulled", &image);
+    assert_eq!(
+        std::fs::read(home.bundle("pulled").join("tart-config.json")).unwrap(),
+        image.config
+    );
+    let config = std::fs::read_to_string(home.bundle("pulled").join("config.toml")).unwrap();
+    assert!(config.contains("offset = 16384"), "{config}");
+    boot_rom_checks_pass(&home, "pulled");
+
+    // The same image again, under another name: every blob comes from the
+    // cache, the bundle is the same.
+    let out = home.ok(&["pull", "--insecure", &reference, "again"]);
+    assert!(out.contains("5 blobs from the cache"), "{out}");
+    assert_pulled(&home, "again", &image);
+
+    // An existing bundle is never overwritten.
+    let out = home.run(&["pull", "--insecure", &reference, "again"]);
+    assert_user_error(&out, "already exists");
+}
+
+#[test]
+fn a_pushed_bundle_has_tarts_layout_and_pulls_back_identical() {
+    if !peers_installed("a_pushed_bundle_has_tarts_layout_and_pulls_back_identical") {
+        return;
+    }
+    let registry = Registry::start();
+    let home = Home::new();
+    let image = TartFixture::new();
+    let tart = tempfile::tempdir().unwrap();
+    std::fs::write(tart.path().join("config.json"), &image.config).unwrap();
+    std::fs::write(tart.path().join("nvram.bin"), &image.nvram).unwrap();
+    std::fs::write(tart.path().join("disk.img"), &image.disk).unwrap();
+    home.ok(&["import", tart.path().to_str().unwrap(), "src"]);
+
+    let a = format!("{}/vm/roundtrip:a", registry.addr);
+    let b = format!("{}/vm/roundtrip:b", registry.addr);
+    let out = home.ok(&["push", "--insecure", "--chunk-size", "16M", "src", &a, &b]);
+    assert!(out.contains("blobs uploaded"), "{out}");
+
+    // What Tart reads: media types, layer order, annotations (skopeo's view).
+    let raw = skopeo(&[
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{a}"),
+    ]);
+    let manifest: serde_json::Value = serde_json::from_slice(&raw.stdout).unwrap();
+    assert_eq!(
+        manifest["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    let layers = manifest["layers"].as_array().unwrap();
+    let types: Vec<&str> = layers
+        .iter()
+        .map(|l| l["mediaType"].as_str().unwrap())
+        .collect();
+    let disk_type = "application/vnd.cirruslabs.tart.disk.v2";
+    assert_eq!(
+        types.first(),
+        Some(&"application/vnd.cirruslabs.tart.config.v1")
+    );
+    assert_eq!(
+        types.last(),
+        Some(&"application/vnd.cirruslabs.tart.nvram.v1")
+    );
+    // 37 MiB + 123 bytes in 16 MiB chunks.
+    assert_eq!(types.iter().filter(|t| **t == disk_type).count(), 3);
+    let mut offset = 0usize;
+    for l in &layers[1..4] {
+        let size: usize = l["annotations"]["org.cirruslabs.tart.uncompressed-size"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let chunk = &image.disk[offset..offset + size];
+        assert_eq!(
+            l["annotations"]["org.cirruslabs.tart.uncompressed-content-digest"],
+            format!("sha256:{}", sha256_hex(chunk))
+        );
+        offset += size;
+    }
+    assert_eq!(offset, image.disk.len());
+    assert_eq!(
+        manifest["annotations"]["org.cirruslabs.tart.uncompressed-disk-size"],
+        image.disk.len().to_string()
+    );
+    let info = skopeo(&["inspect", "--tls-verify=false", &format!("docker://{b}")]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["Architecture"], "arm64");
+    assert_eq!(info["Os"], "darwin");
+    assert_eq!(info["Labels"]["org.cirruslabs.tart.disk.format"], "raw");
+
+    let out = home.ok(&["pull", "--insecure", &b, "copy"]);
+    assert!(out.contains("in 3 layers"), "{out}");
+    assert_pulled(&home, "copy", &image);
+    boot_rom_checks_pass(&home, "copy");
+
+    // Pushing the pulled bundle again uploads nothing new but its config
+    // (same keys, possibly another order) and makes the same disk layers.
+    let out = home.ok(&["push", "--insecure", "--chunk-size", "16M", "copy", &a]);
+    let again = skopeo(&[
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{a}"),
+    ]);
+    let again: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(
+        again["layers"].as_array().unwrap()[1..4],
+        manifest["layers"].as_array().unwrap()[1..4],
+        "{out}"
+    );
+}
+
+#[test]
+fn a_tampered_blob_is_refused_and_the_pull_resumes_after() {
+    if !peers_installed("a_tampered_blob_is_refused_and_the_pull_resumes_after") {
+        return;
+    }
+    let registry = Registry::start();
+    let image = TartFixture::new();
+    let blobs = image.push_with_skopeo(&registry, "tart/vm:v1");
+    let home = Home::new();
+    let reference = format!("{}/tart/vm:v1", registry.addr);
+
+    // The last disk layer's blob, one byte changed, same size.
+    let file = registry.blob_file(&sha256_hex(&blobs[2]));
+    let good = std::fs::read(&file).unwrap();
+    let mut bad = good.clone();
+    bad[1000] ^= 0xff;
+    std::fs::write(&file, &bad).unwrap();
+
+    let out = home.run(&["pull", "--insecure", "--concurrency", "1", &reference, "vm"]);
+    assert_user_error(&out, "refusing it");
+    assert!(
+        text(&out.stderr).contains(&sha256_hex(&blobs[2])),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!home.bundle("vm").exists());
+    assert!(!home.ok(&["list"]).contains("vm"));
+
+    // Repaired, the same pull resumes: the two layers already written are
+    // kept, only the last one is fetched again.
+    std::fs::write(&file, &good).unwrap();
+    let out = home.ok(&["pull", "--insecure", "--concurrency", "1", &reference, "vm"]);
+    assert!(out.contains("2 already on disk"), "{out}");
+    assert_pulled(&home, "vm", &image);
+}
+
+#[test]
+fn a_registry_with_password_auth_takes_docker_credentials() {
+    if !peers_installed("a_registry_with_password_auth_takes_docker_credentials") {
+        return;
+    }
+    use common::registry::{HTPASSWD_PASSWORD, HTPASSWD_USER};
+    let registry = Registry::start_with_auth();
+    let home = Home::new();
+    let image = TartFixture::new();
+    let tart = tempfile::tempdir().unwrap();
+    std::fs::write(tart.path().join("config.json"), &image.config).unwrap();
+    std::fs::write(tart.path().join("nvram.bin"), &image.nvram).unwrap();
+    std::fs::write(tart.path().join("disk.img"), &image.disk).unwrap();
+    home.ok(&["import", tart.path().to_str().unwrap(), "src"]);
+    let reference = format!("{}/private/vm:v1", registry.addr);
+    let docker = tempfile::tempdir().unwrap();
+
+    let run = |args: &[&str]| {
+        home.command(args)
+            .env("DOCKER_CONFIG", docker.path())
+            .env_remove("VMAPPLE_REGISTRY_USERNAME")
+            .env_remove("VMAPPLE_REGISTRY_PASSWORD")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["push", "--insecure", "src", &reference]);
+    assert_user_error(&out, "wants credentials (401)");
+
+    let auth = base64(format!("{HTPASSWD_USER}:wrong").as_bytes());
+    std::fs::write(
+        docker.path().join("config.json"),
+        format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, registry.addr),
+    )
+    .unwrap();
+    let out = run(&["push", "--insecure", "src", &reference]);
+    assert_user_error(&out, "401");
+
+    let auth = base64(format!("{HTPASSWD_USER}:{HTPASSWD_PASSWORD}").as_bytes());
+    std::fs::write(
+        docker.path().join("config.json"),
+        format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, registry.addr),
+    )
+    .unwrap();
+    let out = run(&["push", "--insecure", "src", &reference]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = run(&["pull", "--insecure", &reference, "copy"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_pulled(&home, "copy", &image);
+}
+
+// ---- clone ----------------------------------------------------------------
+
+use std::os::unix::fs::FileExt;
+
+/// Holds `bundle.lock` the way a running VM does, until dropped.
+fn hold_lock(dir: &Path) -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join("bundle.lock"))
+        .unwrap();
+    // SAFETY: flock on a descriptor the test owns.
+    assert_eq!(
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+        0
+    );
+    f
+}
+
+#[test]
+fn a_clone_has_its_own_sparse_disks_and_mac_the_same_identity_and_boots() {
+    let home = Home::new();
+    let image = TartFixture::new();
+    let tart = tempfile::tempdir().unwrap();
+    std::fs::write(tart.path().join("config.json"), &image.config).unwrap();
+    std::fs::write(tart.path().join("nvram.bin"), &image.nvram).unwrap();
+    // The source disk sparse too, as a pulled or created one is.
+    let disk = std::fs::File::create(tart.path().join("disk.img")).unwrap();
+    disk.set_len(image.disk.len() as u64).unwrap();
+    for (i, chunk) in image.disk.chunks(65536).enumerate() {
+        if chunk.iter().any(|&b| b != 0) {
+            disk.write_all_at(chunk, i as u64 * 65536).unwrap();
+        }
+    }
+    drop(disk);
+    home.ok(&["import", tart.path().to_str().unwrap(), "src"]);
+
+    let out = home.run(&["clone", "src", "twin"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    // On a filesystem without shared blocks (ext4, tmpfs) a sparse copy,
+    // and a warning that says so.
+    assert!(
+        said.contains("2 disk(s) copy-on-write") || said.contains("copied (sparsely)"),
+        "{said}"
+    );
+    let twin = home.bundle("twin");
+    assert!(std::fs::read(twin.join("disk1-disk.img")).unwrap() == image.disk);
+    assert!(std::fs::read(twin.join("disk0-nvram.bin")).unwrap() == image.nvram);
+    let used = allocated(&twin.join("disk1-disk.img"));
+    assert!(used < 4 << 20, "clone not sparse: {used} bytes");
+    assert_eq!(home.ok(&["identity", "twin"]).trim(), ECID.to_string());
+    let config = std::fs::read_to_string(twin.join("config.toml")).unwrap();
+    assert!(!config.contains("7a:65:e4:3c:2b:01"), "same MAC:\n{config}");
+    assert!(config.contains("mac = "), "{config}");
+    boot_rom_checks_pass(&home, "twin");
+    // The clone's disk is its own.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(twin.join("disk1-disk.img"))
+        .unwrap()
+        .write_all_at(b"changed", 0)
+        .unwrap();
+    assert!(std::fs::read(tart.path().join("disk.img")).unwrap() == image.disk);
+
+    let out = home.ok(&["clone", "src", "other", "--new-identity"]);
+    assert!(out.contains("other"), "{out}");
+    assert_ne!(home.ok(&["identity", "other"]).trim(), ECID.to_string());
+
+    // Not while the source runs (its disks are writable); nothing made.
+    let _lock = hold_lock(&home.bundle("src"));
+    let out = home.run(&["clone", "src", "busy"]);
+    assert_user_error(&out, "stop it first");
+    assert!(!home.bundle("busy").exists());
+    assert!(!home.path().join(".busy.vmapple.clone").exists());
+    let out = home.run(&["clone", "src", "twin"]);
+    assert_user_error(&out, "already exists");
+}
+
+#[test]
+fn set_grows_the_disk_sparsely_changes_cpus_and_memory_and_refuses_to_shrink() {
+    let home = Home::new();
+    create_small(&home, "vm");
+    let root = home.bundle("vm").join("root.img");
+    let out = home.ok(&[
+        "set",
+        "vm",
+        "--disk-size",
+        "3G",
+        "--cpus",
+        "3",
+        "--memory",
+        "1G",
+    ]);
+    assert!(
+        out.contains("3 vCPUs, 1024 MiB, root disk 3221225472 bytes"),
+        "{out}"
+    );
+    assert_eq!(std::fs::metadata(&root).unwrap().len(), 3 << 30);
+    assert!(allocated(&root) < 1 << 20, "grown disk not sparse");
+    let list = home.ok(&["list"]);
+    assert!(list.contains("3 vCPUs, 1024 MiB"), "{list}");
+
+    let out = home.run(&["set", "vm", "--disk-size", "1G"]);
+    assert_user_error(&out, "grow only");
+    assert_eq!(std::fs::metadata(&root).unwrap().len(), 3 << 30);
+    let out = home.run(&["set", "vm", "--cpus", "99"]);
+    assert_user_error(&out, "cpus = 99");
+    let _lock = hold_lock(&home.bundle("vm"));
+    let out = home.run(&["set", "vm", "--cpus", "2"]);
+    assert_user_error(&out, "in use");
+    assert!(
+        std::fs::read_to_string(home.bundle("vm").join("config.toml"))
+            .unwrap()
+            .contains("cpus = 3")
+    );
+}
+
+#[test]
+fn an_image_with_an_absurd_config_is_refused_before_its_disk_is_fetched() {
+    if !peers_installed("an_image_with_an_absurd_config_is_refused_before_its_disk_is_fetched") {
+        return;
+    }
+    let registry = Registry::start();
+    let mut image = TartFixture::new();
+    image.config = String::from_utf8(image.config)
+        .unwrap()
+        .replace("\"cpuCount\":2", "\"cpuCount\":100000")
+        .into_bytes();
+    image.push_with_skopeo(&registry, "bad/vm:v1");
+    let home = Home::new();
+    let out = home.run(&[
+        "pull",
+        "--insecure",
+        &format!("{}/bad/vm:v1", registry.addr),
+        "vm",
+    ]);
+    assert_user_error(&out, "cpuCount = 100000");
+    assert!(
+        !text(&out.stderr).contains("resume"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!home.bundle("vm").exists());
+    assert!(!home.path().join(".vm.vmapple.pull").exists());
+    // Nothing of the disk was fetched: only the config blob is cached.
+    let cached = std::fs::read_dir(home.path().join("cache/blobs/sha256"))
+        .unwrap()
+        .count();
+    assert_eq!(cached, 1);
+}

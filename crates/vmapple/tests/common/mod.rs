@@ -221,3 +221,4 @@ pub fn vmapple_with_triggers(args: &[&str], limit: Duration, triggers: &[Trigger
     );
     run
 }
+pub mod registry;
