@@ -1427,10 +1427,8 @@ fn hold_lock(dir: &Path) -> std::fs::File {
         .open(dir.join("bundle.lock"))
         .unwrap();
     // SAFETY: flock on a descriptor the test owns.
-    assert_eq!(
-        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
-        0
-    );
+    let ret = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    assert_eq!(ret, 0);
     f
 }
 
