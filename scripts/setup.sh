@@ -57,7 +57,7 @@ fi
 
 packages="cmake pkg-config libclang-dev patch gcc g++ \
 gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu \
-cpio gzip device-tree-compiler e2fsprogs passt qemu-system-arm"
+cpio gzip device-tree-compiler e2fsprogs passt qemu-system-arm qemu-utils strace"
 packages="$packages shellcheck"
 
 sudo=""

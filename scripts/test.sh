@@ -30,6 +30,7 @@ if [ "$host" = macos ]; then
     cargo clippy --workspace --exclude hvf-double --all-targets -- -D warnings
     # The binary must also build without the GPL software CPU.
     cargo clippy -p vmapple --no-default-features -- -D warnings
+    RUSTDOCFLAGS="-D warnings" cargo doc --workspace --exclude hvf-double --no-deps
     echo "test.sh: skipped scripts/check-macos.sh: the clippy runs above check the macOS code natively"
     # The guest tests run the vmapple binary cargo built, which needs the
     # hypervisor entitlement: build everything, sign it, then run (signing
@@ -47,6 +48,8 @@ fi
 cargo clippy --workspace --all-targets --features vmapple/hvf-double -- -D warnings
 # The binary must also build without the GPL software CPU.
 cargo clippy -p vmapple --no-default-features -- -D warnings
+# The API documentation builds without warnings (broken links, bad HTML).
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 # The macOS-only crates and modules, type-checked and linted for
 # aarch64-apple-darwin (no SDK needed; adds the Rust target if missing).
 scripts/check-macos.sh

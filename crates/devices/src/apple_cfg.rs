@@ -244,7 +244,7 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], CfgError> {
         // Bytes, not `&str` slices: a multi-byte character must not panic.
         let hi = char::from(b[pos]).to_digit(16).ok_or_else(bad)?;
         let lo = char::from(b[pos + 1]).to_digit(16).ok_or_else(bad)?;
-        *byte = (hi * 16 + lo) as u8;
+        *byte = u8::try_from(hi * 16 + lo).map_err(|_| bad())?;
     }
     Ok(mac)
 }

@@ -180,6 +180,9 @@ pub struct RunArgs {
     /// Display modes offered to the guest, comma-separated
     /// WIDTHxHEIGHT@HZ, the first preferred [default:
     /// 1920x1080@60,1440x1080@60,1280x1024@60].
+    // The doc comment is clap's help text; the brackets are its notation
+    // for defaults, not a rustdoc link.
+    #[allow(rustdoc::broken_intra_doc_links)]
     #[arg(long, value_name = "LIST")]
     pub display_modes: Option<String>,
 
@@ -465,13 +468,21 @@ fn serial_from_bundle(s: &bundle::config::Serial) -> SerialBackend {
     not(all(target_os = "macos", target_arch = "aarch64")),
     allow(unused_variables)
 )]
-fn run_machine(mut machine: Machine, accel: String, window: bool) -> Result<RunOutcome, String> {
+fn run_machine(
+    mut machine: Machine,
+    accel: String,
+    window: bool,
+    host: crate::host_display::HostWindow,
+) -> Result<RunOutcome, String> {
     #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
     if window {
         use apple_gfx_macos::main_thread::{run_vmm, PlatformLoop};
         use apple_gfx_macos::runloop::AppKitLoop;
-        let framework = machine
-            .mac_framework()
+        // Without a device the framework has no display to show.
+        let framework = host
+            .framework
+            .as_deref()
+            .filter(|_| machine.screen().is_some())
             .ok_or("--display cocoa: the machine has no display")?;
         let input = machine.input_sink().map(|sink| {
             Arc::new(crate::input::WindowInput::new(sink))
@@ -520,7 +531,7 @@ fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<Mach
         .unwrap_or(512 << 20);
     let serial = args
         .serial
-        .or(config.map(|c| serial_from_bundle(&c.serial)))
+        .or(bundle.map(|b| serial_from_bundle(&b.serial())))
         .unwrap_or(SerialBackend::Stdio);
     let mut machine = MachineConfig::new(cpus, memory, boot, serial);
     let ecid = match (args.ecid, bundle) {
@@ -568,7 +579,7 @@ fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<Mach
         .unwrap_or_default();
     let net = args
         .net
-        .or_else(|| config.and_then(|c| net_from_bundle(&c.network)));
+        .or_else(|| bundle.and_then(|b| net_from_bundle(&b.network())));
     // Only a MAC given here conflicts with no network: the bundle's is for
     // runs that have one, and `--net none` for one run must not need an
     // edit of config.toml.
@@ -641,7 +652,8 @@ pub fn run(args: RunArgs) -> Result<u8, String> {
     let accel = args.accel.clone();
     let start_paused = args.paused;
     let config = machine_config(args, bundle)?;
-    let machine = Machine::new(config).map_err(|e| e.to_string())?;
+    let display = crate::host_display::open(config.display.as_ref())?;
+    let machine = Machine::new(config, display.backend).map_err(|e| e.to_string())?;
     let signals = crate::signals::forward_to(machine.handle()).map_err(|e| e.to_string())?;
     let control = control_path
         .map(|path| {
@@ -658,7 +670,7 @@ pub fn run(args: RunArgs) -> Result<u8, String> {
     if start_paused {
         machine.handle().pause();
     }
-    let outcome = run_machine(machine, accel, window);
+    let outcome = run_machine(machine, accel, window, display.window);
     drop(control);
     drop(signals);
     Ok(match outcome? {

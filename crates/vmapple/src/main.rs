@@ -9,7 +9,9 @@
 mod bundles;
 mod cli;
 mod control;
+mod host_display;
 mod input;
+mod log_rotate;
 mod logging;
 mod signals;
 
