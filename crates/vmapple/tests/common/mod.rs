@@ -93,11 +93,13 @@ fn linux_guest_files(initramfs: &str) -> Option<(PathBuf, PathBuf)> {
 
 /// Reports that the calling test does nothing on this host and why, as one
 /// line on stderr. Written to the stream itself, past the harness's output
-/// capture, so that it shows although the test passes.
+/// capture, so that it shows although the test passes; in one write, so
+/// that parallel tests do not interleave inside it.
 pub fn skip(reason: &str) {
     let thread = std::thread::current();
     let test = thread.name().unwrap_or("a test");
-    let _ = writeln!(std::io::stderr(), "skipped: {test}: {reason}");
+    let line = format!("skipped: {test}: {reason}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
 /// Builds guest/firmware once per test process into the test target dir
