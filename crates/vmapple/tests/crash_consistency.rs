@@ -71,9 +71,9 @@ struct Round {
 fn boot_and_kill((kernel, initrd): &(PathBuf, PathBuf), image: &Path, delay: Duration) -> Round {
     let mut child = Command::new(env!("CARGO_BIN_EXE_vmapple"))
         .args(["run", "--kernel"])
-        .arg(&kernel)
+        .arg(kernel)
         .arg("--initrd")
-        .arg(&initrd)
+        .arg(initrd)
         .args([
             "--append",
             "console=ttyAMA0 vmapple.crash=vda quiet",
