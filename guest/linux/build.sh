@@ -33,23 +33,27 @@ fi
 kernel_pkg=$(apt-cache depends linux-image-arm64:arm64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[0-9].*-arm64\):arm64$/\1/p' | head -n1)
 [ -n "$kernel_pkg" ] || { echo "build.sh: cannot resolve linux-image-arm64:arm64 (apt-get update?)" >&2; exit 1; }
 
+# Prints the first of its arguments (a glob's sorted expansion) if it
+# exists; fails if the glob matched nothing.
+first() { [ -e "$1" ] && echo "$1"; }
+
 fetch() {
     # $1 = package:arch; downloads into debs/ unless already there.
     name=${1%%:*}
-    if ! ls "$out/debs/${name}_"*.deb >/dev/null 2>&1; then
+    if ! first "$out/debs/${name}_"*.deb >/dev/null; then
         echo "build.sh: downloading $1" >&2
         (cd "$out/debs" && apt-get -q -o APT::Sandbox::User=root download "$1" >/dev/null)
     fi
-    ls "$out/debs/${name}_"*.deb | head -n1
+    first "$out/debs/${name}_"*.deb || { echo "build.sh: apt-get download $1 left no .deb" >&2; exit 1; }
 }
 
 kernel_deb=$(fetch "$kernel_pkg:arm64")
 busybox_deb=$(fetch busybox-static:arm64)
 
-if [ ! -f "$out/Image" ] || [ "$kernel_deb" -nt "$out/Image" ]; then
+if [ ! -f "$out/Image" ] || [ -n "$(find "$kernel_deb" -newer "$out/Image")" ]; then
     rm -rf "$out/kernel-root" "$out/modules"
     dpkg-deb -x "$kernel_deb" "$out/kernel-root"
-    vmlinuz=$(ls "$out/kernel-root/boot/vmlinuz-"* | head -n1)
+    vmlinuz=$(first "$out/kernel-root/boot/vmlinuz-"*) || { echo "build.sh: no vmlinuz in $kernel_deb" >&2; exit 1; }
     # Debian ships a raw Image (some releases a gzip-compressed one):
     # vmapple reads either form, QEMU (for benchmark comparisons) wants it raw.
     if gzip -t "$vmlinuz" 2>/dev/null; then
@@ -65,7 +69,8 @@ fi
 
 rm -rf "$out/busybox-root"
 dpkg-deb -x "$busybox_deb" "$out/busybox-root"
-kver=$(ls "$out/modules" | head -n1)
+kver=$(first "$out/modules/"*) || { echo "build.sh: no modules in $out/modules" >&2; exit 1; }
+kver=$(basename "$kver")
 
 # Prints the module files $@ need, dependencies first, each once. The
 # package has no modules.dep (depmod makes it at install time), so the
@@ -73,7 +78,6 @@ kver=$(ls "$out/modules" | head -n1)
 resolve_modules() {
     seen=""
     visit() {
-        local f rel deps dep pattern
         # Module names use '_' where some file names have '-'.
         pattern=$(echo "$1" | sed 's/[-_]/[-_]/g')
         f=$(find "$out/modules/$kver" -name "$pattern.ko*" | head -n1)
@@ -82,10 +86,15 @@ resolve_modules() {
         case " $seen " in *" $rel "*) return ;; esac
         seen="$seen $rel"
         deps=$(tr '\0' '\n' < "$f" | sed -n 's/^depends=//p' | head -n1 | tr ',' ' ')
-        for dep in $deps; do
-            visit "$dep"
+        # POSIX sh has no local variables but each call has its own
+        # positional parameters: the dependencies, then this module last.
+        # shellcheck disable=SC2086 # deps is a list of words
+        set -- $deps "$rel"
+        while [ $# -gt 1 ]; do
+            visit "$1"
+            shift
         done
-        echo "$rel"
+        echo "$1"
     }
     for m in "$@"; do visit "$m"; done
 }

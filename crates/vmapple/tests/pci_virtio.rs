@@ -80,8 +80,12 @@ fn guest_value<'a>(stdout: &'a str, prefix: &str) -> &'a str {
 
 each_accel! {
 fn linux_sees_the_pci_devices_uses_virtio_blk_and_talks_tcp_through_passt(accel) {
+    if cfg!(target_os = "macos") {
+        common::skip("passt, the host end of its network check, runs only on Linux");
+        return;
+    }
+    let Some((kernel, initrd)) = linux_guest_devices() else { return };
     let dir = scratch_dir(&format!("pci-virtio-{accel}"));
-    let (kernel, initrd) = linux_guest_devices();
     let aux = dir.join("aux.img");
     let root = dir.join("root.img");
     let data = dir.join("data.img");
@@ -229,8 +233,10 @@ fn allocated(path: &Path) -> u64 {
 
 #[test]
 fn a_linux_guests_discards_free_the_image_files_blocks() {
+    let Some((kernel, initrd)) = linux_guest_devices() else {
+        return;
+    };
     let dir = scratch_dir("trim");
-    let (kernel, initrd) = linux_guest_devices();
     let data = dir.join("data.img");
     mkfs_ext4(&data);
     let before = allocated(&data);

@@ -5,9 +5,10 @@
 
 /// Declares a guest test once per accelerator of this build, as a module
 /// named after the scenario with a test per accelerator: `tcg` (the
-/// software CPU) and, with the `hvf-double` feature, `hvf` (the
-/// Hypervisor.framework accelerator running against its behavioural
-/// double). The body gets the accelerator's name for `--accel`.
+/// software CPU) and `hvf` (the Hypervisor.framework accelerator): on
+/// macOS/arm64 the real framework (the test binary must be signed,
+/// scripts/test.sh does it), elsewhere, with the `hvf-double` feature, its
+/// behavioural double. The body gets the accelerator's name for `--accel`.
 #[allow(unused_macros)]
 macro_rules! each_accel {
     ($(#[$meta:meta])* fn $name:ident($accel:ident) $body:block) => {
@@ -23,7 +24,10 @@ macro_rules! each_accel {
                 scenario("tcg")
             }
 
-            #[cfg(feature = "hvf-double")]
+            #[cfg(any(
+                all(target_os = "macos", target_arch = "aarch64"),
+                feature = "hvf-double"
+            ))]
             #[test]
             fn hvf() {
                 scenario("hvf")
@@ -32,7 +36,7 @@ macro_rules! each_accel {
     };
 }
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -45,36 +49,57 @@ pub fn workspace_root() -> PathBuf {
         .unwrap()
 }
 
-/// `guest/out` (built by scripts/setup.sh), or `VMAPPLE_GUEST_DIR`.
-pub fn guest_out() -> PathBuf {
+/// The Linux guest's directory, as guest/linux/build.sh makes it:
+/// `VMAPPLE_GUEST_DIR` when set (e.g. a copy of one built on a Debian
+/// machine), else guest/out/linux (built by scripts/setup.sh).
+pub fn linux_guest_dir() -> PathBuf {
     std::env::var_os("VMAPPLE_GUEST_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("guest/out"))
+        .unwrap_or_else(|| workspace_root().join("guest/out/linux"))
 }
 
-/// The Debian kernel and initramfs of guest/linux/build.sh. Missing files
-/// fail the test with the command that makes them.
-pub fn linux_guest() -> (PathBuf, PathBuf) {
-    let dir = guest_out().join("linux");
-    let kernel = dir.join("Image");
-    let initrd = dir.join("initramfs.cpio.gz");
-    assert!(
-        kernel.exists() && initrd.exists(),
-        "the Linux guest is not built: run scripts/setup.sh (or guest/linux/build.sh)"
-    );
-    (kernel, initrd)
+/// The Debian kernel and initramfs of guest/linux/build.sh, or `None` when
+/// the test is to be skipped (see [`linux_guest_files`]).
+pub fn linux_guest() -> Option<(PathBuf, PathBuf)> {
+    linux_guest_files("initramfs.cpio.gz")
 }
 
 /// The same kernel with the device initramfs (virtio, ext4, XHCI, HID
 /// drivers as modules).
-pub fn linux_guest_devices() -> (PathBuf, PathBuf) {
-    let (kernel, _) = linux_guest();
-    let initrd = guest_out().join("linux/initramfs-devices.cpio.gz");
-    assert!(
-        initrd.exists(),
-        "the device initramfs is not built: run scripts/setup.sh (or guest/linux/build.sh)"
+pub fn linux_guest_devices() -> Option<(PathBuf, PathBuf)> {
+    linux_guest_files("initramfs-devices.cpio.gz")
+}
+
+/// The kernel and `initramfs` in [`linux_guest_dir`]. Missing files fail
+/// the test with the command that makes them, except on macOS without
+/// `VMAPPLE_GUEST_DIR`: a Mac cannot build them (build.sh needs apt), so
+/// there the test is skipped with a line saying so.
+fn linux_guest_files(initramfs: &str) -> Option<(PathBuf, PathBuf)> {
+    let dir = linux_guest_dir();
+    let kernel = dir.join("Image");
+    let initrd = dir.join(initramfs);
+    if kernel.exists() && initrd.exists() {
+        return Some((kernel, initrd));
+    }
+    if cfg!(target_os = "macos") && std::env::var_os("VMAPPLE_GUEST_DIR").is_none() {
+        skip("no Linux guest: set VMAPPLE_GUEST_DIR to a directory made by guest/linux/build.sh on a Debian machine");
+        return None;
+    }
+    panic!(
+        "the Linux guest is not in {} (no Image or {initramfs}): run scripts/setup.sh, or guest/linux/build.sh DIR and set VMAPPLE_GUEST_DIR=DIR",
+        dir.display()
     );
-    (kernel, initrd)
+}
+
+/// Reports that the calling test does nothing on this host and why, as one
+/// line on stderr. Written to the stream itself, past the harness's output
+/// capture, so that it shows although the test passes; in one write, so
+/// that parallel tests do not interleave inside it.
+pub fn skip(reason: &str) {
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("a test");
+    let line = format!("skipped: {test}: {reason}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
 /// Builds guest/firmware once per test process into the test target dir
