@@ -15,7 +15,7 @@ use crate::status;
 
 #[derive(Args, Debug)]
 pub struct PullArgs {
-    /// The image: HOST[:PORT]/NAME[:TAG|@sha256:HEX], e.g.
+    /// The image: `HOST[:PORT]/NAME[:TAG|@sha256:HEX]`, e.g.
     /// ghcr.io/cirruslabs/macos-sonoma-base:latest.
     #[arg(value_name = "REF")]
     pub reference: String,
@@ -36,7 +36,7 @@ pub struct PushArgs {
     /// The bundle (name or path) to push; it must not be running.
     #[arg(value_name = "NAME")]
     pub name: PathBuf,
-    /// Where to: HOST[:PORT]/NAME[:TAG]; several tags may be given.
+    /// Where to: `HOST[:PORT]/NAME[:TAG]`; several tags may be given.
     #[arg(value_name = "REF", required = true)]
     pub references: Vec<String>,
     /// Speak plain HTTP to the registry instead of HTTPS.
