@@ -20,7 +20,9 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Component, Path, PathBuf};
 
-use crate::config::{ConfigError, Disk, DisplayMode, Ecid, MacAddress, Network, VmConfig};
+use crate::config::{
+    ConfigError, DiskSpec, DisplayModes, Ecid, InvalidConfig, MacAddress, Network, VmConfig,
+};
 use crate::identity::{self, IdentityError, MACHINE_IDENTIFIER_FILE};
 
 pub const CONFIG_FILE: &str = "config.toml";
@@ -64,8 +66,14 @@ pub enum BundleError {
         config: u64,
         file: u64,
     },
-    #[error("{}: {message}", path.display())]
-    Invalid { path: PathBuf, message: String },
+    #[error("{}: {source}", path.display())]
+    Invalid {
+        path: PathBuf,
+        #[source]
+        source: InvalidConfig,
+    },
+    #[error("{}: no ecid in {CONFIG_FILE} and no {MACHINE_IDENTIFIER_FILE}", path.display())]
+    NoEcid { path: PathBuf },
     #[error(transparent)]
     Lock(#[from] LockError),
 }
@@ -103,7 +111,7 @@ pub struct CreateOptions {
     pub root_size: u64,
     pub network: Network,
     pub mac: Option<MacAddress>,
-    pub display_modes: Vec<DisplayMode>,
+    pub display_modes: DisplayModes,
 }
 
 impl Default for CreateOptions {
@@ -241,17 +249,17 @@ impl Bundle {
         let mut config = VmConfig::new(
             opts.cpus,
             opts.memory,
-            Disk::new(AUX_IMAGE),
-            Disk::new(ROOT_IMAGE),
+            DiskSpec::new(AUX_IMAGE),
+            DiskSpec::new(ROOT_IMAGE),
         );
         config.ecid = Some(Ecid(ecid));
         config.firmware = opts.firmware;
         config.network = opts.network;
         config.mac = opts.mac;
         config.display.modes = opts.display_modes;
-        config.validate().map_err(|message| BundleError::Invalid {
+        config.validate().map_err(|source| BundleError::Invalid {
             path: dir.to_path_buf(),
-            message,
+            source,
         })?;
         Self::create_with(
             dir,
@@ -405,9 +413,8 @@ impl Bundle {
             }),
             (Some(Ecid(c)), _) => Ok(c),
             (None, Some(f)) => Ok(f),
-            (None, None) => Err(BundleError::Invalid {
+            (None, None) => Err(BundleError::NoEcid {
                 path: self.dir.clone(),
-                message: format!("no ecid in {CONFIG_FILE} and no {MACHINE_IDENTIFIER_FILE}"),
             }),
         }
     }

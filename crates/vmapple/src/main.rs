@@ -9,6 +9,7 @@
 mod bundles;
 mod cli;
 mod control;
+mod error;
 mod input;
 mod logging;
 mod signals;
@@ -16,6 +17,7 @@ mod signals;
 use std::process::ExitCode;
 
 use clap::Parser;
+use vm_core::error_chain::Chain;
 
 use cli::{Cli, Command};
 
@@ -36,8 +38,8 @@ fn main() -> ExitCode {
             e.exit();
         }
     }
-    if let Err(message) = logging::init(cli.log.as_deref()) {
-        eprintln!("vmapple: error: {message}");
+    if let Err(e) = logging::init(cli.log.as_deref()) {
+        eprintln!("vmapple: error: {}", Chain(&e));
         return ExitCode::from(status::HOST_ERROR);
     }
     let result = match cli.command {
@@ -51,7 +53,8 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => ExitCode::from(code),
-        Err(message) => {
+        Err(e) => {
+            let message = Chain(&e).to_string();
             logging::file_only_error(&message);
             eprintln!("vmapple: error: {message}");
             ExitCode::from(status::HOST_ERROR)
