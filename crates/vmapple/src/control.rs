@@ -237,7 +237,7 @@ fn connect_error(e: bundle::control::ClientError, bundle: Option<&str>) -> Error
 
 /// Builds the request line from `vmapple ctl`'s words; the VM validates it
 /// again.
-fn request_from_words(words: &[String]) -> crate::error::Result<String> {
+fn request_from_words(words: &[String]) -> crate::error::Result<Request> {
     let (cmd, rest) = words
         .split_first()
         .ok_or_else(|| Error::usage("no command given"))?;
@@ -266,13 +266,17 @@ fn request_from_words(words: &[String]) -> crate::error::Result<String> {
         (cmd, []) => serde_json::json!({ "cmd": cmd }),
         (cmd, _) => return Err(Error::usage(format!("unexpected arguments after {cmd:?}"))),
     };
-    Ok(json.to_string())
+    // Every arm above builds an object.
+    let obj = match json {
+        serde_json::Value::Object(obj) => obj,
+        _ => serde_json::Map::new(),
+    };
+    Ok(bundle::control::request_from_object(obj)?)
 }
 
 pub fn ctl(args: CtlArgs) -> crate::error::Result<u8> {
     let (socket, bundle) = socket_of(&args.vm)?;
-    let line = request_from_words(&args.command)?;
-    let request = bundle::control::parse_request(line.as_bytes())?;
+    let request = request_from_words(&args.command)?;
     let mut client = bundle::control::Client::connect(&socket)
         .map_err(|e| connect_error(e, bundle.as_deref()))?;
     let response = client.call(&request)?;
@@ -404,17 +408,14 @@ mod tests {
                 },
             ),
         ] {
-            let line = request_from_words(&w).unwrap();
-            assert_eq!(
-                bundle::control::parse_request(line.as_bytes()).unwrap(),
-                want
-            );
+            assert_eq!(request_from_words(&w).unwrap(), want);
         }
-        let line = request_from_words(&words(&["pointer", "100", "200", "left"])).unwrap();
         assert!(matches!(
-            bundle::control::parse_request(line.as_bytes()).unwrap(),
+            request_from_words(&words(&["pointer", "100", "200", "left"])).unwrap(),
             Request::Pointer { x: 100, y: 200, .. }
         ));
+        let e = request_from_words(&words(&["send-keys", "nope"])).unwrap_err();
+        assert!(e.to_string().contains("unknown key \"nope\""), "{e}");
         assert!(request_from_words(&words(&["pointer", "x", "1"])).is_err());
         assert!(request_from_words(&words(&["status", "now"])).is_err());
         assert!(request_from_words(&[]).is_err());

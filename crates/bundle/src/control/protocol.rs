@@ -158,6 +158,175 @@ pub enum Request {
     Subscribe,
 }
 
+/// A request as serde reads it: every command a struct variant, so an
+/// argument a command does not take is refused for argumentless commands
+/// too. Each argument is checked by its own function, whose error names
+/// it.
+#[derive(Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
+enum WireRequest {
+    Status {},
+    Pause {},
+    Resume {},
+    Powerdown {},
+    Stop {},
+    Reset {},
+    SendKeys {
+        #[serde(deserialize_with = "args::keys")]
+        keys: Vec<String>,
+    },
+    Pointer {
+        #[serde(deserialize_with = "args::x")]
+        x: u16,
+        #[serde(deserialize_with = "args::y")]
+        y: u16,
+        #[serde(default, deserialize_with = "args::buttons")]
+        buttons: Vec<Button>,
+    },
+    Screenshot {
+        #[serde(deserialize_with = "args::path")]
+        path: PathBuf,
+    },
+    Subscribe {},
+}
+
+impl From<WireRequest> for Request {
+    fn from(w: WireRequest) -> Request {
+        match w {
+            WireRequest::Status {} => Request::Status,
+            WireRequest::Pause {} => Request::Pause,
+            WireRequest::Resume {} => Request::Resume,
+            WireRequest::Powerdown {} => Request::Powerdown,
+            WireRequest::Stop {} => Request::Stop,
+            WireRequest::Reset {} => Request::Reset,
+            WireRequest::SendKeys { keys } => Request::SendKeys { keys },
+            WireRequest::Pointer { x, y, buttons } => Request::Pointer { x, y, buttons },
+            WireRequest::Screenshot { path } => Request::Screenshot { path },
+            WireRequest::Subscribe {} => Request::Subscribe,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Request {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        WireRequest::deserialize(d).map(Request::from)
+    }
+}
+
+/// The argument checks: each takes the argument as JSON and says what is
+/// wrong with it in words that name it.
+mod args {
+    use std::path::PathBuf;
+
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer};
+    use serde_json::Value;
+
+    use super::{is_key_name, Button, MAX_KEYS, MAX_PATH, POINTER_MAX};
+
+    fn check<'de, D: Deserializer<'de>, T>(
+        d: D,
+        f: impl FnOnce(Value) -> Result<T, String>,
+    ) -> Result<T, D::Error> {
+        f(Value::deserialize(d)?).map_err(D::Error::custom)
+    }
+
+    /// Quotes at most `max` characters of what the client sent.
+    fn shown(text: &str, max: usize) -> String {
+        text.chars().take(max).collect()
+    }
+
+    pub fn keys<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        check(d, |v| {
+            let wrong = || "keys must be an array of key names".to_string();
+            let list = v.as_array().ok_or_else(wrong)?;
+            if list.is_empty() || list.len() > MAX_KEYS {
+                return Err(format!(
+                    "keys: give 1 to {MAX_KEYS} keys, not {}",
+                    list.len()
+                ));
+            }
+            let mut keys = Vec::with_capacity(list.len());
+            for k in list {
+                let name = k.as_str().ok_or_else(wrong)?;
+                if !is_key_name(name) {
+                    return Err(format!("keys: unknown key {:?}", shown(name, 32)));
+                }
+                if keys.iter().any(|have| have == name) {
+                    return Err(format!("keys: key {name:?} given twice"));
+                }
+                keys.push(name.to_string());
+            }
+            Ok(keys)
+        })
+    }
+
+    fn coordinate(arg: &str, v: Value) -> Result<u16, String> {
+        let out_of_range = || {
+            format!(
+                "{arg} = {} is out of range (0 to {POINTER_MAX})",
+                shown(&v.to_string(), 32)
+            )
+        };
+        match &v {
+            Value::Number(n) if n.is_u64() => n
+                .as_u64()
+                .filter(|&n| n <= POINTER_MAX)
+                .and_then(|n| u16::try_from(n).ok())
+                .ok_or_else(out_of_range),
+            Value::Number(n) if n.is_i64() => Err(out_of_range()),
+            _ => Err(format!("{arg} must be an integer")),
+        }
+    }
+
+    pub fn x<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+        check(d, |v| coordinate("x", v))
+    }
+
+    pub fn y<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+        check(d, |v| coordinate("y", v))
+    }
+
+    pub fn buttons<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Button>, D::Error> {
+        check(d, |v| {
+            let wrong = || "buttons must be an array of button names".to_string();
+            let mut buttons = Vec::new();
+            for b in v.as_array().ok_or_else(wrong)? {
+                let name = b.as_str().ok_or_else(wrong)?;
+                let button = Button::from_name(name).ok_or_else(|| {
+                    format!(
+                        "buttons: unknown button {:?} (left, right, middle)",
+                        shown(name, 32)
+                    )
+                })?;
+                if buttons.contains(&button) {
+                    return Err(format!("buttons: {name} given twice"));
+                }
+                buttons.push(button);
+            }
+            Ok(buttons)
+        })
+    }
+
+    pub fn path<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+        check(d, |v| {
+            let path = v.as_str().ok_or("path must be a string")?;
+            if path.is_empty() || path.len() > MAX_PATH {
+                return Err(format!("path: must be 1 to {MAX_PATH} bytes"));
+            }
+            if path.contains('\0') {
+                return Err("path: contains a NUL character".into());
+            }
+            if !path.starts_with('/') {
+                return Err(
+                    "path: must be absolute (the VM's working directory is not yours)".into(),
+                );
+            }
+            Ok(path.into())
+        })
+    }
+}
+
 impl Request {
     pub fn name(&self) -> &'static str {
         match self {
@@ -200,25 +369,9 @@ pub enum ProtocolError {
     UnknownArgument { cmd: String, arg: String },
     #[error("{cmd}: missing argument {arg:?}")]
     MissingArgument { cmd: String, arg: String },
-    #[error("{cmd}: {arg} must be {expected}")]
-    WrongType {
-        cmd: String,
-        arg: String,
-        expected: String,
-    },
-    #[error("{cmd}: {arg} = {value} is out of range ({range})")]
-    OutOfRange {
-        cmd: String,
-        arg: String,
-        value: String,
-        range: String,
-    },
-    #[error("{cmd}: {arg}: {reason}")]
-    InvalidValue {
-        cmd: String,
-        arg: String,
-        reason: String,
-    },
+    /// An argument of the wrong type or value; the reason names it.
+    #[error("{cmd}: {reason}")]
+    InvalidArgument { cmd: String, reason: String },
 }
 
 impl ProtocolError {
@@ -258,158 +411,50 @@ fn parse_object(line: &[u8]) -> Result<Map<String, Value>, ProtocolError> {
 
 /// Parses one request line (with or without its newline).
 pub fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
-    let obj = parse_object(line)?;
+    request_from_object(parse_object(line)?)
+}
+
+/// A request given as a JSON object (what a request line holds), checked
+/// as a line from a client is.
+pub fn request_from_object(obj: Map<String, Value>) -> Result<Request, ProtocolError> {
     let cmd = match obj.get("cmd") {
         None => return Err(ProtocolError::MissingCmd),
-        Some(Value::String(s)) => s.as_str(),
+        Some(Value::String(s)) => s.chars().take(64).collect::<String>(),
         Some(_) => {
-            return Err(ProtocolError::WrongType {
+            return Err(ProtocolError::InvalidArgument {
                 cmd: "request".into(),
-                arg: "cmd".into(),
-                expected: "a string".into(),
+                reason: "cmd must be a string".into(),
             })
         }
     };
-    let allowed: &[&str] = match cmd {
-        "status" | "pause" | "resume" | "powerdown" | "stop" | "reset" | "subscribe" => &[],
-        "send-keys" => &["keys"],
-        "pointer" => &["x", "y", "buttons"],
-        "screenshot" => &["path"],
-        _ => {
-            // Bound what an error echoes back.
-            let shown: String = cmd.chars().take(64).collect();
-            return Err(ProtocolError::UnknownCommand(shown));
-        }
+    serde_json::from_value(Value::Object(obj)).map_err(|e| request_error(cmd, &e))
+}
+
+/// serde's verdict on a request as the protocol's error. Its messages for
+/// the structure (`unknown variant`, `unknown field`, `missing field`) are
+/// the documented forms of serde's `de::Error` constructors; anything else
+/// is an argument check's own message.
+fn request_error(cmd: String, e: &serde_json::Error) -> ProtocolError {
+    let text = e.to_string();
+    // The name serde quotes: between the first backtick and the last one
+    // before its own trailer, so a name with backticks stays whole.
+    let quoted = |prefix: &str| -> Option<String> {
+        let rest = text.strip_prefix(prefix)?;
+        let end = rest
+            .rfind("`, expected")
+            .or_else(|| rest.rfind("`, there are no fields"))
+            .or_else(|| rest.rfind('`'))?;
+        Some(rest[..end].chars().take(64).collect())
     };
-    if let Some(arg) = obj
-        .keys()
-        .find(|k| *k != "cmd" && !allowed.contains(&k.as_str()))
-    {
-        return Err(ProtocolError::UnknownArgument {
-            cmd: cmd.into(),
-            arg: arg.chars().take(64).collect(),
-        });
+    if text.starts_with("unknown variant `") {
+        ProtocolError::UnknownCommand(cmd)
+    } else if let Some(arg) = quoted("unknown field `") {
+        ProtocolError::UnknownArgument { cmd, arg }
+    } else if let Some(arg) = quoted("missing field `") {
+        ProtocolError::MissingArgument { cmd, arg }
+    } else {
+        ProtocolError::InvalidArgument { cmd, reason: text }
     }
-    let missing = |arg: &str| ProtocolError::MissingArgument {
-        cmd: cmd.into(),
-        arg: arg.into(),
-    };
-    let wrong = |arg: &str, expected: &str| ProtocolError::WrongType {
-        cmd: cmd.into(),
-        arg: arg.into(),
-        expected: expected.into(),
-    };
-    let invalid = |arg: &str, reason: String| ProtocolError::InvalidValue {
-        cmd: cmd.into(),
-        arg: arg.into(),
-        reason,
-    };
-    Ok(match cmd {
-        "status" => Request::Status,
-        "pause" => Request::Pause,
-        "resume" => Request::Resume,
-        "powerdown" => Request::Powerdown,
-        "stop" => Request::Stop,
-        "reset" => Request::Reset,
-        "subscribe" => Request::Subscribe,
-        "send-keys" => {
-            let list = obj
-                .get("keys")
-                .ok_or_else(|| missing("keys"))?
-                .as_array()
-                .ok_or_else(|| wrong("keys", "an array of key names"))?;
-            if list.is_empty() || list.len() > MAX_KEYS {
-                return Err(invalid(
-                    "keys",
-                    format!("give 1 to {MAX_KEYS} keys, not {}", list.len()),
-                ));
-            }
-            let mut keys = Vec::with_capacity(list.len());
-            for k in list {
-                let name = k
-                    .as_str()
-                    .ok_or_else(|| wrong("keys", "an array of key names"))?;
-                if !is_key_name(name) {
-                    let shown: String = name.chars().take(32).collect();
-                    return Err(invalid("keys", format!("unknown key {shown:?}")));
-                }
-                if keys.iter().any(|have| have == name) {
-                    return Err(invalid("keys", format!("key {name:?} given twice")));
-                }
-                keys.push(name.to_string());
-            }
-            Request::SendKeys { keys }
-        }
-        "pointer" => {
-            let coord = |arg: &str| -> Result<u16, ProtocolError> {
-                let v = obj.get(arg).ok_or_else(|| missing(arg))?;
-                let out_of_range = || ProtocolError::OutOfRange {
-                    cmd: cmd.into(),
-                    arg: arg.into(),
-                    value: v.to_string().chars().take(32).collect(),
-                    range: format!("0 to {POINTER_MAX}"),
-                };
-                match v {
-                    Value::Number(n) if n.is_u64() => {
-                        let n = n.as_u64().unwrap_or(u64::MAX);
-                        if n > POINTER_MAX {
-                            Err(out_of_range())
-                        } else {
-                            u16::try_from(n).map_err(|_| out_of_range())
-                        }
-                    }
-                    Value::Number(n) if n.is_i64() => Err(out_of_range()),
-                    _ => Err(wrong(arg, "an integer")),
-                }
-            };
-            let x = coord("x")?;
-            let y = coord("y")?;
-            let mut buttons = Vec::new();
-            if let Some(v) = obj.get("buttons") {
-                let list = v
-                    .as_array()
-                    .ok_or_else(|| wrong("buttons", "an array of button names"))?;
-                for b in list {
-                    let name = b
-                        .as_str()
-                        .ok_or_else(|| wrong("buttons", "an array of button names"))?;
-                    let button = Button::from_name(name).ok_or_else(|| {
-                        let shown: String = name.chars().take(32).collect();
-                        invalid(
-                            "buttons",
-                            format!("unknown button {shown:?} (left, right, middle)"),
-                        )
-                    })?;
-                    if buttons.contains(&button) {
-                        return Err(invalid("buttons", format!("{name} given twice")));
-                    }
-                    buttons.push(button);
-                }
-            }
-            Request::Pointer { x, y, buttons }
-        }
-        "screenshot" => {
-            let path = obj
-                .get("path")
-                .ok_or_else(|| missing("path"))?
-                .as_str()
-                .ok_or_else(|| wrong("path", "a string"))?;
-            if path.is_empty() || path.len() > MAX_PATH {
-                return Err(invalid("path", format!("must be 1 to {MAX_PATH} bytes")));
-            }
-            if path.contains('\0') {
-                return Err(invalid("path", "contains a NUL character".into()));
-            }
-            if !path.starts_with('/') {
-                return Err(invalid(
-                    "path",
-                    "must be absolute (the VM's working directory is not yours)".into(),
-                ));
-            }
-            Request::Screenshot { path: path.into() }
-        }
-        _ => unreachable!("command list checked above"),
-    })
 }
 
 /// The class of an error reply, for programs to branch on.
@@ -840,6 +885,39 @@ mod tests {
             let e = parse(line).expect_err(line).to_string();
             assert!(e.contains(want), "{line:?}: {e}");
         }
+    }
+
+    #[test]
+    fn argument_errors_name_the_argument_and_have_its_class() {
+        let e = parse(r#"{"cmd":"pause","a`b, expected x":1}"#).unwrap_err();
+        assert_eq!(
+            e,
+            ProtocolError::UnknownArgument {
+                cmd: "pause".into(),
+                arg: "a`b, expected x".into()
+            }
+        );
+        assert_eq!(e.class(), ErrorClass::InvalidArgument);
+        let e = parse(r#"{"cmd":"screenshot"}"#).unwrap_err();
+        assert_eq!(
+            e,
+            ProtocolError::MissingArgument {
+                cmd: "screenshot".into(),
+                arg: "path".into()
+            }
+        );
+        let e = parse(r#"{"cmd":"pointer","x":1,"y":2,"buttons":7}"#).unwrap_err();
+        assert_eq!(e.class(), ErrorClass::InvalidArgument);
+        assert_eq!(
+            e.to_string(),
+            "pointer: buttons must be an array of button names"
+        );
+        let long = format!(r#"{{"cmd":"stop","{}":1}}"#, "k".repeat(10_000));
+        assert!(parse(&long).unwrap_err().to_string().len() < 200);
+        assert_eq!(
+            parse(r#"{"cmd":"stop-it"}"#).unwrap_err().class(),
+            ErrorClass::UnknownCommand
+        );
     }
 
     #[test]
