@@ -458,8 +458,7 @@ fn request_error(cmd: String, e: &serde_json::Error) -> ProtocolError {
 }
 
 /// The class of an error reply, for programs to branch on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
     /// The line was not a request at all.
     BadRequest,
@@ -569,8 +568,7 @@ impl From<ProtocolError> for Response {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
     /// The guest reported a panic (pvpanic "panicked").
     GuestPanicked,
@@ -608,6 +606,27 @@ impl EventKind {
         Self::ALL.into_iter().find(|k| k.name() == s)
     }
 }
+
+/// Serde through `name` and `from_name`, the one list of wire names.
+macro_rules! serde_by_name {
+    ($ty:ty, $what:expr) => {
+        impl Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.name())
+            }
+        }
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let name = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                <$ty>::from_name(&name)
+                    .ok_or_else(|| serde::de::Error::custom(format!("unknown {}", $what)))
+            }
+        }
+    };
+}
+
+serde_by_name!(ErrorClass, "error class");
+serde_by_name!(EventKind, "event");
 
 /// Wall-clock time of an event, split like QMP's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
