@@ -10,10 +10,13 @@ set -eu
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo fmt --all -- --check
-cargo clippy --workspace --all-targets -- -D warnings
+# `vmapple/hvf-double` adds `--accel hvf` against the behavioural double
+# of Hypervisor.framework (crates/hvf-double): the guest tests then run
+# through both accelerators.
+cargo clippy --workspace --all-targets --features vmapple/hvf-double -- -D warnings
 # The binary must also build without the GPL software CPU.
 cargo clippy -p vmapple --no-default-features -- -D warnings
 # The macOS-only crates and modules, type-checked and linted for
 # aarch64-apple-darwin (no SDK needed; adds the Rust target if missing).
 scripts/check-macos.sh
-cargo test --workspace "$@"
+cargo test --workspace --features vmapple/hvf-double "$@"

@@ -53,7 +53,9 @@ pub struct HvVcpuExit {
     pub exception: HvVcpuExitException,
 }
 
-#[link(name = "Hypervisor", kind = "framework")]
+// On Linux with the `hvf-double` feature the same symbols come from the
+// double (crate `hvf-double`), linked by lib.rs.
+#[cfg_attr(target_os = "macos", link(name = "Hypervisor", kind = "framework"))]
 extern "C" {
     pub fn hv_vm_config_create() -> OsObject;
     pub fn hv_vm_config_get_max_ipa_size(ipa_bit_length: *mut u32) -> HvReturn;

@@ -22,8 +22,12 @@ pub struct RamRegion {
 }
 
 /// Checks every region and returns the top (exclusive) of guest RAM.
-pub fn check_ram(regions: &[RamRegion]) -> Result<u64, AccelError> {
+/// Guest addresses and sizes must be whole stage-2 pages (16 KiB); host
+/// addresses whole host pages (`host_page`: 16 KiB on Apple silicon, the
+/// host's own under the framework double).
+pub fn check_ram(regions: &[RamRegion], host_page: u64) -> Result<u64, AccelError> {
     let aligned = |v: u64| v % HOST_PAGE_SIZE == 0;
+    let host_aligned = |v: u64| host_page != 0 && v % host_page == 0;
     let mut spans: Vec<(u64, u64)> = Vec::with_capacity(regions.len());
     for r in regions {
         let Some(end) = r.guest.checked_add(r.len) else {
@@ -32,7 +36,7 @@ pub fn check_ram(regions: &[RamRegion]) -> Result<u64, AccelError> {
                 r.guest, r.len
             )));
         };
-        if r.len == 0 || !aligned(r.guest) || !aligned(r.len) || !aligned(r.host as u64) {
+        if r.len == 0 || !aligned(r.guest) || !aligned(r.len) || !host_aligned(r.host as u64) {
             return Err(AccelError::setup(format!(
                 "RAM region {:#x}..{end:#x} (host {:#x}) is not made of whole 16 KiB \
                  host pages, which Hypervisor.framework requires",
@@ -110,22 +114,26 @@ mod tests {
             region(0x40_0000, 64 << 10),
             region(0x7000_0000, 4096 * MIB),
         ];
-        assert_eq!(check_ram(&regions).unwrap(), 0x1_7000_0000);
-        assert_eq!(check_ram(&[]).unwrap(), 0);
+        assert_eq!(check_ram(&regions, HOST_PAGE_SIZE).unwrap(), 0x1_7000_0000);
+        assert_eq!(check_ram(&[], HOST_PAGE_SIZE).unwrap(), 0);
     }
 
     #[test]
     fn misaligned_or_overlapping_regions_are_refused() {
         // 4 KiB granule is fine for the software CPU but not here.
-        let err = check_ram(&[region(0x7000_1000, MIB)]).unwrap_err();
+        let err = check_ram(&[region(0x7000_1000, MIB)], HOST_PAGE_SIZE).unwrap_err();
         assert!(err.to_string().contains("16 KiB"), "{err}");
-        assert!(check_ram(&[region(0x7000_0000, MIB + 4096)]).is_err());
+        assert!(check_ram(&[region(0x7000_0000, MIB + 4096)], HOST_PAGE_SIZE).is_err());
         let mut r = region(0x7000_0000, MIB);
         r.host += 4096;
-        assert!(check_ram(&[r]).is_err());
-        assert!(check_ram(&[region(0x7000_0000, 0)]).is_err());
-        assert!(check_ram(&[region(u64::MAX - 0x3fff, 0x8000)]).is_err());
-        let err = check_ram(&[region(0x7000_0000, 2 * MIB), region(0x7010_0000, MIB)]).unwrap_err();
+        assert!(check_ram(&[r], HOST_PAGE_SIZE).is_err());
+        assert!(check_ram(&[region(0x7000_0000, 0)], HOST_PAGE_SIZE).is_err());
+        assert!(check_ram(&[region(u64::MAX - 0x3fff, 0x8000)], HOST_PAGE_SIZE).is_err());
+        let err = check_ram(
+            &[region(0x7000_0000, 2 * MIB), region(0x7010_0000, MIB)],
+            HOST_PAGE_SIZE,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("overlap"), "{err}");
     }
 

@@ -9,9 +9,11 @@
 //! [`accel::ExitHandler`], so a guest sees one machine whichever runs it.
 //!
 //! **Layout.** The framework glue ([`HvfVm`], the FFI declarations) exists
-//! only when building for `aarch64-apple-darwin`; on other targets this
-//! crate holds just the platform-neutral logic, which is unit-tested
-//! everywhere:
+//! when building for `aarch64-apple-darwin`, or on Linux with the
+//! `hvf-double` feature, where the same code links the behavioural double
+//! of the framework (crate `hvf-double`) and runs real guests in tests. On
+//! other builds this crate holds just the platform-neutral logic, which is
+//! unit-tested everywhere:
 //! * [`exits`]: exception syndrome → [`accel::VcpuExit`] and the
 //!   [`accel::ExitResponse`] back into registers (through a register-file
 //!   trait), UNDEFINED injection;
@@ -31,10 +33,26 @@ pub mod layout;
 pub mod vcpu_loop;
 pub mod vtimer;
 
-#[cfg(all(target_os = "macos", target_arch = "aarch64"))]
+// The framework glue: against Hypervisor.framework on macOS/arm64, or
+// against its behavioural double (crate `hvf-double`) elsewhere.
+#[cfg(any(
+    all(target_os = "macos", target_arch = "aarch64"),
+    feature = "hvf-double"
+))]
 mod ffi;
-#[cfg(all(target_os = "macos", target_arch = "aarch64"))]
+#[cfg(any(
+    all(target_os = "macos", target_arch = "aarch64"),
+    feature = "hvf-double"
+))]
 mod vm;
 
-#[cfg(all(target_os = "macos", target_arch = "aarch64"))]
+#[cfg(any(
+    all(target_os = "macos", target_arch = "aarch64"),
+    feature = "hvf-double"
+))]
 pub use vm::{HvfConfig, HvfKick, HvfVm};
+
+// The double's symbols (`hv_*`, `mach_absolute_time`, `os_release`) are
+// what `ffi` resolves to; naming the crate makes sure it is linked.
+#[cfg(all(feature = "hvf-double", not(target_os = "macos")))]
+use hvf_double as _;

@@ -12,11 +12,15 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use accel::{AccelError, CpuId, CpuPower, CpuSnapshot, ExitHandler, StopReason, VmControl};
-use arch_arm64::sysreg::{CNTV_CTL_EL0, CNTV_CVAL_EL0, MPIDR_EL1};
+use arch_arm64::sysreg::{CNTV_CTL_EL0, CNTV_CVAL_EL0, ID_AA64PFR0_EL1, MPIDR_EL1};
 use vm_core::IrqLine;
 
 use crate::exits::{self, Completion, LocalState, Reg, Trap, VcpuRegisters, PSTATE_EL1H_MASKED};
 use crate::vtimer::{self, GuestClock, VtimerLine, WfiWait};
+
+/// ID_AA64PFR0_EL1.GIC, bits 27:24: 1 = GICv3/v4 system registers.
+const PFR0_GIC_MASK: u64 = 0xf << 24;
+const PFR0_GIC_SYSREGS: u64 = 1 << 24;
 
 /// Why `hv_vcpu_run` returned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,6 +154,16 @@ impl VcpuThread<'_> {
         v.write(Reg::X(0), context_id)?;
         v.write(Reg::Pstate, PSTATE_EL1H_MASKED)?;
         v.write(Reg::Sys(MPIDR_EL1), self.mpidr)?;
+        // Our GIC's CPU interface is reached through the ICC_* system
+        // registers (trapped to it), which ID_AA64PFR0_EL1.GIC = 1 tells
+        // the guest. Without its own GIC the framework leaves the field 0
+        // (QEMU sets it the same way); Linux then runs without the
+        // system-register GIC feature (found by the framework double).
+        let pfr0 = v.read(Reg::Sys(ID_AA64PFR0_EL1))?;
+        v.write(
+            Reg::Sys(ID_AA64PFR0_EL1),
+            (pfr0 & !PFR0_GIC_MASK) | PFR0_GIC_SYSREGS,
+        )?;
         tracing::debug!(
             cpu = self.cpu,
             entry = format_args!("{entry:#x}"),
@@ -542,6 +556,8 @@ mod tests {
                 step(|g| {
                     assert_eq!((g.pc, g.x[0], g.pstate), (ENTRY, DTB, PSTATE_EL1H_MASKED));
                     assert_eq!(g.sys[&MPIDR_EL1], MPIDR);
+                    // The guest is told it has the GIC system registers.
+                    assert_eq!((g.sys[&ID_AA64PFR0_EL1] >> 24) & 0xf, 1);
                     // ldr w1, [x0] to the UART.
                     RunExit::Exception {
                         syndrome: dabt(2, 1, false),

@@ -74,7 +74,9 @@ impl HvfVm {
                 host: r.as_ptr() as usize,
             })
             .collect();
-        let ram_top = layout::check_ram(&regions)?;
+        // SAFETY: sysconf has no preconditions.
+        let host_page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(0);
+        let ram_top = layout::check_ram(&regions, host_page)?;
 
         let mut default_bits = 0u32;
         let mut max_bits = 0u32;

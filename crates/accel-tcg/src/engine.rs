@@ -42,6 +42,19 @@ pub type MmioRead = unsafe extern "C" fn(*mut uc_engine, u64, u32, *mut c_void) 
 pub type MmioWrite = unsafe extern "C" fn(*mut uc_engine, u64, u32, u64, *mut c_void);
 pub type IntrHook = unsafe extern "C" fn(*mut uc_engine, u32, *mut c_void);
 
+/// What the engine knows about an abandoned access or a hooked exception.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrapInfo {
+    /// For an abandoned load/store: ISV, SAS, SSE, SRT, SF and AR as
+    /// ESR_ELx holds them (ISV clear if the instruction gives none). In an
+    /// HVC/SMC hook: the whole ESR, immediate included.
+    pub syndrome: u64,
+    /// Virtual address of the abandoned access.
+    pub va: u64,
+    /// The abandoned access was an instruction fetch.
+    pub fetch: bool,
+}
+
 /// One AArch64 Unicorn instance in system-emulation mode.
 pub struct Engine {
     uc: NonNull<uc_engine>,
@@ -119,6 +132,12 @@ impl Engine {
         const ALL: u32 = 7; // UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC
                             // SAFETY: forwarded contract.
         check(unsafe { ffi::uc_mem_map_ptr(self.raw(), base, size, ALL, host.cast()) })
+    }
+
+    /// Removes the RAM or MMIO mapping `[base, base + size)`.
+    pub fn unmap(&self, base: u64, size: u64) -> Result<(), UcError> {
+        // SAFETY: the engine is valid; Unicorn checks the range itself.
+        check(unsafe { ffi::uc_mem_unmap(self.raw(), base, size) })
     }
 
     /// Maps `[base, base + size)` as MMIO served by the callbacks.
@@ -250,6 +269,32 @@ impl Engine {
     pub fn stop_from_exception_hook(&self) {
         // SAFETY: the engine is valid; we are on its thread.
         unsafe { ffi::uc_emu_stop(self.raw()) };
+    }
+
+    /// From an MMIO callback or the system-register handler: abandon the
+    /// instruction (nothing of it happens; PC stays on it) and make `run`
+    /// return with [`ffi::EXIT_TRAP`].
+    pub fn trap(&self) {
+        // SAFETY: the engine is valid; we are on its thread, in a callback.
+        let err = unsafe { ffi::uc_arm64_trap(self.raw()) };
+        debug_assert_eq!(err, uc_error::OK);
+    }
+
+    /// After [`ffi::EXIT_TRAP`] or inside an exception hook: the syndrome
+    /// QEMU keeps for the instruction (see [`TrapInfo`]).
+    pub fn trap_info(&self) -> TrapInfo {
+        let mut info = TrapInfo::default();
+        // SAFETY: three out-pointers to the locals of `info`.
+        let err = unsafe {
+            ffi::uc_arm64_trap_info(
+                self.raw(),
+                &mut info.syndrome,
+                &mut info.va,
+                &mut info.fetch,
+            )
+        };
+        debug_assert_eq!(err, uc_error::OK);
+        info
     }
 
     /// Why the last `run` returned (`ffi::EXIT_*`).

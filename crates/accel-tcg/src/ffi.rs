@@ -24,9 +24,14 @@ pub type SysregHandler = unsafe extern "C" fn(
 /// are "stopped" and "kicked", which need nothing special).
 pub const EXIT_WFI: i32 = 1;
 pub const EXIT_YIELD: i32 = 2;
+pub const EXIT_KICK: i32 = 3;
+/// `uc_arm64_trap()` from a callback: the instruction was abandoned.
+pub const EXIT_TRAP: i32 = 4;
+pub const EXIT_WFE: i32 = 5;
 
-/// QEMU's exception number for HVC as `UC_HOOK_INTR` reports it.
+/// QEMU's exception numbers for HVC and SMC as `UC_HOOK_INTR` reports them.
 pub const EXCP_HVC: u32 = 11;
+pub const EXCP_SMC: u32 = 13;
 
 /// `UC_CTL(type, nr, UC_CTL_IO_WRITE)` from unicorn.h.
 pub const fn ctl_write(control: ControlType, args: u32) -> ControlType {
@@ -43,4 +48,11 @@ unsafe extern "C" {
     pub fn uc_arm64_set_irq_lines(uc: *mut uc_engine, irq: bool, fiq: bool) -> uc_error;
     pub fn uc_arm64_last_exit(uc: *mut uc_engine) -> i32;
     pub fn uc_kick(uc: *mut uc_engine);
+    pub fn uc_arm64_trap(uc: *mut uc_engine) -> uc_error;
+    pub fn uc_arm64_trap_info(
+        uc: *mut uc_engine,
+        syndrome: *mut u64,
+        va: *mut u64,
+        fetch: *mut bool,
+    ) -> uc_error;
 }

@@ -23,10 +23,15 @@
 //! Licence: this crate links Unicorn and is GPL-2.0-or-later; the rest of
 //! vmapple is not, and does not depend on it unless built with it.
 
-mod engine;
-mod ffi;
+// The engine layer is public for the Hypervisor.framework double
+// (crate `hvf-double`), which runs on the same patched Unicorn.
+#[doc(hidden)]
+pub mod engine;
+#[doc(hidden)]
+pub mod ffi;
 pub mod sysregs;
-mod ticker;
+#[doc(hidden)]
+pub mod ticker;
 
 use std::cell::{Cell, RefCell};
 use std::ffi::c_void;
@@ -626,7 +631,7 @@ impl TcgVm {
             match self.engine.last_exit() {
                 ffi::EXIT_WFI => self.shared.cpus.borrow_mut()[cpu].halted = true,
                 // WFE/YIELD: a spinning vCPU waits for another; let it run.
-                ffi::EXIT_YIELD => slice_end = Instant::now(),
+                ffi::EXIT_YIELD | ffi::EXIT_WFE => slice_end = Instant::now(),
                 _ => {}
             }
         }
@@ -751,9 +756,9 @@ unsafe extern "C" fn exception_hook(_uc: *mut ffi::uc_engine, intno: u32, user: 
             engine.read(Reg::X3),
         ];
         let cpu = shared.current.get();
-        // The immediate is not reported by the patched engine; PSCI and
-        // every SMCCC caller use #0.
-        match shared.handler().handle(cpu, VcpuExit::Hvc { imm: 0, args }) {
+        // ESR_ELx.ISS[15:0] of HVC is its immediate.
+        let imm = (engine.trap_info().syndrome & 0xffff) as u16;
+        match shared.handler().handle(cpu, VcpuExit::Hvc { imm, args }) {
             ExitResponse::Value(v) => engine.write(Reg::X0, v),
             ExitResponse::Done => {}
             ExitResponse::Undefined => engine.write(Reg::X0, u64::MAX),

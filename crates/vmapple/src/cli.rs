@@ -258,7 +258,10 @@ fn passt_installed() -> bool {
 
 /// Accelerators this build has, the default first.
 const AVAILABLE_ACCELERATORS: &[&str] = &[
-    #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
+    #[cfg(any(
+        all(target_os = "macos", target_arch = "aarch64"),
+        feature = "hvf-double"
+    ))]
     "hvf",
     #[cfg(feature = "tcg")]
     "tcg",
@@ -266,7 +269,11 @@ const AVAILABLE_ACCELERATORS: &[&str] = &[
 
 // Without any accelerator `machine` has no use.
 #[cfg_attr(
-    not(any(feature = "tcg", all(target_os = "macos", target_arch = "aarch64"))),
+    not(any(
+        feature = "tcg",
+        feature = "hvf-double",
+        all(target_os = "macos", target_arch = "aarch64")
+    )),
     allow(unused_variables)
 )]
 fn create_vm(machine: &Machine, accel: &str) -> Result<Box<dyn accel::Vm>> {
@@ -281,7 +288,10 @@ fn create_vm(machine: &Machine, accel: &str) -> Result<Box<dyn accel::Vm>> {
             let vm = accel_tcg::TcgVm::new(machine.memory(), config)?;
             Ok(Box::new(vm))
         }
-        #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
+        #[cfg(any(
+            all(target_os = "macos", target_arch = "aarch64"),
+            feature = "hvf-double"
+        ))]
         "hvf" => {
             let config = accel_hvf::HvfConfig {
                 cpus: machine.vcpu_configs(),

@@ -4,6 +4,7 @@
 //! engine's known ciphertexts and interrupt, the RTC, pvpanic, and the
 //! power button pressed by SIGTERM to the VMM.
 
+#[macro_use]
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -83,9 +84,9 @@ fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
-#[test]
-fn boot_rom_style_guest_uses_every_apple_device_and_powers_off_on_sigterm() {
-    let dir = scratch_dir("apple-devices");
+each_accel! {
+fn boot_rom_style_guest_uses_every_apple_device_and_powers_off_on_sigterm(accel) {
+    let dir = scratch_dir(&format!("apple-devices-{accel}"));
     let aux = make_aux(&dir);
     let root = make_root(&dir);
     let root_before = std::fs::read(&root).unwrap();
@@ -105,6 +106,8 @@ fn boot_rom_style_guest_uses_every_apple_device_and_powers_off_on_sigterm() {
             aux.to_str().unwrap(),
             "--root",
             root.to_str().unwrap(),
+            "--accel",
+            accel,
         ],
         Duration::from_secs(120),
         &[Trigger {
@@ -151,10 +154,11 @@ fn boot_rom_style_guest_uses_every_apple_device_and_powers_off_on_sigterm() {
         "guest RTC {seconds} vs host {now}"
     );
 }
+}
 
-#[test]
-fn the_cfg_random_word_differs_between_launches() {
-    let dir = scratch_dir("apple-rnd");
+each_accel! {
+fn the_cfg_random_word_differs_between_launches(accel) {
+    let dir = scratch_dir(&format!("apple-rnd-{accel}"));
     let aux = make_aux(&dir);
     let root = make_root(&dir);
     let firmware = firmware_dir().join("apple-vmapple.bin");
@@ -174,6 +178,8 @@ fn the_cfg_random_word_differs_between_launches() {
                 aux.to_str().unwrap(),
                 "--root",
                 root.to_str().unwrap(),
+                "--accel",
+                accel,
             ],
             Duration::from_secs(120),
             &[Trigger {
@@ -189,35 +195,44 @@ fn the_cfg_random_word_differs_between_launches() {
     };
     assert_ne!(rnd(), rnd(), "32 random bits per launch (§6.6)");
 }
+}
 
-fn run_panic(policy: Option<&str>) -> common::Run {
+fn run_panic(accel: &str, policy: Option<&str>) -> common::Run {
     let firmware = firmware_dir().join("panic-vmapple.bin");
-    let mut args = vec!["run", "--firmware", firmware.to_str().unwrap()];
+    let mut args = vec![
+        "run",
+        "--firmware",
+        firmware.to_str().unwrap(),
+        "--accel",
+        accel,
+    ];
     if let Some(policy) = policy {
         args.extend(["--on-panic", policy]);
     }
     vmapple(&args, Duration::from_secs(60))
 }
 
-#[test]
-fn guest_panic_ends_the_run_with_status_5_by_default() {
-    let run = run_panic(None);
+each_accel! {
+fn guest_panic_ends_the_run_with_status_5_by_default(accel) {
+    let run = run_panic(accel, None);
     run.assert_line("reporting a panic");
     assert!(!run.stdout.contains("still running"), "{}", run.stdout);
     assert_eq!(run.code, 5, "stderr:\n{}", run.stderr);
     assert!(run.stderr.contains("guest panicked"), "{}", run.stderr);
 }
+}
 
-#[test]
-fn guest_panic_with_continue_policy_keeps_running() {
-    let run = run_panic(Some("continue"));
+each_accel! {
+fn guest_panic_with_continue_policy_keeps_running(accel) {
+    let run = run_panic(accel, Some("continue"));
     run.assert_line("still running after the panic report");
     assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
     assert!(run.stderr.contains("guest panicked"), "{}", run.stderr);
 }
+}
 
-#[test]
-fn guest_panic_with_pause_policy_pauses_until_stopped() {
+each_accel! {
+fn guest_panic_with_pause_policy_pauses_until_stopped(accel) {
     let firmware = firmware_dir().join("panic-vmapple.bin");
     // The VM sits paused after the report; a first SIGTERM presses the
     // power button (nobody is running to see it), the second stops hard.
@@ -228,6 +243,8 @@ fn guest_panic_with_pause_policy_pauses_until_stopped() {
             firmware.to_str().unwrap(),
             "--on-panic",
             "pause",
+            "--accel",
+            accel,
         ],
         Duration::from_secs(60),
         &[
@@ -244,4 +261,5 @@ fn guest_panic_with_pause_policy_pauses_until_stopped() {
     assert!(!run.stdout.contains("still running"), "{}", run.stdout);
     assert!(run.stderr.contains("paused"), "{}", run.stderr);
     assert_eq!(run.code, 6, "host stop; stderr:\n{}", run.stderr);
+}
 }

@@ -3,6 +3,7 @@
 //! SMP behaviour passes on two vCPUs, and a hostile guest that writes
 //! garbage everywhere it can reach does not bring the VMM down.
 
+#[macro_use]
 mod common;
 
 use std::time::Duration;
@@ -32,7 +33,7 @@ const CHECKS: &[&str] = &[
 ];
 
 /// Boots `guest/firmware`'s program `name` on `cpus` vCPUs.
-fn run_firmware(name: &str, cpus: &str, limit: Duration) -> common::Run {
+fn run_firmware(accel: &str, name: &str, cpus: &str, limit: Duration) -> common::Run {
     let firmware = firmware_dir().join(format!("{name}-vmapple.bin"));
     vmapple(
         &[
@@ -43,14 +44,16 @@ fn run_firmware(name: &str, cpus: &str, limit: Duration) -> common::Run {
             cpus,
             "--memory",
             "256M",
+            "--accel",
+            accel,
         ],
         limit,
     )
 }
 
-#[test]
-fn test_firmware_passes_every_check_on_two_cpus() {
-    let run = run_firmware("fw", "2", Duration::from_secs(120));
+each_accel! {
+fn test_firmware_passes_every_check_on_two_cpus(accel) {
+    let run = run_firmware(accel, "fw", "2", Duration::from_secs(120));
     for check in CHECKS {
         run.assert_line(&format!("PASS {check}\r\n"));
     }
@@ -58,10 +61,11 @@ fn test_firmware_passes_every_check_on_two_cpus() {
     run.assert_line("ALL CHECKS PASSED");
     assert_eq!(run.code, 0, "SYSTEM_OFF exits 0; stderr:\n{}", run.stderr);
 }
+}
 
-#[test]
-fn hostile_guest_does_not_crash_the_vmm() {
-    let run = run_firmware("chaos", "2", Duration::from_secs(300));
+each_accel! {
+fn hostile_guest_does_not_crash_the_vmm(accel) {
+    let run = run_firmware(accel, "chaos", "2", Duration::from_secs(300));
     let summary = run
         .stdout
         .lines()
@@ -89,13 +93,14 @@ fn hostile_guest_does_not_crash_the_vmm() {
         run.stderr
     );
 }
+}
 
 /// SYSTEM_RESET reloads the firmware image the guest overwrote
 /// (vmapple-machine.md §20.1 vector 3), and a guest that does nothing but
 /// reset ends the run with the reset-loop status.
-#[test]
-fn reset_restores_the_rom_and_a_reset_loop_ends_the_run() {
-    let run = run_firmware("reset", "1", Duration::from_secs(120));
+each_accel! {
+fn reset_restores_the_rom_and_a_reset_loop_ends_the_run(accel) {
+    let run = run_firmware(accel, "reset", "1", Duration::from_secs(120));
     run.assert_line("boot 1: overwriting the ROM image");
     run.assert_line("PASS rom-restored");
     assert_eq!(run.code, 4, "reset loop status; stderr:\n{}", run.stderr);
@@ -104,4 +109,5 @@ fn reset_restores_the_rom_and_a_reset_loop_ends_the_run() {
         "{}",
         run.stderr
     );
+}
 }

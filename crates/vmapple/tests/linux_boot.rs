@@ -1,15 +1,17 @@
-//! Debian's arm64 kernel boots on the software CPU to userspace with two
-//! vCPUs and powers off cleanly; its init (guest/linux/init) reports what
+//! Debian's arm64 kernel boots to userspace with two vCPUs and powers off
+//! cleanly, on the software CPU and (with the `hvf-double` feature) on the
+//! Hypervisor.framework accelerator over its double; its init (guest/linux/init) reports what
 //! it saw on the PL011 console.
 
+#[macro_use]
 mod common;
 
 use std::time::Duration;
 
 use common::{linux_guest, vmapple};
 
-#[test]
-fn linux_reaches_userspace_on_two_cpus_and_powers_off() {
+each_accel! {
+fn linux_reaches_userspace_on_two_cpus_and_powers_off(accel) {
     let (kernel, initrd) = linux_guest();
     let run = vmapple(
         &[
@@ -26,10 +28,15 @@ fn linux_reaches_userspace_on_two_cpus_and_powers_off() {
             "512M",
             "--serial",
             "stdio",
+            "--accel",
+            accel,
         ],
         Duration::from_secs(300),
     );
     run.assert_line("VMAPPLE-GUEST: userspace up");
+    // ID_AA64PFR0_EL1.GIC: the guest knows its GIC CPU interface is
+    // system registers (the framework double's default is 0).
+    run.assert_line("CPU features: detected: GIC system register CPU interface");
     run.assert_line("VMAPPLE-GUEST: cpus-online 0-1");
     run.assert_line("VMAPPLE-GUEST: psci PSCIv1.1 detected in firmware");
     run.assert_line("VMAPPLE-GUEST: gic GICv3: 256 SPIs implemented");
@@ -57,4 +64,5 @@ fn linux_reaches_userspace_on_two_cpus_and_powers_off() {
         "clean power-off exits 0; stderr:\n{}",
         run.stderr
     );
+}
 }

@@ -3,6 +3,35 @@
 //! safety-net timeout.
 #![allow(dead_code)]
 
+/// Declares a guest test once per accelerator of this build, as a module
+/// named after the scenario with a test per accelerator: `tcg` (the
+/// software CPU) and, with the `hvf-double` feature, `hvf` (the
+/// Hypervisor.framework accelerator running against its behavioural
+/// double). The body gets the accelerator's name for `--accel`.
+#[allow(unused_macros)]
+macro_rules! each_accel {
+    ($(#[$meta:meta])* fn $name:ident($accel:ident) $body:block) => {
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            fn scenario($accel: &'static str) $body
+
+            #[test]
+            fn tcg() {
+                scenario("tcg")
+            }
+
+            #[cfg(feature = "hvf-double")]
+            #[test]
+            fn hvf() {
+                scenario("hvf")
+            }
+        }
+    };
+}
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
