@@ -191,3 +191,21 @@ pub trait Vm {
     /// Register state of a vCPU, if the accelerator can tell.
     fn snapshot(&self, cpu: CpuId) -> Option<CpuSnapshot>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn errors_keep_their_cause() {
+        let e = AccelError::setup_from("mapping RAM", std::io::Error::other("no memory"));
+        assert_eq!(e.to_string(), "accelerator setup failed: mapping RAM");
+        assert_eq!(e.source().unwrap().to_string(), "no memory");
+        let run = AccelError::run_from("vCPU 0", std::io::Error::other("gone"));
+        let setup = run.into_setup();
+        assert!(matches!(setup, AccelError::Setup { .. }));
+        assert_eq!(setup.source().unwrap().to_string(), "gone");
+        assert!(AccelError::run("x").source().is_none());
+    }
+}
