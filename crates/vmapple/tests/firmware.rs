@@ -95,10 +95,10 @@ fn hostile_guest_does_not_crash_the_vmm(accel) {
 }
 }
 
+each_accel! {
 /// SYSTEM_RESET reloads the firmware image the guest overwrote
 /// (vmapple-machine.md §20.1 vector 3), and a guest that does nothing but
 /// reset ends the run with the reset-loop status.
-each_accel! {
 fn reset_restores_the_rom_and_a_reset_loop_ends_the_run(accel) {
     let run = run_firmware(accel, "reset", "1", Duration::from_secs(120));
     run.assert_line("boot 1: overwriting the ROM image");
