@@ -1,8 +1,8 @@
 #!/bin/sh
 # Type-checks and lints the macOS-only code for macOS/arm64 from any host:
 # the Hypervisor.framework accelerator, the ParavirtualizedGraphics glue,
-# the machine (which builds the display on it), virtio (vmnet backend) and
-# the vmapple binary without the software CPU.
+# the machine, virtio (vmnet backend), block (F_PUNCHHOLE) and the vmapple
+# binary (which picks the display backend) without the software CPU.
 # Needs no macOS SDK: nothing is linked and none of these crates (or their
 # dependencies) has a build script that compiles C, so only
 # `cargo check`/`clippy` run. The default `tcg` feature is left out because
@@ -16,7 +16,7 @@ if ! rustup target list --installed | grep -qx "$TARGET"; then
     rustup target add "$TARGET"
 fi
 
-for pkg in accel-hvf apple-gfx-macos virtio machine; do
+for pkg in accel-hvf apple-gfx-macos block virtio machine; do
     cargo check --target "$TARGET" -p "$pkg" --all-targets
     cargo clippy --target "$TARGET" -p "$pkg" --all-targets -- -D warnings
 done

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 packages="cmake pkg-config libclang-dev patch gcc g++ \
 gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu \
-cpio gzip device-tree-compiler e2fsprogs passt qemu-system-arm"
+cpio gzip device-tree-compiler e2fsprogs passt qemu-system-arm qemu-utils strace"
 
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"

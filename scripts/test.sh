@@ -16,6 +16,8 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --features vmapple/hvf-double -- -D warnings
 # The binary must also build without the GPL software CPU.
 cargo clippy -p vmapple --no-default-features -- -D warnings
+# The API documentation builds without warnings (broken links, bad HTML).
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 # The macOS-only crates and modules, type-checked and linted for
 # aarch64-apple-darwin (no SDK needed; adds the Rust target if missing).
 scripts/check-macos.sh

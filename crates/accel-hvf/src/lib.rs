@@ -4,11 +4,11 @@
 //! what traps: MMIO (stage-2 data aborts outside RAM), the GIC CPU
 //! interface (`ICC_*` system registers, since the interrupt controller is
 //! our userspace model from crate `gic`), HVC (PSCI), WFI and the virtual
-//! timer firing. [`HvfVm`] implements the same [`accel::Vm`] contract as
+//! timer firing. `HvfVm` implements the same [`accel::Vm`] contract as
 //! the software CPU and hands every exit to the same machine
 //! [`accel::ExitHandler`], so a guest sees one machine whichever runs it.
 //!
-//! **Layout.** The framework glue ([`HvfVm`], the FFI declarations) exists
+//! **Layout.** The framework glue (`HvfVm`, the FFI declarations) exists
 //! when building for `aarch64-apple-darwin`, or on Linux with the
 //! `hvf-double` feature, where the same code links the behavioural double
 //! of the framework (crate `hvf-double`) and runs real guests in tests. On

@@ -10,6 +10,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use vm_core::sync::lock;
 
 use accel::{AccelError, CpuId, CpuPower, CpuSnapshot, ExitHandler, StopReason, VmControl};
 use arch_arm64::sysreg::{CNTV_CTL_EL0, CNTV_CVAL_EL0, ID_AA64PFR0_EL1, MPIDR_EL1};
@@ -131,7 +132,7 @@ impl VcpuThread<'_> {
 
     fn save_snapshot(&self, vcpu: &mut impl HvVcpu) {
         match exits::capture(vcpu) {
-            Ok(snap) => *self.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = Some(snap),
+            Ok(snap) => *lock(self.snapshot) = Some(snap),
             Err(e) => tracing::warn!(cpu = self.cpu, "no register snapshot: {e}"),
         }
     }
@@ -269,12 +270,7 @@ impl VcpuThread<'_> {
             }
         }
         if let Some(v) = vcpu.as_mut() {
-            if self
-                .snapshot
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_none()
-            {
+            if lock(self.snapshot).is_none() {
                 self.save_snapshot(v);
             }
         }

@@ -11,6 +11,7 @@ use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use vm_core::sync::lock;
 
 use accel::{
     AccelError, CpuId, CpuSnapshot, ExitHandler, Kick, StopReason, VcpuConfig, Vm, VmControl,
@@ -80,17 +81,12 @@ impl HvfVm {
 
         let mut default_bits = 0u32;
         let mut max_bits = 0u32;
-        // SAFETY: both calls only write the u32 they are given.
-        check(
-            unsafe { ffi::hv_vm_config_get_default_ipa_size(&mut default_bits) },
-            || "reading the default IPA size".into(),
-        )
-        .map_err(setup_error)?;
-        check(
-            unsafe { ffi::hv_vm_config_get_max_ipa_size(&mut max_bits) },
-            || "reading the maximum IPA size".into(),
-        )
-        .map_err(setup_error)?;
+        // SAFETY: the call only writes the u32 it is given.
+        let status = unsafe { ffi::hv_vm_config_get_default_ipa_size(&mut default_bits) };
+        check(status, || "reading the default IPA size".into()).map_err(setup_error)?;
+        // SAFETY: likewise.
+        let status = unsafe { ffi::hv_vm_config_get_max_ipa_size(&mut max_bits) };
+        check(status, || "reading the maximum IPA size".into()).map_err(setup_error)?;
         let ipa_bits = layout::choose_ipa_bits(ram_top, default_bits, max_bits)?;
 
         if VM_EXISTS.swap(true, Ordering::SeqCst) {
@@ -119,17 +115,17 @@ impl HvfVm {
             })?;
             // SAFETY: the region is a live mapping of `len` bytes owned by
             // `memory`, a clone of which `vm` keeps until after it unmaps.
-            check(
-                unsafe {
-                    ffi::hv_vm_map(
-                        r.host as *mut c_void,
-                        r.guest,
-                        len,
-                        ffi::HV_MEMORY_READ | ffi::HV_MEMORY_WRITE | ffi::HV_MEMORY_EXEC,
-                    )
-                },
-                || format!("mapping RAM at {:#x}+{:#x}", r.guest, r.len),
-            )
+            let status = unsafe {
+                ffi::hv_vm_map(
+                    r.host as *mut c_void,
+                    r.guest,
+                    len,
+                    ffi::HV_MEMORY_READ | ffi::HV_MEMORY_WRITE | ffi::HV_MEMORY_EXEC,
+                )
+            };
+            check(status, || {
+                format!("mapping RAM at {:#x}+{:#x}", r.guest, r.len)
+            })
             .map_err(setup_error)?;
             vm.mapped.push((r.guest, len));
         }
@@ -168,12 +164,11 @@ impl HvfVm {
         }
         // SAFETY: `config` is the live object created above; released
         // exactly once after its last use.
-        let result = check(
-            unsafe { ffi::hv_vm_config_set_ipa_size(config, bits) },
-            || format!("setting a {bits}-bit IPA size"),
-        )
-        .and_then(|()| {
-            check(unsafe { ffi::hv_vm_create(config) }, || {
+        let status = unsafe { ffi::hv_vm_config_set_ipa_size(config, bits) };
+        let result = check(status, || format!("setting a {bits}-bit IPA size")).and_then(|()| {
+            // SAFETY: as above.
+            let status = unsafe { ffi::hv_vm_create(config) };
+            check(status, || {
                 "creating the VM (is the com.apple.security.hypervisor entitlement signed in?)"
                     .into()
             })
@@ -222,7 +217,7 @@ impl HvfKick {
     }
 
     fn set(&self, cpu: CpuId, handle: Option<HvVcpu>) {
-        let mut vcpus = self.vcpus.lock().unwrap_or_else(|e| e.into_inner());
+        let mut vcpus = lock(&self.vcpus);
         if let Some(slot) = vcpus.get_mut(cpu) {
             *slot = handle;
         }
@@ -232,7 +227,7 @@ impl HvfKick {
 impl Kick for HvfKick {
     fn kick(&self, cpu: CpuId) {
         self.pending.set(cpu);
-        let vcpus = self.vcpus.lock().unwrap_or_else(|e| e.into_inner());
+        let vcpus = lock(&self.vcpus);
         if let Some(Some(handle)) = vcpus.get(cpu) {
             // SAFETY: `handle` names a live vCPU (removed under this lock
             // before destruction); hv_vcpus_exit may be called from any
@@ -260,10 +255,8 @@ impl<'a> Vcpu<'a> {
         let mut exit: *const HvVcpuExit = ptr::null();
         // SAFETY: out-pointers to locals; a null configuration asks for
         // the default vCPU.
-        check(
-            unsafe { ffi::hv_vcpu_create(&mut handle, &mut exit, ptr::null_mut()) },
-            || format!("creating vCPU {cpu}"),
-        )?;
+        let status = unsafe { ffi::hv_vcpu_create(&mut handle, &mut exit, ptr::null_mut()) };
+        check(status, || format!("creating vCPU {cpu}"))?;
         let vcpu = Self {
             handle,
             exit,
@@ -337,15 +330,12 @@ impl VcpuRegisters for Vcpu<'_> {
 impl VcpuOps for Vcpu<'_> {
     /// Debug exceptions and debug registers are left to the guest.
     fn init(&mut self) -> Result<(), AccelError> {
-        // SAFETY (both): owning thread, plain values.
-        self.hv(
-            unsafe { ffi::hv_vcpu_set_trap_debug_exceptions(self.handle, false) },
-            "leaving debug exceptions to the guest",
-        )?;
-        self.hv(
-            unsafe { ffi::hv_vcpu_set_trap_debug_reg_accesses(self.handle, false) },
-            "leaving debug registers to the guest",
-        )?;
+        // SAFETY: owning thread, plain values.
+        let status = unsafe { ffi::hv_vcpu_set_trap_debug_exceptions(self.handle, false) };
+        self.hv(status, "leaving debug exceptions to the guest")?;
+        // SAFETY: likewise.
+        let status = unsafe { ffi::hv_vcpu_set_trap_debug_reg_accesses(self.handle, false) };
+        self.hv(status, "leaving debug registers to the guest")?;
         self.set_vtimer_mask(false)
     }
 
@@ -428,7 +418,7 @@ impl Vm for HvfVm {
             )));
         }
         for s in &self.snapshots {
-            *s.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            *lock(s) = None;
         }
         let kick = Arc::new(HvfKick::new(cpus));
         control.set_kicker(kick.clone());
@@ -484,10 +474,6 @@ impl Vm for HvfVm {
     }
 
     fn snapshot(&self, cpu: CpuId) -> Option<CpuSnapshot> {
-        self.snapshots
-            .get(cpu)?
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        lock(self.snapshots.get(cpu)?).clone()
     }
 }

@@ -13,6 +13,7 @@
 
 use std::sync::Mutex;
 use std::time::Duration;
+use vm_core::sync::lock;
 
 use arch_arm64::timer::{CTL_ENABLE, CTL_IMASK, CTL_ISTATUS};
 
@@ -136,20 +137,20 @@ impl GuestClock {
     }
 
     pub fn offset(&self) -> u64 {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).offset
+        lock(&self.state).offset
     }
 
     /// The VM is paused since host count `now` (the first caller of a
     /// pause decides; later ones change nothing).
     pub fn pause(&self, now: u64) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = lock(&self.state);
         s.paused_at.get_or_insert(now);
     }
 
     /// The VM runs again at host count `now`: the guest's count carries on
     /// from where it stopped. Idempotent.
     pub fn resume(&self, now: u64) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = lock(&self.state);
         if let Some(since) = s.paused_at.take() {
             s.offset = s.offset.wrapping_add(now.saturating_sub(since));
         }

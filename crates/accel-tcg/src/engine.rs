@@ -9,6 +9,7 @@ use std::ffi::{c_void, CStr};
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 use std::sync::{Arc, RwLock};
+use vm_core::sync::{read_lock, write_lock};
 
 use arch_arm64::SysReg;
 
@@ -346,7 +347,7 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         // Kicks arriving from now on must not touch a closed engine.
-        *self.kick_target.write().unwrap_or_else(|e| e.into_inner()) = None;
+        *write_lock(&self.kick_target) = None;
         // SAFETY: the engine is valid and closed exactly once.
         unsafe { ffi::uc_close(self.raw()) };
     }
@@ -368,7 +369,7 @@ pub struct KickHandle(Arc<RwLock<Option<usize>>>);
 
 impl KickHandle {
     pub fn kick(&self) {
-        let target = self.0.read().unwrap_or_else(|e| e.into_inner());
+        let target = read_lock(&self.0);
         if let Some(uc) = *target {
             // SAFETY: the engine is alive while `target` is Some (Drop
             // clears it under the write lock before closing), and uc_kick

@@ -655,10 +655,10 @@ impl Vm for TcgVm {
                 self.cpu_count()
             )));
         }
-        // SAFETY (lifetime erasure): both pointers are cleared below before
+        let handler: *const (dyn ExitHandler + '_) = handler;
+        // SAFETY: lifetime erasure; both pointers are cleared below before
         // this function returns, and only callbacks during `schedule` use
         // them.
-        let handler: *const (dyn ExitHandler + '_) = handler;
         let handler: *const (dyn ExitHandler + 'static) = unsafe { std::mem::transmute(handler) };
         self.shared.handler.set(Some(handler));
         self.shared.control.set(Some(control));
@@ -722,6 +722,7 @@ unsafe extern "C" fn sysreg_handler(
     // SAFETY: `user` is the boxed Shared given at registration, alive for
     // the engine's lifetime; `value` points at a u64 owned by the helper.
     let shared = unsafe { &*user.cast::<Shared>() };
+    // SAFETY: `value` points at a u64 the helper owns for this call.
     let value = unsafe { &mut *value };
     shared.guard(false, || {
         let reg = SysReg::from_instruction(encoding);
@@ -785,6 +786,8 @@ unsafe extern "C" fn mmio_read(
     // SAFETY: `user` is a boxed MmioSpan kept alive with the engine, whose
     // `shared` points at the boxed Shared.
     let span = unsafe { &*user.cast::<MmioSpan>() };
+    // SAFETY: `span.shared` points at the boxed Shared, alive with the
+    // engine.
     let shared = unsafe { &*span.shared };
     shared.guard(0, || {
         let Some(width) = AccessWidth::from_bytes(u64::from(size)) else {
@@ -813,6 +816,8 @@ unsafe extern "C" fn mmio_write(
 ) {
     // SAFETY: as in `mmio_read`.
     let span = unsafe { &*user.cast::<MmioSpan>() };
+    // SAFETY: `span.shared` points at the boxed Shared, alive with the
+    // engine.
     let shared = unsafe { &*span.shared };
     shared.guard((), || {
         let Some(width) = AccessWidth::from_bytes(u64::from(size)) else {

@@ -8,6 +8,7 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
+use vm_core::sync::{lock, wait, wait_timeout};
 
 use crate::engine::KickHandle;
 
@@ -40,24 +41,21 @@ impl Ticker {
     }
 
     fn main(shared: &(Mutex<State>, Condvar), kick: &KickHandle) {
-        let (lock, wake) = shared;
-        let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (state_lock, wake) = shared;
+        let mut state = lock(state_lock);
         loop {
             if state.quit {
                 return;
             }
             match state.deadline {
-                None => state = wake.wait(state).unwrap_or_else(|e| e.into_inner()),
+                None => state = wait(wake, state),
                 Some(deadline) => {
                     let now = Instant::now();
                     if now >= deadline {
                         state.deadline = None;
                         kick.kick();
                     } else {
-                        state = wake
-                            .wait_timeout(state, deadline - now)
-                            .unwrap_or_else(|e| e.into_inner())
-                            .0;
+                        state = wait_timeout(wake, state, deadline - now).0;
                     }
                 }
             }
@@ -66,21 +64,21 @@ impl Ticker {
 
     /// Kick at `deadline` (replacing any earlier one); `None` disarms.
     pub fn arm(&self, deadline: Option<Instant>) {
-        let (lock, wake) = &*self.shared;
-        lock.lock().unwrap_or_else(|e| e.into_inner()).deadline = deadline;
+        let (state_lock, wake) = &*self.shared;
+        lock(state_lock).deadline = deadline;
         wake.notify_one();
     }
 
     pub fn disarm(&self) {
-        let (lock, _) = &*self.shared;
-        lock.lock().unwrap_or_else(|e| e.into_inner()).deadline = None;
+        let (state_lock, _) = &*self.shared;
+        lock(state_lock).deadline = None;
     }
 }
 
 impl Drop for Ticker {
     fn drop(&mut self) {
-        let (lock, wake) = &*self.shared;
-        lock.lock().unwrap_or_else(|e| e.into_inner()).quit = true;
+        let (state_lock, wake) = &*self.shared;
+        lock(state_lock).quit = true;
         wake.notify_one();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();

@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Instant;
+use vm_core::sync::{lock, read_lock, wait, wait_timeout, write_lock};
 
 use arch_arm64::psci::{AffinityState, PsciError};
 
@@ -88,7 +89,7 @@ impl VmControl {
 
     /// The accelerator registers how to kick its vCPUs before running.
     pub fn set_kicker(&self, kicker: Arc<dyn Kick>) {
-        *self.kicker.write().unwrap_or_else(|e| e.into_inner()) = Some(kicker);
+        *write_lock(&self.kicker) = Some(kicker);
     }
 
     /// Makes every running vCPU come back to its accelerator's loop (which
@@ -100,18 +101,13 @@ impl VmControl {
     }
 
     fn kick(&self, cpu: CpuId) {
-        if let Some(k) = self
-            .kicker
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
+        if let Some(k) = read_lock(&self.kicker).as_ref() {
             k.kick(cpu);
         }
     }
 
     fn notify(&self) {
-        let mut g = self.generation.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = lock(&self.generation);
         *g = g.wrapping_add(1);
         self.changed.notify_all();
     }
@@ -121,7 +117,7 @@ impl VmControl {
     /// others are off, the stop reason is cleared, interrupt lines drop.
     pub fn reset_for_boot(&self, entry: u64, x0: u64) {
         for (i, slot) in self.cpus.iter().enumerate() {
-            *slot.power.lock().unwrap_or_else(|e| e.into_inner()) = if i == 0 {
+            *lock(&slot.power) = if i == 0 {
                 CpuPower::Starting {
                     entry,
                     context_id: x0,
@@ -132,22 +128,22 @@ impl VmControl {
             slot.irq.store(false, Ordering::SeqCst);
             slot.fiq.store(false, Ordering::SeqCst);
         }
-        *self.stop.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *lock(&self.stop) = None;
         self.stop_flag.store(false, Ordering::SeqCst);
         self.notify();
     }
 
     pub fn power(&self, cpu: CpuId) -> CpuPower {
-        self.cpus.get(cpu).map_or(CpuPower::Off, |s| {
-            *s.power.lock().unwrap_or_else(|e| e.into_inner())
-        })
+        self.cpus
+            .get(cpu)
+            .map_or(CpuPower::Off, |s| *lock(&s.power))
     }
 
     /// PSCI CPU_ON.
     pub fn cpu_on(&self, cpu: CpuId, entry: u64, context_id: u64) -> Result<(), PsciError> {
         let slot = self.cpus.get(cpu).ok_or(PsciError::InvalidParameters)?;
         {
-            let mut power = slot.power.lock().unwrap_or_else(|e| e.into_inner());
+            let mut power = lock(&slot.power);
             match *power {
                 CpuPower::On => return Err(PsciError::AlreadyOn),
                 CpuPower::Starting { .. } => return Err(PsciError::OnPending),
@@ -162,7 +158,7 @@ impl VmControl {
     /// PSCI CPU_OFF of `cpu` by itself.
     pub fn cpu_off(&self, cpu: CpuId) {
         if let Some(slot) = self.cpus.get(cpu) {
-            *slot.power.lock().unwrap_or_else(|e| e.into_inner()) = CpuPower::Off;
+            *lock(&slot.power) = CpuPower::Off;
             self.notify();
         }
     }
@@ -171,7 +167,7 @@ impl VmControl {
     /// and marks the vCPU on.
     pub fn take_start(&self, cpu: CpuId) -> Option<(u64, u64)> {
         let slot = self.cpus.get(cpu)?;
-        let mut power = slot.power.lock().unwrap_or_else(|e| e.into_inner());
+        let mut power = lock(&slot.power);
         match *power {
             CpuPower::Starting { entry, context_id } => {
                 *power = CpuPower::On;
@@ -215,7 +211,7 @@ impl VmControl {
     /// Asks every vCPU to stop; the first reason given is kept.
     pub fn request_stop(&self, reason: StopReason) {
         {
-            let mut stop = self.stop.lock().unwrap_or_else(|e| e.into_inner());
+            let mut stop = lock(&self.stop);
             if stop.is_none() {
                 *stop = Some(reason);
             }
@@ -231,7 +227,7 @@ impl VmControl {
     }
 
     pub fn stop_reason(&self) -> Option<StopReason> {
-        self.stop.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        lock(&self.stop).clone()
     }
 
     /// Asks every vCPU to stop executing until [`Self::resume`]. The
@@ -269,7 +265,7 @@ impl VmControl {
     /// Blocks until `ready()` holds, a stop is requested, or `deadline`
     /// passes. `ready` is re-evaluated after every event.
     pub fn wait(&self, deadline: Option<Instant>, mut ready: impl FnMut() -> bool) {
-        let mut generation = self.generation.lock().unwrap_or_else(|e| e.into_inner());
+        let mut generation = lock(&self.generation);
         loop {
             if ready() || self.stop_requested() {
                 return;
@@ -278,21 +274,14 @@ impl VmControl {
             while *generation == seen {
                 match deadline {
                     None => {
-                        generation = self
-                            .changed
-                            .wait(generation)
-                            .unwrap_or_else(|e| e.into_inner());
+                        generation = wait(&self.changed, generation);
                     }
                     Some(d) => {
                         let now = Instant::now();
                         if now >= d {
                             return;
                         }
-                        generation = self
-                            .changed
-                            .wait_timeout(generation, d - now)
-                            .unwrap_or_else(|e| e.into_inner())
-                            .0;
+                        generation = wait_timeout(&self.changed, generation, d - now).0;
                     }
                 }
             }

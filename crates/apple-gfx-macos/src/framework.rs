@@ -8,7 +8,8 @@
 
 use std::ffi::c_void;
 use std::ptr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
+use vm_core::sync::lock;
 
 use apple_gfx::framework::{
     DeviceCallbacks, DeviceDescriptor, DisplayDescriptor, Framework, FrameworkError,
@@ -150,11 +151,7 @@ impl MacFramework {
 
     /// Every display created so far, for the window code to attach layers.
     pub fn displays(&self) -> Vec<Arc<MacDisplay>> {
-        self.shared
-            .displays
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        lock(&self.shared.displays).clone()
     }
 
     /// The GPU the framework renders with; a presenting layer must use it.
@@ -443,11 +440,7 @@ impl PgDevice for MacDevice {
         serial: u32,
     ) -> Result<Arc<dyn PgDisplay>, FrameworkError> {
         let display = MacDisplay::create(&self.dev, &self.fw, desc, port, serial)?;
-        self.fw
-            .displays
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(display.clone());
+        lock(&self.fw.displays).push(display.clone());
         Ok(display)
     }
 

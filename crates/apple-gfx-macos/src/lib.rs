@@ -6,17 +6,17 @@
 //! Nothing here decides anything the core (crate `apple-gfx`) can decide:
 //! each framework block converts its arguments and calls the core at once.
 //!
-//! * [`MacFramework`] probes the framework at run time: classes are looked
+//! * `MacFramework` probes the framework at run time: classes are looked
 //!   up by name (two are private), and whether guest memory is described by
 //!   a `PGMemoryMapDescriptor` or reached through the legacy task blocks is
 //!   decided by `respondsToSelector:` and reported through
 //!   `Framework::memory_interface`.
-//! * [`MacDisplay`] shows frames without a CPU copy when a Cocoa window is
+//! * `MacDisplay` shows frames without a CPU copy when a Cocoa window is
 //!   attached: the framework encodes each frame into the window's
 //!   `CAMetalLayer` drawable. The CPU copy (`render_frame`) remains for
 //!   screenshots and windowless use.
 //! * [`main_thread::run_vmm`] moves the VMM's loop off the main thread
-//!   when a platform loop must own it; [`runloop`] has the loops.
+//!   when a platform loop must own it; `runloop` has the loops.
 //!
 //! * [`input`] translates the window's keyboard and mouse events for the
 //!   guest's USB keyboard and tablet; [`cursor`] scales the guest's cursor

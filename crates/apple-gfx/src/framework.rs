@@ -3,7 +3,7 @@
 //! Follows apple-gfx.md §2 (framework API surface), §6 (descriptor blocks)
 //! and §9–§10 (display handlers). The macOS glue implements [`Framework`],
 //! [`PgDevice`], [`PgDisplay`] and [`PgIosfcDevice`] with objc2; tests use
-//! the fake in [`crate::fake`]. In the other direction the core implements
+//! the fake in `crate::fake`. In the other direction the core implements
 //! [`DeviceCallbacks`], [`DisplayCallbacks`] and [`IosfcCallbacks`]: the glue
 //! wraps them in the Objective-C blocks of the descriptors.
 //!

@@ -10,7 +10,7 @@
 //! and the PCI variant as a PCI function ([`pci`]; it needs MSI, so it is
 //! not attachable on vmapple). The framework is reached
 //! through the traits in [`framework`]; a macOS glue crate implements them,
-//! and [`fake`] implements them for tests on any host.
+//! and `fake` implements them for tests on any host.
 //!
 //! Spec: `apple-gfx.md` (whole), `vmapple-machine.md` §2, §3, §15.
 

@@ -19,7 +19,8 @@
 //! No lock is held while forwarding: the framework may call back into the
 //! core before the access returns (see [`crate::device`]).
 
-use vm_core::{guest_error, AccessWidth, MmioDevice};
+use vm_core::regs::{Narrow, RegisterFile, Wide};
+use vm_core::{AccessWidth, MmioDevice};
 
 use crate::device::AppleGfx;
 
@@ -36,49 +37,17 @@ pub const GFX_SPI: u32 = 0x11;
 /// GIC SPI of the IOSFC interrupt (INTID 48).
 pub const IOSFC_SPI: u32 = 0x10;
 
-/// Splits an access into the 32-bit accesses the framework takes. Shared
-/// with the PCI variant's BAR0, which follows the same rules.
-pub(crate) fn forward_read(
-    name: &str,
-    size: u64,
-    offset: u64,
-    width: AccessWidth,
-    read32: impl Fn(u64) -> u32,
-) -> u64 {
-    match width {
-        AccessWidth::Word if in_window(size, offset, 4) => u64::from(read32(offset)),
-        AccessWidth::Double if in_window(size, offset, 8) => {
-            let lo = read32(offset);
-            let hi = read32(offset + 4);
-            u64::from(hi) << 32 | u64::from(lo)
-        }
-        _ => {
-            guest_error!("apple-gfx {name}: {width} read at {offset:#x} ignored");
-            0
-        }
+/// A window of the framework's 32-bit registers: aligned 32- and 64-bit
+/// accesses (a 64-bit one as two, low dword first) inside `size`; anything
+/// else is ignored. Shared with the PCI variant's BAR0, which follows the
+/// same rules.
+pub(crate) fn registers(name: &str, size: u64) -> RegisterFile<'_> {
+    RegisterFile {
+        name,
+        size,
+        narrow: Narrow::Refused,
+        wide: Wide::Split,
     }
-}
-
-pub(crate) fn forward_write(
-    name: &str,
-    size: u64,
-    offset: u64,
-    width: AccessWidth,
-    value: u64,
-    write32: impl Fn(u64, u32),
-) {
-    match width {
-        AccessWidth::Word if in_window(size, offset, 4) => write32(offset, value as u32),
-        AccessWidth::Double if in_window(size, offset, 8) => {
-            write32(offset, value as u32);
-            write32(offset + 4, (value >> 32) as u32);
-        }
-        _ => guest_error!("apple-gfx {name}: {width} write of {value:#x} at {offset:#x} ignored"),
-    }
-}
-
-fn in_window(size: u64, offset: u64, len: u64) -> bool {
-    offset.checked_add(len).is_some_and(|end| end <= size)
 }
 
 /// The main register window.
@@ -100,15 +69,12 @@ impl GfxWindow {
 
 impl MmioDevice for GfxWindow {
     fn read(&self, offset: u64, width: AccessWidth) -> u64 {
-        forward_read("gfx", self.size(), offset, width, |o| {
-            self.core.read_register(o)
-        })
+        registers("apple-gfx gfx", self.size()).read(offset, width, |o| self.core.read_register(o))
     }
 
     fn write(&self, offset: u64, width: AccessWidth, value: u64) {
-        forward_write("gfx", self.size(), offset, width, value, |o, v| {
-            self.core.write_register(o, v)
-        })
+        registers("apple-gfx gfx", self.size())
+            .write(offset, width, value, |o, v| self.core.write_register(o, v))
     }
 }
 
@@ -130,15 +96,12 @@ impl IosfcWindow {
 
 impl MmioDevice for IosfcWindow {
     fn read(&self, offset: u64, width: AccessWidth) -> u64 {
-        forward_read("iosfc", IOSFC_SIZE, offset, width, |o| {
-            self.core.iosfc_read(o)
-        })
+        registers("apple-gfx iosfc", IOSFC_SIZE).read(offset, width, |o| self.core.iosfc_read(o))
     }
 
     fn write(&self, offset: u64, width: AccessWidth, value: u64) {
-        forward_write("iosfc", IOSFC_SIZE, offset, width, value, |o, v| {
-            self.core.iosfc_write(o, v)
-        })
+        registers("apple-gfx iosfc", IOSFC_SIZE)
+            .write(offset, width, value, |o, v| self.core.iosfc_write(o, v))
     }
 }
 

@@ -40,7 +40,7 @@ use vm_core::{guest_error, AccessWidth, IrqLine};
 use crate::device::{AppleGfx, GfxConfig, GfxError, Variant};
 use crate::framework::Framework;
 use crate::irq::MsiSender;
-use crate::mmio::{forward_read, forward_write};
+use crate::mmio::registers;
 
 /// The function's name in logs.
 pub const NAME: &str = "apple-gfx-pci";
@@ -227,9 +227,8 @@ impl PciDevice for ApplePciGfx {
             guest_error!("{NAME}: load from BAR {bar}, which does not exist");
             return 0;
         }
-        forward_read("pci", self.core.mmio_length(), offset, width, |o| {
-            self.core.read_register(o)
-        })
+        registers("apple-gfx pci", self.core.mmio_length())
+            .read(offset, width, |o| self.core.read_register(o))
     }
 
     fn write_bar(&self, bar: u8, offset: u64, width: AccessWidth, value: u64) {
@@ -237,14 +236,8 @@ impl PciDevice for ApplePciGfx {
             guest_error!("{NAME}: store to BAR {bar}, which does not exist");
             return;
         }
-        forward_write(
-            "pci",
-            self.core.mmio_length(),
-            offset,
-            width,
-            value,
-            |o, v| self.core.write_register(o, v),
-        )
+        registers("apple-gfx pci", self.core.mmio_length())
+            .write(offset, width, value, |o, v| self.core.write_register(o, v))
     }
 
     fn interrupt_pin(&self) -> u8 {

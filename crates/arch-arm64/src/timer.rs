@@ -9,6 +9,7 @@
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use vm_core::sync::lock;
 
 /// CNTFRQ_EL0 of the vmapple machine.
 pub const COUNTER_HZ: u64 = 24_000_000;
@@ -56,7 +57,7 @@ impl Counter {
 
     /// The count now.
     pub fn now(&self) -> u64 {
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let state = lock(&self.state);
         self.ticks_at(&state, Instant::now())
     }
 
@@ -64,7 +65,7 @@ impl Counter {
     /// paused (the count will not get there until resumed) or if it lies
     /// beyond any representable instant.
     pub fn instant_of(&self, ticks: u64) -> Option<Instant> {
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let state = lock(&self.state);
         if state.paused_since.is_some() {
             return None;
         }
@@ -77,13 +78,13 @@ impl Counter {
 
     /// Stops the count (VM paused). Idempotent.
     pub fn pause(&self) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = lock(&self.state);
         state.paused_since.get_or_insert_with(Instant::now);
     }
 
     /// Lets the count run on from where it stopped. Idempotent.
     pub fn resume(&self) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = lock(&self.state);
         if let Some(since) = state.paused_since.take() {
             state.stopped_for += since.elapsed();
         }

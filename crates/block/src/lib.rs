@@ -4,11 +4,15 @@
 //! A [`DiskImage`] is opened once per VM. Read-write images take an
 //! exclusive advisory lock (`flock`) so that a second VMM cannot open the
 //! same image for writing; read-only images take a shared lock, which
-//! still excludes a writer. Devices see only the [`BlockBackend`] trait, so
-//! they are testable against an in-memory disk.
+//! still excludes a writer. On Linux they also take the byte-range locks
+//! QEMU takes, so QEMU and vmapple exclude each other too (lock.rs).
+//! Devices see only the [`BlockBackend`] trait, so they are testable
+//! against an in-memory disk.
 
+mod lock;
 mod raw;
 
+pub use lock::{Conflict, Holder, ImageLock, Perm};
 pub use raw::{DiskImage, OpenError};
 
 use std::io;
@@ -36,12 +40,38 @@ pub trait BlockBackend: Send + Sync {
     /// Makes every completed write durable (reaches stable storage).
     fn flush(&self) -> io::Result<()>;
 
-    /// Tells the storage `len` bytes at `offset` are unused; they read as
-    /// zeros afterwards.
+    /// Tells the storage `len` bytes at `offset` are unused. A hint: the
+    /// storage may free them (they then read as zeros) or do nothing, but
+    /// never writes data for it.
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
 
-    /// Makes `len` bytes at `offset` read as zeros.
-    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Makes `len` bytes at `offset` read as zeros. With `unmap` the
+    /// storage may free the range instead of writing zeros.
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
+}
+
+/// Largest piece [`write_zeros_in_steps`] hands to one write.
+pub const ZERO_STEP: usize = 256 << 10;
+
+/// Zeros for [`write_zeros_in_steps`]: shared and static, so zeroing a
+/// range costs no allocation whatever its size.
+static ZEROES: [u8; ZERO_STEP] = [0; ZERO_STEP];
+
+/// Zeros `len` bytes from `offset` through `write(buf, at)`, at most
+/// [`ZERO_STEP`] bytes per call: the fallback when storage cannot zero a
+/// range itself.
+pub fn write_zeros_in_steps(
+    offset: u64,
+    len: u64,
+    mut write: impl FnMut(&[u8], u64) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(ZERO_STEP as u64);
+        write(&ZEROES[..n as usize], offset + done)?;
+        done += n;
+    }
+    Ok(())
 }
 
 /// Checks that `[offset, offset + len)` lies inside a disk of `size` bytes.
@@ -109,10 +139,10 @@ impl BlockBackend for MemoryDisk {
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.write_zeroes(offset, len)
+        self.write_zeroes(offset, len, true)
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+    fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> io::Result<()> {
         if self.read_only {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
@@ -145,10 +175,37 @@ mod tests {
         d.read_at(&mut b, 1020).unwrap();
         assert_eq!(b, [7; 4]);
         assert!(d.read_at(&mut b, 1021).is_err());
-        d.write_zeroes(0, 512).unwrap();
+        d.write_zeroes(0, 512, false).unwrap();
         assert_eq!(d.contents()[..512], [0; 512]);
         let ro = MemoryDisk::new(vec![0; 16], true);
         assert!(ro.write_at(&[1], 0).is_err());
+    }
+
+    #[test]
+    fn zeros_are_written_in_bounded_steps_that_cover_the_range() {
+        let mut steps = Vec::new();
+        let len = 3 * ZERO_STEP as u64 + 1234;
+        write_zeros_in_steps(4096, len, |buf, at| {
+            assert!(buf.iter().all(|&b| b == 0));
+            steps.push((at, buf.len() as u64));
+            Ok(())
+        })
+        .unwrap();
+        assert!(steps.iter().all(|&(_, n)| n <= ZERO_STEP as u64 && n > 0));
+        let mut next = 4096;
+        for &(at, n) in &steps {
+            assert_eq!(at, next, "contiguous");
+            next += n;
+        }
+        assert_eq!(next, 4096 + len, "the whole range");
+        // An error stops the loop and is returned.
+        let mut calls = 0;
+        let err = write_zeros_in_steps(0, len, |_, _| {
+            calls += 1;
+            Err(io::Error::other("disk full"))
+        });
+        assert!(err.is_err());
+        assert_eq!(calls, 1);
     }
 }
 
@@ -209,9 +266,9 @@ impl BlockBackend for OffsetDisk {
         self.inner.discard(at, len)
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
         let at = self.outer(offset, len)?;
-        self.inner.write_zeroes(at, len)
+        self.inner.write_zeroes(at, len, unmap)
     }
 }
 

@@ -6,7 +6,7 @@
 //!   MachineIdentifier   binary plist {ECID: n}, as Virtualization.framework
 //!   aux.img             auxiliary storage (sparse)
 //!   root.img            system disk (sparse)
-//!   bundle.lock         flock(2)ed by the process running the VM; holds its pid
+//!   bundle.lock         locked by the process running the VM; holds its pid
 //!   control.sock        control socket while running (control.rs)
 //!   vmapple.log         log of the last run
 //! ```
@@ -14,14 +14,23 @@
 //! A name (no `/`, no `.vmapple` suffix) resolves to `HOME/NAME.vmapple`
 //! where HOME is `$VMAPPLE_HOME`, else `$XDG_DATA_HOME/vmapple`, else
 //! `~/.local/share/vmapple`.
+//!
+//! A bundle may come from elsewhere (a copy, an archive), so the files
+//! vmapple writes in it (`bundle.lock`, `vmapple.log`) are opened without
+//! following symbolic links and must be plain files of their own: a link
+//! planted there never makes vmapple truncate or append to its target.
+//! What vmapple creates is private to the user (directories 0700, files
+//! 0600) and on stable storage before `create`/`import` report success.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use crate::config::{
-    ConfigError, DiskSpec, DisplayModes, Ecid, InvalidConfig, MacAddress, Network, VmConfig,
+    ConfigError, DiskSpec, DisplayModes, Ecid, InvalidConfig, MacAddress, NetBackend, Network,
+    SerialBackend, VmConfig,
 };
 use crate::identity::{self, IdentityError, MACHINE_IDENTIFIER_FILE};
 
@@ -76,6 +85,16 @@ pub enum BundleError {
     NoEcid { path: PathBuf },
     #[error(transparent)]
     Lock(#[from] LockError),
+    #[error("{}: not deleted: it is a symbolic link (give the bundle's own path)", path.display())]
+    DeleteThroughLink { path: PathBuf },
+    #[error("{}: not deleted: a bundle is a directory named NAME.{BUNDLE_SUFFIX}", path.display())]
+    DeleteNotBundleDir { path: PathBuf },
+    #[error("cannot delete bundle {}: its disk {}", bundle.display(), source)]
+    DiskInUse {
+        bundle: PathBuf,
+        #[source]
+        source: block::OpenError,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
@@ -97,6 +116,8 @@ pub enum LockError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{}: {why}; refusing to write to it (remove it if the bundle is not running)", path.display())]
+    NotAPlainFile { path: PathBuf, why: &'static str },
 }
 
 /// What `vmapple create` asks for.
@@ -219,23 +240,78 @@ fn random_u64() -> std::io::Result<u64> {
     Ok(u64::from_ne_bytes(b))
 }
 
-fn create_sparse(path: &Path, size: u64) -> Result<(), BundleError> {
-    let f = OpenOptions::new()
+/// Mode of every file vmapple creates in a bundle: guest disks hold the
+/// guest's data, which is the user's alone.
+const FILE_MODE: u32 = 0o600;
+/// Mode of the directories vmapple creates.
+const DIR_MODE: u32 = 0o700;
+
+/// A new file, private to the user; fails if anything is at `path`.
+fn create_private(path: &Path) -> Result<File, BundleError> {
+    OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(FILE_MODE)
         .open(path)
-        .map_err(io_err(path))?;
-    f.set_len(size).map_err(io_err(path))
+        .map_err(io_err(path))
+}
+
+fn create_sparse(path: &Path, size: u64) -> Result<(), BundleError> {
+    let f = create_private(path)?;
+    f.set_len(size).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))
 }
 
 fn write_new(path: &Path, data: &[u8]) -> Result<(), BundleError> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(io_err(path))?;
+    let mut f = create_private(path)?;
     f.write_all(data).map_err(io_err(path))?;
     f.sync_all().map_err(io_err(path))
+}
+
+/// Makes the entries of directory `dir` durable (a new file is only
+/// reachable after a crash once its directory is synced too).
+fn sync_dir(dir: &Path) -> Result<(), BundleError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+/// Opens a file vmapple writes inside a bundle (`bundle.lock`,
+/// `vmapple.log`) without following a symbolic link, and only if it is a
+/// plain file with no other name: a link or a hard link planted in a
+/// bundle must not make vmapple truncate or append to another file. The
+/// file is created 0600 if missing. `O_NONBLOCK` keeps a FIFO planted
+/// there from blocking the open; it does not affect plain files.
+pub fn open_bundle_file(path: &Path, options: &mut OpenOptions) -> Result<File, LockError> {
+    let file = options
+        .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::ELOOP) => LockError::NotAPlainFile {
+                path: path.to_path_buf(),
+                why: "is a symbolic link",
+            },
+            _ => LockError::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+        })?;
+    let meta = file.metadata().map_err(|source| LockError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let why = if !meta.is_file() {
+        "is not a regular file"
+    } else if meta.nlink() > 1 {
+        "has other names (hard links)"
+    } else {
+        return Ok(file);
+    };
+    Err(LockError::NotAPlainFile {
+        path: path.to_path_buf(),
+        why,
+    })
 }
 
 impl Bundle {
@@ -289,20 +365,29 @@ impl Bundle {
                 path: dir.to_path_buf(),
             });
         }
-        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            fs::create_dir_all(parent).map_err(io_err(parent))?;
-        }
-        // create_dir fails on an existing path, so a race with another
-        // creator cannot make us fill someone else's directory.
-        fs::create_dir(dir).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                BundleError::Exists {
-                    path: dir.to_path_buf(),
+        let parent = dir
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(parent)
+            .map_err(io_err(parent))?;
+        // A non-recursive create fails on an existing path, so a race with
+        // another creator cannot make us fill someone else's directory.
+        fs::DirBuilder::new()
+            .mode(DIR_MODE)
+            .create(dir)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    BundleError::Exists {
+                        path: dir.to_path_buf(),
+                    }
+                } else {
+                    io_err(dir)(e)
                 }
-            } else {
-                io_err(dir)(e)
-            }
-        })?;
+            })?;
         let fill = || -> Result<(), BundleError> {
             write_new(
                 &dir.join(MACHINE_IDENTIFIER_FILE),
@@ -311,7 +396,9 @@ impl Bundle {
             for (name, size) in images {
                 create_sparse(&dir.join(name), *size)?;
             }
-            write_new(&dir.join(CONFIG_FILE), config.to_toml().as_bytes())
+            write_new(&dir.join(CONFIG_FILE), config.to_toml().as_bytes())?;
+            sync_dir(dir)?;
+            sync_dir(parent)
         };
         if let Err(e) = fill() {
             let _ = fs::remove_dir_all(dir);
@@ -374,6 +461,34 @@ impl Bundle {
     /// A path from config.toml, made absolute against the bundle directory.
     pub fn resolve(&self, p: &Path) -> PathBuf {
         self.dir.join(p)
+    }
+
+    /// The serial backend of config.toml, a relative `file:`/`unix:`
+    /// path taken relative to the bundle directory (like every path
+    /// there), not to wherever vmapple was started.
+    pub fn serial(&self) -> SerialBackend {
+        match &self.config.serial {
+            SerialBackend::File(p) => SerialBackend::File(self.resolve(p)),
+            SerialBackend::Unix(p) => SerialBackend::Unix(self.resolve(p)),
+            other => other.clone(),
+        }
+    }
+
+    /// The network of config.toml, a backend's relative socket paths
+    /// taken relative to the bundle directory.
+    pub fn network(&self) -> Network {
+        match &self.config.network {
+            Network::Nic(NetBackend::UnixStream(p)) => {
+                Network::Nic(NetBackend::UnixStream(self.resolve(p)))
+            }
+            Network::Nic(NetBackend::UnixDgram { local, peer }) => {
+                Network::Nic(NetBackend::UnixDgram {
+                    local: self.resolve(local),
+                    peer: self.resolve(peer),
+                })
+            }
+            other => other.clone(),
+        }
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -465,26 +580,120 @@ pub fn list(home: &Path) -> Vec<BundleSummary> {
     out
 }
 
-/// Pid of the process holding `dir`'s lock, if one does.
+/// Pid of the process running `dir`'s VM, if one does (0 if it cannot be
+/// read). Only tests the lock, never takes it: a `run` that starts at the
+/// same moment must not find the bundle locked by `list`.
 fn holder_pid(dir: &Path) -> Option<u32> {
-    match BundleLock::acquire(dir) {
-        Ok(_) => None,
-        Err(LockError::InUse { pid, .. }) => Some(pid),
-        Err(LockError::InUseUnknown { .. }) => Some(0),
-        Err(LockError::Io { .. }) => None,
+    let path = dir.join(LOCK_FILE);
+    let mut file = open_bundle_file(&path, OpenOptions::new().read(true)).ok()?;
+    if !run_marker_held(&file) {
+        return None;
+    }
+    let mut text = String::new();
+    let _ = Read::by_ref(&mut file).take(32).read_to_string(&mut text);
+    Some(text.trim().parse().unwrap_or(0))
+}
+
+/// The byte-range lock a running VM holds on `bundle.lock` besides its
+/// flock: unlike a flock, it can be tested without being taken
+/// (`F_OFD_GETLK`). Open-file-description locks conflict between two
+/// descriptors of one process too, as flocks do.
+#[cfg(target_os = "linux")]
+const MARKER_SET: libc::c_int = libc::F_OFD_SETLK;
+#[cfg(target_os = "linux")]
+const MARKER_GET: libc::c_int = libc::F_OFD_GETLK;
+/// macOS has no open-file-description locks; there `F_GETLK` sees the
+/// flock itself (BSD keeps flocks and fcntl locks in one list), so no
+/// marker is taken.
+#[cfg(not(target_os = "linux"))]
+const MARKER_GET: libc::c_int = libc::F_GETLK;
+
+/// A write lock on byte 0 (the lock `F_GETLK` tests for, or the marker).
+// The lock-type constants are `c_int` on Linux and `c_short` on macOS.
+#[allow(clippy::unnecessary_cast)]
+fn marker_lock() -> libc::flock {
+    // SAFETY: all-zero is a valid `flock` (l_pid 0, as OFD locks need).
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = 0;
+    fl.l_len = 1;
+    fl
+}
+
+#[allow(clippy::unnecessary_cast)] // as in marker_lock
+fn run_marker_held(file: &File) -> bool {
+    let mut fl = marker_lock();
+    // SAFETY: fcntl on a descriptor we own with a live `flock` it may
+    // write.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), MARKER_GET, &mut fl) };
+    rc == 0 && fl.l_type != libc::F_UNLCK as libc::c_short
+}
+
+#[cfg(target_os = "linux")]
+fn take_run_marker(file: &File) -> std::io::Result<()> {
+    let mut fl = marker_lock();
+    // SAFETY: as in run_marker_held.
+    if unsafe { libc::fcntl(file.as_raw_fd(), MARKER_SET, &mut fl) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
-/// Deletes a bundle directory. Refuses while the bundle is locked (its VM
-/// runs) and refuses directories that are not bundles.
+#[cfg(not(target_os = "linux"))]
+fn take_run_marker(_file: &File) -> std::io::Result<()> {
+    Ok(())
+}
+
+/// Deletes a bundle directory. Only a real bundle: a directory (not a
+/// link to one) named `*.vmapple` whose config.toml parses and whose
+/// machine identity reads. Refused while the bundle runs, and while any
+/// of its disks is in use (a VM started with `--root` on the bundle's
+/// disk, or QEMU): both are held locked while the files go.
 pub fn delete(path: &Path) -> Result<(), BundleError> {
     if !path.join(CONFIG_FILE).is_file() {
         return Err(BundleError::NotABundle {
             path: path.to_path_buf(),
         });
     }
+    let meta = fs::symlink_metadata(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            BundleError::NotFound {
+                path: path.to_path_buf(),
+            }
+        } else {
+            io_err(path)(e)
+        }
+    })?;
+    if meta.file_type().is_symlink() {
+        return Err(BundleError::DeleteThroughLink {
+            path: path.to_path_buf(),
+        });
+    }
+    if !meta.is_dir() || path.extension().is_none_or(|e| e != BUNDLE_SUFFIX) {
+        return Err(BundleError::DeleteNotBundleDir {
+            path: path.to_path_buf(),
+        });
+    }
+    let bundle = Bundle::open_dir(path)?;
+    bundle.ecid()?;
     // Hold the lock while deleting so no VM starts in the middle.
     let _lock = BundleLock::acquire(path)?;
+    let config = bundle.config();
+    let mut held = Vec::new();
+    for disk in [&config.aux, &config.root].into_iter().chain(&config.disks) {
+        let image = bundle.resolve(&disk.path);
+        match block::ImageLock::exclusive(&image) {
+            Ok(lock) => held.push(lock),
+            Err(source) => {
+                return Err(BundleError::DiskInUse {
+                    bundle: path.to_path_buf(),
+                    source,
+                })
+            }
+        }
+    }
     fs::remove_dir_all(path).map_err(io_err(path))
 }
 
@@ -502,13 +711,14 @@ impl BundleLock {
             path: path.clone(),
             source,
         };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io)?;
+        let mut file = open_bundle_file(
+            &path,
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false),
+        )?;
         // SAFETY: flock on a descriptor we own; no memory is passed.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if rc != 0 {
@@ -524,6 +734,7 @@ impl BundleLock {
             }
             return Err(io(err));
         }
+        take_run_marker(&file).map_err(io)?;
         // Record who holds it, for the message other processes print.
         file.set_len(0).map_err(io)?;
         file.seek(SeekFrom::Start(0)).map_err(io)?;
@@ -753,6 +964,190 @@ mod tests {
             Err(BundleError::NotABundle { .. })
         ));
         assert!(dir.path().join("keep").exists());
+    }
+
+    /// Defect: a `bundle.lock` or log planted as a link made list/run/
+    /// delete truncate or append to the link's target.
+    #[test]
+    fn a_lock_file_that_is_a_link_is_never_written_through() {
+        let home = tempfile::tempdir().unwrap();
+        let dir = home.path().join("l.vmapple");
+        let b = Bundle::create(&dir, small()).unwrap();
+        let victim = home.path().join("precious.txt");
+        fs::write(&victim, "precious\n").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join(LOCK_FILE)).unwrap();
+
+        let listed = list(home.path());
+        assert_eq!(listed[0].running, None);
+        let e = b.lock().unwrap_err().to_string();
+        assert!(e.contains("is a symbolic link"), "{e}");
+        let e = delete(&dir).unwrap_err().to_string();
+        assert!(e.contains("is a symbolic link"), "{e}");
+        let e = open_bundle_file(
+            &dir.join(LOG_FILE),
+            OpenOptions::new().append(true).create(true),
+        )
+        .map(|_| ())
+        .and_then(|()| {
+            fs::remove_file(dir.join(LOG_FILE)).unwrap();
+            std::os::unix::fs::symlink(&victim, dir.join(LOG_FILE)).unwrap();
+            open_bundle_file(
+                &dir.join(LOG_FILE),
+                OpenOptions::new().append(true).create(true),
+            )
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("is a symbolic link"), "{e}");
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious\n");
+
+        // A hard link to the victim is refused the same way.
+        fs::remove_file(dir.join(LOCK_FILE)).unwrap();
+        fs::hard_link(&victim, dir.join(LOCK_FILE)).unwrap();
+        let e = b.lock().unwrap_err().to_string();
+        assert!(e.contains("hard links"), "{e}");
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious\n");
+    }
+
+    /// Defect: `list` took each bundle's run lock for a moment (and wrote
+    /// its own pid into bundle.lock), so a `run` starting then failed with
+    /// "in use by process <list's pid>". Now it only tests the lock.
+    #[test]
+    fn list_tests_the_run_lock_without_taking_it() {
+        let home = tempfile::tempdir().unwrap();
+        let dir = home.path().join("s.vmapple");
+        let b = Bundle::create(&dir, small()).unwrap();
+        assert_eq!(list(home.path())[0].running, None);
+        assert!(!dir.join(LOCK_FILE).exists(), "list created the lock file");
+        // What a VM killed with SIGKILL leaves: its pid, no lock.
+        fs::write(dir.join(LOCK_FILE), "4242\n").unwrap();
+        let before = fs::metadata(dir.join(LOCK_FILE))
+            .unwrap()
+            .modified()
+            .unwrap();
+        assert_eq!(list(home.path())[0].running, None);
+        assert_eq!(fs::read_to_string(dir.join(LOCK_FILE)).unwrap(), "4242\n");
+        let after = fs::metadata(dir.join(LOCK_FILE))
+            .unwrap()
+            .modified()
+            .unwrap();
+        assert_eq!(before, after, "list wrote to bundle.lock");
+        let held = b.lock().unwrap();
+        assert_eq!(list(home.path())[0].running, Some(std::process::id()));
+        drop(held);
+    }
+
+    /// Defect: `delete DIR` removed any directory holding a config.toml.
+    #[test]
+    fn delete_removes_only_real_bundles() {
+        let home = tempfile::tempdir().unwrap();
+        let real = home.path().join("real.vmapple");
+        Bundle::create(&real, small()).unwrap();
+
+        // A valid bundle's files in a directory not named *.vmapple.
+        let plain = home.path().join("projects");
+        fs::create_dir(&plain).unwrap();
+        for f in [CONFIG_FILE, MACHINE_IDENTIFIER_FILE] {
+            fs::copy(real.join(f), plain.join(f)).unwrap();
+        }
+        fs::write(plain.join("thesis.tex"), "x").unwrap();
+        let e = delete(&plain).unwrap_err().to_string();
+        assert!(e.contains("NAME.vmapple"), "{e}");
+        assert!(plain.join("thesis.tex").exists());
+
+        // A *.vmapple directory whose config.toml is not vmapple's.
+        let fake = home.path().join("fake.vmapple");
+        fs::create_dir(&fake).unwrap();
+        fs::write(fake.join(CONFIG_FILE), "[package]\nname = \"x\"\n").unwrap();
+        assert!(delete(&fake).is_err());
+        assert!(fake.join(CONFIG_FILE).exists());
+
+        // A config but no machine identity.
+        let anon = home.path().join("anon.vmapple");
+        fs::create_dir(&anon).unwrap();
+        fs::write(anon.join(CONFIG_FILE), "cpus = 1\nmemory = \"1G\"\naux = { path = \"aux.img\" }\nroot = { path = \"root.img\" }\n").unwrap();
+        let e = delete(&anon).unwrap_err().to_string();
+        assert!(e.contains("ecid"), "{e}");
+        assert!(anon.join(CONFIG_FILE).exists());
+
+        // A link to a real bundle.
+        let link = home.path().join("link.vmapple");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let e = delete(&link).unwrap_err().to_string();
+        assert!(e.contains("symbolic link"), "{e}");
+        assert!(real.join(CONFIG_FILE).exists());
+
+        delete(&real).unwrap();
+        assert!(!real.exists());
+    }
+
+    /// Defect: `delete` ignored disk locks, so a VM started with an
+    /// explicit `--root` on the bundle's disk lost it while running.
+    #[test]
+    fn delete_refuses_while_a_disk_is_in_use() {
+        let home = tempfile::tempdir().unwrap();
+        let dir = home.path().join("d.vmapple");
+        Bundle::create(&dir, small()).unwrap();
+        let running = block::DiskImage::open(&dir.join(ROOT_IMAGE), false).unwrap();
+        let e = delete(&dir).unwrap_err().to_string();
+        assert!(e.contains("cannot delete bundle"), "{e}");
+        assert!(e.contains("root.img"), "{e}");
+        assert!(e.contains("is in use by"), "{e}");
+        assert!(dir.join(ROOT_IMAGE).exists());
+        drop(running);
+        let reader = block::DiskImage::open(&dir.join(AUX_IMAGE), true).unwrap();
+        assert!(delete(&dir).is_err(), "a reader holds the aux disk");
+        drop(reader);
+        delete(&dir).unwrap();
+        assert!(!dir.exists());
+    }
+
+    /// Defect: bundles got umask permissions (guest disks world-readable).
+    #[test]
+    fn created_bundles_are_private_to_the_user() {
+        let home = tempfile::tempdir().unwrap();
+        let dir = home.path().join("new/home/p.vmapple");
+        Bundle::create(&dir, small()).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&home.path().join("new/home")), 0o700);
+        for f in [AUX_IMAGE, ROOT_IMAGE, CONFIG_FILE, MACHINE_IDENTIFIER_FILE] {
+            assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+        }
+    }
+
+    /// Defect: relative `file:`/`unix:` paths resolved against the
+    /// directory vmapple was started from.
+    #[test]
+    fn relative_serial_and_network_paths_are_in_the_bundle() {
+        let home = tempfile::tempdir().unwrap();
+        let dir = home.path().join("r.vmapple");
+        Bundle::create(&dir, small()).unwrap();
+        let config = fs::read_to_string(dir.join(CONFIG_FILE)).unwrap();
+        let edited = format!(
+            "serial = \"file:console.log\"\nnetwork = \"unix:net/sock\"\n{}",
+            config
+                .lines()
+                .filter(|l| !l.starts_with("network") && !l.starts_with("serial"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        fs::write(dir.join(CONFIG_FILE), edited).unwrap();
+        let b = Bundle::open_in(home.path(), Path::new("r")).unwrap();
+        assert_eq!(b.serial(), SerialBackend::File(dir.join("console.log")));
+        assert_eq!(
+            b.network(),
+            Network::Nic(NetBackend::UnixStream(dir.join("net/sock")))
+        );
+        fs::write(
+            dir.join(CONFIG_FILE),
+            fs::read_to_string(dir.join(CONFIG_FILE))
+                .unwrap()
+                .replace("file:console.log", "unix:/tmp/abs.sock"),
+        )
+        .unwrap();
+        let b = Bundle::open_in(home.path(), Path::new("r")).unwrap();
+        assert_eq!(b.serial(), SerialBackend::Unix("/tmp/abs.sock".into()));
     }
 
     #[test]

@@ -11,6 +11,12 @@
 //! Imported disks are referenced where they are, not copied: the aux file
 //! keeps its 16 KiB Virtualization.framework header and is given
 //! `offset = 16384` (vmapple-machine.md §16.2) instead of being trimmed.
+//!
+//! A VM description can come from anyone, and the bundle made from it
+//! opens its disks read-write, so every file it references must lie
+//! inside the source VM's directory (no absolute path, no `..`, no
+//! symbolic link out of it) unless the user says otherwise
+//! ([`OutsideFiles::Allow`], `vmapple import --allow-outside-files`).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -35,8 +41,23 @@ pub struct ImportedVm {
     pub warnings: Vec<String>,
 }
 
+/// Whether an import may reference files outside the source VM's
+/// directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OutsideFiles {
+    #[default]
+    Refuse,
+    Allow,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
+    #[error("{what} {} is outside {} (the directory of the VM being imported); refusing to point a disk there: pass --allow-outside-files if you trust this VM", file.display(), dir.display())]
+    Outside {
+        what: String,
+        file: PathBuf,
+        dir: PathBuf,
+    },
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -72,6 +93,52 @@ fn absolute(path: &Path) -> Result<PathBuf, ImportError> {
     })
 }
 
+/// Checks that `file` (as named in the source, relative to `dir`) stays
+/// inside `dir`: not absolute, no `..`, and no symbolic link on the way
+/// that leads out (the deepest part of the path that exists is resolved).
+fn confine(
+    dir: &Path,
+    file: &Path,
+    what: &str,
+    policy: OutsideFiles,
+) -> Result<PathBuf, ImportError> {
+    let joined = absolute(&dir.join(file))?;
+    if policy == OutsideFiles::Allow {
+        return Ok(joined);
+    }
+    let outside = || ImportError::Outside {
+        what: what.to_string(),
+        file: joined.clone(),
+        dir: dir.to_path_buf(),
+    };
+    let lexical_escape = file.components().any(|c| {
+        matches!(
+            c,
+            std::path::Component::ParentDir
+                | std::path::Component::RootDir
+                | std::path::Component::Prefix(_)
+        )
+    });
+    if lexical_escape {
+        return Err(outside());
+    }
+    let root = fs::canonicalize(dir).map_err(|source| ImportError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut existing = joined.as_path();
+    loop {
+        match fs::canonicalize(existing) {
+            Ok(real) if real.starts_with(&root) => return Ok(joined),
+            Ok(_) => return Err(outside()),
+            Err(_) => match existing.parent() {
+                Some(p) => existing = p,
+                None => return Err(outside()),
+            },
+        }
+    }
+}
+
 fn cpus_from(path: &Path, key: &str, v: &Value) -> Result<u32, ImportError> {
     v.as_u64()
         .and_then(|n| u32::try_from(n).ok())
@@ -95,9 +162,11 @@ fn memory_from(path: &Path, key: &str, v: &Value) -> Result<u64, ImportError> {
         })
 }
 
-fn require_file(path: &Path, what: &str) -> Result<PathBuf, ImportError> {
+fn require_file(dir: &Path, name: &str, policy: OutsideFiles) -> Result<PathBuf, ImportError> {
+    let path = dir.join(name);
+    let (path, what) = (path.as_path(), name);
     match fs::metadata(path) {
-        Ok(m) if m.is_file() => absolute(path),
+        Ok(m) if m.is_file() => confine(dir, Path::new(name), name, policy),
         Ok(_) => Err(invalid(path, format!("{what} is not a regular file"))),
         Err(source) => Err(ImportError::Io {
             path: path.to_path_buf(),
@@ -108,7 +177,7 @@ fn require_file(path: &Path, what: &str) -> Result<PathBuf, ImportError> {
 
 /// Imports a Tart VM directory (`~/.tart/vms/NAME`): `config.json`,
 /// `disk.img` (root disk), `nvram.bin` (auxiliary storage).
-pub fn import_tart(dir: &Path) -> Result<ImportedVm, ImportError> {
+pub fn import_tart(dir: &Path, policy: OutsideFiles) -> Result<ImportedVm, ImportError> {
     let config_path = dir.join("config.json");
     let json = read_json(&config_path)?;
     let mut warnings = Vec::new();
@@ -139,8 +208,8 @@ pub fn import_tart(dir: &Path) -> Result<ImportedVm, ImportError> {
         &config_path.display().to_string(),
     )?;
 
-    let root = require_file(&dir.join("disk.img"), "disk.img")?;
-    let aux = require_file(&dir.join("nvram.bin"), "nvram.bin")?;
+    let root = require_file(dir, "disk.img", policy)?;
+    let aux = require_file(dir, "nvram.bin", policy)?;
     let mut config = VmConfig::new(
         cpus,
         memory,
@@ -242,16 +311,20 @@ pub fn import_tart(dir: &Path) -> Result<ImportedVm, ImportError> {
 
 /// Imports a macosvm JSON configuration. Relative disk paths are taken
 /// relative to the JSON file's directory.
-pub fn import_macosvm(json_path: &Path) -> Result<ImportedVm, ImportError> {
+pub fn import_macosvm(json_path: &Path, policy: OutsideFiles) -> Result<ImportedVm, ImportError> {
     let json = read_json(json_path)?;
-    let base = json_path.parent().unwrap_or(Path::new("."));
-    import_macosvm_value(&json, json_path, base)
+    let base = json_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    import_macosvm_value(&json, json_path, base, policy)
 }
 
 fn import_macosvm_value(
     json: &Map<String, Value>,
     p: &Path,
     base: &Path,
+    policy: OutsideFiles,
 ) -> Result<ImportedVm, ImportError> {
     let mut warnings = Vec::new();
     let os = json.get("os").and_then(Value::as_str).unwrap_or("macos");
@@ -303,7 +376,7 @@ fn import_macosvm_value(
                 )),
             }
         }
-        let path = absolute(&base.join(file))?;
+        let path = confine(base, Path::new(file), &format!("storage[{i}] file"), policy)?;
         if !path.is_file() {
             warnings.push(format!("storage[{i}]: {} does not exist", path.display()));
         }
@@ -490,7 +563,7 @@ mod tests {
     #[test]
     fn tart_import_maps_every_field() {
         let dir = tart_dir("");
-        let vm = import_tart(dir.path()).unwrap();
+        let vm = import_tart(dir.path(), OutsideFiles::Refuse).unwrap();
         let c = &vm.config;
         assert_eq!(c.cpus, 6);
         assert_eq!(c.memory, Size(16 << 30));
@@ -512,7 +585,7 @@ mod tests {
     fn tart_unknowns_become_warnings() {
         let dir = tart_dir(r#", "diskFormat" : "asif", "sync" : "none""#);
         fs::write(dir.path().join("state.vzvmsave"), "x").unwrap();
-        let vm = import_tart(dir.path()).unwrap();
+        let vm = import_tart(dir.path(), OutsideFiles::Refuse).unwrap();
         let w = vm.warnings.join("\n");
         assert!(w.contains("diskFormat = \"asif\" is not supported"), "{w}");
         assert!(w.contains("sync = \"none\""), "{w}");
@@ -526,15 +599,19 @@ mod tests {
         let text = fs::read_to_string(&cfg).unwrap();
 
         fs::write(&cfg, text.replace("\"darwin\"", "\"linux\"")).unwrap();
-        let e = import_tart(dir.path()).unwrap_err().to_string();
+        let e = import_tart(dir.path(), OutsideFiles::Refuse)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("macOS guests only"), "{e}");
 
         fs::write(&cfg, text.replace("\"cpuCount\" : 6", "\"cpuCount\" : 64")).unwrap();
-        let e = import_tart(dir.path()).unwrap_err().to_string();
+        let e = import_tart(dir.path(), OutsideFiles::Refuse)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cpuCount = 64"), "{e}");
 
         fs::write(&cfg, text.replace("\"cpuCount\" : 6", "\"cpuCount\" : 2")).unwrap();
-        let vm = import_tart(dir.path()).unwrap();
+        let vm = import_tart(dir.path(), OutsideFiles::Refuse).unwrap();
         assert!(vm
             .warnings
             .iter()
@@ -542,14 +619,16 @@ mod tests {
 
         fs::write(&cfg, &text).unwrap();
         fs::remove_file(dir.path().join("nvram.bin")).unwrap();
-        let e = import_tart(dir.path()).unwrap_err().to_string();
+        let e = import_tart(dir.path(), OutsideFiles::Refuse)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("nvram.bin"), "{e}");
     }
 
     #[test]
     fn tart_import_becomes_a_bundle() {
         let dir = tart_dir("");
-        let vm = import_tart(dir.path()).unwrap();
+        let vm = import_tart(dir.path(), OutsideFiles::Refuse).unwrap();
         let home = tempfile::tempdir().unwrap();
         crate::Bundle::create_imported(&home.path().join("t.vmapple"), &vm).unwrap();
         let b = crate::Bundle::open_in(home.path(), Path::new("t")).unwrap();
@@ -587,10 +666,66 @@ mod tests {
         p
     }
 
+    /// A disk named outside the macosvm JSON's directory (absolute, `..`,
+    /// or through a symbolic link) is refused unless allowed, and the
+    /// error names the file.
+    #[test]
+    fn macosvm_files_outside_the_vm_directory_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = macosvm_json(dir.path(), "");
+        let e = import_macosvm(&p, OutsideFiles::Refuse)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("storage[2] file /data/extra.img is outside"),
+            "{e}"
+        );
+        assert!(e.contains("--allow-outside-files"), "{e}");
+
+        let text = fs::read_to_string(&p).unwrap();
+        let victim = tempfile::tempdir().unwrap();
+        fs::write(victim.path().join("secret.img"), "x").unwrap();
+        std::os::unix::fs::symlink(victim.path(), dir.path().join("link")).unwrap();
+        for (file, shown) in [
+            ("../escape.img", "../escape.img"),
+            ("sub/../../escape.img", "escape.img"),
+            ("link/secret.img", "link/secret.img"),
+            ("link/missing.img", "link/missing.img"),
+        ] {
+            fs::write(&p, text.replace("/data/extra.img", file)).unwrap();
+            let e = import_macosvm(&p, OutsideFiles::Refuse)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("is outside") && e.contains(shown), "{file}: {e}");
+        }
+        fs::create_dir(dir.path().join("sub")).unwrap();
+        fs::write(dir.path().join("sub/extra.img"), "").unwrap();
+        fs::write(&p, text.replace("/data/extra.img", "sub/extra.img")).unwrap();
+        let vm = import_macosvm(&p, OutsideFiles::Refuse).unwrap();
+        assert_eq!(vm.config.disks[0].path, dir.path().join("sub/extra.img"));
+    }
+
+    #[test]
+    fn tart_disks_linked_out_of_the_vm_directory_are_refused() {
+        let dir = tart_dir("");
+        let victim = tempfile::tempdir().unwrap();
+        fs::write(victim.path().join("home.img"), "x").unwrap();
+        fs::remove_file(dir.path().join("disk.img")).unwrap();
+        std::os::unix::fs::symlink(victim.path().join("home.img"), dir.path().join("disk.img"))
+            .unwrap();
+        let e = import_tart(dir.path(), OutsideFiles::Refuse)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("disk.img"), "{e}");
+        assert!(e.contains("is outside"), "{e}");
+        let vm = import_tart(dir.path(), OutsideFiles::Allow).unwrap();
+        assert_eq!(vm.config.root.path, dir.path().join("disk.img"));
+    }
+
     #[test]
     fn macosvm_import() {
         let dir = tempfile::tempdir().unwrap();
-        let vm = import_macosvm(&macosvm_json(dir.path(), "")).unwrap();
+        let vm = import_macosvm(&macosvm_json(dir.path(), ""), OutsideFiles::Allow).unwrap();
         let c = &vm.config;
         assert_eq!(vm.ecid, ECID);
         assert_eq!(c.cpus, 2);
@@ -621,7 +756,7 @@ mod tests {
             r#"[{"type":"bridge","interface":"en0"},{"type":"nat"}]"#,
         );
         fs::write(&p, text).unwrap();
-        let vm = import_macosvm(&p).unwrap();
+        let vm = import_macosvm(&p, OutsideFiles::Allow).unwrap();
         let w = vm.warnings.join("\n");
         for want in [
             "audio",
@@ -648,17 +783,23 @@ mod tests {
             text.replace(nat, r#"[{"type":"unix","path":"/tmp/slirp"}]"#),
         )
         .unwrap();
-        let vm = import_macosvm(&p).unwrap();
+        let vm = import_macosvm(&p, OutsideFiles::Allow).unwrap();
         assert_eq!(vm.config.network, Network::Nic(NetBackend::Passt));
         let w = vm.warnings.join("\n");
         assert!(w.contains("datagram socket"), "{w}");
         assert!(w.contains("networks[0].path"), "{w}");
 
         fs::write(&p, text.replace(nat, "[]")).unwrap();
-        assert_eq!(import_macosvm(&p).unwrap().config.network, Network::None);
+        assert_eq!(
+            import_macosvm(&p, OutsideFiles::Allow)
+                .unwrap()
+                .config
+                .network,
+            Network::None
+        );
 
         fs::write(&p, text.replace(nat, "[{}]")).unwrap();
-        let vm = import_macosvm(&p).unwrap();
+        let vm = import_macosvm(&p, OutsideFiles::Allow).unwrap();
         assert_eq!(vm.config.network, Network::Nic(NetBackend::Passt));
         assert!(!vm.warnings.iter().any(|w| w.contains("network")));
     }
@@ -680,7 +821,9 @@ mod tests {
         ];
         for (from, to, want) in cases {
             fs::write(&p, text.replace(from, to)).unwrap();
-            let e = import_macosvm(&p).unwrap_err().to_string();
+            let e = import_macosvm(&p, OutsideFiles::Allow)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{to}: {e}");
         }
     }

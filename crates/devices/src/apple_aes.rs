@@ -50,7 +50,8 @@
 //!   than reported as a guest error ("No payload" in QEMU's guest log).
 //! * Reset deasserts the interrupt line, as §10.8 recommends.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use vm_core::sync::lock;
 
 use aes::cipher::block_padding::NoPadding;
 use aes::cipher::consts::U16;
@@ -58,6 +59,7 @@ use aes::cipher::{
     BlockCipher, BlockDecryptMut, BlockEncryptMut, BlockSizeUser, KeyInit, KeyIvInit,
 };
 use vm_core::memory::{range_is_ram, read_exact, write_all};
+use vm_core::regs::{Narrow, RegisterFile, Wide};
 use vm_core::{guest_error, AccessWidth, GuestMemory, IrqLine, MmioDevice};
 
 /// Guest physical base of window 1 (§2).
@@ -171,10 +173,10 @@ struct Key {
 /// Built-in key `select` (1–7): 1–3 are 32 bytes `select, 0, 0, …`; 4–7
 /// are empty, so DATA with them fails "Invalid key length".
 fn builtin_key(select: u32) -> Key {
-    match select {
-        1..=3 => {
+    match u8::try_from(select) {
+        Ok(select @ 1..=3) => {
             let mut bytes = [0u8; KEY_SLOT_BYTES];
-            bytes[0] = select as u8;
+            bytes[0] = select;
             Key { len: 32, bytes }
         }
         _ => Key::default(),
@@ -330,7 +332,7 @@ impl AppleAes {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.state)
     }
 
     fn read1(&self, offset: u64) -> u32 {
@@ -562,40 +564,27 @@ impl AppleAes {
     }
 }
 
-/// Splits a guest access into the 32-bit operations the engine performs,
-/// or rejects it (§10.2).
-fn valid_access(window: &str, offset: u64, width: AccessWidth) -> bool {
-    let ok =
-        matches!(width, AccessWidth::Word | AccessWidth::Double) && offset % width.bytes() == 0;
-    if !ok {
-        guest_error!("apple-aes {window}: invalid {width} access at {offset:#x} ignored");
+/// Both windows take aligned 32- and 64-bit accesses only (§10.2).
+fn window(name: &'static str) -> RegisterFile<'static> {
+    RegisterFile {
+        name,
+        size: WINDOW_SIZE,
+        narrow: Narrow::Refused,
+        wide: Wide::Split,
     }
-    ok
 }
 
 struct Window1(Arc<AppleAes>);
 
 impl MmioDevice for Window1 {
     fn read(&self, offset: u64, width: AccessWidth) -> u64 {
-        if !valid_access("window 1", offset, width) {
-            return 0;
-        }
-        let low = u64::from(self.0.read1(offset));
-        if width == AccessWidth::Double {
-            low | (u64::from(self.0.read1(offset.wrapping_add(4))) << 32)
-        } else {
-            low
-        }
+        window("apple-aes window 1").read(offset, width, |offset| self.0.read1(offset))
     }
 
     fn write(&self, offset: u64, width: AccessWidth, value: u64) {
-        if !valid_access("window 1", offset, width) {
-            return;
-        }
-        self.0.write1(offset, value as u32);
-        if width == AccessWidth::Double {
-            self.0.write1(offset.wrapping_add(4), (value >> 32) as u32);
-        }
+        window("apple-aes window 1").write(offset, width, value, |offset, value| {
+            self.0.write1(offset, value)
+        })
     }
 }
 
@@ -619,25 +608,11 @@ impl Window2 {
 
 impl MmioDevice for Window2 {
     fn read(&self, offset: u64, width: AccessWidth) -> u64 {
-        if !valid_access("window 2", offset, width) {
-            return 0;
-        }
-        let low = u64::from(Self::read2(offset));
-        if width == AccessWidth::Double {
-            low | (u64::from(Self::read2(offset.wrapping_add(4))) << 32)
-        } else {
-            low
-        }
+        window("apple-aes window 2").read(offset, width, Self::read2)
     }
 
     fn write(&self, offset: u64, width: AccessWidth, value: u64) {
-        if !valid_access("window 2", offset, width) {
-            return;
-        }
-        Self::write2(offset, value as u32);
-        if width == AccessWidth::Double {
-            Self::write2(offset.wrapping_add(4), (value >> 32) as u32);
-        }
+        window("apple-aes window 2").write(offset, width, value, Self::write2)
     }
 }
 

@@ -241,13 +241,17 @@ impl Bdif {
             guest_error!("bdif {name}: data buffer {data_addr:#x}+{len:#x} is not wholly in RAM");
             return status::FAILED;
         }
-        let mut buf = vec![0u8; (len as usize).min(CHUNK)];
+        let mut buf = vec![0u8; CHUNK.min(usize::try_from(len).unwrap_or(usize::MAX))];
         let mut done = 0u64;
         while done < len {
-            let n = (len - done).min(CHUNK as u64) as usize;
+            let n = CHUNK.min(usize::try_from(len - done).unwrap_or(usize::MAX));
             let chunk = &mut buf[..n];
             if let Err(e) = disk.read_at(chunk, offset + done) {
-                tracing::warn!("bdif {name}: disk read at {:#x} failed: {e}", offset + done);
+                vm_core::log_limited!(
+                    warn,
+                    "bdif {name}: disk read at {:#x} failed: {e}",
+                    offset + done
+                );
                 return status::FAILED;
             }
             if write_all(&self.memory, data_addr + done, chunk).is_err() {

@@ -5,7 +5,8 @@
 //! A device never reads the time itself; it is handed a [`Clock`]. That
 //! lets the machine choose the time base (host wall clock for the RTC,
 //! the VM's virtual clock for the power key, vmapple-machine.md §6.8) and
-//! lets tests move time by hand with a [`FakeClock`] instead of sleeping.
+//! lets tests move time by hand with a `FakeClock` (feature `test-util`)
+//! instead of sleeping.
 //!
 //! A device with a pending deadline implements [`Timed`]: it says when it
 //! next needs attention and does its work in [`Timed::poll`]. Who calls
@@ -14,10 +15,12 @@
 //! the device's [`Waker`] whenever the deadline moves.
 
 use std::io;
+#[cfg(any(test, feature = "test-util"))]
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use vm_core::sync::{lock, wait_timeout_while};
 
 /// Nanoseconds in one second.
 pub const NANOS_PER_SEC: u64 = 1_000_000_000;
@@ -72,11 +75,13 @@ impl Clock for HostClock {
 
 /// A clock that moves only when told to, for tests (here and in the
 /// machine).
+#[cfg(any(test, feature = "test-util"))]
 #[derive(Debug, Default)]
 pub struct FakeClock {
     now: AtomicU64,
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl FakeClock {
     pub fn new(start_ns: u64) -> Self {
         Self {
@@ -100,6 +105,7 @@ impl FakeClock {
     }
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl Clock for FakeClock {
     fn now_ns(&self) -> u64 {
         self.now.load(Ordering::SeqCst)
@@ -137,10 +143,7 @@ impl Waker {
 
     pub fn wake(&self) {
         let (state, cond) = &*self.inner;
-        state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .generation += 1;
+        lock(state).generation += 1;
         cond.notify_all();
     }
 }
@@ -182,7 +185,7 @@ fn run_timer(clock: &dyn Clock, target: &dyn Timed, waker: &Waker, max_sleep: Du
     let (state, cond) = &*waker.inner;
     loop {
         let seen = {
-            let s = state.lock().unwrap_or_else(PoisonError::into_inner);
+            let s = lock(state);
             if s.stop {
                 return;
             }
@@ -205,18 +208,16 @@ fn run_timer(clock: &dyn Clock, target: &dyn Timed, waker: &Waker, max_sleep: Du
             }
             None => max_sleep,
         };
-        let s = state.lock().unwrap_or_else(PoisonError::into_inner);
+        let s = lock(state);
         // A wake between reading the generation and here must not be lost.
-        let _ = cond
-            .wait_timeout_while(s, sleep, |s| !s.stop && s.generation == seen)
-            .unwrap_or_else(PoisonError::into_inner);
+        let _ = wait_timeout_while(cond, s, sleep, |s| !s.stop && s.generation == seen);
     }
 }
 
 impl Drop for TimerThread {
     fn drop(&mut self) {
         let (state, cond) = &*self.waker.inner;
-        state.lock().unwrap_or_else(PoisonError::into_inner).stop = true;
+        lock(state).stop = true;
         cond.notify_all();
         if let Some(handle) = self.handle.take() {
             let _ = handle.join();

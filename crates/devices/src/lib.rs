@@ -19,6 +19,11 @@
 //! [`vm_core::guest_error!`]. Nothing here knows an accelerator or the
 //! machine, so each device is tested on its own with a `TestIrq`.
 
+// A device narrows guest values all the time; each narrowing here is
+// spelled out (`try_from`, `to_le_bytes`) so an accidental one stands out.
+// Tests cast known constants freely.
+#![cfg_attr(not(test), warn(clippy::cast_possible_truncation))]
+
 pub mod apple_aes;
 pub mod apple_bdif;
 pub mod apple_cfg;

@@ -76,9 +76,11 @@
 //! and ignore writes, with a guest error.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
+use vm_core::sync::{lock, wait_timeout_while};
 
+use vm_core::regs::{Narrow, RegisterFile, Wide};
 use vm_core::{guest_error, AccessWidth, IrqLine, MmioDevice};
 
 /// Register offsets from the start of the block (TRM table 3-1).
@@ -277,6 +279,11 @@ struct Regs {
     /// once rather than once per character.
     reported_tx_disabled: bool,
 }
+
+/// The receive FIFO entry of a break: the break flag on a NUL character
+/// (the FIFO holds 8 data bits and 4 flags).
+const BREAK_ENTRY: u16 = 1 << 10;
+const _: () = assert!(BREAK_ENTRY as u32 == dr::BE);
 
 impl Regs {
     fn new() -> Self {
@@ -495,11 +502,11 @@ impl Pl011 {
     // A panic while the lock was held (a bug) must not take the console
     // down with it: the register file is always in a usable state.
     fn regs(&self) -> MutexGuard<'_, Regs> {
-        self.regs.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.regs)
     }
 
     fn output(&self) -> MutexGuard<'_, Box<dyn SerialOutput>> {
-        self.output.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.output)
     }
 
     fn update_irq(&self, regs: &Regs) {
@@ -535,10 +542,7 @@ impl Pl011 {
     /// takes to notice a stop request.
     pub fn wait_for_rx_space(&self, timeout: Duration) -> bool {
         let regs = self.regs();
-        let (regs, _) = self
-            .rx_space
-            .wait_timeout_while(regs, timeout, |r| r.rx_space() == 0)
-            .unwrap_or_else(PoisonError::into_inner);
+        let (regs, _) = wait_timeout_while(&self.rx_space, regs, timeout, |r| r.rx_space() == 0);
         regs.rx_space() > 0
     }
 
@@ -647,7 +651,8 @@ impl Pl011 {
                     self.rx_space.notify_all();
                 }
                 if regs.loopback() && new & lcr_h::BRK != 0 && old & lcr_h::BRK == 0 {
-                    regs.push_rx(dr::BE as u16);
+                    // A break is a NUL character with the break flag.
+                    regs.push_rx(BREAK_ENTRY);
                     regs.settle_rx_timeout();
                 }
                 Effect::None
@@ -708,60 +713,23 @@ impl Pl011 {
     }
 }
 
+/// 32-bit registers; other widths as QEMU's model takes them.
+const REGISTERS: RegisterFile = RegisterFile {
+    name: "pl011",
+    size: Pl011::SIZE,
+    narrow: Narrow::WholeRegister,
+    wide: Wide::Halves,
+};
+
 impl MmioDevice for Pl011 {
     fn read(&self, offset: u64, width: AccessWidth) -> u64 {
-        if offset >= Self::SIZE {
-            guest_error!("pl011: {width} read at offset {offset:#x} beyond the register block");
-            return 0;
-        }
-        match width {
-            AccessWidth::Double => {
-                guest_error!(
-                    "pl011: 64-bit read at offset {offset:#x}; split into two 32-bit reads"
-                );
-                let low = u64::from(self.read_word(offset));
-                let high = match offset.checked_add(4).filter(|&o| o < Self::SIZE) {
-                    Some(next) => u64::from(self.read_word(next)),
-                    None => 0,
-                };
-                low | high << 32
-            }
-            _ => {
-                if offset & 3 != 0 {
-                    guest_error!(
-                        "pl011: {width} read at offset {offset:#x} inside a register returns its low bits"
-                    );
-                }
-                u64::from(self.read_word(offset)) & width.mask()
-            }
-        }
+        REGISTERS.read(offset, width, |offset| self.read_word(offset))
     }
 
     fn write(&self, offset: u64, width: AccessWidth, value: u64) {
-        if offset >= Self::SIZE {
-            guest_error!("pl011: {width} write at offset {offset:#x} beyond the register block");
-            return;
-        }
-        let value = value & width.mask();
-        match width {
-            AccessWidth::Double => {
-                guest_error!(
-                    "pl011: 64-bit write at offset {offset:#x}; split into two 32-bit writes"
-                );
-                self.write_word(offset, value as u32);
-                if let Some(next) = offset.checked_add(4).filter(|&o| o < Self::SIZE) {
-                    self.write_word(next, (value >> 32) as u32);
-                }
-            }
-            _ => {
-                if offset & 3 != 0 {
-                    guest_error!(
-                        "pl011: {width} write at offset {offset:#x} inside a register writes the whole register"
-                    );
-                }
-                self.write_word(offset, value as u32);
-            }
-        }
+        REGISTERS.write(offset, width, value, |offset, value| {
+            self.write_word(offset, value)
+        })
     }
 }
 

@@ -54,8 +54,10 @@
 //! first, and is logged. Unknown offsets read 0 and ignore writes, with a
 //! guest error; so do writes to read-only registers.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use vm_core::sync::lock;
 
+use vm_core::regs::{Narrow, RegisterFile, Wide};
 use vm_core::{guest_error, AccessWidth, IrqLine, MmioDevice};
 
 use crate::clock::{Clock, Timed, Waker, NANOS_PER_SEC};
@@ -111,7 +113,8 @@ struct Regs {
 impl Regs {
     fn count(&self, now_ns: u64) -> u32 {
         // The counter is 32 bits: the clock's seconds wrap like it does.
-        ((now_ns / NANOS_PER_SEC) as u32).wrapping_add(self.offset)
+        let [s0, s1, s2, s3, ..] = (now_ns / NANOS_PER_SEC).to_le_bytes();
+        u32::from_le_bytes([s0, s1, s2, s3]).wrapping_add(self.offset)
     }
 
     /// Recomputes when `RTCDR` next equals `RTCMR`; raises the interrupt
@@ -180,7 +183,7 @@ impl Pl031 {
     // A panic while the lock was held (a bug) must not wedge the device:
     // the register file is always consistent.
     fn regs(&self) -> MutexGuard<'_, Regs> {
-        self.regs.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.regs)
     }
 
     /// Locks the registers with any due alarm already raised.
@@ -298,42 +301,23 @@ impl Timed for Pl031 {
     }
 }
 
+/// 32-bit registers; other widths as QEMU's model takes them.
+const REGISTERS: RegisterFile = RegisterFile {
+    name: "pl031",
+    size: Pl031::SIZE,
+    narrow: Narrow::WholeRegister,
+    wide: Wide::Halves,
+};
+
 impl MmioDevice for Pl031 {
     fn read(&self, offset: u64, width: AccessWidth) -> u64 {
-        if offset >= Self::SIZE {
-            guest_error!("pl031: {width} read at offset {offset:#x} beyond the register block");
-            return 0;
-        }
-        match width {
-            AccessWidth::Double => {
-                guest_error!("pl031: 64-bit read at {offset:#x}; split into two 32-bit reads");
-                let low = u64::from(self.read_word(offset));
-                let high = match offset.checked_add(4).filter(|&o| o < Self::SIZE) {
-                    Some(next) => u64::from(self.read_word(next)),
-                    None => 0,
-                };
-                low | high << 32
-            }
-            _ => u64::from(self.read_word(offset)) & width.mask(),
-        }
+        REGISTERS.read(offset, width, |offset| self.read_word(offset))
     }
 
     fn write(&self, offset: u64, width: AccessWidth, value: u64) {
-        if offset >= Self::SIZE {
-            guest_error!("pl031: {width} write at offset {offset:#x} beyond the register block");
-            return;
-        }
-        let value = value & width.mask();
-        match width {
-            AccessWidth::Double => {
-                guest_error!("pl031: 64-bit write at {offset:#x}; split into two 32-bit writes");
-                self.write_word(offset, value as u32);
-                if let Some(next) = offset.checked_add(4).filter(|&o| o < Self::SIZE) {
-                    self.write_word(next, (value >> 32) as u32);
-                }
-            }
-            _ => self.write_word(offset, value as u32),
-        }
+        REGISTERS.write(offset, width, value, |offset, value| {
+            self.write_word(offset, value)
+        })
     }
 }
 

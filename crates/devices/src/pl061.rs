@@ -60,8 +60,10 @@
 //! offsets, the Luminary-only registers at 0x500–0x528 and writes to
 //! read-only registers are logged and ignored.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use vm_core::sync::lock;
 
+use vm_core::regs::{Narrow, RegisterFile, Wide};
 use vm_core::{guest_error, AccessWidth, IrqLine, MmioDevice};
 
 /// Register offsets from the start of the block (TRM table 3-1).
@@ -182,7 +184,7 @@ impl Pl061 {
     // A panic while the lock was held (a bug) must not wedge the device:
     // the register file is always consistent.
     fn regs(&self) -> MutexGuard<'_, Regs> {
-        self.regs.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.regs)
     }
 
     fn settle(&self, regs: &mut Regs) {
@@ -225,7 +227,7 @@ impl Pl061 {
     fn read_word(&self, offset: u64) -> u32 {
         let regs = self.regs();
         let value = match offset {
-            reg::DATA..=reg::DATA_END => regs.pins() & (offset >> 2) as u8,
+            reg::DATA..=reg::DATA_END => regs.pins() & data_mask(offset),
             reg::DIR => regs.dir,
             reg::IS => regs.is,
             reg::IBE => regs.ibe,
@@ -252,10 +254,10 @@ impl Pl061 {
     fn write_word(&self, offset: u64, value: u32) {
         let mut regs = self.regs();
         // Every register holds 8 bits; the rest of the word is ignored.
-        let byte = value as u8;
+        let [byte, ..] = value.to_le_bytes();
         match offset {
             reg::DATA..=reg::DATA_END => {
-                let mask = (offset >> 2) as u8 & regs.dir;
+                let mask = data_mask(offset) & regs.dir;
                 regs.data = (regs.data & !mask) | (byte & mask);
             }
             reg::DIR => regs.dir = byte,
@@ -282,42 +284,29 @@ impl Pl061 {
     }
 }
 
+/// The lines a GPIODATA access at `offset` covers: address bits 9:2.
+fn data_mask(offset: u64) -> u8 {
+    let [mask, ..] = (offset >> 2).to_le_bytes();
+    mask
+}
+
+/// 32-bit registers; other widths as QEMU's model takes them.
+const REGISTERS: RegisterFile = RegisterFile {
+    name: "pl061",
+    size: Pl061::SIZE,
+    narrow: Narrow::WholeRegister,
+    wide: Wide::Halves,
+};
+
 impl MmioDevice for Pl061 {
     fn read(&self, offset: u64, width: AccessWidth) -> u64 {
-        if offset >= Self::SIZE {
-            guest_error!("pl061: {width} read at offset {offset:#x} beyond the register block");
-            return 0;
-        }
-        match width {
-            AccessWidth::Double => {
-                guest_error!("pl061: 64-bit read at {offset:#x}; split into two 32-bit reads");
-                let low = u64::from(self.read_word(offset));
-                let high = match offset.checked_add(4).filter(|&o| o < Self::SIZE) {
-                    Some(next) => u64::from(self.read_word(next)),
-                    None => 0,
-                };
-                low | high << 32
-            }
-            _ => u64::from(self.read_word(offset)) & width.mask(),
-        }
+        REGISTERS.read(offset, width, |offset| self.read_word(offset))
     }
 
     fn write(&self, offset: u64, width: AccessWidth, value: u64) {
-        if offset >= Self::SIZE {
-            guest_error!("pl061: {width} write at offset {offset:#x} beyond the register block");
-            return;
-        }
-        let value = value & width.mask();
-        match width {
-            AccessWidth::Double => {
-                guest_error!("pl061: 64-bit write at {offset:#x}; split into two 32-bit writes");
-                self.write_word(offset, value as u32);
-                if let Some(next) = offset.checked_add(4).filter(|&o| o < Self::SIZE) {
-                    self.write_word(next, (value >> 32) as u32);
-                }
-            }
-            _ => self.write_word(offset, value as u32),
-        }
+        REGISTERS.write(offset, width, value, |offset, value| {
+            self.write_word(offset, value)
+        })
     }
 }
 

@@ -24,7 +24,8 @@
 //! exactly as under QEMU; the next press raises it again and produces a
 //! fresh rising edge.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use vm_core::sync::lock;
 
 use crate::clock::{Clock, Timed, Waker};
 use crate::pl061::Pl061;
@@ -65,9 +66,7 @@ impl PowerButton {
     }
 
     fn release_at(&self) -> MutexGuard<'_, Option<u64>> {
-        self.release_at
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        lock(&self.release_at)
     }
 
     /// A host power-down request: line high, release 100 ms from now.

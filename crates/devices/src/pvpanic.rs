@@ -135,8 +135,12 @@ impl MmioDevice for PvPanic {
             );
             return;
         }
+        let bytes = value.to_le_bytes();
         for (i, _) in Self::bytes(offset, width) {
-            self.handle_byte((value >> (8 * i)) as u8);
+            // `i` is below the width, at most 8.
+            if let Some(&byte) = usize::try_from(i).ok().and_then(|i| bytes.get(i)) {
+                self.handle_byte(byte);
+            }
         }
     }
 }

@@ -3,6 +3,7 @@
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use vm_core::sync::lock;
 
 use block::{BlockBackend, MemoryDisk, SECTOR_SIZE};
 
@@ -46,10 +47,7 @@ impl WatchedDisk {
 
     /// Ranges the device asked to change, in order.
     pub fn written(&self) -> Vec<(u64, u64)> {
-        self.written
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        lock(&self.written).clone()
     }
 
     fn check_sectors(&self, what: &str, offset: u64, len: u64) {
@@ -65,10 +63,7 @@ impl WatchedDisk {
         assert!(!self.forbid_writes, "{what} on a read-only disk");
         self.check_sectors(what, offset, len);
         self.writes.fetch_add(1, Ordering::Relaxed);
-        self.written
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((offset, len));
+        lock(&self.written).push((offset, len));
     }
 }
 
@@ -103,8 +98,8 @@ impl BlockBackend for WatchedDisk {
         self.inner.discard(offset, len)
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
         self.record_write("write-zeroes", offset, len);
-        self.inner.write_zeroes(offset, len)
+        self.inner.write_zeroes(offset, len, unmap)
     }
 }

@@ -9,6 +9,7 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+use vm_core::sync::{lock, wait_timeout_while};
 
 use block::MemoryDisk;
 use virtio::block::{AppleVariant, BlockConfig, VirtioBlock};
@@ -347,7 +348,7 @@ const LOOPBACK_FRAMES: usize = 32;
 
 impl Loopback {
     fn push(&self, frame: Vec<u8>) {
-        let mut q = self.frames.lock().unwrap_or_else(|e| e.into_inner());
+        let mut q = lock(&self.frames);
         if q.len() < LOOPBACK_FRAMES {
             q.push_back(frame);
             self.arrived.notify_all();
@@ -385,12 +386,10 @@ const RECV_SLICE: Duration = Duration::from_millis(1);
 
 impl NetReceiver for LoopReceiver {
     fn recv(&mut self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
-        let q = self.0.frames.lock().unwrap_or_else(|e| e.into_inner());
-        let (mut q, _) = self
-            .0
-            .arrived
-            .wait_timeout_while(q, timeout.min(RECV_SLICE), |q| q.is_empty())
-            .unwrap_or_else(|e| e.into_inner());
+        let q = lock(&self.0.frames);
+        let (mut q, _) = wait_timeout_while(&self.0.arrived, q, timeout.min(RECV_SLICE), |q| {
+            q.is_empty()
+        });
         Ok(q.pop_front().map(|frame| {
             let n = frame.len().min(buf.len());
             buf[..n].copy_from_slice(&frame[..n]);

@@ -21,6 +21,7 @@ mod registers;
 mod state;
 
 use std::sync::{Arc, Mutex, MutexGuard};
+use vm_core::sync::lock;
 
 use arch_arm64::SysReg;
 use vm_core::{guest_error, AccessWidth, IrqLine, MmioDevice};
@@ -61,7 +62,7 @@ impl GicV3 {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 
     fn update(&self, state: &State, cpu: usize) {

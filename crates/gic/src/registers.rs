@@ -1,6 +1,6 @@
 //! Register encodings shared by the distributor and the redistributors'
 //! SGI frames: one bit, two bits or one byte per interrupt (IHI 0069
-//! §12.9 and §12.11, e.g. GICD_ISENABLER<n> and GICR_ISENABLER0).
+//! §12.9 and §12.11, e.g. `GICD_ISENABLER<n>` and GICR_ISENABLER0).
 
 use vm_core::AccessWidth;
 

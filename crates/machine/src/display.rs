@@ -14,13 +14,18 @@
 //! [`apple_gfx::PciGfxError::NoMsi`].
 
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
-use vm_core::sync::lock;
+use vm_core::sync::{lock, wait_timeout};
 
 use apple_gfx::cursor::CursorImage;
 use apple_gfx::memory::VaSpace;
 use apple_gfx::{AppleGfx, DisplaySink, Executor, Framework};
+
+use crate::layout::{GFX_BASE, GFX_IOSFC_BASE, GFX_IOSFC_SIZE, GFX_SLOT, SPI_GFX, SPI_GFX_IOSFC};
+use crate::platform::Core;
+use crate::registry::{Attachment, Registry};
+use crate::MachineError;
 
 pub use apple_gfx::DisplayMode;
 
@@ -36,7 +41,9 @@ pub struct DisplayConfig {
     pub window: bool,
 }
 
-/// What the machine needs from the host to build the device.
+/// What the machine needs from the host to build the device: the binary
+/// chooses it (ParavirtualizedGraphics on macOS), tests use the core's
+/// fake.
 pub struct GfxBackend {
     pub framework: Arc<dyn Framework>,
     /// Host address-space operations for the framework's task interface.
@@ -87,11 +94,7 @@ impl FrameGrabber {
             if left.is_zero() {
                 return false;
             }
-            st = self
-                .updated
-                .wait_timeout(st, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            st = wait_timeout(&self.updated, st, left).0;
         }
         true
     }
@@ -198,4 +201,81 @@ pub fn encode_png(frame: &Frame) -> Vec<u8> {
         png.clear();
     }
     png
+}
+
+/// Attaches the apple-gfx-mmio device on `backend`'s framework, its
+/// interrupts on the GIC (§3), if `display` asks for one. A window display
+/// without a backend, or whose device cannot be created, is an error; a
+/// windowless one is left out with a warning, and the guest then has no
+/// display.
+pub(crate) fn attach(
+    reg: &mut Registry,
+    core: &Core,
+    display: Option<&DisplayConfig>,
+    backend: Option<GfxBackend>,
+) -> Result<Option<Screen>, MachineError> {
+    let Some(display) = display else {
+        return Ok(None);
+    };
+    let refuse = |e: MachineError| {
+        if display.window {
+            Err(e)
+        } else {
+            tracing::warn!(
+                "{}; the guest has no display",
+                vm_core::error_chain::Chain(&e)
+            );
+            Ok(None)
+        }
+    };
+    let Some(backend) = backend else {
+        if display.window {
+            return Err(MachineError::Display {
+                what: "this host has no ParavirtualizedGraphics.framework",
+                source: None,
+            });
+        }
+        tracing::debug!("no display device: this host has no ParavirtualizedGraphics.framework");
+        return Ok(None);
+    };
+    let grabber = Arc::new(FrameGrabber::default());
+    let attached = reg.attach("apple-gfx", |wires| {
+        let variant = apple_gfx::Variant::Mmio {
+            gfx_irq: wires.spi(SPI_GFX),
+            iosfc_irq: wires.spi(SPI_GFX_IOSFC),
+        };
+        let config = apple_gfx::GfxConfig {
+            memory: Arc::new(core.memory.clone()),
+            va_space: backend.va_space,
+            page_size: backend.page_size,
+            sink: grabber.clone(),
+            executor: backend.executor,
+            modes: display.modes.clone(),
+        };
+        let gfx = AppleGfx::new(&*backend.framework, variant, config).map_err(|e| {
+            MachineError::Display {
+                what: "cannot create the apple-gfx display device",
+                source: Some(Box::new(e)),
+            }
+        })?;
+        let main = apple_gfx::GfxWindow::new(gfx.clone());
+        // The window decodes the framework's mmioLength, at most the
+        // 64 KiB slot; the rest of the slot stays unmapped.
+        let size = main.size().min(GFX_SLOT);
+        let iosfc = apple_gfx::IosfcWindow::new(gfx.clone());
+        Ok(Attachment::new(Arc::new(gfx))
+            .mmio("apple-gfx", GFX_BASE, size, Arc::new(main))
+            .mmio(
+                "apple-gfx-iosfc",
+                GFX_IOSFC_BASE,
+                GFX_IOSFC_SIZE,
+                Arc::new(iosfc),
+            ))
+    });
+    match attached {
+        Ok(gfx) => Ok(Some(Screen::new((*gfx).clone(), grabber))),
+        // Only the device's creation fails with this error.
+        Err(e @ MachineError::Display { .. }) => refuse(e),
+        Err(e) => Err(e),
+    }
 }

@@ -3,6 +3,7 @@
 
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
+use vm_core::sync::lock;
 
 use accel::{StopReason, VmControl};
 use arch_arm64::timer::Counter;
@@ -42,22 +43,16 @@ pub struct EventBus {
 impl EventBus {
     pub fn subscribe(&self) -> Receiver<MachineEvent> {
         let (tx, rx) = sync_channel(SUBSCRIBER_BACKLOG);
-        self.subscribers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(tx);
+        lock(&self.subscribers).push(tx);
         rx
     }
 
     pub fn publish(&self, event: MachineEvent) {
         tracing::debug!(?event, "machine event");
-        self.subscribers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|tx| match tx.try_send(event.clone()) {
-                Ok(()) | Err(TrySendError::Full(_)) => true,
-                Err(TrySendError::Disconnected(_)) => false,
-            });
+        lock(&self.subscribers).retain(|tx| match tx.try_send(event.clone()) {
+            Ok(()) | Err(TrySendError::Full(_)) => true,
+            Err(TrySendError::Disconnected(_)) => false,
+        });
     }
 }
 

@@ -1,8 +1,10 @@
 //! The vmapple board: QEMU's `-M vmapple` as a Rust machine.
 //!
 //! [`Machine::new`] builds the memory map of vmapple-machine.md §2 (guest
-//! memory for the ROM, cfg and RAM regions; an MMIO bus for the rest),
-//! creates the devices and wires their interrupts to the GIC as §3 says.
+//! memory for the ROM, cfg and RAM regions; an MMIO bus for the rest) and
+//! attaches the devices in three steps, platform, PCI and display, each
+//! device through the [`registry`], which maps it on the bus, wires its
+//! interrupts to the GIC as §3 says and keeps its reset.
 //! [`Machine::run`] boots it on any accelerator and handles resets until
 //! the guest powers off or something stops it.
 
@@ -13,6 +15,8 @@ pub mod fdt;
 pub mod handle;
 pub mod layout;
 pub mod pci_devices;
+mod platform;
+pub mod registry;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,24 +26,20 @@ use accel::{AccelError, CpuSnapshot, StopReason, VcpuConfig, Vm, VmControl};
 use arch_arm64::timer::{Counter, COUNTER_HZ};
 use arch_arm64::Mpidr;
 use block::{BlockBackend, DiskImage, MemoryDisk};
-use devices::apple_aes::{AppleAes, FifoResetPolicy};
-use devices::apple_bdif::Bdif;
+use devices::apple_aes::FifoResetPolicy;
 use devices::apple_cfg::CfgParams;
-use devices::clock::{Clock, HostClock, TimerThread};
-use devices::pl011::Pl011;
-use devices::pl031::Pl031;
-use devices::pl061::Pl061;
+use devices::clock::TimerThread;
 use devices::power_button::PowerButton;
-use devices::pvpanic::{PanicEvents, PvPanic};
 use devices::serial::{SerialBackend, SerialHandle};
 use gic::{CpuInterruptOutputs, GicV3};
 use handle::{EventBus, MachineEvent, MachineHandle};
 use pci::PciHost;
 pub use pci_devices::{default_mac, MacAddress, NetBackend, NicSpec};
+use registry::Registry;
 use vm_core::{GuestMemory, MmioBus};
 
 use boot::{BootError, Firmware, LinuxImages};
-use display::{DisplayConfig, FrameGrabber, GfxBackend, Screen};
+use display::{DisplayConfig, GfxBackend, Screen};
 use exits::MachineExits;
 use layout::*;
 
@@ -186,6 +186,8 @@ pub enum MachineError {
         #[source]
         source: pci::PciError,
     },
+    #[error("machine assembly")]
+    Registry(#[from] registry::RegistryError),
     #[error("cannot start the {name} thread")]
     Thread {
         name: String,
@@ -236,58 +238,6 @@ impl ResetLoopDetector {
     }
 }
 
-/// The VM's virtual time (the generic timer's count, which stops while
-/// the VM is paused) as a device clock: the power button's 100 ms pulse
-/// is measured in it (§13.3).
-struct VirtualClock(Arc<Counter>);
-
-impl Clock for VirtualClock {
-    fn now_ns(&self) -> u64 {
-        let ticks = u128::from(self.0.now());
-        u64::try_from(ticks * 1_000_000_000 / u128::from(COUNTER_HZ)).unwrap_or(u64::MAX)
-    }
-}
-
-/// pvpanic's events, acted on as `--on-panic` says.
-struct PanicActions {
-    policy: PanicPolicy,
-    control: Arc<VmControl>,
-    counter: Arc<Counter>,
-    events: Arc<EventBus>,
-}
-
-impl PanicEvents for PanicActions {
-    fn guest_panicked(&self) {
-        tracing::error!(
-            "guest panicked (pvpanic); --on-panic {}",
-            self.policy.name()
-        );
-        match self.policy {
-            PanicPolicy::Exit => self.control.request_stop(StopReason::GuestPanic),
-            PanicPolicy::Pause => {
-                self.counter.pause();
-                self.control.pause();
-                tracing::warn!("VM paused after the guest panic");
-            }
-            PanicPolicy::Continue => {}
-            PanicPolicy::Reset => self.control.request_stop(StopReason::Reset),
-        }
-        self.events.publish(MachineEvent::GuestPanicked {
-            action: self.policy.name(),
-        });
-    }
-
-    fn guest_crash_loaded(&self) {
-        tracing::warn!("guest reports a crash-loaded event (pvpanic): its crash kernel runs");
-        self.events.publish(MachineEvent::GuestCrashLoaded);
-    }
-
-    fn guest_shutdown(&self) {
-        tracing::info!("guest asked for an orderly shutdown (pvpanic)");
-        self.control.request_stop(StopReason::PowerOff);
-    }
-}
-
 /// The GIC's CPU outputs drive the vCPUs' IRQ/FIQ inputs.
 struct GicToCpus(Arc<VmControl>);
 
@@ -302,75 +252,37 @@ enum Boot {
     Linux(Box<LinuxImages>),
 }
 
-/// The assembled vmapple machine.
-pub struct Machine {
-    cpus: usize,
-    ram_size: u64,
-    memory: GuestMemory,
-    bus: Arc<MmioBus>,
-    gic: Arc<GicV3>,
-    uart: Arc<Pl011>,
-    aes: Arc<AppleAes>,
-    pci: Arc<PciHost>,
-    input: Option<usb::InputSink>,
-    /// The apple-gfx-mmio device and its host side, when there is one.
-    gfx: Option<Screen>,
-    #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
-    mac_framework: Option<Arc<apple_gfx_macos::MacFramework>>,
-    rtc: Arc<Pl031>,
-    gpio: Arc<Pl061>,
-    power_button: Arc<PowerButton>,
-    events: Arc<EventBus>,
-    /// Threads that fire the RTC alarm and end the power button's pulse.
-    _timers: Vec<TimerThread>,
-    /// The cfg region's contents, rebuilt into guest memory at every reset.
-    platform_image: Vec<u8>,
-    control: Arc<VmControl>,
-    counter: Arc<Counter>,
-    boot: Boot,
-    _serial: SerialHandle,
+impl Boot {
+    fn load(config: &MachineConfig) -> Result<Self, MachineError> {
+        Ok(match &config.boot {
+            BootSource::Firmware(path) => Self::Firmware(Firmware::load(path)?),
+            BootSource::Linux {
+                kernel,
+                initrd,
+                cmdline,
+            } => Self::Linux(Box::new(LinuxImages::load(
+                kernel,
+                initrd.as_deref(),
+                cmdline.clone(),
+                config.ram_size,
+            )?)),
+        })
+    }
 }
 
-impl Machine {
-    /// Builds the machine with this host's display backend, if the
-    /// configuration asks for a display and the host has one.
-    pub fn new(config: MachineConfig) -> Result<Self, MachineError> {
-        #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
-        {
-            let (backend, framework) = mac_display_backend(config.display.as_ref())?;
-            let mut machine = Self::with_display_backend(config, backend)?;
-            // Without a device the framework has no display to show.
-            if machine.gfx.is_some() {
-                machine.mac_framework = framework;
-            }
-            Ok(machine)
-        }
-        #[cfg(not(all(target_os = "macos", target_arch = "aarch64")))]
-        Self::with_display_backend(config, None)
-    }
+/// The boot ROM's and the OS's disks, opened once: the backdoor block
+/// interface and the Apple virtio-blk functions share the aux and root
+/// images.
+pub(crate) struct Disks {
+    pub aux: Arc<dyn BlockBackend>,
+    pub root: Arc<dyn BlockBackend>,
+    /// Plain virtio-blk disks, with the paths they came from.
+    pub extra: Vec<(PathBuf, Arc<dyn BlockBackend>)>,
+}
 
-    /// Builds the machine; the display device, if configured, comes from
-    /// `backend`'s framework. A window display without a backend, or whose
-    /// device cannot be created, is an error; a windowless one is left
-    /// out with a warning, and the guest then has no display.
-    pub fn with_display_backend(
-        config: MachineConfig,
-        backend: Option<GfxBackend>,
-    ) -> Result<Self, MachineError> {
-        if !(MIN_CPUS..=MAX_CPUS).contains(&config.cpus) {
-            return Err(MachineError::CpuCount(config.cpus));
-        }
-        if !(MIN_RAM..=MAX_RAM).contains(&config.ram_size) || config.ram_size % (1 << 20) != 0 {
-            return Err(MachineError::RamSize(config.ram_size));
-        }
-        let platform_image = CfgParams {
-            nr_cpus: config.cpus as u32,
-            ram_size: config.ram_size,
-            rnd: random_u32(),
-            ..config.platform.clone()
-        }
-        .build()?;
-        let open_disk = |which: &'static str, spec: &Option<DiskSpec>| match spec {
+impl Disks {
+    fn open(config: &MachineConfig) -> Result<Self, MachineError> {
+        let open = |which: &'static str, spec: Option<&DiskSpec>| match spec {
             Some(spec) => {
                 let image: Arc<dyn BlockBackend> = Arc::new(
                     DiskImage::open(&spec.path, spec.read_only)
@@ -392,12 +304,61 @@ impl Machine {
             // reading past the end of an empty disk would.
             None => Ok(Arc::new(MemoryDisk::new(Vec::new(), true)) as Arc<dyn BlockBackend>),
         };
-        let aux = open_disk("aux", &config.aux)?;
-        let root = open_disk("root", &config.root)?;
-        let mut disks = Vec::new();
+        let aux = open("aux", config.aux.as_ref())?;
+        let root = open("root", config.root.as_ref())?;
+        let mut extra = Vec::new();
         for spec in &config.disks {
-            disks.push((spec.path.clone(), open_disk("disk", &Some(spec.clone()))?));
+            extra.push((spec.path.clone(), open("disk", Some(spec))?));
         }
+        Ok(Self { aux, root, extra })
+    }
+}
+
+/// The assembled vmapple machine.
+pub struct Machine {
+    cpus: usize,
+    ram_size: u64,
+    memory: GuestMemory,
+    /// Every device, its windows on the bus and its reset.
+    registry: Registry,
+    gic: Arc<GicV3>,
+    pci: Arc<PciHost>,
+    input: Option<usb::InputSink>,
+    /// The apple-gfx-mmio device and its host side, when there is one.
+    gfx: Option<Screen>,
+    power_button: Arc<PowerButton>,
+    events: Arc<EventBus>,
+    /// Threads that fire the RTC alarm and end the power button's pulse.
+    _timers: Vec<TimerThread>,
+    /// The cfg region's contents, rebuilt into guest memory at every reset.
+    platform_image: Vec<u8>,
+    control: Arc<VmControl>,
+    counter: Arc<Counter>,
+    boot: Boot,
+    _serial: SerialHandle,
+}
+
+impl Machine {
+    /// Builds the machine: the board's fixed devices, the PCI bus, then
+    /// the display, whose device (if `config` asks for one) comes from
+    /// `display`'s framework. A window display without a backend, or whose
+    /// device cannot be created, is an error; a windowless one is left
+    /// out with a warning, and the guest then has no display.
+    pub fn new(config: MachineConfig, display: Option<GfxBackend>) -> Result<Self, MachineError> {
+        if !(MIN_CPUS..=MAX_CPUS).contains(&config.cpus) {
+            return Err(MachineError::CpuCount(config.cpus));
+        }
+        if !(MIN_RAM..=MAX_RAM).contains(&config.ram_size) || config.ram_size % (1 << 20) != 0 {
+            return Err(MachineError::RamSize(config.ram_size));
+        }
+        let platform_image = CfgParams {
+            nr_cpus: config.cpus as u32,
+            ram_size: config.ram_size,
+            rnd: random_u32(),
+            ..config.platform.clone()
+        }
+        .build()?;
+        let disks = Disks::open(&config)?;
         if matches!(config.boot, BootSource::Firmware(_)) && config.aux.is_none() {
             tracing::warn!(
                 "no --aux disk: a boot ROM that loads the OS through the backdoor will fail"
@@ -405,20 +366,7 @@ impl Machine {
         }
         // Read the boot files first: a wrong path should not cost a
         // multi-gigabyte allocation.
-        let boot = match &config.boot {
-            BootSource::Firmware(path) => Boot::Firmware(Firmware::load(path)?),
-            BootSource::Linux {
-                kernel,
-                initrd,
-                cmdline,
-            } => Boot::Linux(Box::new(LinuxImages::load(
-                kernel,
-                initrd.as_deref(),
-                cmdline.clone(),
-                config.ram_size,
-            )?)),
-        };
-
+        let boot = Boot::load(&config)?;
         let memory = vm_core::memory::create_guest_memory(&[
             (FIRMWARE_BASE, FIRMWARE_SIZE as usize),
             (CFG_BASE, CFG_SIZE as usize),
@@ -428,167 +376,44 @@ impl Machine {
             mib: config.ram_size >> 20,
             source,
         })?;
-
         let control = Arc::new(VmControl::new(config.cpus));
-        let gic = GicV3::new(config.cpus, GIC_SPIS, Arc::new(GicToCpus(control.clone())));
-
-        let quit_control = control.clone();
-        let (uart, serial) =
-            devices::serial::connect(&config.serial, gic.spi(SPI_UART), move || {
-                tracing::info!("console escape: stopping the VM");
-                quit_control.request_stop(StopReason::HostStop)
-            })?;
-
-        let mut bus = MmioBus::new();
-        let add = |bus: &mut MmioBus, base, size, name: &str, dev| {
-            bus.insert(base, size, name, dev)
-                .map_err(|source| MachineError::Bus {
-                    name: name.to_owned(),
-                    source,
-                })
+        let core = platform::Core {
+            memory,
+            gic: GicV3::new(config.cpus, GIC_SPIS, Arc::new(GicToCpus(control.clone()))),
+            control,
+            counter: Arc::new(Counter::new(COUNTER_HZ)),
+            events: Arc::new(EventBus::default()),
         };
-        add(
-            &mut bus,
-            GICD_BASE,
-            GICD_SIZE,
-            "gic-distributor",
-            gic.distributor(),
-        )?;
-        add(
-            &mut bus,
-            GICR_BASE,
-            GICR_SIZE,
-            "gic-redistributors",
-            gic.redistributors(),
-        )?;
-        add(&mut bus, UART_BASE, Pl011::SIZE, "pl011", uart.clone())?;
-        add(
-            &mut bus,
-            BDIF_BASE,
-            BDIF_SIZE,
-            "bdif",
-            Arc::new(Bdif::new(memory.clone(), root.clone(), aux.clone())),
-        )?;
 
-        let intx: [Arc<dyn vm_core::IrqLine>; PCIE_INTX_LINES as usize] =
-            std::array::from_fn(|line| gic.spi(SPI_PCIE_INTX + line as u32));
-        let pci = Arc::new(PciHost::new(intx));
-        let xhci = config.usb.then(|| {
-            Arc::new(usb::Xhci::with_hid_devices(
-                memory.clone(),
-                usb::XhciConfig::default(),
-            ))
-        });
-        let input = xhci.as_ref().map(|x| x.input_sink());
-        pci_devices::populate(
-            &pci,
-            pci_devices::PciPlan {
-                memory: &memory,
-                xhci,
-                aux: config.aux.is_some().then_some(aux),
-                root: config.root.is_some().then_some(root),
-                nics: &config.nics,
-                disks,
-                queues_per_disk: config.cpus.clamp(1, 16) as u16,
-            },
-        )?;
-        add(
-            &mut bus,
-            PCIE_ECAM_BASE,
-            PCIE_ECAM_SIZE,
-            "pcie-ecam",
-            pci.ecam(),
-        )?;
-        add(
-            &mut bus,
-            PCIE_MMIO_BASE,
-            PCIE_MMIO_SIZE,
-            "pcie-mmio",
-            pci.mmio_window(),
-        )?;
-        let counter = Arc::new(Counter::new(COUNTER_HZ));
-        let events = Arc::new(EventBus::default());
-        let rtc = Pl031::new(gic.spi(SPI_RTC), Arc::new(HostClock::new()));
-        add(&mut bus, RTC_BASE, RTC_SIZE, "pl031", rtc.clone())?;
-        let gpio = Pl061::new(gic.spi(SPI_GPIO));
-        add(&mut bus, GPIO_BASE, GPIO_SIZE, "pl061", gpio.clone())?;
-        let virtual_clock: Arc<dyn Clock> = Arc::new(VirtualClock(counter.clone()));
-        let power_button = PowerButton::new(gpio.clone(), virtual_clock.clone());
-        let pvpanic = PvPanic::new(Arc::new(PanicActions {
-            policy: config.on_panic,
-            control: control.clone(),
-            counter: counter.clone(),
-            events: events.clone(),
-        }));
-        add(&mut bus, PVPANIC_BASE, PVPANIC_SIZE, "pvpanic", pvpanic)?;
-        let timer = |name: &str, clock: Arc<dyn Clock>, target, max_sleep| {
-            TimerThread::spawn(name, clock, target, max_sleep).map_err(|source| {
-                MachineError::Thread {
-                    name: name.to_owned(),
-                    source,
-                }
-            })
-        };
-        let timers = vec![
-            timer(
-                "rtc-alarm",
-                Arc::new(HostClock::new()),
-                rtc.clone(),
-                Duration::from_secs(1),
-            )?,
-            // Virtual time may stop (pause): re-read it often.
-            timer(
-                "power-button",
-                virtual_clock,
-                power_button.clone(),
-                Duration::from_millis(10),
-            )?,
-        ];
-        let aes = AppleAes::new(memory.clone(), gic.spi(SPI_AES), config.aes_fifo_on_reset);
-        add(&mut bus, AES1_BASE, AES_WINDOW_SIZE, "aes", aes.window1())?;
-        add(&mut bus, AES2_BASE, AES_WINDOW_SIZE, "aes-2", aes.window2())?;
-        let gfx = match &config.display {
-            Some(display) => create_gfx(display, backend, &memory, &gic)?,
-            None => None,
-        };
-        if let Some(screen) = &gfx {
-            let gfx_window = apple_gfx::GfxWindow::new(screen.device().clone());
-            // The window decodes the framework's mmioLength, at most the
-            // 64 KiB slot; the rest of the slot stays unmapped.
-            let size = gfx_window.size().min(GFX_SLOT);
-            add(&mut bus, GFX_BASE, size, "apple-gfx", Arc::new(gfx_window))?;
-            add(
-                &mut bus,
-                GFX_IOSFC_BASE,
-                GFX_IOSFC_SIZE,
-                "apple-gfx-iosfc",
-                Arc::new(apple_gfx::IosfcWindow::new(screen.device().clone())),
-            )?;
-        }
+        let mut registry = Registry::new(core.gic.clone());
+        let platform = platform::attach(&mut registry, &core, &config, &disks)?;
+        let pci = pci_devices::attach(&mut registry, &core, &config, disks)?;
+        let gfx = display::attach(&mut registry, &core, config.display.as_ref(), display)?;
 
+        let platform::Core {
+            memory,
+            gic,
+            control,
+            counter,
+            events,
+        } = core;
         Ok(Self {
             cpus: config.cpus,
             ram_size: config.ram_size,
             memory,
-            bus: Arc::new(bus),
+            registry,
             gic,
-            uart,
-            aes,
-            pci,
-            input,
+            pci: pci.host,
+            input: pci.input,
             gfx,
-            #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
-            mac_framework: None,
-            rtc,
-            gpio,
-            power_button,
+            power_button: platform.power_button,
             events,
-            _timers: timers,
+            _timers: platform.timers,
             platform_image,
             control,
             counter,
             boot,
-            _serial: serial,
+            _serial: platform.serial,
         })
     }
 
@@ -618,13 +443,6 @@ impl Machine {
         self.gfx.clone()
     }
 
-    /// ParavirtualizedGraphics as this machine's display uses it (for the
-    /// window code); `None` without a display.
-    #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
-    pub fn mac_framework(&self) -> Option<&apple_gfx_macos::MacFramework> {
-        self.mac_framework.as_deref()
-    }
-
     pub fn control(&self) -> Arc<VmControl> {
         self.control.clone()
     }
@@ -634,7 +452,12 @@ impl Machine {
     }
 
     pub fn bus(&self) -> &MmioBus {
-        &self.bus
+        self.registry.bus()
+    }
+
+    /// Every device of the machine, for snapshots and inspection.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     /// Per-vCPU wiring for the accelerator.
@@ -682,26 +505,18 @@ impl Machine {
         }
     }
 
+    /// Machine reset: every device in the registry, in attach order. No
+    /// machine lock is held (the display drains framework work that may
+    /// call back into its device).
     fn reset_devices(&self) {
-        self.gic.reset();
-        self.uart.reset();
-        self.aes.reset();
-        self.pci.reset();
-        self.rtc.reset();
-        self.gpio.reset();
-        self.power_button.reset();
-        if let Some(screen) = &self.gfx {
-            // Drains the framework's work, which may call back into the
-            // device: no machine lock is held here.
-            screen.device().reset();
-        }
+        self.registry.reset();
     }
 
     /// Boots the machine on `vm` and runs it, through guest resets, until
     /// it stops for good.
     pub fn run(&mut self, vm: &mut dyn Vm) -> Result<RunOutcome, MachineError> {
         let exits = MachineExits {
-            bus: self.bus.clone(),
+            bus: self.registry.bus().clone(),
             gic: self.gic.clone(),
             control: self.control.clone(),
             memory: self.memory.clone(),
@@ -754,105 +569,6 @@ impl Machine {
                 StopReason::GuestPanic => return Ok(RunOutcome::GuestPanicked),
                 StopReason::HostStop => return Ok(RunOutcome::HostStopped),
             }
-        }
-    }
-}
-
-/// The apple-gfx-mmio device on `backend`'s framework, its interrupts on
-/// the GIC (§3), or `None` where a windowless display cannot be had.
-fn create_gfx(
-    display: &DisplayConfig,
-    backend: Option<GfxBackend>,
-    memory: &GuestMemory,
-    gic: &Arc<GicV3>,
-) -> Result<Option<Screen>, MachineError> {
-    let refuse = |what: &'static str, source: Option<BoxError>| {
-        let e = MachineError::Display { what, source };
-        if display.window {
-            Err(e)
-        } else {
-            tracing::warn!(
-                "{}; the guest has no display",
-                vm_core::error_chain::Chain(&e)
-            );
-            Ok(None)
-        }
-    };
-    let Some(backend) = backend else {
-        if display.window {
-            return refuse("this host has no ParavirtualizedGraphics.framework", None);
-        }
-        tracing::debug!("no display device: this host has no ParavirtualizedGraphics.framework");
-        return Ok(None);
-    };
-    let grabber = Arc::new(FrameGrabber::default());
-    let created = apple_gfx::AppleGfx::new(
-        &*backend.framework,
-        apple_gfx::Variant::Mmio {
-            gfx_irq: gic.spi(SPI_GFX),
-            iosfc_irq: gic.spi(SPI_GFX_IOSFC),
-        },
-        apple_gfx::GfxConfig {
-            memory: Arc::new(memory.clone()),
-            va_space: backend.va_space,
-            page_size: backend.page_size,
-            sink: grabber.clone(),
-            executor: backend.executor,
-            modes: display.modes.clone(),
-        },
-    );
-    match created {
-        Ok(gfx) => Ok(Some(Screen::new(gfx, grabber))),
-        Err(e) => refuse(
-            "cannot create the apple-gfx display device",
-            Some(Box::new(e)),
-        ),
-    }
-}
-
-/// ParavirtualizedGraphics as the display backend: handlers on the main
-/// queue for a window (its layer belongs to the main thread), on a private
-/// queue otherwise so a headless VMM needs no main run loop. A framework
-/// that cannot be set up fails a window display and only costs a
-/// windowless one its display.
-#[cfg(all(target_os = "macos", target_arch = "aarch64"))]
-#[allow(clippy::type_complexity)]
-fn mac_display_backend(
-    display: Option<&DisplayConfig>,
-) -> Result<
-    (
-        Option<GfxBackend>,
-        Option<Arc<apple_gfx_macos::MacFramework>>,
-    ),
-    MachineError,
-> {
-    use apple_gfx_macos::{host_page_size, DisplayQueue, MacFramework, MachVaSpace};
-    let Some(display) = display else {
-        return Ok((None, None));
-    };
-    let queue = if display.window {
-        DisplayQueue::Main
-    } else {
-        DisplayQueue::Private
-    };
-    match MacFramework::new(queue) {
-        Ok(fw) => {
-            let fw = Arc::new(fw);
-            let backend = GfxBackend {
-                framework: fw.clone(),
-                va_space: Arc::new(MachVaSpace),
-                page_size: host_page_size(),
-                executor: Arc::new(apple_gfx::ThreadExecutor),
-            };
-            Ok((Some(backend), Some(fw)))
-        }
-        Err(e) if display.window => Err(MachineError::Display {
-            what: "ParavirtualizedGraphics",
-            source: Some(Box::new(e)),
-        }),
-        Err(e) => {
-            tracing::warn!("ParavirtualizedGraphics: {e}; the guest has no display");
-            Ok((None, None))
         }
     }
 }
@@ -913,7 +629,7 @@ mod tests {
             page_size: FAKE_PAGE,
             executor: Arc::new(apple_gfx::ThreadExecutor),
         });
-        Machine::with_display_backend(config, backend)
+        Machine::new(config, backend)
     }
 
     /// GICD_ISPENDR1: pending bits of INTIDs 32..64.
@@ -1027,15 +743,176 @@ mod tests {
         }
     }
 
-    #[cfg(not(all(target_os = "macos", target_arch = "aarch64")))]
-    #[test]
-    fn without_the_framework_the_machine_has_no_display() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = bare_config(dir.path());
+    /// A machine with everything that can be attached without a network
+    /// peer: USB, the Apple disks, a plain disk and a display on `fw`.
+    fn full_machine(dir: &std::path::Path, fw: &FakeFramework) -> Machine {
+        let mut config = bare_config(dir);
+        config.usb = true;
+        let disk = |name: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, vec![0u8; 4096]).unwrap();
+            DiskSpec {
+                path,
+                read_only: false,
+                offset: 0,
+            }
+        };
+        config.aux = Some(disk("aux.img"));
+        config.root = Some(disk("root.img"));
+        config.disks = vec![disk("data.img")];
         config.display = Some(DisplayConfig::default());
-        let m = Machine::new(config).unwrap();
-        assert!(m.screen().is_none());
-        assert!(m.bus().read(GFX_BASE, Word).is_err());
+        let backend = GfxBackend {
+            framework: Arc::new(fw.clone()),
+            va_space: Arc::new(FakeVaSpace::new()),
+            page_size: FAKE_PAGE,
+            executor: Arc::new(apple_gfx::ThreadExecutor),
+        };
+        Machine::new(config, Some(backend)).unwrap()
+    }
+
+    #[test]
+    fn every_device_on_the_bus_and_the_pci_bus_is_in_the_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let fw = FakeFramework::new(MemoryInterface::Tasks);
+        let m = full_machine(dir.path(), &fw);
+        let ids: Vec<&str> = m
+            .registry()
+            .entries()
+            .iter()
+            .map(|e| e.id().as_str())
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                "gic",
+                "pl011",
+                "bdif",
+                "pl031",
+                "pl061",
+                "power-button",
+                "pvpanic",
+                "aes",
+                "pcie-host",
+                "xhci",
+                "virtio-blk-aux",
+                "virtio-blk-root",
+                "virtio-blk0",
+                "apple-gfx",
+            ]
+        );
+
+        let mut windows: Vec<(u64, u64, String)> = m
+            .registry()
+            .entries()
+            .iter()
+            .flat_map(|e| e.windows())
+            .map(|w| (w.base, w.size, w.name.clone()))
+            .collect();
+        windows.sort();
+        let on_bus: Vec<(u64, u64, String)> = m
+            .bus()
+            .regions()
+            .map(|(base, size, name)| (base, size, name.to_owned()))
+            .collect();
+        assert_eq!(windows, on_bus);
+        assert_eq!(on_bus.len(), 13, "{on_bus:#x?}");
+
+        let mut slots: Vec<u8> = m
+            .registry()
+            .entries()
+            .iter()
+            .filter_map(|e| e.pci_slot())
+            .collect();
+        // 00:00.0 is the root complex, part of the host.
+        slots.insert(0, 0);
+        slots.sort();
+        let plugged: Vec<u8> = m.pci.devices().into_iter().map(|(slot, _)| slot).collect();
+        assert_eq!(slots, plugged);
+        assert_eq!(plugged.len(), 5);
+
+        let spis: Vec<u32> = m
+            .registry()
+            .entries()
+            .iter()
+            .flat_map(|e| e.spis().iter().copied())
+            .collect();
+        let mut wired = vec![SPI_UART, SPI_RTC, SPI_GPIO, SPI_AES];
+        wired.extend(SPI_PCIE_INTX..SPI_PCIE_INTX + PCIE_INTX_LINES);
+        wired.extend([SPI_GFX, SPI_GFX_IOSFC]);
+        assert_eq!(spis, wired);
+    }
+
+    /// A one-register device that counts its resets; the machine never
+    /// names it.
+    #[derive(Default)]
+    struct Scratch {
+        value: std::sync::atomic::AtomicU64,
+        resets: std::sync::atomic::AtomicU64,
+    }
+
+    impl vm_core::MmioDevice for Scratch {
+        fn read(&self, _offset: u64, _width: vm_core::AccessWidth) -> u64 {
+            self.value.load(std::sync::atomic::Ordering::SeqCst)
+        }
+        fn write(&self, _offset: u64, _width: vm_core::AccessWidth, value: u64) {
+            self.value.store(value, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    impl registry::Device for Scratch {
+        fn reset(&self) {
+            self.value.store(0, std::sync::atomic::Ordering::SeqCst);
+            self.resets
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn machine_reset_resets_a_registered_device_it_does_not_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = Machine::new(bare_config(dir.path()), None).unwrap();
+        let base = 0x2008_0000;
+        let scratch = m
+            .registry
+            .attach("scratch", |wires| {
+                let _line = wires.spi(40);
+                let dev = Arc::new(Scratch::default());
+                Ok(registry::Attachment::new(dev.clone()).mmio("scratch", base, 0x1000, dev))
+            })
+            .unwrap();
+        m.bus().write(base, Word, 0x55).unwrap();
+        assert_eq!(m.bus().read(base, Word).unwrap(), 0x55);
+        m.reset_devices();
+        assert_eq!(scratch.resets.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(m.bus().read(base, Word).unwrap(), 0);
+    }
+
+    #[test]
+    fn machine_reset_returns_the_guests_programming_to_reset_values() {
+        use devices::{pl031, pl061};
+        let dir = tempfile::tempdir().unwrap();
+        let fw = FakeFramework::new(MemoryInterface::Tasks);
+        let m = full_machine(dir.path(), &fw);
+        // What a guest leaves behind: GPIO directions, an RTC alarm, an
+        // enabled SPI, a PCI function with memory decoding on.
+        let xhci = m.registry().get("xhci").unwrap().pci_slot().unwrap();
+        let ecam_command = PCIE_ECAM_BASE + (u64::from(xhci) << 15) + 0x4;
+        let bus = m.bus();
+        let programmed = [
+            (GPIO_BASE + pl061::reg::DIR, 0xff),
+            (RTC_BASE + pl031::reg::MR, 0x1234),
+            (GICD_BASE + 0x104, 1 << SPI_UART),
+            (ecam_command, 0x2),
+        ];
+        for (addr, value) in programmed {
+            bus.write(addr, Word, value).unwrap();
+            assert_eq!(bus.read(addr, Word).unwrap() & value, value, "{addr:#x}");
+        }
+        m.reset_devices();
+        for (addr, value) in programmed {
+            assert_eq!(bus.read(addr, Word).unwrap() & value, 0, "{addr:#x}");
+        }
+        assert_eq!(fw.resets(), 1, "the display's framework too");
     }
 
     #[test]

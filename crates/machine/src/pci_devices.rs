@@ -3,7 +3,6 @@
 //! documented command line (§7.4): XHCI first, then the Apple aux and
 //! root block devices, the NIC, and any plain virtio disks.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use block::BlockBackend;
@@ -11,9 +10,14 @@ use pci::{PciDevice, PciHost};
 use virtio::block::{AppleVariant, BlockConfig, VirtioBlock};
 use virtio::net::VirtioNet;
 use virtio::transport::pci::VirtioPciDevice;
-use vm_core::GuestMemory;
+use vm_core::IrqLine;
 
-use crate::MachineError;
+use crate::layout::{
+    PCIE_ECAM_BASE, PCIE_ECAM_SIZE, PCIE_INTX_LINES, PCIE_MMIO_BASE, PCIE_MMIO_SIZE, SPI_PCIE_INTX,
+};
+use crate::platform::Core;
+use crate::registry::{Attachment, Registry};
+use crate::{Disks, MachineConfig, MachineError};
 
 pub use vm_config::{MacAddress, NetBackend};
 
@@ -52,6 +56,7 @@ fn open_backend(backend: &NetBackend) -> std::io::Result<Box<dyn virtio::net::Ne
         }
     })
 }
+
 /// A NIC the user asked for.
 #[derive(Clone, Debug)]
 pub struct NicSpec {
@@ -73,72 +78,93 @@ pub fn default_mac(index: u8) -> MacAddress {
     ])
 }
 
-/// What goes on the PCI bus.
-pub(crate) struct PciPlan<'a> {
-    pub memory: &'a GuestMemory,
-    /// The USB controller with keyboard and tablet, or none.
-    pub xhci: Option<Arc<usb::Xhci>>,
-    pub aux: Option<Arc<dyn BlockBackend>>,
-    pub root: Option<Arc<dyn BlockBackend>>,
-    pub nics: &'a [NicSpec],
-    pub disks: Vec<(PathBuf, Arc<dyn BlockBackend>)>,
-    pub queues_per_disk: u16,
-}
-
-pub(crate) fn populate(host: &PciHost, plan: PciPlan) -> Result<(), MachineError> {
-    let plug = |name: &str, device: Arc<dyn PciDevice>| {
-        let slot = host
-            .add_device(device)
-            .map_err(|source| MachineError::Pci {
-                name: name.to_owned(),
-                source,
-            })?;
-        tracing::debug!(slot, "PCI 00:{slot:02x}.0 is {name}");
-        Ok::<(), MachineError>(())
+/// Attaches the PCIe host bridge (ECAM, MMIO window, INTx lines) and the
+/// functions on it.
+pub(crate) fn attach(
+    reg: &mut Registry,
+    core: &Core,
+    config: &MachineConfig,
+    disks: Disks,
+) -> Result<PciBus, MachineError> {
+    let host = reg.attach(HOST, |wires| {
+        let intx: [Arc<dyn IrqLine>; PCIE_INTX_LINES as usize] =
+            std::array::from_fn(|line| wires.spi(SPI_PCIE_INTX + line as u32));
+        let host = Arc::new(PciHost::new(intx));
+        Ok(Attachment::new(host.clone())
+            .mmio("pcie-ecam", PCIE_ECAM_BASE, PCIE_ECAM_SIZE, host.ecam())
+            .mmio(
+                "pcie-mmio",
+                PCIE_MMIO_BASE,
+                PCIE_MMIO_SIZE,
+                host.mmio_window(),
+            ))
+    })?;
+    let mut plug = |id: &str, function: Arc<dyn PciDevice>| {
+        reg.attach_pci(HOST, &host, id, function).map(drop)
     };
     let virtio = |device: Box<dyn virtio::VirtioDevice>| -> Arc<dyn PciDevice> {
-        Arc::new(VirtioPciDevice::new(device, plan.memory.clone()))
+        Arc::new(VirtioPciDevice::new(device, core.memory.clone()))
     };
+    let queues_per_disk = config.cpus.clamp(1, 16) as u16;
     let block = |backend: Arc<dyn BlockBackend>, serial: &str, apple: Option<AppleVariant>| {
         let config = BlockConfig {
             read_only: backend.is_read_only(),
             serial: Some(serial.to_owned()),
-            num_queues: plan.queues_per_disk,
+            num_queues: queues_per_disk,
             apple_variant: apple,
         };
         virtio(Box::new(VirtioBlock::new(backend, config)))
     };
-    if let Some(xhci) = plan.xhci {
-        plug("qemu-xhci (USB keyboard, tablet)", xhci)?;
+    let mut input = None;
+    if config.usb {
+        let xhci = Arc::new(usb::Xhci::with_hid_devices(
+            core.memory.clone(),
+            usb::XhciConfig::default(),
+        ));
+        input = Some(xhci.input_sink());
+        plug("xhci", xhci)?;
     }
-    if let Some(aux) = plan.aux {
+    if config.aux.is_some() {
         plug(
-            "vmapple-virtio-blk (aux)",
-            block(aux, "vmapple-aux", Some(AppleVariant::Aux)),
+            "virtio-blk-aux",
+            block(disks.aux, "vmapple-aux", Some(AppleVariant::Aux)),
         )?;
     }
-    if let Some(root) = plan.root {
+    if config.root.is_some() {
         plug(
-            "vmapple-virtio-blk (root)",
-            block(root, "vmapple-root", Some(AppleVariant::Root)),
+            "virtio-blk-root",
+            block(disks.root, "vmapple-root", Some(AppleVariant::Root)),
         )?;
     }
-    for (i, nic) in plan.nics.iter().enumerate() {
+    for (i, nic) in config.nics.iter().enumerate() {
         let backend = open_backend(&nic.backend).map_err(|source| MachineError::Net {
             backend: nic.backend.clone(),
             source,
         })?;
         tracing::info!("NIC {i}: {}, MAC {}", nic.backend, nic.mac);
         plug(
-            "virtio-net",
+            &format!("virtio-net{i}"),
             virtio(Box::new(VirtioNet::new(backend, nic.mac.octets()))),
         )?;
     }
-    for (i, (path, disk)) in plan.disks.into_iter().enumerate() {
-        let name = format!("virtio-blk ({})", path.display());
-        plug(&name, block(disk, &format!("vmapple-disk{i}"), None))?;
+    for (i, (path, disk)) in disks.extra.into_iter().enumerate() {
+        tracing::debug!("virtio-blk{i} is {}", path.display());
+        plug(
+            &format!("virtio-blk{i}"),
+            block(disk, &format!("vmapple-disk{i}"), None),
+        )?;
     }
-    Ok(())
+    Ok(PciBus { host, input })
+}
+
+/// The registry id of the PCIe host bridge, parent of every function.
+const HOST: &str = "pcie-host";
+
+/// What the machine keeps of the PCI side besides the registry.
+pub(crate) struct PciBus {
+    pub host: Arc<PciHost>,
+    /// Where keyboard and pointer input for the USB devices goes.
+    pub input: Option<usb::InputSink>,
 }
 
 #[cfg(test)]

@@ -43,8 +43,8 @@
 //! * **Reset** ([`PciHost::reset`]): every header returns to power-on
 //!   state (decoding off, BARs 0) and every function is reset.
 
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use vm_core::sync::lock;
+use std::sync::{Arc, Mutex, RwLock};
+use vm_core::sync::{lock, read_lock, write_lock};
 
 use vm_core::{AccessWidth, IrqLine, MmioDevice, NoIrq};
 
@@ -219,26 +219,15 @@ struct HostInner {
 
 impl HostInner {
     fn function(&self, slot: u8) -> Option<Arc<Function>> {
-        self.functions
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(usize::from(slot))
-            .cloned()
+        read_lock(&self.functions).get(usize::from(slot)).cloned()
     }
 
     /// Recomputes what the MMIO window decodes from every header.
     fn remap(&self) {
         // Held across the scan so that two concurrent remaps cannot store
         // an older picture over a newer one.
-        let mut mappings = self
-            .mappings
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        let functions = self
-            .functions
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let mut mappings = write_lock(&self.mappings);
+        let functions = read_lock(&self.functions).clone();
         mappings.clear();
         for f in functions {
             for bar in lock(&f.config).mapped_bars() {
@@ -340,7 +329,7 @@ impl HostInner {
 
     /// The BAR covering `[addr, addr + len)` on the bus, if any.
     fn lookup(&self, addr: u64, len: u64) -> Option<(Arc<dyn PciDevice>, u8, u64)> {
-        let mappings = self.mappings.read().unwrap_or_else(PoisonError::into_inner);
+        let mappings = read_lock(&self.mappings);
         let m = mappings
             .iter()
             .find(|m| addr >= m.bar.base && addr - m.bar.base < m.bar.size)?;
@@ -456,10 +445,7 @@ impl PciHost {
             }),
         };
         let bridge = host.plug(0, Arc::new(HostBridge));
-        host.inner
-            .functions
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
+        write_lock(&host.inner.functions)
             .push(bridge.expect("the root complex's header is well-formed"));
         host
     }
@@ -510,22 +496,13 @@ impl PciHost {
     /// Plugs `device` into the next free slot (1, 2, …) and returns the
     /// slot. Its INTx line is handed over through [`PciDevice::set_intx`].
     pub fn add_device(&self, device: Arc<dyn PciDevice>) -> Result<u8, PciError> {
-        let slot = self
-            .inner
-            .functions
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len();
+        let slot = read_lock(&self.inner.functions).len();
         if slot >= usize::from(NUM_SLOTS) {
             return Err(PciError::NoFreeSlot(device.name().to_string()));
         }
         let slot = slot as u8;
         let function = self.plug(slot, device)?;
-        let mut functions = self
-            .inner
-            .functions
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut functions = write_lock(&self.inner.functions);
         if functions.len() != usize::from(slot) {
             // Another add raced us for the slot; plugging is a build-time
             // step, so refusing is enough.
@@ -545,10 +522,7 @@ impl PciHost {
 
     /// `(slot, name)` of every function, the root complex included.
     pub fn devices(&self) -> Vec<(u8, String)> {
-        self.inner
-            .functions
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
+        read_lock(&self.inner.functions)
             .iter()
             .map(|f| (f.slot, f.device.name().to_string()))
             .collect()
@@ -567,12 +541,7 @@ impl PciHost {
 
     /// System reset: every header to power-on state, every function reset.
     pub fn reset(&self) {
-        let functions = self
-            .inner
-            .functions
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let functions = read_lock(&self.inner.functions).clone();
         for f in functions {
             lock(&f.config).reset();
             if let Some(intx) = &f.intx {

@@ -20,6 +20,7 @@
 //! * **PBA**: one bit per vector, read-only to the guest; the function
 //!   sets and clears bits with [`MsixState::set_pending`].
 
+use vm_core::regs::{Narrow, RegisterFile, Wide};
 use vm_core::AccessWidth;
 
 /// Capability ID of MSI-X.
@@ -166,43 +167,35 @@ impl MsixState {
             .map_or(0, |e| e[field])
     }
 
+    /// The table's 32-bit registers: any load (no read side effects), and
+    /// aligned 32- and 64-bit stores.
+    fn table_registers(&self) -> RegisterFile<'static> {
+        RegisterFile {
+            name: "msix table",
+            size: self.table.len() as u64 * ENTRY_SIZE,
+            narrow: Narrow::Lanes,
+            wide: Wide::Split,
+        }
+    }
+
     /// A load from the table at `offset` into it; 0 past its end.
     pub fn read_table(&self, offset: u64, width: AccessWidth) -> u64 {
-        let mut value = 0u64;
-        for i in 0..width.bytes() {
-            let Some(at) = offset.checked_add(i) else {
-                break;
-            };
-            let byte = (self.table_dword(at & !3) >> (8 * (at & 3))) & 0xff;
-            value |= u64::from(byte) << (8 * i);
-        }
-        value
+        self.table_registers()
+            .read(offset, width, |at| self.table_dword(at))
     }
 
     /// A store to the table at `offset` into it.
     pub fn write_table(&mut self, offset: u64, width: AccessWidth, value: u64) {
-        let dwords: &[(u64, u32)] = match width {
-            AccessWidth::Word if offset % 4 == 0 => &[(offset, value as u32)],
-            AccessWidth::Double if offset % 8 == 0 => {
-                &[(offset, value as u32), (offset + 4, (value >> 32) as u32)]
-            }
-            _ => {
-                vm_core::guest_error!("msix: {width} table store at {offset:#x} ignored");
-                return;
-            }
-        };
-        for &(at, v) in dwords {
+        self.table_registers().write(offset, width, value, |at, v| {
             let index = at / ENTRY_SIZE;
             let field = (at % ENTRY_SIZE / 4) as usize;
-            let Some(entry) = usize::try_from(index)
+            if let Some(entry) = usize::try_from(index)
                 .ok()
                 .and_then(|i| self.table.get_mut(i))
-            else {
-                vm_core::guest_error!("msix: table store past the end at {at:#x}");
-                continue;
-            };
-            entry[field] = if field == 3 { v & VECTOR_MASKED } else { v };
-        }
+            {
+                entry[field] = if field == 3 { v & VECTOR_MASKED } else { v };
+            }
+        })
     }
 
     /// A load from the PBA at `offset` into it; 0 past its end.

@@ -67,10 +67,15 @@ pub const MAX_REQUEST_BYTES: u64 = 64 << 20;
 /// Bounce-buffer size for data copies.
 const CHUNK_BYTES: usize = 256 << 10;
 
-/// `max_discard_sectors` / `max_write_zeroes_sectors`: just under 4 GiB
-/// per request. The backend punches or zeroes the range without a buffer,
-/// so this only bounds how long one request can keep the vCPU.
+/// `max_discard_sectors`: just under 4 GiB per request. A discard never
+/// writes data (the backend frees blocks or does nothing), so its size
+/// costs the vCPU little.
 pub const MAX_DISCARD_SECTORS: u32 = (u32::MAX as u64 / SECTOR_SIZE) as u32;
+
+/// `max_write_zeroes_sectors`: as much as one OUT request. Where the host
+/// cannot zero or free a range the backend writes real zeros, so one
+/// request is held to the work of the largest write.
+pub const MAX_WRITE_ZEROES_SECTORS: u32 = (MAX_REQUEST_BYTES / SECTOR_SIZE) as u32;
 
 /// Segments per DISCARD / WRITE_ZEROES request.
 pub const MAX_DISCARD_SEGMENTS: u32 = 1;
@@ -216,7 +221,7 @@ impl VirtioBlock {
         // the guest adds meanwhile wait for its next kick.
         let mut budget = queue.size();
         while budget > 0 {
-            let Some(dc) = queue.pop_descriptor_chain(mem) else {
+            let Some(dc) = chain::pop_chain(queue, mem) else {
                 break;
             };
             budget -= 1;
@@ -258,7 +263,7 @@ impl Disk {
             put(cfg::DISCARD_SECTOR_ALIGNMENT, &1u32.to_le_bytes());
             put(
                 cfg::MAX_WRITE_ZEROES_SECTORS,
-                &MAX_DISCARD_SECTORS.to_le_bytes(),
+                &MAX_WRITE_ZEROES_SECTORS.to_le_bytes(),
             );
             put(
                 cfg::MAX_WRITE_ZEROES_SEG,
@@ -335,7 +340,7 @@ impl Disk {
             req::FLUSH => match self.backend.flush() {
                 Ok(()) => (status::OK, 0),
                 Err(e) => {
-                    tracing::error!("virtio-blk: flush failed: {e}");
+                    vm_core::log_limited!(error, "virtio-blk: flush failed: {e}");
                     (status::IOERR, 0)
                 }
             },
@@ -390,7 +395,11 @@ impl Disk {
         while done < len {
             let n = ((len - done) as usize).min(buf.len());
             if let Err(e) = self.backend.read_at(&mut buf[..n], offset + done) {
-                tracing::error!("virtio-blk: read at {:#x} failed: {e}", offset + done);
+                vm_core::log_limited!(
+                    error,
+                    "virtio-blk: read at {:#x} failed: {e}",
+                    offset + done
+                );
                 return (status::IOERR, done);
             }
             if write_stream(mem, segs, done, &buf[..n]).is_err() {
@@ -410,7 +419,11 @@ impl Disk {
                 return status::IOERR;
             }
             if let Err(e) = self.backend.write_at(&buf[..n], offset + done) {
-                tracing::error!("virtio-blk: write at {:#x} failed: {e}", offset + done);
+                vm_core::log_limited!(
+                    error,
+                    "virtio-blk: write at {:#x} failed: {e}",
+                    offset + done
+                );
                 return status::IOERR;
             }
             done += n as u64;
@@ -448,7 +461,13 @@ impl Disk {
             guest_error!("virtio-blk: segment flags {flags:#x} not supported");
             return status::UNSUPP;
         }
-        if num > MAX_DISCARD_SECTORS {
+        let max = if ty == req::DISCARD {
+            MAX_DISCARD_SECTORS
+        } else {
+            MAX_WRITE_ZEROES_SECTORS
+        };
+        if num > max {
+            guest_error!("virtio-blk: discard/write-zeroes of {num} sectors exceeds {max}");
             return status::IOERR;
         }
         let Some(offset) = sector.checked_mul(SECTOR_SIZE) else {
@@ -462,14 +481,13 @@ impl Disk {
         let result = if ty == req::DISCARD {
             self.backend.discard(offset, bytes)
         } else {
-            // With or without UNMAP the range must read back as zeros;
-            // the backend picks the cheapest way.
-            self.backend.write_zeroes(offset, bytes)
+            self.backend
+                .write_zeroes(offset, bytes, flags & WZ_FLAG_UNMAP != 0)
         };
         match result {
             Ok(()) => status::OK,
             Err(e) => {
-                tracing::error!("virtio-blk: discard/write-zeroes failed: {e}");
+                vm_core::log_limited!(error, "virtio-blk: discard/write-zeroes failed: {e}");
                 status::IOERR
             }
         }
@@ -525,7 +543,7 @@ impl VirtioDevice for VirtioBlock {
             return Err(ActivateError::MissingQueue(0));
         }
         for (i, q) in ctx.queues.iter().enumerate() {
-            if q.ready() && !q.is_valid(&ctx.memory) {
+            if q.ready() && !chain::rings_in_ram(q, &ctx.memory) {
                 return Err(ActivateError::Other(format!(
                     "virtio-blk: queue {i} is not inside guest RAM"
                 )));
@@ -607,8 +625,8 @@ mod tests {
         fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
             self.inner.discard(offset, len)
         }
-        fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-            self.inner.write_zeroes(offset, len)
+        fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+            self.inner.write_zeroes(offset, len, unmap)
         }
     }
 
@@ -999,7 +1017,7 @@ mod tests {
             fn discard(&self, _: u64, _: u64) -> io::Result<()> {
                 Ok(())
             }
-            fn write_zeroes(&self, _: u64, _: u64) -> io::Result<()> {
+            fn write_zeroes(&self, _: u64, _: u64, _: bool) -> io::Result<()> {
                 Ok(())
             }
         }
@@ -1155,6 +1173,45 @@ mod tests {
     }
 
     #[test]
+    fn a_flood_of_bad_guest_input_logs_a_bounded_number_of_lines() {
+        use vm_core::guest_error::BURST;
+        const TIMES: u64 = 5000;
+        let start = std::time::Instant::now();
+        let ((), lines) = crate::log_capture::capture(|| {
+            // A runaway available index, kicked again and again.
+            let mut r = rig(BlockConfig::default());
+            let avail = QUEUE_BASE + 16 * 16;
+            write_all(&r.mem, avail + 2, &1000u16.to_le_bytes()).unwrap();
+            for _ in 0..TIMES {
+                r.dev.queue_notify(0);
+            }
+            // Activation with a used ring outside RAM, again and again.
+            for _ in 0..TIMES {
+                let mut q = r.tq.queue();
+                q.try_set_used_ring_address(vm_memory::GuestAddress(OUTSIDE))
+                    .unwrap();
+                r.dev.reset();
+                let err = r.dev.activate(ActivateContext {
+                    memory: r.mem.clone(),
+                    queues: vec![q],
+                    acked_features: 0,
+                    interrupt: r.irq.clone(),
+                });
+                assert!(err.is_err());
+            }
+        });
+        // Each call site speaks at most BURST times per second.
+        let seconds = start.elapsed().as_secs() + 1;
+        assert!(
+            lines.len() as u64 <= 2 * BURST * seconds,
+            "{} lines in {seconds} s for {} bad inputs:\n{}",
+            lines.len(),
+            2 * TIMES,
+            lines[..lines.len().min(20)].join("\n")
+        );
+    }
+
+    #[test]
     fn inactive_and_reset_device_ignores_kicks() {
         let mut r = rig(BlockConfig::default());
         r.dev.reset();
@@ -1171,6 +1228,154 @@ mod tests {
             interrupt: r.irq.clone(),
         });
         assert!(matches!(err, Err(ActivateError::MissingQueue(0))));
+    }
+
+    /// A device on an image file, driven request by request.
+    struct FileRig {
+        mem: GuestMemory,
+        tq: TestQueue,
+        dev: VirtioBlock,
+    }
+
+    impl FileRig {
+        fn new(path: &std::path::Path) -> Self {
+            let image = Arc::new(block::DiskImage::open(path, false).unwrap());
+            let mem = create_guest_memory(&[(0, RAM)]).unwrap();
+            let mut dev = VirtioBlock::new(image, BlockConfig::default());
+            let tq = TestQueue::new(&mem, QUEUE_BASE, 16);
+            dev.activate(ActivateContext {
+                memory: mem.clone(),
+                queues: vec![tq.queue()],
+                acked_features: dev.features(),
+                interrupt: Arc::new(TestInterrupt::default()),
+            })
+            .unwrap();
+            Self { mem, tq, dev }
+        }
+
+        /// DISCARD or WRITE_ZEROES of one segment; returns the status.
+        fn zero(&mut self, ty: u32, sector: u64, num: u32, flags: u32) -> u8 {
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&ty.to_le_bytes());
+            write_all(&self.mem, HDR, &h).unwrap();
+            let mut seg = [0u8; 16];
+            seg[0..8].copy_from_slice(&sector.to_le_bytes());
+            seg[8..12].copy_from_slice(&num.to_le_bytes());
+            seg[12..16].copy_from_slice(&flags.to_le_bytes());
+            write_all(&self.mem, DATA, &seg).unwrap();
+            write_all(&self.mem, STATUS, &[0xaa]).unwrap();
+            self.tq
+                .add_chain(&[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)]);
+            self.dev.queue_notify(0);
+            let mut st = [0u8];
+            read_exact(&self.mem, STATUS, &mut st).unwrap();
+            st[0]
+        }
+
+        /// Reads `len` bytes from `sector` the way the guest would.
+        fn read(&mut self, sector: u64, len: u32) -> Vec<u8> {
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&req::IN.to_le_bytes());
+            h[8..16].copy_from_slice(&sector.to_le_bytes());
+            write_all(&self.mem, HDR, &h).unwrap();
+            self.tq
+                .add_chain(&[(HDR, 16, false), (DATA, len, true), (STATUS, 1, true)]);
+            self.dev.queue_notify(0);
+            let mut st = [0u8];
+            read_exact(&self.mem, STATUS, &mut st).unwrap();
+            assert_eq!(st[0], status::OK);
+            let mut v = vec![0u8; len as usize];
+            read_exact(&self.mem, DATA, &mut v).unwrap();
+            v
+        }
+    }
+
+    fn scratch_image(name: &str, fill: u8, len: u64) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("virtio-blk-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("disk.img");
+        if fill == 0 {
+            std::fs::File::create(&path).unwrap().set_len(len).unwrap();
+        } else {
+            std::fs::write(&path, vec![fill; len as usize]).unwrap();
+            std::fs::File::open(&path).unwrap().sync_all().unwrap();
+        }
+        path
+    }
+
+    fn allocated(path: &std::path::Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn discard_and_unmapping_write_zeroes_free_an_image_files_blocks() {
+        const MIB: u64 = 1 << 20;
+        let path = scratch_image("holes", 0x6d, 4 * MIB);
+        let mut r = FileRig::new(&path);
+        let full = allocated(&path);
+        assert!(full >= 4 * MIB);
+
+        // DISCARD of 1 MiB..3 MiB: the file is sparse there and the guest
+        // reads zeros back.
+        assert_eq!(r.zero(req::DISCARD, 2048, 4096, 0), status::OK);
+        let after_discard = allocated(&path);
+        assert!(
+            after_discard <= full - 2 * MIB,
+            "{after_discard} of {full} bytes still allocated"
+        );
+        assert!(r.read(2048, 64 << 10).iter().all(|&b| b == 0));
+        assert!(r.read(6143, 512).iter().all(|&b| b == 0));
+        assert!(r.read(2047, 512).iter().all(|&b| b == 0x6d));
+
+        // WRITE_ZEROES with UNMAP frees too; without it the range still
+        // reads as zeros.
+        assert_eq!(
+            r.zero(req::WRITE_ZEROES, 6144, 2048, WZ_FLAG_UNMAP),
+            status::OK
+        );
+        let after_unmap = allocated(&path);
+        assert!(
+            after_unmap <= after_discard - MIB,
+            "{after_unmap} of {after_discard} bytes still allocated"
+        );
+        assert!(r.read(6144, 64 << 10).iter().all(|&b| b == 0));
+        assert_eq!(r.zero(req::WRITE_ZEROES, 1, 8, 0), status::OK);
+        assert!(r.read(1, 4096).iter().all(|&b| b == 0));
+        assert!(r.read(0, 512).iter().all(|&b| b == 0x6d));
+        assert!(r.read(9, 512).iter().all(|&b| b == 0x6d));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 * MIB);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn write_zeroes_is_held_to_the_size_of_one_write() {
+        // Where the host can neither free nor zero a range, zeros are
+        // written: one request must cost no more than the largest OUT.
+        let path = scratch_image("wz-cap", 0, 2 * MAX_REQUEST_BYTES);
+        let mut r = FileRig::new(&path);
+        let mut max = [0u8; 4];
+        r.dev
+            .read_config(cfg::MAX_WRITE_ZEROES_SECTORS as u64, &mut max);
+        let max = u32::from_le_bytes(max);
+        assert!(max > 0 && u64::from(max) * SECTOR_SIZE <= MAX_REQUEST_BYTES);
+        assert_eq!(r.zero(req::WRITE_ZEROES, 0, max + 1, 0), status::IOERR);
+        assert_eq!(r.zero(req::WRITE_ZEROES, 0, max, 0), status::OK);
+        // Discards write nothing, so they keep their large limit.
+        let mut dmax = [0u8; 4];
+        r.dev
+            .read_config(cfg::MAX_DISCARD_SECTORS as u64, &mut dmax);
+        assert_eq!(u32::from_le_bytes(dmax), MAX_DISCARD_SECTORS);
+        assert_eq!(
+            r.zero(
+                req::DISCARD,
+                0,
+                (2 * MAX_REQUEST_BYTES / SECTOR_SIZE) as u32,
+                0
+            ),
+            status::OK
+        );
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 
     #[test]

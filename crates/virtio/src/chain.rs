@@ -7,9 +7,11 @@
 //! of failing half-way, and every copy goes through the checked helpers of
 //! `vm_core::memory`, which refuse ranges outside RAM.
 
+use std::sync::atomic::Ordering;
+
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_core::memory::{range_is_ram, read_exact, write_all};
-use vm_core::GuestMemory;
+use vm_core::{guest_error, GuestMemory};
 
 /// Descriptors kept per chain. virtio-queue already bounds a chain by the
 /// queue size (and an indirect table by its length, at most 65535); this
@@ -96,6 +98,44 @@ impl Chain {
         }
         walked
     }
+}
+
+/// The next chain the driver made available, if any.
+///
+/// The available index is checked here first: for an index more than a
+/// ring ahead virtio-queue logs an error of its own, not rate-limited,
+/// which a guest could repeat at every kick.
+pub(crate) fn pop_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemory,
+) -> Option<DescriptorChain<&'m GuestMemory>> {
+    let Ok(avail) = queue.avail_idx(mem, Ordering::Acquire) else {
+        guest_error!("virtio: available ring index is not readable");
+        return None;
+    };
+    let pending = avail.0.wrapping_sub(queue.next_avail());
+    if pending == 0 {
+        return None;
+    }
+    if pending > queue.size() {
+        guest_error!(
+            "virtio: available index {} is {pending} entries ahead in a {}-entry ring",
+            avail.0,
+            queue.size()
+        );
+        return None;
+    }
+    queue.pop_descriptor_chain(mem)
+}
+
+/// Whether a queue's three rings lie in guest RAM: what
+/// `QueueT::is_valid` checks (alignment was checked as the driver set the
+/// addresses), without its unlimited error log.
+pub(crate) fn rings_in_ram(queue: &Queue, mem: &GuestMemory) -> bool {
+    let n = u64::from(queue.size());
+    range_is_ram(mem, queue.desc_table(), 16 * n)
+        && range_is_ram(mem, queue.avail_ring(), 6 + 2 * n)
+        && range_is_ram(mem, queue.used_ring(), 6 + 8 * n)
 }
 
 /// `VRING_AVAIL_F_NO_INTERRUPT` in the available ring's flags.

@@ -11,4 +11,7 @@ pub mod device;
 pub mod net;
 pub mod transport;
 
+#[cfg(test)]
+mod log_capture;
+
 pub use device::{ActivateContext, ActivateError, PciIdentity, VirtioDevice, VirtioInterrupt};

@@ -5,6 +5,11 @@
 //! [`BURST`] lines per second and, when it speaks again, says how many it
 //! held back. Logs go to the `guest` target at WARN level, so
 //! `RUST_LOG=guest=off` silences them and `RUST_LOG=guest=debug` keeps them.
+//!
+//! [`log_limited!`](crate::log_limited!) is the same limit for other lines a
+//! guest or a network peer can cause again and again (host I/O errors on
+//! its requests, pvpanic events), at a level and target of the caller's
+//! choosing.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -70,16 +75,35 @@ impl Default for RateLimit {
 /// ```
 #[macro_export]
 macro_rules! guest_error {
-    ($($arg:tt)+) => {{
+    ($($arg:tt)+) => {
+        $crate::log_limited!(warn, target: "guest", $($arg)+)
+    };
+}
+
+/// Logs at `level` (a `tracing` macro name), rate-limited per call site as
+/// [`guest_error!`](crate::guest_error!) is; the target is the caller's
+/// module unless given.
+///
+/// ```
+/// let e = std::io::Error::other("no space left");
+/// vm_core::log_limited!(error, "virtio-blk: write failed: {e}");
+/// vm_core::log_limited!(info, target: "guest", "pvpanic: guest panicked");
+/// ```
+#[macro_export]
+macro_rules! log_limited {
+    ($level:ident, target: $target:expr, $($arg:tt)+) => {{
         static LIMIT: $crate::guest_error::RateLimit = $crate::guest_error::RateLimit::new();
         if let Some(held_back) = LIMIT.check() {
             if held_back > 0 {
-                $crate::tracing::warn!(target: "guest", "{} ({} similar held back)", format_args!($($arg)+), held_back);
+                $crate::tracing::$level!(target: $target, "{} ({} similar held back)", format_args!($($arg)+), held_back);
             } else {
-                $crate::tracing::warn!(target: "guest", $($arg)+);
+                $crate::tracing::$level!(target: $target, $($arg)+);
             }
         }
     }};
+    ($level:ident, $($arg:tt)+) => {
+        $crate::log_limited!($level, target: module_path!(), $($arg)+)
+    };
 }
 
 #[cfg(test)]
@@ -103,5 +127,7 @@ mod tests {
     fn macro_expands_with_and_without_arguments() {
         crate::guest_error!("plain");
         crate::guest_error!("formatted {:#x}", 0x10);
+        crate::log_limited!(error, "plain");
+        crate::log_limited!(info, target: "guest", "formatted {}", 1);
     }
 }

@@ -6,6 +6,7 @@
 //! the condition behind its output changes; repeating the same level is
 //! allowed and cheap.
 
+#[cfg(any(test, feature = "test-util"))]
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// One level-sensitive interrupt output of a device.
@@ -22,13 +23,16 @@ impl IrqLine for NoIrq {
     fn set_level(&self, _asserted: bool) {}
 }
 
-/// A line that remembers its level and counts rising edges, for tests.
+/// A line that remembers its level and counts rising edges, for tests
+/// (feature `test-util`).
+#[cfg(any(test, feature = "test-util"))]
 #[derive(Debug, Default)]
 pub struct TestIrq {
     level: AtomicBool,
     rising_edges: AtomicU64,
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl TestIrq {
     pub fn new() -> Self {
         Self::default()
@@ -45,6 +49,7 @@ impl TestIrq {
     }
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl IrqLine for TestIrq {
     fn set_level(&self, asserted: bool) {
         let was = self.level.swap(asserted, Ordering::SeqCst);

@@ -11,10 +11,13 @@ pub mod error_chain;
 pub mod guest_error;
 pub mod irq;
 pub mod memory;
+pub mod regs;
 pub mod sync;
 
 pub use bus::{AccessWidth, BusError, MmioBus, MmioDevice};
-pub use irq::{IrqLine, NoIrq, TestIrq};
+#[cfg(any(test, feature = "test-util"))]
+pub use irq::TestIrq;
+pub use irq::{IrqLine, NoIrq};
 pub use memory::GuestMemory;
 
 /// Re-exported so that [`guest_error!`] works in crates without their own

@@ -53,6 +53,11 @@ pub struct ImportArgs {
     /// Name or path of the bundle to create.
     #[arg(value_name = "NAME")]
     pub name: PathBuf,
+    /// Let the VM description reference disk files outside its own
+    /// directory (absolute paths, `..`, symbolic links out). Only for a
+    /// source you trust: the bundle opens those files read-write.
+    #[arg(long)]
+    pub allow_outside_files: bool,
 }
 
 #[derive(Args, Debug)]
@@ -101,10 +106,15 @@ pub fn create(args: CreateArgs) -> Result<u8> {
 
 pub fn import(args: ImportArgs) -> Result<u8> {
     let source = &args.source;
-    let imported = if source.is_dir() {
-        bundle::import::import_tart(source)
+    let policy = if args.allow_outside_files {
+        bundle::import::OutsideFiles::Allow
     } else {
-        bundle::import::import_macosvm(source)
+        bundle::import::OutsideFiles::Refuse
+    };
+    let imported = if source.is_dir() {
+        bundle::import::import_tart(source, policy)
+    } else {
+        bundle::import::import_macosvm(source, policy)
     }?;
     for warning in &imported.warnings {
         eprintln!("vmapple: import: {warning}");

@@ -182,6 +182,9 @@ pub struct RunArgs {
     /// Display modes offered to the guest, comma-separated
     /// WIDTHxHEIGHT@HZ, the first preferred [default:
     /// 1920x1080@60,1440x1080@60,1280x1024@60].
+    // The doc comment is clap's help text; the brackets are its notation
+    // for defaults, not a rustdoc link.
+    #[allow(rustdoc::broken_intra_doc_links)]
     #[arg(long, value_name = "LIST")]
     pub display_modes: Option<String>,
 
@@ -360,13 +363,21 @@ fn disk_from_bundle(b: &bundle::Bundle, disk: &DiskSpec) -> DiskSpec {
     not(all(target_os = "macos", target_arch = "aarch64")),
     allow(unused_variables)
 )]
-fn run_machine(mut machine: Machine, accel: String, window: bool) -> Result<RunOutcome> {
+fn run_machine(
+    mut machine: Machine,
+    accel: String,
+    window: bool,
+    host: crate::host_display::HostWindow,
+) -> Result<RunOutcome> {
     #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
     if window {
         use apple_gfx_macos::main_thread::{run_vmm, PlatformLoop};
         use apple_gfx_macos::runloop::AppKitLoop;
-        let framework = machine
-            .mac_framework()
+        // Without a device the framework has no display to show.
+        let framework = host
+            .framework
+            .as_deref()
+            .filter(|_| machine.screen().is_some())
             .ok_or_else(|| Error::usage("--display cocoa: the machine has no display"))?;
         let input = machine.input_sink().map(|sink| {
             Arc::new(crate::input::WindowInput::new(sink))
@@ -418,7 +429,7 @@ fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<Mach
         .map_or(512 << 20, Size::bytes);
     let serial = args
         .serial
-        .or(config.map(|c| c.serial.clone()))
+        .or(bundle.map(|b| b.serial()))
         .unwrap_or(SerialBackend::Stdio);
     let mut machine = MachineConfig::new(cpus, memory, boot, serial);
     let ecid = match (args.ecid, bundle) {
@@ -480,7 +491,7 @@ fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<Mach
             Some((net, given))
         }
         (None, Some(b)) => {
-            let net = b.config().network.clone();
+            let net = b.network();
             let given = format!("bundle {}: network {net}", b.name());
             Some((net, given))
         }
@@ -549,7 +560,8 @@ pub fn run(args: RunArgs) -> Result<u8> {
     let accel = args.accel.clone();
     let start_paused = args.paused;
     let config = machine_config(args, bundle)?;
-    let machine = Machine::new(config)?;
+    let display = crate::host_display::open(config.display.as_ref())?;
+    let machine = Machine::new(config, display.backend)?;
     let signals = crate::signals::forward_to(machine.handle()).map_err(|source| Error::Host {
         what: "cannot install the signal handlers",
         source,
@@ -569,7 +581,7 @@ pub fn run(args: RunArgs) -> Result<u8> {
     if start_paused {
         machine.handle().pause();
     }
-    let outcome = run_machine(machine, accel, window);
+    let outcome = run_machine(machine, accel, window, display.window);
     drop(control);
     drop(signals);
     Ok(match outcome? {

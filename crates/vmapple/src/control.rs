@@ -345,7 +345,7 @@ mod tests {
             page_size: FAKE_PAGE,
             executor: Arc::new(apple_gfx::ThreadExecutor),
         };
-        let m = machine::Machine::with_display_backend(config, Some(backend)).unwrap();
+        let m = machine::Machine::new(config, Some(backend)).unwrap();
         let socket = dir.join("control.sock");
         let control = serve(&socket, m.handle(), None, m.screen()).unwrap();
         (m, fake, control, socket)
@@ -386,7 +386,7 @@ mod tests {
     #[test]
     fn screenshot_without_a_display_is_unsupported() {
         let dir = tempfile::tempdir().unwrap();
-        let m = machine::Machine::new(bare_config(dir.path())).unwrap();
+        let m = machine::Machine::new(bare_config(dir.path()), None).unwrap();
         let socket = dir.path().join("control.sock");
         let _control = serve(&socket, m.handle(), None, m.screen()).unwrap();
         let r = screenshot(&socket, &dir.path().join("x.png"));

@@ -1,11 +1,14 @@
 //! Logging: to stderr always and, while a bundle runs, to the bundle's
 //! `vmapple.log` as well, so a VM started in the background leaves a
-//! record of what happened to it.
+//! record of what happened to it. The file is rotated at a size cap
+//! ([`crate::log_rotate`]).
 
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
+
+use crate::log_rotate::{RotatingLog, LOG_CAP};
 
 use tracing_subscriber::filter::{filter_fn, EnvFilter};
 use tracing_subscriber::fmt::MakeWriter;
@@ -15,7 +18,7 @@ use tracing_subscriber::prelude::*;
 /// already on stderr in another form (see [`file_only_error`]).
 const FILE_ONLY: &str = "vmapple::file_only";
 
-static LOG_FILE: OnceLock<Mutex<File>> = OnceLock::new();
+static LOG_FILE: OnceLock<Mutex<RotatingLog>> = OnceLock::new();
 
 /// Writes to the bundle log once [`log_to_file`] has opened it, and
 /// nowhere before: the subscriber is set up before the bundle is known
@@ -24,20 +27,17 @@ struct BundleLog;
 
 impl Write for BundleLog {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match LOG_FILE.get() {
-            Some(file) => file.lock().unwrap_or_else(|e| e.into_inner()).write(buf),
-            None => Ok(buf.len()),
-        }
+        self.write_all(buf).map(|()| buf.len())
     }
 
     fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
         match LOG_FILE.get() {
-            // One write_all per event under the lock: lines of different
-            // threads never interleave.
+            // One write per event under the lock: lines of different
+            // threads never interleave, and rotation never splits one.
             Some(file) => file
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .write_all(buf),
+                .write_event(buf),
             None => Ok(()),
         }
     }
@@ -82,21 +82,32 @@ pub fn init(level: Option<&str>) -> crate::error::Result<()> {
     Ok(())
 }
 
-/// From now on, log to `path` too (appending: earlier runs stay).
+/// From now on, log to `path` too (appending: earlier runs stay, up to
+/// the rotation cap).
 pub fn log_to_file(path: &Path) -> crate::error::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|source| crate::error::Error::Path {
+    let log = RotatingLog::open(path, LOG_CAP, open_log_file).map_err(|source| {
+        crate::error::Error::Path {
             path: path.to_path_buf(),
             source,
-        })?;
+        }
+    })?;
     LOG_FILE
-        .set(Mutex::new(file))
+        .set(Mutex::new(log))
         .map_err(|_| crate::error::Error::usage("the log file is already open"))
+}
+
+/// Opens the log file for appending, creating it private to the user. A
+/// symbolic link or hard link there is refused, never written through.
+fn open_log_file(path: &Path) -> std::io::Result<File> {
+    use bundle::LockError;
+    bundle::bundle::open_bundle_file(path, std::fs::OpenOptions::new().append(true).create(true))
+        .map_err(|e| match e {
+            LockError::Io { source, .. } => source,
+            LockError::NotAPlainFile { why, .. } => {
+                std::io::Error::other(format!("{why}; refusing to write to it"))
+            }
+            other => std::io::Error::other(other.to_string()),
+        })
 }
 
 /// Records an error that is reported on stderr by other means in the log

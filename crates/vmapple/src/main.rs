@@ -10,7 +10,9 @@ mod bundles;
 mod cli;
 mod control;
 mod error;
+mod host_display;
 mod input;
+mod log_rotate;
 mod logging;
 mod signals;
 

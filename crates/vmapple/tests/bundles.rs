@@ -768,3 +768,243 @@ fn importing_something_that_is_not_a_vm_is_one_clear_error() {
     assert_user_error(&out, "config.json");
     assert!(!home.bundle("x").exists());
 }
+
+/// A hostile macosvm JSON points a read-write disk at a file of the user's
+/// outside its directory: the import is refused, names the file, creates
+/// nothing; `--allow-outside-files` lets a trusted one through.
+#[test]
+fn an_import_that_points_outside_the_vm_directory_is_refused() {
+    let home = Home::new();
+    let src = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    write_vz_aux(&src.path().join("aux.img"));
+    let victim = elsewhere.path().join("documents.img");
+    std::fs::write(&victim, "the user's data").unwrap();
+    let json = serde_json::json!({
+        "machineId": base64(&machine_identifier(ECID)),
+        "cpus": 2,
+        "ram": 268435456u64,
+        "storage": [
+            { "type": "disk", "file": victim.to_str().unwrap() },
+            { "type": "aux", "file": "aux.img" },
+        ],
+    });
+    let json_path = src.path().join("vm.json");
+    std::fs::write(&json_path, json.to_string()).unwrap();
+    let out = home.run(&["import", json_path.to_str().unwrap(), "hostile"]);
+    assert_user_error(
+        &out,
+        &format!("storage[0] file {} is outside", victim.display()),
+    );
+    assert!(!home.bundle("hostile").exists());
+
+    // The same through a symbolic link in a Tart directory.
+    let tart = tempfile::tempdir().unwrap();
+    let config = serde_json::json!({
+        "version": 1, "os": "darwin", "arch": "arm64",
+        "ecid": base64(&machine_identifier(ECID)),
+        "cpuCount": 2, "memorySize": 268435456u64,
+    });
+    std::fs::write(tart.path().join("config.json"), config.to_string()).unwrap();
+    write_vz_aux(&tart.path().join("nvram.bin"));
+    std::os::unix::fs::symlink(&victim, tart.path().join("disk.img")).unwrap();
+    let out = home.run(&["import", tart.path().to_str().unwrap(), "linked"]);
+    assert_user_error(&out, "disk.img is outside");
+    assert!(!home.bundle("linked").exists());
+
+    home.ok(&[
+        "import",
+        json_path.to_str().unwrap(),
+        "trusted",
+        "--allow-outside-files",
+    ]);
+    let config = std::fs::read_to_string(home.bundle("trusted").join("config.toml")).unwrap();
+    assert!(config.contains(victim.to_str().unwrap()), "{config}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"the user's data");
+}
+
+/// `bundle.lock` and `vmapple.log` planted as symbolic links to a file of
+/// the user's: `list`, `run` and `delete` never write through them.
+#[test]
+fn links_planted_in_a_bundle_are_never_written_through() {
+    let home = Home::new();
+    create_small(&home, "planted");
+    let dir = home.bundle("planted");
+    let victim = home.path().join("precious.txt");
+    std::fs::write(&victim, "precious\n").unwrap();
+    std::os::unix::fs::symlink(&victim, dir.join("bundle.lock")).unwrap();
+
+    assert!(home.ok(&["list"]).contains("planted"));
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    let out = home.run(&["run", "planted", "--kernel", "/nonexistent/Image"]);
+    assert_user_error(&out, "bundle.lock: is a symbolic link");
+    let out = home.run(&["delete", "planted"]);
+    assert_user_error(&out, "is a symbolic link");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+
+    std::fs::remove_file(dir.join("bundle.lock")).unwrap();
+    let _ = std::fs::remove_file(dir.join("vmapple.log"));
+    std::os::unix::fs::symlink(&victim, dir.join("vmapple.log")).unwrap();
+    let out = home.run(&["run", "planted", "--kernel", "/nonexistent/Image"]);
+    assert_user_error(&out, "vmapple.log: is a symbolic link");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+}
+
+/// Waits (bounded) until `path` exists: a paused VM has opened its disks
+/// once its control socket is there.
+fn wait_for_file(path: &Path, vm: &mut Running) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(
+            vm.is_running() && start.elapsed() < BOOT,
+            "{} never appeared; stderr:\n{}",
+            path.display(),
+            vm.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `delete` removes only a real bundle, and not while a VM runs on one of
+/// its disks even without the bundle (`run --root DIR/root.img`).
+#[test]
+fn delete_refuses_non_bundles_and_disks_in_use() {
+    let home = Home::new();
+    create_small(&home, "keep");
+    let dir = home.bundle("keep");
+
+    let plain = home.path().join("work");
+    std::fs::create_dir(&plain).unwrap();
+    std::fs::copy(dir.join("config.toml"), plain.join("config.toml")).unwrap();
+    std::fs::write(plain.join("notes.txt"), "x").unwrap();
+    let out = home.run(&["delete", plain.to_str().unwrap()]);
+    assert_user_error(&out, "not deleted");
+    assert!(plain.join("notes.txt").exists());
+
+    let (kernel, _) = common::linux_guest();
+    let control = home.path().join("c.sock");
+    let root = dir.join("root.img");
+    let mut vm = home.spawn(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--root",
+        root.to_str().unwrap(),
+        "--net",
+        "none",
+        "--paused",
+        "--control",
+        control.to_str().unwrap(),
+    ]);
+    wait_for_file(&control, &mut vm);
+    let out = home.run(&["delete", "keep"]);
+    assert_user_error(&out, "cannot delete bundle");
+    assert!(
+        text(&out.stderr).contains("root.img"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(root.exists() && dir.join("config.toml").exists());
+    drop(vm);
+    home.ok(&["delete", "keep"]);
+    assert!(!dir.exists());
+}
+
+/// What `create` makes is private to the user: guest disks hold the
+/// guest's data.
+#[test]
+fn a_created_bundle_is_private_to_the_user() {
+    let home = Home::new();
+    create_small(&home, "private");
+    let dir = home.bundle("private");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    for f in ["root.img", "aux.img", "config.toml", "MachineIdentifier"] {
+        assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+    }
+}
+
+/// A relative `serial = "file:..."` in config.toml is a file in the
+/// bundle, wherever vmapple is started from.
+#[test]
+fn a_relative_serial_file_is_in_the_bundle() {
+    let home = Home::new();
+    create_small(&home, "ser");
+    let dir = home.bundle("ser");
+    let config = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+    std::fs::write(
+        dir.join("config.toml"),
+        config.replace("serial = \"stdio\"", "serial = \"file:console.log\""),
+    )
+    .unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let (kernel, _) = common::linux_guest();
+    let mut command = home.command(&[
+        "run",
+        "ser",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--paused",
+    ]);
+    command.current_dir(elsewhere.path());
+    let mut vm = Running::spawn(command, &["run", "ser"]);
+    wait_for_file(&dir.join("control.sock"), &mut vm);
+    assert!(dir.join("console.log").exists());
+    assert!(!elsewhere.path().join("console.log").exists());
+    drop(vm);
+}
+
+/// `create` makes every file it writes, the bundle directory and the
+/// bundles home durable before it reports success: seen in the system
+/// calls it makes (strace), since a crash cannot be staged here.
+#[test]
+fn create_syncs_its_files_and_directories() {
+    let home = Home::new();
+    let trace = home.path().join("create.trace");
+    let out = Command::new("strace")
+        .args(["-f", "-qq", "-e", "trace=openat,fsync,fdatasync", "-o"])
+        .arg(&trace)
+        .arg(env!("CARGO_BIN_EXE_vmapple"))
+        .args(["create", "durable", "--disk-size", "1G", "--net", "none"])
+        .env("VMAPPLE_HOME", home.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("running strace (scripts/setup.sh installs it)");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Which path each descriptor number last named, and which were synced.
+    let mut open: std::collections::HashMap<String, String> = Default::default();
+    let mut synced = Vec::new();
+    for line in std::fs::read_to_string(&trace).unwrap().lines() {
+        let result = line.rsplit_once(" = ").map(|(_, r)| r.trim());
+        if let Some(rest) = line.split_once("openat(").map(|(_, r)| r) {
+            let path = rest.split('"').nth(1).unwrap_or_default();
+            if let Some(fd) = result.filter(|r| r.parse::<u32>().is_ok()) {
+                open.insert(fd.to_string(), path.to_string());
+            }
+        } else if let Some(rest) = line
+            .split_once("fsync(")
+            .or_else(|| line.split_once("fdatasync("))
+            .map(|(_, r)| r)
+        {
+            let fd = rest.split(')').next().unwrap_or_default();
+            if result == Some("0") {
+                synced.extend(open.get(fd).cloned());
+            }
+        }
+    }
+    let dir = home.bundle("durable");
+    for want in [
+        dir.join("MachineIdentifier"),
+        dir.join("aux.img"),
+        dir.join("root.img"),
+        dir.join("config.toml"),
+        dir.clone(),
+        home.path().to_path_buf(),
+    ] {
+        assert!(
+            synced.iter().any(|s| Path::new(s) == want),
+            "{} not synced; synced: {synced:?}",
+            want.display()
+        );
+    }
+}

@@ -15,8 +15,9 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
+use vm_core::sync::{lock, wait};
 
 use super::terminal::{EscapeFilter, ESCAPE_HELP};
 use super::wake::{Poll, Waker, READABLE};
@@ -47,7 +48,7 @@ pub(crate) struct InputQueue {
 
 impl InputQueue {
     fn state(&self) -> MutexGuard<'_, QueueState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.state)
     }
 
     pub(crate) fn push(&self, bytes: &[u8]) {
@@ -83,10 +84,7 @@ impl InputQueue {
     fn take(&self, chunk: &mut Vec<u8>, reader: &Waker) -> bool {
         let mut state = self.state();
         while state.data.is_empty() && !state.closed && !self.is_stopped() {
-            state = self
-                .changed
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
+            state = wait(&self.changed, state);
         }
         if self.is_stopped() || state.data.is_empty() {
             return false;

@@ -40,8 +40,10 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, IsTerminal, Write};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+#[cfg(any(test, feature = "test-util"))]
+use vm_core::sync::lock;
 
 use vm_core::IrqLine;
 
@@ -86,10 +88,13 @@ impl SerialOutput for NullOutput {
     fn write_bytes(&mut self, _bytes: &[u8]) {}
 }
 
-/// Collects output in memory, for tests. Clones share one buffer.
+/// Collects output in memory, for tests (feature `test-util`). Clones
+/// share one buffer.
+#[cfg(any(test, feature = "test-util"))]
 #[derive(Debug, Default, Clone)]
 pub struct CaptureOutput(pub Arc<Mutex<Vec<u8>>>);
 
+#[cfg(any(test, feature = "test-util"))]
 impl CaptureOutput {
     pub fn new() -> Self {
         Self::default()
@@ -97,19 +102,14 @@ impl CaptureOutput {
 
     /// Everything written so far.
     pub fn contents(&self) -> Vec<u8> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        lock(&self.0).clone()
     }
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl SerialOutput for CaptureOutput {
     fn write_bytes(&mut self, bytes: &[u8]) {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .extend_from_slice(bytes);
+        lock(&self.0).extend_from_slice(bytes);
     }
 }
 

@@ -5,7 +5,8 @@
 use std::io::{self, IsTerminal};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, Once, PoisonError, TryLockError};
+use std::sync::{Mutex, Once, TryLockError};
+use vm_core::sync::lock;
 
 /// `Ctrl-A`, the escape character (as in QEMU's `mon:stdio`).
 pub const ESCAPE: u8 = 0x01;
@@ -121,7 +122,7 @@ fn make_raw(attrs: &mut libc::termios) {
 }
 
 fn raw_terminals() -> std::sync::MutexGuard<'static, Vec<(u64, RawFd, libc::termios)>> {
-    RAW_TERMINALS.lock().unwrap_or_else(PoisonError::into_inner)
+    lock(&RAW_TERMINALS)
 }
 
 /// Puts every terminal a [`TerminalGuard`] made raw back the way it was.

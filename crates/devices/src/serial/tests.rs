@@ -6,6 +6,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+use vm_core::sync::lock;
 use vm_core::{AccessWidth, MmioDevice, NoIrq, TestIrq};
 
 /// A scratch directory removed on drop (no tempfile dependency).
@@ -352,9 +353,7 @@ fn unix_socket_replaces_only_stale_sockets() {
 static TERMINAL_TESTS: Mutex<()> = Mutex::new(());
 
 fn terminal_test() -> std::sync::MutexGuard<'static, ()> {
-    TERMINAL_TESTS
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
+    lock(&TERMINAL_TESTS)
 }
 
 /// A pseudo-terminal pair: (controller, terminal).

@@ -23,8 +23,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use vm_core::sync::lock;
 
 use super::input::InputQueue;
 use super::wake::{Poll, Waker, READABLE, WRITABLE};
@@ -108,7 +109,8 @@ fn bind_owner_only(path: &Path) -> io::Result<UnixListener> {
             ),
         ));
     }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX)
+        .map_err(|_| io::Error::from(io::ErrorKind::Unsupported))?;
     for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
         *dst = src as libc::c_char;
     }
@@ -143,13 +145,15 @@ fn bind_owner_only(path: &Path) -> io::Result<UnixListener> {
             return Err(io::Error::last_os_error());
         }
     }
+    let len =
+        libc::socklen_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: `addr` is an initialised sockaddr_un that outlives the call
     // and `len` is within its size (checked against sun_path above).
     let rc = unsafe {
         libc::bind(
             socket.as_raw_fd(),
             (&addr as *const libc::sockaddr_un).cast::<libc::sockaddr>(),
-            len as libc::socklen_t,
+            len,
         )
     };
     if rc < 0 {
@@ -177,10 +181,6 @@ pub(crate) struct Shared {
     backlog: VecDeque<u8>,
     /// Bytes dropped from the backlog since the last client connected.
     dropped: u64,
-}
-
-fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
-    shared.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Shared {

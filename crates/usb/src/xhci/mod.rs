@@ -34,10 +34,12 @@
 //!   MFINDEX wrap events.
 //! * Isochronous endpoints and streams are not supported (TRB Error).
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
+use vm_core::sync::lock;
 
 use pci::{BarKind, BarRegion, PciDevice};
+use vm_core::regs::{Narrow, RegisterFile, Wide};
 use vm_core::{AccessWidth, GuestMemory, IrqLine};
 
 use crate::hid::{InputEvent, UsbDevice, UsbKeyboard, UsbTablet};
@@ -179,10 +181,6 @@ pub(crate) struct XhciState {
     weak_self: Weak<Mutex<XhciState>>,
 }
 
-fn lock(m: &Mutex<XhciState>) -> MutexGuard<'_, XhciState> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 /// The XHCI controller: a [`PciDevice`] with its root hub.
 pub struct Xhci {
     state: Arc<Mutex<XhciState>>,
@@ -285,58 +283,29 @@ impl Xhci {
         }
     }
 
-    /// MMIO load from BAR 0.
+    /// MMIO load from BAR 0. Registers have no read side effects, so any
+    /// width and alignment is served from the dwords it covers.
     pub fn mmio_read(&self, offset: u64, width: AccessWidth) -> u64 {
         let st = lock(&self.state);
-        let size = width.bytes();
-        if offset.checked_add(size).is_none_or(|end| end > BAR_SIZE) {
-            vm_core::guest_error!("xhci: read beyond BAR 0 at {offset:#x}");
-            return 0;
-        }
-        // Registers have no read side effects, so any width and alignment
-        // is served from the dwords it covers.
-        let mut v = 0u64;
-        let mut cached: Option<(u64, u32)> = None;
-        for i in 0..size {
-            let o = offset + i;
-            let base = o & !3;
-            let dw = match cached {
-                Some((b, d)) if b == base => d,
-                _ => {
-                    let d = st.read_dword(base);
-                    cached = Some((base, d));
-                    d
-                }
-            };
-            v |= u64::from((dw >> (8 * (o & 3))) & 0xff) << (8 * i);
-        }
-        v
+        BAR0.read(offset, width, |o| st.read_dword(o))
     }
 
     /// MMIO store to BAR 0. Registers take 32-bit stores and 64-bit stores
     /// (low dword first); narrower or misaligned stores are ignored.
     pub fn mmio_write(&self, offset: u64, width: AccessWidth, value: u64) {
         let mut st = lock(&self.state);
-        if offset
-            .checked_add(width.bytes())
-            .is_none_or(|end| end > BAR_SIZE)
-        {
-            vm_core::guest_error!("xhci: write beyond BAR 0 at {offset:#x}");
-            return;
-        }
-        match width {
-            AccessWidth::Word if offset % 4 == 0 => st.write_dword(offset, value as u32),
-            AccessWidth::Double if offset % 8 == 0 => {
-                st.write_dword(offset, value as u32);
-                st.write_dword(offset + 4, (value >> 32) as u32);
-            }
-            _ => {
-                vm_core::guest_error!("xhci: {width} store at {offset:#x} ignored");
-            }
-        }
+        BAR0.write(offset, width, value, |o, v| st.write_dword(o, v));
         st.update_irq();
     }
 }
+
+/// BAR 0's 32-bit registers.
+const BAR0: RegisterFile = RegisterFile {
+    name: "xhci",
+    size: BAR_SIZE,
+    narrow: Narrow::Lanes,
+    wide: Wide::Split,
+};
 
 impl PciDevice for Xhci {
     fn name(&self) -> &str {

@@ -84,7 +84,10 @@ impl FrameDecoder {
             let have = self.filled - PREFIX_LEN;
             if !(MIN_FRAME_LEN..=MAX_FRAME_LEN).contains(&len) {
                 self.dropped += 1;
-                tracing::warn!("net: dropping a {len}-byte frame from the stream backend");
+                vm_core::log_limited!(
+                    warn,
+                    "net: dropping a {len}-byte frame from the stream backend"
+                );
                 if have >= len {
                     self.consume(PREFIX_LEN + len);
                 } else {

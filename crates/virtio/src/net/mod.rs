@@ -15,8 +15,12 @@
 //!
 //! # Threads
 //!
-//! Transmit runs on the vCPU thread in [`VirtioDevice::queue_notify`]. A
-//! receive thread, started on activation and joined on reset, waits on the
+//! Transmit runs on the vCPU thread in [`VirtioDevice::queue_notify`], so
+//! a backend's `send` never blocks: a frame the backend cannot take now (a
+//! peer that does not read, or is gone) is dropped and counted, as a NIC
+//! drops what its link cannot carry. The count is logged when it reaches 1,
+//! 2, 4, 8, ..., so a dead peer costs a few log lines, not one per frame.
+//! A receive thread, started on activation and joined on reset, waits on the
 //! backend with a short timeout, puts each frame into the next receive
 //! chain and interrupts. When the guest has no receive buffer the thread
 //! holds the frame and stops reading, so the backend (and through it the
@@ -49,7 +53,9 @@ use vm_core::sync::lock;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_core::{guest_error, GuestMemory};
 
-use crate::block::chain::{read_stream, should_interrupt, stream_len, write_stream, Chain};
+use crate::block::chain::{
+    pop_chain, read_stream, rings_in_ram, should_interrupt, stream_len, write_stream, Chain,
+};
 use crate::device::{
     ActivateContext, ActivateError, PciIdentity, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
@@ -165,6 +171,7 @@ pub struct VirtioNet {
     receiver: Option<Box<dyn NetReceiver>>,
     active: Option<Active>,
     tx_buf: Vec<u8>,
+    tx_dropped: u64,
 }
 
 /// What happened to a frame offered to the receive queue.
@@ -180,7 +187,7 @@ enum Delivery {
 }
 
 fn deliver(queue: &mut Queue, mem: &GuestMemory, frame: &[u8]) -> Delivery {
-    let Some(dc) = queue.pop_descriptor_chain(mem) else {
+    let Some(dc) = pop_chain(queue, mem) else {
         return Delivery::NoBuffer;
     };
     let chain = Chain::walk(dc, mem);
@@ -248,7 +255,10 @@ fn rx_loop(
             match receiver.recv(&mut buf, timeout) {
                 Ok(Some(n)) if (MIN_FRAME_LEN..=MAX_FRAME_LEN).contains(&n) => pending = Some(n),
                 Ok(Some(n)) => {
-                    tracing::warn!("virtio-net: dropping a {n}-byte frame from the backend");
+                    vm_core::log_limited!(
+                        warn,
+                        "virtio-net: dropping a {n}-byte frame from the backend"
+                    );
                     continue;
                 }
                 Ok(None) => {
@@ -259,7 +269,11 @@ fn rx_loop(
                     continue;
                 }
                 Err(e) => {
-                    tracing::error!("virtio-net: backend receive failed, receive stopped: {e}");
+                    // Once per activation, which the guest can repeat.
+                    vm_core::log_limited!(
+                        error,
+                        "virtio-net: backend receive failed, receive stopped: {e}"
+                    );
                     if owe_interrupt {
                         notify(&mut lock(&shared.queue));
                     }
@@ -310,7 +324,13 @@ impl VirtioNet {
             receiver,
             active: None,
             tx_buf: vec![0; HDR_LEN + MAX_FRAME_LEN],
+            tx_dropped: 0,
         }
+    }
+
+    /// Frames the backend refused so far (a full or dead peer).
+    pub fn tx_dropped(&self) -> u64 {
+        self.tx_dropped
     }
 
     fn process_tx(&mut self) {
@@ -325,7 +345,7 @@ impl VirtioNet {
         let mut used_any = false;
         let mut budget = queue.size();
         while budget > 0 {
-            let Some(dc) = queue.pop_descriptor_chain(mem) else {
+            let Some(dc) = pop_chain(queue, mem) else {
                 break;
             };
             budget -= 1;
@@ -345,7 +365,13 @@ impl VirtioNet {
                 let buf = &mut self.tx_buf[..total as usize];
                 if read_stream(mem, &chain.readable, 0, buf).is_ok() {
                     if let Err(e) = self.backend.send(&buf[HDR_LEN..]) {
-                        tracing::warn!("virtio-net: backend send failed: {e}");
+                        self.tx_dropped += 1;
+                        if self.tx_dropped.is_power_of_two() {
+                            tracing::warn!(
+                                "virtio-net: {} transmitted frame(s) dropped so far: {e}",
+                                self.tx_dropped
+                            );
+                        }
                     }
                 }
             }
@@ -427,7 +453,7 @@ impl VirtioDevice for VirtioNet {
             if !q.ready() {
                 return Err(ActivateError::MissingQueue(i));
             }
-            if !q.is_valid(&ctx.memory) {
+            if !rings_in_ram(q, &ctx.memory) {
                 return Err(ActivateError::Other(format!(
                     "virtio-net: queue {i} is not inside guest RAM"
                 )));
@@ -448,7 +474,10 @@ impl VirtioDevice for VirtioNet {
                 Some(RxThread { shared, handle })
             }
             None => {
-                tracing::warn!("virtio-net: backend has no receive side; receive disabled");
+                vm_core::log_limited!(
+                    warn,
+                    "virtio-net: backend has no receive side; receive disabled"
+                );
                 None
             }
         };
@@ -775,5 +804,152 @@ mod tests {
         r.inject = dead; // drops the only sender: the receiver sees EOF
         std::thread::sleep(Duration::from_millis(20));
         r.dev.reset();
+    }
+
+    /// A device on `backend` with a transmit queue the test fills.
+    struct TxRig {
+        mem: GuestMemory,
+        txq: TestQueue,
+        dev: VirtioNet,
+        sent: u32,
+    }
+
+    impl TxRig {
+        fn new(backend: Box<dyn NetBackend>) -> Self {
+            let mem = create_guest_memory(&[(0, RAM)]).unwrap();
+            let mut dev = VirtioNet::new(backend, MAC);
+            let rxq = TestQueue::new(&mem, RXQ, 16);
+            let txq = TestQueue::new(&mem, TXQ, 16);
+            activate(
+                &mut dev,
+                &mem,
+                &rxq,
+                &txq,
+                &Arc::new(TestInterrupt::default()),
+            );
+            Self {
+                mem,
+                txq,
+                dev,
+                sent: 0,
+            }
+        }
+
+        /// The guest transmits one numbered 1514-byte frame.
+        fn send_next(&mut self) {
+            let at = BUF + 0x1000 * u64::from(self.sent % 8);
+            let mut packet = vec![0u8; HDR_LEN];
+            packet.extend(numbered_frame(self.sent));
+            write_all(&self.mem, at, &packet).unwrap();
+            self.txq.add_chain(&[(at, packet.len() as u32, false)]);
+            self.dev.queue_notify(TX_QUEUE);
+            self.sent += 1;
+        }
+    }
+
+    fn numbered_frame(n: u32) -> Vec<u8> {
+        let mut f = n.to_be_bytes().to_vec();
+        f.extend(frame(1510, n as u8));
+        f
+    }
+
+    /// Runs `f` on another thread; a send that blocks fails the test
+    /// instead of hanging it (the limit is a safety net, not a measure).
+    fn must_not_hang<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (done, result) = mpsc::channel();
+        std::thread::spawn(move || done.send(f()).unwrap());
+        result
+            .recv_timeout(Duration::from_secs(120))
+            .expect("transmit blocked on a peer that does not read")
+    }
+
+    const FRAMES: u32 = 2000;
+
+    #[test]
+    fn a_stream_peer_that_stops_reading_costs_dropped_frames_not_a_hung_vcpu() {
+        let (ours, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let backend = unix::UnixStreamBackend::from_stream(ours).unwrap();
+        // The peer reads nothing while the guest sends 3 MB.
+        let (mut rig, lines) = must_not_hang(move || {
+            let mut rig = TxRig::new(Box::new(backend));
+            let ((), lines) = crate::log_capture::capture(|| {
+                for _ in 0..FRAMES {
+                    rig.send_next();
+                }
+            });
+            (rig, lines)
+        });
+        assert_eq!(rig.txq.used_idx(), FRAMES as u16, "every frame returned");
+        let dropped = rig.dev.tx_dropped();
+        assert!(
+            dropped > 0 && dropped < u64::from(FRAMES),
+            "{dropped} dropped"
+        );
+        // Logged at 1, 2, 4, ... drops: a handful of lines, not one each.
+        let drop_lines = lines.iter().filter(|l| l.contains("dropped")).count();
+        assert!(drop_lines >= 1, "{lines:?}");
+        assert!(
+            drop_lines <= 1 + dropped.ilog2() as usize,
+            "{drop_lines} lines for {dropped} drops"
+        );
+
+        // The peer starts reading: every frame it gets is whole, in order
+        // (a frame cut by a full socket was finished, not garbled), and a
+        // new frame still arrives intact after the drops.
+        peer.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut decoder = framing::FrameDecoder::new();
+        let mut buf = vec![0u8; MAX_FRAME_LEN];
+        let mut got = Vec::new();
+        rig.send_next();
+        while got.last() != Some(&(rig.sent - 1)) {
+            if let Some(n) = decoder.next_frame(&mut buf) {
+                let seq = u32::from_be_bytes(buf[..4].try_into().unwrap());
+                assert_eq!(buf[..n], numbered_frame(seq), "frame {seq} intact");
+                got.push(seq);
+                continue;
+            }
+            // Everything sent was received or dropped: the last frame was
+            // dropped while the socket was still full; send another.
+            if got.len() as u64 + rig.dev.tx_dropped() >= u64::from(rig.sent) {
+                rig.send_next();
+            }
+            match decoder.fill_from(&mut peer) {
+                Ok(0) => panic!("the stream ended"),
+                Ok(_) => {}
+                Err(e) => panic!("reading the stream: {e}"),
+            }
+        }
+        assert!(got.windows(2).all(|w| w[0] < w[1]), "in order");
+        assert_eq!(decoder.dropped(), 0);
+    }
+
+    #[test]
+    fn a_datagram_peer_that_is_full_or_gone_costs_dropped_frames_not_a_hung_vcpu() {
+        let (ours, peer) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let backend = unix::UnixDgramBackend::from_socket(ours).unwrap();
+        let (mut rig, peer) = must_not_hang(move || {
+            let mut rig = TxRig::new(Box::new(backend));
+            for _ in 0..FRAMES {
+                rig.send_next();
+            }
+            (rig, peer)
+        });
+        assert_eq!(rig.txq.used_idx(), FRAMES as u16);
+        let full = rig.dev.tx_dropped();
+        assert!(full > 0 && full < u64::from(FRAMES), "{full} dropped");
+        let mut buf = vec![0u8; MAX_FRAME_LEN];
+        let n = peer.recv(&mut buf).unwrap();
+        assert_eq!(buf[..n], numbered_frame(0), "the first frames went out");
+        // The peer goes away: every frame is dropped, none blocks.
+        drop(peer);
+        let mut rig = must_not_hang(move || {
+            for _ in 0..100 {
+                rig.send_next();
+            }
+            rig
+        });
+        assert_eq!(rig.dev.tx_dropped(), full + 100);
+        rig.dev.reset();
     }
 }

@@ -6,14 +6,27 @@
 //! * [`UnixDgramBackend`]: a datagram socket, one frame per datagram (as
 //!   QEMU's `-netdev dgram` and vde-style switches use).
 //!
-//! The receive side is a duplicate of the socket, so a transmit blocked on
-//! a full socket never holds up receiving.
+//! The receive side is a duplicate of the socket.
+//!
+//! # Never blocking the vCPU
+//!
+//! Frames are sent from the vCPU thread, so both sockets are nonblocking:
+//! when the peer does not read (or is gone) a frame is refused with an
+//! error, which the device counts as a drop, as a NIC drops frames its
+//! link cannot take. On a stream a frame must still reach the peer whole,
+//! or every later one would be misread: when the socket takes only part of
+//! one, the rest waits in a one-frame buffer and goes out first, from the
+//! next send or from the receive thread once the socket has room; until it
+//! has, new frames are dropped.
 
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use vm_core::sync::lock;
 
 use super::framing::{self, FrameDecoder};
 use super::{wait_readable, NetBackend, NetReceiver};
@@ -22,7 +35,47 @@ use super::{wait_readable, NetBackend, NetReceiver};
 pub struct UnixStreamBackend {
     stream: UnixStream,
     receiver: Option<Box<dyn NetReceiver>>,
-    scratch: Vec<u8>,
+    tail: Arc<Mutex<Tail>>,
+}
+
+/// The unsent rest of a frame the socket took only part of.
+#[derive(Default)]
+struct Tail {
+    bytes: Vec<u8>,
+    sent: usize,
+}
+
+impl Tail {
+    fn is_empty(&self) -> bool {
+        self.sent == self.bytes.len()
+    }
+
+    /// Writes what the socket takes without blocking; `Ok(true)` once
+    /// nothing is left.
+    fn push(&mut self, mut stream: &UnixStream) -> io::Result<bool> {
+        while !self.is_empty() {
+            match stream.write(&self.bytes[self.sent..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => {
+                    // The stream is broken; nothing more of it can go out.
+                    self.sent = self.bytes.len();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// The error for a frame dropped because the peer is not reading.
+fn peer_full() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::WouldBlock,
+        "the peer is not reading; frame dropped",
+    )
 }
 
 impl UnixStreamBackend {
@@ -39,24 +92,42 @@ impl UnixStreamBackend {
 
     /// Uses an already connected stream (one end of a socketpair, say).
     pub fn from_stream(stream: UnixStream) -> io::Result<Self> {
+        // Also makes the duplicate nonblocking: both share one open file.
+        stream.set_nonblocking(true)?;
         let reader = stream.try_clone()?;
+        let tail = Arc::new(Mutex::new(Tail::default()));
         Ok(Self {
             stream,
             receiver: Some(Box::new(StreamReceiver {
                 stream: reader,
                 decoder: FrameDecoder::new(),
+                tail: tail.clone(),
             })),
-            scratch: Vec::new(),
+            tail,
         })
     }
 }
 
 impl NetBackend for UnixStreamBackend {
     fn send(&mut self, frame: &[u8]) -> io::Result<()> {
-        // One write per frame, so a peer never sees a prefix without its
-        // frame because of how we split writes.
-        framing::encode(frame, &mut self.scratch)?;
-        self.stream.write_all(&self.scratch)
+        let mut tail = lock(&self.tail);
+        if !tail.push(&self.stream)? {
+            return Err(peer_full());
+        }
+        // One write per frame where the socket has room, so a peer never
+        // sees a prefix without its frame because of how we split writes.
+        framing::encode(frame, &mut tail.bytes)?;
+        tail.sent = 0;
+        match tail.push(&self.stream) {
+            Ok(true) => Ok(()),
+            // Part of it went: the rest follows before anything else.
+            Ok(false) if tail.sent > 0 => Ok(()),
+            Ok(false) => {
+                tail.sent = tail.bytes.len();
+                Err(peer_full())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn take_receiver(&mut self) -> Option<Box<dyn NetReceiver>> {
@@ -67,6 +138,19 @@ impl NetBackend for UnixStreamBackend {
 struct StreamReceiver {
     stream: UnixStream,
     decoder: FrameDecoder,
+    /// Shared with the sender: the receive thread finishes a partly sent
+    /// frame when the socket has room again.
+    tail: Arc<Mutex<Tail>>,
+}
+
+impl StreamReceiver {
+    /// Sends what is left of a partly sent frame; `true` if some is still
+    /// waiting for room.
+    fn push_tail(&self) -> bool {
+        let mut tail = lock(&self.tail);
+        // An error is the sender's to report, with its next frame.
+        !matches!(tail.push(&self.stream), Ok(true) | Err(_))
+    }
 }
 
 impl NetReceiver for StreamReceiver {
@@ -74,19 +158,61 @@ impl NetReceiver for StreamReceiver {
         if let Some(n) = self.decoder.next_frame(buf) {
             return Ok(Some(n));
         }
-        if !wait_readable(self.stream.as_raw_fd(), timeout)? {
+        let waiting = self.push_tail();
+        let (readable, writable) = wait(self.stream.as_raw_fd(), waiting, timeout)?;
+        if writable {
+            self.push_tail();
+        }
+        if !readable {
             return Ok(None);
         }
-        // Readable: this single read does not block.
         match self.decoder.fill_from(&mut self.stream) {
             Ok(0) => Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the network backend closed its socket",
             )),
             Ok(_) => Ok(self.decoder.next_frame(buf)),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+                ) =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
+    }
+}
+
+/// Waits until `fd` is readable or, if `for_write`, writable, or `timeout`
+/// passes; returns `(readable, writable)`.
+fn wait(fd: RawFd, for_write: bool, timeout: Duration) -> io::Result<(bool, bool)> {
+    if !for_write {
+        return Ok((wait_readable(fd, timeout)?, false));
+    }
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN | libc::POLLOUT,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `pfd` is a valid pollfd and we pass a count of exactly one.
+    match unsafe { libc::poll(&mut pfd, 1, ms) } {
+        -1 => {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                Ok((false, false))
+            } else {
+                Err(e)
+            }
+        }
+        0 => Ok((false, false)),
+        // POLLHUP/POLLERR count as readable: the read reports them.
+        _ => Ok((
+            pfd.revents & !libc::POLLOUT != 0,
+            pfd.revents & libc::POLLOUT != 0,
+        )),
     }
 }
 
@@ -113,6 +239,8 @@ impl UnixDgramBackend {
 
     /// Uses an already connected socket (one end of a socketpair, say).
     pub fn from_socket(socket: UnixDatagram) -> io::Result<Self> {
+        // A full or missing peer refuses the datagram instead of blocking.
+        socket.set_nonblocking(true)?;
         let reader = socket.try_clone()?;
         Ok(Self {
             socket,
@@ -145,7 +273,14 @@ impl NetReceiver for DgramReceiver {
         // long and drops it.
         match self.socket.recv(buf) {
             Ok(n) => Ok(Some(n)),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+                ) =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
     }
@@ -211,6 +346,65 @@ mod tests {
             }
         };
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn a_full_stream_drops_whole_frames_and_finishes_a_cut_one_first() {
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        let mut backend = UnixStreamBackend::from_stream(ours).unwrap();
+        let mut rx = backend.take_receiver().unwrap();
+        // Frames of 60000 bytes overflow the socket within a few sends;
+        // none of these calls may block.
+        let mut accepted = Vec::new();
+        let mut dropped = 0;
+        for i in 0..64u8 {
+            match backend.send(&frame(60000, i)) {
+                Ok(()) => accepted.push(i),
+                Err(e) => {
+                    assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+                    dropped += 1;
+                }
+            }
+        }
+        assert!(dropped > 0 && !accepted.is_empty());
+        // The peer reads; the receive side alone (no further send) finishes
+        // any frame the socket took only in part. Every accepted frame
+        // arrives whole and in order, and nothing else does.
+        peer.set_nonblocking(true).unwrap();
+        let mut decoder = FrameDecoder::new();
+        let mut buf = vec![0u8; MAX_FRAME_LEN + 1];
+        let mut got = Vec::new();
+        let mut idle = 0;
+        while got.len() < accepted.len() {
+            assert!(idle < 500, "got {} of {} frames", got.len(), accepted.len());
+            if let Some(n) = decoder.next_frame(&mut buf) {
+                assert_eq!(n, 60000);
+                got.push(buf[0]);
+                assert_eq!(buf[..n], frame(60000, buf[0]), "frame {} intact", buf[0]);
+                continue;
+            }
+            match decoder.fill_from(&mut peer) {
+                Ok(0) => panic!("stream ended"),
+                Ok(_) => idle = 0,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    idle += 1;
+                    assert_eq!(rx.recv(&mut buf, Duration::from_millis(10)).unwrap(), None);
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(got, accepted);
+        assert!(matches!(
+            decoder.fill_from(&mut peer),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock
+        ));
+        // The stream is in step: the next frame goes through as usual.
+        backend.send(&frame(100, 7)).unwrap();
+        peer.set_nonblocking(false).unwrap();
+        let mut wire = [0u8; 104];
+        peer.read_exact(&mut wire).unwrap();
+        assert_eq!(wire[..4], [0, 0, 0, 100]);
+        assert_eq!(wire[4..], frame(100, 7));
     }
 
     #[test]

@@ -1,0 +1,498 @@
+//! The machine's device registry: one list of every device the board
+//! attaches, with where it sits (MMIO windows, PCI slot), which interrupts
+//! it drives, and its hooks. Machine reset walks the list, and so will
+//! snapshots (design.md "Machine state": one section per device, keyed by
+//! its [`DeviceId`]); nothing names devices by hand, so a device attached
+//! here cannot be left out of either.
+//!
+//! The registry owns the MMIO bus while the machine is built: attaching is
+//! the only way onto it, so every region of the bus belongs to an entry.
+
+use std::fmt;
+use std::sync::Arc;
+
+use gic::GicV3;
+use pci::{PciDevice, PciHost};
+use vm_core::{IrqLine, MmioBus, MmioDevice};
+
+use crate::MachineError;
+
+/// A device's name in the registry, stable across runs of the same
+/// configuration: the key of its section in a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceId(String);
+
+impl DeviceId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A mistake in how the machine attaches its devices (a defect of the
+/// board code, never of the user's configuration).
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("two devices named {0} in the registry")]
+    DuplicateId(String),
+    #[error("{0}: the bus is in use; attach devices first")]
+    BusInUse(DeviceId),
+    #[error("{id}: no PCI host {host}")]
+    NoPciHost { id: DeviceId, host: String },
+    #[error("{0}: its build step did not run")]
+    NotBuilt(&'static str),
+}
+
+/// What the machine needs of every device it attaches.
+pub trait Device: Send + Sync {
+    /// Back to the power-on state: called at every machine reset, in
+    /// attach order, with no machine lock held (a device may drain work
+    /// that calls back into it).
+    fn reset(&self);
+
+    /// The device's state for snapshots. The snapshot work (issue 13) gives
+    /// every device one; until a device has it, a snapshot must refuse the
+    /// machine rather than lose the device's state
+    /// ([`Registry::without_state`] lists them).
+    fn state(&self) -> Option<&dyn DeviceState> {
+        None
+    }
+}
+
+/// A device's saved state, as the snapshot container stores it under the
+/// device's id.
+pub trait DeviceState: Send + Sync {
+    /// The state as bytes, taken with the vCPUs parked.
+    fn save(&self) -> Result<Vec<u8>, StateError>;
+    /// Puts back what [`DeviceState::save`] returned.
+    fn restore(&self, bytes: &[u8]) -> Result<(), StateError>;
+}
+
+/// Why a device's state could not be saved or restored.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StateError(pub String);
+
+/// One MMIO window of a device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub base: u64,
+    pub size: u64,
+    /// The bus region's name, in logs of guest accesses.
+    pub name: String,
+}
+
+/// Who resets a device and holds its state.
+#[derive(Clone)]
+pub enum Hooks {
+    /// The device itself.
+    Own(Arc<dyn Device>),
+    /// The parent device: a PCI function is reset by the PCI host, which
+    /// unmaps its BARs and resets its config space with it.
+    Parent(DeviceId),
+}
+
+impl fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Own(_) => f.write_str("Own"),
+            Self::Parent(id) => write!(f, "Parent({id})"),
+        }
+    }
+}
+
+/// One attached device.
+#[derive(Debug)]
+pub struct Entry {
+    id: DeviceId,
+    windows: Vec<Window>,
+    spis: Vec<u32>,
+    pci_slot: Option<u8>,
+    hooks: Hooks,
+}
+
+impl Entry {
+    pub fn id(&self) -> &DeviceId {
+        &self.id
+    }
+
+    /// Where the device is on the MMIO bus (none for a PCI function: its
+    /// BARs move with the guest's programming).
+    pub fn windows(&self) -> &[Window] {
+        &self.windows
+    }
+
+    /// The GIC SPIs the device drives.
+    pub fn spis(&self) -> &[u32] {
+        &self.spis
+    }
+
+    /// The PCI slot (device number on bus 0) of a PCI function.
+    pub fn pci_slot(&self) -> Option<u8> {
+        self.pci_slot
+    }
+
+    pub fn hooks(&self) -> &Hooks {
+        &self.hooks
+    }
+}
+
+/// The interrupt lines a device gets while it is built; each one taken is
+/// recorded in its entry.
+pub struct Wires<'a> {
+    gic: &'a Arc<GicV3>,
+    spis: Vec<u32>,
+}
+
+impl Wires<'_> {
+    /// The line of shared peripheral interrupt `spi` (INTID `spi + 32`).
+    pub fn spi(&mut self, spi: u32) -> Arc<dyn IrqLine> {
+        self.spis.push(spi);
+        self.gic.spi(spi)
+    }
+}
+
+/// A built device and its MMIO windows, for [`Registry::attach`].
+pub struct Attachment<D> {
+    device: Arc<D>,
+    windows: Vec<(Window, Arc<dyn MmioDevice>)>,
+}
+
+impl<D: Device + 'static> Attachment<D> {
+    pub fn new(device: Arc<D>) -> Self {
+        Self {
+            device,
+            windows: Vec::new(),
+        }
+    }
+
+    /// Maps `window` at `[base, base + size)`, named `name` on the bus.
+    pub fn mmio(mut self, name: &str, base: u64, size: u64, window: Arc<dyn MmioDevice>) -> Self {
+        self.windows.push((
+            Window {
+                base,
+                size,
+                name: name.to_owned(),
+            },
+            window,
+        ));
+        self
+    }
+}
+
+/// The board's devices and the bus they are mapped on.
+pub struct Registry {
+    gic: Arc<GicV3>,
+    /// Shared with the accelerator's exit handler once the machine runs;
+    /// only while it is not may devices be attached.
+    bus: Arc<MmioBus>,
+    entries: Vec<Entry>,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry")
+            .field("entries", &self.entries)
+            .finish()
+    }
+}
+
+impl Registry {
+    /// An empty bus whose devices' interrupts go to `gic`. The GIC itself
+    /// is attached like any other device.
+    pub fn new(gic: Arc<GicV3>) -> Self {
+        Self {
+            gic,
+            bus: Arc::new(MmioBus::new()),
+            entries: Vec::new(),
+        }
+    }
+
+    /// Builds a device with the interrupt lines `build` takes from its
+    /// [`Wires`], maps its windows and records it under `id`. Returns the
+    /// device for whatever else the machine does with it; the registry
+    /// keeps what reset (and snapshots) need.
+    pub fn attach<D: Device + 'static>(
+        &mut self,
+        id: &str,
+        build: impl FnOnce(&mut Wires) -> Result<Attachment<D>, MachineError>,
+    ) -> Result<Arc<D>, MachineError> {
+        let id = self.new_id(id)?;
+        let mut wires = Wires {
+            gic: &self.gic,
+            spis: Vec::new(),
+        };
+        let attachment = build(&mut wires)?;
+        let spis = wires.spis;
+        let Some(bus) = Arc::get_mut(&mut self.bus) else {
+            return Err(RegistryError::BusInUse(id).into());
+        };
+        let mut windows = Vec::new();
+        for (window, device) in attachment.windows {
+            bus.insert(window.base, window.size, window.name.clone(), device)
+                .map_err(|source| MachineError::Bus {
+                    name: format!("{id} ({})", window.name),
+                    source,
+                })?;
+            windows.push(window);
+        }
+        let device = attachment.device;
+        self.entries.push(Entry {
+            id,
+            windows,
+            spis,
+            pci_slot: None,
+            hooks: Hooks::Own(device.clone()),
+        });
+        Ok(device)
+    }
+
+    /// Plugs `function` into the next free slot of `host` (which must be
+    /// attached already, as `host_id`) and records it under `id`. The host
+    /// resets it.
+    pub fn attach_pci(
+        &mut self,
+        host_id: &str,
+        host: &PciHost,
+        id: &str,
+        function: Arc<dyn PciDevice>,
+    ) -> Result<u8, MachineError> {
+        let id = self.new_id(id)?;
+        let parent =
+            self.get(host_id)
+                .map(|e| e.id.clone())
+                .ok_or_else(|| RegistryError::NoPciHost {
+                    id: id.clone(),
+                    host: host_id.to_owned(),
+                })?;
+        let name = function.name().to_owned();
+        let slot = host
+            .add_device(function)
+            .map_err(|source| MachineError::Pci {
+                name: format!("{id} ({name})"),
+                source,
+            })?;
+        tracing::debug!(slot, "PCI 00:{slot:02x}.0 is {id} ({name})");
+        self.entries.push(Entry {
+            id,
+            windows: Vec::new(),
+            spis: Vec::new(),
+            pci_slot: Some(slot),
+            hooks: Hooks::Parent(parent),
+        });
+        Ok(slot)
+    }
+
+    fn new_id(&self, id: &str) -> Result<DeviceId, MachineError> {
+        if self.get(id).is_some() {
+            return Err(RegistryError::DuplicateId(id.to_owned()).into());
+        }
+        Ok(DeviceId(id.to_owned()))
+    }
+
+    /// The entry named `id`.
+    pub fn get(&self, id: &str) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.id.0 == id)
+    }
+
+    /// Every device, in attach order.
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// The bus every window is on.
+    pub fn bus(&self) -> &Arc<MmioBus> {
+        &self.bus
+    }
+
+    /// Resets every device with a reset of its own, in attach order.
+    pub fn reset(&self) {
+        for entry in &self.entries {
+            if let Hooks::Own(device) = &entry.hooks {
+                tracing::trace!("reset {}", entry.id);
+                device.reset();
+            }
+        }
+    }
+
+    /// Devices that hold their own state but cannot save it yet.
+    pub fn without_state(&self) -> impl Iterator<Item = &DeviceId> {
+        self.entries.iter().filter_map(|e| match &e.hooks {
+            Hooks::Own(device) if device.state().is_none() => Some(&e.id),
+            _ => None,
+        })
+    }
+}
+
+// The board's devices. Each says here how it resets; one without state of
+// its own to reset says so.
+
+impl Device for GicV3 {
+    fn reset(&self) {
+        GicV3::reset(self);
+    }
+}
+
+impl Device for devices::pl011::Pl011 {
+    fn reset(&self) {
+        devices::pl011::Pl011::reset(self);
+    }
+}
+
+impl Device for devices::pl031::Pl031 {
+    fn reset(&self) {
+        devices::pl031::Pl031::reset(self);
+    }
+}
+
+impl Device for devices::pl061::Pl061 {
+    fn reset(&self) {
+        devices::pl061::Pl061::reset(self);
+    }
+}
+
+impl Device for devices::power_button::PowerButton {
+    fn reset(&self) {
+        devices::power_button::PowerButton::reset(self);
+    }
+}
+
+impl Device for devices::apple_aes::AppleAes {
+    fn reset(&self) {
+        devices::apple_aes::AppleAes::reset(self);
+    }
+}
+
+impl Device for devices::apple_bdif::Bdif {
+    /// Every request is complete when its doorbell write returns: nothing
+    /// to reset.
+    fn reset(&self) {}
+}
+
+impl Device for devices::pvpanic::PvPanic {
+    /// Write-only events: nothing to reset.
+    fn reset(&self) {}
+}
+
+impl Device for PciHost {
+    /// Unmaps the BARs and resets every function's config space and the
+    /// function itself.
+    fn reset(&self) {
+        PciHost::reset(self);
+    }
+}
+
+impl Device for apple_gfx::AppleGfx {
+    /// Drains the framework's work, which may call back into the device.
+    fn reset(&self) {
+        apple_gfx::AppleGfx::reset(self);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gic::CpuInterruptOutputs;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use vm_core::AccessWidth;
+
+    struct NoCpus;
+    impl CpuInterruptOutputs for NoCpus {
+        fn set(&self, _cpu: usize, _irq: bool, _fiq: bool) {}
+    }
+
+    /// A one-register device that counts its resets.
+    #[derive(Debug, Default)]
+    struct Counting {
+        resets: AtomicU32,
+        value: AtomicU32,
+    }
+
+    impl MmioDevice for Counting {
+        fn read(&self, _offset: u64, _width: AccessWidth) -> u64 {
+            self.value.load(Ordering::SeqCst).into()
+        }
+        fn write(&self, _offset: u64, _width: AccessWidth, value: u64) {
+            self.value.store(value as u32, Ordering::SeqCst);
+        }
+    }
+
+    impl Device for Counting {
+        fn reset(&self) {
+            self.resets.fetch_add(1, Ordering::SeqCst);
+            self.value.store(0, Ordering::SeqCst);
+        }
+    }
+
+    fn registry() -> Registry {
+        Registry::new(GicV3::new(1, 64, Arc::new(NoCpus)))
+    }
+
+    #[test]
+    fn an_attached_device_is_mapped_wired_and_reset() {
+        let mut reg = registry();
+        let dev = reg
+            .attach("counting", |wires| {
+                let _line = wires.spi(3);
+                let dev = Arc::new(Counting::default());
+                Ok(Attachment::new(dev.clone()).mmio("counting", 0x1000, 0x100, dev))
+            })
+            .unwrap();
+        reg.bus().write(0x1004, AccessWidth::Word, 7).unwrap();
+        assert_eq!(reg.bus().read(0x1000, AccessWidth::Word).unwrap(), 7);
+
+        let entry = reg.get("counting").unwrap();
+        assert_eq!(entry.spis(), [3]);
+        assert_eq!(
+            entry.windows(),
+            [Window {
+                base: 0x1000,
+                size: 0x100,
+                name: "counting".into()
+            }]
+        );
+
+        reg.reset();
+        assert_eq!(dev.resets.load(Ordering::SeqCst), 1);
+        assert_eq!(reg.bus().read(0x1000, AccessWidth::Word).unwrap(), 0);
+        assert_eq!(
+            reg.without_state()
+                .map(|id| id.as_str())
+                .collect::<Vec<_>>(),
+            ["counting"]
+        );
+    }
+
+    #[test]
+    fn ids_are_unique_and_windows_may_not_overlap() {
+        let mut reg = registry();
+        let build = |base| {
+            move |_: &mut Wires| {
+                let dev = Arc::new(Counting::default());
+                Ok(Attachment::new(dev.clone()).mmio("c", base, 0x100, dev))
+            }
+        };
+        reg.attach("a", build(0x1000)).unwrap();
+        assert!(reg.attach("a", build(0x2000)).is_err());
+        assert!(reg.attach("b", build(0x1080)).is_err());
+        assert_eq!(reg.entries().len(), 1);
+    }
+
+    #[test]
+    fn nothing_is_attached_once_the_bus_is_shared() {
+        let mut reg = registry();
+        let _running = reg.bus().clone();
+        let err = reg
+            .attach("late", |_| {
+                let dev = Arc::new(Counting::default());
+                Ok(Attachment::new(dev.clone()).mmio("late", 0, 0x100, dev))
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("bus is in use"), "{err}");
+    }
+}
