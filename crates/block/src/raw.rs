@@ -460,10 +460,8 @@ mod tests {
             fl.l_start = byte;
             fl.l_len = 1;
             // SAFETY: as above; `fl` outlives the call.
-            assert_eq!(
-                unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) },
-                0
-            );
+            let ret = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
+            assert_eq!(ret, 0);
         }
         f
     }
@@ -528,10 +526,8 @@ mod tests {
             fl.l_start = byte;
             fl.l_len = 1;
             // SAFETY: as above; `fl` outlives the call.
-            assert_eq!(
-                unsafe { libc::fcntl(probe.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) },
-                0
-            );
+            let ret = unsafe { libc::fcntl(probe.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+            assert_eq!(ret, 0);
             fl.l_type != libc::F_UNLCK as libc::c_short
         };
         let disk = DiskImage::open(&path, false).unwrap();

@@ -53,10 +53,8 @@ fn byte_locked(image: &Path, byte: i64) -> bool {
     fl.l_start = byte;
     fl.l_len = 1;
     // SAFETY: fcntl on our descriptor with a live flock it may write.
-    assert_eq!(
-        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) },
-        0
-    );
+    let ret = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    assert_eq!(ret, 0);
     fl.l_type != libc::F_UNLCK as libc::c_short
 }
 

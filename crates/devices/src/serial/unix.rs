@@ -123,7 +123,8 @@ fn bind_owner_only(path: &Path) -> io::Result<UnixListener> {
         target_os = "openbsd"
     ))]
     {
-        addr.sun_len = len as u8;
+        addr.sun_len =
+            u8::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     }
 
     #[cfg(any(target_os = "linux", target_os = "android"))]

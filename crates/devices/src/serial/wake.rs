@@ -84,10 +84,13 @@ impl<'a> Poll<'a> {
         for fd in &mut self.fds {
             fd.revents = 0;
         }
-        // SAFETY: `fds` is a valid, initialised array of `fds.len()`
-        // pollfd entries that poll(2) may write `revents` into, and every
+        // A handful of descriptors (the set is built from fixed fields).
+        let count = libc::nfds_t::try_from(self.fds.len())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: `fds` is a valid, initialised array of `count` pollfd
+        // entries that poll(2) may write `revents` into, and every
         // descriptor in it is kept open by the borrows this value holds.
-        let rc = unsafe { libc::poll(self.fds.as_mut_ptr(), self.fds.len() as libc::nfds_t, -1) };
+        let rc = unsafe { libc::poll(self.fds.as_mut_ptr(), count, -1) };
         if rc < 0 {
             let err = io::Error::last_os_error();
             if err.kind() != io::ErrorKind::Interrupted {
