@@ -394,6 +394,7 @@ pub unsafe extern "C" fn hv_vcpus_exit(vcpus: *const u64, count: u32) -> HvRetur
     let ids = if count == 0 {
         &[][..]
     } else {
+        // SAFETY: as above: non-null, `count` ids.
         unsafe { std::slice::from_raw_parts(vcpus, count as usize) }
     };
     api(|| {

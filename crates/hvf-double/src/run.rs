@@ -264,6 +264,7 @@ pub unsafe extern "C" fn sysreg_handler(
 ) -> bool {
     // SAFETY: per the contract above; both live for the callback.
     let shared = unsafe { &*user.cast::<Shared>() };
+    // SAFETY: Unicorn hands in the register value it reads or writes.
     let value = unsafe { &mut *value };
     let reg = SysReg::from_instruction(encoding);
     let rt = encoding & 31;
@@ -410,6 +411,7 @@ pub unsafe extern "C" fn mmio_write(
 unsafe fn abort_access(uc: *mut uc_engine, offset: u64, write: bool, user: *mut c_void) {
     // SAFETY: per the contract above; the span's `shared` is the VM's.
     let span = unsafe { &*user.cast::<Span>() };
+    // SAFETY: the VM's shared state outlives its spans.
     let shared = unsafe { &*span.shared };
     shared.trap.set(Some(Trap::Data {
         ipa: span.base.wrapping_add(offset),

@@ -61,10 +61,8 @@ impl Vm {
         assert_eq!(unsafe { hv_vm_create(ptr::null_mut()) }, HV_SUCCESS);
         let all = HV_MEMORY_READ | HV_MEMORY_WRITE | HV_MEMORY_EXEC;
         // SAFETY: the mapping lives until Drop, after hv_vm_destroy.
-        assert_eq!(
-            unsafe { hv_vm_map(ram, RAM_IPA, RAM_SIZE, all) },
-            HV_SUCCESS
-        );
+        let ret = unsafe { hv_vm_map(ram, RAM_IPA, RAM_SIZE, all) };
+        assert_eq!(ret, HV_SUCCESS);
         Self {
             ram: ram.cast(),
             _turn: turn,
@@ -99,10 +97,8 @@ impl Vcpu {
         let mut id = 0;
         let mut exit = ptr::null();
         // SAFETY: out-pointers to locals.
-        assert_eq!(
-            unsafe { hv_vcpu_create(&mut id, &mut exit, ptr::null_mut()) },
-            HV_SUCCESS
-        );
+        let ret = unsafe { hv_vcpu_create(&mut id, &mut exit, ptr::null_mut()) };
+        assert_eq!(ret, HV_SUCCESS);
         assert!(!exit.is_null());
         Self { id, exit }
     }
@@ -128,10 +124,8 @@ impl Vcpu {
     fn sys(&self, reg: u16) -> u64 {
         let mut v = 0;
         // SAFETY: out-pointer to a local.
-        assert_eq!(
-            unsafe { hv_vcpu_get_sys_reg(self.id, reg, &mut v) },
-            HV_SUCCESS
-        );
+        let ret = unsafe { hv_vcpu_get_sys_reg(self.id, reg, &mut v) };
+        assert_eq!(ret, HV_SUCCESS);
         v
     }
 
@@ -203,10 +197,8 @@ fn a_thread_holds_one_vcpu() {
     let mut id = 0;
     let mut exit = ptr::null();
     // SAFETY: out-pointers to locals.
-    assert_eq!(
-        unsafe { hv_vcpu_create(&mut id, &mut exit, ptr::null_mut()) },
-        HV_BUSY
-    );
+    let ret = unsafe { hv_vcpu_create(&mut id, &mut exit, ptr::null_mut()) };
+    assert_eq!(ret, HV_BUSY);
 }
 
 #[test]
@@ -272,10 +264,9 @@ fn a_fresh_vcpu_is_all_zero() {
     assert_eq!(vcpu.sys(HV_SYS_REG_SCTLR_EL1), 0);
     let mut pending = true;
     // SAFETY: out-pointer to a local.
-    assert_eq!(
-        unsafe { hv_vcpu_get_pending_interrupt(vcpu.id, HV_INTERRUPT_TYPE_IRQ, &mut pending) },
-        HV_SUCCESS
-    );
+    let ret =
+        unsafe { hv_vcpu_get_pending_interrupt(vcpu.id, HV_INTERRUPT_TYPE_IRQ, &mut pending) };
+    assert_eq!(ret, HV_SUCCESS);
     assert!(!pending);
 }
 
@@ -380,10 +371,8 @@ fn the_vtimer_exits_once_and_stays_masked_until_unmasked() {
     assert_eq!(exit.reason, HV_EXIT_REASON_VTIMER_ACTIVATED);
     let mut masked = false;
     // SAFETY: out-pointer to a local.
-    assert_eq!(
-        unsafe { hv_vcpu_get_vtimer_mask(vcpu.id, &mut masked) },
-        HV_SUCCESS
-    );
+    let ret = unsafe { hv_vcpu_get_vtimer_mask(vcpu.id, &mut masked) };
+    assert_eq!(ret, HV_SUCCESS);
     assert!(masked, "the exit masks the timer");
     assert_eq!(vcpu.sys(HV_SYS_REG_CNTV_CTL_EL0) & 4, 4, "ISTATUS");
 
