@@ -493,6 +493,7 @@ mod tests {
                 Ok(Attachment::new(dev.clone()).mmio("late", 0, 0x100, dev))
             })
             .unwrap_err();
-        assert!(err.to_string().contains("bus is in use"), "{err}");
+        let line = vm_core::error_chain::Chain(&err).to_string();
+        assert!(line.contains("bus is in use"), "{line}");
     }
 }

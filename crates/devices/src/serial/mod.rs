@@ -10,7 +10,7 @@
 //! use devices::serial::{SerialBackend, SerialHost};
 //! # let irq: Arc<dyn vm_core::IrqLine> = Arc::new(vm_core::NoIrq);
 //! let backend: SerialBackend = "stdio".parse()?;
-//! let mut host = SerialHost::open(backend)?;                      // files, sockets
+//! let mut host = SerialHost::open(&backend)?;         // files, sockets
 //! let uart = Pl011::new(irq, host.take_output());      // the machine builds this
 //! let console = host.attach(uart.clone(), || { /* ask the VMM to quit */ })?;
 //! // ... run the VM; keep `console` alive until the VM has stopped ...
