@@ -390,11 +390,10 @@ pub unsafe extern "C" fn hv_vcpus_exit(vcpus: *const u64, count: u32) -> HvRetur
     if vcpus.is_null() && count != 0 {
         return HV_BAD_ARGUMENT;
     }
-    // SAFETY: `count` ids per the contract.
     let ids = if count == 0 {
         &[][..]
     } else {
-        // SAFETY: as above: non-null, `count` ids.
+        // SAFETY: `count` ids per the contract.
         unsafe { std::slice::from_raw_parts(vcpus, count as usize) }
     };
     api(|| {

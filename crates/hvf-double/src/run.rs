@@ -264,7 +264,7 @@ pub unsafe extern "C" fn sysreg_handler(
 ) -> bool {
     // SAFETY: per the contract above; both live for the callback.
     let shared = unsafe { &*user.cast::<Shared>() };
-    // SAFETY: Unicorn hands in the register value it reads or writes.
+    // SAFETY: the helper's u64, live for the callback.
     let value = unsafe { &mut *value };
     let reg = SysReg::from_instruction(encoding);
     let rt = encoding & 31;
@@ -411,7 +411,7 @@ pub unsafe extern "C" fn mmio_write(
 unsafe fn abort_access(uc: *mut uc_engine, offset: u64, write: bool, user: *mut c_void) {
     // SAFETY: per the contract above; the span's `shared` is the VM's.
     let span = unsafe { &*user.cast::<Span>() };
-    // SAFETY: the VM's shared state outlives its spans.
+    // SAFETY: a span points at its VM's boxed Shared, which outlives it.
     let shared = unsafe { &*span.shared };
     shared.trap.set(Some(Trap::Data {
         ipa: span.base.wrapping_add(offset),
