@@ -31,13 +31,13 @@ pub fn check_ram(regions: &[RamRegion], host_page: u64) -> Result<u64, AccelErro
     let mut spans: Vec<(u64, u64)> = Vec::with_capacity(regions.len());
     for r in regions {
         let Some(end) = r.guest.checked_add(r.len) else {
-            return Err(AccelError::Setup(format!(
+            return Err(AccelError::setup(format!(
                 "RAM region at {:#x}+{:#x} wraps the address space",
                 r.guest, r.len
             )));
         };
         if r.len == 0 || !aligned(r.guest) || !aligned(r.len) || !host_aligned(r.host as u64) {
-            return Err(AccelError::Setup(format!(
+            return Err(AccelError::setup(format!(
                 "RAM region {:#x}..{end:#x} (host {:#x}) is not made of whole 16 KiB \
                  host pages, which Hypervisor.framework requires",
                 r.guest, r.host
@@ -48,7 +48,7 @@ pub fn check_ram(regions: &[RamRegion], host_page: u64) -> Result<u64, AccelErro
     spans.sort_unstable();
     for pair in spans.windows(2) {
         if pair[1].0 < pair[0].1 {
-            return Err(AccelError::Setup(format!(
+            return Err(AccelError::setup(format!(
                 "RAM regions {:#x}..{:#x} and {:#x}..{:#x} overlap",
                 pair[0].0, pair[0].1, pair[1].0, pair[1].1
             )));
@@ -78,7 +78,7 @@ pub fn choose_ipa_bits(
     } else if needed <= max_bits {
         Ok(Some(needed))
     } else {
-        Err(AccelError::Setup(format!(
+        Err(AccelError::setup(format!(
             "guest RAM ends at {ram_top:#x}, which needs a {needed}-bit guest-physical \
              address space; this Mac offers at most {max_bits} bits (use less memory)"
         )))

@@ -118,7 +118,7 @@ impl VcpuThread<'_> {
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "unknown panic".into());
-                Err(AccelError::Run(format!(
+                Err(AccelError::run(format!(
                     "vCPU {} thread panicked: {message}",
                     self.cpu
                 )))
@@ -207,7 +207,7 @@ impl VcpuThread<'_> {
             let on = control.power(cpu) == CpuPower::On;
             let Some(v) = vcpu.as_mut().filter(|_| on) else {
                 if on {
-                    return Err(AccelError::Run(format!(
+                    return Err(AccelError::run(format!(
                         "vCPU {cpu} is marked on but was never started"
                     )));
                 }
@@ -263,7 +263,7 @@ impl VcpuThread<'_> {
                     }
                 }
                 RunExit::Unknown(reason) => {
-                    return Err(AccelError::Run(format!(
+                    return Err(AccelError::run(format!(
                         "vCPU {cpu}: unexpected exit reason {reason}"
                     )))
                 }

@@ -32,7 +32,7 @@ fn check(ret: HvReturn, what: impl FnOnce() -> String) -> Result<(), AccelError>
     if ret == ffi::HV_SUCCESS {
         Ok(())
     } else {
-        Err(AccelError::Run(format!(
+        Err(AccelError::run(format!(
             "{}: {}",
             what(),
             ffi::describe(ret)
@@ -41,10 +41,7 @@ fn check(ret: HvReturn, what: impl FnOnce() -> String) -> Result<(), AccelError>
 }
 
 fn setup_error(e: AccelError) -> AccelError {
-    match e {
-        AccelError::Run(m) => AccelError::Setup(m),
-        other => other,
-    }
+    e.into_setup()
 }
 
 /// Configuration of the Hypervisor.framework accelerator.
@@ -68,7 +65,7 @@ impl HvfVm {
     /// Creates the VM and maps every region of `memory` as guest RAM.
     pub fn new(memory: &GuestMemory, config: HvfConfig) -> Result<Self, AccelError> {
         if config.cpus.is_empty() {
-            return Err(AccelError::Setup("a VM needs at least one vCPU".into()));
+            return Err(AccelError::setup("a VM needs at least one vCPU"));
         }
         let regions: Vec<RamRegion> = memory
             .iter()
@@ -93,8 +90,8 @@ impl HvfVm {
         let ipa_bits = layout::choose_ipa_bits(ram_top, default_bits, max_bits)?;
 
         if VM_EXISTS.swap(true, Ordering::SeqCst) {
-            return Err(AccelError::Setup(
-                "Hypervisor.framework allows one VM per process and one exists".into(),
+            return Err(AccelError::setup(
+                "Hypervisor.framework allows one VM per process and one exists",
             ));
         }
         let created = Self::create_vm(ipa_bits);
@@ -114,7 +111,7 @@ impl HvfVm {
         // From here on, dropping `vm` unmaps and destroys the VM.
         for r in &regions {
             let len = usize::try_from(r.len).map_err(|_| {
-                AccelError::Setup(format!("RAM region at {:#x} too large", r.guest))
+                AccelError::setup(format!("RAM region at {:#x} too large", r.guest))
             })?;
             // SAFETY: the region is a live mapping of `len` bytes owned by
             // `memory`, a clone of which `vm` keeps until after it unmaps.
@@ -135,7 +132,7 @@ impl HvfVm {
         // SAFETY: writes the two u32 of the struct given.
         let ret = unsafe { ffi::mach_timebase_info(&mut vm.host.0) };
         if ret != 0 || vm.host.0.denom == 0 {
-            return Err(AccelError::Setup(format!(
+            return Err(AccelError::setup(format!(
                 "mach_timebase_info failed ({ret})"
             )));
         }
@@ -163,7 +160,7 @@ impl HvfVm {
         // SAFETY: returns a new os_object or null.
         let config = unsafe { ffi::hv_vm_config_create() };
         if config.is_null() {
-            return Err(AccelError::Setup("hv_vm_config_create failed".into()));
+            return Err(AccelError::setup("hv_vm_config_create failed"));
         }
         // SAFETY: `config` is the live object created above; released
         // exactly once after its last use.
@@ -267,7 +264,7 @@ impl<'a> Vcpu<'a> {
             kick,
         };
         if exit.is_null() {
-            return Err(AccelError::Run(format!("vCPU {cpu} has no exit record")));
+            return Err(AccelError::run(format!("vCPU {cpu} has no exit record")));
         }
         kick.set(cpu, Some(handle));
         Ok(vcpu)
@@ -298,7 +295,7 @@ fn hv_reg(reg: Reg) -> Result<u32, AccelError> {
         Reg::X(n) if n < 31 => Ok(u32::from(n)),
         Reg::Pc => Ok(ffi::HV_REG_PC),
         Reg::Pstate => Ok(ffi::HV_REG_CPSR),
-        other => Err(AccelError::Run(format!("no general register {other:?}"))),
+        other => Err(AccelError::run(format!("no general register {other:?}"))),
     }
 }
 
@@ -415,7 +412,7 @@ impl Vm for HvfVm {
     ) -> Result<StopReason, AccelError> {
         let cpus = self.cpus.len();
         if control.cpu_count() != cpus {
-            return Err(AccelError::Setup(format!(
+            return Err(AccelError::setup(format!(
                 "control block has {} vCPUs, the VM {cpus}",
                 control.cpu_count()
             )));
@@ -452,9 +449,10 @@ impl Vm for HvfVm {
                 match spawned {
                     Ok(t) => threads.push(t),
                     Err(e) => {
-                        first_error.get_or_insert(AccelError::Setup(format!(
-                            "spawning the thread of vCPU {cpu}: {e}"
-                        )));
+                        first_error.get_or_insert(AccelError::setup_from(
+                            format!("spawning the thread of vCPU {cpu}"),
+                            e,
+                        ));
                         control.request_stop(StopReason::HostStop);
                         break;
                     }
@@ -462,9 +460,7 @@ impl Vm for HvfVm {
             }
             for t in threads {
                 let result = t.join().unwrap_or_else(|_| {
-                    Err(AccelError::Run(
-                        "a vCPU thread panicked outside its guard".into(),
-                    ))
+                    Err(AccelError::run("a vCPU thread panicked outside its guard"))
                 });
                 if let Err(e) = result {
                     first_error.get_or_insert(e);

@@ -324,16 +324,16 @@ impl TcgVm {
     /// Creates the engine, maps `memory` as RAM and everything else as
     /// MMIO, and prepares one context per vCPU.
     pub fn new(memory: &GuestMemory, config: TcgConfig) -> Result<Self, AccelError> {
-        let setup = |what: &str, e: UcError| AccelError::Setup(format!("{what}: {e}"));
+        let setup = |what: &str, e: UcError| AccelError::setup_from(what, e);
         if config.cpus.is_empty() {
-            return Err(AccelError::Setup("a VM needs at least one vCPU".into()));
+            return Err(AccelError::setup("a VM needs at least one vCPU"));
         }
         let engine = Box::new(Engine::new(TCG_BUFFER).map_err(|e| setup("opening Unicorn", e))?);
 
         let native = |reg| {
             engine
                 .read_sysreg(reg)
-                .ok_or_else(|| AccelError::Setup(format!("Unicorn lacks {reg}")))
+                .ok_or_else(|| AccelError::setup(format!("Unicorn lacks {reg}")))
         };
         let ids = IdRegisters::from_native(
             native(ID_AA64PFR0_EL1)?,
@@ -495,7 +495,7 @@ impl TcgVm {
         // system-register write does.
         self.engine
             .write_sysreg(SCR_EL3, SCR_EL3_VALUE)
-            .map_err(|e| AccelError::Run(format!("resetting vCPU {cpu}: {e}")))?;
+            .map_err(|e| AccelError::run_from(format!("resetting vCPU {cpu}"), e))?;
         self.make_loaded(cpu);
         {
             let mut cpus = self.shared.cpus.borrow_mut();
@@ -541,7 +541,7 @@ impl TcgVm {
         let mut slice_end = Instant::now();
         loop {
             if let Some(error) = self.shared.host_error.borrow_mut().take() {
-                return Err(AccelError::Run(format!(
+                return Err(AccelError::run(format!(
                     "a device handler panicked: {error}"
                 )));
             }
@@ -649,7 +649,7 @@ impl Vm for TcgVm {
         control: &VmControl,
     ) -> Result<StopReason, AccelError> {
         if control.cpu_count() != self.cpu_count() {
-            return Err(AccelError::Setup(format!(
+            return Err(AccelError::setup(format!(
                 "control block has {} vCPUs, the VM {}",
                 control.cpu_count(),
                 self.cpu_count()

@@ -111,10 +111,65 @@ impl std::fmt::Display for CpuSnapshot {
 /// Errors an accelerator reports to the VMM (not guest errors).
 #[derive(Debug, thiserror::Error)]
 pub enum AccelError {
-    #[error("accelerator setup failed: {0}")]
-    Setup(String),
-    #[error("accelerator failed while running: {0}")]
-    Run(String),
+    #[error("accelerator setup failed: {what}")]
+    Setup {
+        what: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+    #[error("accelerator failed while running: {what}")]
+    Run {
+        what: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+}
+
+/// The host's own error under an [`AccelError`] (Unicorn's, an I/O
+/// error), whatever its type.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl AccelError {
+    /// Setting the VM up failed: `what` says which step.
+    pub fn setup(what: impl Into<String>) -> Self {
+        AccelError::Setup {
+            what: what.into(),
+            source: None,
+        }
+    }
+
+    /// Setting the VM up failed in `what`, because of `source`.
+    pub fn setup_from(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        AccelError::Setup {
+            what: what.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// Running the VM failed: `what` says how.
+    pub fn run(what: impl Into<String>) -> Self {
+        AccelError::Run {
+            what: what.into(),
+            source: None,
+        }
+    }
+
+    /// Running the VM failed in `what`, because of `source`.
+    pub fn run_from(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        AccelError::Run {
+            what: what.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// The same failure, reported as part of setting up (a call that can
+    /// fail either way failed while the VM was being built).
+    pub fn into_setup(self) -> Self {
+        match self {
+            AccelError::Run { what, source } => AccelError::Setup { what, source },
+            setup => setup,
+        }
+    }
 }
 
 /// A VM on some accelerator: its vCPUs, its memory map.
@@ -135,4 +190,22 @@ pub trait Vm {
 
     /// Register state of a vCPU, if the accelerator can tell.
     fn snapshot(&self, cpu: CpuId) -> Option<CpuSnapshot>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn errors_keep_their_cause() {
+        let e = AccelError::setup_from("mapping RAM", std::io::Error::other("no memory"));
+        assert_eq!(e.to_string(), "accelerator setup failed: mapping RAM");
+        assert_eq!(e.source().unwrap().to_string(), "no memory");
+        let run = AccelError::run_from("vCPU 0", std::io::Error::other("gone"));
+        let setup = run.into_setup();
+        assert!(matches!(setup, AccelError::Setup { .. }));
+        assert_eq!(setup.source().unwrap().to_string(), "gone");
+        assert!(AccelError::run("x").source().is_none());
+    }
 }

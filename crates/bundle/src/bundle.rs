@@ -28,7 +28,10 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
-use crate::config::{ConfigError, Disk, DisplayMode, Ecid, MacAddress, Network, Serial, VmConfig};
+use crate::config::{
+    ConfigError, DiskSpec, DisplayModes, Ecid, InvalidConfig, MacAddress, NetBackend, Network,
+    SerialBackend, VmConfig,
+};
 use crate::identity::{self, IdentityError, MACHINE_IDENTIFIER_FILE};
 
 pub const CONFIG_FILE: &str = "config.toml";
@@ -72,10 +75,23 @@ pub enum BundleError {
         config: u64,
         file: u64,
     },
+    #[error("{}: {source}", path.display())]
+    Invalid {
+        path: PathBuf,
+        #[source]
+        source: InvalidConfig,
+    },
+    /// A bundle or image that cannot be used as it is (clone, pull).
     #[error("{}: {message}", path.display())]
-    Invalid { path: PathBuf, message: String },
+    Unusable { path: PathBuf, message: String },
+    #[error("{}: no ecid in {CONFIG_FILE} and no {MACHINE_IDENTIFIER_FILE}", path.display())]
+    NoEcid { path: PathBuf },
     #[error(transparent)]
     Lock(#[from] LockError),
+    #[error("{}: not deleted: it is a symbolic link (give the bundle's own path)", path.display())]
+    DeleteThroughLink { path: PathBuf },
+    #[error("{}: not deleted: a bundle is a directory named NAME.{BUNDLE_SUFFIX}", path.display())]
+    DeleteNotBundleDir { path: PathBuf },
     #[error("cannot delete bundle {}: its disk {}", bundle.display(), source)]
     DiskInUse {
         bundle: PathBuf,
@@ -119,7 +135,7 @@ pub struct CreateOptions {
     pub root_size: u64,
     pub network: Network,
     pub mac: Option<MacAddress>,
-    pub display_modes: Vec<DisplayMode>,
+    pub display_modes: DisplayModes,
 }
 
 impl Default for CreateOptions {
@@ -312,17 +328,17 @@ impl Bundle {
         let mut config = VmConfig::new(
             opts.cpus,
             opts.memory,
-            Disk::new(AUX_IMAGE),
-            Disk::new(ROOT_IMAGE),
+            DiskSpec::new(AUX_IMAGE),
+            DiskSpec::new(ROOT_IMAGE),
         );
         config.ecid = Some(Ecid(ecid));
         config.firmware = opts.firmware;
         config.network = opts.network;
         config.mac = opts.mac;
         config.display.modes = opts.display_modes;
-        config.validate().map_err(|message| BundleError::Invalid {
+        config.validate().map_err(|source| BundleError::Invalid {
             path: dir.to_path_buf(),
-            message,
+            source,
         })?;
         Self::create_with(
             dir,
@@ -453,19 +469,27 @@ impl Bundle {
     /// The serial backend of config.toml, a relative `file:`/`unix:`
     /// path taken relative to the bundle directory (like every path
     /// there), not to wherever vmapple was started.
-    pub fn serial(&self) -> Serial {
+    pub fn serial(&self) -> SerialBackend {
         match &self.config.serial {
-            Serial::File(p) => Serial::File(self.resolve(p)),
-            Serial::Unix(p) => Serial::Unix(self.resolve(p)),
+            SerialBackend::File(p) => SerialBackend::File(self.resolve(p)),
+            SerialBackend::Unix(p) => SerialBackend::Unix(self.resolve(p)),
             other => other.clone(),
         }
     }
 
-    /// The network backend of config.toml, a relative `unix:` path taken
-    /// relative to the bundle directory.
+    /// The network of config.toml, a backend's relative socket paths
+    /// taken relative to the bundle directory.
     pub fn network(&self) -> Network {
         match &self.config.network {
-            Network::Unix(p) => Network::Unix(self.resolve(p)),
+            Network::Nic(NetBackend::UnixStream(p)) => {
+                Network::Nic(NetBackend::UnixStream(self.resolve(p)))
+            }
+            Network::Nic(NetBackend::UnixDgram { local, peer }) => {
+                Network::Nic(NetBackend::UnixDgram {
+                    local: self.resolve(local),
+                    peer: self.resolve(peer),
+                })
+            }
             other => other.clone(),
         }
     }
@@ -507,9 +531,8 @@ impl Bundle {
             }),
             (Some(Ecid(c)), _) => Ok(c),
             (None, Some(f)) => Ok(f),
-            (None, None) => Err(BundleError::Invalid {
+            (None, None) => Err(BundleError::NoEcid {
                 path: self.dir.clone(),
-                message: format!("no ecid in {CONFIG_FILE} and no {MACHINE_IDENTIFIER_FILE}"),
             }),
         }
     }
@@ -637,10 +660,6 @@ pub fn delete(path: &Path) -> Result<(), BundleError> {
             path: path.to_path_buf(),
         });
     }
-    let not_a_bundle = |message: &str| BundleError::Invalid {
-        path: path.to_path_buf(),
-        message: format!("not deleted: {message}"),
-    };
     let meta = fs::symlink_metadata(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             BundleError::NotFound {
@@ -651,14 +670,14 @@ pub fn delete(path: &Path) -> Result<(), BundleError> {
         }
     })?;
     if meta.file_type().is_symlink() {
-        return Err(not_a_bundle(
-            "it is a symbolic link (give the bundle's own path)",
-        ));
+        return Err(BundleError::DeleteThroughLink {
+            path: path.to_path_buf(),
+        });
     }
     if !meta.is_dir() || path.extension().is_none_or(|e| e != BUNDLE_SUFFIX) {
-        return Err(not_a_bundle(&format!(
-            "a bundle is a directory named NAME.{BUNDLE_SUFFIX}"
-        )));
+        return Err(BundleError::DeleteNotBundleDir {
+            path: path.to_path_buf(),
+        });
     }
     let bundle = Bundle::open_dir(path)?;
     bundle.ecid()?;
@@ -1118,8 +1137,11 @@ mod tests {
         );
         fs::write(dir.join(CONFIG_FILE), edited).unwrap();
         let b = Bundle::open_in(home.path(), Path::new("r")).unwrap();
-        assert_eq!(b.serial(), Serial::File(dir.join("console.log")));
-        assert_eq!(b.network(), Network::Unix(dir.join("net/sock")));
+        assert_eq!(b.serial(), SerialBackend::File(dir.join("console.log")));
+        assert_eq!(
+            b.network(),
+            Network::Nic(NetBackend::UnixStream(dir.join("net/sock")))
+        );
         fs::write(
             dir.join(CONFIG_FILE),
             fs::read_to_string(dir.join(CONFIG_FILE))
@@ -1128,7 +1150,7 @@ mod tests {
         )
         .unwrap();
         let b = Bundle::open_in(home.path(), Path::new("r")).unwrap();
-        assert_eq!(b.serial(), Serial::Unix("/tmp/abs.sock".into()));
+        assert_eq!(b.serial(), SerialBackend::Unix("/tmp/abs.sock".into()));
     }
 
     #[test]

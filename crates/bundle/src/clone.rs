@@ -13,7 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::bundle::{random_u64, write_new, Bundle, BundleError, LockError, CONFIG_FILE};
-use crate::config::{Disk, Ecid, MacAddress};
+use crate::config::{DiskSpec, Ecid, MacAddress};
 use crate::identity::{self, MACHINE_IDENTIFIER_FILE};
 use crate::tart::{IMAGE_SOURCE_FILE, TART_CONFIG_FILE};
 
@@ -182,7 +182,7 @@ pub fn clone_bundle(src: &Bundle, dst: &Path, opts: CloneOptions) -> Result<Clon
         Ok(l) => Some(l),
         Err(e @ (LockError::InUse { .. } | LockError::InUseUnknown { .. })) => {
             if !all_read_only {
-                return Err(BundleError::Invalid {
+                return Err(BundleError::Unusable {
                     path: src.dir().to_path_buf(),
                     message: format!(
                         "{e}; stop it first (its disks are writable, a copy would be torn)"
@@ -195,7 +195,7 @@ pub fn clone_bundle(src: &Bundle, dst: &Path, opts: CloneOptions) -> Result<Clon
     };
     let name = dst
         .file_name()
-        .ok_or_else(|| BundleError::Invalid {
+        .ok_or_else(|| BundleError::Unusable {
             path: dst.to_path_buf(),
             message: "not a bundle path".into(),
         })?
@@ -210,7 +210,7 @@ pub fn clone_bundle(src: &Bundle, dst: &Path, opts: CloneOptions) -> Result<Clon
         let mut copied = 0;
         let mut warnings = Vec::new();
         let mut used_names: Vec<PathBuf> = Vec::new();
-        let mut disks: Vec<&mut Disk> = vec![&mut new.aux, &mut new.root];
+        let mut disks: Vec<&mut DiskSpec> = vec![&mut new.aux, &mut new.root];
         disks.extend(new.disks.iter_mut());
         for (i, disk) in disks.into_iter().enumerate() {
             let from = src.resolve(&disk.path);
@@ -235,7 +235,7 @@ pub fn clone_bundle(src: &Bundle, dst: &Path, opts: CloneOptions) -> Result<Clon
                 PathBuf::from(format!("disk{i}-{file}"))
             };
             if used_names.contains(&rel) {
-                return Err(BundleError::Invalid {
+                return Err(BundleError::Unusable {
                     path: from,
                     message: "two disks of the bundle are the same file".into(),
                 });

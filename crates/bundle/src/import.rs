@@ -24,8 +24,8 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use crate::config::{
-    Disk, DisplayMode, MacAddress, Network, Serial, Size, VmConfig, MAX_CPUS, MEMORY_ALIGN,
-    VZ_AUX_HEADER,
+    DiskSpec, DisplayMode, DisplayModes, MacAddress, NetBackend, Network, SerialBackend, Size,
+    VmConfig, MAX_CPUS, MEMORY_ALIGN, VZ_AUX_HEADER,
 };
 use crate::identity::{self, IdentityError};
 
@@ -185,7 +185,7 @@ pub fn import_tart(dir: &Path, policy: OutsideFiles) -> Result<ImportedVm, Impor
     let config_path = dir.join("config.json");
     let json = identity::read_bounded(&config_path)?;
     // Configuration errors first: they say more than a missing disk.
-    let mut vm = tart_vm(&json, &config_path, "nvram.bin", Disk::new("disk.img"))?;
+    let mut vm = tart_vm(&json, &config_path, "nvram.bin", DiskSpec::new("disk.img"))?;
     vm.config.root.path = require_file(dir, "disk.img", policy)?;
     vm.config.aux.path = require_file(dir, "nvram.bin", policy)?;
     let warnings = &mut vm.warnings;
@@ -222,9 +222,9 @@ pub fn tart_vm(
     json: &[u8],
     config_path: &Path,
     aux_path: &str,
-    root: Disk,
+    root: DiskSpec,
 ) -> Result<ImportedVm, ImportError> {
-    let aux = Disk {
+    let aux = DiskSpec {
         path: aux_path.into(),
         read_only: false,
         offset: VZ_AUX_HEADER,
@@ -303,11 +303,8 @@ pub fn tart_vm(
             "display" => {
                 let w = value.get("width").and_then(Value::as_u64);
                 let h = value.get("height").and_then(Value::as_u64);
-                let mode = w
-                    .zip(h)
-                    .and_then(|(w, h)| format!("{w}x{h}").parse::<DisplayMode>().ok());
-                match mode {
-                    Some(m) => config.display.modes = vec![m],
+                match w.zip(h).and_then(|(w, h)| display_mode(w, h)) {
+                    Some(m) => config.display.modes = DisplayModes::new(vec![m]).expect("one mode"),
                     None => warnings.push(format!(
                         "display {value} is not a usable WIDTHxHEIGHT; the default mode is used"
                     )),
@@ -380,8 +377,8 @@ fn import_macosvm_value(
                 "no storage array: a macOS VM needs a disk and an aux entry",
             )
         })?;
-    let mut aux: Option<Disk> = None;
-    let mut disks: Vec<Disk> = Vec::new();
+    let mut aux: Option<DiskSpec> = None;
+    let mut disks: Vec<DiskSpec> = Vec::new();
     for (i, entry) in storage.iter().enumerate() {
         let Some(obj) = entry.as_object() else {
             warnings.push(format!("storage[{i}] is not an object and was ignored"));
@@ -411,13 +408,13 @@ fn import_macosvm_value(
             warnings.push(format!("storage[{i}]: {} does not exist", path.display()));
         }
         match kind {
-            "disk" => disks.push(Disk {
+            "disk" => disks.push(DiskSpec {
                 path,
                 read_only,
                 offset: 0,
             }),
             "aux" if aux.is_none() => {
-                aux = Some(Disk {
+                aux = Some(DiskSpec {
                     path,
                     read_only,
                     offset: VZ_AUX_HEADER,
@@ -450,10 +447,12 @@ fn import_macosvm_value(
                 for (i, d) in list.iter().enumerate() {
                     let w = d.get("width").and_then(Value::as_u64);
                     let h = d.get("height").and_then(Value::as_u64);
-                    match w
-                        .zip(h)
-                        .and_then(|(w, h)| format!("{w}x{h}").parse::<DisplayMode>().ok())
-                    {
+                    match w.zip(h).and_then(|(w, h)| display_mode(w, h)) {
+                        // Two displays of one size are one mode.
+                        Some(m) if modes.contains(&m) => {}
+                        Some(_) if modes.len() == crate::config::display::MAX_MODES => {
+                            warnings.push(format!("displays[{i}]: too many displays, ignored"))
+                        }
                         Some(m) => modes.push(m),
                         None => warnings.push(format!("displays[{i}] has no usable width/height")),
                     }
@@ -470,7 +469,8 @@ fn import_macosvm_value(
                     ));
                 }
                 if !modes.is_empty() {
-                    config.display.modes = modes;
+                    config.display.modes =
+                        DisplayModes::new(modes).expect("distinct modes, at most MAX_MODES");
                 }
             }
             "networks" => {
@@ -492,7 +492,7 @@ fn import_macosvm_value(
                         }
                     }
                     // macosvm treats a missing type as NAT.
-                    config.network = Network::Passt;
+                    config.network = Network::Nic(NetBackend::Passt);
                     match n.get("type").and_then(Value::as_str) {
                         None | Some("nat") => {}
                         Some("unix") => warnings.push(
@@ -513,7 +513,7 @@ fn import_macosvm_value(
             }
             "serial" => {
                 if value.as_bool() == Some(false) || value.as_u64() == Some(0) {
-                    config.serial = Serial::None;
+                    config.serial = SerialBackend::None;
                 }
             }
             "audio" => {
@@ -536,6 +536,17 @@ fn import_macosvm_value(
         ecid,
         warnings,
     })
+}
+
+/// A display size from an imported VM as a mode at the usual 60 Hz; `None`
+/// if a side is 0 or past what a mode can hold.
+fn display_mode(width: u64, height: u64) -> Option<DisplayMode> {
+    let side = |v: u64| u16::try_from(v).ok().filter(|&v| v > 0);
+    Some(DisplayMode::new(
+        side(width)?,
+        side(height)?,
+        vm_config::display::LEGACY_REFRESH_HZ,
+    ))
 }
 
 #[cfg(test)]
@@ -590,7 +601,7 @@ mod tests {
         assert_eq!(c.aux.offset, 0x4000);
         assert_eq!(c.root.offset, 0);
         assert_eq!(c.mac.unwrap().to_string(), "7a:65:e4:3c:2b:01");
-        assert_eq!(c.display.modes[0].to_string(), "1024x768");
+        assert_eq!(c.display.modes[0].to_string(), "1024x768@60");
         assert!(vm.warnings.iter().any(|w| w.contains("hardwareModel")));
         assert!(vm.warnings.iter().any(|w| w.contains("passt")));
         assert!(!vm.warnings.iter().any(|w| w.contains("cpuCountMin")));
@@ -751,9 +762,9 @@ mod tests {
         assert_eq!(c.aux.offset, 0x4000);
         assert_eq!(c.disks.len(), 1);
         assert!(c.disks[0].read_only);
-        assert_eq!(c.network, Network::Passt);
+        assert_eq!(c.network, Network::Nic(NetBackend::Passt));
         assert_eq!(c.mac.unwrap().to_string(), "52:54:00:00:00:09");
-        assert_eq!(c.display.modes[0].to_string(), "2560x1600");
+        assert_eq!(c.display.modes[0].to_string(), "2560x1600@60");
         let w = vm.warnings.join("\n");
         assert!(w.contains("dpi"), "{w}");
         assert!(w.contains("/data/extra.img does not exist"), "{w}");
@@ -784,7 +795,7 @@ mod tests {
         ] {
             assert!(w.contains(want), "{want}: {w}");
         }
-        assert_eq!(vm.config.serial, Serial::None);
+        assert_eq!(vm.config.serial, SerialBackend::None);
     }
 
     #[test]
@@ -800,7 +811,7 @@ mod tests {
         )
         .unwrap();
         let vm = import_macosvm(&p, OutsideFiles::Allow).unwrap();
-        assert_eq!(vm.config.network, Network::Passt);
+        assert_eq!(vm.config.network, Network::Nic(NetBackend::Passt));
         let w = vm.warnings.join("\n");
         assert!(w.contains("datagram socket"), "{w}");
         assert!(w.contains("networks[0].path"), "{w}");
@@ -816,7 +827,7 @@ mod tests {
 
         fs::write(&p, text.replace(nat, "[{}]")).unwrap();
         let vm = import_macosvm(&p, OutsideFiles::Allow).unwrap();
-        assert_eq!(vm.config.network, Network::Passt);
+        assert_eq!(vm.config.network, Network::Nic(NetBackend::Passt));
         assert!(!vm.warnings.iter().any(|w| w.contains("network")));
     }
 

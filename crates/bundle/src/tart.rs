@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 use crate::bundle::{
     random_u64, write_new, Bundle, BundleError, AUX_IMAGE, CONFIG_FILE, ROOT_IMAGE,
 };
-use crate::config::{Disk, VZ_AUX_HEADER};
+use crate::config::{DiskSpec, VZ_AUX_HEADER};
 use crate::identity::{self, MACHINE_IDENTIFIER_FILE};
 use crate::import::{tart_vm, ImportError, ImportedVm};
 
@@ -40,9 +40,9 @@ fn import_err(e: ImportError) -> BundleError {
     match e {
         ImportError::Io { path, source } => BundleError::Io { path, source },
         ImportError::Identity(i) => BundleError::Identity(i),
-        ImportError::Invalid { path, message } => BundleError::Invalid { path, message },
+        ImportError::Invalid { path, message } => BundleError::Unusable { path, message },
         // A pulled image's files are all in the staging directory.
-        e @ ImportError::Outside { .. } => BundleError::Invalid {
+        e @ ImportError::Outside { .. } => BundleError::Unusable {
             path: PathBuf::new(),
             message: e.to_string(),
         },
@@ -56,7 +56,7 @@ pub fn check_tart_config(json: &[u8]) -> Result<ImportedVm, String> {
         json,
         Path::new(TART_CONFIG_JSON),
         AUX_IMAGE,
-        Disk::new(ROOT_IMAGE),
+        DiskSpec::new(ROOT_IMAGE),
     )
     .map_err(|e| e.to_string())
 }
@@ -78,7 +78,8 @@ pub fn adopt_pulled(
     }
     let config_path = staging.join(TART_CONFIG_JSON);
     let json = identity::read_bounded(&config_path)?;
-    let vm = tart_vm(&json, &config_path, AUX_IMAGE, Disk::new(ROOT_IMAGE)).map_err(import_err)?;
+    let vm =
+        tart_vm(&json, &config_path, AUX_IMAGE, DiskSpec::new(ROOT_IMAGE)).map_err(import_err)?;
     debug_assert_eq!(vm.config.aux.offset, VZ_AUX_HEADER);
     for (from, to) in [
         (TART_DISK, ROOT_IMAGE),
@@ -154,7 +155,7 @@ pub fn tart_config_for_push(bundle: &Bundle) -> Result<(Vec<u8>, Vec<String>), B
         Ok(bytes) => match serde_json::from_slice(&bytes) {
             Ok(Value::Object(m)) => m,
             _ => {
-                return Err(BundleError::Invalid {
+                return Err(BundleError::Unusable {
                     path: kept,
                     message: "not a JSON object".into(),
                 })

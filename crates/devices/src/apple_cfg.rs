@@ -84,9 +84,6 @@ pub enum CfgError {
     /// More CPUs than `cpu_ids` has entries.
     #[error("Failed to create {0} CPUs, vmapple machine supports {MAX_CPUS} max")]
     TooManyCpus(u32),
-    /// Not a MAC address of the form `52:54:00:12:34:56`.
-    #[error("invalid MAC address '{0}': expected six two-digit hex bytes separated by ':' or '-'")]
-    BadMac(String),
 }
 
 /// The `vmapple-cfg` properties (§8.3). [`Default`] gives QEMU's defaults;
@@ -225,28 +222,6 @@ pub fn install(
         done += n;
     }
     write_all(mem, base, image)
-}
-
-/// Parses a MAC address property value such as `52:54:00:12:34:56`
-/// (QEMU's syntax: exactly six two-digit hex bytes, `:` or `-` between).
-pub fn parse_mac(s: &str) -> Result<[u8; 6], CfgError> {
-    let bad = || CfgError::BadMac(s.to_owned());
-    let b = s.as_bytes();
-    if b.len() != 17 {
-        return Err(bad());
-    }
-    let mut mac = [0u8; 6];
-    for (i, byte) in mac.iter_mut().enumerate() {
-        let pos = i * 3;
-        if i < 5 && b[pos + 2] != b':' && b[pos + 2] != b'-' {
-            return Err(bad());
-        }
-        // Bytes, not `&str` slices: a multi-byte character must not panic.
-        let hi = char::from(b[pos]).to_digit(16).ok_or_else(bad)?;
-        let lo = char::from(b[pos + 1]).to_digit(16).ok_or_else(bad)?;
-        *byte = u8::try_from(hi * 16 + lo).map_err(|_| bad())?;
-    }
-    Ok(mac)
 }
 
 #[cfg(test)]
@@ -487,7 +462,7 @@ mod tests {
     #[test]
     fn v22_mac_en0() {
         let p = CfgParams {
-            mac_en0: parse_mac("52:54:00:12:34:56").unwrap(),
+            mac_en0: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
             ..vector_params()
         };
         let (_, b) = installed(&p);
@@ -508,30 +483,6 @@ mod tests {
         for (at, v) in [(0x40, 1), (0x48, 2), (0x50, 3), (0x58, 4)] {
             assert_eq!(b[at..at + 6], [v; 6]);
             assert_eq!(b[at + 6..at + 8], [0, 0]);
-        }
-    }
-
-    #[test]
-    fn mac_syntax() {
-        assert_eq!(
-            parse_mac("aa-BB-cc-00-01-ff").unwrap(),
-            [0xAA, 0xBB, 0xCC, 0x00, 0x01, 0xFF]
-        );
-        for bad in [
-            "",
-            "52:54:00:12:34",
-            "52:54:00:12:34:56:",
-            "52:54:00:12:34:5g",
-            "52.54.00.12.34.56",
-            "+2:54:00:12:34:56",
-            "525:4:00:12:34:56",
-            "52:54:00:12:34:é",
-            "é:54:00:12:34:56",
-        ] {
-            assert!(
-                matches!(parse_mac(bad), Err(CfgError::BadMac(_))),
-                "{bad:?}"
-            );
         }
     }
 

@@ -39,8 +39,10 @@ pub enum BootError {
     NotAnImage { path: PathBuf, reason: String },
     #[error("{0} MiB of RAM do not hold the kernel, initrd and device tree; give more --memory")]
     RamTooSmall(u64),
-    #[error("the device tree could not be built: {0}")]
-    DeviceTree(String),
+    #[error("the device tree could not be built")]
+    DeviceTree(#[source] vm_fdt::Error),
+    #[error("the device tree is {0} bytes, larger than its 2 MiB region")]
+    DeviceTreeTooLarge(u64),
 }
 
 /// Reads a whole file, refusing anything larger than `limit` before
@@ -232,7 +234,7 @@ impl LinuxImages {
         let kernel_end = entry + self.header.image_size;
         let ram_end = RAM_BASE + ram_size;
         if dtb_size > TWO_MIB {
-            return Err(BootError::DeviceTree("larger than 2 MiB".into()));
+            return Err(BootError::DeviceTreeTooLarge(dtb_size));
         }
         let dtb = (ram_end - TWO_MIB.min(ram_end - RAM_BASE)) & !(TWO_MIB - 1);
         let initrd = match &self.initrd {

@@ -217,19 +217,23 @@ pub(crate) fn attach(
     let Some(display) = display else {
         return Ok(None);
     };
-    let refuse = |why: String| {
+    let refuse = |e: MachineError| {
         if display.window {
-            Err(MachineError::Display(why))
+            Err(e)
         } else {
-            tracing::warn!("{why}; the guest has no display");
+            tracing::warn!(
+                "{}; the guest has no display",
+                vm_core::error_chain::Chain(&e)
+            );
             Ok(None)
         }
     };
     let Some(backend) = backend else {
         if display.window {
-            return Err(MachineError::Display(
-                "this host has no ParavirtualizedGraphics.framework".into(),
-            ));
+            return Err(MachineError::Display {
+                what: "this host has no ParavirtualizedGraphics.framework",
+                source: None,
+            });
         }
         tracing::debug!("no display device: this host has no ParavirtualizedGraphics.framework");
         return Ok(None);
@@ -249,7 +253,10 @@ pub(crate) fn attach(
             modes: display.modes.clone(),
         };
         let gfx = AppleGfx::new(&*backend.framework, variant, config).map_err(|e| {
-            MachineError::Display(format!("cannot create the apple-gfx display device: {e}"))
+            MachineError::Display {
+                what: "cannot create the apple-gfx display device",
+                source: Some(Box::new(e)),
+            }
         })?;
         let main = apple_gfx::GfxWindow::new(gfx.clone());
         // The window decodes the framework's mmioLength, at most the
@@ -268,7 +275,7 @@ pub(crate) fn attach(
     match attached {
         Ok(gfx) => Ok(Some(Screen::new((*gfx).clone(), grabber))),
         // Only the device's creation fails with this error.
-        Err(MachineError::Display(why)) => refuse(why),
+        Err(e @ MachineError::Display { .. }) => refuse(e),
         Err(e) => Err(e),
     }
 }

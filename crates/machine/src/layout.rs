@@ -38,12 +38,14 @@ pub const AES1_BASE: u64 = 0x3022_0000;
 pub const AES2_BASE: u64 = 0x3023_0000;
 pub const AES_WINDOW_SIZE: u64 = 0x4000;
 
-pub const PCIE_ECAM_BASE: u64 = 0x4000_0000;
-pub const PCIE_ECAM_SIZE: u64 = 0x1000_0000;
+// The PCIe host bridge's windows and INTx wiring are defined with the
+// bridge (crate `pci`), which needs them for its device tree properties
+// and BAR decoding; this map names them for the board.
+/// ECAM window.
+pub use pci::host::{ECAM_BASE as PCIE_ECAM_BASE, ECAM_SIZE as PCIE_ECAM_SIZE};
 /// 32-bit PCI MMIO window; it ends at 0x6FFF_0000 (quirk Q9), not where
 /// QEMU's comment says.
-pub const PCIE_MMIO_BASE: u64 = 0x5000_0000;
-pub const PCIE_MMIO_SIZE: u64 = 0x1fff_0000;
+pub use pci::host::{MMIO_BASE as PCIE_MMIO_BASE, MMIO_SIZE as PCIE_MMIO_SIZE};
 
 /// Start of RAM; its size is the user's `--memory`.
 pub const RAM_BASE: u64 = 0x7000_0000;
@@ -56,8 +58,8 @@ pub const SPI_GFX_IOSFC: u32 = 0x10;
 pub const SPI_GFX: u32 = 0x11;
 pub const SPI_AES: u32 = 0x12;
 /// PCIe INTx line *i* is SPI `SPI_PCIE_INTX + i`, for i in 0..16.
-pub const SPI_PCIE_INTX: u32 = 0x20;
-pub const PCIE_INTX_LINES: u32 = 16;
+pub use pci::host::INTX_SPI_BASE as SPI_PCIE_INTX;
+pub const PCIE_INTX_LINES: u32 = pci::host::NUM_INTX_LINES as u32;
 /// SPIs the GIC implements (INTIDs 32..288).
 pub const GIC_SPIS: u32 = 256;
 

@@ -34,7 +34,7 @@ use devices::serial::{SerialBackend, SerialHandle};
 use gic::{CpuInterruptOutputs, GicV3};
 use handle::{EventBus, MachineEvent, MachineHandle};
 use pci::PciHost;
-pub use pci_devices::{default_mac, NetBackendSpec, NicSpec};
+pub use pci_devices::{default_mac, MacAddress, NetBackend, NicSpec};
 use registry::Registry;
 use vm_core::{GuestMemory, MmioBus};
 
@@ -65,57 +65,7 @@ pub enum BootSource {
     },
 }
 
-/// What a guest panic reported through pvpanic does (§12).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum PanicPolicy {
-    /// Stop the VM; `vmapple` exits with the guest-panic status (QEMU's
-    /// default action, `shutdown`).
-    #[default]
-    Exit,
-    /// Pause the VM so its state can be inspected; resume or stop it
-    /// from the control socket or with a signal.
-    Pause,
-    /// Log it and let the guest go on (to its crash kernel, say).
-    Continue,
-    /// Reset the machine and boot again.
-    Reset,
-}
-
-impl PanicPolicy {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Exit => "exit",
-            Self::Pause => "pause",
-            Self::Continue => "continue",
-            Self::Reset => "reset",
-        }
-    }
-}
-
-impl std::str::FromStr for PanicPolicy {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Self, String> {
-        match text {
-            "exit" => Ok(Self::Exit),
-            "pause" => Ok(Self::Pause),
-            "continue" => Ok(Self::Continue),
-            "reset" => Ok(Self::Reset),
-            other => Err(format!(
-                "{other:?} is not a panic policy (use exit, pause, continue or reset)"
-            )),
-        }
-    }
-}
-
-/// A disk image the user named.
-#[derive(Clone, Debug)]
-pub struct DiskSpec {
-    pub path: PathBuf,
-    pub read_only: bool,
-    /// Bytes at the start of the file the guest does not see (16 KiB for
-    /// an untrimmed Virtualization.framework aux file).
-    pub offset: u64,
-}
+pub use vm_config::{DiskSpec, PanicPolicy};
 
 /// Everything needed to build a machine.
 #[derive(Clone, Debug)]
@@ -171,8 +121,14 @@ impl MachineConfig {
     }
 }
 
+/// A cause carried along without a type of its own (the display
+/// framework's, which differs per host).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Configuration mistakes and host failures, each with a message for the
-/// user.
+/// user; the underlying error, if any, is the [`source`].
+///
+/// [`source`]: std::error::Error::source
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
     #[error("--cpus {0} is out of range: the vmapple machine has {MIN_CPUS} to {MAX_CPUS} CPUs")]
@@ -181,31 +137,65 @@ pub enum MachineError {
     RamSize(u64),
     #[error(transparent)]
     Boot(#[from] BootError),
-    #[error("cannot allocate {0} MiB of guest RAM: {1}")]
-    Memory(u64, String),
-    #[error("serial port: {0}")]
-    Serial(String),
-    #[error("machine configuration: {0}")]
+    #[error("cannot allocate {mib} MiB of guest RAM")]
+    Memory {
+        mib: u64,
+        #[source]
+        source: vm_core::memory::MemoryError,
+    },
+    #[error("serial port")]
+    Serial(#[from] devices::serial::SerialError),
+    #[error("machine configuration")]
     Platform(#[from] devices::apple_cfg::CfgError),
-    #[error("--{which}: {source}")]
+    #[error("--{which}")]
     Disk {
         which: &'static str,
+        #[source]
         source: block::OpenError,
     },
-    #[error("--{which} {}: {error}", path.display())]
+    #[error("--{which} {}", path.display())]
     DiskOffset {
         which: &'static str,
         path: PathBuf,
-        error: String,
+        #[source]
+        source: std::io::Error,
     },
-    #[error("network backend {backend}: {error}")]
-    Net { backend: String, error: String },
-    #[error("display: {0}")]
-    Display(String),
+    #[error("network backend {backend}")]
+    Net {
+        backend: NetBackend,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("display: {what}")]
+    Display {
+        what: &'static str,
+        #[source]
+        source: Option<BoxError>,
+    },
     #[error(transparent)]
     Accel(#[from] AccelError),
-    #[error("internal error while building the machine: {0}")]
-    Internal(String),
+    #[error("machine assembly: cannot map {name}")]
+    Bus {
+        name: String,
+        #[source]
+        source: vm_core::bus::BusError,
+    },
+    #[error("machine assembly: PCI: cannot add {name}")]
+    Pci {
+        name: String,
+        #[source]
+        source: pci::PciError,
+    },
+    #[error("machine assembly")]
+    Registry(#[from] registry::RegistryError),
+    #[error("cannot start the {name} thread")]
+    Thread {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("machine assembly: cfg region")]
+    CfgRegion(#[source] vm_core::memory::MemoryError),
 }
 
 /// How a run ended.
@@ -303,10 +293,10 @@ impl Disks {
                 } else {
                     block::OffsetDisk::new(image, spec.offset)
                         .map(|d| Arc::new(d) as Arc<dyn BlockBackend>)
-                        .map_err(|e| MachineError::DiskOffset {
+                        .map_err(|source| MachineError::DiskOffset {
                             which,
                             path: spec.path.clone(),
-                            error: e.to_string(),
+                            source,
                         })
                 }
             }
@@ -382,7 +372,10 @@ impl Machine {
             (CFG_BASE, CFG_SIZE as usize),
             (RAM_BASE, config.ram_size as usize),
         ])
-        .map_err(|e| MachineError::Memory(config.ram_size >> 20, e.to_string()))?;
+        .map_err(|source| MachineError::Memory {
+            mib: config.ram_size >> 20,
+            source,
+        })?;
         let control = Arc::new(VmControl::new(config.cpus));
         let core = platform::Core {
             memory,
@@ -480,7 +473,7 @@ impl Machine {
     /// Puts the boot images in guest memory; returns CPU 0's entry and x0.
     fn install_boot(&self) -> Result<(u64, u64), MachineError> {
         devices::apple_cfg::install(&self.memory, CFG_BASE, CFG_SIZE, &self.platform_image)
-            .map_err(|e| MachineError::Internal(format!("cfg region: {e}")))?;
+            .map_err(MachineError::CfgRegion)?;
         match &self.boot {
             Boot::Firmware(firmware) => {
                 firmware.install(&self.memory);
@@ -502,11 +495,10 @@ impl Machine {
                 };
                 // The blob's size hardly depends on the initrd addresses:
                 // plan with a first build, then build the real one.
-                let sizing =
-                    fdt::build(&params).map_err(|e| BootError::DeviceTree(e.to_string()))?;
+                let sizing = fdt::build(&params).map_err(BootError::DeviceTree)?;
                 let placement = images.plan(self.ram_size, sizing.len() as u64)?;
                 params.initrd = placement.initrd;
-                let blob = fdt::build(&params).map_err(|e| BootError::DeviceTree(e.to_string()))?;
+                let blob = fdt::build(&params).map_err(BootError::DeviceTree)?;
                 images.install(&self.memory, &placement, &blob);
                 Ok((placement.entry, placement.dtb))
             }
@@ -746,7 +738,7 @@ mod tests {
             assert!(m.bus().read(GFX_BASE, Word).is_err(), "nothing mapped");
             assert!(matches!(
                 with_display(fw.as_ref(), true),
-                Err(MachineError::Display(_))
+                Err(MachineError::Display { .. })
             ));
         }
     }

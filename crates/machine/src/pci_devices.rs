@@ -3,7 +3,6 @@
 //! documented command line (§7.4): XHCI first, then the Apple aux and
 //! root block devices, the NIC, and any plain virtio disks.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use block::BlockBackend;
@@ -20,112 +19,63 @@ use crate::platform::Core;
 use crate::registry::{Attachment, Registry};
 use crate::{Disks, MachineConfig, MachineError};
 
-/// Where a virtio-net device's frames go.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum NetBackendSpec {
-    /// User-mode networking through a `passt` process vmapple starts.
-    Passt,
-    /// A unix stream socket speaking passt's framing (4-byte big-endian
-    /// length before each frame), e.g. one `passt --socket` listens on.
-    UnixStream(PathBuf),
-    /// A unix datagram socket: one frame per datagram, bound at `local`,
-    /// sending to `peer`.
-    UnixDgram { local: PathBuf, peer: PathBuf },
-    /// A TAP interface (Linux).
-    Tap(String),
-    /// vmnet.framework's shared (NAT) mode (macOS; needs root or the
-    /// com.apple.vm.networking entitlement).
-    Vmnet,
-}
+pub use vm_config::{MacAddress, NetBackend};
 
-impl NetBackendSpec {
-    /// Parses `passt`, `unix:PATH`, `unix-dgram:LOCAL,PEER`, `tap:NAME` or
-    /// `vmnet`; `vmnet` is refused on hosts other than macOS.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let bad = || {
-            format!(
-                "{text:?} is not a network backend (use passt, unix:PATH, unix-dgram:LOCAL,PEER, tap:NAME, vmnet or none)"
-            )
-        };
-        match text.split_once(':') {
-            None if text == "passt" => Ok(Self::Passt),
-            None if text == "vmnet" => {
-                if cfg!(target_os = "macos") {
-                    Ok(Self::Vmnet)
-                } else {
-                    Err("--net vmnet needs a macOS host (vmnet.framework); use passt, unix:PATH or tap:NAME here".into())
-                }
-            }
-            Some(("unix", path)) if !path.is_empty() => Ok(Self::UnixStream(path.into())),
-            Some(("unix-dgram", paths)) => match paths.split_once(',') {
-                Some((local, peer)) if !local.is_empty() && !peer.is_empty() => {
-                    Ok(Self::UnixDgram {
-                        local: local.into(),
-                        peer: peer.into(),
-                    })
-                }
-                _ => Err(bad()),
-            },
-            Some(("tap", name)) if !name.is_empty() => Ok(Self::Tap(name.into())),
-            _ => Err(bad()),
+/// Opens the host side of a NIC's backend.
+fn open_backend(backend: &NetBackend) -> std::io::Result<Box<dyn virtio::net::NetBackend>> {
+    use virtio::net::{passt::PasstBackend, unix};
+    Ok(match backend {
+        NetBackend::Passt => Box::new(PasstBackend::spawn()?),
+        NetBackend::UnixStream(path) => Box::new(unix::UnixStreamBackend::connect(path)?),
+        NetBackend::UnixDgram { local, peer } => {
+            Box::new(unix::UnixDgramBackend::bind_connect(local, peer)?)
         }
-    }
-
-    fn open(&self) -> std::io::Result<Box<dyn virtio::net::NetBackend>> {
-        use virtio::net::{passt::PasstBackend, unix};
-        Ok(match self {
-            Self::Passt => Box::new(PasstBackend::spawn()?),
-            Self::UnixStream(path) => Box::new(unix::UnixStreamBackend::connect(path)?),
-            Self::UnixDgram { local, peer } => {
-                Box::new(unix::UnixDgramBackend::bind_connect(local, peer)?)
+        #[cfg(target_os = "linux")]
+        NetBackend::Tap(name) => Box::new(virtio::net::tap::TapBackend::open(name)?),
+        #[cfg(not(target_os = "linux"))]
+        NetBackend::Tap(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "TAP networking is only available on Linux",
+            ))
+        }
+        #[cfg(target_os = "macos")]
+        NetBackend::Vmnet => {
+            let backend = virtio::net::vmnet::VmnetBackend::start()?;
+            if let Some(mac) = &backend.assigned_mac {
+                tracing::info!("vmnet: interface up (vmnet's MAC for it: {mac})");
             }
-            #[cfg(target_os = "linux")]
-            Self::Tap(name) => Box::new(virtio::net::tap::TapBackend::open(name)?),
-            #[cfg(not(target_os = "linux"))]
-            Self::Tap(_) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::Unsupported,
-                    "TAP networking is only available on Linux",
-                ))
-            }
-            #[cfg(target_os = "macos")]
-            Self::Vmnet => {
-                let backend = virtio::net::vmnet::VmnetBackend::start()?;
-                if let Some(mac) = &backend.assigned_mac {
-                    tracing::info!("vmnet: interface up (vmnet's MAC for it: {mac})");
-                }
-                Box::new(backend)
-            }
-            #[cfg(not(target_os = "macos"))]
-            Self::Vmnet => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::Unsupported,
-                    "vmnet networking is only available on macOS",
-                ))
-            }
-        })
-    }
+            Box::new(backend)
+        }
+        #[cfg(not(target_os = "macos"))]
+        NetBackend::Vmnet => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "vmnet networking is only available on macOS",
+            ))
+        }
+    })
 }
 
 /// A NIC the user asked for.
 #[derive(Clone, Debug)]
 pub struct NicSpec {
-    pub backend: NetBackendSpec,
-    pub mac: [u8; 6],
+    pub backend: NetBackend,
+    pub mac: MacAddress,
 }
 
 /// A locally administered MAC address in QEMU's 52:54:00 range, unique
 /// enough per NIC of a host.
-pub fn default_mac(index: u8) -> [u8; 6] {
+pub fn default_mac(index: u8) -> MacAddress {
     let pid = std::process::id().to_le_bytes();
-    [
+    MacAddress([
         0x52,
         0x54,
         0x00,
         pid[0],
         pid[1] ^ index,
         0x56u8.wrapping_add(index),
-    ]
+    ])
 }
 
 /// Attaches the PCIe host bridge (ECAM, MMIO window, INTx lines) and the
@@ -187,18 +137,14 @@ pub(crate) fn attach(
         )?;
     }
     for (i, nic) in config.nics.iter().enumerate() {
-        let backend = nic.backend.open().map_err(|e| MachineError::Net {
-            backend: format!("{:?}", nic.backend),
-            error: e.to_string(),
+        let backend = open_backend(&nic.backend).map_err(|source| MachineError::Net {
+            backend: nic.backend.clone(),
+            source,
         })?;
-        tracing::info!(
-            "NIC {i}: {:?}, MAC {}",
-            nic.backend,
-            nic.mac.map(|b| format!("{b:02x}")).join(":")
-        );
+        tracing::info!("NIC {i}: {}, MAC {}", nic.backend, nic.mac);
         plug(
             &format!("virtio-net{i}"),
-            virtio(Box::new(VirtioNet::new(backend, nic.mac))),
+            virtio(Box::new(VirtioNet::new(backend, nic.mac.octets()))),
         )?;
     }
     for (i, (path, disk)) in disks.extra.into_iter().enumerate() {
@@ -226,38 +172,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn network_backend_syntax() {
-        assert_eq!(NetBackendSpec::parse("passt"), Ok(NetBackendSpec::Passt));
-        assert_eq!(
-            NetBackendSpec::parse("unix:/tmp/s"),
-            Ok(NetBackendSpec::UnixStream("/tmp/s".into()))
-        );
-        assert_eq!(
-            NetBackendSpec::parse("unix-dgram:/a,/b"),
-            Ok(NetBackendSpec::UnixDgram {
-                local: "/a".into(),
-                peer: "/b".into()
-            })
-        );
-        assert_eq!(
-            NetBackendSpec::parse("tap:tap0"),
-            Ok(NetBackendSpec::Tap("tap0".into()))
-        );
-        let vmnet = NetBackendSpec::parse("vmnet");
-        if cfg!(target_os = "macos") {
-            assert_eq!(vmnet, Ok(NetBackendSpec::Vmnet));
-        } else {
-            assert!(vmnet.unwrap_err().contains("needs a macOS host"));
-        }
-        for bad in ["", "unix:", "unix-dgram:/a", "tap:", "slirp", "passt:x"] {
-            assert!(NetBackendSpec::parse(bad).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
     fn default_macs_are_locally_administered_and_distinct() {
-        let a = default_mac(0);
-        let b = default_mac(1);
+        let a = default_mac(0).octets();
+        let b = default_mac(1).octets();
         assert_eq!(a[0] & 0x02, 0x02, "locally administered");
         assert_eq!(a[0] & 0x01, 0, "unicast");
         assert_ne!(a, b);

@@ -21,7 +21,7 @@ use vm_core::GuestMemory;
 
 use crate::handle::{EventBus, MachineEvent};
 use crate::layout::*;
-use crate::registry::{Attachment, Registry};
+use crate::registry::{Attachment, Registry, RegistryError};
 use crate::{Disks, MachineConfig, MachineError, PanicPolicy};
 
 /// What every construction step shares.
@@ -67,12 +67,11 @@ pub(crate) fn attach(
             devices::serial::connect(&config.serial, wires.spi(SPI_UART), move || {
                 tracing::info!("console escape: stopping the VM");
                 quit_control.request_stop(StopReason::HostStop)
-            })
-            .map_err(|e| MachineError::Serial(e.to_string()))?;
+            })?;
         serial = Some(handle);
         Ok(Attachment::new(uart.clone()).mmio("pl011", UART_BASE, Pl011::SIZE, uart))
     })?;
-    let serial = serial.ok_or_else(|| MachineError::Internal("no serial handle".into()))?;
+    let serial = serial.ok_or(RegistryError::NotBuilt("pl011"))?;
 
     reg.attach("bdif", |_| {
         let bdif = Arc::new(Bdif::new(
@@ -121,8 +120,10 @@ pub(crate) fn attach(
     })?;
 
     let timer = |name: &str, clock: Arc<dyn Clock>, target, max_sleep| {
-        TimerThread::spawn(name, clock, target, max_sleep)
-            .map_err(|e| MachineError::Internal(format!("cannot start the {name} thread: {e}")))
+        TimerThread::spawn(name, clock, target, max_sleep).map_err(|source| MachineError::Thread {
+            name: name.to_owned(),
+            source,
+        })
     };
     let timers = vec![
         timer(

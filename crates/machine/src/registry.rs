@@ -34,6 +34,20 @@ impl fmt::Display for DeviceId {
     }
 }
 
+/// A mistake in how the machine attaches its devices (a defect of the
+/// board code, never of the user's configuration).
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("two devices named {0} in the registry")]
+    DuplicateId(String),
+    #[error("{0}: the bus is in use; attach devices first")]
+    BusInUse(DeviceId),
+    #[error("{id}: no PCI host {host}")]
+    NoPciHost { id: DeviceId, host: String },
+    #[error("{0}: its build step did not run")]
+    NotBuilt(&'static str),
+}
+
 /// What the machine needs of every device it attaches.
 pub trait Device: Send + Sync {
     /// Back to the power-on state: called at every machine reset, in
@@ -215,13 +229,16 @@ impl Registry {
         };
         let attachment = build(&mut wires)?;
         let spis = wires.spis;
-        let bus = Arc::get_mut(&mut self.bus).ok_or_else(|| {
-            MachineError::Internal(format!("{id}: the bus is in use; attach devices first"))
-        })?;
+        let Some(bus) = Arc::get_mut(&mut self.bus) else {
+            return Err(RegistryError::BusInUse(id).into());
+        };
         let mut windows = Vec::new();
         for (window, device) in attachment.windows {
             bus.insert(window.base, window.size, window.name.clone(), device)
-                .map_err(|e| MachineError::Internal(format!("{id}: {e}")))?;
+                .map_err(|source| MachineError::Bus {
+                    name: format!("{id} ({})", window.name),
+                    source,
+                })?;
             windows.push(window);
         }
         let device = attachment.device;
@@ -246,14 +263,20 @@ impl Registry {
         function: Arc<dyn PciDevice>,
     ) -> Result<u8, MachineError> {
         let id = self.new_id(id)?;
-        let parent = self
-            .get(host_id)
-            .map(|e| e.id.clone())
-            .ok_or_else(|| MachineError::Internal(format!("{id}: no PCI host {host_id}")))?;
+        let parent =
+            self.get(host_id)
+                .map(|e| e.id.clone())
+                .ok_or_else(|| RegistryError::NoPciHost {
+                    id: id.clone(),
+                    host: host_id.to_owned(),
+                })?;
         let name = function.name().to_owned();
         let slot = host
             .add_device(function)
-            .map_err(|e| MachineError::Internal(format!("PCI: cannot add {id} ({name}): {e}")))?;
+            .map_err(|source| MachineError::Pci {
+                name: format!("{id} ({name})"),
+                source,
+            })?;
         tracing::debug!(slot, "PCI 00:{slot:02x}.0 is {id} ({name})");
         self.entries.push(Entry {
             id,
@@ -267,9 +290,7 @@ impl Registry {
 
     fn new_id(&self, id: &str) -> Result<DeviceId, MachineError> {
         if self.get(id).is_some() {
-            return Err(MachineError::Internal(format!(
-                "two devices named {id} in the registry"
-            )));
+            return Err(RegistryError::DuplicateId(id.to_owned()).into());
         }
         Ok(DeviceId(id.to_owned()))
     }
@@ -472,6 +493,7 @@ mod tests {
                 Ok(Attachment::new(dev.clone()).mmio("late", 0, 0x100, dev))
             })
             .unwrap_err();
-        assert!(err.to_string().contains("bus is in use"), "{err}");
+        let line = vm_core::error_chain::Chain(&err).to_string();
+        assert!(line.contains("bus is in use"), "{line}");
     }
 }

@@ -7,6 +7,7 @@
 //! testable on its own with a fake line and a scratch memory.
 
 pub mod bus;
+pub mod error_chain;
 pub mod guest_error;
 pub mod irq;
 pub mod memory;

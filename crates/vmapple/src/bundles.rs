@@ -4,11 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
-use bundle::config::{MacAddress, Network};
 use bundle::{Bundle, CreateOptions};
 use clap::Args;
+use vm_config::{Ecid, MacAddress, Network, Size};
 
-use crate::cli::{parse_ecid, parse_size};
+use crate::error::{Error, Result};
 use crate::status;
 
 #[derive(Args, Debug)]
@@ -21,26 +21,27 @@ pub struct CreateArgs {
     #[arg(long, default_value_t = 2)]
     pub cpus: u32,
     /// Guest RAM, e.g. 4G.
-    #[arg(long, default_value = "4G", value_parser = parse_size)]
-    pub memory: u64,
+    #[arg(long, default_value = "4G")]
+    pub memory: Size,
     /// Size of the (sparse) root disk, e.g. 64G.
-    #[arg(long, default_value = "64G", value_parser = parse_size)]
-    pub disk_size: u64,
+    #[arg(long, default_value = "64G")]
+    pub disk_size: Size,
     /// Size of the (sparse) aux disk.
-    #[arg(long, value_parser = parse_size)]
-    pub aux_size: Option<u64>,
+    #[arg(long)]
+    pub aux_size: Option<Size>,
     /// Boot ROM the bundle boots (kept as a path, not copied).
     #[arg(long, value_name = "FILE")]
     pub firmware: Option<PathBuf>,
     /// ECID of the new machine [default: a random one].
-    #[arg(long, value_parser = parse_ecid)]
-    pub ecid: Option<u64>,
-    /// Network: passt, none, unix:PATH or tap:NAME.
+    #[arg(long)]
+    pub ecid: Option<Ecid>,
+    /// Network: passt, none, unix:PATH, unix-dgram:LOCAL,PEER, tap:NAME or
+    /// vmnet.
     #[arg(long, default_value = "passt")]
-    pub net: String,
+    pub net: Network,
     /// MAC address of the NIC [default: chosen at each start].
     #[arg(long)]
-    pub mac: Option<String>,
+    pub mac: Option<MacAddress>,
 }
 
 #[derive(Args, Debug)]
@@ -75,55 +76,35 @@ pub struct IdentityArgs {
 
 /// Where a new bundle goes: a bare name in the bundles home, else the
 /// path as given.
-fn new_bundle_dir(name: &Path) -> Result<PathBuf, String> {
-    let home = bundle::bundles_home().map_err(|e| e.to_string())?;
-    bundle::bundle::resolve_in(&home, name).map_err(|e| e.to_string())
+fn new_bundle_dir(name: &Path) -> Result<PathBuf> {
+    let home = bundle::bundles_home()?;
+    Ok(bundle::bundle::resolve_in(&home, name)?)
 }
 
-fn network(text: &str) -> Result<Network, String> {
-    Ok(match text.split_once(':') {
-        None if text == "passt" => Network::Passt,
-        None if text == "none" => Network::None,
-        Some(("unix", path)) if !path.is_empty() => Network::Unix(path.into()),
-        Some(("tap", name)) if !name.is_empty() => Network::Tap(name.into()),
-        _ => {
-            return Err(format!(
-                "{text:?} is not a network (passt, none, unix:PATH, tap:NAME)"
-            ))
-        }
-    })
-}
-
-pub fn create(args: CreateArgs) -> Result<u8, String> {
+pub fn create(args: CreateArgs) -> Result<u8> {
     let dir = new_bundle_dir(&args.name)?;
-    let mac = args
-        .mac
-        .as_deref()
-        .map(|m| devices::apple_cfg::parse_mac(m).map(MacAddress))
-        .transpose()
-        .map_err(|e| e.to_string())?;
     let firmware = args
         .firmware
-        .map(|f| std::path::absolute(&f).map_err(|e| format!("{}: {e}", f.display())))
+        .map(|f| std::path::absolute(&f).map_err(|source| Error::Path { path: f, source }))
         .transpose()?;
     let defaults = CreateOptions::default();
     let options = CreateOptions {
         cpus: args.cpus,
-        memory: args.memory,
-        ecid: args.ecid,
+        memory: args.memory.bytes(),
+        ecid: args.ecid.map(|e| e.0),
         firmware,
-        aux_size: args.aux_size.unwrap_or(defaults.aux_size),
-        root_size: args.disk_size,
-        network: network(&args.net)?,
-        mac,
+        aux_size: args.aux_size.map_or(defaults.aux_size, Size::bytes),
+        root_size: args.disk_size.bytes(),
+        network: args.net,
+        mac: args.mac,
         ..defaults
     };
-    let created = Bundle::create(&dir, options).map_err(|e| e.to_string())?;
+    let created = Bundle::create(&dir, options)?;
     println!("created {}", created.dir().display());
     Ok(status::POWERED_OFF)
 }
 
-pub fn import(args: ImportArgs) -> Result<u8, String> {
+pub fn import(args: ImportArgs) -> Result<u8> {
     let source = &args.source;
     let policy = if args.allow_outside_files {
         bundle::import::OutsideFiles::Allow
@@ -134,13 +115,12 @@ pub fn import(args: ImportArgs) -> Result<u8, String> {
         bundle::import::import_tart(source, policy)
     } else {
         bundle::import::import_macosvm(source, policy)
-    }
-    .map_err(|e| e.to_string())?;
+    }?;
     for warning in &imported.warnings {
         eprintln!("vmapple: import: {warning}");
     }
     let dir = new_bundle_dir(&args.name)?;
-    let created = Bundle::create_imported(&dir, &imported).map_err(|e| e.to_string())?;
+    let created = Bundle::create_imported(&dir, &imported)?;
     println!(
         "imported {} as {} ({} vCPUs, {} MiB, ECID {})",
         source.display(),
@@ -152,8 +132,8 @@ pub fn import(args: ImportArgs) -> Result<u8, String> {
     Ok(status::POWERED_OFF)
 }
 
-pub fn list() -> Result<u8, String> {
-    let home = bundle::bundles_home().map_err(|e| e.to_string())?;
+pub fn list() -> Result<u8> {
+    let home = bundle::bundles_home()?;
     for b in bundle::list(&home) {
         let state = match (b.running, &b.error) {
             (_, Some(e)) => format!("broken: {e}"),
@@ -169,24 +149,24 @@ pub fn list() -> Result<u8, String> {
     Ok(status::POWERED_OFF)
 }
 
-pub fn delete(args: DeleteArgs) -> Result<u8, String> {
-    let home = bundle::bundles_home().map_err(|e| e.to_string())?;
-    let dir = bundle::bundle::resolve_in(&home, &args.name).map_err(|e| e.to_string())?;
-    bundle::delete(&dir).map_err(|e| e.to_string())?;
+pub fn delete(args: DeleteArgs) -> Result<u8> {
+    let home = bundle::bundles_home()?;
+    let dir = bundle::bundle::resolve_in(&home, &args.name)?;
+    bundle::delete(&dir)?;
     println!("deleted {}", dir.display());
     Ok(status::POWERED_OFF)
 }
 
-pub fn identity(args: IdentityArgs) -> Result<u8, String> {
+pub fn identity(args: IdentityArgs) -> Result<u8> {
     // A file of that name here (say `MachineIdentifier`) wins; otherwise a
     // bare name is a bundle in the bundles home, as for `run` and `ctl`.
     let path = if args.path.exists() {
         args.path
     } else {
-        let home = bundle::bundles_home().map_err(|e| e.to_string())?;
+        let home = bundle::bundles_home()?;
         bundle::bundle::resolve_in(&home, &args.path).unwrap_or(args.path)
     };
-    let ecid = bundle::identity::ecid_from_path(&path).map_err(|e| e.to_string())?;
+    let ecid = bundle::identity::ecid_from_path(&path)?;
     println!("{ecid}");
     Ok(status::POWERED_OFF)
 }

@@ -4,13 +4,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use devices::serial::SerialBackend;
 use machine::display::DisplayConfig;
-use machine::{
-    default_mac, BootSource, DiskSpec, Machine, MachineConfig, NetBackendSpec, NicSpec,
-    PanicPolicy, RunOutcome,
+use machine::{default_mac, BootSource, Machine, MachineConfig, NicSpec, RunOutcome};
+use vm_config::{
+    DiskSpec, DisplayModes, Ecid, MacAddress, NetBackend, Network, PanicPolicy, SerialBackend, Size,
 };
 
+use crate::error::{Error, Result};
 use crate::status;
 
 const EXIT_STATUS_HELP: &str = "\
@@ -99,8 +99,8 @@ pub struct RunArgs {
 
     /// Guest RAM, with a K, M, G or T suffix (binary units), e.g. 512M or
     /// 4G [default: 512M, or the bundle's].
-    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
-    pub memory: Option<u64>,
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<Size>,
 
     /// Serial console: `stdio`, `file:PATH`, `unix:PATH` (a socket vmapple
     /// listens on) or `none` [default: stdio, or the bundle's]. On stdio,
@@ -121,20 +121,21 @@ pub struct RunArgs {
 
     /// The aux volume (VZF's auxiliary storage with its 16 KiB header
     /// removed): the boot ROM reads it through the backdoor block
-    /// interface. Append `,readonly` to open it read-only.
-    #[arg(long, value_name = "FILE[,readonly]", value_parser = parse_disk)]
+    /// interface. Append `,readonly` to open it read-only, `,offset=BYTES`
+    /// to skip a header; write a comma in the path as `,,`.
+    #[arg(long, value_name = "FILE[,readonly]")]
     pub aux: Option<DiskSpec>,
 
     /// The root volume (the macOS disk image). Append `,readonly` to open
     /// it read-only.
-    #[arg(long, value_name = "FILE[,readonly]", value_parser = parse_disk)]
+    #[arg(long, value_name = "FILE[,readonly]")]
     pub root: Option<DiskSpec>,
 
     /// The machine's ECID (Virtualization.framework's machine identifier),
     /// decimal or 0x-prefixed hex; `vmapple identity` prints it for a
     /// bundle.
-    #[arg(long, value_name = "N", value_parser = parse_ecid)]
-    pub ecid: Option<u64>,
+    #[arg(long, value_name = "N")]
+    pub ecid: Option<Ecid>,
 
     /// Serial number the boot ROM reports (at most 31 characters).
     #[arg(long, value_name = "TEXT", default_value = devices::apple_cfg::DEFAULT_SERIAL)]
@@ -149,9 +150,10 @@ pub struct RunArgs {
     pub soc_name: String,
 
     /// Bytes to skip at the start of the --aux file: 16384 for an
-    /// untrimmed Virtualization.framework auxiliary-storage file.
-    #[arg(long, value_name = "BYTES", default_value_t = 0)]
-    pub aux_offset: u64,
+    /// untrimmed Virtualization.framework auxiliary-storage file (the
+    /// same as `--aux FILE,offset=16384`).
+    #[arg(long, value_name = "BYTES")]
+    pub aux_offset: Option<Size>,
 
     /// Tell the boot ROM to start the macOS installer (sets the cfg
     /// region's run_installer1 and run_installer2 words).
@@ -160,7 +162,7 @@ pub struct RunArgs {
 
     /// An extra virtio-blk disk (a raw image; sparse files stay sparse).
     /// Repeat for more disks. Append `,readonly` to open it read-only.
-    #[arg(long = "disk", value_name = "FILE[,readonly]", value_parser = parse_disk)]
+    #[arg(long = "disk", value_name = "FILE[,readonly]")]
     pub disks: Vec<DiskSpec>,
 
     /// Network: `passt` (user-mode networking through the passt program;
@@ -169,12 +171,12 @@ pub struct RunArgs {
     /// `vmnet` (macOS vmnet.framework NAT; needs root or the
     /// com.apple.vm.networking entitlement) or `none`.
     #[arg(long, value_name = "BACKEND")]
-    pub net: Option<String>,
+    pub net: Option<Network>,
 
     /// MAC address of the NIC [default: 52:54:00 followed by three bytes
     /// derived from the process id].
-    #[arg(long, value_name = "MAC", value_parser = parse_mac)]
-    pub mac: Option<[u8; 6]>,
+    #[arg(long, value_name = "MAC")]
+    pub mac: Option<MacAddress>,
 
     /// Leave out the XHCI controller with its USB keyboard and tablet
     /// (QEMU's -nodefaults).
@@ -204,7 +206,7 @@ pub struct RunArgs {
     /// What a guest panic reported through pvpanic does: `exit` (stop with
     /// status 5), `pause` (keep the VM for inspection), `reset` or
     /// `continue` [default: exit, or the bundle's].
-    #[arg(long, value_parser = parse_panic_policy, value_name = "POLICY")]
+    #[arg(long, value_name = "POLICY")]
     pub on_panic: Option<PanicPolicy>,
 }
 
@@ -220,41 +222,36 @@ pub enum DisplayKind {
 
 /// Checks `--display` and `--display-modes` against this host; the modes
 /// are validated on every host so a bad list fails the same everywhere.
-fn display_options(
-    display: DisplayKind,
-    modes: Option<&str>,
-) -> Result<Vec<apple_gfx::DisplayMode>, String> {
-    let modes = match modes {
-        Some(list) => apple_gfx::parse_mode_list(list, apple_gfx::ModeSyntax::Strict)
-            .map_err(|e| format!("--display-modes {list:?}: {e}"))?,
-        None => Vec::new(),
-    };
+fn display_options(display: DisplayKind, modes: Option<&str>) -> Result<Option<DisplayModes>> {
+    // Parsed here rather than by clap: a bad list is a configuration error
+    // (status 1) that names the entry, as `config.toml`'s would.
+    let modes = modes
+        .map(|list| {
+            list.parse::<DisplayModes>()
+                .map_err(|e| Error::usage(format!("--display-modes {list:?}: {e}")))
+        })
+        .transpose()?;
     if display == DisplayKind::Cocoa && !cfg!(all(target_os = "macos", target_arch = "aarch64")) {
-        return Err(
-            "--display cocoa needs a macOS host on Apple silicon (ParavirtualizedGraphics and AppKit); use --display none"
-                .into(),
-        );
+        return Err(Error::usage(
+            "--display cocoa needs a macOS host on Apple silicon (ParavirtualizedGraphics and AppKit); use --display none",
+        ));
     }
     Ok(modes)
 }
 
-fn parse_mac(text: &str) -> Result<[u8; 6], String> {
-    let mac = devices::apple_cfg::parse_mac(text).map_err(|e| e.to_string())?;
-    if mac[0] & 1 != 0 {
-        return Err(format!(
-            "{text} is a multicast address; a NIC needs a unicast one"
-        ));
-    }
-    Ok(mac)
-}
-
-/// The NIC list for `--net`: none when asked, passt by default when it is
-/// installed (and nothing, with a note, when it is not).
-fn nics(net: Option<&str>, mac: Option<[u8; 6]>) -> Result<Vec<NicSpec>, String> {
+/// The NIC list: none when asked, passt by default when it is installed
+/// (and nothing, with a note, when it is not). `given` says where the
+/// network came from, for the message when this host lacks its backend.
+fn nics(net: Option<(Network, String)>, mac: Option<MacAddress>) -> Result<Vec<NicSpec>> {
     let backend = match net {
-        Some("none") => return Ok(Vec::new()),
-        Some(text) => NetBackendSpec::parse(text)?,
-        None if passt_installed() => NetBackendSpec::Passt,
+        Some((Network::None, _)) => return Ok(Vec::new()),
+        Some((Network::Nic(backend), given)) => {
+            backend
+                .host_supported()
+                .map_err(|why| Error::usage(format!("{given} {why}")))?;
+            backend
+        }
+        None if passt_installed() => NetBackend::Passt,
         None => {
             tracing::info!("passt is not installed: no network (install passt, or give --net)");
             return Ok(Vec::new());
@@ -269,78 +266,6 @@ fn nics(net: Option<&str>, mac: Option<[u8; 6]>) -> Result<Vec<NicSpec>, String>
 fn passt_installed() -> bool {
     std::env::var_os("PATH")
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join("passt").is_file()))
-}
-
-fn parse_panic_policy(text: &str) -> Result<PanicPolicy, String> {
-    text.parse()
-}
-
-/// Parses `PATH` or `PATH,readonly`.
-pub fn parse_disk(text: &str) -> Result<DiskSpec, String> {
-    let (path, read_only) = match text.rsplit_once(',') {
-        Some((path, "readonly" | "ro")) => (path, true),
-        Some((_, option)) => {
-            return Err(format!(
-                "unknown disk option {option:?} in {text:?} (the only option is `readonly`)"
-            ))
-        }
-        None => (text, false),
-    };
-    if path.is_empty() {
-        return Err("empty disk path".into());
-    }
-    Ok(DiskSpec {
-        path: PathBuf::from(path),
-        read_only,
-        offset: 0,
-    })
-}
-
-/// Parses an ECID: decimal, or hex with a 0x prefix.
-pub fn parse_ecid(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => t.parse(),
-    };
-    parsed.map_err(|_| {
-        format!("{text:?} is not an ECID (a 64-bit number, decimal or 0x-prefixed hex)")
-    })
-}
-
-/// Parses `512M`, `4G`, `1024K`, `2T`, `4GiB` or a plain byte count.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let trimmed = text.trim();
-    let digits_end = trimmed
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(trimmed.len());
-    let (digits, unit) = trimmed.split_at(digits_end);
-    if digits.is_empty() {
-        return Err(format!("{text:?} is not a size (try 512M or 4G)"));
-    }
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is too large"))?;
-    let shift = match unit
-        .trim()
-        .to_ascii_uppercase()
-        .trim_end_matches("IB")
-        .trim_end_matches('B')
-    {
-        "" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        other => {
-            return Err(format!(
-                "{text:?}: unknown unit {other:?} (use K, M, G or T)"
-            ))
-        }
-    };
-    number
-        .checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 /// Accelerators this build has, the default first.
@@ -363,7 +288,7 @@ const AVAILABLE_ACCELERATORS: &[&str] = &[
     )),
     allow(unused_variables)
 )]
-fn create_vm(machine: &Machine, accel: &str) -> Result<Box<dyn accel::Vm>, String> {
+fn create_vm(machine: &Machine, accel: &str) -> Result<Box<dyn accel::Vm>> {
     match accel {
         #[cfg(feature = "tcg")]
         "tcg" => {
@@ -372,7 +297,7 @@ fn create_vm(machine: &Machine, accel: &str) -> Result<Box<dyn accel::Vm>, Strin
                 counter: machine.counter(),
                 time_slice: accel_tcg::TcgConfig::DEFAULT_TIME_SLICE,
             };
-            let vm = accel_tcg::TcgVm::new(machine.memory(), config).map_err(|e| e.to_string())?;
+            let vm = accel_tcg::TcgVm::new(machine.memory(), config)?;
             Ok(Box::new(vm))
         }
         #[cfg(any(
@@ -383,13 +308,13 @@ fn create_vm(machine: &Machine, accel: &str) -> Result<Box<dyn accel::Vm>, Strin
             let config = accel_hvf::HvfConfig {
                 cpus: machine.vcpu_configs(),
             };
-            let vm = accel_hvf::HvfVm::new(machine.memory(), config).map_err(|e| e.to_string())?;
+            let vm = accel_hvf::HvfVm::new(machine.memory(), config)?;
             Ok(Box::new(vm))
         }
-        other => Err(format!(
+        other => Err(Error::usage(format!(
             "--accel {other}: not available in this build (available: {})",
             AVAILABLE_ACCELERATORS.join(", ")
-        )),
+        ))),
     }
 }
 
@@ -419,9 +344,9 @@ struct OpenBundle {
     _lock: bundle::BundleLock,
 }
 
-fn open_bundle(spec: &std::path::Path) -> Result<OpenBundle, String> {
-    let bundle = bundle::Bundle::open(spec).map_err(|e| e.to_string())?;
-    let lock = bundle.lock().map_err(|e| e.to_string())?;
+fn open_bundle(spec: &std::path::Path) -> Result<OpenBundle> {
+    let bundle = bundle::Bundle::open(spec)?;
+    let lock = bundle.lock().map_err(bundle::BundleError::from)?;
     crate::logging::log_to_file(&bundle.log_path())?;
     Ok(OpenBundle {
         bundle,
@@ -429,41 +354,11 @@ fn open_bundle(spec: &std::path::Path) -> Result<OpenBundle, String> {
     })
 }
 
-fn disk_from_bundle(b: &bundle::Bundle, disk: &bundle::config::Disk) -> DiskSpec {
+/// A bundle's disk, its path relative to the bundle.
+fn disk_from_bundle(b: &bundle::Bundle, disk: &DiskSpec) -> DiskSpec {
     DiskSpec {
         path: b.resolve(&disk.path),
-        read_only: disk.read_only,
-        offset: disk.offset,
-    }
-}
-
-fn panic_policy_from_bundle(p: bundle::config::OnPanic) -> PanicPolicy {
-    use bundle::config::OnPanic;
-    match p {
-        OnPanic::Exit => PanicPolicy::Exit,
-        OnPanic::Pause => PanicPolicy::Pause,
-        OnPanic::Reset => PanicPolicy::Reset,
-        OnPanic::Continue => PanicPolicy::Continue,
-    }
-}
-
-fn net_from_bundle(n: &bundle::config::Network) -> Option<String> {
-    use bundle::config::Network;
-    Some(match n {
-        Network::Passt => "passt".into(),
-        Network::None => "none".into(),
-        Network::Unix(path) => format!("unix:{}", path.display()),
-        Network::Tap(name) => format!("tap:{name}"),
-    })
-}
-
-fn serial_from_bundle(s: &bundle::config::Serial) -> SerialBackend {
-    use bundle::config::Serial;
-    match s {
-        Serial::Stdio => SerialBackend::Stdio,
-        Serial::None => SerialBackend::None,
-        Serial::File(p) => SerialBackend::File(p.clone()),
-        Serial::Unix(p) => SerialBackend::Unix(p.clone()),
+        ..disk.clone()
     }
 }
 
@@ -482,7 +377,7 @@ fn run_machine(
     accel: String,
     window: bool,
     host: crate::host_display::HostWindow,
-) -> Result<RunOutcome, String> {
+) -> Result<RunOutcome> {
     #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
     if window {
         use apple_gfx_macos::main_thread::{run_vmm, PlatformLoop};
@@ -492,25 +387,26 @@ fn run_machine(
             .framework
             .as_deref()
             .filter(|_| machine.screen().is_some())
-            .ok_or("--display cocoa: the machine has no display")?;
+            .ok_or_else(|| Error::usage("--display cocoa: the machine has no display"))?;
         let input = machine.input_sink().map(|sink| {
             Arc::new(crate::input::WindowInput::new(sink))
                 as Arc<dyn apple_gfx_macos::input::InputSink>
         });
-        let mut app = AppKitLoop::on_main_thread(framework, input)
-            .ok_or("--display cocoa: AppKit needs the process's main thread")?;
+        let mut app = AppKitLoop::on_main_thread(framework, input).ok_or_else(|| {
+            Error::usage("--display cocoa: AppKit needs the process's main thread")
+        })?;
         return run_vmm(Some(&mut app as &mut dyn PlatformLoop), move || {
             let mut vm = create_vm(&machine, &accel)?;
-            machine.run(vm.as_mut()).map_err(|e| e.to_string())
+            Ok(machine.run(vm.as_mut())?)
         });
     }
     let mut vm = create_vm(&machine, &accel)?;
-    machine.run(vm.as_mut()).map_err(|e| e.to_string())
+    Ok(machine.run(vm.as_mut())?)
 }
 
 /// Resolves a run's settings: options first, then the bundle, then the
 /// built-in defaults.
-fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<MachineConfig, String> {
+fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<MachineConfig> {
     let config = bundle.map(|b| b.config());
     let boot = match (args.firmware, args.kernel) {
         (Some(firmware), None) => BootSource::Firmware(firmware),
@@ -522,30 +418,32 @@ fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<Mach
         (None, None) => match (bundle, config.and_then(|c| c.firmware.as_ref())) {
             (Some(b), Some(firmware)) => BootSource::Firmware(b.resolve(firmware)),
             (Some(b), None) => {
-                return Err(format!(
+                return Err(Error::usage(format!(
                     "bundle {} names no firmware: add `firmware = \"PATH\"` to its config.toml or give --firmware",
                     b.name()
-                ))
+                )))
             }
             (None, _) => {
-                return Err("nothing to boot: give a bundle, --firmware FILE or --kernel FILE".into())
+                return Err(Error::usage(
+                    "nothing to boot: give a bundle, --firmware FILE or --kernel FILE",
+                ))
             }
         },
-        (Some(_), Some(_)) => return Err("give only one of --firmware and --kernel".into()),
+        (Some(_), Some(_)) => return Err(Error::usage("give only one of --firmware and --kernel")),
     };
     let cpus = args.cpus.or(config.map(|c| c.cpus as usize)).unwrap_or(1);
     let memory = args
         .memory
-        .or(config.map(|c| c.memory.0))
-        .unwrap_or(512 << 20);
+        .or(config.map(|c| c.memory))
+        .map_or(512 << 20, Size::bytes);
     let serial = args
         .serial
-        .or(bundle.map(|b| serial_from_bundle(&b.serial())))
+        .or(bundle.map(|b| b.serial()))
         .unwrap_or(SerialBackend::Stdio);
     let mut machine = MachineConfig::new(cpus, memory, boot, serial);
     let ecid = match (args.ecid, bundle) {
-        (Some(ecid), _) => ecid,
-        (None, Some(b)) => b.ecid().map_err(|e| e.to_string())?,
+        (Some(ecid), _) => ecid.0,
+        (None, Some(b)) => b.ecid()?,
         (None, None) => 0,
     };
     let installer = u32::from(args.run_installer);
@@ -560,7 +458,9 @@ fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<Mach
     };
     machine.aux = match (args.aux, bundle) {
         (Some(mut aux), _) => {
-            aux.offset = args.aux_offset;
+            if let Some(offset) = args.aux_offset {
+                aux.offset = offset.bytes();
+            }
             Some(aux)
         }
         (None, Some(b)) => Some(disk_from_bundle(b, &b.config().aux)),
@@ -584,24 +484,35 @@ fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<Mach
     };
     machine.on_panic = args
         .on_panic
-        .or(config.map(|c| panic_policy_from_bundle(c.on_panic)))
+        .or(config.map(|c| c.on_panic))
         .unwrap_or_default();
-    let net = args
-        .net
-        .or_else(|| bundle.and_then(|b| net_from_bundle(&b.network())));
     // Only a MAC given here conflicts with no network: the bundle's is for
     // runs that have one, and `--net none` for one run must not need an
     // edit of config.toml.
-    if args.mac.is_some() && net.as_deref() == Some("none") {
-        return Err("--mac needs a network: it conflicts with --net none".into());
+    if args.mac.is_some() && args.net == Some(Network::None) {
+        return Err(Error::usage(
+            "--mac needs a network: it conflicts with --net none",
+        ));
     }
-    let mac = args.mac.or(config.and_then(|c| c.mac.map(|m| m.0)));
-    machine.nics = nics(net.as_deref(), mac)?;
+    let net = match (args.net, bundle) {
+        (Some(net), _) => {
+            let given = format!("--net {net}");
+            Some((net, given))
+        }
+        (None, Some(b)) => {
+            let net = b.network();
+            let given = format!("bundle {}: network {net}", b.name());
+            Some((net, given))
+        }
+        (None, None) => None,
+    };
+    let mac = args.mac.or(config.and_then(|c| c.mac));
+    machine.nics = nics(net, mac)?;
     machine.usb = !args.no_usb;
     machine.display = display_config(
         args.display,
         args.display_modes.as_deref(),
-        bundle.map(|b| (b.name(), &b.config().display.modes[..])),
+        bundle.map(|b| (b.name(), &b.config().display.modes)),
     )?;
     Ok(machine)
 }
@@ -611,35 +522,32 @@ fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<Mach
 fn display_config(
     display: DisplayKind,
     modes: Option<&str>,
-    bundle: Option<(String, &[bundle::config::DisplayMode])>,
-) -> Result<Option<DisplayConfig>, String> {
+    bundle: Option<(String, &DisplayModes)>,
+) -> Result<Option<DisplayConfig>> {
     let window = display == DisplayKind::Cocoa;
     let given = display_options(display, modes)?;
-    let modes = match (modes, bundle) {
+    let modes = match (given, bundle) {
+        (Some(given), _) => given,
         (None, Some((name, list))) => {
             if list.is_empty() {
                 if window {
-                    return Err(format!(
+                    return Err(Error::usage(format!(
                         "--display cocoa: bundle {name} has no display (its display.modes is empty); give --display-modes"
-                    ));
+                    )));
                 }
                 return Ok(None);
             }
-            // The bundle has no refresh rates; 60 Hz is what the defaults use.
-            let text = list
-                .iter()
-                .map(|m| format!("{}x{}@60", m.width, m.height))
-                .collect::<Vec<_>>()
-                .join(",");
-            apple_gfx::parse_mode_list(&text, apple_gfx::ModeSyntax::Strict)
-                .map_err(|e| format!("bundle {name}: display.modes: {e}"))?
+            list.clone()
         }
-        _ => given,
+        (None, None) => DisplayModes::default(),
     };
-    Ok(Some(DisplayConfig { modes, window }))
+    Ok(Some(DisplayConfig {
+        modes: modes.into_vec(),
+        window,
+    }))
 }
 
-pub fn run(args: RunArgs) -> Result<u8, String> {
+pub fn run(args: RunArgs) -> Result<u8> {
     // Checked before the bundle is opened, so a typo fails at once.
     display_options(args.display, args.display_modes.as_deref())?;
     let window = args.display == DisplayKind::Cocoa;
@@ -662,8 +570,11 @@ pub fn run(args: RunArgs) -> Result<u8, String> {
     let start_paused = args.paused;
     let config = machine_config(args, bundle)?;
     let display = crate::host_display::open(config.display.as_ref())?;
-    let machine = Machine::new(config, display.backend).map_err(|e| e.to_string())?;
-    let signals = crate::signals::forward_to(machine.handle()).map_err(|e| e.to_string())?;
+    let machine = Machine::new(config, display.backend)?;
+    let signals = crate::signals::forward_to(machine.handle()).map_err(|source| Error::Host {
+        what: "cannot install the signal handlers",
+        source,
+    })?;
     let control = control_path
         .map(|path| {
             crate::control::serve(
@@ -743,24 +654,16 @@ mod tests {
             ]),
             Some(&b),
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("--mac needs a network"), "{e}");
     }
 
     #[test]
     fn display_modes_come_from_the_option_then_the_bundle() {
         use apple_gfx::DisplayMode as M;
-        let bundle_modes = [
-            bundle::config::DisplayMode {
-                width: 1024,
-                height: 768,
-            },
-            bundle::config::DisplayMode {
-                width: 800,
-                height: 600,
-            },
-        ];
-        let b = || Some(("m".to_string(), &bundle_modes[..]));
+        let bundle_modes: DisplayModes = "1024x768@60,800x600@60".parse().unwrap();
+        let b = || Some(("m".to_string(), &bundle_modes));
         let c = display_config(DisplayKind::None, None, b())
             .unwrap()
             .unwrap();
@@ -774,63 +677,74 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(c.modes.is_empty(), "apple-gfx's defaults");
-        let none = Some(("m".to_string(), &[][..]));
-        assert_eq!(
-            display_config(DisplayKind::None, None, none.clone()),
-            Ok(None)
-        );
-        assert!(display_config(DisplayKind::Cocoa, None, none).is_err());
-        let twice = [bundle_modes[0], bundle_modes[0]];
-        let e =
-            display_config(DisplayKind::None, None, Some(("m".into(), &twice[..]))).unwrap_err();
-        assert!(e.starts_with("bundle m: display.modes: "), "{e}");
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("512M"), Ok(512 << 20));
-        assert_eq!(parse_size("4G"), Ok(4 << 30));
-        assert_eq!(parse_size("4GiB"), Ok(4 << 30));
-        assert_eq!(parse_size("2t"), Ok(2 << 40));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("G").is_err());
-        assert!(parse_size("12Q").is_err());
-        assert!(parse_size("99999999999T").is_err());
-        assert!(parse_size("-1M").is_err());
+        let empty = DisplayModes::default();
+        let none = || Some(("m".to_string(), &empty));
+        assert!(display_config(DisplayKind::None, None, none())
+            .unwrap()
+            .is_none());
+        assert!(display_config(DisplayKind::Cocoa, None, none()).is_err());
     }
 
     #[test]
     fn display_options_are_checked_on_every_host() {
-        let err = display_options(DisplayKind::None, Some("1920x")).unwrap_err();
+        let err = display_options(DisplayKind::None, Some("1920x"))
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("--display-modes \"1920x\": "), "{err}");
         assert!(display_options(DisplayKind::None, Some("")).is_err());
         let modes = display_options(DisplayKind::None, Some("1280x800@60,640x480@30")).unwrap();
-        assert_eq!(modes.len(), 2);
-        assert!(display_options(DisplayKind::None, None).unwrap().is_empty());
+        assert_eq!(modes.unwrap().len(), 2);
+        assert!(display_options(DisplayKind::None, None).unwrap().is_none());
         let cocoa = display_options(DisplayKind::Cocoa, Some("640x480@60"));
         if cfg!(all(target_os = "macos", target_arch = "aarch64")) {
-            assert_eq!(cocoa.unwrap().len(), 1);
+            assert_eq!(cocoa.unwrap().unwrap().len(), 1);
         } else {
-            let err = cocoa.unwrap_err();
+            let err = cocoa.unwrap_err().to_string();
             assert!(err.contains("needs a macOS host"), "{err}");
         }
     }
 
     #[test]
-    fn disks_and_ecids() {
-        let d = parse_disk("/a/b.img,readonly").unwrap();
-        assert_eq!((d.path.to_str().unwrap(), d.read_only), ("/a/b.img", true));
-        let d = parse_disk("x,y.img").unwrap_err();
-        assert!(d.contains("unknown disk option"), "{d}");
-        assert!(!parse_disk("plain.img").unwrap().read_only);
-        assert!(parse_disk(",readonly").is_err());
-        assert_eq!(parse_ecid("0x1122334455667788"), Ok(0x1122_3344_5566_7788));
+    fn options_take_the_config_types() {
+        let a = run_args(&["--memory", "1G", "--ecid", "0x10", "--on-panic", "pause"]);
+        assert_eq!(a.memory, Some(Size(1 << 30)));
+        assert_eq!(a.ecid, Some(Ecid(16)));
+        assert_eq!(a.on_panic, Some(PanicPolicy::Pause));
+        let args = run_args(&[
+            "--firmware",
+            "f",
+            "--aux",
+            "a,,b.img,ro",
+            "--aux-offset",
+            "16K",
+        ]);
+        let aux = machine_config(args, None).unwrap().aux.unwrap();
         assert_eq!(
-            parse_ecid("1234567890123456789"),
-            Ok(1_234_567_890_123_456_789)
+            (aux.path.to_str(), aux.read_only, aux.offset),
+            (Some("a,b.img"), true, 16384)
         );
-        assert!(parse_ecid("0x").is_err());
-        assert!(parse_ecid("18446744073709551616").is_err());
-        assert!(parse_ecid("twelve").is_err());
+        let args = run_args(&[
+            "--firmware",
+            "f",
+            "--net",
+            "unix:/tmp/s",
+            "--mac",
+            "52:54:00:00:00:07",
+        ]);
+        let c = machine_config(args, None).unwrap();
+        assert_eq!(c.nics[0].backend, NetBackend::UnixStream("/tmp/s".into()));
+        assert_eq!(c.nics[0].mac.to_string(), "52:54:00:00:00:07");
+        for bad in [
+            &["--memory", "12Q"][..],
+            &["--aux", "x,y.img"],
+            &["--ecid", "twelve"],
+            &["--net", "slirp"],
+            &["--mac", "01:00:5e:00:00:01"],
+            &["--on-panic", "explode"],
+            &["--disk", ",readonly"],
+        ] {
+            let e = Cli::try_parse_from(["vmapple", "run"].iter().chain(bad)).unwrap_err();
+            assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{bad:?}");
+        }
     }
 }

@@ -13,6 +13,8 @@ use bundle::control::{
     RunState,
 };
 use clap::Args;
+
+use crate::error::Error;
 use machine::display::Screen;
 use machine::handle::{MachineEvent, MachineHandle};
 
@@ -146,7 +148,7 @@ pub fn serve(
     machine: MachineHandle,
     input: Option<Arc<dyn InputTarget>>,
     screen: Option<Screen>,
-) -> Result<Control, String> {
+) -> crate::error::Result<Control> {
     let events = machine.subscribe();
     let handler = Arc::new(MachineControl {
         machine,
@@ -154,8 +156,10 @@ pub fn serve(
         screen,
     });
     let server = Arc::new(
-        ControlServer::bind(path, handler)
-            .map_err(|e| format!("control socket {}: {e}", path.display()))?,
+        ControlServer::bind(path, handler).map_err(|source| Error::Path {
+            path: path.to_path_buf(),
+            source,
+        })?,
     );
     tracing::info!("control socket at {}", path.display());
     let forward = server.clone();
@@ -176,7 +180,10 @@ pub fn serve(
                 Err(_) => break,
             }
         })
-        .map_err(|e| format!("cannot start the control thread: {e}"))?;
+        .map_err(|source| Error::Host {
+            what: "cannot start the control thread",
+            source,
+        })?;
     Ok(Control {
         server: Some(server),
         done,
@@ -200,18 +207,18 @@ pub struct CtlArgs {
 
 /// The control socket of `vm`, and the bundle's name when `vm` is a
 /// bundle.
-fn socket_of(vm: &Path) -> Result<(PathBuf, Option<String>), String> {
+fn socket_of(vm: &Path) -> crate::error::Result<(PathBuf, Option<String>)> {
     use std::os::unix::fs::FileTypeExt;
     if std::fs::metadata(vm).is_ok_and(|m| m.file_type().is_socket()) {
         return Ok((vm.to_path_buf(), None));
     }
-    let bundle = bundle::Bundle::open(vm).map_err(|e| e.to_string())?;
+    let bundle = bundle::Bundle::open(vm)?;
     Ok((bundle.control_socket_path(), Some(bundle.name())))
 }
 
 /// Connecting failed: for a bundle whose socket is missing or dead, the
 /// VM is simply not running, which is what the user needs to hear.
-fn connect_error(e: bundle::control::ClientError, bundle: Option<&str>) -> String {
+fn connect_error(e: bundle::control::ClientError, bundle: Option<&str>) -> Error {
     use std::io::ErrorKind;
     match (&e, bundle) {
         (bundle::control::ClientError::Io { source, .. }, Some(name))
@@ -220,16 +227,20 @@ fn connect_error(e: bundle::control::ClientError, bundle: Option<&str>) -> Strin
                 ErrorKind::NotFound | ErrorKind::ConnectionRefused
             ) =>
         {
-            format!("bundle {name} is not running (start it with `vmapple run {name}`)")
+            Error::usage(format!(
+                "bundle {name} is not running (start it with `vmapple run {name}`)"
+            ))
         }
-        _ => e.to_string(),
+        _ => Error::Control(e),
     }
 }
 
 /// Builds the request line from `vmapple ctl`'s words; the VM validates it
 /// again.
-fn request_from_words(words: &[String]) -> Result<String, String> {
-    let (cmd, rest) = words.split_first().ok_or("no command given")?;
+fn request_from_words(words: &[String]) -> crate::error::Result<Request> {
+    let (cmd, rest) = words
+        .split_first()
+        .ok_or_else(|| Error::usage("no command given"))?;
     let json = match (cmd.as_str(), rest) {
         ("events", []) => serde_json::json!({ "cmd": "subscribe" }),
         ("send-keys", keys) if !keys.is_empty() => {
@@ -237,36 +248,44 @@ fn request_from_words(words: &[String]) -> Result<String, String> {
         }
         ("pointer", [x, y, buttons @ ..]) => {
             let coordinate = |v: &str| {
-                v.parse::<u16>()
-                    .map_err(|_| format!("pointer coordinate {v:?} is not a number 0..32767"))
+                v.parse::<u16>().map_err(|_| {
+                    Error::usage(format!("pointer coordinate {v:?} is not a number 0..32767"))
+                })
             };
             serde_json::json!({
                 "cmd": "pointer", "x": coordinate(x)?, "y": coordinate(y)?, "buttons": buttons
             })
         }
         ("screenshot", [path]) => {
-            let path = std::path::absolute(path).map_err(|e| format!("{path}: {e}"))?;
+            let path = std::path::absolute(path).map_err(|source| Error::Path {
+                path: path.into(),
+                source,
+            })?;
             serde_json::json!({ "cmd": "screenshot", "path": path })
         }
         (cmd, []) => serde_json::json!({ "cmd": cmd }),
-        (cmd, _) => return Err(format!("unexpected arguments after {cmd:?}")),
+        (cmd, _) => return Err(Error::usage(format!("unexpected arguments after {cmd:?}"))),
     };
-    Ok(json.to_string())
+    // Every arm above builds an object.
+    let obj = match json {
+        serde_json::Value::Object(obj) => obj,
+        _ => serde_json::Map::new(),
+    };
+    Ok(bundle::control::request_from_object(obj)?)
 }
 
-pub fn ctl(args: CtlArgs) -> Result<u8, String> {
+pub fn ctl(args: CtlArgs) -> crate::error::Result<u8> {
     let (socket, bundle) = socket_of(&args.vm)?;
-    let line = request_from_words(&args.command)?;
-    let request = bundle::control::parse_request(line.as_bytes()).map_err(|e| e.to_string())?;
+    let request = request_from_words(&args.command)?;
     let mut client = bundle::control::Client::connect(&socket)
         .map_err(|e| connect_error(e, bundle.as_deref()))?;
-    let response = client.call(&request).map_err(|e| e.to_string())?;
+    let response = client.call(&request)?;
     print!("{}", response.to_line());
     if !response.is_ok() {
         return Ok(crate::status::HOST_ERROR);
     }
     if request == Request::Subscribe {
-        client.set_timeout(None).map_err(|e| e.to_string())?;
+        client.set_timeout(None)?;
         loop {
             match client.next_event() {
                 Ok(event) => {
@@ -276,7 +295,7 @@ pub fn ctl(args: CtlArgs) -> Result<u8, String> {
                     }
                 }
                 Err(bundle::control::ClientError::Closed { .. }) => break,
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -389,17 +408,14 @@ mod tests {
                 },
             ),
         ] {
-            let line = request_from_words(&w).unwrap();
-            assert_eq!(
-                bundle::control::parse_request(line.as_bytes()).unwrap(),
-                want
-            );
+            assert_eq!(request_from_words(&w).unwrap(), want);
         }
-        let line = request_from_words(&words(&["pointer", "100", "200", "left"])).unwrap();
         assert!(matches!(
-            bundle::control::parse_request(line.as_bytes()).unwrap(),
+            request_from_words(&words(&["pointer", "100", "200", "left"])).unwrap(),
             Request::Pointer { x: 100, y: 200, .. }
         ));
+        let e = request_from_words(&words(&["send-keys", "nope"])).unwrap_err();
+        assert!(e.to_string().contains("unknown key \"nope\""), "{e}");
         assert!(request_from_words(&words(&["pointer", "x", "1"])).is_err());
         assert!(request_from_words(&words(&["status", "now"])).is_err());
         assert!(request_from_words(&[]).is_err());

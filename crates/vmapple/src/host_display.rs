@@ -4,6 +4,7 @@
 //! binary's business.
 
 use machine::display::{DisplayConfig, GfxBackend};
+use machine::MachineError;
 
 /// The backend the machine builds its display on, and what the window code
 /// needs of it afterwards.
@@ -26,7 +27,7 @@ pub struct HostWindow {
 /// that cannot be set up fails a window display and only costs a
 /// windowless one its display.
 #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
-pub fn open(display: Option<&DisplayConfig>) -> Result<HostDisplay, String> {
+pub fn open(display: Option<&DisplayConfig>) -> Result<HostDisplay, MachineError> {
     use apple_gfx_macos::{host_page_size, DisplayQueue, MacFramework, MachVaSpace};
     use std::sync::Arc;
     let none = || HostDisplay {
@@ -56,7 +57,10 @@ pub fn open(display: Option<&DisplayConfig>) -> Result<HostDisplay, String> {
                 },
             })
         }
-        Err(e) if display.window => Err(format!("display: ParavirtualizedGraphics: {e}")),
+        Err(e) if display.window => Err(MachineError::Display {
+            what: "ParavirtualizedGraphics",
+            source: Some(Box::new(e)),
+        }),
         Err(e) => {
             tracing::warn!("ParavirtualizedGraphics: {e}; the guest has no display");
             Ok(none())
@@ -67,7 +71,7 @@ pub fn open(display: Option<&DisplayConfig>) -> Result<HostDisplay, String> {
 /// No ParavirtualizedGraphics here: the machine decides what a display
 /// without a backend means (an error for a window, none otherwise).
 #[cfg(not(all(target_os = "macos", target_arch = "aarch64")))]
-pub fn open(_display: Option<&DisplayConfig>) -> Result<HostDisplay, String> {
+pub fn open(_display: Option<&DisplayConfig>) -> Result<HostDisplay, MachineError> {
     Ok(HostDisplay {
         backend: None,
         window: HostWindow::default(),

@@ -50,7 +50,7 @@ pub struct PushArgs {
     #[arg(long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
     /// Bytes of disk per layer (Tart uses 512M; for tests).
-    #[arg(long, hide = true, value_parser = crate::cli::parse_size)]
+    #[arg(long, hide = true, value_parser = parse_size)]
     pub chunk_size: Option<u64>,
 }
 
@@ -66,6 +66,13 @@ pub struct CloneArgs {
     /// source's.
     #[arg(long)]
     pub new_identity: bool,
+}
+
+/// A size such as `64G` or `512M` (vm-config's syntax), in bytes.
+fn parse_size(text: &str) -> Result<u64, String> {
+    text.parse::<vm_config::Size>()
+        .map(vm_config::Size::bytes)
+        .map_err(|e| e.to_string())
 }
 
 pub fn clone(args: CloneArgs) -> Result<u8, String> {
@@ -99,13 +106,13 @@ pub struct SetArgs {
     #[arg(value_name = "NAME")]
     pub name: PathBuf,
     /// Grow the root disk to SIZE (sparsely); shrinking is refused.
-    #[arg(long, value_parser = crate::cli::parse_size, value_name = "SIZE")]
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
     pub disk_size: Option<u64>,
     /// vCPUs (1 to 32).
     #[arg(long, value_name = "N")]
     pub cpus: Option<u32>,
     /// Guest RAM, e.g. 8G.
-    #[arg(long, value_parser = crate::cli::parse_size, value_name = "SIZE")]
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
     pub memory: Option<u64>,
 }
 

@@ -56,10 +56,14 @@ impl<'a> MakeWriter<'a> for BundleLog {
 
 /// Installs the subscriber: `--log` if given, else `RUST_LOG`, else
 /// `info`.
-pub fn init(level: Option<&str>) -> Result<(), String> {
+pub fn init(level: Option<&str>) -> crate::error::Result<()> {
     let filter = match level {
-        Some(directives) => EnvFilter::try_new(directives)
-            .map_err(|e| format!("--log {directives:?} is not a valid log filter: {e}"))?,
+        Some(directives) => {
+            EnvFilter::try_new(directives).map_err(|source| crate::error::Error::LogFilter {
+                directives: directives.to_owned(),
+                source,
+            })?
+        }
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
     let stderr = tracing_subscriber::fmt::layer()
@@ -80,12 +84,16 @@ pub fn init(level: Option<&str>) -> Result<(), String> {
 
 /// From now on, log to `path` too (appending: earlier runs stay, up to
 /// the rotation cap).
-pub fn log_to_file(path: &Path) -> Result<(), String> {
-    let log = RotatingLog::open(path, LOG_CAP, open_log_file)
-        .map_err(|e| format!("log file {}: {e}", path.display()))?;
+pub fn log_to_file(path: &Path) -> crate::error::Result<()> {
+    let log = RotatingLog::open(path, LOG_CAP, open_log_file).map_err(|source| {
+        crate::error::Error::Path {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
     LOG_FILE
         .set(Mutex::new(log))
-        .map_err(|_| "the log file is already open".to_string())
+        .map_err(|_| crate::error::Error::usage("the log file is already open"))
 }
 
 /// Opens the log file for appending, creating it private to the user. A

@@ -9,6 +9,7 @@
 mod bundles;
 mod cli;
 mod control;
+mod error;
 mod host_display;
 mod images;
 mod input;
@@ -19,6 +20,7 @@ mod signals;
 use std::process::ExitCode;
 
 use clap::Parser;
+use vm_core::error_chain::Chain;
 
 use cli::{Cli, Command};
 
@@ -39,8 +41,8 @@ fn main() -> ExitCode {
             e.exit();
         }
     }
-    if let Err(message) = logging::init(cli.log.as_deref()) {
-        eprintln!("vmapple: error: {message}");
+    if let Err(e) = logging::init(cli.log.as_deref()) {
+        eprintln!("vmapple: error: {}", Chain(&e));
         return ExitCode::from(status::HOST_ERROR);
     }
     let result = match cli.command {
@@ -51,14 +53,15 @@ fn main() -> ExitCode {
         Command::Delete(args) => bundles::delete(args),
         Command::Identity(args) => bundles::identity(args),
         Command::Ctl(args) => control::ctl(args),
-        Command::Pull(args) => images::pull(args),
-        Command::Push(args) => images::push(args),
-        Command::Clone(args) => images::clone(args),
-        Command::Set(args) => images::set(args),
+        Command::Pull(args) => images::pull(args).map_err(error::Error::Image),
+        Command::Push(args) => images::push(args).map_err(error::Error::Image),
+        Command::Clone(args) => images::clone(args).map_err(error::Error::Image),
+        Command::Set(args) => images::set(args).map_err(error::Error::Image),
     };
     match result {
         Ok(code) => ExitCode::from(code),
-        Err(message) => {
+        Err(e) => {
+            let message = Chain(&e).to_string();
             logging::file_only_error(&message);
             eprintln!("vmapple: error: {message}");
             ExitCode::from(status::HOST_ERROR)

@@ -195,3 +195,36 @@ fn macos_only_display_and_network_are_refused_elsewhere() {
         "--net vmnet needs a macOS host",
     );
 }
+
+#[test]
+fn causes_are_printed_on_one_line() {
+    let path = scratch("tiny-chain.bin");
+    std::fs::write(&path, [0u8; 4]).unwrap();
+    let run = vmapple(
+        &[
+            "run",
+            "--firmware",
+            path.to_str().unwrap(),
+            "--root",
+            "/nonexistent/root.img",
+            "--net",
+            "none",
+            "--serial",
+            "none",
+        ],
+        LIMIT,
+    );
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let line = run
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("vmapple: error: "))
+        .unwrap_or_else(|| panic!("no error line: {}", run.stderr));
+    // What failed, then why, from the machine down to the OS.
+    assert!(
+        line.starts_with("vmapple: error: --root: ")
+            && line.contains("/nonexistent/root.img")
+            && line.contains("No such file or directory"),
+        "{line}"
+    );
+}

@@ -7,15 +7,15 @@
 //! ```no_run
 //! use std::sync::Arc;
 //! use devices::pl011::Pl011;
-//! use devices::serial::SerialBackend;
+//! use devices::serial::{SerialBackend, SerialHost};
 //! # let irq: Arc<dyn vm_core::IrqLine> = Arc::new(vm_core::NoIrq);
 //! let backend: SerialBackend = "stdio".parse()?;
-//! let mut host = backend.open()?;                      // files, sockets
+//! let mut host = SerialHost::open(&backend)?;         // files, sockets
 //! let uart = Pl011::new(irq, host.take_output());      // the machine builds this
 //! let console = host.attach(uart.clone(), || { /* ask the VMM to quit */ })?;
 //! // ... run the VM; keep `console` alive until the VM has stopped ...
 //! drop(console);                                       // threads stop, terminal restored
-//! # Ok::<(), devices::serial::SerialError>(())
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
 //! | backend | output | input |
@@ -40,7 +40,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, IsTerminal, Write};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 #[cfg(any(test, feature = "test-util"))]
@@ -61,23 +60,11 @@ use wake::Waker;
 /// that is running it.
 pub type QuitCallback = Arc<dyn Fn() + Send + Sync>;
 
-/// Where the console goes on the host.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SerialBackend {
-    Stdio,
-    File(PathBuf),
-    Unix(PathBuf),
-    None,
-}
-
-/// The accepted forms, for error messages and `--help`.
-pub const SERIAL_BACKEND_FORMS: &str = "stdio, file:PATH, unix:PATH or none";
+pub use vm_config::{SerialBackend, SerialSpecError, SERIAL_BACKEND_FORMS};
 
 /// Why a serial backend could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum SerialError {
-    #[error("invalid serial backend {spec:?}: {reason} (expected {SERIAL_BACKEND_FORMS})")]
-    Parse { spec: String, reason: String },
     #[error("cannot open serial output file {}: {source}", path.display())]
     File { path: PathBuf, source: io::Error },
     #[error("cannot create serial socket {}: {source}", path.display())]
@@ -87,54 +74,9 @@ pub enum SerialError {
     #[error("cannot create serial socket {}: another process is listening on it", path.display())]
     SocketInUse { path: PathBuf },
     #[error("cannot put the terminal into raw mode: {0}")]
-    Terminal(io::Error),
+    Terminal(#[source] io::Error),
     #[error("cannot start a serial I/O thread: {0}")]
-    Thread(io::Error),
-}
-
-impl FromStr for SerialBackend {
-    type Err = SerialError;
-
-    fn from_str(spec: &str) -> Result<Self, Self::Err> {
-        let fail = |reason: &str| SerialError::Parse {
-            spec: spec.to_owned(),
-            reason: reason.to_owned(),
-        };
-        let path = |rest: &str, kind: &str| {
-            if rest.is_empty() {
-                Err(fail(&format!("{kind}: needs a path after the colon")))
-            } else {
-                Ok(PathBuf::from(rest))
-            }
-        };
-        match spec.split_once(':') {
-            None => match spec {
-                "stdio" => Ok(Self::Stdio),
-                "none" => Ok(Self::None),
-                "" => Err(fail("empty")),
-                "file" | "unix" => Err(fail(&format!("{spec} needs a path: {spec}:PATH"))),
-                _ => Err(fail("unknown backend")),
-            },
-            Some(("file", rest)) => path(rest, "file").map(Self::File),
-            Some(("unix", rest)) => path(rest, "unix").map(Self::Unix),
-            Some(("stdio" | "none", _)) => Err(fail("takes no argument")),
-            Some(("mon", _)) => Err(fail(
-                "QEMU's monitor multiplexer is not supported; `stdio` has the Ctrl-A escapes",
-            )),
-            Some((kind, _)) => Err(fail(&format!("unknown backend kind {kind:?}"))),
-        }
-    }
-}
-
-impl fmt::Display for SerialBackend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Stdio => f.write_str("stdio"),
-            Self::File(path) => write!(f, "file:{}", path.display()),
-            Self::Unix(path) => write!(f, "unix:{}", path.display()),
-            Self::None => f.write_str("none"),
-        }
-    }
+    Thread(#[source] io::Error),
 }
 
 /// Discards everything (`none`, and what [`SerialHost::take_output`] gives
@@ -244,14 +186,14 @@ impl fmt::Debug for SerialHost {
     }
 }
 
-impl SerialBackend {
-    /// Opens the host side: creates the file or the listening socket. No
-    /// thread starts and the terminal is untouched until
+impl SerialHost {
+    /// Opens the host side of `backend`: creates the file or the listening
+    /// socket. No thread starts and the terminal is untouched until
     /// [`SerialHost::attach`].
-    pub fn open(&self) -> Result<SerialHost, SerialError> {
+    pub fn open(backend: &SerialBackend) -> Result<SerialHost, SerialError> {
         let waker = Arc::new(Waker::new().map_err(SerialError::Thread)?);
-        let (output, input): (Box<dyn SerialOutput>, HostInput) = match self {
-            Self::Stdio => (
+        let (output, input): (Box<dyn SerialOutput>, HostInput) = match backend {
+            SerialBackend::Stdio => (
                 Box::new(WriterOutput {
                     writer: Stdout,
                     what: "stdout".into(),
@@ -259,8 +201,8 @@ impl SerialBackend {
                 }),
                 HostInput::Stdio,
             ),
-            Self::File(path) => (Box::new(open_file(path)?), HostInput::None),
-            Self::Unix(path) => {
+            SerialBackend::File(path) => (Box::new(open_file(path)?), HostInput::None),
+            SerialBackend::Unix(path) => {
                 let (listener, socket) = unix::listen(path)?;
                 let shared = Arc::new(Mutex::new(unix::Shared::default()));
                 let output = unix::UnixOutput {
@@ -276,7 +218,7 @@ impl SerialBackend {
                     },
                 )
             }
-            Self::None => (Box::new(NullOutput), HostInput::None),
+            SerialBackend::None => (Box::new(NullOutput), HostInput::None),
         };
         Ok(SerialHost {
             output: Some(output),
@@ -368,7 +310,7 @@ pub fn connect(
     irq: Arc<dyn IrqLine>,
     on_quit: impl Fn() + Send + Sync + 'static,
 ) -> Result<(Arc<Pl011>, SerialHandle), SerialError> {
-    let mut host = backend.open()?;
+    let mut host = SerialHost::open(backend)?;
     let uart = Pl011::new(irq, host.take_output());
     let handle = host.attach(uart.clone(), on_quit)?;
     Ok((uart, handle))

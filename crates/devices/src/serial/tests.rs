@@ -229,7 +229,7 @@ fn file_backend_truncates_and_writes_output() {
     drop(handle);
 
     let missing = dir.0.join("no/such/dir/console.log");
-    let err = SerialBackend::File(missing.clone()).open().unwrap_err();
+    let err = SerialHost::open(&SerialBackend::File(missing.clone())).unwrap_err();
     assert!(matches!(err, SerialError::File { .. }));
     assert!(
         err.to_string().contains(&missing.display().to_string()),
@@ -250,7 +250,7 @@ fn none_backend_discards_and_starts_nothing() {
 fn unix_socket_round_trip() {
     let dir = TempDir::new();
     let path = dir.0.join("console.sock");
-    let mut host = SerialBackend::Unix(path.clone()).open().unwrap();
+    let mut host = SerialHost::open(&SerialBackend::Unix(path.clone())).unwrap();
     let meta = std::fs::symlink_metadata(&path).unwrap();
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
@@ -329,22 +329,22 @@ fn unix_socket_replaces_only_stale_sockets() {
     // A socket nobody listens on any more is replaced.
     drop(UnixListener::bind(&path).unwrap());
     assert!(path.exists());
-    let host = SerialBackend::Unix(path.clone()).open().unwrap();
+    let host = SerialHost::open(&SerialBackend::Unix(path.clone())).unwrap();
 
     // A live one is not.
-    let err = SerialBackend::Unix(path.clone()).open().unwrap_err();
+    let err = SerialHost::open(&SerialBackend::Unix(path.clone())).unwrap_err();
     assert!(matches!(err, SerialError::SocketInUse { .. }), "{err}");
     drop(host);
     assert!(!path.exists());
 
     // Nor is anything that is not a socket.
     std::fs::write(&path, b"precious").unwrap();
-    let err = SerialBackend::Unix(path.clone()).open().unwrap_err();
+    let err = SerialHost::open(&SerialBackend::Unix(path.clone())).unwrap_err();
     assert!(matches!(err, SerialError::NotASocket { .. }), "{err}");
     assert_eq!(std::fs::read(&path).unwrap(), b"precious");
 
     let long = dir.0.join("x".repeat(200));
-    let err = SerialBackend::Unix(long).open().unwrap_err();
+    let err = SerialHost::open(&SerialBackend::Unix(long)).unwrap_err();
     assert!(matches!(err, SerialError::Unix { .. }), "{err}");
 }
 
