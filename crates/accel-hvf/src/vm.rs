@@ -52,7 +52,7 @@ pub struct HvfConfig {
 /// A VM on Hypervisor.framework.
 pub struct HvfVm {
     /// Kept so the mapped host memory outlives the stage-2 mappings.
-    _memory: GuestMemory,
+    _memory: GuestRam,
     mapped: Vec<(u64, usize)>,
     cpus: Vec<VcpuConfig>,
     /// The guest's counter offset, shared by every vCPU.
@@ -63,7 +63,7 @@ pub struct HvfVm {
 
 impl HvfVm {
     /// Creates the VM and maps every region of `memory` as guest RAM.
-    pub fn new(memory: &GuestMemory, config: HvfConfig) -> Result<Self, AccelError> {
+    pub fn new(memory: &GuestRam, config: HvfConfig) -> Result<Self, AccelError> {
         if config.cpus.is_empty() {
             return Err(AccelError::setup("a VM needs at least one vCPU"));
         }

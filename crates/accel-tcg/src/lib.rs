@@ -323,7 +323,7 @@ pub struct TcgVm {
 impl TcgVm {
     /// Creates the engine, maps `memory` as RAM and everything else as
     /// MMIO, and prepares one context per vCPU.
-    pub fn new(memory: &GuestMemory, config: TcgConfig) -> Result<Self, AccelError> {
+    pub fn new(memory: &GuestRam, config: TcgConfig) -> Result<Self, AccelError> {
         let setup = |what: &str, e: UcError| AccelError::setup_from(what, e);
         if config.cpus.is_empty() {
             return Err(AccelError::setup("a VM needs at least one vCPU"));

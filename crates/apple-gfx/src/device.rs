@@ -18,7 +18,7 @@
 //! 2. callbacks take only the core's own short locks (`tasks`, `iosfc`,
 //!    `state`), one at a time, never call the framework while holding one,
 //!    and never wait for a register access to end;
-//! 3. guest RAM ([`GuestMemory`]) and interrupt lines need no lock at all,
+//! 3. guest RAM ([`GuestRam`]) and interrupt lines need no lock at all,
 //!    so `readMemory` and `raiseInterrupt` complete immediately on the
 //!    calling thread, where QEMU needs a deferred job and a wait.
 //!
@@ -115,7 +115,7 @@ pub enum Variant {
 
 /// Everything the core needs from the machine.
 pub struct GfxConfig {
-    pub memory: Arc<GuestMemory>,
+    pub memory: Arc<GuestRam>,
     /// Host VA operations for the task interface.
     pub va_space: Arc<dyn VaSpace>,
     /// Host page size (16 KiB on Apple Silicon).
@@ -144,7 +144,7 @@ struct State {
 }
 
 struct Inner {
-    memory: Arc<GuestMemory>,
+    memory: Arc<GuestRam>,
     tasks: Mutex<TaskTable>,
     iosfc_maps: Mutex<IosfcMappings>,
     state: Mutex<State>,

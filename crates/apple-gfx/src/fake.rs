@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use vm_core::sync::lock;
 
 use vm_core::memory::create_guest_memory;
-use vm_core::{GuestMemory, TestIrq};
+use vm_core::{GuestRam, TestIrq};
 
 use crate::cursor::CursorImage;
 use crate::device::{AppleGfx, DisplaySink, Executor, GfxConfig, Variant};
@@ -630,7 +630,7 @@ pub struct Harness {
     pub gfx: AppleGfx,
     pub fake: FakeFramework,
     pub va: Arc<FakeVaSpace>,
-    pub memory: Arc<GuestMemory>,
+    pub memory: Arc<GuestRam>,
     pub gfx_irq: Arc<TestIrq>,
     pub iosfc_irq: Arc<TestIrq>,
     pub msi: Arc<FakeMsi>,

@@ -98,7 +98,7 @@ pub enum MapError {
 /// Host address of `[gpa, gpa + len)` if that range lies wholly inside one
 /// guest RAM region (a task alias and an IOSurface pointer need host memory
 /// that is contiguous, which only a single region guarantees).
-pub fn host_address(mem: &GuestMemory, gpa: u64, len: u64) -> Result<usize, MapError> {
+pub fn host_address(mem: &GuestRam, gpa: u64, len: u64) -> Result<usize, MapError> {
     if len == 0 {
         return Err(MapError::Empty);
     }
@@ -119,7 +119,7 @@ pub fn host_address(mem: &GuestMemory, gpa: u64, len: u64) -> Result<usize, MapE
 }
 
 /// Every guest RAM region, for a `PGMemoryMapDescriptor`.
-pub fn memory_map_ranges(mem: &GuestMemory) -> Vec<MemoryMapRange> {
+pub fn memory_map_ranges(mem: &GuestRam) -> Vec<MemoryMapRange> {
     mem.iter()
         .filter_map(|r| {
             let host = r.get_host_address(MemoryRegionAddress(0)).ok()?;
@@ -166,7 +166,7 @@ impl Task {
 /// The task table of §6: host reservations and the guest ranges aliased
 /// into them.
 pub struct TaskTable {
-    mem: Arc<GuestMemory>,
+    mem: Arc<GuestRam>,
     va: Arc<dyn VaSpace>,
     page_size: u64,
     tasks: HashMap<TaskId, Task>,
@@ -176,7 +176,7 @@ pub struct TaskTable {
 impl TaskTable {
     /// `page_size` is the host page size (16 KiB on Apple Silicon) and must
     /// be a power of two.
-    pub fn new(mem: Arc<GuestMemory>, va: Arc<dyn VaSpace>, page_size: u64) -> Self {
+    pub fn new(mem: Arc<GuestRam>, va: Arc<dyn VaSpace>, page_size: u64) -> Self {
         debug_assert!(page_size.is_power_of_two());
         Self {
             mem,
@@ -447,12 +447,12 @@ struct IosfcEntry {
 
 /// Host pointers handed to the IOSurface mapper (§7.3).
 pub struct IosfcMappings {
-    mem: Arc<GuestMemory>,
+    mem: Arc<GuestRam>,
     by_host: HashMap<usize, IosfcEntry>,
 }
 
 impl IosfcMappings {
-    pub fn new(mem: Arc<GuestMemory>) -> Self {
+    pub fn new(mem: Arc<GuestRam>) -> Self {
         Self {
             mem,
             by_host: HashMap::new(),
@@ -505,7 +505,7 @@ mod tests {
     const RAM: u64 = 0x7000_0000;
     const RAM2: u64 = 0x8000_0000;
 
-    fn setup() -> (TaskTable, Arc<FakeVaSpace>, Arc<GuestMemory>) {
+    fn setup() -> (TaskTable, Arc<FakeVaSpace>, Arc<GuestRam>) {
         let mem = Arc::new(create_guest_memory(&[(RAM, 0x10_0000), (RAM2, 0x10_0000)]).unwrap());
         let va = Arc::new(FakeVaSpace::new());
         (TaskTable::new(mem.clone(), va.clone(), PAGE), va, mem)

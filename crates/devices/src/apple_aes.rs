@@ -60,7 +60,7 @@ use aes::cipher::{
 };
 use vm_core::memory::{range_is_ram, read_exact, write_all};
 use vm_core::regs::{Narrow, RegisterFile, Wide};
-use vm_core::{guest_error, AccessWidth, GuestMemory, IrqLine, MmioDevice};
+use vm_core::{guest_error, AccessWidth, GuestRam, IrqLine, MmioDevice};
 
 /// Guest physical base of window 1 (§2).
 pub const WINDOW1_BASE: u64 = 0x3022_0000;
@@ -263,7 +263,7 @@ fn hex(bytes: &[u8]) -> String {
 /// The AES engine. Reach it through [`AppleAes::window1`] and
 /// [`AppleAes::window2`].
 pub struct AppleAes {
-    memory: GuestMemory,
+    memory: GuestRam,
     irq: Arc<dyn IrqLine>,
     fifo_policy: FifoResetPolicy,
     state: Mutex<State>,
@@ -274,7 +274,7 @@ impl AppleAes {
     /// runs, so power-on equals reset): key and IV slots zero, decrypt,
     /// ECB, FIFO empty.
     pub fn new(
-        memory: GuestMemory,
+        memory: GuestRam,
         irq: Arc<dyn IrqLine>,
         fifo_policy: FifoResetPolicy,
     ) -> Arc<Self> {
@@ -642,7 +642,7 @@ mod tests {
     const WORDS_00_0F: [u32; 4] = [0x0302_0100, 0x0706_0504, 0x0B0A_0908, 0x0F0E_0D0C];
 
     struct Rig {
-        mem: GuestMemory,
+        mem: GuestRam,
         irq: Arc<TestIrq>,
         aes: Arc<AppleAes>,
         w1: Arc<dyn MmioDevice>,

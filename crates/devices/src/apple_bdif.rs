@@ -44,7 +44,7 @@ use std::sync::Arc;
 
 use block::BlockBackend;
 use vm_core::memory::{range_is_ram, read_exact, write_all};
-use vm_core::{guest_error, AccessWidth, GuestMemory, MmioDevice};
+use vm_core::{guest_error, AccessWidth, GuestRam, MmioDevice};
 
 /// Guest physical base of the window (§2).
 pub const BASE: u64 = 0x3000_0000;
@@ -130,7 +130,7 @@ pub const SECTOR_SIZE: u64 = block::SECTOR_SIZE;
 
 /// The backdoor block interface: one [`MmioDevice`] for the whole window.
 pub struct Bdif {
-    memory: GuestMemory,
+    memory: GuestRam,
     root: Arc<dyn BlockBackend>,
     aux: Arc<dyn BlockBackend>,
 }
@@ -145,7 +145,7 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
 
 impl Bdif {
     pub fn new(
-        memory: GuestMemory,
+        memory: GuestRam,
         root: Arc<dyn BlockBackend>,
         aux: Arc<dyn BlockBackend>,
     ) -> Self {
@@ -326,7 +326,7 @@ mod tests {
     }
 
     struct Rig {
-        mem: GuestMemory,
+        mem: GuestRam,
         bdif: Bdif,
         root: Arc<MemoryDisk>,
         aux: Arc<MemoryDisk>,

@@ -202,7 +202,7 @@ impl CfgParams {
 /// Fails, writing nothing, unless the whole window is RAM and `image` fits
 /// in it: that is a machine-assembly bug, not something a guest can cause.
 pub fn install(
-    mem: &GuestMemory,
+    mem: &GuestRam,
     base: u64,
     region_size: u64,
     image: &[u8],
@@ -255,7 +255,7 @@ mod tests {
     }
 
     /// Guest memory with the cfg window installed, read back whole.
-    fn installed(params: &CfgParams) -> (GuestMemory, Vec<u8>) {
+    fn installed(params: &CfgParams) -> (GuestRam, Vec<u8>) {
         let mem = create_guest_memory(&[(BASE, REGION_SIZE as usize)]).unwrap();
         install(&mem, BASE, REGION_SIZE, &params.build().unwrap()).unwrap();
         let mut back = vec![0u8; REGION_SIZE as usize];

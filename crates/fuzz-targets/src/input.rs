@@ -4,7 +4,7 @@
 //! rejected).
 
 use vm_core::memory::create_guest_memory;
-use vm_core::{AccessWidth, GuestMemory};
+use vm_core::{AccessWidth, GuestRam};
 
 /// Where the fuzz RAM lives, and how big it is: small so that guest
 /// pointers built from fuzz bytes land in it often.
@@ -76,7 +76,7 @@ pub enum Access {
 }
 
 /// Builds the fuzz RAM, seeded from the input.
-pub fn guest_memory(input: &mut Input) -> GuestMemory {
+pub fn guest_memory(input: &mut Input) -> GuestRam {
     let mem = create_guest_memory(&[(RAM_BASE, RAM_SIZE as usize)]).expect("1 MiB of RAM");
     let seed = input.take(RAM_SEED_LEN);
     vm_core::memory::write_all(&mem, RAM_BASE, seed).expect("seed fits in RAM");

@@ -74,7 +74,7 @@ impl VirtioInterrupt for Interrupts {
     }
 }
 
-fn get_u16(mem: &GuestMemory, addr: u64) -> u16 {
+fn get_u16(mem: &GuestRam, addr: u64) -> u16 {
     let mut b = [0u8; 2];
     read_exact(mem, addr, &mut b).expect("ring inside RAM");
     u16::from_le_bytes(b)
@@ -136,7 +136,7 @@ impl Layout {
 
 fn activate(
     dev: &mut dyn VirtioDevice,
-    mem: &GuestMemory,
+    mem: &GuestRam,
     layout: &Layout,
     irq: &Arc<Interrupts>,
 ) -> bool {
@@ -152,7 +152,7 @@ fn activate(
 
 /// What the generic loop needs besides the device.
 struct Rig<'a> {
-    mem: GuestMemory,
+    mem: GuestRam,
     layout: Layout,
     irq: Arc<Interrupts>,
     dev: &'a mut dyn VirtioDevice,
@@ -260,7 +260,7 @@ impl Rig<'_> {
 
 fn run(
     input: &mut Input,
-    mem: GuestMemory,
+    mem: GuestRam,
     dev: &mut dyn VirtioDevice,
     sync_queues: u16,
     inject: &mut dyn FnMut(&mut Input),

@@ -9,7 +9,7 @@ use usb::xhci::regs::*;
 use usb::xhci::trb::{CC_SUCCESS, TRB_COMMAND_COMPLETION, TRB_TRANSFER_EVENT};
 use usb::{InputEvent, Xhci, XhciConfig};
 use vm_core::memory::read_exact;
-use vm_core::{AccessWidth, GuestMemory, MmioDevice, TestIrq};
+use vm_core::{AccessWidth, GuestRam, MmioDevice, TestIrq};
 
 use crate::input::{self, Input, RAM_BASE, RAM_SEED_LEN};
 use crate::Report;
@@ -67,7 +67,7 @@ fn registers() -> Vec<u64> {
 /// Successful command completions and transfer events in interrupter 0's
 /// first event-ring segment, first lap (cycle bit 1): evidence that the
 /// controller really ran commands and transfers.
-fn successful_events(x: &Xhci, mem: &GuestMemory) -> u64 {
+fn successful_events(x: &Xhci, mem: &GuestRam) -> u64 {
     let erstba = x.read_bar(0, ir(0, IR_ERSTBA_LO), AccessWidth::Double) & ERSTBA_PTR_MASK;
     let mut entry = [0u8; 16];
     if read_exact(mem, erstba, &mut entry).is_err() {

@@ -110,7 +110,7 @@ impl Firmware {
     /// Fills the ROM region: the image, then zeros. QEMU re-copies only the
     /// image (whether it re-zeroes the rest is unconfirmed, §21); zeroing
     /// makes a reset look like power-on, which no firmware can object to.
-    pub fn install(&self, memory: &GuestMemory) {
+    pub fn install(&self, memory: &GuestRam) {
         let mut region = vec![0u8; FIRMWARE_SIZE as usize];
         region[..self.bytes.len()].copy_from_slice(&self.bytes);
         write_all(memory, FIRMWARE_BASE, &region).expect("the firmware region is guest RAM");
@@ -252,7 +252,7 @@ impl LinuxImages {
     }
 
     /// Writes kernel, initrd and `dtb` where `placement` says.
-    pub fn install(&self, memory: &GuestMemory, placement: &LinuxPlacement, dtb: &[u8]) {
+    pub fn install(&self, memory: &GuestRam, placement: &LinuxPlacement, dtb: &[u8]) {
         write_all(memory, placement.entry, &self.kernel).expect("planned inside RAM");
         if let (Some(bytes), Some((start, _))) = (&self.initrd, placement.initrd) {
             write_all(memory, start, bytes).expect("planned inside RAM");

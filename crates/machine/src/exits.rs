@@ -11,14 +11,14 @@ use accel::{CpuId, ExitHandler, ExitResponse, StopReason, VcpuExit, VmControl};
 use arch_arm64::psci::{self, AffinityState, PsciAction, PsciError, PsciPlatform};
 use gic::GicV3;
 use vm_core::bus::BusError;
-use vm_core::{guest_error, GuestMemory, MmioBus};
+use vm_core::{guest_error, GuestRam, MmioBus};
 
 /// The machine's [`ExitHandler`].
 pub struct MachineExits {
     pub bus: Arc<MmioBus>,
     pub gic: Arc<GicV3>,
     pub control: Arc<VmControl>,
-    pub memory: GuestMemory,
+    pub memory: GuestRam,
 }
 
 impl MachineExits {

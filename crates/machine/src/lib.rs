@@ -36,7 +36,7 @@ use handle::{EventBus, MachineEvent, MachineHandle};
 use pci::PciHost;
 pub use pci_devices::{default_mac, MacAddress, NetBackend, NicSpec};
 use registry::Registry;
-use vm_core::{GuestMemory, MmioBus};
+use vm_core::{GuestRam, MmioBus};
 
 use boot::{BootError, Firmware, LinuxImages};
 use display::{DisplayConfig, GfxBackend, Screen};
@@ -318,7 +318,7 @@ impl Disks {
 pub struct Machine {
     cpus: usize,
     ram_size: u64,
-    memory: GuestMemory,
+    memory: GuestRam,
     /// Every device, its windows on the bus and its reset.
     registry: Registry,
     gic: Arc<GicV3>,
@@ -417,7 +417,7 @@ impl Machine {
         })
     }
 
-    pub fn memory(&self) -> &GuestMemory {
+    pub fn memory(&self) -> &GuestRam {
         &self.memory
     }
 

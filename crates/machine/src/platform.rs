@@ -26,7 +26,7 @@ use crate::{Disks, MachineConfig, MachineError, PanicPolicy};
 
 /// What every construction step shares.
 pub(crate) struct Core {
-    pub memory: GuestMemory,
+    pub memory: GuestRam,
     pub gic: Arc<GicV3>,
     pub control: Arc<VmControl>,
     pub counter: Arc<Counter>,

@@ -47,11 +47,11 @@ impl VirtioInterrupt for CountingInterrupt {
     fn notify_config(&self) {}
 }
 
-fn put(mem: &GuestMemory, addr: u64, bytes: &[u8]) {
+fn put(mem: &GuestRam, addr: u64, bytes: &[u8]) {
     write_all(mem, addr, bytes).unwrap();
 }
 
-fn put_desc(mem: &GuestMemory, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+fn put_desc(mem: &GuestRam, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
     let mut d = [0u8; 16];
     d[0..8].copy_from_slice(&addr.to_le_bytes());
     d[8..12].copy_from_slice(&len.to_le_bytes());
@@ -60,7 +60,7 @@ fn put_desc(mem: &GuestMemory, index: u16, addr: u64, len: u32, flags: u16, next
     put(mem, DESC_TABLE + 16 * u64::from(index), &d);
 }
 
-fn used_idx(mem: &GuestMemory) -> u16 {
+fn used_idx(mem: &GuestRam) -> u16 {
     let mut b = [0u8; 2];
     read_exact(mem, USED + 2, &mut b).unwrap();
     u16::from_le_bytes(b)

@@ -39,7 +39,7 @@ use std::sync::Arc;
 use block::{BlockBackend, SECTOR_SIZE};
 use virtio_bindings::virtio_blk as vb;
 use virtio_queue::{Queue, QueueT};
-use vm_core::{guest_error, GuestMemory};
+use vm_core::{guest_error, GuestRam};
 
 use crate::device::{
     ActivateContext, ActivateError, PciIdentity, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
@@ -172,7 +172,7 @@ impl Default for BlockConfig {
 }
 
 struct Active {
-    memory: GuestMemory,
+    memory: GuestRam,
     queues: Vec<Queue>,
     interrupt: Arc<dyn VirtioInterrupt>,
 }
@@ -282,7 +282,7 @@ impl Disk {
     }
 
     /// Handles one request; returns the used length.
-    fn process(&self, mem: &GuestMemory, chain: &Chain) -> u32 {
+    fn process(&self, mem: &GuestRam, chain: &Chain) -> u32 {
         let Some(status_seg) = chain.last_writable else {
             guest_error!("virtio-blk: request without a device-writable status byte");
             return 0;
@@ -299,7 +299,7 @@ impl Disk {
 
     /// Runs a request; returns its status and the data bytes written into
     /// the chain (not counting the status byte).
-    fn execute(&self, mem: &GuestMemory, chain: &Chain) -> (u8, u64) {
+    fn execute(&self, mem: &GuestRam, chain: &Chain) -> (u8, u64) {
         if let Some(fault) = chain.fault {
             guest_error!("virtio-blk: malformed chain: {fault:?}");
             return (status::IOERR, 0);
@@ -389,7 +389,7 @@ impl Disk {
         Some(offset)
     }
 
-    fn read(&self, mem: &GuestMemory, segs: &[chain::Segment], offset: u64, len: u64) -> (u8, u64) {
+    fn read(&self, mem: &GuestRam, segs: &[chain::Segment], offset: u64, len: u64) -> (u8, u64) {
         let mut buf = vec![0u8; (len as usize).min(CHUNK_BYTES)];
         let mut done = 0u64;
         while done < len {
@@ -410,7 +410,7 @@ impl Disk {
         (status::OK, done)
     }
 
-    fn write(&self, mem: &GuestMemory, segs: &[chain::Segment], offset: u64, len: u64) -> u8 {
+    fn write(&self, mem: &GuestRam, segs: &[chain::Segment], offset: u64, len: u64) -> u8 {
         let mut buf = vec![0u8; (len as usize).min(CHUNK_BYTES)];
         let mut done = 0u64;
         while done < len {
@@ -431,7 +431,7 @@ impl Disk {
         status::OK
     }
 
-    fn discard_or_zero(&self, mem: &GuestMemory, ty: u32, segs: &[chain::Segment], len: u64) -> u8 {
+    fn discard_or_zero(&self, mem: &GuestRam, ty: u32, segs: &[chain::Segment], len: u64) -> u8 {
         if self.read_only {
             return status::IOERR;
         }
@@ -631,7 +631,7 @@ mod tests {
     }
 
     struct Rig {
-        mem: GuestMemory,
+        mem: GuestRam,
         tq: TestQueue,
         dev: VirtioBlock,
         disk: Arc<CountingDisk>,
@@ -1232,7 +1232,7 @@ mod tests {
 
     /// A device on an image file, driven request by request.
     struct FileRig {
-        mem: GuestMemory,
+        mem: GuestRam,
         tq: TestQueue,
         dev: VirtioBlock,
     }

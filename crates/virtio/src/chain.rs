@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_core::memory::{range_is_ram, read_exact, write_all};
-use vm_core::{guest_error, GuestMemory};
+use vm_core::{guest_error, GuestRam};
 
 /// Descriptors kept per chain. virtio-queue already bounds a chain by the
 /// queue size (and an indirect table by its length, at most 65535); this
@@ -50,7 +50,7 @@ pub(crate) struct Chain {
 }
 
 impl Chain {
-    pub fn walk<M>(chain: DescriptorChain<M>, mem: &GuestMemory) -> Self
+    pub fn walk<M>(chain: DescriptorChain<M>, mem: &GuestRam) -> Self
     where
         M: std::ops::Deref,
         M::Target: vm_memory::GuestMemory,
@@ -107,8 +107,8 @@ impl Chain {
 /// which a guest could repeat at every kick.
 pub(crate) fn pop_chain<'m>(
     queue: &mut Queue,
-    mem: &'m GuestMemory,
-) -> Option<DescriptorChain<&'m GuestMemory>> {
+    mem: &'m GuestRam,
+) -> Option<DescriptorChain<&'m GuestRam>> {
     let Ok(avail) = queue.avail_idx(mem, Ordering::Acquire) else {
         guest_error!("virtio: available ring index is not readable");
         return None;
@@ -131,7 +131,7 @@ pub(crate) fn pop_chain<'m>(
 /// Whether a queue's three rings lie in guest RAM: what
 /// `QueueT::is_valid` checks (alignment was checked as the driver set the
 /// addresses), without its unlimited error log.
-pub(crate) fn rings_in_ram(queue: &Queue, mem: &GuestMemory) -> bool {
+pub(crate) fn rings_in_ram(queue: &Queue, mem: &GuestRam) -> bool {
     let n = u64::from(queue.size());
     range_is_ram(mem, queue.desc_table(), 16 * n)
         && range_is_ram(mem, queue.avail_ring(), 6 + 2 * n)
@@ -146,7 +146,7 @@ const AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// virtio-queue decides with EVENT_IDX but ignores the older
 /// `VRING_AVAIL_F_NO_INTERRUPT` flag, which the device SHOULD honour when
 /// EVENT_IDX is not negotiated (virtio 1.2 §2.7.7.2); this adds it.
-pub(crate) fn should_interrupt(queue: &mut Queue, mem: &GuestMemory) -> bool {
+pub(crate) fn should_interrupt(queue: &mut Queue, mem: &GuestRam) -> bool {
     let needed = queue.needs_notification(mem).unwrap_or(true);
     if !needed || queue.event_idx_enabled() {
         return needed;
@@ -187,7 +187,7 @@ fn window(segs: &[Segment], skip: u64, len: u64) -> impl Iterator<Item = (u64, u
 /// Copies bytes `[skip, skip + buf.len())` of a readable stream into `buf`;
 /// returns how many bytes the stream had there.
 pub(crate) fn read_stream(
-    mem: &GuestMemory,
+    mem: &GuestRam,
     segs: &[Segment],
     skip: u64,
     buf: &mut [u8],
@@ -203,7 +203,7 @@ pub(crate) fn read_stream(
 /// Copies `data` to bytes `[skip, skip + data.len())` of a writable stream;
 /// returns how many bytes fitted.
 pub(crate) fn write_stream(
-    mem: &GuestMemory,
+    mem: &GuestRam,
     segs: &[Segment],
     skip: u64,
     data: &[u8],

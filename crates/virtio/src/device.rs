@@ -49,7 +49,7 @@ impl PciIdentity {
 
 /// Everything a device gets when the driver sets DRIVER_OK.
 pub struct ActivateContext {
-    pub memory: GuestMemory,
+    pub memory: GuestRam,
     /// The queues the driver enabled, in index order (disabled ones are
     /// passed too, with `ready() == false`).
     pub queues: Vec<Queue>,

@@ -11,7 +11,7 @@ pub(crate) const F_WRITE: u16 = 2;
 pub(crate) const F_INDIRECT: u16 = 4;
 
 pub(crate) struct TestQueue {
-    mem: GuestMemory,
+    mem: GuestRam,
     size: u16,
     desc: u64,
     avail: u64,
@@ -22,7 +22,7 @@ pub(crate) struct TestQueue {
 
 impl TestQueue {
     /// Lays out a queue of `size` entries at `base`.
-    pub fn new(mem: &GuestMemory, base: u64, size: u16) -> Self {
+    pub fn new(mem: &GuestRam, base: u64, size: u16) -> Self {
         let desc = base;
         let avail = desc + 16 * u64::from(size);
         let used = (avail + 6 + 2 * u64::from(size) + 3) & !3;

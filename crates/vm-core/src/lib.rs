@@ -2,7 +2,7 @@
 //!
 //! Devices never see an accelerator or a machine. They are reached through
 //! [`MmioDevice`] on an [`MmioBus`], touch guest RAM only through
-//! [`GuestMemory`] (every access bounds-checked by `vm-memory`), and signal
+//! [`GuestRam`] (every access bounds-checked by `vm-memory`), and signal
 //! the interrupt controller through an [`IrqLine`]. That keeps each device
 //! testable on its own with a fake line and a scratch memory.
 

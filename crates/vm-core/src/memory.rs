@@ -10,8 +10,9 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-/// The guest's RAM-backed physical memory.
-pub type GuestMemory = GuestMemoryMmap<()>;
+/// The guest's RAM-backed physical memory. Named so it does not shadow
+/// `vm-memory`'s `GuestMemory` trait, which the same modules use.
+pub type GuestRam = GuestMemoryMmap<()>;
 
 /// Errors of guest-memory helpers.
 #[derive(Debug, thiserror::Error)]
@@ -24,7 +25,7 @@ pub enum MemoryError {
 
 /// Creates guest memory from `(base, size)` pairs, each backed by anonymous
 /// host memory.
-pub fn create_guest_memory(regions: &[(u64, usize)]) -> Result<GuestMemory, MemoryError> {
+pub fn create_guest_memory(regions: &[(u64, usize)]) -> Result<GuestRam, MemoryError> {
     let ranges: Vec<(GuestAddress, usize)> = regions
         .iter()
         .map(|&(base, size)| (GuestAddress(base), size))
@@ -34,7 +35,7 @@ pub fn create_guest_memory(regions: &[(u64, usize)]) -> Result<GuestMemory, Memo
 
 /// Reads exactly `buf.len()` bytes at `addr`, failing unless the whole range
 /// is guest RAM.
-pub fn read_exact(mem: &GuestMemory, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+pub fn read_exact(mem: &GuestRam, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
     mem.read_slice(buf, GuestAddress(addr))
         .map_err(|_| MemoryError::OutOfRange {
             addr,
@@ -44,7 +45,7 @@ pub fn read_exact(mem: &GuestMemory, addr: u64, buf: &mut [u8]) -> Result<(), Me
 
 /// Writes all of `buf` at `addr`, failing (and writing nothing) unless the
 /// whole range is guest RAM.
-pub fn write_all(mem: &GuestMemory, addr: u64, buf: &[u8]) -> Result<(), MemoryError> {
+pub fn write_all(mem: &GuestRam, addr: u64, buf: &[u8]) -> Result<(), MemoryError> {
     let len = buf.len() as u64;
     if !range_is_ram(mem, addr, len) {
         return Err(MemoryError::OutOfRange { addr, len });
@@ -55,7 +56,7 @@ pub fn write_all(mem: &GuestMemory, addr: u64, buf: &[u8]) -> Result<(), MemoryE
 
 /// True when `[addr, addr + len)` lies wholly inside guest RAM (possibly
 /// across adjacent regions). A zero-length range is RAM if `addr` is.
-pub fn range_is_ram(mem: &GuestMemory, addr: u64, len: u64) -> bool {
+pub fn range_is_ram(mem: &GuestRam, addr: u64, len: u64) -> bool {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     let Some(end) = addr.checked_add(len) else {
         return false;

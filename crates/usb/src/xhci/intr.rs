@@ -112,7 +112,7 @@ impl Interrupter {
             .wrapping_add(u64::from(self.enq_index).wrapping_mul(TRB_SIZE))
     }
 
-    fn load_segment(&self, mem: &GuestMemory, index: u32) -> Result<Segment, PostError> {
+    fn load_segment(&self, mem: &GuestRam, index: u32) -> Result<Segment, PostError> {
         if self.erstsz == 0 || self.erstsz > MAX_ERST_ENTRIES || index >= self.erstsz {
             return Err(PostError::NoRing);
         }
@@ -135,7 +135,7 @@ impl Interrupter {
 
     /// The producer position after `pos`, loading the next segment entry
     /// when `pos` is the last TRB of its segment.
-    fn step(&self, mem: &GuestMemory, pos: Position) -> Result<Position, PostError> {
+    fn step(&self, mem: &GuestRam, pos: Position) -> Result<Position, PostError> {
         if pos.enq + 1 < pos.seg.size {
             return Ok(Position {
                 enq: pos.enq + 1,
@@ -158,7 +158,7 @@ impl Interrupter {
     /// empty ring. When only one more event fits, an Event Ring Full Error
     /// takes its place; after that events are dropped until the guest
     /// consumes some.
-    pub fn post(&mut self, mem: &GuestMemory, event: Trb) -> Result<(), PostError> {
+    pub fn post(&mut self, mem: &GuestRam, event: Trb) -> Result<(), PostError> {
         let seg = match self.seg {
             Some(s) => s,
             None => {

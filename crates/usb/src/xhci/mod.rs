@@ -40,7 +40,7 @@ use vm_core::sync::lock;
 
 use pci::{BarKind, BarRegion, PciDevice};
 use vm_core::regs::{Narrow, RegisterFile, Wide};
-use vm_core::{AccessWidth, GuestMemory, IrqLine};
+use vm_core::{AccessWidth, GuestRam, IrqLine};
 
 use crate::hid::{InputEvent, UsbDevice, UsbKeyboard, UsbTablet};
 
@@ -160,7 +160,7 @@ impl Port {
 }
 
 pub(crate) struct XhciState {
-    pub mem: GuestMemory,
+    pub mem: GuestRam,
     config: XhciConfig,
     irq: Option<Arc<dyn IrqLine>>,
     irq_level: bool,
@@ -209,7 +209,7 @@ impl InputSink {
 
 impl Xhci {
     /// A controller with no devices attached.
-    pub fn new(mem: GuestMemory, config: XhciConfig) -> Self {
+    pub fn new(mem: GuestRam, config: XhciConfig) -> Self {
         let state = Arc::new_cyclic(|weak| {
             let ports = (0..NUM_PORTS)
                 .map(|i| Port {
@@ -248,7 +248,7 @@ impl Xhci {
 
     /// The vmapple default: a USB keyboard on [`KEYBOARD_PORT`] and a USB
     /// tablet on [`TABLET_PORT`] (vmapple-machine.md §7.3).
-    pub fn with_hid_devices(mem: GuestMemory, config: XhciConfig) -> Self {
+    pub fn with_hid_devices(mem: GuestRam, config: XhciConfig) -> Self {
         let x = Self::new(mem, config);
         let kbd = x.attach(KEYBOARD_PORT, Box::new(UsbKeyboard::new()));
         let tab = x.attach(TABLET_PORT, Box::new(UsbTablet::new()));

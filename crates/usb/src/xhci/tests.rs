@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use vm_core::memory::{create_guest_memory, read_exact, write_all};
-use vm_core::{AccessWidth, GuestMemory, TestIrq};
+use vm_core::{AccessWidth, GuestRam, TestIrq};
 
 use super::context::*;
 use super::regs::*;
@@ -39,7 +39,7 @@ fn trb(ty: u32, parameter: u64, status: u32, flags: u32) -> Trb {
 
 struct Driver {
     x: Xhci,
-    mem: GuestMemory,
+    mem: GuestRam,
     irq: Arc<TestIrq>,
     cmd: (u64, bool),
     ev: [(u64, bool); EV_INTRS],

@@ -120,7 +120,7 @@ impl Trb {
 }
 
 /// Reads the TRB at `addr`.
-pub fn read_trb(mem: &GuestMemory, addr: u64) -> Option<Trb> {
+pub fn read_trb(mem: &GuestRam, addr: u64) -> Option<Trb> {
     let mut b = [0u8; 16];
     read_exact(mem, addr, &mut b).ok()?;
     Some(Trb::from_bytes(&b))
@@ -158,7 +158,7 @@ impl RingCursor {
     /// The TRB at the dequeue pointer if the producer owns it to us,
     /// following Link TRBs (each costs one unit of `budget`). The cursor
     /// stays on the returned TRB; [`RingCursor::advance`] moves past it.
-    pub fn peek(&mut self, mem: &GuestMemory, budget: &mut u32) -> Result<Option<Trb>, RingError> {
+    pub fn peek(&mut self, mem: &GuestRam, budget: &mut u32) -> Result<Option<Trb>, RingError> {
         let mut links = 0;
         loop {
             if *budget == 0 {
@@ -196,7 +196,7 @@ mod tests {
     use super::*;
     use vm_core::memory::{create_guest_memory, write_all};
 
-    fn put(mem: &GuestMemory, addr: u64, trb: Trb) {
+    fn put(mem: &GuestRam, addr: u64, trb: Trb) {
         write_all(mem, addr, &trb.to_bytes()).unwrap();
     }
 

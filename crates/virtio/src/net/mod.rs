@@ -51,7 +51,7 @@ use std::time::Duration;
 use vm_core::sync::lock;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_core::{guest_error, GuestMemory};
+use vm_core::{guest_error, GuestRam};
 
 use crate::block::chain::{
     pop_chain, read_stream, rings_in_ram, should_interrupt, stream_len, write_stream, Chain,
@@ -157,7 +157,7 @@ struct RxThread {
 }
 
 struct Active {
-    memory: GuestMemory,
+    memory: GuestRam,
     tx: Queue,
     interrupt: Arc<dyn VirtioInterrupt>,
     rx: Option<RxThread>,
@@ -186,7 +186,7 @@ enum Delivery {
     Dropped,
 }
 
-fn deliver(queue: &mut Queue, mem: &GuestMemory, frame: &[u8]) -> Delivery {
+fn deliver(queue: &mut Queue, mem: &GuestRam, frame: &[u8]) -> Delivery {
     let Some(dc) = pop_chain(queue, mem) else {
         return Delivery::NoBuffer;
     };
@@ -233,7 +233,7 @@ fn deliver(queue: &mut Queue, mem: &GuestMemory, frame: &[u8]) -> Delivery {
 fn rx_loop(
     shared: Arc<RxShared>,
     mut receiver: Box<dyn NetReceiver>,
-    memory: GuestMemory,
+    memory: GuestRam,
     interrupt: Arc<dyn VirtioInterrupt>,
 ) -> Box<dyn NetReceiver> {
     let mut buf = vec![0u8; MAX_FRAME_LEN + 1];
@@ -564,7 +564,7 @@ mod tests {
     }
 
     struct Rig {
-        mem: GuestMemory,
+        mem: GuestRam,
         rxq: TestQueue,
         txq: TestQueue,
         dev: VirtioNet,
@@ -599,7 +599,7 @@ mod tests {
 
     fn activate(
         dev: &mut VirtioNet,
-        mem: &GuestMemory,
+        mem: &GuestRam,
         rxq: &TestQueue,
         txq: &TestQueue,
         irq: &Arc<TestInterrupt>,
@@ -628,7 +628,7 @@ mod tests {
         }
     }
 
-    fn guest(mem: &GuestMemory, addr: u64, len: usize) -> Vec<u8> {
+    fn guest(mem: &GuestRam, addr: u64, len: usize) -> Vec<u8> {
         let mut v = vec![0u8; len];
         read_exact(mem, addr, &mut v).unwrap();
         v
@@ -808,7 +808,7 @@ mod tests {
 
     /// A device on `backend` with a transmit queue the test fills.
     struct TxRig {
-        mem: GuestMemory,
+        mem: GuestRam,
         txq: TestQueue,
         dev: VirtioNet,
         sent: u32,

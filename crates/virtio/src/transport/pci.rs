@@ -80,7 +80,7 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
-use vm_core::{AccessWidth, GuestMemory, IrqLine, NoIrq};
+use vm_core::{AccessWidth, GuestRam, IrqLine, NoIrq};
 use vm_memory::GuestAddress;
 
 use crate::device::{ActivateContext, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
@@ -232,7 +232,7 @@ impl QueueConfig {
     }
 
     /// Why the queue cannot be enabled, if it cannot.
-    fn check(&self, memory: &GuestMemory) -> Result<(), String> {
+    fn check(&self, memory: &GuestRam) -> Result<(), String> {
         let n = u64::from(self.size);
         if self.size == 0 || !self.size.is_power_of_two() || self.size > self.max_size {
             return Err(format!("size {}", self.size));
@@ -275,7 +275,7 @@ impl QueueConfig {
 /// Everything behind the transport's lock.
 struct Inner {
     device: Box<dyn VirtioDevice>,
-    memory: GuestMemory,
+    memory: GuestRam,
     offered: u64,
     device_feature_select: u32,
     driver_feature_select: u32,
@@ -678,7 +678,7 @@ pub struct VirtioPciDevice {
 
 impl VirtioPciDevice {
     /// Wraps `device`; its queues will live in `memory`.
-    pub fn new(device: Box<dyn VirtioDevice>, memory: GuestMemory) -> Self {
+    pub fn new(device: Box<dyn VirtioDevice>, memory: GuestRam) -> Self {
         let identity = device.pci_identity();
         let name = match device.device_type() {
             1 => "virtio-net".to_string(),
@@ -943,7 +943,7 @@ mod tests {
         }
     }
 
-    fn memory() -> GuestMemory {
+    fn memory() -> GuestRam {
         vm_core::memory::create_guest_memory(&[(RAM, RAM_SIZE)]).unwrap()
     }
 
