@@ -16,7 +16,7 @@ use vm_core::sync::lock;
 use accel::{
     AccelError, CpuId, CpuSnapshot, ExitHandler, Kick, StopReason, VcpuConfig, Vm, VmControl,
 };
-use vm_core::GuestMemory;
+use vm_core::GuestRam;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::exits::{Reg, VcpuRegisters};

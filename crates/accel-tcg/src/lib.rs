@@ -47,7 +47,7 @@ use accel::{
 use arch_arm64::sysreg::{ID_AA64ISAR1_EL1, ID_AA64PFR0_EL1, ID_AA64PFR1_EL1, MPIDR_EL1};
 use arch_arm64::timer::Counter;
 use arch_arm64::SysReg;
-use vm_core::GuestMemory;
+use vm_core::GuestRam;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use engine::{Context, Engine, KickHandle, UcError};

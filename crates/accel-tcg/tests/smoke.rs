@@ -114,7 +114,7 @@ impl IrqLine for TimerToIrq {
 
 /// A one-vCPU VM on `memory` whose timer drives the vCPU's IRQ line, with
 /// its control block and a recording exit handler.
-fn one_cpu_vm(memory: &vm_core::GuestMemory) -> (TcgVm, Arc<VmControl>, Recorder) {
+fn one_cpu_vm(memory: &vm_core::GuestRam) -> (TcgVm, Arc<VmControl>, Recorder) {
     let control = Arc::new(VmControl::new(1));
     let config = TcgConfig {
         cpus: vec![VcpuConfig {

@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use vm_core::sync::lock;
 
-use vm_core::GuestMemory;
+use vm_core::GuestRam;
 
 use crate::cursor::{convert_glyph, CursorImage, CursorState};
 use crate::frame::{FrameAction, FrameState, RenderToken};

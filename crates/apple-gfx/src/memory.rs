@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use vm_core::memory::range_is_ram;
-use vm_core::GuestMemory;
+use vm_core::GuestRam;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use crate::framework::{MemoryMapRange, PhysRange, TaskId};

@@ -273,11 +273,7 @@ impl AppleAes {
     /// A device in its reset state (QEMU resets devices before the guest
     /// runs, so power-on equals reset): key and IV slots zero, decrypt,
     /// ECB, FIFO empty.
-    pub fn new(
-        memory: GuestRam,
-        irq: Arc<dyn IrqLine>,
-        fifo_policy: FifoResetPolicy,
-    ) -> Arc<Self> {
+    pub fn new(memory: GuestRam, irq: Arc<dyn IrqLine>, fifo_policy: FifoResetPolicy) -> Arc<Self> {
         let aes = Arc::new(Self {
             memory,
             irq,

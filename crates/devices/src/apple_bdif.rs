@@ -144,11 +144,7 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
 }
 
 impl Bdif {
-    pub fn new(
-        memory: GuestRam,
-        root: Arc<dyn BlockBackend>,
-        aux: Arc<dyn BlockBackend>,
-    ) -> Self {
+    pub fn new(memory: GuestRam, root: Arc<dyn BlockBackend>, aux: Arc<dyn BlockBackend>) -> Self {
         Self { memory, root, aux }
     }
 

@@ -18,7 +18,7 @@
 //! is unconfirmed.
 
 use vm_core::memory::{range_is_ram, write_all, MemoryError};
-use vm_core::GuestMemory;
+use vm_core::GuestRam;
 
 /// Guest physical base of the window (§2).
 pub const BASE: u64 = 0x0040_0000;

@@ -33,7 +33,7 @@ fn check_line(irq: &TestIrq, expected: bool, what: &str) {
 
 /// A guest write to RAM between accesses: the fuzzer changes what DMA
 /// will find without having to guess a whole new RAM seed.
-fn poke_ram(input: &mut Input, mem: &vm_core::GuestMemory) {
+fn poke_ram(input: &mut Input, mem: &vm_core::GuestRam) {
     let at = u64::from(input.u16()) % RAM_SEED_LEN as u64;
     let len = usize::from(input.u8() % 32);
     let bytes = input.take(len);

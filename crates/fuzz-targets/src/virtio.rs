@@ -17,7 +17,7 @@ use virtio::net::{NetBackend, NetReceiver, VirtioNet, MAX_FRAME_LEN};
 use virtio::{ActivateContext, VirtioDevice, VirtioInterrupt};
 use virtio_queue::{Queue, QueueT};
 use vm_core::memory::{read_exact, write_all};
-use vm_core::GuestMemory;
+use vm_core::GuestRam;
 
 use crate::doubles::WatchedDisk;
 use crate::input::{self, Input, RAM_BASE, RAM_SEED_LEN};

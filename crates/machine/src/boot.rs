@@ -11,7 +11,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use vm_core::memory::write_all;
-use vm_core::GuestMemory;
+use vm_core::GuestRam;
 
 use crate::layout::{FIRMWARE_BASE, FIRMWARE_SIZE, RAM_BASE};
 

@@ -17,7 +17,7 @@ use devices::power_button::PowerButton;
 use devices::pvpanic::{PanicEvents, PvPanic};
 use devices::serial::SerialHandle;
 use gic::GicV3;
-use vm_core::GuestMemory;
+use vm_core::GuestRam;
 
 use crate::handle::{EventBus, MachineEvent};
 use crate::layout::*;

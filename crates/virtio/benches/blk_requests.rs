@@ -16,7 +16,7 @@ use virtio::block::{BlockConfig, VirtioBlock};
 use virtio::device::{ActivateContext, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use virtio_queue::{Queue, QueueT};
 use vm_core::memory::{create_guest_memory, read_exact, write_all};
-use vm_core::GuestMemory;
+use vm_core::GuestRam;
 
 const RAM: u64 = 0x7000_0000;
 const RAM_SIZE: usize = 96 << 20;

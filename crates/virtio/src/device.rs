@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use virtio_queue::Queue;
-use vm_core::GuestMemory;
+use vm_core::GuestRam;
 
 /// The driver speaks virtio 1.x (the only mode vmapple offers, §6.5).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;

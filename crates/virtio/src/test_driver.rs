@@ -4,7 +4,7 @@
 
 use virtio_queue::{Queue, QueueT};
 use vm_core::memory::{read_exact, write_all};
-use vm_core::GuestMemory;
+use vm_core::GuestRam;
 
 pub(crate) const F_NEXT: u16 = 1;
 pub(crate) const F_WRITE: u16 = 2;

@@ -18,7 +18,7 @@ pub use bus::{AccessWidth, BusError, MmioBus, MmioDevice};
 #[cfg(any(test, feature = "test-util"))]
 pub use irq::TestIrq;
 pub use irq::{IrqLine, NoIrq};
-pub use memory::GuestMemory;
+pub use memory::GuestRam;
 
 /// Re-exported so that [`guest_error!`] works in crates without their own
 /// `tracing` dependency.

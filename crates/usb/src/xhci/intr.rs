@@ -17,7 +17,7 @@ use std::sync::atomic::{fence, Ordering};
 use std::time::Instant;
 
 use vm_core::memory::{read_exact, write_all};
-use vm_core::GuestMemory;
+use vm_core::GuestRam;
 
 use super::regs::*;
 use super::trb::{Trb, CC_EVENT_RING_FULL, TRB_CYCLE, TRB_HOST_CONTROLLER_EVENT, TRB_SIZE};

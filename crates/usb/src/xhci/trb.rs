@@ -2,7 +2,7 @@
 //! a bounded reader for producer/consumer TRB rings (§4.9).
 
 use vm_core::memory::read_exact;
-use vm_core::GuestMemory;
+use vm_core::GuestRam;
 
 pub const TRB_SIZE: u64 = 16;
 
