@@ -76,8 +76,10 @@ const HCR_EL2_RW: u64 = 1 << 31;
 /// PSTATE at reset and CPU_ON: EL1h with D, A, I and F masked.
 const PSTATE_EL1H_MASKED: u64 = 0x3c5;
 
-/// X0..X30 in order, for register dumps.
-const GENERAL_REGISTERS: [Reg; 31] = [
+/// X0..X30 in order (register dumps; the Hypervisor.framework double maps
+/// `hv_reg_t` through it too).
+#[doc(hidden)]
+pub const GENERAL_REGISTERS: [Reg; 31] = [
     Reg::X0,
     Reg::X1,
     Reg::X2,
