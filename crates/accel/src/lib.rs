@@ -193,7 +193,10 @@ pub trait Vm {
 
     /// Why this accelerator cannot save its vCPUs, if it cannot.
     fn cannot_save(&self) -> Option<String> {
-        Some(format!("the {} accelerator cannot save vCPU state", self.name()))
+        Some(format!(
+            "the {} accelerator cannot save vCPU state",
+            self.name()
+        ))
     }
 
     /// Every vCPU's state (registers, system registers, timers, whether it
@@ -210,7 +213,8 @@ pub trait Vm {
     fn restore_cpus(&mut self, bytes: &[u8]) -> Result<(), AccelError> {
         let _ = bytes;
         Err(AccelError::setup(
-            self.cannot_save().unwrap_or_else(|| "cannot restore".into()),
+            self.cannot_save()
+                .unwrap_or_else(|| "cannot restore".into()),
         ))
     }
 }

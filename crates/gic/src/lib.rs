@@ -26,8 +26,8 @@ use vm_core::sync::lock;
 use arch_arm64::SysReg;
 use vm_core::{guest_error, AccessWidth, IrqLine, MmioDevice};
 
-use state::{IROUTER_MASK, PRIVATE_IRQS};
 pub use state::State;
+use state::{IROUTER_MASK, PRIVATE_IRQS};
 
 /// Where the GIC's CPU outputs go.
 pub trait CpuInterruptOutputs: Send + Sync {

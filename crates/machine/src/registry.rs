@@ -417,10 +417,7 @@ impl Registry {
                     ));
                 }
                 Hooks::Parent(_) => {
-                    return Err((
-                        entry.id.clone(),
-                        StateError("cannot save its state".into()),
-                    ))
+                    return Err((entry.id.clone(), StateError("cannot save its state".into())))
                 }
             }
         }
@@ -429,7 +426,10 @@ impl Registry {
 
     /// Restores every device from `sections` (id, bytes). The ids must be
     /// exactly this registry's, in the same order.
-    pub fn restore_states(&self, sections: &[(String, Vec<u8>)]) -> Result<(), (String, StateError)> {
+    pub fn restore_states(
+        &self,
+        sections: &[(String, Vec<u8>)],
+    ) -> Result<(), (String, StateError)> {
         let ours: Vec<&str> = self.entries.iter().map(|e| e.id.as_str()).collect();
         let theirs: Vec<&str> = sections.iter().map(|(id, _)| id.as_str()).collect();
         if ours != theirs {
@@ -449,7 +449,9 @@ impl Registry {
             let Some(state) = device.state() else {
                 return Err((entry.id.to_string(), StateError("cannot restore".into())));
             };
-            state.restore(bytes).map_err(|e| (entry.id.to_string(), e))?;
+            state
+                .restore(bytes)
+                .map_err(|e| (entry.id.to_string(), e))?;
         }
         Ok(())
     }

@@ -149,7 +149,10 @@ fn event_line(event: MachineEvent) -> Option<Event> {
     if let MachineEvent::GuestPanicked { action } = event {
         e.data = Some(serde_json::json!({ "action": action }));
     }
-    if let MachineEvent::Saving { path } | MachineEvent::Saved { path } | MachineEvent::Restored { path } = &event {
+    if let MachineEvent::Saving { path }
+    | MachineEvent::Saved { path }
+    | MachineEvent::Restored { path } = &event
+    {
         e.data = Some(serde_json::json!({ "path": path }));
     }
     if let MachineEvent::Stopped { reason } = event {

@@ -158,7 +158,10 @@ pub enum Request {
     Subscribe,
     /// Save a snapshot to `path` (absolute, on the VMM's host); stop the
     /// VM afterwards if `stop`.
-    Save { path: PathBuf, stop: bool },
+    Save {
+        path: PathBuf,
+        stop: bool,
+    },
 }
 
 /// A request as serde reads it: every command a struct variant, so an

@@ -224,7 +224,9 @@ impl Header {
                 need: PREAMBLE + len,
             })?;
         if crc32fast::hash(&header) != crc {
-            return Err(SnapshotError::Corrupt("the header fails its checksum".into()));
+            return Err(SnapshotError::Corrupt(
+                "the header fails its checksum".into(),
+            ));
         }
         let header: Header = ciborium::from_reader(header.as_slice())
             .map_err(|e| SnapshotError::Corrupt(format!("unreadable header: {e}")))?;

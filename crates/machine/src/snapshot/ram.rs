@@ -30,7 +30,8 @@ pub fn write_sparse(
 ) -> std::io::Result<RamStats> {
     let mut stats = RamStats::default();
     let mut run: Option<usize> = None;
-    let flush = |start: usize, end: usize| file.write_all_at(&bytes[start..end], offset + start as u64);
+    let flush =
+        |start: usize, end: usize| file.write_all_at(&bytes[start..end], offset + start as u64);
     for (i, page) in bytes.chunks(PAGE).enumerate() {
         stats.total_pages += 1;
         let at = i * PAGE;
@@ -71,7 +72,8 @@ fn is_zero(page: &[u8]) -> bool {
 pub fn map_private(file: &File, regions: &[RamRegion]) -> Result<GuestRam, String> {
     let mut mapped = Vec::new();
     for r in regions {
-        let size = usize::try_from(r.size).map_err(|_| format!("region {:#x} too large", r.base))?;
+        let size =
+            usize::try_from(r.size).map_err(|_| format!("region {:#x} too large", r.base))?;
         let fd = file
             .try_clone()
             .map_err(|e| format!("cannot share the snapshot file: {e}"))?;
@@ -81,7 +83,12 @@ pub fn map_private(file: &File, regions: &[RamRegion]) -> Result<GuestRam, Strin
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_NORESERVE,
         )
-        .map_err(|e| format!("cannot map guest memory at {:#x} from the snapshot: {e}", r.base))?;
+        .map_err(|e| {
+            format!(
+                "cannot map guest memory at {:#x} from the snapshot: {e}",
+                r.base
+            )
+        })?;
         let region = GuestRegionMmap::new(mapping, GuestAddress(r.base))
             .ok_or_else(|| format!("guest region {:#x}+{:#x} overflows", r.base, r.size))?;
         mapped.push(region);
