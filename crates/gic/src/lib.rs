@@ -27,7 +27,7 @@ use arch_arm64::SysReg;
 use vm_core::{guest_error, AccessWidth, IrqLine, MmioDevice};
 
 pub use state::State;
-use state::{IROUTER_MASK, PRIVATE_IRQS};
+use state::{IROUTER_MASK, MIN_BPR0, PRIORITY_MASK, PRIVATE_IRQS};
 
 /// Where the GIC's CPU outputs go.
 pub trait CpuInterruptOutputs: Send + Sync {
@@ -174,6 +174,17 @@ impl GicV3 {
         }
         for route in &mut state.routes {
             *route &= IROUTER_MASK;
+        }
+        // Through the same masks as the guest's register writes: a file
+        // cannot give a field a value the registers could not hold.
+        let sanitize = |irq: &mut state::Irq| irq.priority &= PRIORITY_MASK;
+        state.spis.iter_mut().for_each(sanitize);
+        for cpu in &mut state.cpus {
+            cpu.private.iter_mut().for_each(sanitize);
+            let icc = &mut cpu.icc;
+            icc.pmr &= PRIORITY_MASK;
+            icc.bpr0 = (icc.bpr0 & 7).max(MIN_BPR0);
+            icc.bpr1 = (icc.bpr1 & 7).max(MIN_BPR0 + 1);
         }
         self.update_all(&state);
         Ok(())
