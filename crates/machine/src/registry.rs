@@ -48,6 +48,9 @@ pub enum RegistryError {
     NotBuilt(&'static str),
 }
 
+/// One device's saved state and whose it is.
+pub type Section = (DeviceId, Vec<u8>);
+
 /// What the machine needs of every device it attaches.
 pub trait Device: Send + Sync {
     /// Back to the power-on state: called at every machine reset, in
@@ -403,7 +406,7 @@ impl Registry {
     /// Every device's saved state, keyed by its id, in attach order; an
     /// error names the first device that cannot (the caller checks
     /// [`Registry::without_state`] first for a better message).
-    pub fn save_states(&self) -> Result<Vec<(DeviceId, Vec<u8>)>, (DeviceId, StateError)> {
+    pub fn save_states(&self) -> Result<Vec<Section>, (DeviceId, StateError)> {
         let mut out = Vec::new();
         for entry in &self.entries {
             match &entry.hooks {
