@@ -211,6 +211,24 @@ impl Engine {
         debug_assert_eq!(err, uc_error::OK, "writing {reg:?}");
     }
 
+    /// SIMD/FP register Qn (n < 32), as its 16 bytes.
+    pub fn read_vector(&self, n: u8) -> [u8; 16] {
+        let mut value = [0u8; 16];
+        let reg = RegisterARM64::Q0 as i32 + i32::from(n.min(31));
+        // SAFETY: a Q register is 128 bits and `value` has room for them.
+        let err = unsafe { ffi::uc_reg_read(self.raw(), reg, value.as_mut_ptr().cast()) };
+        debug_assert_eq!(err, uc_error::OK, "reading Q{n}");
+        value
+    }
+
+    /// Writes SIMD/FP register Qn (n < 32).
+    pub fn write_vector(&self, n: u8, value: [u8; 16]) {
+        let reg = RegisterARM64::Q0 as i32 + i32::from(n.min(31));
+        // SAFETY: as for `read_vector`.
+        let err = unsafe { ffi::uc_reg_write(self.raw(), reg, value.as_ptr().cast()) };
+        debug_assert_eq!(err, uc_error::OK, "writing Q{n}");
+    }
+
     fn cp(reg: SysReg, val: u64) -> RegisterARM64CP {
         RegisterARM64CP {
             crn: reg.crn(),

@@ -38,7 +38,7 @@ fn ticks(console: &str) -> Vec<u64> {
 /// `vmapple run` of the Linux guest with a heartbeat (a shell loop that
 /// prints an incrementing counter) and power-button handling, on two
 /// vCPUs, served on `socket`; `extra` is appended.
-fn linux_args(socket: &Path, extra: &[&str]) -> Vec<String> {
+fn linux_args(socket: &Path, accel: &str, extra: &[&str]) -> Vec<String> {
     let (kernel, initrd) = linux_guest_devices().expect("the Linux guest");
     let mut args: Vec<String> = [
         "run",
@@ -58,7 +58,7 @@ fn linux_args(socket: &Path, extra: &[&str]) -> Vec<String> {
         "--net",
         "none",
         "--accel",
-        "tcg",
+        accel,
         "--control",
         s(socket),
     ]
@@ -97,8 +97,8 @@ fn restore_and_power_off(args: &[String], socket: &Path, from: u64) -> Vec<u64> 
     ticks(&run.stdout)
 }
 
-#[test]
-fn a_linux_process_continues_after_restore_and_one_snapshot_runs_twice_at_once() {
+each_accel! {
+fn a_linux_process_continues_after_restore_and_one_snapshot_runs_twice_at_once(accel) {
     if linux_guest_devices().is_none() {
         return;
     }
@@ -108,7 +108,7 @@ fn a_linux_process_continues_after_restore_and_one_snapshot_runs_twice_at_once()
     let snap = snapshot.clone();
     let sock = socket.clone();
     let first = vmapple_with_triggers(
-        &refs(&linux_args(&socket, &[])),
+        &refs(&linux_args(&socket, accel, &[])),
         BOOT,
         &[Trigger {
             when_console_shows: "tick 5\r",
@@ -127,7 +127,7 @@ fn a_linux_process_continues_after_restore_and_one_snapshot_runs_twice_at_once()
 
     // A new process, the same command line with --restore: the shell
     // loop carries on from its saved count, without a reboot.
-    let args = linux_args(&socket, &["--restore", s(&snapshot)]);
+    let args = linux_args(&socket, accel, &["--restore", s(&snapshot)]);
     let after = restore_and_power_off(&args, &socket, saved);
     let resumed = after[0];
     assert!(
@@ -144,7 +144,7 @@ fn a_linux_process_continues_after_restore_and_one_snapshot_runs_twice_at_once()
     let forks: Vec<_> = (0..2)
         .map(|i| {
             let socket = dir.path().join(format!("f{i}.sock"));
-            let args = linux_args(&socket, &["--restore", s(&snapshot)]);
+            let args = linux_args(&socket, accel, &["--restore", s(&snapshot)]);
             std::thread::spawn(move || restore_and_power_off(&args, &socket, saved))
         })
         .collect();
@@ -152,6 +152,7 @@ fn a_linux_process_continues_after_restore_and_one_snapshot_runs_twice_at_once()
         let ticks = fork.join().expect("a forked VM");
         assert!(ticks[0] == saved || ticks[0] == saved + 1, "{ticks:?}");
     }
+}
 }
 
 /// `vmapple run` of the test firmware's counting program on two vCPUs.
@@ -183,12 +184,12 @@ const TOTAL: &str = "COUNT TOTAL 40000000\r\n";
 
 /// Saves the counting program with `--stop` once its console shows
 /// `when`; returns the snapshot's path.
-fn saved_count(dir: &Path, when: &str) -> PathBuf {
+fn saved_count(dir: &Path, accel: &str, when: &str) -> PathBuf {
     let socket = dir.join("count.sock");
     let snapshot = dir.join("count.snap");
     let (sock, snap) = (socket.clone(), snapshot.clone());
     let run = vmapple_with_triggers(
-        &refs(&count_args(&socket, "tcg", &["--no-usb"])),
+        &refs(&count_args(&socket, accel, &["--no-usb"])),
         BOOT,
         &[Trigger {
             when_console_shows: when,
@@ -206,15 +207,15 @@ fn saved_count(dir: &Path, when: &str) -> PathBuf {
     snapshot
 }
 
-#[test]
-fn the_two_cpu_atomic_count_is_exact_across_a_save_and_restore() {
+each_accel! {
+fn the_two_cpu_atomic_count_is_exact_across_a_save_and_restore(accel) {
     let dir = scratch();
-    let snapshot = saved_count(dir.path(), "COUNT progress 3\r");
+    let snapshot = saved_count(dir.path(), accel, "COUNT progress 3\r");
     let socket = dir.path().join("again.sock");
     let run = vmapple_with_triggers(
         &refs(&count_args(
             &socket,
-            "tcg",
+            accel,
             &["--no-usb", "--restore", s(&snapshot)],
         )),
         BOOT,
@@ -223,6 +224,7 @@ fn the_two_cpu_atomic_count_is_exact_across_a_save_and_restore() {
     assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
     assert!(!run.stdout.contains("COUNT start"), "{}", run.stdout);
     run.assert_line(TOTAL);
+}
 }
 
 /// Runs `vmapple` to completion (for runs refused before the guest).
@@ -247,7 +249,7 @@ fn refused(args: &[String], needle: &str) {
 #[test]
 fn bad_snapshots_are_refused_with_one_message_and_nothing_changes() {
     let dir = scratch();
-    let good = saved_count(dir.path(), "COUNT progress 1\r");
+    let good = saved_count(dir.path(), "tcg", "COUNT progress 1\r");
     let bytes = std::fs::read(&good).unwrap();
     let socket = dir.path().join("bad.sock");
     let with = |path: &Path, extra: &[&str]| {
