@@ -34,7 +34,45 @@ pub const HV_INTERRUPT_TYPE_FIQ: u32 = 1;
 
 /// `hv_reg_t`: X0..X30 are 0..30.
 pub const HV_REG_PC: u32 = 31;
+pub const HV_REG_FPCR: u32 = 32;
+pub const HV_REG_FPSR: u32 = 33;
 pub const HV_REG_CPSR: u32 = 34;
+
+/// `hv_simd_fp_uchar16_t`: a 128-bit NEON vector, passed by value in a
+/// vector register on Apple silicon.
+#[cfg(all(target_os = "macos", target_arch = "aarch64"))]
+pub type SimdFp = core::arch::aarch64::uint8x16_t;
+/// The framework double's stand-in (both sides are Rust on that host).
+#[cfg(not(all(target_os = "macos", target_arch = "aarch64")))]
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SimdFp(pub [u8; 16]);
+
+/// The 16 bytes of a [`SimdFp`].
+pub fn simd_bytes(v: SimdFp) -> [u8; 16] {
+    #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
+    {
+        // SAFETY: both types are 16 plain bytes.
+        unsafe { std::mem::transmute::<SimdFp, [u8; 16]>(v) }
+    }
+    #[cfg(not(all(target_os = "macos", target_arch = "aarch64")))]
+    {
+        v.0
+    }
+}
+
+/// A [`SimdFp`] of 16 bytes.
+pub fn simd_from(bytes: [u8; 16]) -> SimdFp {
+    #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
+    {
+        // SAFETY: both types are 16 plain bytes.
+        unsafe { std::mem::transmute::<[u8; 16], SimdFp>(bytes) }
+    }
+    #[cfg(not(all(target_os = "macos", target_arch = "aarch64")))]
+    {
+        SimdFp(bytes)
+    }
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -79,6 +117,8 @@ extern "C" {
     pub fn hv_vcpu_get_reg(vcpu: HvVcpu, reg: u32, value: *mut u64) -> HvReturn;
     pub fn hv_vcpu_set_reg(vcpu: HvVcpu, reg: u32, value: u64) -> HvReturn;
     pub fn hv_vcpu_get_sys_reg(vcpu: HvVcpu, reg: u16, value: *mut u64) -> HvReturn;
+    pub fn hv_vcpu_get_simd_fp_reg(vcpu: HvVcpu, reg: u32, value: *mut SimdFp) -> HvReturn;
+    pub fn hv_vcpu_set_simd_fp_reg(vcpu: HvVcpu, reg: u32, value: SimdFp) -> HvReturn;
     pub fn hv_vcpu_set_sys_reg(vcpu: HvVcpu, reg: u16, value: u64) -> HvReturn;
 
     pub fn hv_vcpu_set_pending_interrupt(vcpu: HvVcpu, kind: u32, pending: bool) -> HvReturn;

@@ -30,6 +30,7 @@
 
 pub mod exits;
 pub mod layout;
+pub mod saved;
 pub mod vcpu_loop;
 pub mod vtimer;
 

@@ -47,6 +47,14 @@ pub trait HvVcpu: VcpuRegisters {
     fn run(&mut self) -> Result<RunExit, AccelError>;
     /// CNTVCT_EL0 = host count − `offset` from now on.
     fn set_counter_offset(&mut self, offset: u64) -> Result<(), AccelError>;
+    /// FPCR, FPSR and the SIMD/FP registers, for snapshots.
+    fn read_fp(&mut self) -> Result<crate::saved::FpState, AccelError> {
+        Err(AccelError::run("this vCPU cannot read SIMD/FP registers"))
+    }
+    fn write_fp(&mut self, fp: &crate::saved::FpState) -> Result<(), AccelError> {
+        let _ = fp;
+        Err(AccelError::run("this vCPU cannot write SIMD/FP registers"))
+    }
 }
 
 /// The host's view of the counter the guest's derives from.
@@ -100,6 +108,10 @@ pub struct VcpuThread<'a> {
     /// Where the registers are left when the thread ends or the guest
     /// crashes.
     pub snapshot: &'a Mutex<Option<CpuSnapshot>>,
+    /// The vCPU's whole state across a [`StopReason::Save`] stop: filled
+    /// when the thread ends for one, taken (and the vCPU created from it)
+    /// when the next run starts.
+    pub saved: &'a Mutex<Option<crate::saved::SavedVcpu>>,
 }
 
 impl VcpuThread<'_> {
@@ -185,6 +197,12 @@ impl VcpuThread<'_> {
         let mut vtimer = VtimerLine::default();
         // The offset the vCPU has, if any.
         let mut offset = None;
+        if let Some(saved) = lock(self.saved).take() {
+            if control.power(cpu) == CpuPower::On {
+                vcpu = Some(self.resume(&mut create, &saved)?);
+                vtimer = saved.vtimer;
+            }
+        }
         loop {
             if control.stop_requested() {
                 break;
@@ -270,11 +288,27 @@ impl VcpuThread<'_> {
             }
         }
         if let Some(v) = vcpu.as_mut() {
+            if control.stop_reason() == Some(StopReason::Save) && control.power(cpu) == CpuPower::On
+            {
+                *lock(self.saved) = Some(crate::saved::capture(v, vtimer)?);
+            }
             if lock(self.snapshot).is_none() {
                 self.save_snapshot(v);
             }
         }
         Ok(())
+    }
+
+    /// A new vCPU carrying on from `saved` (after a save, or a restore).
+    fn resume<V: HvVcpu>(
+        &self,
+        create: &mut impl FnMut() -> Result<V, AccelError>,
+        saved: &crate::saved::SavedVcpu,
+    ) -> Result<V, AccelError> {
+        let mut v = self.start(create, saved.pc, 0)?;
+        crate::saved::apply(&mut v, saved)?;
+        v.set_vtimer_mask(saved.vtimer.masked())?;
+        Ok(v)
     }
 
     /// WFI or CPU_SUSPEND: sleep until an interrupt line rises, the vtimer
@@ -454,6 +488,7 @@ mod tests {
         handler: Handler,
         vtimer: Arc<TestIrq>,
         snapshot: Mutex<Option<CpuSnapshot>>,
+        saved: Mutex<Option<crate::saved::SavedVcpu>>,
         clock: GuestClock,
         host: Arc<MsCounter>,
     }
@@ -492,6 +527,7 @@ mod tests {
             },
             vtimer: Arc::new(TestIrq::new()),
             snapshot: Mutex::new(None),
+            saved: Mutex::new(None),
             clock: GuestClock::new(0),
             host: Arc::new(MsCounter(Instant::now())),
         }
@@ -518,6 +554,7 @@ mod tests {
                 clock: &self.clock,
                 host: &*self.host,
                 snapshot: &self.snapshot,
+                saved: &self.saved,
             };
             thread.main(|| {
                 self.script.created.fetch_add(1, Ordering::SeqCst);

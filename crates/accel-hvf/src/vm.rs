@@ -59,6 +59,8 @@ pub struct HvfVm {
     clock: GuestClock,
     host: MachCounter,
     snapshots: Vec<Mutex<Option<CpuSnapshot>>>,
+    /// Each vCPU's state between a save stop and the next run.
+    saved: Vec<Mutex<Option<crate::saved::SavedVcpu>>>,
 }
 
 impl HvfVm {
@@ -107,6 +109,7 @@ impl HvfVm {
             clock: GuestClock::new(0),
             host: MachCounter(MachTimebaseInfo::default()),
             snapshots: Vec::new(),
+            saved: Vec::new(),
         };
         // From here on, dropping `vm` unmaps and destroys the VM.
         for r in &regions {
@@ -139,6 +142,7 @@ impl HvfVm {
         // The guest's count starts at 0 now.
         vm.clock = GuestClock::new(vm.host.now());
         vm.snapshots = vm.cpus.iter().map(|_| Mutex::new(None)).collect();
+        vm.saved = vm.cpus.iter().map(|_| Mutex::new(None)).collect();
         tracing::info!(
             cpus = vm.cpus.len(),
             ram_top = format_args!("{ram_top:#x}"),
@@ -378,6 +382,40 @@ impl VcpuOps for Vcpu<'_> {
         })
     }
 
+    fn read_fp(&mut self) -> Result<crate::saved::FpState, AccelError> {
+        let mut fp = crate::saved::FpState::default();
+        for (reg, out) in [
+            (ffi::HV_REG_FPCR, &mut fp.fpcr),
+            (ffi::HV_REG_FPSR, &mut fp.fpsr),
+        ] {
+            // SAFETY: owning thread; out-pointer to a local.
+            let ret = unsafe { ffi::hv_vcpu_get_reg(self.handle, reg, out) };
+            self.hv(ret, "reading FPCR/FPSR")?;
+        }
+        for n in 0..32 {
+            let mut value = ffi::simd_from([0; 16]);
+            // SAFETY: owning thread; out-pointer to a local.
+            let ret = unsafe { ffi::hv_vcpu_get_simd_fp_reg(self.handle, n, &mut value) };
+            self.hv(ret, "reading a SIMD/FP register")?;
+            fp.q.push(ffi::simd_bytes(value));
+        }
+        Ok(fp)
+    }
+
+    fn write_fp(&mut self, fp: &crate::saved::FpState) -> Result<(), AccelError> {
+        for (reg, value) in [(ffi::HV_REG_FPCR, fp.fpcr), (ffi::HV_REG_FPSR, fp.fpsr)] {
+            // SAFETY: owning thread.
+            let ret = unsafe { ffi::hv_vcpu_set_reg(self.handle, reg, value) };
+            self.hv(ret, "writing FPCR/FPSR")?;
+        }
+        for (n, q) in (0u32..).zip(&fp.q) {
+            // SAFETY: owning thread; the value is passed by copy.
+            let ret = unsafe { ffi::hv_vcpu_set_simd_fp_reg(self.handle, n, ffi::simd_from(*q)) };
+            self.hv(ret, "writing a SIMD/FP register")?;
+        }
+        Ok(())
+    }
+
     fn set_counter_offset(&mut self, offset: u64) -> Result<(), AccelError> {
         // SAFETY: owning thread.
         let ret = unsafe { ffi::hv_vcpu_set_vtimer_offset(self.handle, offset) };
@@ -420,6 +458,8 @@ impl Vm for HvfVm {
         for s in &self.snapshots {
             *lock(s) = None;
         }
+        // After a save or a restore the guest's count runs on from here.
+        self.clock.resume(self.host.now());
         let kick = Arc::new(HvfKick::new(cpus));
         control.set_kicker(kick.clone());
         let this = &*self;
@@ -430,6 +470,7 @@ impl Vm for HvfVm {
                 let kick = &kick;
                 let config = &this.cpus[cpu];
                 let snapshot = &this.snapshots[cpu];
+                let saved = &this.saved[cpu];
                 let spawned = std::thread::Builder::new()
                     .name(format!("vcpu{cpu}"))
                     .spawn_scoped(scope, move || {
@@ -443,6 +484,7 @@ impl Vm for HvfVm {
                             clock: &this.clock,
                             host: &this.host,
                             snapshot,
+                            saved,
                         };
                         worker.main(|| Vcpu::create(cpu, kick))
                     });
@@ -475,5 +517,43 @@ impl Vm for HvfVm {
 
     fn snapshot(&self, cpu: CpuId) -> Option<CpuSnapshot> {
         lock(self.snapshots.get(cpu)?).clone()
+    }
+
+    fn cannot_save(&self) -> Option<String> {
+        None
+    }
+
+    /// The vCPU threads left their state behind when they stopped for the
+    /// save; the guest's count is frozen until the next run.
+    fn save_cpus(&mut self) -> Result<Vec<u8>, AccelError> {
+        let now = self.host.now();
+        self.clock.pause(now);
+        let saved = crate::saved::SavedCpus {
+            guest_count: self.clock.count(now),
+            cpus: self.saved.iter().map(|s| lock(s).clone()).collect(),
+        };
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&saved, &mut bytes)
+            .map_err(|e| AccelError::run_from("encoding vCPU state", e))?;
+        Ok(bytes)
+    }
+
+    fn restore_cpus(&mut self, bytes: &[u8]) -> Result<(), AccelError> {
+        let saved: crate::saved::SavedCpus = ciborium::from_reader(bytes)
+            .map_err(|e| AccelError::setup_from("decoding vCPU state", e))?;
+        if saved.cpus.len() != self.saved.len() {
+            return Err(AccelError::setup(format!(
+                "the snapshot has {} vCPUs, the VM {}",
+                saved.cpus.len(),
+                self.saved.len()
+            )));
+        }
+        let now = self.host.now();
+        self.clock.pause(now);
+        self.clock.set(saved.guest_count, now);
+        for (slot, cpu) in self.saved.iter().zip(saved.cpus) {
+            *lock(slot) = cpu;
+        }
+        Ok(())
     }
 }

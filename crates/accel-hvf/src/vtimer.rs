@@ -18,7 +18,7 @@ use vm_core::sync::lock;
 use arch_arm64::timer::{CTL_ENABLE, CTL_IMASK, CTL_ISTATUS};
 
 /// The vtimer's PPI level and mask, as the vCPU loop tracks them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VtimerLine {
     /// The framework holds the timer masked since it last fired.
     masked: bool,
@@ -145,6 +145,22 @@ impl GuestClock {
     pub fn pause(&self, now: u64) {
         let mut s = lock(&self.state);
         s.paused_at.get_or_insert(now);
+    }
+
+    /// The guest's count at host count `now` (frozen while paused).
+    pub fn count(&self, now: u64) -> u64 {
+        let s = lock(&self.state);
+        s.paused_at.unwrap_or(now).wrapping_sub(s.offset)
+    }
+
+    /// Makes the guest's count `count` at host count `now`, paused or not
+    /// as it was (a restored VM's counter continues from its snapshot).
+    pub fn set(&self, count: u64, now: u64) {
+        let mut s = lock(&self.state);
+        s.offset = now.wrapping_sub(count);
+        if s.paused_at.is_some() {
+            s.paused_at = Some(now);
+        }
     }
 
     /// The VM runs again at host count `now`: the guest's count carries on

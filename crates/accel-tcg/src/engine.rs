@@ -211,6 +211,24 @@ impl Engine {
         debug_assert_eq!(err, uc_error::OK, "writing {reg:?}");
     }
 
+    /// SIMD/FP register Qn (n < 32), as its 16 bytes.
+    pub fn read_vector(&self, n: u8) -> [u8; 16] {
+        let mut value = [0u8; 16];
+        let reg = RegisterARM64::Q0 as i32 + i32::from(n.min(31));
+        // SAFETY: a Q register is 128 bits and `value` has room for them.
+        let err = unsafe { ffi::uc_reg_read(self.raw(), reg, value.as_mut_ptr().cast()) };
+        debug_assert_eq!(err, uc_error::OK, "reading Q{n}");
+        value
+    }
+
+    /// Writes SIMD/FP register Qn (n < 32).
+    pub fn write_vector(&self, n: u8, value: [u8; 16]) {
+        let reg = RegisterARM64::Q0 as i32 + i32::from(n.min(31));
+        // SAFETY: as for `read_vector`.
+        let err = unsafe { ffi::uc_reg_write(self.raw(), reg, value.as_ptr().cast()) };
+        debug_assert_eq!(err, uc_error::OK, "writing Q{n}");
+    }
+
     fn cp(reg: SysReg, val: u64) -> RegisterARM64CP {
         RegisterARM64CP {
             crn: reg.crn(),
@@ -338,6 +356,52 @@ impl Engine {
         debug_assert_eq!(err, uc_error::OK);
     }
 
+    /// The CPU state a context holds that a snapshot carries: QEMU's
+    /// `CPUARMState` up to its `end_reset_fields` marker (every register,
+    /// system register, the exclusive monitor and the cached flags). What
+    /// follows in the context (CPU features, which the engine sets itself,
+    /// and host pointers) is never taken from outside.
+    pub fn context_state<'a>(&self, ctx: &'a Context) -> &'a [u8] {
+        let (data, len) = self.context_data(ctx);
+        // SAFETY: `data` points at the context's `len` bytes of CPU state,
+        // allocated by uc_context_alloc for this engine and alive with
+        // `ctx`.
+        unsafe { std::slice::from_raw_parts(data, len) }
+    }
+
+    /// Puts state from [`Engine::context_state`] into `ctx`; it must be
+    /// exactly as long as this engine's.
+    pub fn set_context_state(&self, ctx: &mut Context, state: &[u8]) -> Result<(), String> {
+        let (data, len) = self.context_data(ctx);
+        if state.len() != len {
+            return Err(format!(
+                "CPU state of {} bytes, this CPU emulator's is {len}",
+                state.len()
+            ));
+        }
+        // SAFETY: `data` points at `len` writable bytes of the context we
+        // hold exclusively; they are plain register values (no pointer
+        // lies before `end_reset_fields`).
+        unsafe { std::ptr::copy_nonoverlapping(state.as_ptr(), data, len) };
+        Ok(())
+    }
+
+    /// Where a context's CPU state starts, and how much of it a snapshot
+    /// carries.
+    fn context_data(&self, ctx: &Context) -> (*mut u8, usize) {
+        // SAFETY: the engine is valid.
+        let total = unsafe { ffi::uc_context_size(self.raw()) };
+        // `struct uc_context` starts with the size of the CPU state that
+        // follows its header (uc_priv.h), so header = total - that.
+        // SAFETY: the context was allocated by uc_context_alloc, whose
+        // first field is a size_t.
+        let state_size = unsafe { ctx.0.as_ptr().cast::<usize>().read() };
+        let header = total.saturating_sub(state_size);
+        // SAFETY: the header lies within the context's allocation.
+        let data = unsafe { ctx.0.as_ptr().cast::<u8>().add(header) };
+        (data, state_size.saturating_sub(CPU_STATE_TAIL))
+    }
+
     /// A handle other threads may use to kick this engine.
     pub fn kick_handle(&self) -> KickHandle {
         KickHandle(self.kick_target.clone())
@@ -352,6 +416,13 @@ impl Drop for Engine {
         unsafe { ffi::uc_close(self.raw()) };
     }
 }
+
+/// Bytes of `CPUARMState` (QEMU 5, 64-bit host) from `end_reset_fields` to
+/// `cpu_watchpoint`, where Unicorn's context ends: `features` (8), the
+/// PMSAv7 (3 pointers, 2 words), PMSAv8 (4 pointers, 4 words) and SAU
+/// (2 pointers, 2 words) blocks, three pointers and 16 breakpoint
+/// pointers.
+const CPU_STATE_TAIL: usize = 8 + (24 + 8) + (32 + 16) + (16 + 8) + 24 + 128;
 
 /// Saved CPU state (registers, system registers, exclusive monitor).
 pub struct Context(NonNull<uc_context>);

@@ -137,6 +137,25 @@ struct CpuState {
     halted: bool,
 }
 
+/// The vCPUs as a snapshot stores them: the engine's register state and
+/// what this crate emulates beside it. Tied to this build of the engine
+/// (the register block's layout is QEMU's); the machine refuses a
+/// snapshot of another vmapple version before it gets here.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedCpus {
+    cpus: Vec<SavedCpu>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedCpu {
+    registers: Vec<u8>,
+    virt: arch_arm64::timer::TimerRegs,
+    phys: arch_arm64::timer::TimerRegs,
+    cntkctl: u64,
+    vtimer_level: bool,
+    halted: bool,
+}
+
 /// Why a hook asked the run loop to take the current vCPU off the engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum HookStop {
@@ -434,10 +453,15 @@ impl TcgVm {
             .map_err(|e| setup("allocating a context", e))?;
         engine.save(&mut reset_context);
 
-        let contexts = (0..config.cpus.len())
+        let mut contexts = (0..config.cpus.len())
             .map(|_| engine.new_context())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| setup("allocating vCPU contexts", e))?;
+        // Defined contents from the start (a snapshot of a VM whose
+        // secondary vCPUs never ran stores them too).
+        for ctx in &mut contexts {
+            engine.save(ctx);
+        }
         let ticker = Ticker::new(engine.kick_handle());
         Ok(Self {
             engine,
@@ -670,13 +694,70 @@ impl Vm for TcgVm {
             vcpu_thread: std::thread::current().id(),
         }));
         // A reboot starts every vCPU afresh, and the firmware region was
-        // rewritten behind the engine's back.
-        self.loaded = None;
+        // rewritten behind the engine's back; a run after a save carries
+        // on from the contexts.
+        self.save_loaded();
         self.engine.flush_translations();
         let result = self.schedule(control);
         self.shared.handler.set(None);
         self.shared.control.set(None);
         result
+    }
+
+    fn cannot_save(&self) -> Option<String> {
+        None
+    }
+
+    fn save_cpus(&mut self) -> Result<Vec<u8>, AccelError> {
+        self.save_loaded();
+        let cpus = self.shared.cpus.borrow();
+        let saved = SavedCpus {
+            cpus: self
+                .contexts
+                .iter()
+                .zip(cpus.iter())
+                .map(|(ctx, cpu)| SavedCpu {
+                    registers: self.engine.context_state(ctx).to_vec(),
+                    virt: cpu.timers.virt,
+                    phys: cpu.timers.phys,
+                    cntkctl: cpu.timers.cntkctl,
+                    vtimer_level: cpu.vtimer_level,
+                    halted: cpu.halted,
+                })
+                .collect(),
+        };
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&saved, &mut bytes)
+            .map_err(|e| AccelError::run_from("encoding vCPU state", e))?;
+        Ok(bytes)
+    }
+
+    fn restore_cpus(&mut self, bytes: &[u8]) -> Result<(), AccelError> {
+        let saved: SavedCpus = ciborium::from_reader(bytes)
+            .map_err(|e| AccelError::setup_from("decoding vCPU state", e))?;
+        if saved.cpus.len() != self.contexts.len() {
+            return Err(AccelError::setup(format!(
+                "the snapshot has {} vCPUs, the VM {}",
+                saved.cpus.len(),
+                self.contexts.len()
+            )));
+        }
+        self.save_loaded();
+        let mut cpus = self.shared.cpus.borrow_mut();
+        for (i, cpu) in saved.cpus.into_iter().enumerate() {
+            self.engine
+                .set_context_state(&mut self.contexts[i], &cpu.registers)
+                .map_err(|e| AccelError::setup(format!("vCPU {i}: {e}")))?;
+            let state = &mut cpus[i];
+            state.timers = CpuTimers {
+                virt: cpu.virt,
+                phys: cpu.phys,
+                cntkctl: cpu.cntkctl & sysregs::CNTKCTL_WRITABLE,
+            };
+            state.vtimer_level = cpu.vtimer_level;
+            state.halted = cpu.halted;
+        }
+        Ok(())
     }
 
     fn snapshot(&self, cpu: CpuId) -> Option<CpuSnapshot> {

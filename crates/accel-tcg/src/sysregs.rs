@@ -17,7 +17,7 @@ const CNTKCTL_EL0VCTEN: u64 = 1 << 1;
 const CNTKCTL_EL0VTEN: u64 = 1 << 8;
 const CNTKCTL_EL0PTEN: u64 = 1 << 9;
 /// Bits of CNTKCTL_EL1 that hold state (EVNT* and the enables).
-const CNTKCTL_WRITABLE: u64 = 0x3ff;
+pub const CNTKCTL_WRITABLE: u64 = 0x3ff;
 
 /// Registers whose accesses the translator routes to us.
 pub fn is_trapped(reg: SysReg) -> bool {

@@ -11,7 +11,7 @@ use arch_arm64::psci::{AffinityState, PsciError};
 use crate::CpuId;
 
 /// Power state of one vCPU (PSCI's view).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum CpuPower {
     Off,
     /// Asked to start at `entry` with x0 = `context_id`; the accelerator
@@ -37,6 +37,10 @@ pub enum StopReason {
     GuestCrash(String),
     /// The host asked the VM to stop now (second SIGINT, `stop` command).
     HostStop,
+    /// The machine wants the vCPUs back at an instruction boundary to save
+    /// a snapshot, then runs them on. The weakest reason: any other one
+    /// given before the VM runs again replaces it.
+    Save,
 }
 
 /// Makes a running vCPU come back to its accelerator's loop soon, at an
@@ -212,13 +216,52 @@ impl VmControl {
     pub fn request_stop(&self, reason: StopReason) {
         {
             let mut stop = lock(&self.stop);
-            if stop.is_none() {
+            if stop.is_none() || *stop == Some(StopReason::Save) {
                 *stop = Some(reason);
             }
         }
         self.stop_flag.store(true, Ordering::SeqCst);
         self.notify();
         self.kick_all();
+    }
+
+    /// After a [`StopReason::Save`]: lets the vCPUs run on. Returns false
+    /// (and changes nothing) if another stop reason came meanwhile.
+    pub fn clear_save(&self) -> bool {
+        let mut stop = lock(&self.stop);
+        if *stop != Some(StopReason::Save) {
+            return false;
+        }
+        *stop = None;
+        self.stop_flag.store(false, Ordering::SeqCst);
+        drop(stop);
+        self.notify();
+        true
+    }
+
+    /// Every vCPU's power state, for a snapshot.
+    pub fn powers(&self) -> Vec<CpuPower> {
+        self.cpus.iter().map(|s| *lock(&s.power)).collect()
+    }
+
+    /// Puts back what [`Self::powers`] returned (a restored VM: no boot,
+    /// the vCPUs carry on from their saved registers). Interrupt lines
+    /// are the GIC's to drive again.
+    pub fn restore_powers(&self, powers: &[CpuPower]) -> Result<(), String> {
+        if powers.len() != self.cpus.len() {
+            return Err(format!(
+                "{} vCPU power states for {} vCPUs",
+                powers.len(),
+                self.cpus.len()
+            ));
+        }
+        for (slot, power) in self.cpus.iter().zip(powers) {
+            *lock(&slot.power) = *power;
+        }
+        *lock(&self.stop) = None;
+        self.stop_flag.store(false, Ordering::SeqCst);
+        self.notify();
+        Ok(())
     }
 
     /// Cheap check for the vCPU loops.
@@ -332,6 +375,35 @@ mod tests {
         assert_eq!(kicks.0.load(Ordering::SeqCst), 6);
         c.reset_for_boot(0, 0);
         assert!(!c.stop_requested());
+    }
+
+    #[test]
+    fn a_save_stop_gives_way_to_any_other_and_clears_alone() {
+        let c = VmControl::new(1);
+        c.request_stop(StopReason::Save);
+        assert!(c.stop_requested());
+        assert!(c.clear_save());
+        assert!(!c.stop_requested());
+        c.request_stop(StopReason::Save);
+        c.request_stop(StopReason::PowerOff);
+        assert!(!c.clear_save(), "a power-off during a save is kept");
+        assert_eq!(c.stop_reason(), Some(StopReason::PowerOff));
+        c.request_stop(StopReason::Save);
+        assert_eq!(c.stop_reason(), Some(StopReason::PowerOff));
+    }
+
+    #[test]
+    fn powers_round_trip() {
+        let c = VmControl::new(2);
+        c.reset_for_boot(0x1000, 0);
+        c.take_start(0);
+        c.cpu_on(1, 0x2000, 7).unwrap();
+        let saved = c.powers();
+        let d = VmControl::new(2);
+        d.restore_powers(&saved).unwrap();
+        assert_eq!(d.powers(), saved);
+        assert_eq!(d.take_start(1), Some((0x2000, 7)));
+        assert!(VmControl::new(3).restore_powers(&saved).is_err());
     }
 
     #[test]

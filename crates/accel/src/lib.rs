@@ -190,6 +190,33 @@ pub trait Vm {
 
     /// Register state of a vCPU, if the accelerator can tell.
     fn snapshot(&self, cpu: CpuId) -> Option<CpuSnapshot>;
+
+    /// Why this accelerator cannot save its vCPUs, if it cannot.
+    fn cannot_save(&self) -> Option<String> {
+        Some(format!(
+            "the {} accelerator cannot save vCPU state",
+            self.name()
+        ))
+    }
+
+    /// Every vCPU's state (registers, system registers, timers, whether it
+    /// waits for an interrupt), in the accelerator's own encoding, between
+    /// two [`Vm::run`]s. The next `run` continues from the same state.
+    fn save_cpus(&mut self) -> Result<Vec<u8>, AccelError> {
+        Err(AccelError::run(
+            self.cannot_save().unwrap_or_else(|| "cannot save".into()),
+        ))
+    }
+
+    /// Puts back what [`Vm::save_cpus`] returned, before the first `run`;
+    /// the vCPUs then carry on from it instead of booting.
+    fn restore_cpus(&mut self, bytes: &[u8]) -> Result<(), AccelError> {
+        let _ = bytes;
+        Err(AccelError::setup(
+            self.cannot_save()
+                .unwrap_or_else(|| "cannot restore".into()),
+        ))
+    }
 }
 
 #[cfg(test)]

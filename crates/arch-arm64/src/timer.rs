@@ -32,6 +32,8 @@ struct CounterState {
     /// Host time during which the counter did not run.
     stopped_for: Duration,
     paused_since: Option<Instant>,
+    /// Ticks the count had when it was last set (a restored snapshot's).
+    base: u64,
 }
 
 impl Counter {
@@ -52,7 +54,8 @@ impl Counter {
         let running = at
             .saturating_duration_since(self.origin)
             .saturating_sub(state.stopped_for);
-        (running.as_nanos() * u128::from(self.hz) / 1_000_000_000) as u64
+        let ticks = (running.as_nanos() * u128::from(self.hz) / 1_000_000_000) as u64;
+        state.base.saturating_add(ticks)
     }
 
     /// The count now.
@@ -69,6 +72,7 @@ impl Counter {
         if state.paused_since.is_some() {
             return None;
         }
+        let ticks = ticks.saturating_sub(state.base);
         let nanos = u128::from(ticks) * 1_000_000_000 / u128::from(self.hz);
         let nanos = u64::try_from(nanos).ok()?;
         self.origin
@@ -82,6 +86,19 @@ impl Counter {
         state.paused_since.get_or_insert_with(Instant::now);
     }
 
+    /// Makes the count `ticks` now and run on from there (paused or not as
+    /// it was): a restored VM's counter continues where the saved one
+    /// stopped, so the guest sees no jump.
+    pub fn set(&self, ticks: u64) {
+        let mut state = lock(&self.state);
+        let now = Instant::now();
+        state.base = ticks;
+        state.stopped_for = now.saturating_duration_since(self.origin);
+        if state.paused_since.is_some() {
+            state.paused_since = Some(now);
+        }
+    }
+
     /// Lets the count run on from where it stopped. Idempotent.
     pub fn resume(&self) {
         let mut state = lock(&self.state);
@@ -92,7 +109,7 @@ impl Counter {
 }
 
 /// CNTx_CTL and CNTx_CVAL of one timer.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TimerRegs {
     ctl: u64,
     cval: u64,
@@ -152,6 +169,22 @@ impl TimerRegs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_set_counter_continues_from_the_given_count() {
+        let c = Counter::new(COUNTER_HZ);
+        c.pause();
+        c.set(5_000_000_000);
+        assert_eq!(c.now(), 5_000_000_000, "paused: exactly the count set");
+        assert!(c.instant_of(5_000_000_000).is_none());
+        c.resume();
+        std::thread::sleep(Duration::from_millis(2));
+        let later = c.now();
+        assert!(later > 5_000_000_000 && later < 5_000_000_000 + COUNTER_HZ * 10);
+        let at = c.instant_of(5_000_000_000 + COUNTER_HZ).unwrap();
+        let wait = at.saturating_duration_since(Instant::now());
+        assert!(wait <= Duration::from_secs(1), "{wait:?}");
+    }
 
     #[test]
     fn istatus_follows_the_count() {

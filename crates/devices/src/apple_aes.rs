@@ -158,13 +158,13 @@ pub enum FifoResetPolicy {
     ClearOnReset,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum BlockMode {
     Ecb,
     Cbc,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Key {
     len: usize,
     bytes: [u8; KEY_SLOT_BYTES],
@@ -183,6 +183,7 @@ fn builtin_key(select: u32) -> Key {
     }
 }
 
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 struct State {
     status: u32,
     q_status: u32,
@@ -260,6 +261,11 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The AES engine's state in a snapshot: registers, command FIFO, key and
+/// IV slots.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub struct SavedAes(State);
+
 /// The AES engine. Reach it through [`AppleAes::window1`] and
 /// [`AppleAes::window2`].
 pub struct AppleAes {
@@ -295,6 +301,25 @@ impl AppleAes {
         });
         aes.reset();
         aes
+    }
+
+    /// Registers, FIFO, keys and IVs, for a snapshot.
+    pub fn save_state(&self) -> SavedAes {
+        SavedAes(self.lock().clone())
+    }
+
+    /// Puts back what [`AppleAes::save_state`] returned and drives the
+    /// interrupt line from it. Lengths beyond the FIFO or a key slot are
+    /// refused.
+    pub fn restore_state(&self, saved: SavedAes) -> Result<(), String> {
+        let s = saved.0;
+        if s.fifo_len > FIFO_DEPTH || s.keys.iter().any(|k| k.len > KEY_SLOT_BYTES) {
+            return Err("FIFO or key length out of range".into());
+        }
+        let mut state = self.lock();
+        *state = s;
+        self.irq.set_level(state.irq_level());
+        Ok(())
     }
 
     /// The FIFO policy this device was built with.

@@ -258,7 +258,7 @@ pub trait SerialOutput: Send {
 }
 
 /// Register file and receive FIFO, behind [`Pl011::regs`].
-#[derive(Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 struct Regs {
     rsr: u32,
     ilpr: u32,
@@ -457,6 +457,10 @@ impl Regs {
     }
 }
 
+/// A PL011's state in a snapshot.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct SavedPl011(Regs);
+
 /// The PL011 UART. Shared between vCPU threads (MMIO) and the host input
 /// thread ([`Pl011::receive`]).
 pub struct Pl011 {
@@ -544,6 +548,27 @@ impl Pl011 {
         let regs = self.regs();
         let (regs, _) = wait_timeout_while(&self.rx_space, regs, timeout, |r| r.rx_space() == 0);
         regs.rx_space() > 0
+    }
+
+    /// The registers and the receive FIFO, for a snapshot.
+    pub fn save_state(&self) -> SavedPl011 {
+        SavedPl011(self.regs().clone())
+    }
+
+    /// Puts back what [`Pl011::save_state`] returned and drives the
+    /// interrupt line from it. A FIFO longer than the UART's is refused.
+    pub fn restore_state(&self, saved: SavedPl011) -> Result<(), String> {
+        if saved.0.rx.len() > FIFO_DEPTH {
+            return Err(format!(
+                "receive FIFO of {} entries (the UART has {FIFO_DEPTH})",
+                saved.0.rx.len()
+            ));
+        }
+        let mut regs = self.regs();
+        *regs = saved.0;
+        self.update_irq(&regs);
+        self.rx_space.notify_all();
+        Ok(())
     }
 
     /// Returns every register and the FIFO to the reset state and lowers

@@ -98,7 +98,7 @@ pub const CR_START: u32 = 1;
 /// designer 0x41 (Arm), revision 1, then the PrimeCell signature.
 pub const ID_BYTES: [u8; 8] = [0x31, 0x10, 0x14, 0x00, 0x0D, 0xF0, 0x05, 0xB1];
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Regs {
     /// Added (mod 2³²) to the clock's seconds to give `RTCDR`.
     offset: u32,
@@ -149,6 +149,12 @@ impl Regs {
     }
 }
 
+/// A PL031's state in a snapshot: the guest's offset from the clock (so
+/// after a restore the RTC reads the host's time plus the same offset, as
+/// a real RTC does after sleep), its match, mask and status registers.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct SavedPl031(Regs);
+
 /// The PL031 RTC.
 pub struct Pl031 {
     regs: Mutex<Regs>,
@@ -192,6 +198,27 @@ impl Pl031 {
         let now = self.clock.now_ns();
         regs.catch_up(now);
         (regs, now)
+    }
+
+    /// The registers, for a snapshot.
+    pub fn save_state(&self) -> SavedPl031 {
+        SavedPl031(self.current().0.clone())
+    }
+
+    /// Puts back what [`Pl031::save_state`] returned. The alarm is armed
+    /// again from the match register against the clock now, so one that
+    /// came due while the VM was saved fires at once.
+    pub fn restore_state(&self, saved: SavedPl031) -> Result<(), String> {
+        let mut regs = self.regs();
+        *regs = saved.0;
+        let now = self.clock.now_ns();
+        if regs.alarm_at.is_some() {
+            regs.arm(now);
+        }
+        self.irq.set_level(regs.level());
+        drop(regs);
+        self.waker.wake();
+        Ok(())
     }
 
     /// Clock time (ns) at which the counter next reaches the match value,

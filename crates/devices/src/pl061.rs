@@ -116,7 +116,7 @@ pub const ID_BYTES: [u8; 12] = [
     0x00, 0x00, 0x00, 0x00, 0x61, 0x10, 0x04, 0x00, 0x0D, 0xF0, 0x05, 0xB1,
 ];
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Regs {
     /// Bits the guest wrote for output lines.
     data: u8,
@@ -153,6 +153,10 @@ impl Regs {
     }
 }
 
+/// A PL061's state in a snapshot, external line levels included.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct SavedPl061(Regs);
+
 /// The PL061 GPIO controller.
 pub struct Pl061 {
     regs: Mutex<Regs>,
@@ -185,6 +189,20 @@ impl Pl061 {
     // the register file is always consistent.
     fn regs(&self) -> MutexGuard<'_, Regs> {
         lock(&self.regs)
+    }
+
+    /// The registers and line levels, for a snapshot.
+    pub fn save_state(&self) -> SavedPl061 {
+        SavedPl061(self.regs().clone())
+    }
+
+    /// Puts back what [`Pl061::save_state`] returned and drives the
+    /// interrupt line from it (no edge is detected: the pins are as saved).
+    pub fn restore_state(&self, saved: SavedPl061) -> Result<(), String> {
+        let mut regs = self.regs();
+        *regs = saved.0;
+        self.irq.set_level(regs.level());
+        Ok(())
     }
 
     fn settle(&self, regs: &mut Regs) {

@@ -92,6 +92,18 @@ impl PowerButton {
         }
     }
 
+    /// When a running pulse ends (virtual time, ns), for a snapshot; the
+    /// line's level is the GPIO controller's.
+    pub fn save_state(&self) -> Option<u64> {
+        *self.release_at()
+    }
+
+    /// Puts back what [`PowerButton::save_state`] returned.
+    pub fn restore_state(&self, release_at: Option<u64>) {
+        *self.release_at() = release_at;
+        self.waker.wake();
+    }
+
     /// Cancels a running pulse without lowering the line (Q10, see the
     /// module doc).
     pub fn reset(&self) {

@@ -28,6 +28,7 @@ pub fn for_target(name: &str) -> Vec<Vec<u8>> {
         "virtio_net" => virtio_net(),
         "xhci" => xhci(),
         "control_request" => control_request(),
+        "snapshot" => snapshot(),
         _ => Vec::new(),
     }
 }
@@ -456,4 +457,55 @@ pub fn control_request() -> Vec<Vec<u8>> {
     .iter()
     .map(|s| s.as_bytes().to_vec())
     .collect()
+}
+
+/// A valid header and every device state the target decodes, as saved
+/// from devices the guest programmed.
+pub fn snapshot() -> Vec<Vec<u8>> {
+    use crate::snapshot as s;
+    use machine::registry::DeviceState;
+    use machine::snapshot::{Header, RamRegion, SavedMachine, Section};
+    let header = Header {
+        vmapple_version: machine::snapshot::format::VMAPPLE_VERSION.into(),
+        accelerator: "tcg".into(),
+        machine: SavedMachine {
+            cpus: 2,
+            ram_size: 16 << 20,
+            devices: vec!["gic".into(), "pl011".into()],
+            platform: String::new(),
+        },
+        counter: 1234,
+        powers: vec![accel::CpuPower::On, accel::CpuPower::Off],
+        cpus: Section::new("cpus", vec![7; 64]),
+        devices: vec![Section::new("gic", vec![1, 2, 3])],
+        // The decoder checks memory images against the file's length,
+        // which here is the input's: one image that fits in it.
+        ram: vec![RamRegion {
+            base: 0x7000_0000,
+            size: 0x10,
+            offset: 0,
+        }],
+        file_len: 0x10,
+    };
+    let mut out = Vec::new();
+    let mut h = vec![s::HEADER];
+    h.extend(header.encode().expect("the sample header encodes"));
+    out.push(h);
+    let seed = |which: u8, device: &dyn DeviceState| {
+        let mut v = vec![which];
+        v.extend(device.save().expect("a device saves"));
+        v
+    };
+    let gic = s::gic();
+    gic.write_sysreg(0, arch_arm64::sysreg::ICC_PMR_EL1, 0xf0);
+    out.push(seed(s::GIC, &*gic));
+    let uart = s::pl011();
+    uart.receive(b"typed ahead");
+    out.push(seed(s::PL011, &*uart));
+    let gpio = s::pl061();
+    gpio.set_input(3, true);
+    out.push(seed(s::PL061, &*gpio));
+    out.push(seed(s::AES, &*s::aes()));
+    out.push(seed(s::PCI_HOST, &s::pci_host()));
+    out
 }

@@ -184,6 +184,12 @@ fn control_request() {
 }
 
 #[test]
+fn snapshot() {
+    let r = smoke("snapshot", 200 * SCALE, 400 * SCALE);
+    assert!(r.completions >= 6, "every seed decodes: {r:?}");
+}
+
+#[test]
 fn every_target_has_seeds() {
     for (name, _) in TARGETS {
         assert!(!seeds::for_target(name).is_empty(), "{name}");

@@ -26,7 +26,8 @@ use vm_core::sync::lock;
 use arch_arm64::SysReg;
 use vm_core::{guest_error, AccessWidth, IrqLine, MmioDevice};
 
-use state::{State, PRIVATE_IRQS};
+pub use state::State;
+use state::{IROUTER_MASK, MIN_BPR0, PRIORITY_MASK, PRIVATE_IRQS};
 
 /// Where the GIC's CPU outputs go.
 pub trait CpuInterruptOutputs: Send + Sync {
@@ -139,6 +140,60 @@ impl GicV3 {
             self.update(&state, target);
         }
         true
+    }
+
+    /// Everything the GIC holds (distributor, redistributors, CPU
+    /// interfaces with their active priorities, line levels), for a
+    /// snapshot.
+    pub fn save_state(&self) -> State {
+        self.lock().clone()
+    }
+
+    /// Puts back what [`GicV3::save_state`] returned and drives the CPU
+    /// outputs from it. A state for another shape of GIC is refused and
+    /// changes nothing.
+    pub fn restore_state(&self, saved: State) -> Result<(), String> {
+        let mut state = self.lock();
+        if saved.cpus.len() != state.cpus.len()
+            || saved.spis.len() != state.spis.len()
+            || saved.routes.len() != state.spis.len()
+        {
+            return Err(format!(
+                "saved GIC has {} CPUs and {} SPIs, this one {} and {}",
+                saved.cpus.len(),
+                saved.spis.len(),
+                state.cpus.len(),
+                state.spis.len()
+            ));
+        }
+        let affinities: Vec<u64> = state.cpus.iter().map(|c| c.affinity).collect();
+        *state = saved;
+        // The CPUs' identities are the machine's, not the file's.
+        for (cpu, affinity) in state.cpus.iter_mut().zip(affinities) {
+            cpu.affinity = affinity;
+        }
+        for route in &mut state.routes {
+            *route &= IROUTER_MASK;
+        }
+        // Through the same masks as the guest's register writes: a file
+        // cannot give a field a value the registers could not hold.
+        let sanitize = |irq: &mut state::Irq| irq.priority &= PRIORITY_MASK;
+        state.spis.iter_mut().for_each(sanitize);
+        for cpu in &mut state.cpus {
+            cpu.private.iter_mut().for_each(sanitize);
+            let icc = &mut cpu.icc;
+            icc.pmr &= PRIORITY_MASK;
+            icc.bpr0 = (icc.bpr0 & 7).max(MIN_BPR0);
+            icc.bpr1 = (icc.bpr1 & 7).max(MIN_BPR0 + 1);
+        }
+        self.update_all(&state);
+        Ok(())
+    }
+
+    /// Drives every CPU output from the current state again.
+    pub fn refresh_outputs(&self) {
+        let state = self.lock();
+        self.update_all(&state);
     }
 
     /// System reset: every register back to its reset value.

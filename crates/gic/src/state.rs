@@ -28,7 +28,7 @@ pub enum Group {
 }
 
 /// One interrupt's configuration and state.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Irq {
     pub enabled: bool,
     /// Software- or edge-set pending latch.
@@ -76,7 +76,7 @@ impl Irq {
 }
 
 /// The CPU interface registers of one CPU (ICC_*_EL1).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
 pub struct CpuInterface {
     pub pmr: u8,
     pub bpr0: u8,
@@ -108,7 +108,7 @@ impl Default for CpuInterface {
 }
 
 /// Per-CPU state: the banked SGIs/PPIs, redistributor and CPU interface.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Cpu {
     pub private: [Irq; PRIVATE_IRQS as usize],
     /// GICR_WAKER.ProcessorSleep.
@@ -149,7 +149,7 @@ pub struct Candidate {
 }
 
 /// The whole GIC.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct State {
     /// GICD_CTLR.EnableGrp0 / EnableGrp1.
     pub enable_grp0: bool,

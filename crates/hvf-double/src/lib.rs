@@ -412,6 +412,46 @@ pub extern "C" fn hv_vcpu_set_reg(vcpu: u64, reg: u32, value: u64) -> HvReturn {
     })
 }
 
+/// `hv_simd_fp_uchar16_t` as the double passes it (see accel-hvf's ffi).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SimdFp(pub [u8; 16]);
+
+/// `hv_vcpu_get_simd_fp_reg`: Q0..Q31 (`HV_SIMD_FP_REG_Q0` = 0).
+///
+/// # Safety
+/// `value` is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn hv_vcpu_get_simd_fp_reg(
+    vcpu: u64,
+    reg: u32,
+    value: *mut SimdFp,
+) -> HvReturn {
+    if value.is_null() || reg > 31 {
+        return HV_BAD_ARGUMENT;
+    }
+    with_vcpu(vcpu, |vm, index| {
+        vm.load(index);
+        let v = vm.engine.read_vector(reg as u8);
+        // SAFETY: checked non-null; valid per the contract.
+        unsafe { *value = SimdFp(v) };
+        HV_SUCCESS
+    })
+}
+
+/// `hv_vcpu_set_simd_fp_reg`.
+#[no_mangle]
+pub extern "C" fn hv_vcpu_set_simd_fp_reg(vcpu: u64, reg: u32, value: SimdFp) -> HvReturn {
+    if reg > 31 {
+        return HV_BAD_ARGUMENT;
+    }
+    with_vcpu(vcpu, |vm, index| {
+        vm.load(index);
+        vm.engine.write_vector(reg as u8, value.0);
+        HV_SUCCESS
+    })
+}
+
 /// `hv_vcpu_get_sys_reg`.
 ///
 /// # Safety

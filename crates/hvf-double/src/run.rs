@@ -232,7 +232,17 @@ fn trap_exit(vm: &mut Vm, trap: Trap) -> HvVcpuExit {
 /// Writes PSTATE and makes the engine's cached mode follow (a PSTATE
 /// write alone does not; a system-register write does).
 pub fn write_pstate(vm: &mut Vm, value: u64) {
+    // A mode change moves the live SP between banks, as an exception
+    // return would.
+    let old = crate::vm::selected_sp(vm.engine.read(Reg::PSTATE));
+    let new = crate::vm::selected_sp(value);
+    if old != new {
+        vm.engine.write(old, vm.engine.read(Reg::SP));
+    }
     vm.engine.write(Reg::PSTATE, value);
+    if old != new {
+        vm.engine.write(Reg::SP, vm.engine.read(new));
+    }
     if let Err(e) = vm.engine.write_sysreg(SCR_EL3, SCR_EL3_VALUE) {
         tracing::error!("hvf-double: refreshing the CPU mode: {e}");
     }

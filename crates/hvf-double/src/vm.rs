@@ -641,6 +641,8 @@ impl Vm {
         }
         self.load(index);
         match native_register(reg) {
+            // The selected stack pointer lives in SP, its bank is stale.
+            Some(r) if r == selected_sp(self.engine.read(Reg::PSTATE)) => self.engine.read(Reg::SP),
             Some(r) => self.engine.read(r),
             None => self.engine.read_sysreg(reg).unwrap_or(0),
         }
@@ -657,7 +659,12 @@ impl Vm {
         }
         self.load(index);
         match native_register(reg) {
-            Some(r) => self.engine.write(r, value),
+            Some(r) => {
+                self.engine.write(r, value);
+                if r == selected_sp(self.engine.read(Reg::PSTATE)) {
+                    self.engine.write(Reg::SP, value);
+                }
+            }
             None => {
                 if self.engine.write_sysreg(reg, value).is_err() {
                     // A register the software CPU lacks (e.g. ACTLR bits):
@@ -667,6 +674,18 @@ impl Vm {
             }
         }
         HV_SUCCESS
+    }
+}
+
+/// The bank of the stack pointer PSTATE selects (EL1h: SP_EL1; EL1t and
+/// EL0: SP_EL0). The software CPU keeps the selected one in SP and
+/// refreshes the banks only on exception entry and return; the framework's
+/// SP_EL0/SP_EL1 are always the real ones.
+pub fn selected_sp(pstate: u64) -> Reg {
+    if (pstate >> 2) & 3 >= 1 && pstate & 1 == 1 {
+        Reg::SP_EL1
+    } else {
+        Reg::SP_EL0
     }
 }
 

@@ -24,6 +24,18 @@ pub enum MachineEvent {
     Resumed,
     /// The guest reset the machine (PSCI SYSTEM_RESET or a host reset).
     Reset,
+    /// A snapshot is being written to `path`.
+    Saving {
+        path: std::path::PathBuf,
+    },
+    /// The snapshot at `path` is complete.
+    Saved {
+        path: std::path::PathBuf,
+    },
+    /// The VM continues from the snapshot at `path`.
+    Restored {
+        path: std::path::PathBuf,
+    },
     /// The guest powered off or the VM stopped; no more events follow.
     Stopped {
         reason: String,
@@ -63,6 +75,7 @@ pub struct MachineHandle {
     pub(crate) counter: Arc<Counter>,
     pub(crate) events: Arc<EventBus>,
     pub(crate) power_button: Arc<dyn Fn() + Send + Sync>,
+    pub(crate) saves: Arc<crate::snapshot::SaveSlot>,
 }
 
 impl MachineHandle {
@@ -112,6 +125,40 @@ impl MachineHandle {
         self.counter.now()
     }
 
+    /// Saves a snapshot to `path` (see [`crate::snapshot`]): the vCPUs
+    /// stop at an instruction boundary, the machine is written, then they
+    /// run on, or the VM stops if `stop`. Blocks until done. A VM that
+    /// cannot be saved is refused before anything stops; a failed save
+    /// leaves the VM running and no file at `path`.
+    pub fn save(
+        &self,
+        path: std::path::PathBuf,
+        stop: bool,
+    ) -> Result<crate::snapshot::SaveReport, crate::snapshot::SnapshotError> {
+        use crate::snapshot::{SaveRequest, SnapshotError};
+        match &*lock(&self.saves.refusal) {
+            None => return Err(SnapshotError::Stopped),
+            Some(Some(reason)) => return Err(SnapshotError::Unsupported(reason.clone())),
+            Some(None) => {}
+        }
+        let (reply, answer) = std::sync::mpsc::channel();
+        {
+            let mut slot = lock(&self.saves.request);
+            if slot.is_some() {
+                return Err(SnapshotError::Busy);
+            }
+            *slot = Some(SaveRequest {
+                path: path.clone(),
+                stop,
+                reply,
+            });
+        }
+        tracing::info!("saving to {}", path.display());
+        self.events.publish(MachineEvent::Saving { path });
+        self.control.request_stop(StopReason::Save);
+        answer.recv().unwrap_or(Err(SnapshotError::Stopped))
+    }
+
     pub fn subscribe(&self) -> Receiver<MachineEvent> {
         self.events.subscribe()
     }
@@ -154,6 +201,7 @@ mod tests {
             counter: counter.clone(),
             events: Arc::default(),
             power_button: Arc::new(|| {}),
+            saves: Arc::default(),
         };
         let events = handle.subscribe();
         handle.pause();

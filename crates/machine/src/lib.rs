@@ -17,6 +17,7 @@ pub mod layout;
 pub mod pci_devices;
 mod platform;
 pub mod registry;
+pub mod snapshot;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -196,6 +197,12 @@ pub enum MachineError {
     },
     #[error("machine assembly: cfg region")]
     CfgRegion(#[source] vm_core::memory::MemoryError),
+    #[error("snapshot {}", path.display())]
+    Snapshot {
+        path: PathBuf,
+        #[source]
+        source: snapshot::SnapshotError,
+    },
 }
 
 /// How a run ended.
@@ -336,6 +343,20 @@ pub struct Machine {
     counter: Arc<Counter>,
     boot: Boot,
     _serial: SerialHandle,
+    /// What a snapshot records of this machine's configuration.
+    saved_machine: snapshot::SavedMachine,
+    /// Save requests from the handle, served between accelerator runs.
+    saves: Arc<snapshot::SaveSlot>,
+    /// A restored snapshot's vCPUs, put on the accelerator when it runs.
+    pending: Option<Pending>,
+}
+
+/// What [`Machine::restore`] leaves for [`Machine::run`].
+struct Pending {
+    path: PathBuf,
+    accelerator: String,
+    cpus: Vec<u8>,
+    powers: Vec<accel::CpuPower>,
 }
 
 impl Machine {
@@ -345,6 +366,70 @@ impl Machine {
     /// device cannot be created, is an error; a windowless one is left
     /// out with a warning, and the guest then has no display.
     pub fn new(config: MachineConfig, display: Option<GfxBackend>) -> Result<Self, MachineError> {
+        Self::build(config, display, None)
+    }
+
+    /// Builds the machine `config` describes around the memory of
+    /// `snapshot` (mapped copy-on-write, read lazily) and puts every
+    /// device back as saved; [`Machine::run`] then continues the vCPUs
+    /// instead of booting. A snapshot of another configuration is refused,
+    /// naming each difference.
+    pub fn restore(
+        config: MachineConfig,
+        display: Option<GfxBackend>,
+        snapshot: snapshot::Snapshot,
+    ) -> Result<Self, MachineError> {
+        let path = snapshot.path.clone();
+        let fail = |source| MachineError::Snapshot {
+            path: path.clone(),
+            source,
+        };
+        // Shape first: a wrong --cpus or --memory must not cost a mapping.
+        let h = &snapshot.header;
+        if h.machine.cpus != config.cpus || h.machine.ram_size != config.ram_size {
+            let ours = snapshot::SavedMachine {
+                cpus: config.cpus,
+                ram_size: config.ram_size,
+                ..h.machine.clone()
+            };
+            return Err(fail(snapshot::SnapshotError::Mismatch(
+                ours.differences(&h.machine),
+            )));
+        }
+        let memory = snapshot::ram::map_private(&snapshot.file, &h.ram)
+            .map_err(|e| fail(snapshot::SnapshotError::Corrupt(e)))?;
+        let mut machine = Self::build(config, display, Some(memory))?;
+        let differences = machine.saved_machine.differences(&h.machine);
+        if !differences.is_empty() {
+            return Err(fail(snapshot::SnapshotError::Mismatch(differences)));
+        }
+        // Devices' timers read the guest counter: set it first, held until
+        // the vCPUs run.
+        machine.counter.pause();
+        machine.counter.set(h.counter);
+        machine
+            .registry
+            .restore_states(&snapshot.device_sections())
+            .map_err(|(id, e)| {
+                fail(snapshot::SnapshotError::Device {
+                    id,
+                    message: e.to_string(),
+                })
+            })?;
+        machine.pending = Some(Pending {
+            path: path.clone(),
+            accelerator: h.accelerator.clone(),
+            cpus: h.cpus.bytes.clone(),
+            powers: h.powers.clone(),
+        });
+        Ok(machine)
+    }
+
+    fn build(
+        config: MachineConfig,
+        display: Option<GfxBackend>,
+        restored: Option<GuestRam>,
+    ) -> Result<Self, MachineError> {
         if !(MIN_CPUS..=MAX_CPUS).contains(&config.cpus) {
             return Err(MachineError::CpuCount(config.cpus));
         }
@@ -367,15 +452,35 @@ impl Machine {
         // Read the boot files first: a wrong path should not cost a
         // multi-gigabyte allocation.
         let boot = Boot::load(&config)?;
-        let memory = vm_core::memory::create_guest_memory(&[
+        let layout = [
             (FIRMWARE_BASE, FIRMWARE_SIZE as usize),
             (CFG_BASE, CFG_SIZE as usize),
             (RAM_BASE, config.ram_size as usize),
-        ])
-        .map_err(|source| MachineError::Memory {
-            mib: config.ram_size >> 20,
-            source,
-        })?;
+        ];
+        let memory = match restored {
+            Some(memory) => {
+                use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+                let got: Vec<(u64, usize)> = memory
+                    .iter()
+                    .map(|r| (r.start_addr().0, r.len() as usize))
+                    .collect();
+                if got != layout {
+                    return Err(MachineError::Memory {
+                        mib: config.ram_size >> 20,
+                        source: vm_core::memory::MemoryError::Map(
+                            "the snapshot's memory regions are not this machine's".into(),
+                        ),
+                    });
+                }
+                memory
+            }
+            None => vm_core::memory::create_guest_memory(&layout).map_err(|source| {
+                MachineError::Memory {
+                    mib: config.ram_size >> 20,
+                    source,
+                }
+            })?,
+        };
         let control = Arc::new(VmControl::new(config.cpus));
         let core = platform::Core {
             memory,
@@ -397,7 +502,26 @@ impl Machine {
             counter,
             events,
         } = core;
+        let saved_machine = snapshot::SavedMachine {
+            cpus: config.cpus,
+            ram_size: config.ram_size,
+            devices: registry
+                .entries()
+                .iter()
+                .map(|e| e.id().to_string())
+                .collect(),
+            platform: format!(
+                "{:?}",
+                CfgParams {
+                    rnd: 0,
+                    ..config.platform.clone()
+                }
+            ),
+        };
         Ok(Self {
+            saved_machine,
+            saves: Arc::default(),
+            pending: None,
             cpus: config.cpus,
             ram_size: config.ram_size,
             memory,
@@ -429,6 +553,7 @@ impl Machine {
             counter: self.counter.clone(),
             events: self.events.clone(),
             power_button: Arc::new(move || button.press()),
+            saves: self.saves.clone(),
         }
     }
 
@@ -515,6 +640,16 @@ impl Machine {
     /// Boots the machine on `vm` and runs it, through guest resets, until
     /// it stops for good.
     pub fn run(&mut self, vm: &mut dyn Vm) -> Result<RunOutcome, MachineError> {
+        let result = self.run_inner(vm);
+        // Nobody serves saves any more: refuse new ones, fail a waiting one.
+        *vm_core::sync::lock(&self.saves.refusal) = None;
+        if let Some(request) = vm_core::sync::lock(&self.saves.request).take() {
+            let _ = request.reply.send(Err(snapshot::SnapshotError::Stopped));
+        }
+        result
+    }
+
+    fn run_inner(&mut self, vm: &mut dyn Vm) -> Result<RunOutcome, MachineError> {
         let exits = MachineExits {
             bus: self.registry.bus().clone(),
             gic: self.gic.clone(),
@@ -522,16 +657,37 @@ impl Machine {
             memory: self.memory.clone(),
         };
         let mut resets = ResetLoopDetector::default();
+        let refusal = self.cannot_save(vm);
+        *vm_core::sync::lock(&self.saves.refusal) = Some(refusal);
+        let mut boot = true;
+        if let Some(pending) = self.pending.take() {
+            self.resume_restored(vm, pending)?;
+            boot = false;
+        }
         loop {
-            let (entry, x0) = self.install_boot()?;
-            tracing::info!(
-                accelerator = vm.name(),
-                cpus = self.cpus,
-                ram_mib = self.ram_size >> 20,
-                "starting at {entry:#x}"
-            );
-            self.control.reset_for_boot(entry, x0);
+            if boot {
+                let (entry, x0) = self.install_boot()?;
+                tracing::info!(
+                    accelerator = vm.name(),
+                    cpus = self.cpus,
+                    ram_mib = self.ram_size >> 20,
+                    "starting at {entry:#x}"
+                );
+                self.control.reset_for_boot(entry, x0);
+            }
+            boot = true;
             let reason = vm.run(&exits, &self.control)?;
+            if reason == StopReason::Save {
+                let stop = self.serve_save(vm);
+                if stop {
+                    self.control.request_stop(StopReason::HostStop);
+                }
+                // If another stop came during the save, it stays and the
+                // next run returns it at once.
+                self.control.clear_save();
+                boot = false;
+                continue;
+            }
             // A reset or stop ends any pause; the clock runs again for the
             // next boot.
             self.control.resume();
@@ -567,9 +723,119 @@ impl Machine {
                     return Ok(RunOutcome::GuestCrashed(full));
                 }
                 StopReason::GuestPanic => return Ok(RunOutcome::GuestPanicked),
-                StopReason::HostStop => return Ok(RunOutcome::HostStopped),
+                StopReason::HostStop | StopReason::Save => return Ok(RunOutcome::HostStopped),
             }
         }
+    }
+
+    /// Why this machine on `vm` cannot be saved, if it cannot: devices
+    /// without state (named), or an accelerator that cannot save vCPUs.
+    fn cannot_save(&self, vm: &dyn Vm) -> Option<String> {
+        let missing: Vec<String> = self
+            .registry
+            .without_state()
+            .map(|id| id.to_string())
+            .collect();
+        if !missing.is_empty() {
+            return Some(format!(
+                "these devices cannot save their state yet: {}",
+                missing.join(", ")
+            ));
+        }
+        vm.cannot_save()
+    }
+
+    /// Puts a restored snapshot's vCPUs on `vm` and lets the counter run.
+    fn resume_restored(&mut self, vm: &mut dyn Vm, pending: Pending) -> Result<(), MachineError> {
+        let fail = |source| MachineError::Snapshot {
+            path: pending.path.clone(),
+            source,
+        };
+        if pending.accelerator != vm.name() {
+            return Err(fail(snapshot::SnapshotError::Mismatch(vec![format!(
+                "--accel: the snapshot was saved on {}, this run uses {}",
+                pending.accelerator,
+                vm.name()
+            )])));
+        }
+        vm.restore_cpus(&pending.cpus)
+            .map_err(|e| fail(snapshot::SnapshotError::Accel(e)))?;
+        self.control
+            .restore_powers(&pending.powers)
+            .map_err(|e| fail(snapshot::SnapshotError::Corrupt(e)))?;
+        // The GIC's outputs were driven at restore; drive them again now
+        // that the power states are back.
+        self.gic.refresh_outputs();
+        if !self.control.is_paused() {
+            self.counter.resume();
+        }
+        tracing::info!("restored from {}", pending.path.display());
+        self.events.publish(MachineEvent::Restored {
+            path: pending.path.clone(),
+        });
+        Ok(())
+    }
+
+    /// Serves the waiting save request with the vCPUs stopped; true if the
+    /// VM is to stop afterwards.
+    fn serve_save(&mut self, vm: &mut dyn Vm) -> bool {
+        let Some(request) = vm_core::sync::lock(&self.saves.request).take() else {
+            return false;
+        };
+        let was_paused = self.control.is_paused();
+        self.counter.pause();
+        let result = self.save_to(vm, &request.path);
+        if !was_paused {
+            self.counter.resume();
+        }
+        let stop = request.stop && result.is_ok();
+        match &result {
+            Ok(report) => {
+                tracing::info!(
+                    "saved to {} in {:?} ({} MiB stored of {} MiB memory)",
+                    report.path.display(),
+                    report.elapsed,
+                    report.stored_bytes >> 20,
+                    report.ram_bytes >> 20
+                );
+                self.events.publish(MachineEvent::Saved {
+                    path: report.path.clone(),
+                });
+            }
+            Err(e) => tracing::warn!("save to {} failed: {e}", request.path.display()),
+        }
+        let _ = request.reply.send(result);
+        stop
+    }
+
+    fn save_to(
+        &mut self,
+        vm: &mut dyn Vm,
+        path: &std::path::Path,
+    ) -> Result<snapshot::SaveReport, snapshot::SnapshotError> {
+        if let Some(reason) = self.cannot_save(vm) {
+            return Err(snapshot::SnapshotError::Unsupported(reason));
+        }
+        let cpus = vm.save_cpus().map_err(snapshot::SnapshotError::Accel)?;
+        let devices = self
+            .registry
+            .save_states()
+            .map_err(|(id, e)| snapshot::SnapshotError::Device {
+                id: id.to_string(),
+                message: e.to_string(),
+            })?
+            .into_iter()
+            .map(|(id, bytes)| (id.to_string(), bytes))
+            .collect();
+        let captured = snapshot::Captured {
+            accelerator: vm.name().into(),
+            machine: self.saved_machine.clone(),
+            counter: self.counter.now(),
+            powers: self.control.powers(),
+            cpus,
+            devices,
+        };
+        snapshot::write(path, captured, &self.memory)
     }
 }
 

@@ -48,6 +48,9 @@ pub enum RegistryError {
     NotBuilt(&'static str),
 }
 
+/// One device's saved state and whose it is.
+pub type Section = (DeviceId, Vec<u8>);
+
 /// What the machine needs of every device it attaches.
 pub trait Device: Send + Sync {
     /// Back to the power-on state: called at every machine reset, in
@@ -77,6 +80,74 @@ pub trait DeviceState: Send + Sync {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct StateError(pub String);
+
+/// A device state as section bytes (CBOR, like the whole snapshot).
+fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StateError> {
+    let mut bytes = Vec::new();
+    ciborium::into_writer(value, &mut bytes).map_err(|e| StateError(e.to_string()))?;
+    Ok(bytes)
+}
+
+/// Section bytes back into a device state.
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StateError> {
+    ciborium::from_reader(bytes).map_err(|e| StateError(format!("unreadable state: {e}")))
+}
+
+/// A device whose state is one serde value, saved and put back whole.
+macro_rules! serde_state {
+    ($ty:ty, |$dev:ident| $save:expr, |$d:ident, $saved:ident| $restore:expr) => {
+        impl DeviceState for $ty {
+            fn save(&self) -> Result<Vec<u8>, StateError> {
+                let $dev = self;
+                encode(&$save)
+            }
+            fn restore(&self, bytes: &[u8]) -> Result<(), StateError> {
+                let $d = self;
+                let $saved = decode(bytes)?;
+                $restore.map_err(|e: String| StateError(e))
+            }
+        }
+    };
+}
+
+serde_state!(GicV3, |d| d.save_state(), |d, s| d.restore_state(s));
+serde_state!(devices::pl011::Pl011, |d| d.save_state(), |d, s| d
+    .restore_state(s));
+serde_state!(devices::pl031::Pl031, |d| d.save_state(), |d, s| d
+    .restore_state(s));
+serde_state!(devices::pl061::Pl061, |d| d.save_state(), |d, s| d
+    .restore_state(s));
+serde_state!(
+    devices::power_button::PowerButton,
+    |d| d.save_state(),
+    |d, s| {
+        d.restore_state(s);
+        Ok(())
+    }
+);
+serde_state!(devices::apple_aes::AppleAes, |d| d.save_state(), |d, s| d
+    .restore_state(s));
+serde_state!(PciHost, |d| d.save_state(), |d, s| d
+    .restore_state(&s)
+    .map_err(|e| e.to_string()));
+
+/// Devices with no state of their own: an empty section records that they
+/// were there.
+macro_rules! stateless {
+    ($ty:ty) => {
+        impl DeviceState for $ty {
+            fn save(&self) -> Result<Vec<u8>, StateError> {
+                Ok(Vec::new())
+            }
+            fn restore(&self, _bytes: &[u8]) -> Result<(), StateError> {
+                Ok(())
+            }
+        }
+    };
+}
+
+stateless!(devices::apple_bdif::Bdif);
+stateless!(devices::pvpanic::PvPanic);
 
 /// One MMIO window of a device.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -320,12 +391,72 @@ impl Registry {
         }
     }
 
-    /// Devices that hold their own state but cannot save it yet.
+    /// Devices that hold their own state but cannot save it yet. A PCI
+    /// function's configuration header is its host's; the state behind it
+    /// (queues, rings, device registers) is its own, which no function
+    /// saves yet, so every one is listed.
     pub fn without_state(&self) -> impl Iterator<Item = &DeviceId> {
         self.entries.iter().filter_map(|e| match &e.hooks {
             Hooks::Own(device) if device.state().is_none() => Some(&e.id),
-            _ => None,
+            Hooks::Own(_) => None,
+            Hooks::Parent(_) => Some(&e.id),
         })
+    }
+
+    /// Every device's saved state, keyed by its id, in attach order; an
+    /// error names the first device that cannot (the caller checks
+    /// [`Registry::without_state`] first for a better message).
+    pub fn save_states(&self) -> Result<Vec<Section>, (DeviceId, StateError)> {
+        let mut out = Vec::new();
+        for entry in &self.entries {
+            match &entry.hooks {
+                Hooks::Own(device) => {
+                    let state = device.state().ok_or_else(|| {
+                        (entry.id.clone(), StateError("cannot save its state".into()))
+                    })?;
+                    out.push((
+                        entry.id.clone(),
+                        state.save().map_err(|e| (entry.id.clone(), e))?,
+                    ));
+                }
+                Hooks::Parent(_) => {
+                    return Err((entry.id.clone(), StateError("cannot save its state".into())))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Restores every device from `sections` (id, bytes). The ids must be
+    /// exactly this registry's, in the same order.
+    pub fn restore_states(
+        &self,
+        sections: &[(String, Vec<u8>)],
+    ) -> Result<(), (String, StateError)> {
+        let ours: Vec<&str> = self.entries.iter().map(|e| e.id.as_str()).collect();
+        let theirs: Vec<&str> = sections.iter().map(|(id, _)| id.as_str()).collect();
+        if ours != theirs {
+            return Err((
+                "machine".into(),
+                StateError(format!(
+                    "the snapshot's devices are {} but this machine's are {}",
+                    theirs.join(", "),
+                    ours.join(", ")
+                )),
+            ));
+        }
+        for (entry, (_, bytes)) in self.entries.iter().zip(sections) {
+            let Hooks::Own(device) = &entry.hooks else {
+                return Err((entry.id.to_string(), StateError("cannot restore".into())));
+            };
+            let Some(state) = device.state() else {
+                return Err((entry.id.to_string(), StateError("cannot restore".into())));
+            };
+            state
+                .restore(bytes)
+                .map_err(|e| (entry.id.to_string(), e))?;
+        }
+        Ok(())
     }
 }
 
@@ -333,53 +464,89 @@ impl Registry {
 // its own to reset says so.
 
 impl Device for GicV3 {
+    fn state(&self) -> Option<&dyn DeviceState> {
+        Some(self)
+    }
+
     fn reset(&self) {
         GicV3::reset(self);
     }
 }
 
 impl Device for devices::pl011::Pl011 {
+    fn state(&self) -> Option<&dyn DeviceState> {
+        Some(self)
+    }
+
     fn reset(&self) {
         devices::pl011::Pl011::reset(self);
     }
 }
 
 impl Device for devices::pl031::Pl031 {
+    fn state(&self) -> Option<&dyn DeviceState> {
+        Some(self)
+    }
+
     fn reset(&self) {
         devices::pl031::Pl031::reset(self);
     }
 }
 
 impl Device for devices::pl061::Pl061 {
+    fn state(&self) -> Option<&dyn DeviceState> {
+        Some(self)
+    }
+
     fn reset(&self) {
         devices::pl061::Pl061::reset(self);
     }
 }
 
 impl Device for devices::power_button::PowerButton {
+    fn state(&self) -> Option<&dyn DeviceState> {
+        Some(self)
+    }
+
     fn reset(&self) {
         devices::power_button::PowerButton::reset(self);
     }
 }
 
 impl Device for devices::apple_aes::AppleAes {
+    fn state(&self) -> Option<&dyn DeviceState> {
+        Some(self)
+    }
+
     fn reset(&self) {
         devices::apple_aes::AppleAes::reset(self);
     }
 }
 
 impl Device for devices::apple_bdif::Bdif {
+    fn state(&self) -> Option<&dyn DeviceState> {
+        Some(self)
+    }
+
     /// Every request is complete when its doorbell write returns: nothing
     /// to reset.
     fn reset(&self) {}
 }
 
 impl Device for devices::pvpanic::PvPanic {
+    fn state(&self) -> Option<&dyn DeviceState> {
+        Some(self)
+    }
+
     /// Write-only events: nothing to reset.
     fn reset(&self) {}
 }
 
 impl Device for PciHost {
+    fn state(&self) -> Option<&dyn DeviceState> {
+        Some(self)
+    }
+
     /// Unmaps the BARs and resets every function's config space and the
     /// function itself.
     fn reset(&self) {

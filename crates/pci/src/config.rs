@@ -129,6 +129,16 @@ pub struct MappedBar {
     pub size: u64,
 }
 
+/// The guest-programmed part of a header, as a snapshot stores it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedHeader {
+    pub command: u16,
+    pub cache_line_size: u8,
+    pub interrupt_line: u8,
+    pub interrupt_status: bool,
+    pub bar_regs: [u32; NUM_BARS],
+}
+
 /// The 64-byte type-0 header of one function.
 #[derive(Clone, Debug)]
 pub struct ConfigSpace {
@@ -185,6 +195,32 @@ impl ConfigSpace {
             slots,
             bar_regs: [0; NUM_BARS],
         })
+    }
+
+    /// What the guest programmed, for a snapshot (the rest of the header
+    /// is the function's identity, which the machine rebuilds).
+    pub fn save_state(&self) -> SavedHeader {
+        SavedHeader {
+            command: self.command,
+            cache_line_size: self.cache_line_size,
+            interrupt_line: self.interrupt_line,
+            interrupt_status: self.interrupt_status,
+            bar_regs: self.bar_regs,
+        }
+    }
+
+    /// Puts back what [`ConfigSpace::save_state`] returned, through the
+    /// same masks as guest writes (a snapshot cannot give a BAR bits its
+    /// size does not allow).
+    pub fn restore_state(&mut self, saved: &SavedHeader) {
+        self.reset();
+        for (i, value) in saved.bar_regs.iter().enumerate() {
+            self.write(0x10 + 4 * i as u16, AccessWidth::Word, u64::from(*value));
+        }
+        self.cache_line_size = saved.cache_line_size;
+        self.interrupt_line = saved.interrupt_line;
+        self.interrupt_status = saved.interrupt_status;
+        self.write(0x04, AccessWidth::Word, u64::from(saved.command));
     }
 
     /// Power-on state: decoding off, BARs at 0, interrupt line 0.

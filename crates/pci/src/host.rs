@@ -99,6 +99,8 @@ pub enum PciError {
     },
     #[error("{name}: interrupt pin {pin} is not 0..=4")]
     InterruptPin { name: String, pin: u8 },
+    #[error("{0}")]
+    Snapshot(String),
 }
 
 /// One INTx wire shared by several functions: high while any input is.
@@ -419,6 +421,20 @@ pub const FDT_BUS_RANGE: [u32; 2] = [0, 255];
 const GIC_SPI: u32 = 0;
 const IRQ_TYPE_LEVEL_HIGH: u32 = 4;
 
+/// The PCI host in a snapshot.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct SavedHost {
+    pub functions: Vec<SavedFunction>,
+}
+
+/// One function's header and INTx `(level, disabled)` in a snapshot.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct SavedFunction {
+    pub slot: u8,
+    pub header: crate::config::SavedHeader,
+    pub intx: Option<(bool, bool)>,
+}
+
 /// The vmapple PCIe host bridge.
 pub struct PciHost {
     inner: Arc<HostInner>,
@@ -550,6 +566,55 @@ impl PciHost {
             f.device.reset();
         }
         self.inner.remap();
+    }
+
+    /// Every function's header as the guest programmed it and its INTx
+    /// state, by slot, for a snapshot. The functions' own state is theirs
+    /// to save.
+    pub fn save_state(&self) -> SavedHost {
+        let functions = read_lock(&self.inner.functions).clone();
+        SavedHost {
+            functions: functions
+                .iter()
+                .map(|f| SavedFunction {
+                    slot: f.slot,
+                    header: lock(&f.config).save_state(),
+                    intx: f.intx.as_ref().map(|i| {
+                        let s = lock(&i.state);
+                        (s.level, s.disabled)
+                    }),
+                })
+                .collect(),
+        }
+    }
+
+    /// Puts back what [`PciHost::save_state`] returned and maps the BARs
+    /// it places. The functions must be the same, slot for slot.
+    pub fn restore_state(&self, saved: &SavedHost) -> Result<(), PciError> {
+        let functions = read_lock(&self.inner.functions).clone();
+        let same = functions.len() == saved.functions.len()
+            && functions
+                .iter()
+                .zip(&saved.functions)
+                .all(|(f, s)| f.slot == s.slot && f.intx.is_some() == s.intx.is_some());
+        if !same {
+            return Err(PciError::Snapshot(format!(
+                "the snapshot has {} PCI functions, this machine {}",
+                saved.functions.len(),
+                functions.len()
+            )));
+        }
+        for (f, s) in functions.iter().zip(&saved.functions) {
+            lock(&f.config).restore_state(&s.header);
+            if let (Some(intx), Some((level, disabled))) = (&f.intx, s.intx) {
+                let mut state = lock(&intx.state);
+                state.level = level;
+                state.disabled = disabled;
+                intx.update(&state);
+            }
+        }
+        self.inner.remap();
+        Ok(())
     }
 
     /// The whole `interrupt-map` property as cells, for a GICv3 parent with

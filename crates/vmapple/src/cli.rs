@@ -203,6 +203,13 @@ pub struct RunArgs {
     #[arg(long)]
     pub paused: bool,
 
+    /// Continue the VM saved in this snapshot (`vmapple ctl VM save`)
+    /// instead of booting: give the options the VM was started with;
+    /// options that differ from the snapshot's are refused. The boot files
+    /// are used again only if the guest resets. See docs/snapshots.md.
+    #[arg(long, value_name = "FILE")]
+    pub restore: Option<PathBuf>,
+
     /// What a guest panic reported through pvpanic does: `exit` (stop with
     /// status 5), `pause` (keep the VM for inspection), `reset` or
     /// `continue` [default: exit, or the bundle's].
@@ -569,9 +576,33 @@ pub fn run(args: RunArgs) -> Result<u8> {
         .or_else(|| bundle.map(|b| b.control_socket_path()));
     let accel = args.accel.clone();
     let start_paused = args.paused;
+    // A bad snapshot is refused before anything else is opened.
+    let restore = args
+        .restore
+        .as_deref()
+        .map(|path| {
+            machine::snapshot::Snapshot::open(path).map_err(|source| {
+                machine::MachineError::Snapshot {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })
+        })
+        .transpose()?;
     let config = machine_config(args, bundle)?;
     let display = crate::host_display::open(config.display.as_ref())?;
-    let machine = Machine::new(config, display.backend)?;
+    let machine = match restore {
+        Some(snapshot) => {
+            let started = std::time::Instant::now();
+            let m = Machine::restore(config, display.backend, snapshot)?;
+            eprintln!(
+                "vmapple: restored machine state in {} ms",
+                started.elapsed().as_millis()
+            );
+            m
+        }
+        None => Machine::new(config, display.backend)?,
+    };
     let signals = crate::signals::forward_to(machine.handle()).map_err(|source| Error::Host {
         what: "cannot install the signal handlers",
         source,

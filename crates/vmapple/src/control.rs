@@ -80,6 +80,16 @@ impl ControlHandler for MachineControl {
                     "this VM has no display (displays need ParavirtualizedGraphics on a macOS host)",
                 ),
             },
+            Request::Save { path, stop } => match self.machine.save(path, stop) {
+                Ok(_) => Response::ok(),
+                Err(e @ machine::snapshot::SnapshotError::Unsupported(_)) => {
+                    Response::error(ErrorClass::Unsupported, vm_core::error_chain::Chain(&e).to_string())
+                }
+                Err(e) => Response::error(
+                    ErrorClass::Failed,
+                    format!("save: {}", vm_core::error_chain::Chain(&e)),
+                ),
+            },
             // The server answers subscriptions itself.
             Request::Subscribe => Response::ok(),
         }
@@ -131,10 +141,19 @@ fn event_line(event: MachineEvent) -> Option<Event> {
         MachineEvent::Reset => EventKind::Reset,
         MachineEvent::Stopped { .. } => EventKind::PoweredOff,
         MachineEvent::PowerButton => return None,
+        MachineEvent::Saving { .. } => EventKind::Saving,
+        MachineEvent::Saved { .. } => EventKind::Saved,
+        MachineEvent::Restored { .. } => EventKind::Restored,
     };
     let mut e = Event::now(kind);
     if let MachineEvent::GuestPanicked { action } = event {
         e.data = Some(serde_json::json!({ "action": action }));
+    }
+    if let MachineEvent::Saving { path }
+    | MachineEvent::Saved { path }
+    | MachineEvent::Restored { path } = &event
+    {
+        e.data = Some(serde_json::json!({ "path": path }));
     }
     if let MachineEvent::Stopped { reason } = event {
         e.data = Some(serde_json::json!({ "reason": reason }));
@@ -199,9 +218,10 @@ pub struct CtlArgs {
 
     /// status, pause, resume, powerdown, stop, reset,
     /// `send-keys KEY...` (QEMU key names, pressed together),
-    /// `pointer X Y [BUTTON...]` (0..32767), `screenshot PATH`, or `events`
-    /// (print events until the VM stops).
-    #[arg(value_name = "COMMAND", num_args = 1.., required = true)]
+    /// `pointer X Y [BUTTON...]` (0..32767), `screenshot PATH`,
+    /// `save PATH [--stop]` (a snapshot; `--stop` stops the VM once it is
+    /// written), or `events` (print events until the VM stops).
+    #[arg(value_name = "COMMAND", num_args = 1.., required = true, allow_hyphen_values = true)]
     pub command: Vec<String>,
 }
 
@@ -256,6 +276,13 @@ fn request_from_words(words: &[String]) -> crate::error::Result<Request> {
                 "cmd": "pointer", "x": coordinate(x)?, "y": coordinate(y)?, "buttons": buttons
             })
         }
+        ("save", [path, flags @ ..]) if flags.iter().all(|f| f == "--stop") => {
+            let path = std::path::absolute(path).map_err(|source| Error::Path {
+                path: path.into(),
+                source,
+            })?;
+            serde_json::json!({ "cmd": "save", "path": path, "stop": !flags.is_empty() })
+        }
         ("screenshot", [path]) => {
             let path = std::path::absolute(path).map_err(|source| Error::Path {
                 path: path.into(),
@@ -279,6 +306,10 @@ pub fn ctl(args: CtlArgs) -> crate::error::Result<u8> {
     let request = request_from_words(&args.command)?;
     let mut client = bundle::control::Client::connect(&socket)
         .map_err(|e| connect_error(e, bundle.as_deref()))?;
+    if matches!(request, Request::Save { .. }) {
+        // A save of a large VM takes as long as writing its memory.
+        client.set_timeout(None)?;
+    }
     let response = client.call(&request)?;
     print!("{}", response.to_line());
     if !response.is_ok() {

@@ -156,6 +156,12 @@ pub enum Request {
     },
     /// Receive events on this connection from now on.
     Subscribe,
+    /// Save a snapshot to `path` (absolute, on the VMM's host); stop the
+    /// VM afterwards if `stop`.
+    Save {
+        path: PathBuf,
+        stop: bool,
+    },
 }
 
 /// A request as serde reads it: every command a struct variant, so an
@@ -188,6 +194,12 @@ enum WireRequest {
         path: PathBuf,
     },
     Subscribe {},
+    Save {
+        #[serde(deserialize_with = "args::path")]
+        path: PathBuf,
+        #[serde(default)]
+        stop: bool,
+    },
 }
 
 impl From<WireRequest> for Request {
@@ -203,6 +215,7 @@ impl From<WireRequest> for Request {
             WireRequest::Pointer { x, y, buttons } => Request::Pointer { x, y, buttons },
             WireRequest::Screenshot { path } => Request::Screenshot { path },
             WireRequest::Subscribe {} => Request::Subscribe,
+            WireRequest::Save { path, stop } => Request::Save { path, stop },
         }
     }
 }
@@ -340,6 +353,7 @@ impl Request {
             Request::Pointer { .. } => "pointer",
             Request::Screenshot { .. } => "screenshot",
             Request::Subscribe => "subscribe",
+            Request::Save { .. } => "save",
         }
     }
 
@@ -579,10 +593,19 @@ pub enum EventKind {
     Reset,
     Paused,
     Resumed,
+    /// A snapshot is being written.
+    Saving,
+    /// The snapshot is complete.
+    Saved,
+    /// The VM continues from a snapshot.
+    Restored,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 6] = [
+    pub const ALL: [EventKind; 9] = [
+        EventKind::Saving,
+        EventKind::Saved,
+        EventKind::Restored,
         EventKind::GuestPanicked,
         EventKind::CrashLoaded,
         EventKind::PoweredOff,
@@ -599,6 +622,9 @@ impl EventKind {
             EventKind::Reset => "reset",
             EventKind::Paused => "paused",
             EventKind::Resumed => "resumed",
+            EventKind::Saving => "saving",
+            EventKind::Saved => "saved",
+            EventKind::Restored => "restored",
         }
     }
 

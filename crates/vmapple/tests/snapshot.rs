@@ -1,0 +1,381 @@
+//! Snapshots with real guests: `vmapple ctl VM save` and `vmapple run
+//! --restore` continue a Linux guest's process in a new vmapple process,
+//! one snapshot runs twice at once, the test firmware's two-CPU atomic
+//! count comes out exact across a save, and bad snapshots are refused
+//! with one message and nothing changed.
+
+#[macro_use]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{ctl, firmware_dir, linux_guest_devices, vmapple_with_triggers, Action, Trigger};
+
+const BOOT: Duration = Duration::from_secs(300);
+/// `vmapple`'s exit status when the host stopped the VM (`save --stop`).
+const HOST_STOPPED: i32 = 6;
+
+/// A directory for sockets and snapshots, short enough for socket paths.
+fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("vms").tempdir().unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The numbers of the guest's `VMAPPLE-GUEST: tick N` lines, in order.
+fn ticks(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("VMAPPLE-GUEST: tick "))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+/// `vmapple run` of the Linux guest with a heartbeat (a shell loop that
+/// prints an incrementing counter) and power-button handling, on two
+/// vCPUs, served on `socket`; `extra` is appended.
+fn linux_args(socket: &Path, accel: &str, extra: &[&str]) -> Vec<String> {
+    let (kernel, initrd) = linux_guest_devices().expect("the Linux guest");
+    let mut args: Vec<String> = [
+        "run",
+        "--kernel",
+        s(&kernel),
+        "--initrd",
+        s(&initrd),
+        "--append",
+        "console=ttyAMA0 quiet vmapple.tick vmapple.powerkey",
+        "--cpus",
+        "2",
+        "--memory",
+        "512M",
+        "--serial",
+        "stdio",
+        "--no-usb",
+        "--net",
+        "none",
+        "--accel",
+        accel,
+        "--control",
+        s(socket),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+fn refs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+/// Restores `snapshot` with `args` and presses the power button once the
+/// counter is `after` past `from`; returns the restored run's ticks.
+fn restore_and_power_off(args: &[String], socket: &Path, from: u64) -> Vec<u64> {
+    let press = format!("tick {}\r", from + 3);
+    let run = vmapple_with_triggers(
+        &refs(args),
+        BOOT,
+        &[Trigger {
+            when_console_shows: &press,
+            action: Action::Call(Box::new(|| {
+                ctl(socket, &["powerdown"]);
+            })),
+        }],
+    );
+    assert_eq!(run.code, 0, "restored run: {}\n{}", run.stdout, run.stderr);
+    assert!(
+        !run.stdout.contains("userspace up"),
+        "a restored VM does not boot:\n{}",
+        run.stdout
+    );
+    run.assert_line("VMAPPLE-GUEST: power button pressed");
+    ticks(&run.stdout)
+}
+
+each_accel! {
+fn a_linux_process_continues_after_restore_and_one_snapshot_runs_twice_at_once(accel) {
+    if linux_guest_devices().is_none() {
+        return;
+    }
+    let dir = scratch();
+    let socket = dir.path().join("c.sock");
+    let snapshot = dir.path().join("vm.snap");
+    let snap = snapshot.clone();
+    let sock = socket.clone();
+    let first = vmapple_with_triggers(
+        &refs(&linux_args(&socket, accel, &[])),
+        BOOT,
+        &[Trigger {
+            when_console_shows: "tick 5\r",
+            action: Action::Call(Box::new(move || {
+                ctl(&sock, &["save", s(&snap), "--stop"]);
+            })),
+        }],
+    );
+    assert_eq!(
+        first.code, HOST_STOPPED,
+        "save --stop stops the VM: {}\n{}",
+        first.stdout, first.stderr
+    );
+    let saved = *ticks(&first.stdout).last().expect("ticks before the save");
+    assert!(snapshot.exists());
+
+    // A new process, the same command line with --restore: the shell
+    // loop carries on from its saved count, without a reboot.
+    let args = linux_args(&socket, accel, &["--restore", s(&snapshot)]);
+    let after = restore_and_power_off(&args, &socket, saved);
+    let resumed = after[0];
+    assert!(
+        resumed == saved || resumed == saved + 1,
+        "the counter continues from {saved}, got {after:?}"
+    );
+    assert!(
+        after.windows(2).all(|w| w[1] == w[0] + 1),
+        "one process counting on: {after:?}"
+    );
+
+    // Fork: two VMs from the same snapshot at once, each with its own
+    // control socket.
+    let forks: Vec<_> = (0..2)
+        .map(|i| {
+            let socket = dir.path().join(format!("f{i}.sock"));
+            let args = linux_args(&socket, accel, &["--restore", s(&snapshot)]);
+            std::thread::spawn(move || restore_and_power_off(&args, &socket, saved))
+        })
+        .collect();
+    for fork in forks {
+        let ticks = fork.join().expect("a forked VM");
+        assert!(ticks[0] == saved || ticks[0] == saved + 1, "{ticks:?}");
+    }
+}
+}
+
+/// `vmapple run` of the test firmware's counting program on two vCPUs.
+fn count_args(socket: &Path, accel: &str, extra: &[&str]) -> Vec<String> {
+    let firmware = firmware_dir().join("count-vmapple.bin");
+    let mut args: Vec<String> = [
+        "run",
+        "--firmware",
+        s(&firmware),
+        "--cpus",
+        "2",
+        "--memory",
+        "256M",
+        "--net",
+        "none",
+        "--accel",
+        accel,
+        "--control",
+        s(socket),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+const TOTAL: &str = "COUNT TOTAL 40000000\r\n";
+
+/// Saves the counting program with `--stop` once its console shows
+/// `when`; returns the snapshot's path.
+fn saved_count(dir: &Path, accel: &str, when: &str) -> PathBuf {
+    let socket = dir.join("count.sock");
+    let snapshot = dir.join("count.snap");
+    let (sock, snap) = (socket.clone(), snapshot.clone());
+    let run = vmapple_with_triggers(
+        &refs(&count_args(&socket, accel, &["--no-usb"])),
+        BOOT,
+        &[Trigger {
+            when_console_shows: when,
+            action: Action::Call(Box::new(move || {
+                ctl(&sock, &["save", s(&snap), "--stop"]);
+            })),
+        }],
+    );
+    assert_eq!(run.code, HOST_STOPPED, "{}\n{}", run.stdout, run.stderr);
+    assert!(
+        !run.stdout.contains("COUNT TOTAL"),
+        "saved in the middle of the loop:\n{}",
+        run.stdout
+    );
+    snapshot
+}
+
+each_accel! {
+fn the_two_cpu_atomic_count_is_exact_across_a_save_and_restore(accel) {
+    let dir = scratch();
+    let snapshot = saved_count(dir.path(), accel, "COUNT progress 3\r");
+    let socket = dir.path().join("again.sock");
+    let run = vmapple_with_triggers(
+        &refs(&count_args(
+            &socket,
+            accel,
+            &["--no-usb", "--restore", s(&snapshot)],
+        )),
+        BOOT,
+        &[],
+    );
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    assert!(!run.stdout.contains("COUNT start"), "{}", run.stdout);
+    run.assert_line(TOTAL);
+}
+}
+
+/// Runs `vmapple` to completion (for runs refused before the guest).
+fn refused(args: &[String], needle: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_vmapple"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("vmapple: error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "one message: {stderr}");
+    assert!(errors[0].contains(needle), "want {needle:?} in {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.stdout.is_empty(), "nothing ran: {:?}", out.stdout);
+}
+
+#[test]
+fn bad_snapshots_are_refused_with_one_message_and_nothing_changes() {
+    let dir = scratch();
+    let good = saved_count(dir.path(), "tcg", "COUNT progress 1\r");
+    let bytes = std::fs::read(&good).unwrap();
+    let socket = dir.path().join("bad.sock");
+    let with = |path: &Path, extra: &[&str]| {
+        let mut e = vec!["--restore", s(path)];
+        e.extend_from_slice(extra);
+        count_args(&socket, "tcg", &e)
+    };
+    let variant = |name: &str, content: &[u8]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, content).unwrap();
+        path
+    };
+
+    let truncated = variant("truncated.snap", &bytes[..bytes.len() / 2]);
+    refused(&with(&truncated, &["--no-usb"]), "truncated");
+    let mut flipped = bytes.clone();
+    flipped[200] ^= 0x10;
+    let corrupted = variant("corrupted.snap", &flipped);
+    refused(&with(&corrupted, &["--no-usb"]), "corrupted");
+    let mut other = bytes.clone();
+    other[8] = 9;
+    let version = variant("version.snap", &other);
+    refused(&with(&version, &["--no-usb"]), "snapshot format version 9");
+    let text = variant("text.snap", b"hello, this is not a snapshot\n");
+    refused(&with(&text, &["--no-usb"]), "not a vmapple snapshot");
+    refused(
+        &with(&dir.path().join("missing.snap"), &["--no-usb"]),
+        "missing.snap",
+    );
+
+    // The right file with other options: each difference named.
+    let mut cpus = with(&good, &["--no-usb"]);
+    let at = cpus.iter().position(|a| a == "--cpus").unwrap();
+    cpus[at + 1] = "1".into();
+    refused(&cpus, "--cpus: the snapshot has 2, this run 1");
+    let mut memory = with(&good, &["--no-usb"]);
+    let at = memory.iter().position(|a| a == "--memory").unwrap();
+    memory[at + 1] = "512M".into();
+    refused(
+        &memory,
+        "--memory: the snapshot has 256 MiB, this run 512 MiB",
+    );
+    refused(&with(&good, &[]), "this run has xhci");
+    if cfg!(feature = "hvf-double") {
+        refused(
+            &count_args(&socket, "hvf", &["--no-usb", "--restore", s(&good)]),
+            "--accel: the snapshot was saved on tcg, this run uses hvf",
+        );
+    }
+
+    assert!(
+        std::fs::read(&good).unwrap() == bytes,
+        "the snapshot is untouched"
+    );
+    assert!(!socket.exists());
+}
+
+#[test]
+fn a_failed_save_leaves_the_vm_running_and_no_file() {
+    let dir = scratch();
+    let socket = dir.path().join("c.sock");
+    let target = dir.path().join("missing-dir").join("vm.snap");
+    let (sock, path) = (socket.clone(), target.clone());
+    let outcome = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let seen = outcome.clone();
+    let run = vmapple_with_triggers(
+        &refs(&count_args(&socket, "tcg", &["--no-usb"])),
+        BOOT,
+        &[Trigger {
+            when_console_shows: "COUNT progress 1\r",
+            action: Action::Call(Box::new(move || {
+                let out = Command::new(env!("CARGO_BIN_EXE_vmapple"))
+                    .args(["ctl", s(&sock), "save", s(&path)])
+                    .output()
+                    .unwrap();
+                *seen.lock().unwrap() = format!(
+                    "{:?} {}",
+                    out.status.code(),
+                    String::from_utf8_lossy(&out.stdout)
+                );
+            })),
+        }],
+    );
+    let outcome = outcome.lock().unwrap().clone();
+    assert!(
+        outcome.starts_with("Some(1)") && outcome.contains("missing-dir"),
+        "{outcome}"
+    );
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    run.assert_line(TOTAL);
+    assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| {
+        let name = e.unwrap().file_name();
+        !name.to_string_lossy().contains("snap")
+    }));
+}
+
+each_accel! {
+fn a_vm_with_a_device_that_cannot_save_is_refused_by_name_and_runs_on(accel) {
+    let dir = scratch();
+    let socket = dir.path().join("c.sock");
+    let target = dir.path().join("vm.snap");
+    let (sock, path) = (socket.clone(), target.clone());
+    let outcome = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let seen = outcome.clone();
+    // USB is on: the XHCI controller has no snapshot state yet.
+    let run = vmapple_with_triggers(
+        &refs(&count_args(&socket, accel, &[])),
+        BOOT,
+        &[Trigger {
+            when_console_shows: "COUNT progress 1\r",
+            action: Action::Call(Box::new(move || {
+                let out = Command::new(env!("CARGO_BIN_EXE_vmapple"))
+                    .args(["ctl", s(&sock), "save", s(&path)])
+                    .output()
+                    .unwrap();
+                *seen.lock().unwrap() = String::from_utf8_lossy(&out.stdout).into_owned();
+            })),
+        }],
+    );
+    let outcome = outcome.lock().unwrap().clone();
+    assert!(
+        outcome.contains("unsupported") && outcome.contains("cannot save their state yet: xhci"),
+        "{outcome}"
+    );
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    run.assert_line(TOTAL);
+    assert!(!target.exists());
+}
+}
