@@ -13,12 +13,14 @@
 pub mod control;
 pub mod doubles;
 pub mod input;
+pub mod msix;
 pub mod platform;
 pub mod seeds;
 pub mod virtio;
 pub mod xhci;
 
 pub use control::control_request;
+pub use msix::msix;
 pub use platform::{aes, bdif, cfg, pl011, pl031, pl061, pvpanic};
 pub use virtio::{virtio_blk, virtio_blk_apple, virtio_net};
 pub use xhci::xhci;
@@ -56,4 +58,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("virtio_net", virtio_net),
     ("xhci", xhci),
     ("control_request", control_request),
+    ("msix", msix),
 ];

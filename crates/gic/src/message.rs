@@ -113,6 +113,34 @@ pub(crate) fn gicd_write(state: &mut State, offset: u64, value: u32) {
     );
 }
 
+/// Where the board put the two doorbells, to tell an MSI write's
+/// address apart: what a PCI function's message does on arriving.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Doorbells {
+    /// Guest-physical base of the GICv2m frame.
+    pub v2m_base: u64,
+    /// Guest-physical base of the distributor.
+    pub gicd_base: u64,
+}
+
+impl Doorbells {
+    /// A 32-bit memory write of `data` to `address` by a device: raises
+    /// the message SPI it names when `address` is one of the doorbells
+    /// (`true`). Any other address is not the GIC's (`false`).
+    pub fn deliver(&self, gic: &GicV3, address: u64, data: u32) -> bool {
+        let v2m = self.v2m_base.checked_add(V2M_MSI_SETSPI_NS);
+        let gicd = self.gicd_base.checked_add(GICD_SETSPI_NSR);
+        if Some(address) == v2m {
+            gic.signal_message(data & V2M_FIELD_MASK);
+        } else if Some(address) == gicd {
+            gic.signal_message(data & GICD_INTID_MASK);
+        } else {
+            return false;
+        }
+        true
+    }
+}
+
 /// MSI_TYPER for a message range.
 pub fn v2m_typer(intids: &Range<u32>) -> u32 {
     let count = intids.end.saturating_sub(intids.start);

@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use gic::message::{GICD_SETSPI_NSR, V2M_MSI_SETSPI_NS};
+use gic::message::{Doorbells, GICD_SETSPI_NSR, V2M_MSI_SETSPI_NS};
 use gic::GicV3;
 use pci::MsiSink;
 
@@ -23,20 +23,22 @@ use crate::layout::{GICD_BASE, GIC_V2M_BASE};
 /// scribble over memory behind the guest's back.
 pub(crate) struct GicDoorbells(pub Arc<GicV3>);
 
-/// The guest-physical addresses of the doorbells.
+/// The board's doorbells.
+pub const DOORBELLS: Doorbells = Doorbells {
+    v2m_base: GIC_V2M_BASE,
+    gicd_base: GICD_BASE,
+};
+/// Their guest-physical addresses.
 pub const V2M_DOORBELL: u64 = GIC_V2M_BASE + V2M_MSI_SETSPI_NS;
 pub const GICD_DOORBELL: u64 = GICD_BASE + GICD_SETSPI_NSR;
 
 impl MsiSink for GicDoorbells {
     fn send(&self, address: u64, data: u32) {
-        match address {
-            // The INTID fields of the two registers.
-            V2M_DOORBELL => self.0.signal_message(data & 0x3ff),
-            GICD_DOORBELL => self.0.signal_message(data & 0x1fff),
-            _ => vm_core::guest_error!(
+        if !DOORBELLS.deliver(&self.0, address, data) {
+            vm_core::guest_error!(
                 "msi: a PCI function wrote {data:#x} to {address:#x}, which is not an MSI \
                  doorbell; dropped"
-            ),
+            );
         }
     }
 }

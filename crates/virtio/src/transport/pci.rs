@@ -9,7 +9,7 @@
 //!   §2.2.1).
 //! * **BAR 4** (QEMU's `modern_mem_bar_idx`; BARs 0–3 stay unused as
 //!   under QEMU, where the legacy I/O BAR is off and the MSI-X BAR fails
-//!   without MSI support) is a 16 KiB 64-bit prefetchable memory BAR
+//!   without MSI support; with MSI-X, BAR 1 holds its table) is a 16 KiB 64-bit prefetchable memory BAR
 //!   holding four 4 KiB structures, each described by a vendor-specific
 //!   capability (§4.1.4) whose length is the whole 4 KiB, as in QEMU:
 //!   common config at 0x0000, ISR at 0x1000, device config at 0x2000,
