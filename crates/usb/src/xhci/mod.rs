@@ -825,6 +825,13 @@ impl XhciState {
     /// set, clearing its IP as the message completes (XHCI 1.2 §5.5.2.1).
     pub(crate) fn update_irq(&mut self) {
         if let Some(msix) = self.msix.as_ref().filter(|m| m.enabled()) {
+            // The pin is not used while MSI-X is on.
+            if self.irq_level {
+                self.irq_level = false;
+                if let Some(irq) = &self.irq {
+                    irq.set_level(false);
+                }
+            }
             if self.usbcmd & USBCMD_INTE == 0 || !self.bus_master {
                 return;
             }

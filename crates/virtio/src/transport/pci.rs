@@ -1569,6 +1569,82 @@ mod tests {
         assert_eq!(d.r(common::QUEUE_MSIX_VECTOR, Half), 0xffff);
     }
 
+    #[derive(Default)]
+    struct Messages(Mutex<Vec<(u64, u32)>>);
+
+    impl MsiSink for Messages {
+        fn send(&self, address: u64, data: u32) {
+            lock(&self.0).push((address, data));
+        }
+    }
+
+    #[test]
+    fn with_msix_each_queue_and_config_signal_their_own_vector() {
+        let log = Arc::new(Mutex::new(Log::default()));
+        let messages = Arc::new(Messages::default());
+        let dev = VirtioPciDevice::with_msix(
+            Box::new(FakeDevice {
+                log: log.clone(),
+                refuse: false,
+            }),
+            memory(),
+            messages.clone(),
+        );
+        let irq = Arc::new(TestIrq::new());
+        dev.set_intx(irq.clone());
+        dev.command_written(MASTER | MEMORY);
+        let d = Direct { dev, log, irq };
+        assert!(d.dev.bars().iter().any(|b| b.index == MSIX_BAR));
+        // The capability follows virtio's: 3 vectors (config + 2 queues).
+        let cap = 0x98;
+        assert_eq!(d.dev.read_config(cap, Word), 0x0002_0011);
+        d.live();
+        // Vectors: config 0, queue 0 -> 1, queue 1 -> 2; past the table
+        // is refused.
+        d.w(common::CONFIG_MSIX_VECTOR, Half, 0);
+        d.w(common::QUEUE_MSIX_VECTOR, Half, 1);
+        assert_eq!(d.r(common::QUEUE_MSIX_VECTOR, Half), 1);
+        d.w(common::QUEUE_SELECT, Half, 1);
+        d.w(common::QUEUE_MSIX_VECTOR, Half, 3);
+        assert_eq!(d.r(common::QUEUE_MSIX_VECTOR, Half), u64::from(NO_VECTOR));
+        d.w(common::QUEUE_MSIX_VECTOR, Half, 2);
+        d.w(common::QUEUE_SELECT, Half, 0);
+        for v in 0..3u64 {
+            d.dev.write_bar(MSIX_BAR, 16 * v, Double, 0x1000_0040);
+            d.dev.write_bar(MSIX_BAR, 16 * v + 8, Word, 0xa0 + v);
+            d.dev.write_bar(MSIX_BAR, 16 * v + 12, Word, 0);
+        }
+        let interrupt = lock(&d.log).interrupt.clone().unwrap();
+        // MSI-X still disabled: INTx.
+        interrupt.notify_queue(1);
+        assert!(d.irq.is_asserted());
+        assert_eq!(d.r(ISR_OFFSET, Byte), 1);
+        d.dev.write_config(cap + 2, Half, 0x8000);
+        interrupt.notify_queue(1);
+        interrupt.notify_queue(0);
+        interrupt.notify_config();
+        assert!(!d.irq.is_asserted(), "no INTx with MSI-X");
+        assert_eq!(
+            *lock(&messages.0),
+            vec![
+                (0x1000_0040, 0xa2),
+                (0x1000_0040, 0xa1),
+                (0x1000_0040, 0xa0)
+            ]
+        );
+        // A masked vector pends in the PBA and goes out when unmasked.
+        d.dev.write_bar(MSIX_BAR, 16 + 12, Word, 1);
+        interrupt.notify_queue(0);
+        assert_eq!(d.dev.read_bar(MSIX_BAR, MSIX_PBA_OFFSET, Word), 0b10);
+        d.dev.write_bar(MSIX_BAR, 16 + 12, Word, 0);
+        assert_eq!(lock(&messages.0).len(), 4);
+        // A device reset forgets the vectors; a function reset MSI-X.
+        d.status(0);
+        assert_eq!(d.r(common::CONFIG_MSIX_VECTOR, Half), u64::from(NO_VECTOR));
+        d.dev.reset();
+        assert_eq!(d.dev.read_config(cap, Word), 0x0002_0011, "MSI-X off");
+    }
+
     #[test]
     fn pci_cfg_capability_reaches_bar_0() {
         let d = Direct::new(false);
