@@ -120,6 +120,9 @@ pub(crate) fn attach(
             serial: Some(serial.to_owned()),
             num_queues: queues_per_disk,
             apple_variant: apple,
+            // A kick only wakes the queue's thread; the vCPU goes back
+            // to the guest while the host does the I/O.
+            io_threads: true,
         };
         virtio(Box::new(VirtioBlock::new(backend, config)))
     };
