@@ -13,6 +13,7 @@
 pub mod control;
 pub mod doubles;
 pub mod input;
+pub mod msix;
 pub mod platform;
 pub mod seeds;
 pub mod snapshot;
@@ -20,6 +21,7 @@ pub mod virtio;
 pub mod xhci;
 
 pub use control::control_request;
+pub use msix::msix;
 pub use platform::{aes, bdif, cfg, pl011, pl031, pl061, pvpanic};
 pub use snapshot::snapshot;
 pub use virtio::{virtio_blk, virtio_blk_apple, virtio_net};
@@ -59,4 +61,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("xhci", xhci),
     ("control_request", control_request),
     ("snapshot", snapshot),
+    ("msix", msix),
 ];

@@ -7,6 +7,7 @@ use devices::apple_bdif::{desc, devid, op, reg as bdif_reg, sector_block};
 use devices::{pl011, pl031, pl061};
 use usb::xhci::regs::*;
 use usb::xhci::trb::*;
+use vm_core::AccessWidth;
 use vm_core::AccessWidth::{Double, Half, Word};
 
 use crate::input::{Encoder, RAM_BASE, RAM_SEED_LEN};
@@ -29,6 +30,7 @@ pub fn for_target(name: &str) -> Vec<Vec<u8>> {
         "xhci" => xhci(),
         "control_request" => control_request(),
         "snapshot" => snapshot(),
+        "msix" => msix(),
         _ => Vec::new(),
     }
 }
@@ -508,4 +510,36 @@ pub fn snapshot() -> Vec<Vec<u8>> {
     out.push(seed(s::AES, &*s::aes()));
     out.push(seed(s::PCI_HOST, &s::pci_host()));
     out
+/// MSI-X enabled, vector 0 aimed at the v2m doorbell and vector 1 at the
+/// distributor's, both unmasked, each signalled; then a masked vector that
+/// is signalled and unmasked, and a doorbell rung directly.
+pub fn msix() -> Vec<Vec<u8>> {
+    use crate::msix::*;
+    use pci::msix::{ENTRY_DATA, ENTRY_SIZE, ENTRY_VECTOR_CONTROL};
+    let cap = u64::from(pci::capability::CAP_START);
+    let mut e = Encoder::new();
+    e.write(CONFIG + cap + 2, AccessWidth::Half, 0x8000);
+    for (vector, address, data) in [
+        (0u64, DOORBELLS.v2m_base + 0x40, 0xa5u32),
+        (1, DOORBELLS.gicd_base + 0x40, 0xb0),
+        (2, DOORBELLS.v2m_base + 0x40, 0xc0),
+    ] {
+        let entry = TABLE + vector * ENTRY_SIZE;
+        e.write(entry, AccessWidth::Double, address);
+        e.w32(entry + ENTRY_DATA, data);
+        if vector < 2 {
+            e.w32(entry + ENTRY_VECTOR_CONTROL, 0);
+        }
+    }
+    e.extra(&0u16.to_le_bytes()).extra(&1u16.to_le_bytes());
+    e.extra(&2u16.to_le_bytes());
+    e.w32(TABLE + 2 * ENTRY_SIZE + ENTRY_VECTOR_CONTROL, 0);
+    e.w32(V2M + 0x40, 0xd0);
+    // Hostile: an address that is no doorbell, an INTID outside the block.
+    e.write(TABLE + 3 * ENTRY_SIZE, AccessWidth::Double, 0x7000_0000);
+    e.w32(TABLE + 3 * ENTRY_SIZE + ENTRY_DATA, 0xa1);
+    e.w32(TABLE + 3 * ENTRY_SIZE + ENTRY_VECTOR_CONTROL, 0);
+    e.extra(&3u16.to_le_bytes());
+    e.w32(GICD + 0x40, 33);
+    vec![e.finish()]
 }

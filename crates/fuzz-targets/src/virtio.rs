@@ -309,6 +309,8 @@ fn block_target(data: &[u8], apple: Option<AppleVariant>) -> Report {
         serial: (shape & 0x10 != 0).then(|| "fuzz-serial-number-longer-than-20".to_owned()),
         num_queues: if shape & 0x20 != 0 { 2 } else { 1 },
         apple_variant: apple,
+        // Synchronous, so each run is deterministic.
+        io_threads: false,
     };
     let mut dev = VirtioBlock::new(disk.clone(), config);
     let (mut report, _) = run(&mut input, mem, &mut dev, u16::MAX, &mut |_| {});

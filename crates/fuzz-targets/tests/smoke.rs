@@ -195,3 +195,10 @@ fn every_target_has_seeds() {
         assert!(!seeds::for_target(name).is_empty(), "{name}");
     }
 }
+
+#[test]
+fn msix() {
+    let r = smoke("msix", 200 * SCALE, 300 * SCALE);
+    assert_eq!(r.completions, 4, "0xA5, 0xB0, 0xC0 and 0xD0 pending: {r:?}");
+    assert_eq!(r.interrupts, 3, "three messages reached a doorbell: {r:?}");
+}

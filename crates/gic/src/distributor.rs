@@ -5,6 +5,7 @@
 
 use vm_core::{guest_error, AccessWidth};
 
+use crate::message;
 use crate::registers::{self, array_register};
 use crate::state::{State, IROUTER_MASK, PRIVATE_IRQS};
 
@@ -37,7 +38,14 @@ fn read32(state: &State, offset: u64) -> u32 {
             }
             v
         }
-        TYPER => (state.num_irqs() / 32 - 1) | TYPER_IDBITS | TYPER_A3V,
+        TYPER => {
+            let mbis = if state.message_intids.is_empty() {
+                0
+            } else {
+                message::TYPER_MBIS
+            };
+            (state.num_irqs() / 32 - 1) | TYPER_IDBITS | TYPER_A3V | mbis
+        }
         IIDR => registers::IIDR,
         registers::ID_BASE.. => registers::id_register(offset),
         _ => match array_register(offset) {
@@ -54,6 +62,9 @@ fn write32(state: &mut State, offset: u64, value: u32) {
         CTLR => {
             state.enable_grp0 = value & CTLR_ENABLE_GRP0 != 0;
             state.enable_grp1 = value & CTLR_ENABLE_GRP1 != 0;
+        }
+        message::GICD_SETSPI_NSR | message::GICD_CLRSPI_NSR => {
+            message::gicd_write(state, offset, value)
         }
         TYPER | IIDR | TYPER2 | registers::ID_BASE.. => {
             guest_error!("gic: write of {value:#x} to read-only GICD register {offset:#x}");

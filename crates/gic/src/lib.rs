@@ -4,6 +4,10 @@
 //! ITS or LPIs, up to 32 CPUs each with a redistributor, and the CPU
 //! interface reached through the `ICC_*_EL1` system registers.
 //!
+//! With [`GicV3::enable_message_spis`] a block of SPIs also takes
+//! message writes, through GICD_SETSPI_NSR and a GICv2m frame
+//! ([`message`]).
+//!
 //! Group 0 interrupts are signalled as FIQ, group 1 as IRQ. Priorities have
 //! five implemented bits (ICC_CTLR_EL1.PRIbits = 4), like QEMU's model.
 //! GICR_WAKER's handshake completes at once; a sleeping redistributor
@@ -16,6 +20,7 @@
 
 mod cpu_interface;
 mod distributor;
+pub mod message;
 mod redistributor;
 mod registers;
 mod state;
@@ -83,6 +88,51 @@ impl GicV3 {
 
     pub fn redistributors(self: &Arc<Self>) -> Arc<dyn MmioDevice> {
         Arc::new(Redistributors(self.clone()))
+    }
+
+    /// Lets `count` SPIs from SPI `first_spi` (INTID 32 + `first_spi`) be
+    /// raised by message writes: GICD_TYPER.MBIS reads 1 and the doorbells
+    /// of [`message`] act on them. Board wiring, called once before the
+    /// guest runs; a range past the implemented SPIs is refused (`false`).
+    pub fn enable_message_spis(&self, first_spi: u32, count: u32) -> bool {
+        let mut state = self.lock();
+        let Some(start) = first_spi.checked_add(PRIVATE_IRQS) else {
+            return false;
+        };
+        match start.checked_add(count) {
+            Some(end) if count > 0 && end <= state.num_irqs() => {
+                state.message_intids = start..end;
+                true
+            }
+            _ => {
+                tracing::error!(
+                    "gic: the machine asked for {count} message SPIs from SPI {first_spi}, \
+                     past the implemented SPIs; none enabled"
+                );
+                false
+            }
+        }
+    }
+
+    /// The INTIDs message writes may raise; empty without them.
+    pub fn message_intids(&self) -> std::ops::Range<u32> {
+        self.lock().message_intids.clone()
+    }
+
+    /// Raises message SPI `intid`, as a write of `intid` to a doorbell
+    /// does (what a PCI function's MSI write to GICD_SETSPI_NSR or the v2m
+    /// frame ends in). Outside the message range: ignored and logged.
+    pub fn signal_message(&self, intid: u32) {
+        let mut state = self.lock();
+        if let Some(cpu) = message::ring(&mut state, intid, message::Doorbell::Set, "MSI") {
+            self.update(&state, cpu);
+        }
+    }
+
+    /// The GICv2m MSI frame ([`message`]), to be mapped for
+    /// [`message::V2M_FRAME_SIZE`] bytes.
+    pub fn v2m_frame(self: &Arc<Self>) -> Arc<dyn MmioDevice> {
+        Arc::new(message::V2mFrame(self.clone()))
     }
 
     /// SPI `spi` (INTID 32 + spi), a level-sensitive input from a device.

@@ -159,6 +159,10 @@ pub struct State {
     /// GICD_IROUTER<n> for each SPI (Aff3..Aff0 and IRM).
     pub routes: Vec<u64>,
     pub cpus: Vec<Cpu>,
+    /// INTIDs that message writes may raise (GICD_SETSPI_NSR and the
+    /// GICv2m frame); empty without message-based SPIs. Board wiring, so
+    /// it survives reset.
+    pub message_intids: std::ops::Range<u32>,
 }
 
 /// GICD_IROUTER.Interrupt_Routing_Mode: deliver to any participating CPU.
@@ -174,11 +178,14 @@ impl State {
             spis: vec![Irq::default(); spis as usize],
             routes: vec![0; spis as usize],
             cpus: (0..cpus).map(Cpu::new).collect(),
+            message_intids: 0..0,
         }
     }
 
     pub fn reset(&mut self) {
+        let message_intids = self.message_intids.clone();
         *self = Self::new(self.cpus.len(), self.spis.len() as u32);
+        self.message_intids = message_intids;
     }
 
     pub fn num_irqs(&self) -> u32 {

@@ -291,3 +291,150 @@ fn hostile_accesses_then_still_working() {
     r.gic.spi(3).set_level(true);
     assert_eq!(r.gic.read_sysreg(0, ICC_IAR1_EL1), Some(35));
 }
+
+// Message-based SPIs: the GICv2m frame and GICD_SETSPI_NSR/CLRSPI_NSR.
+
+/// SPI 0x80 onwards, 128 of them: INTIDs 0xA0..0x120, as vmapple wires it.
+fn message_rig(n: usize) -> (Rig, Arc<dyn MmioDevice>) {
+    let r = rig(n);
+    assert!(r.gic.enable_message_spis(0x80, 128));
+    r.enable_like_linux(n);
+    let frame = r.gic.v2m_frame();
+    (r, frame)
+}
+
+/// Enables INTID `intid` (an SPI) edge-triggered, routed to `cpu`.
+fn enable_edge_spi(r: &Rig, intid: u64, cpu: u64) {
+    r.dist.write(distributor::IROUTER + 8 * intid, D, cpu);
+    let cfg = registers::ICFGR + intid / 16 * 4;
+    let old = r.dist.read(cfg, W);
+    r.dist.write(cfg, W, old | 0b10 << (2 * (intid % 16)));
+    r.dist
+        .write(registers::ISENABLER + intid / 32 * 4, W, 1 << (intid % 32));
+}
+
+#[test]
+fn the_v2m_frame_reports_its_spi_block_and_identity() {
+    let (_r, frame) = message_rig(1);
+    assert_eq!(frame.read(message::V2M_MSI_TYPER, W), 0x00a0_0080);
+    // An `ldp w0, w1` or `ldp x0, x1` arrives as two loads of the pair.
+    assert_eq!(frame.read(0x0, D), 0);
+    assert_eq!(frame.read(0x8, D), 0x00a0_0080);
+    assert_eq!(frame.read(0xa, AccessWidth::Half), 0x00a0, "any width");
+    assert_eq!(frame.read(message::V2M_MSI_IIDR, W), 0x43b);
+    assert_eq!(frame.read(0xff0, W), 0x0d, "CIDR0");
+    assert_eq!(frame.read(0xffc, W), 0xb1, "CIDR3");
+    assert_eq!(
+        frame.read(message::V2M_MSI_SETSPI_NS, W),
+        0,
+        "doorbell is write-only"
+    );
+    assert_eq!(frame.read(0x1000, W), 0, "past the frame");
+}
+
+#[test]
+fn without_message_spis_there_is_no_mbis_and_doorbells_do_nothing() {
+    let r = rig(1);
+    r.enable_like_linux(1);
+    assert_eq!(
+        r.dist.read(distributor::TYPER, W) & u64::from(message::TYPER_MBIS),
+        0
+    );
+    enable_edge_spi(&r, 0xa0, 0);
+    r.dist.write(message::GICD_SETSPI_NSR, W, 0xa0);
+    r.gic.v2m_frame().write(message::V2M_MSI_SETSPI_NS, W, 0xa0);
+    assert_eq!(r.cpus.get(0), (false, false));
+    assert!(r.gic.message_intids().is_empty());
+}
+
+#[test]
+fn a_v2m_doorbell_raises_its_spi_once() {
+    let (r, frame) = message_rig(2);
+    enable_edge_spi(&r, 0xa5, 1);
+    frame.write(message::V2M_MSI_SETSPI_NS, W, 0xa5);
+    assert_eq!(r.cpus.get(1), (true, false));
+    assert_eq!(r.cpus.get(0), (false, false));
+    assert_eq!(r.gic.read_sysreg(1, ICC_IAR1_EL1), Some(0xa5));
+    assert!(r.gic.write_sysreg(1, ICC_EOIR1_EL1, 0xa5));
+    assert_eq!(
+        r.gic.read_sysreg(1, ICC_IAR1_EL1),
+        Some(1023),
+        "an edge: taken once"
+    );
+    // A 64-bit store covering the doorbell rings it with its low word.
+    frame.write(message::V2M_MSI_SETSPI_NS, D, 0xffff_ffff_0000_00a5);
+    assert_eq!(r.gic.read_sysreg(1, ICC_IAR1_EL1), Some(0xa5));
+}
+
+#[test]
+fn every_message_spi_can_be_taken_through_both_doorbells() {
+    let (r, frame) = message_rig(1);
+    for intid in 0xa0..0x120u64 {
+        enable_edge_spi(&r, intid, 0);
+    }
+    for (i, intid) in (0xa0..0x120u64).enumerate() {
+        if i % 2 == 0 {
+            frame.write(message::V2M_MSI_SETSPI_NS, W, intid);
+        } else {
+            r.dist.write(message::GICD_SETSPI_NSR, W, intid);
+        }
+        assert_eq!(r.gic.read_sysreg(0, ICC_IAR1_EL1), Some(intid));
+        assert!(r.gic.write_sysreg(0, ICC_EOIR1_EL1, intid));
+    }
+    assert_eq!(r.gic.read_sysreg(0, ICC_IAR1_EL1), Some(1023));
+}
+
+#[test]
+fn gicd_mbis_setspi_and_clrspi() {
+    let (r, _frame) = message_rig(1);
+    assert_ne!(
+        r.dist.read(distributor::TYPER, W) & u64::from(message::TYPER_MBIS),
+        0
+    );
+    enable_edge_spi(&r, 0x100, 0);
+    r.dist.write(message::GICD_SETSPI_NSR, W, 0x100);
+    assert_eq!(r.cpus.get(0), (true, false));
+    r.dist.write(message::GICD_CLRSPI_NSR, W, 0x100);
+    assert_eq!(r.cpus.get(0), (false, false), "cleared before it was taken");
+    assert_eq!(r.dist.read(message::GICD_SETSPI_NSR, W), 0);
+    // Bits above the INTID field are not part of it.
+    r.dist
+        .write(message::GICD_SETSPI_NSR, W, 0xffff_0000 | 0x100);
+    assert_eq!(r.gic.read_sysreg(0, ICC_IAR1_EL1), Some(0x100));
+}
+
+#[test]
+fn doorbells_outside_the_message_range_are_ignored() {
+    let (r, frame) = message_rig(1);
+    // The UART's SPI and a PCI INTx line: level SPIs a doorbell must not
+    // reach, and INTIDs that do not exist.
+    for intid in [33u64, 64, 0x9f] {
+        r.dist
+            .write(registers::ISENABLER + intid / 32 * 4, W, 1 << (intid % 32));
+    }
+    for intid in [0u32, 27, 33, 64, 0x9f, 0x120, 0x3ff, 1023, u32::MAX] {
+        frame.write(message::V2M_MSI_SETSPI_NS, W, u64::from(intid));
+        r.dist.write(message::GICD_SETSPI_NSR, W, u64::from(intid));
+        r.gic.signal_message(intid);
+    }
+    assert_eq!(r.cpus.get(0), (false, false));
+    assert_eq!(r.gic.read_sysreg(0, ICC_IAR1_EL1), Some(1023));
+    // Stores to read-only registers and narrow stores change nothing.
+    frame.write(message::V2M_MSI_TYPER, W, 0);
+    frame.write(message::V2M_MSI_SETSPI_NS, B, 0xa0);
+    frame.write(u64::MAX - 3, W, 0xa0);
+    assert_eq!(frame.read(message::V2M_MSI_TYPER, W), 0x00a0_0080);
+    assert_eq!(r.gic.read_sysreg(0, ICC_IAR1_EL1), Some(1023));
+}
+
+#[test]
+fn message_spis_past_the_implemented_ones_are_refused_and_reset_keeps_them() {
+    let r = rig(1);
+    assert!(!r.gic.enable_message_spis(0x80, 129));
+    assert!(!r.gic.enable_message_spis(u32::MAX, 1));
+    assert!(!r.gic.enable_message_spis(0, 0));
+    assert!(r.gic.message_intids().is_empty());
+    assert!(r.gic.enable_message_spis(0x80, 128));
+    r.gic.reset();
+    assert_eq!(r.gic.message_intids(), 0xa0..0x120);
+}

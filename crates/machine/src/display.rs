@@ -7,11 +7,12 @@
 //! published, kept for the control socket's `screenshot`.
 //!
 //! The PCI variant, `apple-gfx-pci` ([`apple_gfx::ApplePciGfx`]), is not
-//! offered: it signals interrupts only by MSI, and vmapple has no MSI
-//! controller (vmapple-machine.md §7.5), which is why QEMU refuses it
-//! there too. Built from this machine's PCI host
-//! ([`pci::PciHost::msi_sink`] is `None`) it fails with
-//! [`apple_gfx::PciGfxError::NoMsi`].
+//! offered: it signals interrupts only by MSI, and vmapple as QEMU has it
+//! has no MSI controller (vmapple-machine.md §7.5), which is why QEMU
+//! refuses it there too. Built from this machine's PCI host without
+//! `--msi on` ([`pci::PciHost::msi_sink`] is `None`) it fails with
+//! [`apple_gfx::PciGfxError::NoMsi`]; with it the sink exists, but no
+//! option attaches the function yet.
 
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};

@@ -36,6 +36,10 @@ pub struct FdtParams {
     /// The PCIe host (§7), given as its `interrupt-map` cells (from
     /// [`pci::PciHost::interrupt_map_cells`]); `None` leaves it out.
     pub pci_interrupt_map: Option<Vec<u32>>,
+    /// INTIDs the GIC raises on message writes (`--msi on`): the GIC node
+    /// becomes an `msi-controller` with these `mbi-ranges` (Linux writes
+    /// GICD_SETSPI_NSR), and the PCIe host's `msi-parent`.
+    pub message_intids: Option<std::ops::Range<u32>>,
 }
 
 /// The GIC node's `#address-cells` (absent, so 0): the parent unit
@@ -113,6 +117,10 @@ pub fn build(p: &FdtParams) -> FdtWriterResult<Vec<u8>> {
     let redistributors = p.cpus as u64 * gic::GicV3::REDIST_STRIDE;
     fdt.property_array_u64("reg", &[GICD_BASE, GICD_SIZE, GICR_BASE, redistributors])?;
     fdt.property_phandle(PHANDLE_GIC)?;
+    if let Some(intids) = &p.message_intids {
+        fdt.property_null("msi-controller")?;
+        fdt.property_array_u32("mbi-ranges", &[intids.start, intids.len() as u32])?;
+    }
     fdt.end_node(gic)?;
 
     // Secure physical, non-secure physical, virtual, hypervisor: only the
@@ -185,7 +193,7 @@ pub fn build(p: &FdtParams) -> FdtWriterResult<Vec<u8>> {
     }
 
     if let Some(map) = &p.pci_interrupt_map {
-        pci_host(&mut fdt, map)?;
+        pci_host(&mut fdt, map, p.message_intids.is_some())?;
     }
 
     fdt.end_node(root)?;
@@ -196,7 +204,7 @@ pub fn build(p: &FdtParams) -> FdtWriterResult<Vec<u8>> {
 /// BARs itself inside the window, and takes INTx from the interrupt map,
 /// which spells out 16 slots and 4 pins because 16 lines do not fit the
 /// usual 4-line mask.
-fn pci_host(fdt: &mut FdtWriter, interrupt_map: &[u32]) -> FdtWriterResult<()> {
+fn pci_host(fdt: &mut FdtWriter, interrupt_map: &[u32], msi: bool) -> FdtWriterResult<()> {
     let node = fdt.begin_node(&node_name("pcie", PCIE_ECAM_BASE))?;
     fdt.property_string("compatible", "pci-host-ecam-generic")?;
     fdt.property_string("device_type", "pci")?;
@@ -210,6 +218,9 @@ fn pci_host(fdt: &mut FdtWriter, interrupt_map: &[u32]) -> FdtWriterResult<()> {
     fdt.property_array_u32("ranges", &pci::host::FDT_RANGES)?;
     fdt.property_array_u32("interrupt-map-mask", &pci::host::INTERRUPT_MAP_MASK)?;
     fdt.property_array_u32("interrupt-map", interrupt_map)?;
+    if msi {
+        fdt.property_u32("msi-parent", PHANDLE_GIC)?;
+    }
     fdt.end_node(node)
 }
 
@@ -278,5 +289,27 @@ mod tests {
         let text = String::from_utf8_lossy(&blob);
         assert!(text.contains("pci-host-ecam-generic"));
         assert!(text.contains("pcie@40000000"));
+    }
+
+    #[test]
+    fn msi_makes_the_gic_an_msi_controller_and_the_host_its_child() {
+        let params = FdtParams {
+            cpus: 1,
+            ram_size: 256 << 20,
+            pci_interrupt_map: Some(vec![0; 8]),
+            ..Default::default()
+        };
+        let without = String::from_utf8_lossy(&build(&params).unwrap()).into_owned();
+        assert!(!without.contains("msi-controller") && !without.contains("msi-parent"));
+        let blob = build(&FdtParams {
+            message_intids: Some(0xa0..0x120),
+            ..params
+        })
+        .unwrap();
+        let text = String::from_utf8_lossy(&blob);
+        assert!(text.contains("msi-controller") && text.contains("msi-parent"));
+        // mbi-ranges = <0xa0 0x80>, big-endian cells.
+        let cells = [0, 0, 0, 0xa0, 0, 0, 0, 0x80];
+        assert!(blob.windows(8).any(|w| w == cells), "mbi-ranges");
     }
 }

@@ -17,6 +17,10 @@ pub const GICD_BASE: u64 = 0x1000_0000;
 pub const GICD_SIZE: u64 = 0x0001_0000;
 pub const GICR_BASE: u64 = 0x1001_0000;
 pub const GICR_SIZE: u64 = 0x0040_0000;
+/// The GICv2m MSI frame newer macOS guests look for (`--msi on` only;
+/// QEMU's vmapple has none, §7.5).
+pub const GIC_V2M_BASE: u64 = 0x1fff_0000;
+pub const GIC_V2M_SIZE: u64 = gic::message::V2M_FRAME_SIZE;
 
 pub const UART_BASE: u64 = 0x2001_0000;
 /// The UART's slot in the map; the PL011 decodes the first 4 KiB.
@@ -62,6 +66,10 @@ pub use pci::host::INTX_SPI_BASE as SPI_PCIE_INTX;
 pub const PCIE_INTX_LINES: u32 = pci::host::NUM_INTX_LINES as u32;
 /// SPIs the GIC implements (INTIDs 32..288).
 pub const GIC_SPIS: u32 = 256;
+/// With `--msi on`, SPIs 0x80..0x100 (INTIDs 0xA0..0x120, the top half)
+/// take message writes: the GICv2m frame's block.
+pub const SPI_MSI_BASE: u32 = 0x80;
+pub const MSI_SPIS: u32 = 128;
 
 /// The EL1 virtual timer's PPI (INTID), the only timer wired.
 pub const PPI_VTIMER: u32 = 27;

@@ -14,6 +14,7 @@ pub mod exits;
 pub mod fdt;
 pub mod handle;
 pub mod layout;
+pub mod msi;
 pub mod pci_devices;
 mod platform;
 pub mod registry;
@@ -98,6 +99,10 @@ pub struct MachineConfig {
     /// (Apple silicon) the machine has no display even when one is asked
     /// for without a window.
     pub display: Option<DisplayConfig>,
+    /// Message-signalled interrupts: the GICv2m frame, the GIC's
+    /// message-based SPIs and MSI-X on the PCI functions (see [`msi`]).
+    /// Off in QEMU's machine, so off by default.
+    pub msi: bool,
 }
 
 impl MachineConfig {
@@ -118,6 +123,7 @@ impl MachineConfig {
             disks: Vec::new(),
             usb: true,
             display: None,
+            msi: false,
         }
     }
 }
@@ -616,6 +622,7 @@ impl Machine {
                         self.pci
                             .interrupt_map_cells(fdt::GIC_PHANDLE, fdt::GIC_ADDRESS_CELLS),
                     ),
+                    message_intids: Some(self.gic.message_intids()).filter(|r| !r.is_empty()),
                     ..Default::default()
                 };
                 // The blob's size hardly depends on the initrd addresses:

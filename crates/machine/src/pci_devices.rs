@@ -89,7 +89,11 @@ pub(crate) fn attach(
     let host = reg.attach(HOST, |wires| {
         let intx: [Arc<dyn IrqLine>; PCIE_INTX_LINES as usize] =
             std::array::from_fn(|line| wires.spi(SPI_PCIE_INTX + line as u32));
-        let host = Arc::new(PciHost::new(intx));
+        let mut host = PciHost::new(intx);
+        if config.msi {
+            host = host.with_msi(Arc::new(crate::msi::GicDoorbells(core.gic.clone())));
+        }
+        let host = Arc::new(host);
         Ok(Attachment::new(host.clone())
             .mmio("pcie-ecam", PCIE_ECAM_BASE, PCIE_ECAM_SIZE, host.ecam())
             .mmio(
@@ -102,8 +106,12 @@ pub(crate) fn attach(
     let mut plug = |id: &str, function: Arc<dyn PciDevice>| {
         reg.attach_pci(HOST, &host, id, function).map(drop)
     };
+    let msi = host.msi_sink();
     let virtio = |device: Box<dyn virtio::VirtioDevice>| -> Arc<dyn PciDevice> {
-        Arc::new(VirtioPciDevice::new(device, core.memory.clone()))
+        Arc::new(match &msi {
+            Some(sink) => VirtioPciDevice::with_msix(device, core.memory.clone(), sink.clone()),
+            None => VirtioPciDevice::new(device, core.memory.clone()),
+        })
     };
     let queues_per_disk = config.cpus.clamp(1, 16) as u16;
     let block = |backend: Arc<dyn BlockBackend>, serial: &str, apple: Option<AppleVariant>| {
@@ -112,15 +120,19 @@ pub(crate) fn attach(
             serial: Some(serial.to_owned()),
             num_queues: queues_per_disk,
             apple_variant: apple,
+            // A kick only wakes the queue's thread; the vCPU goes back
+            // to the guest while the host does the I/O.
+            io_threads: true,
         };
         virtio(Box::new(VirtioBlock::new(backend, config)))
     };
     let mut input = None;
     if config.usb {
-        let xhci = Arc::new(usb::Xhci::with_hid_devices(
-            core.memory.clone(),
-            usb::XhciConfig::default(),
-        ));
+        let mut xhci = usb::Xhci::with_hid_devices(core.memory.clone(), usb::XhciConfig::default());
+        if let Some(sink) = &msi {
+            xhci = xhci.with_msix(sink.clone());
+        }
+        let xhci = Arc::new(xhci);
         input = Some(xhci.input_sink());
         plug("xhci", xhci)?;
     }

@@ -50,14 +50,18 @@ pub(crate) fn attach(
 ) -> Result<Platform, MachineError> {
     let gic = &core.gic;
     reg.attach("gic", |_| {
-        Ok(Attachment::new(gic.clone())
+        let attachment = Attachment::new(gic.clone())
             .mmio("gic-distributor", GICD_BASE, GICD_SIZE, gic.distributor())
             .mmio(
                 "gic-redistributors",
                 GICR_BASE,
                 GICR_SIZE,
                 gic.redistributors(),
-            ))
+            );
+        if config.msi && gic.enable_message_spis(SPI_MSI_BASE, MSI_SPIS) {
+            return Ok(attachment.mmio("gic-v2m", GIC_V2M_BASE, GIC_V2M_SIZE, gic.v2m_frame()));
+        }
+        Ok(attachment)
     })?;
 
     let mut serial = None;

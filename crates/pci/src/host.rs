@@ -37,9 +37,11 @@
 //!   does not hide another's. The command register's interrupt-disable
 //!   bit gates a function's contribution; status bit 3 shows the function's
 //!   own level regardless.
-//! * **No MSI/MSI-X** is offered by the host (§7.5): there is no ITS or
-//!   GICv2m frame an MSI write could reach, so [`PciHost::msi_sink`] is
-//!   `None`, and functions that need MSI refuse to be built from it.
+//! * **MSI.** As QEMU has the board (§7.5) there is no ITS or GICv2m
+//!   frame an MSI write could reach, so [`PciHost::msi_sink`] is `None`
+//!   and functions that need MSI refuse to be built from it. A machine
+//!   with an MSI controller hands its sink to [`PciHost::with_msi`]; the
+//!   functions built from it then offer MSI or MSI-X.
 //! * **Reset** ([`PciHost::reset`]): every header returns to power-on
 //!   state (decoding off, BARs 0) and every function is reset.
 
@@ -438,6 +440,8 @@ pub struct SavedFunction {
 /// The vmapple PCIe host bridge.
 pub struct PciHost {
     inner: Arc<HostInner>,
+    /// The machine's MSI controller, if it has one.
+    msi: Option<Arc<dyn crate::msi::MsiSink>>,
 }
 
 impl PciHost {
@@ -459,6 +463,7 @@ impl PciHost {
                 mappings: RwLock::new(Vec::new()),
                 lines,
             }),
+            msi: None,
         };
         let bridge = host.plug(0, Arc::new(HostBridge));
         write_lock(&host.inner.functions)
@@ -528,12 +533,20 @@ impl PciHost {
         Ok(slot)
     }
 
-    /// Where functions on this bus could send MSIs: nowhere, since the
-    /// vmapple GIC has neither an ITS nor a GICv2m frame (§7.5). Functions
-    /// that can fall back to INTx do; one that cannot (`apple-gfx-pci`)
-    /// takes this value and refuses to be built.
+    /// A host whose functions' MSI writes go to `sink` (the board's MSI
+    /// controller, when the machine is built with MSI on).
+    pub fn with_msi(mut self, sink: Arc<dyn crate::msi::MsiSink>) -> Self {
+        self.msi = Some(sink);
+        self
+    }
+
+    /// Where functions on this bus send MSIs: `None` on the vmapple board
+    /// as QEMU has it (no ITS and no GICv2m frame, §7.5), where functions
+    /// that can fall back to INTx do and one that cannot (`apple-gfx-pci`)
+    /// refuses to be built; the sink given to [`PciHost::with_msi`]
+    /// otherwise.
     pub fn msi_sink(&self) -> Option<Arc<dyn crate::msi::MsiSink>> {
-        None
+        self.msi.clone()
     }
 
     /// `(slot, name)` of every function, the root complex included.

@@ -26,3 +26,4 @@ pub use host::{
     FDT_RANGES, FDT_REG, INTERRUPT_MAP_MASK, INTX_SPI_BASE, MMIO_BASE, MMIO_SIZE, NUM_INTX_LINES,
 };
 pub use msi::{Msi, MsiConfig, MsiMessage, MsiSink};
+pub use msix::{Msix, MsixLayout};

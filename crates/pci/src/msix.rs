@@ -1,12 +1,11 @@
 //! MSI-X capability, vector table and pending-bit array (PCI Local Bus
-//! Specification 3.0 §6.8.2), not yet wired to interrupts.
+//! Specification 3.0 §6.8.2).
 //!
-//! vmapple has no GICv3 ITS, so no function offers MSI-X (vmapple-machine.md
-//! §7.5, §20.1 item 10) and nothing uses this module yet. It is the storage
-//! a function needs when one does: the capability body for
-//! [`CapabilityList::add`](crate::capability::CapabilityList::add), the
-//! message-control word's enable and function-mask bits, and the table and
-//! PBA a BAR exposes.
+//! QEMU's vmapple has no MSI controller, so there no function offers MSI-X
+//! (vmapple-machine.md §7.5). With `--msi on` the board has one (the
+//! GIC's message-based SPIs), and functions built with a sink offer MSI-X
+//! through [`Msix`]: the capability in their config space, the table and
+//! PBA in one of their BARs, and the messages sent to the sink.
 //!
 //! # Model
 //!
@@ -20,8 +19,14 @@
 //! * **PBA**: one bit per vector, read-only to the guest; the function
 //!   sets and clears bits with [`MsixState::set_pending`].
 
+use std::sync::{Arc, Mutex};
+
 use vm_core::regs::{Narrow, RegisterFile, Wide};
+use vm_core::sync::lock;
 use vm_core::AccessWidth;
+
+use crate::capability::{CapabilityError, CapabilityList};
+use crate::msi::MsiSink;
 
 /// Capability ID of MSI-X.
 pub use crate::capability::CAP_ID_MSIX;
@@ -215,6 +220,154 @@ impl MsixState {
     }
 }
 
+/// An MSI-X capability placed in a function's [`CapabilityList`], its
+/// table and PBA, and where its messages go.
+///
+/// * **Sending** ([`Msix::notify`]): while MSI-X is enabled, a vector that
+///   is masked (itself or by the function mask) gets its pending bit set;
+///   one that is not is written to the sink at once. Unmasking a vector
+///   with its pending bit set sends it and clears the bit (§6.8.2.8).
+///   Whatever address and data the guest put in the table go to the sink
+///   unchecked: deciding what they reach is the MSI controller's job.
+/// * **Bus mastering** is the function's to check: it calls `notify` only
+///   while its command register lets it write memory.
+pub struct Msix {
+    offset: u16,
+    layout: MsixLayout,
+    state: Mutex<MsixState>,
+    sink: Arc<dyn MsiSink>,
+}
+
+impl Msix {
+    /// Appends the capability for `layout` to `caps`; messages go to `sink`.
+    pub fn add(
+        caps: &mut CapabilityList,
+        layout: MsixLayout,
+        sink: Arc<dyn MsiSink>,
+    ) -> Result<Self, CapabilityError> {
+        let offset = caps.add(CAP_ID_MSIX, &layout.capability_body())?;
+        Ok(Self {
+            offset,
+            layout,
+            state: Mutex::new(MsixState::new(layout.vectors)),
+            sink,
+        })
+    }
+
+    /// Config-space offset of the capability (its ID byte).
+    pub fn offset(&self) -> u16 {
+        self.offset
+    }
+
+    pub fn layout(&self) -> MsixLayout {
+        self.layout
+    }
+
+    pub fn enabled(&self) -> bool {
+        lock(&self.state).enabled()
+    }
+
+    /// A guest store to config space at `offset`: the bytes it covers of
+    /// this capability's message-control word take effect (the rest of the
+    /// capability is read-only); others are left alone.
+    pub fn write_config(
+        &self,
+        caps: &mut CapabilityList,
+        offset: u16,
+        width: AccessWidth,
+        value: u32,
+    ) {
+        let control_at = self.offset + CONTROL_OFFSET;
+        let mut state = lock(&self.state);
+        let mut control = state.control().to_le_bytes();
+        let mut touched = false;
+        for i in 0..width.bytes().min(4) as u16 {
+            let Some(at) = offset.checked_add(i) else {
+                break;
+            };
+            if (control_at..control_at + 2).contains(&at) {
+                control[usize::from(at - control_at)] = (value >> (8 * i)) as u8;
+                touched = true;
+            }
+        }
+        if !touched {
+            return;
+        }
+        state.write_control(u16::from_le_bytes(control));
+        let now = state.control().to_le_bytes();
+        if let Some(b) = caps.bytes_mut(control_at, 2) {
+            b.copy_from_slice(&now);
+        }
+        self.flush(&mut state);
+    }
+
+    /// Sends `vector` (or marks it pending while masked). `false` when
+    /// MSI-X is disabled (the function signals INTx instead) or the vector
+    /// does not exist (logged).
+    pub fn notify(&self, vector: u16) -> bool {
+        let mut state = lock(&self.state);
+        if !state.enabled() {
+            return false;
+        }
+        let Some(entry) = state.entry(vector) else {
+            vm_core::guest_error!(
+                "msix: vector {vector} beyond the table's {}",
+                self.layout.vectors
+            );
+            return false;
+        };
+        if entry.masked || state.function_masked() {
+            state.set_pending(vector, true);
+        } else {
+            self.sink.send(entry.address, entry.data);
+        }
+        true
+    }
+
+    /// Sends every pending vector that is no longer masked.
+    fn flush(&self, state: &mut MsixState) {
+        if !state.enabled() || state.function_masked() {
+            return;
+        }
+        for vector in 0..self.layout.vectors {
+            if !state.pending(vector) {
+                continue;
+            }
+            if let Some(entry) = state.entry(vector).filter(|e| !e.masked) {
+                state.set_pending(vector, false);
+                self.sink.send(entry.address, entry.data);
+            }
+        }
+    }
+
+    /// A guest load from the table at `offset` into it.
+    pub fn read_table(&self, offset: u64, width: AccessWidth) -> u64 {
+        lock(&self.state).read_table(offset, width)
+    }
+
+    /// A guest store to the table at `offset` into it.
+    pub fn write_table(&self, offset: u64, width: AccessWidth, value: u64) {
+        let mut state = lock(&self.state);
+        state.write_table(offset, width, value);
+        self.flush(&mut state);
+    }
+
+    /// A guest load from the PBA at `offset` into it.
+    pub fn read_pba(&self, offset: u64, width: AccessWidth) -> u64 {
+        lock(&self.state).read_pba(offset, width)
+    }
+
+    /// Power-on state: disabled, every vector masked, nothing pending; the
+    /// control word in `caps` follows.
+    pub fn reset(&self, caps: &mut CapabilityList) {
+        let mut state = lock(&self.state);
+        state.reset();
+        if let Some(b) = caps.bytes_mut(self.offset + CONTROL_OFFSET, 2) {
+            b.copy_from_slice(&state.control().to_le_bytes());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,5 +442,88 @@ mod tests {
         msix.set_pending(1, false);
         assert_eq!(msix.read_pba(0, Word), 0);
         assert_eq!(msix.read_pba(16, Word), 0);
+    }
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(u64, u32)>>);
+
+    impl MsiSink for Recorder {
+        fn send(&self, address: u64, data: u32) {
+            self.0.lock().unwrap().push((address, data));
+        }
+    }
+
+    fn placed(vectors: u16) -> (CapabilityList, Msix, Arc<Recorder>) {
+        let layout = MsixLayout {
+            vectors,
+            table_bar: 0,
+            table_offset: 0x1000,
+            pba_bar: 0,
+            pba_offset: 0x1800,
+        };
+        let mut caps = CapabilityList::new();
+        let sink = Arc::new(Recorder::default());
+        let msix = Msix::add(&mut caps, layout, sink.clone()).unwrap();
+        (caps, msix, sink)
+    }
+
+    fn program(msix: &Msix, vector: u64, address: u64, data: u32) {
+        msix.write_table(vector * ENTRY_SIZE, Double, address);
+        msix.write_table(vector * ENTRY_SIZE + ENTRY_DATA, Word, u64::from(data));
+        msix.write_table(vector * ENTRY_SIZE + ENTRY_VECTOR_CONTROL, Word, 0);
+    }
+
+    #[test]
+    fn a_disabled_function_sends_nothing() {
+        let (_caps, msix, sink) = placed(2);
+        program(&msix, 0, 0x1000_0040, 0xa0);
+        assert!(!msix.notify(0), "INTx instead");
+        assert!(sink.0.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn enabling_through_config_space_sends_programmed_vectors() {
+        let (mut caps, msix, sink) = placed(2);
+        let at = msix.offset();
+        msix.write_config(&mut caps, at, Word, 0x8000_0000);
+        assert!(msix.enabled());
+        assert_eq!(caps.read(at, Word) >> 16, 0x8001, "enable | size - 1");
+        program(&msix, 1, 0x1fff_0040, 0xa1);
+        assert!(msix.notify(1));
+        assert_eq!(*sink.0.lock().unwrap(), vec![(0x1fff_0040, 0xa1)]);
+        assert!(!msix.notify(2), "no such vector");
+        // A store that misses the control word changes nothing.
+        msix.write_config(&mut caps, at + 4, Word, 0);
+        assert!(msix.enabled());
+    }
+
+    #[test]
+    fn masked_vectors_pend_and_go_out_when_unmasked() {
+        let (mut caps, msix, sink) = placed(2);
+        let at = msix.offset();
+        msix.write_config(&mut caps, at + 2, Half, u32::from(CONTROL_ENABLE));
+        // Vector 0 stays masked (its reset state).
+        msix.write_table(0, Double, 0x1000_0040);
+        msix.write_table(ENTRY_DATA, Word, 0xa0);
+        assert!(msix.notify(0));
+        assert!(sink.0.lock().unwrap().is_empty());
+        assert_eq!(msix.read_pba(0, Word), 1);
+        msix.write_table(ENTRY_VECTOR_CONTROL, Word, 0);
+        assert_eq!(*sink.0.lock().unwrap(), vec![(0x1000_0040, 0xa0)]);
+        assert_eq!(msix.read_pba(0, Word), 0);
+        // The function mask holds every vector back until it is cleared.
+        msix.write_config(
+            &mut caps,
+            at + 2,
+            Half,
+            u32::from(CONTROL_ENABLE | CONTROL_FUNCTION_MASK),
+        );
+        assert!(msix.notify(0));
+        assert_eq!(sink.0.lock().unwrap().len(), 1);
+        msix.write_config(&mut caps, at + 3, Byte, u32::from(CONTROL_ENABLE >> 8));
+        assert_eq!(sink.0.lock().unwrap().len(), 2);
+        msix.reset(&mut caps);
+        assert!(!msix.enabled());
+        assert_eq!(caps.read(at + 2, Half), 1, "size - 1 only");
     }
 }

@@ -17,6 +17,7 @@
 //! | [`DiskSpec`] | `PATH[,readonly][,offset=BYTES]` |
 //! | [`ShareSpec`] | `TAG:PATH[,readonly]` |
 //! | [`PanicPolicy`] | `exit`, `pause`, `continue`, `reset` |
+//! | [`Msi`] | `on`, `off` |
 //!
 //! Every parser takes hostile text: it never panics, never allocates in
 //! proportion to the input beyond the value itself, and quotes at most
@@ -27,6 +28,7 @@
 mod disk;
 pub mod display;
 mod ecid;
+mod msi;
 mod net;
 mod panic;
 mod serial;
@@ -35,6 +37,7 @@ mod size;
 pub use disk::{DiskSpec, DiskSpecError, ShareSpec, ShareSpecError, MAX_SHARE_TAG};
 pub use display::{DisplayMode, DisplayModes};
 pub use ecid::{Ecid, EcidError};
+pub use msi::{Msi, MsiError};
 pub use net::{MacAddress, MacError, NetBackend, NetError, Network, MAX_TAP_NAME};
 pub use panic::{PanicPolicy, PanicPolicyError};
 pub use serial::{SerialBackend, SerialSpecError, SERIAL_BACKEND_FORMS};

@@ -183,6 +183,13 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_usb: bool,
 
+    /// Message-signalled interrupts: `on` gives the GIC a GICv2m frame
+    /// and message-based SPIs and the PCI devices MSI-X; `off` keeps
+    /// QEMU's machine (shared INTx lines only) [default: on with --kernel,
+    /// off when booting firmware].
+    #[arg(long, value_name = "on|off")]
+    pub msi: Option<vm_config::Msi>,
+
     /// Host display of the guest's screen: `cocoa` (a window per display,
     /// macOS only) or `none`.
     #[arg(long, value_enum, default_value_t = DisplayKind::None, value_name = "UI")]
@@ -448,7 +455,14 @@ fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<Mach
         .serial
         .or(bundle.map(|b| b.serial()))
         .unwrap_or(SerialBackend::Stdio);
+    // A macOS guest on MSI is untested, so firmware boots keep QEMU's
+    // machine unless asked.
+    let msi = args.msi.map_or(
+        matches!(boot, BootSource::Linux { .. }),
+        vm_config::Msi::is_on,
+    );
     let mut machine = MachineConfig::new(cpus, memory, boot, serial);
+    machine.msi = msi;
     let ecid = match (args.ecid, bundle) {
         (Some(ecid), _) => ecid.0,
         (None, Some(b)) => b.ecid()?,

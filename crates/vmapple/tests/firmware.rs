@@ -111,3 +111,56 @@ fn reset_restores_the_rom_and_a_reset_loop_ends_the_run(accel) {
     );
 }
 }
+
+/// What guest/firmware's msi program checks before its pair load.
+const MSI_CHECKS: &[&str] = &[
+    "v2m-typer",
+    "v2m-iidr",
+    "v2m-cidr",
+    "gicd-mbis",
+    "v2m-every-spi",
+    "gicd-every-spi",
+    "gicd-clrspi",
+    "hostile-doorbells",
+];
+
+each_accel! {
+fn with_msi_on_every_message_spi_is_taken_through_both_doorbells(accel) {
+    let firmware = firmware_dir().join("msi-vmapple.bin");
+    let run = vmapple(
+        &[
+            "run",
+            "--firmware",
+            firmware.to_str().unwrap(),
+            "--memory",
+            "256M",
+            "--net",
+            "none",
+            "--accel",
+            accel,
+            "--msi",
+            "on",
+        ],
+        Duration::from_secs(120),
+    );
+    for check in MSI_CHECKS {
+        run.assert_line(&format!("PASS {check}\r\n"));
+    }
+    assert!(!run.stdout.contains("FAIL"), "{}", run.stdout);
+    // Last, MSI_TYPER read with LDP as newer macOS kernels read it. The
+    // software CPU performs it. Hypervisor.framework reports no syndrome
+    // for a pair load, and until the exit path emulates those (issue 19)
+    // the run ends there with a crash report naming the missing syndrome.
+    if accel == "tcg" || run.stdout.contains("PASS v2m-ldp") {
+        run.assert_line("PASS v2m-ldp\r\n");
+        run.assert_line("ALL CHECKS PASSED");
+        assert_eq!(run.code, 0, "{}", run.stderr);
+    } else {
+        assert!(
+            run.stderr.contains("load at 0x1fff0000") && run.stderr.contains("without syndrome"),
+            "{}",
+            run.stderr
+        );
+    }
+}
+}

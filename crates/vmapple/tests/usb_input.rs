@@ -5,11 +5,11 @@
 //! the control socket's powerdown presses the GPIO power button, which the
 //! guest answers by powering off.
 //!
-//! vmapple offers no MSI or MSI-X (§7.5), so this is always the INTx path
-//! of §7.6: the kernel puts its event rings on several interrupters and
-//! every event must still reach ring 0 and raise INTA. (Linux uses one
+//! It runs twice: with `--msi off` (QEMU's machine, §7.5), the INTx path of
+//! §7.6, where every event must reach ring 0 and raise INTA (Linux uses one
 //! interrupter without MSI; the ring-2 routing itself is covered by the
-//! XHCI unit tests.)
+//! XHCI unit tests); and with `--msi on`, where the controller's MSI-X
+//! vectors carry the events and the guest's /proc/interrupts shows them.
 
 mod common;
 
@@ -29,7 +29,16 @@ const ABS_Y: u32 = 1;
 
 #[test]
 fn keys_and_pointer_from_the_control_socket_reach_linux_evdev() {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("usb-input");
+    input_reaches_evdev("off");
+}
+
+#[test]
+fn with_msi_on_input_reaches_evdev_through_msix() {
+    input_reaches_evdev("on");
+}
+
+fn input_reaches_evdev(msi: &str) {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("usb-input-msi-{msi}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("control.sock");
@@ -45,7 +54,7 @@ fn keys_and_pointer_from_the_control_socket_reach_linux_evdev() {
             "--initrd",
             initrd.to_str().unwrap(),
             "--append",
-            "console=ttyAMA0 quiet vmapple.usb=3 vmapple.powerkey",
+            "console=ttyAMA0 quiet vmapple.usb=3 vmapple.powerkey vmapple.irqs",
             "--cpus",
             "2",
             "--memory",
@@ -54,6 +63,8 @@ fn keys_and_pointer_from_the_control_socket_reach_linux_evdev() {
             "none",
             "--control",
             socket.to_str().unwrap(),
+            "--msi",
+            msi,
         ],
         Duration::from_secs(300),
         &[Trigger {
@@ -126,4 +137,21 @@ fn keys_and_pointer_from_the_control_socket_reach_linux_evdev() {
     assert_eq!(tablet(EV_ABS, ABS_Y), vec![2000], "{events:?}");
     assert_eq!(tablet(EV_KEY, BTN_LEFT), vec![1], "{events:?}");
     run.assert_line("VMAPPLE-GUEST: power button pressed");
+
+    // How the events were signalled: "irq NAME COUNT HWIRQ" per MSI.
+    let xhci_msis: Vec<u64> = run
+        .stdout
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("VMAPPLE-GUEST: irq xhci_hcd "))
+        .filter_map(|l| l.split(' ').next()?.parse().ok())
+        .collect();
+    if msi == "on" {
+        assert!(
+            xhci_msis.iter().sum::<u64>() > 0,
+            "events through MSI-X vectors: {xhci_msis:?}\n{}",
+            run.stdout
+        );
+    } else {
+        assert!(xhci_msis.is_empty(), "INTx only: {xhci_msis:?}");
+    }
 }

@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use vm_core::sync::lock;
 
-use pci::{BarKind, BarRegion, PciDevice};
+use pci::{BarKind, BarRegion, CapabilityList, MsiSink, Msix, MsixLayout, PciDevice};
 use vm_core::regs::{Narrow, RegisterFile, Wide};
 use vm_core::{AccessWidth, GuestRam, IrqLine};
 
@@ -92,16 +92,12 @@ pub struct XhciConfig {
     /// 0 unless MSI or MSI-X is enabled (vmapple-machine.md §7.6). On by
     /// default, as vmapple sets it.
     pub conditional_intr_mapping: bool,
-    /// Reserved for an MSI-X capability; must be false until the function
-    /// offers one (vmapple has none, §7.5).
-    pub msix: bool,
 }
 
 impl Default for XhciConfig {
     fn default() -> Self {
         Self {
             conditional_intr_mapping: true,
-            msix: false,
         }
     }
 }
@@ -178,6 +174,10 @@ pub(crate) struct XhciState {
     fladj: u8,
     /// PCI command register Bus Master Enable: without it no DMA happens.
     bus_master: bool,
+    /// MSI-X, when the controller was built with it, and the capability
+    /// list that holds it.
+    msix: Option<Msix>,
+    caps: CapabilityList,
     weak_self: Weak<Mutex<XhciState>>,
 }
 
@@ -238,6 +238,8 @@ impl Xhci {
                 run_start: None,
                 fladj: FLADJ_RESET,
                 bus_master: false,
+                msix: None,
+                caps: CapabilityList::new(),
                 weak_self: weak.clone(),
             };
             st.reset_controller();
@@ -254,6 +256,30 @@ impl Xhci {
         let tab = x.attach(TABLET_PORT, Box::new(UsbTablet::new()));
         debug_assert!(kbd.is_ok() && tab.is_ok());
         x
+    }
+
+    /// Gives the controller an MSI-X capability whose messages go to
+    /// `sink`: one vector per interrupter, the table at
+    /// [`MSIX_TABLE_OFFSET`] and the PBA at [`MSIX_PBA_OFFSET`] of BAR 0,
+    /// where QEMU's `qemu-xhci` has them. Interrupter *n* signals vector
+    /// *n*, and with MSI-X enabled events reach the interrupter they aim
+    /// at (the conditional mapping of §7.6). Called before the controller
+    /// is plugged.
+    pub fn with_msix(self, sink: Arc<dyn MsiSink>) -> Self {
+        {
+            let mut st = lock(&self.state);
+            let layout = MsixLayout {
+                vectors: NUM_INTRS as u16,
+                table_bar: 0,
+                table_offset: MSIX_TABLE_OFFSET as u32,
+                pba_bar: 0,
+                pba_offset: MSIX_PBA_OFFSET as u32,
+            };
+            let msix = Msix::add(&mut st.caps, layout, sink)
+                .expect("an empty capability list has room for MSI-X");
+            st.msix = Some(msix);
+        }
+        self
     }
 
     /// Connects `device` to root-hub `port` (1-based).
@@ -287,6 +313,13 @@ impl Xhci {
     /// width and alignment is served from the dwords it covers.
     pub fn mmio_read(&self, offset: u64, width: AccessWidth) -> u64 {
         let st = lock(&self.state);
+        if let (Some(msix), MSIX_TABLE_OFFSET..) = (&st.msix, offset) {
+            return if offset < MSIX_PBA_OFFSET {
+                msix.read_table(offset - MSIX_TABLE_OFFSET, width)
+            } else {
+                msix.read_pba(offset - MSIX_PBA_OFFSET, width)
+            };
+        }
         BAR0.read(offset, width, |o| st.read_dword(o))
     }
 
@@ -294,6 +327,14 @@ impl Xhci {
     /// (low dword first); narrower or misaligned stores are ignored.
     pub fn mmio_write(&self, offset: u64, width: AccessWidth, value: u64) {
         let mut st = lock(&self.state);
+        if let (Some(msix), MSIX_TABLE_OFFSET..) = (&st.msix, offset) {
+            if offset < MSIX_PBA_OFFSET {
+                msix.write_table(offset - MSIX_TABLE_OFFSET, width, value);
+            } else {
+                vm_core::guest_error!("xhci: store to the MSI-X PBA at {offset:#x}");
+            }
+            return;
+        }
         BAR0.write(offset, width, value, |o, v| st.write_dword(o, v));
         st.update_irq();
     }
@@ -336,6 +377,9 @@ impl PciDevice for Xhci {
 
     fn read_config(&self, offset: u16, width: AccessWidth) -> u32 {
         let st = lock(&self.state);
+        if st.msix.is_some() && offset < CFG_SBRN {
+            return st.caps.read(offset, width);
+        }
         let mut v = 0u32;
         for i in 0..width.bytes().min(4) as u16 {
             let byte = match offset.wrapping_add(i) {
@@ -350,6 +394,13 @@ impl PciDevice for Xhci {
 
     fn write_config(&self, offset: u16, width: AccessWidth, value: u32) {
         let mut st = lock(&self.state);
+        let st = &mut *st;
+        if let Some(msix) = &st.msix {
+            msix.write_config(&mut st.caps, offset, width, value);
+            // Turning MSI-X on or off moves the interrupt between the
+            // INTx line and messages.
+            st.update_irq();
+        }
         for i in 0..width.bytes().min(4) as u16 {
             if offset.wrapping_add(i) == CFG_FLADJ {
                 st.fladj = ((value >> (8 * i)) as u8) & 0x3f;
@@ -370,6 +421,10 @@ impl PciDevice for Xhci {
         }
     }
 
+    fn capabilities_pointer(&self) -> u8 {
+        lock(&self.state).caps.pointer()
+    }
+
     fn set_intx(&self, line: Arc<dyn IrqLine>) {
         let mut st = lock(&self.state);
         line.set_level(st.irq_level);
@@ -384,6 +439,10 @@ impl PciDevice for Xhci {
         let mut st = lock(&self.state);
         st.fladj = FLADJ_RESET;
         st.bus_master = false;
+        let st = &mut *st;
+        if let Some(msix) = &st.msix {
+            msix.reset(&mut st.caps);
+        }
         st.reset_controller();
     }
 }
@@ -674,9 +733,7 @@ impl XhciState {
     }
 
     fn msi_enabled(&self) -> bool {
-        // The function has no MSI/MSI-X capability yet (vmapple-machine.md
-        // §7.5); once `config.msix` adds one, its enable bit goes here.
-        false
+        self.msix.as_ref().is_some_and(Msix::enabled)
     }
 
     /// The interrupter an event aimed at `target` lands on (§7.6 rule 1).
@@ -763,8 +820,29 @@ impl XhciState {
         }
     }
 
-    /// Drives INTx from interrupter 0 (pin mode, §7.6).
+    /// Drives INTx from interrupter 0 (pin mode, §7.6), or with MSI-X
+    /// sends each interrupter's message whose IP, IE and USBCMD.INTE are
+    /// set, clearing its IP as the message completes (XHCI 1.2 §5.5.2.1).
     pub(crate) fn update_irq(&mut self) {
+        if let Some(msix) = self.msix.as_ref().filter(|m| m.enabled()) {
+            // The pin is not used while MSI-X is on.
+            if self.irq_level {
+                self.irq_level = false;
+                if let Some(irq) = &self.irq {
+                    irq.set_level(false);
+                }
+            }
+            if self.usbcmd & USBCMD_INTE == 0 || !self.bus_master {
+                return;
+            }
+            for (v, it) in self.intrs.iter_mut().enumerate() {
+                if it.iman & IMAN_IP != 0 && it.iman & IMAN_IE != 0 {
+                    it.iman &= !IMAN_IP;
+                    msix.notify(v as u16);
+                }
+            }
+            return;
+        }
         let i0 = &self.intrs[0];
         // USBSTS.HSE with USBCMD.HSEE asks for out-of-band signalling
         // (SERR#), which is not an INTx source.

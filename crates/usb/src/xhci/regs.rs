@@ -1,10 +1,14 @@
 //! Register map of the XHCI BAR 0 (XHCI 1.2 chapter 5), laid out as QEMU's
 //! `qemu-xhci` lays it out: capability registers at 0, operational at
-//! 0x40 (ports from 0x440), runtime at 0x1000, doorbells at 0x2000, all in
-//! a 16 KiB BAR.
+//! 0x40 (ports from 0x440), runtime at 0x1000, doorbells at 0x2000, the
+//! MSI-X table and PBA (if any) at 0x3000 and 0x3800, all in a 16 KiB BAR.
 
 /// Size of BAR 0.
 pub const BAR_SIZE: u64 = 0x4000;
+/// The MSI-X table and PBA in BAR 0, when the controller has MSI-X
+/// (QEMU's `OFF_MSIX_TABLE` and `OFF_MSIX_PBA`).
+pub const MSIX_TABLE_OFFSET: u64 = 0x3000;
+pub const MSIX_PBA_OFFSET: u64 = 0x3800;
 
 /// Root-hub ports: 1..=4 are USB 3 (SuperSpeed), 5..=8 USB 2, as in QEMU
 /// (which lists its USB 3 ports first).

@@ -592,6 +592,75 @@ fn conditional_intr_mapping_off_routes_to_ring_2_and_intx_stays_low() {
     assert!(is_transfer_event(&ev, slot, 3, CC_SUCCESS));
 }
 
+#[derive(Default)]
+struct Messages(std::sync::Mutex<Vec<(u64, u32)>>);
+
+impl pci::MsiSink for Messages {
+    fn send(&self, address: u64, data: u32) {
+        self.0.lock().unwrap().push((address, data));
+    }
+}
+
+#[test]
+fn with_msix_enabled_events_reach_their_interrupter_and_its_vector() {
+    let messages = Arc::new(Messages::default());
+    let mut d = Driver::new(XhciConfig::default());
+    d.x = Xhci::with_hid_devices(d.mem.clone(), XhciConfig::default()).with_msix(messages.clone());
+    d.x.set_intx(d.irq.clone());
+    d.x.command_written(0x0006);
+    // The capability, then MSI-X on with every interrupter's vector
+    // unmasked, vector n = (0x1fff_0040, 0xa0 + n).
+    let cap = u16::from(d.x.capabilities_pointer());
+    assert_eq!(
+        d.x.read_config(cap, AccessWidth::Word) & 0xff,
+        0x11,
+        "MSI-X"
+    );
+    assert_eq!(
+        d.x.read_config(cap + 2, AccessWidth::Half),
+        15,
+        "16 vectors"
+    );
+    for n in 0..NUM_INTRS as u64 {
+        let entry = MSIX_TABLE_OFFSET + 16 * n;
+        d.w64(entry, 0x1fff_0040);
+        d.w32(entry + 8, 0xa0 + n as u32);
+        d.w32(entry + 12, 0);
+    }
+    d.x.write_config(cap + 2, AccessWidth::Half, 0x8000);
+    d.bring_up();
+    let slot = d.ready_device(KEYBOARD_PORT, 8);
+    d.ack(0);
+    messages.0.lock().unwrap().clear();
+    d.push_xfer(slot, 3, trb(TRB_NORMAL, BUF, 8 | (2 << 22), TRB_IOC));
+    d.w32(DOORBELL_BASE + 4 * u64::from(slot), 3);
+    d.x.input_sink().send(InputEvent::Key {
+        usage: 0x05,
+        pressed: true,
+    });
+    assert!(!d.irq.is_asserted(), "no INTx with MSI-X");
+    assert_eq!(*messages.0.lock().unwrap(), vec![(0x1fff_0040, 0xa2)]);
+    assert_eq!(
+        d.r32(Driver::ir(2, IR_IMAN)) & IMAN_IP,
+        0,
+        "IP clears with the message"
+    );
+    assert_eq!(d.pop_event(0), None);
+    let ev = d.pop_event(2).expect("event on ring 2");
+    assert!(is_transfer_event(&ev, slot, 3, CC_SUCCESS));
+    // MSI-X off again: the quirk routes to ring 0 and INTx is back.
+    d.x.write_config(cap + 2, AccessWidth::Half, 0);
+    d.push_xfer(slot, 3, trb(TRB_NORMAL, BUF, 8 | (2 << 22), TRB_IOC));
+    d.w32(DOORBELL_BASE + 4 * u64::from(slot), 3);
+    d.x.input_sink().send(InputEvent::Key {
+        usage: 0x05,
+        pressed: false,
+    });
+    assert!(d.irq.is_asserted());
+    assert!(d.pop_event(0).is_some());
+    assert_eq!(messages.0.lock().unwrap().len(), 1);
+}
+
 #[test]
 fn stall_halts_ep0_until_reset_endpoint_and_set_tr_dequeue() {
     let mut d = Driver::new(XhciConfig::default());

@@ -9,7 +9,7 @@
 //!   §2.2.1).
 //! * **BAR 4** (QEMU's `modern_mem_bar_idx`; BARs 0–3 stay unused as
 //!   under QEMU, where the legacy I/O BAR is off and the MSI-X BAR fails
-//!   without MSI support) is a 16 KiB 64-bit prefetchable memory BAR
+//!   without MSI support; with MSI-X, BAR 1 holds its table) is a 16 KiB 64-bit prefetchable memory BAR
 //!   holding four 4 KiB structures, each described by a vendor-specific
 //!   capability (§4.1.4) whose length is the whole 4 KiB, as in QEMU:
 //!   common config at 0x0000, ISR at 0x1000, device config at 0x2000,
@@ -19,13 +19,22 @@
 //!   0x40, 0x50, 0x60, 0x70 and 0x84, the offsets QEMU's allocator gives
 //!   them. The function is conventional PCI (256-byte config space), as
 //!   QEMU makes virtio functions on a root bus.
-//! * **Interrupts** are INTx only (no MSI-X on vmapple, §7.5):
+//! * **Interrupts without MSI-X** (the board as QEMU has it, §7.5):
 //!   `config_msix_vector` and `queue_msix_vector` always read `NO_VECTOR`
 //!   (0xFFFF), which §4.1.4.3 and §4.1.5.1.2 let a driver read as "mapping
 //!   refused". A used-buffer notification sets ISR bit 0, a configuration
 //!   change sets ISR bit 1 (and bumps `config_generation`); either raises
 //!   the INTx line. Reading the ISR (at any offset of its 4 KiB, as QEMU
 //!   decodes it) returns and clears it and lowers the line (§4.1.4.5).
+//! * **MSI-X** (a function built with [`VirtioPciDevice::with_msix`], for
+//!   a board with an MSI controller): one vector for configuration changes
+//!   plus one per queue, the table at 0 and the PBA at 0x800 of BAR 1 (a
+//!   4 KiB 32-bit memory BAR, QEMU's place for it). The vector fields take
+//!   a vector number below the table size or `NO_VECTOR`; anything else
+//!   reads back `NO_VECTOR` (refused, as QEMU does). While MSI-X is
+//!   enabled a notification sends its vector, if it has one, and nothing
+//!   else (no ISR bit, no INTx); while it is disabled the INTx rules above
+//!   apply. The vector fields return to `NO_VECTOR` on device reset.
 //! * **Feature negotiation.** `VIRTIO_F_VERSION_1` is always offered (the
 //!   transport is modern-only). Feature bits the transport cannot honour
 //!   (packed rings, notification data, ring reset, SR-IOV, config-data
@@ -67,12 +76,13 @@
 //!   64-bit store (§4.1.3.1). Other stores are ignored and logged.
 //!   Device config loads and stores of any width go to the device.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use vm_core::sync::lock;
 
 use ::pci::capability::{CapabilityList, CAP_ID_VENDOR};
-use ::pci::{BarKind, BarRegion, PciDevice};
+use ::pci::msix::{Msix, MsixLayout};
+use ::pci::{BarKind, BarRegion, MsiSink, PciDevice};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_F_NOTIFICATION_DATA, VIRTIO_F_NOTIF_CONFIG_DATA, VIRTIO_F_RING_PACKED,
@@ -104,6 +114,11 @@ pub const MAX_QUEUES: usize = (REGION_SIZE / NOTIFY_OFF_MULTIPLIER as u64) as us
 pub const MAX_QUEUE_SIZE: u16 = 32768;
 /// "No MSI-X vector".
 pub const NO_VECTOR: u16 = 0xffff;
+/// The BAR that holds the MSI-X table and PBA, when there is one.
+pub const MSIX_BAR: u8 = 1;
+pub const MSIX_BAR_SIZE: u64 = 0x1000;
+pub const MSIX_TABLE_OFFSET: u64 = 0;
+pub const MSIX_PBA_OFFSET: u64 = 0x800;
 
 /// `cfg_type` values of the virtio PCI capabilities (§4.1.4).
 pub const CAP_COMMON_CFG: u8 = 1;
@@ -171,6 +186,13 @@ struct IrqState {
 struct Shared {
     irq: Mutex<IrqState>,
     config_generation: AtomicU8,
+    /// MSI-X, when the function was built with it.
+    msix: Option<Msix>,
+    config_vector: AtomicU16,
+    queue_vectors: Vec<AtomicU16>,
+    /// The command register lets the function write memory (an MSI-X
+    /// message is such a write).
+    bus_master: AtomicBool,
 }
 
 impl Shared {
@@ -191,20 +213,67 @@ impl Shared {
         let mut irq = lock(&self.irq);
         irq.isr = 0;
         irq.line.set_level(false);
+        self.config_vector.store(NO_VECTOR, Ordering::SeqCst);
+        for v in &self.queue_vectors {
+            v.store(NO_VECTOR, Ordering::SeqCst);
+        }
+    }
+
+    /// Signals through MSI-X if it is enabled (`true`, even when the
+    /// source has no vector); `false` means the INTx rules apply.
+    fn send_msix(&self, vector: u16) -> bool {
+        let Some(msix) = &self.msix else {
+            return false;
+        };
+        if !msix.enabled() {
+            return false;
+        }
+        if vector != NO_VECTOR && self.bus_master.load(Ordering::SeqCst) {
+            msix.notify(vector);
+        }
+        true
+    }
+
+    /// A vector number the driver wrote, as the field keeps it.
+    fn accept_vector(&self, vector: u16) -> u16 {
+        let vectors = self.msix.as_ref().map_or(0, |m| m.layout().vectors);
+        if vector < vectors {
+            vector
+        } else {
+            if vector != NO_VECTOR {
+                vm_core::guest_error!(
+                    "virtio-pci: MSI-X vector {vector} refused ({vectors} in the table)"
+                );
+            }
+            NO_VECTOR
+        }
     }
 }
 
-/// [`VirtioInterrupt`] over the ISR register and the INTx line.
-struct IntxInterrupt(Arc<Shared>);
+/// [`VirtioInterrupt`] over MSI-X or else the ISR register and the INTx
+/// line.
+struct TransportInterrupt(Arc<Shared>);
 
-impl VirtioInterrupt for IntxInterrupt {
-    fn notify_queue(&self, _queue: u16) {
-        self.0.raise(ISR_QUEUE);
+impl VirtioInterrupt for TransportInterrupt {
+    fn notify_queue(&self, queue: u16) {
+        let vector = self
+            .0
+            .queue_vectors
+            .get(usize::from(queue))
+            .map_or(NO_VECTOR, |v| v.load(Ordering::SeqCst));
+        if !self.0.send_msix(vector) {
+            self.0.raise(ISR_QUEUE);
+        }
     }
 
     fn notify_config(&self) {
         self.0.config_generation.fetch_add(1, Ordering::SeqCst);
-        self.0.raise(ISR_CONFIG);
+        if !self
+            .0
+            .send_msix(self.0.config_vector.load(Ordering::SeqCst))
+        {
+            self.0.raise(ISR_CONFIG);
+        }
     }
 }
 
@@ -335,7 +404,10 @@ impl Inner {
             _ => 0,
         };
         put(common::DRIVER_FEATURE, &driver_feature.to_le_bytes());
-        put(common::CONFIG_MSIX_VECTOR, &NO_VECTOR.to_le_bytes());
+        put(
+            common::CONFIG_MSIX_VECTOR,
+            &shared.config_vector.load(Ordering::SeqCst).to_le_bytes(),
+        );
         put(
             common::NUM_QUEUES,
             &(self.queues.len() as u16).to_le_bytes(),
@@ -346,8 +418,12 @@ impl Inner {
             &[shared.config_generation.load(Ordering::SeqCst)],
         );
         put(common::QUEUE_SELECT, &self.queue_select.to_le_bytes());
-        put(common::QUEUE_MSIX_VECTOR, &NO_VECTOR.to_le_bytes());
         if let Some(q) = self.selected() {
+            let vector = shared
+                .queue_vectors
+                .get(usize::from(self.queue_select))
+                .map_or(NO_VECTOR, |v| v.load(Ordering::SeqCst));
+            put(common::QUEUE_MSIX_VECTOR, &vector.to_le_bytes());
             put(common::QUEUE_SIZE, &q.size.to_le_bytes());
             put(common::QUEUE_ENABLE, &u16::from(q.enabled).to_le_bytes());
             put(common::QUEUE_NOTIFY_OFF, &self.queue_select.to_le_bytes());
@@ -378,9 +454,20 @@ impl Inner {
             (DEVICE_FEATURE_SELECT, Word) => self.device_feature_select = value as u32,
             (DRIVER_FEATURE_SELECT, Word) => self.driver_feature_select = value as u32,
             (DRIVER_FEATURE, Word) => self.write_driver_feature(value as u32),
-            (CONFIG_MSIX_VECTOR, Half) | (QUEUE_MSIX_VECTOR, Half) => {
-                // No MSI-X: the vector stays NO_VECTOR, which tells the
-                // driver the mapping was refused.
+            // Without MSI-X every vector is refused: the field stays
+            // NO_VECTOR, which tells the driver so.
+            (CONFIG_MSIX_VECTOR, Half) => shared
+                .config_vector
+                .store(shared.accept_vector(value as u16), Ordering::SeqCst),
+            (QUEUE_MSIX_VECTOR, Half) => {
+                let vector = shared.accept_vector(value as u16);
+                match shared.queue_vectors.get(usize::from(self.queue_select)) {
+                    Some(v) => v.store(vector, Ordering::SeqCst),
+                    None => vm_core::guest_error!(
+                        "virtio-pci: vector for queue {}, which does not exist",
+                        self.queue_select
+                    ),
+                }
             }
             (DEVICE_STATUS, Byte) => self.write_status(shared, value as u8),
             (QUEUE_SELECT, Half) => self.queue_select = value as u16,
@@ -465,6 +552,7 @@ impl Inner {
 
     fn command_written(&mut self, shared: &Arc<Shared>, command: u16) {
         let master = command & ::pci::config::reg::COMMAND_MASTER != 0;
+        shared.bus_master.store(master, Ordering::SeqCst);
         let was = std::mem::replace(&mut self.bus_master, master);
         let driver_ok = self.status & STATUS_DRIVER_OK != 0;
         if master && !was && driver_ok && !self.live && self.status & STATUS_NEEDS_RESET == 0 {
@@ -484,7 +572,7 @@ impl Inner {
             memory: self.memory.clone(),
             queues: self.queues.iter().map(|q| q.build(event_idx)).collect(),
             acked_features: self.driver_features,
-            interrupt: Arc::new(IntxInterrupt(shared.clone())),
+            interrupt: Arc::new(TransportInterrupt(shared.clone())),
         };
         match self.device.activate(ctx) {
             Ok(()) => self.live = true,
@@ -639,6 +727,9 @@ impl Inner {
             o == cap + PCI_CFG_BAR
                 || (cap + PCI_CFG_OFFSET..cap + PCI_CFG_CAP_LEN as u16).contains(&o)
         };
+        if let Some(msix) = &shared.msix {
+            msix.write_config(&mut self.caps, offset, width, value);
+        }
         let data = self.pci_cfg_data_range();
         let mut touches_data = false;
         for i in 0..width.bytes().min(4) as u16 {
@@ -677,8 +768,28 @@ pub struct VirtioPciDevice {
 }
 
 impl VirtioPciDevice {
-    /// Wraps `device`; its queues will live in `memory`.
+    /// Wraps `device`; its queues will live in `memory`. Interrupts go
+    /// through INTx only.
     pub fn new(device: Box<dyn VirtioDevice>, memory: GuestRam) -> Self {
+        Self::build(device, memory, None)
+    }
+
+    /// Like [`VirtioPciDevice::new`], with an MSI-X capability whose
+    /// messages go to `sink`: one vector for configuration changes and one
+    /// per queue.
+    pub fn with_msix(
+        device: Box<dyn VirtioDevice>,
+        memory: GuestRam,
+        sink: Arc<dyn MsiSink>,
+    ) -> Self {
+        Self::build(device, memory, Some(sink))
+    }
+
+    fn build(
+        device: Box<dyn VirtioDevice>,
+        memory: GuestRam,
+        sink: Option<Arc<dyn MsiSink>>,
+    ) -> Self {
         let identity = device.pci_identity();
         let name = match device.device_type() {
             1 => "virtio-net".to_string(),
@@ -732,6 +843,17 @@ impl VirtioPciDevice {
         let pci_cfg_cap = caps
             .add(CAP_ID_VENDOR, &pci_cfg)
             .expect("the virtio capabilities fit in 192 bytes");
+        let num_queues = queues.len();
+        let msix = sink.map(|sink| {
+            let layout = MsixLayout {
+                vectors: num_queues as u16 + 1,
+                table_bar: MSIX_BAR,
+                table_offset: MSIX_TABLE_OFFSET as u32,
+                pba_bar: MSIX_BAR,
+                pba_offset: MSIX_PBA_OFFSET as u32,
+            };
+            Msix::add(&mut caps, layout, sink).expect("the MSI-X capability fits after virtio's")
+        });
 
         Self {
             name,
@@ -757,6 +879,10 @@ impl VirtioPciDevice {
                     line: Arc::new(NoIrq),
                 }),
                 config_generation: AtomicU8::new(0),
+                msix,
+                config_vector: AtomicU16::new(NO_VECTOR),
+                queue_vectors: (0..num_queues).map(|_| AtomicU16::new(NO_VECTOR)).collect(),
+                bus_master: AtomicBool::new(false),
             }),
         }
     }
@@ -787,12 +913,24 @@ impl PciDevice for VirtioPciDevice {
     }
 
     fn bars(&self) -> Vec<BarRegion> {
-        vec![BarRegion {
+        let mut bars = vec![BarRegion {
             index: MODERN_BAR,
             size: BAR_SIZE,
             kind: BarKind::Memory64,
             prefetchable: true,
-        }]
+        }];
+        if self.shared.msix.is_some() {
+            bars.insert(
+                0,
+                BarRegion {
+                    index: MSIX_BAR,
+                    size: MSIX_BAR_SIZE,
+                    kind: BarKind::Memory32,
+                    prefetchable: false,
+                },
+            );
+        }
+        bars
     }
 
     fn read_config(&self, offset: u16, width: AccessWidth) -> u32 {
@@ -808,6 +946,13 @@ impl PciDevice for VirtioPciDevice {
     }
 
     fn read_bar(&self, bar: u8, offset: u64, width: AccessWidth) -> u64 {
+        if bar == MSIX_BAR {
+            return match &self.shared.msix {
+                Some(m) if offset < MSIX_PBA_OFFSET => m.read_table(offset, width),
+                Some(m) => m.read_pba(offset.saturating_sub(MSIX_PBA_OFFSET), width),
+                None => 0,
+            };
+        }
         if bar != MODERN_BAR || offset >= BAR_SIZE {
             return 0;
         }
@@ -815,6 +960,15 @@ impl PciDevice for VirtioPciDevice {
     }
 
     fn write_bar(&self, bar: u8, offset: u64, width: AccessWidth, value: u64) {
+        if bar == MSIX_BAR {
+            match &self.shared.msix {
+                Some(m) if offset < MSIX_PBA_OFFSET => m.write_table(offset, width, value),
+                _ => vm_core::guest_error!(
+                    "virtio-pci: {width} store to MSI-X BAR offset {offset:#x} ignored"
+                ),
+            }
+            return;
+        }
         if bar != MODERN_BAR || offset >= BAR_SIZE {
             return;
         }
@@ -835,6 +989,10 @@ impl PciDevice for VirtioPciDevice {
         let mut inner = lock(&self.inner);
         inner.reset(&self.shared);
         inner.bus_master = false;
+        self.shared.bus_master.store(false, Ordering::SeqCst);
+        if let Some(msix) = &self.shared.msix {
+            msix.reset(&mut inner.caps);
+        }
         let cap = inner.pci_cfg_cap;
         if let Some(fields) = inner.caps.bytes_mut(cap + PCI_CFG_BAR, 1) {
             fields[0] = 0;
@@ -1409,6 +1567,82 @@ mod tests {
         d.w(common::QUEUE_MSIX_VECTOR, Half, 1);
         assert_eq!(d.r(common::CONFIG_MSIX_VECTOR, Half), 0xffff);
         assert_eq!(d.r(common::QUEUE_MSIX_VECTOR, Half), 0xffff);
+    }
+
+    #[derive(Default)]
+    struct Messages(Mutex<Vec<(u64, u32)>>);
+
+    impl MsiSink for Messages {
+        fn send(&self, address: u64, data: u32) {
+            lock(&self.0).push((address, data));
+        }
+    }
+
+    #[test]
+    fn with_msix_each_queue_and_config_signal_their_own_vector() {
+        let log = Arc::new(Mutex::new(Log::default()));
+        let messages = Arc::new(Messages::default());
+        let dev = VirtioPciDevice::with_msix(
+            Box::new(FakeDevice {
+                log: log.clone(),
+                refuse: false,
+            }),
+            memory(),
+            messages.clone(),
+        );
+        let irq = Arc::new(TestIrq::new());
+        dev.set_intx(irq.clone());
+        dev.command_written(MASTER | MEMORY);
+        let d = Direct { dev, log, irq };
+        assert!(d.dev.bars().iter().any(|b| b.index == MSIX_BAR));
+        // The capability follows virtio's: 3 vectors (config + 2 queues).
+        let cap = 0x98;
+        assert_eq!(d.dev.read_config(cap, Word), 0x0002_0011);
+        d.live();
+        // Vectors: config 0, queue 0 -> 1, queue 1 -> 2; past the table
+        // is refused.
+        d.w(common::CONFIG_MSIX_VECTOR, Half, 0);
+        d.w(common::QUEUE_MSIX_VECTOR, Half, 1);
+        assert_eq!(d.r(common::QUEUE_MSIX_VECTOR, Half), 1);
+        d.w(common::QUEUE_SELECT, Half, 1);
+        d.w(common::QUEUE_MSIX_VECTOR, Half, 3);
+        assert_eq!(d.r(common::QUEUE_MSIX_VECTOR, Half), u64::from(NO_VECTOR));
+        d.w(common::QUEUE_MSIX_VECTOR, Half, 2);
+        d.w(common::QUEUE_SELECT, Half, 0);
+        for v in 0..3u64 {
+            d.dev.write_bar(MSIX_BAR, 16 * v, Double, 0x1000_0040);
+            d.dev.write_bar(MSIX_BAR, 16 * v + 8, Word, 0xa0 + v);
+            d.dev.write_bar(MSIX_BAR, 16 * v + 12, Word, 0);
+        }
+        let interrupt = lock(&d.log).interrupt.clone().unwrap();
+        // MSI-X still disabled: INTx.
+        interrupt.notify_queue(1);
+        assert!(d.irq.is_asserted());
+        assert_eq!(d.r(ISR_OFFSET, Byte), 1);
+        d.dev.write_config(cap + 2, Half, 0x8000);
+        interrupt.notify_queue(1);
+        interrupt.notify_queue(0);
+        interrupt.notify_config();
+        assert!(!d.irq.is_asserted(), "no INTx with MSI-X");
+        assert_eq!(
+            *lock(&messages.0),
+            vec![
+                (0x1000_0040, 0xa2),
+                (0x1000_0040, 0xa1),
+                (0x1000_0040, 0xa0)
+            ]
+        );
+        // A masked vector pends in the PBA and goes out when unmasked.
+        d.dev.write_bar(MSIX_BAR, 16 + 12, Word, 1);
+        interrupt.notify_queue(0);
+        assert_eq!(d.dev.read_bar(MSIX_BAR, MSIX_PBA_OFFSET, Word), 0b10);
+        d.dev.write_bar(MSIX_BAR, 16 + 12, Word, 0);
+        assert_eq!(lock(&messages.0).len(), 4);
+        // A device reset forgets the vectors; a function reset MSI-X.
+        d.status(0);
+        assert_eq!(d.r(common::CONFIG_MSIX_VECTOR, Half), u64::from(NO_VECTOR));
+        d.dev.reset();
+        assert_eq!(d.dev.read_config(cap, Word), 0x0002_0011, "MSI-X off");
     }
 
     #[test]
