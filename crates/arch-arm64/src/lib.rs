@@ -6,6 +6,7 @@
 //! Hypervisor.framework decode and answer the guest the same way.
 
 pub mod esr;
+pub mod loadstore;
 pub mod mpidr;
 pub mod psci;
 pub mod sysreg;
