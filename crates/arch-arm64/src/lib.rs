@@ -9,6 +9,7 @@ pub mod esr;
 pub mod loadstore;
 pub mod mpidr;
 pub mod psci;
+pub mod stage1;
 pub mod sysreg;
 pub mod timer;
 
