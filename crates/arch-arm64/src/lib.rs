@@ -5,6 +5,7 @@
 //! (DEN 0022) turned into types, so that the software CPU and
 //! Hypervisor.framework decode and answer the guest the same way.
 
+pub mod apple_hvc;
 pub mod esr;
 pub mod loadstore;
 pub mod mpidr;

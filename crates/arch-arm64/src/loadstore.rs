@@ -58,7 +58,11 @@ pub enum Extend {
 pub enum Offset {
     Imm(i64),
     /// Register Rm (31 is XZR), extended, then shifted left by `shift`.
-    Reg { rm: u8, extend: Extend, shift: u8 },
+    Reg {
+        rm: u8,
+        extend: Extend,
+        shift: u8,
+    },
 }
 
 /// A decoded load or store.
@@ -483,11 +487,35 @@ mod tests {
             // ldrb w7, [x8, w9, uxtw]
             (0x3869_4907, 7, 8, 1, GEN_W, true, reg(9, Extend::Uxtw, 0)),
             // ldrsh x10, [x11, w12, sxtw #1]
-            (0x78ac_d96a, 10, 11, 2, SIGN_X, true, reg(12, Extend::Sxtw, 1)),
+            (
+                0x78ac_d96a,
+                10,
+                11,
+                2,
+                SIGN_X,
+                true,
+                reg(12, Extend::Sxtw, 1),
+            ),
             // str w13, [x14, x15, sxtx #2]
-            (0xb82f_f9cd, 13, 14, 4, GEN_W, false, reg(15, Extend::Sxtx, 2)),
+            (
+                0xb82f_f9cd,
+                13,
+                14,
+                4,
+                GEN_W,
+                false,
+                reg(15, Extend::Sxtx, 2),
+            ),
             // ldrsw x16, [x17, w18, uxtw #2]
-            (0xb8b2_5a30, 16, 17, 4, SIGN_X, true, reg(18, Extend::Uxtw, 2)),
+            (
+                0xb8b2_5a30,
+                16,
+                17,
+                4,
+                SIGN_X,
+                true,
+                reg(18, Extend::Uxtw, 2),
+            ),
         ];
         for (word, rt, rn, size, transfer, load, offset) in cases {
             assert_eq!(

@@ -63,7 +63,12 @@ pub fn translate(
     let tcr = regs.tcr;
     let upper = va & (1 << 55) != 0;
     let (tsz, disabled, tbi, ttbr) = if upper {
-        ((tcr >> 16) & 0x3f, tcr & (1 << 23), tcr & (1 << 38), regs.ttbr1)
+        (
+            (tcr >> 16) & 0x3f,
+            tcr & (1 << 23),
+            tcr & (1 << 38),
+            regs.ttbr1,
+        )
     } else {
         (tcr & 0x3f, tcr & (1 << 7), tcr & (1 << 37), regs.ttbr0)
     };
@@ -163,7 +168,11 @@ mod tests {
         // Level 1 index = va[38:30], level 2 = va[29:21], level 3 = va[20:12].
         t.set(0x10_0000, (va >> 30) & 0x1ff, 0x11_0000 | TABLE);
         t.set(0x11_0000, (va >> 21) & 0x1ff, 0x12_0000 | TABLE);
-        t.set(0x12_0000, (va >> 12) & 0x1ff, 0x7777_7000 | PAGE | (1 << 10));
+        t.set(
+            0x12_0000,
+            (va >> 12) & 0x1ff,
+            0x7777_7000 | PAGE | (1 << 10),
+        );
         assert_eq!(t.walk(va, &regs), Ok(0x7777_7789));
         // A 2 MiB block at level 2.
         let va2 = 0x40_0020_1234u64;

@@ -183,6 +183,12 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_usb: bool,
 
+    /// Offer pointer authentication (FEAT_PAuth) on the software CPU, as
+    /// macOS guests expect; off by default because it slows Linux guests,
+    /// which sign every return address when it is there.
+    #[arg(long)]
+    pub pointer_auth: bool,
+
     /// Host display of the guest's screen: `cocoa` (a window per display,
     /// macOS only) or `none`.
     #[arg(long, value_enum, default_value_t = DisplayKind::None, value_name = "UI")]
@@ -509,6 +515,7 @@ fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<Mach
     let mac = args.mac.or(config.and_then(|c| c.mac));
     machine.nics = nics(net, mac)?;
     machine.usb = !args.no_usb;
+    machine.pointer_auth = args.pointer_auth;
     machine.display = display_config(
         args.display,
         args.display_modes.as_deref(),
