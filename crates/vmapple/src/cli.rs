@@ -141,13 +141,15 @@ pub struct RunArgs {
     #[arg(long, value_name = "TEXT", default_value = devices::apple_cfg::DEFAULT_SERIAL)]
     pub serial_number: String,
 
-    /// Model name the boot ROM reports (at most 31 characters).
-    #[arg(long, value_name = "TEXT", default_value = devices::apple_cfg::DEFAULT_MODEL)]
-    pub model: String,
+    /// Model name the boot ROM reports (at most 31 characters) [default:
+    /// the bundle's `model`, else VM0001].
+    #[arg(long, value_name = "TEXT")]
+    pub model: Option<String>,
 
-    /// SoC name the boot ROM reports (at most 31 characters).
-    #[arg(long, value_name = "TEXT", default_value = devices::apple_cfg::DEFAULT_SOC_NAME)]
-    pub soc_name: String,
+    /// SoC name the boot ROM reports (at most 31 characters) [default: the
+    /// bundle's `soc-name`, else "Apple M1 (Virtual)"].
+    #[arg(long, value_name = "TEXT")]
+    pub soc_name: Option<String>,
 
     /// Bytes to skip at the start of the --aux file: 16384 for an
     /// untrimmed Virtualization.framework auxiliary-storage file (the
@@ -456,8 +458,14 @@ fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<Mach
     machine.platform = devices::apple_cfg::CfgParams {
         ecid,
         serial: args.serial_number,
-        model: args.model,
-        soc_name: args.soc_name,
+        model: args
+            .model
+            .or_else(|| config.and_then(|c| c.model.clone()))
+            .unwrap_or_else(|| devices::apple_cfg::DEFAULT_MODEL.to_owned()),
+        soc_name: args
+            .soc_name
+            .or_else(|| config.and_then(|c| c.soc_name.clone()))
+            .unwrap_or_else(|| devices::apple_cfg::DEFAULT_SOC_NAME.to_owned()),
         run_installer1: installer,
         run_installer2: installer,
         ..Default::default()
