@@ -67,6 +67,17 @@ pub enum Command {
     Clone(crate::images::CloneArgs),
     /// Change a stopped bundle: grow its root disk, set vCPUs or memory.
     Set(crate::images::SetArgs),
+    /// Print where Apple's device tree for the virtual Mac (a DeviceTree
+    /// .im4p extracted from an IPSW, or its payload) puts each device,
+    /// next to where vmapple puts it.
+    InspectIpsw(InspectArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// The DeviceTree file.
+    #[arg(value_name = "FILE")]
+    pub path: PathBuf,
 }
 
 #[derive(Args, Debug)]

@@ -73,9 +73,6 @@ fn make_root(dir: &Path) -> PathBuf {
     let mut image = vec![0u8; 1024 * 1024];
     let text = b"vmapple root disk, sector 3";
     image[3 * SECTOR..3 * SECTOR + text.len()].copy_from_slice(text);
-    let last = image.len() - SECTOR;
-    let text = b"vmapple root disk, last sector";
-    image[last..last + text.len()].copy_from_slice(text);
     let path = dir.join("root.img");
     std::fs::write(&path, image).unwrap();
     path
