@@ -19,7 +19,10 @@ use std::process::Command;
 /// Must equal the `unicorn-engine-sys` requirement in Cargo.toml: the
 /// patch is written against exactly this release.
 const UNICORN_VERSION: &str = "2.1.5";
-const PATCHES: &[&str] = &["patches/unicorn-2.1.5-arm64-sysemu.patch"];
+const PATCHES: &[&str] = &[
+    "patches/unicorn-2.1.5-arm64-sysemu.patch",
+    "patches/unicorn-2.1.5-arm64-guest-fixes.patch",
+];
 
 fn fail(message: &str) -> ! {
     eprintln!("\nerror: {message}\n");

@@ -22,6 +22,8 @@ use arch_arm64::SysReg;
 const ISS_S1PTW: u64 = 1 << 7;
 /// ESR ISS bit: the abort came from cache maintenance (DC/IC) by VA.
 const ISS_CM: u64 = 1 << 8;
+/// ESR ISS bit: FAR is not valid.
+const ISS_FNV: u64 = 1 << 10;
 
 /// ESR of an exception with unknown reason (EC 0) from a 32-bit instruction
 /// (IL set): what the guest sees for an UNDEFINED instruction.
@@ -63,6 +65,14 @@ pub enum Reg {
 pub trait VcpuRegisters {
     fn read(&mut self, reg: Reg) -> Result<u64, AccelError>;
     fn write(&mut self, reg: Reg, value: u64) -> Result<(), AccelError>;
+    /// SIMD/FP register V`n` (Q`n`), `n` < 32.
+    fn read_simd(&mut self, n: u8) -> Result<u128, AccelError> {
+        Err(AccelError::run(format!("no access to SIMD register V{n}")))
+    }
+    fn write_simd(&mut self, n: u8, value: u128) -> Result<(), AccelError> {
+        let _ = value;
+        Err(AccelError::run(format!("no access to SIMD register V{n}")))
+    }
 }
 
 /// vCPU state the exit logic keeps between exits.
@@ -87,6 +97,10 @@ pub enum Pending {
 pub enum Trap {
     /// Give `exit` to the machine's handler, then call [`complete`].
     Exit { exit: VcpuExit, pending: Pending },
+    /// A load/store on MMIO without syndrome: emulate the instruction at PC
+    /// ([`crate::emulate::without_syndrome`]). `far` is the faulting VA
+    /// when the syndrome says it is valid.
+    Emulate { far: Option<u64>, ipa: u64 },
     /// WFI (PC already past it): wait for an interrupt or the vtimer.
     WaitForInterrupt,
     /// Fully handled here (WFE, SMC, OS Lock, cache maintenance on MMIO);
@@ -199,14 +213,25 @@ pub fn translate(
                 skip_instruction(regs)?;
                 return Ok(Trap::Handled);
             }
-            let kind = if is_write { "store" } else { "load" };
-            crash(
-                regs,
-                format!(
-                    "{kind} at {ipa:#x} (va {far:#x}) outside RAM by an instruction \
-                     without syndrome (e.g. load/store pair or writeback), DFSC {dfsc:#x}"
-                ),
-            )
+            if esr & ISS_S1PTW != 0 {
+                return crash(
+                    regs,
+                    format!("page-table walk at {ipa:#x} (va {far:#x}) is not in RAM"),
+                );
+            }
+            // Only translation faults are MMIO: anything else (permission,
+            // alignment, external abort) has no emulation.
+            if dfsc & 0x3c != 0x04 {
+                let kind = if is_write { "store" } else { "load" };
+                return crash(
+                    regs,
+                    format!("{kind} at {ipa:#x} (va {far:#x}) aborted with DFSC {dfsc:#x}"),
+                );
+            }
+            Ok(Trap::Emulate {
+                far: (esr & ISS_FNV == 0).then_some(far),
+                ipa,
+            })
         }
         Syndrome::SysReg { reg, rt, is_read } => {
             if let Some(trap) = local_sysreg(reg, rt, is_read, regs, local)? {
@@ -317,6 +342,20 @@ pub fn complete(
             }
             return Ok(Completion::Continue);
         }
+        ExitResponse::Registers(writes) => {
+            for (n, value) in (0u8..).zip(writes.x) {
+                if let Some(v) = value {
+                    regs.write(Reg::X(n), v)?;
+                }
+            }
+            for (reg, value) in writes.system_registers() {
+                regs.write(Reg::Sys(reg), value)?;
+            }
+            if pending != Pending::Hvc {
+                skip_instruction(regs)?;
+            }
+            return Ok(Completion::Continue);
+        }
         ExitResponse::Done | ExitResponse::Value(_) => {}
     }
     let value = match response {
@@ -369,18 +408,18 @@ pub fn capture(regs: &mut impl VcpuRegisters) -> Result<CpuSnapshot, AccelError>
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests_support {
     use super::*;
-    use arch_arm64::sysreg::{CNTV_CTL_EL0, ICC_EOIR1_EL1, ICC_IAR1_EL1, ICC_SGI1R_EL1};
     use std::collections::HashMap;
 
     /// A register file that remembers every write.
     #[derive(Default)]
-    struct FakeRegs {
-        x: [u64; 31],
-        pc: u64,
-        pstate: u64,
-        sys: HashMap<SysReg, u64>,
+    pub struct FakeRegs {
+        pub x: [u64; 31],
+        pub v: [u128; 32],
+        pub pc: u64,
+        pub pstate: u64,
+        pub sys: HashMap<SysReg, u64>,
     }
 
     impl VcpuRegisters for FakeRegs {
@@ -403,7 +442,21 @@ mod tests {
             }
             Ok(())
         }
+        fn read_simd(&mut self, n: u8) -> Result<u128, AccelError> {
+            Ok(self.v[usize::from(n & 31)])
+        }
+        fn write_simd(&mut self, n: u8, value: u128) -> Result<(), AccelError> {
+            self.v[usize::from(n & 31)] = value;
+            Ok(())
+        }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::FakeRegs;
+    use super::*;
+    use arch_arm64::sysreg::{CNTV_CTL_EL0, ICC_EOIR1_EL1, ICC_IAR1_EL1, ICC_SGI1R_EL1};
 
     const PC: u64 = 0x7000_1000;
     const MMIO: u64 = 0x2001_0018;
@@ -707,12 +760,28 @@ mod tests {
     }
 
     #[test]
-    fn aborts_without_syndrome_crash_the_guest() {
+    fn aborts_without_syndrome_are_emulated_unless_they_are_not_mmio() {
         let mut local = LocalState::default();
         let mut r = regs();
         // ldp x0, x1, [x2] into MMIO: EC 0x24, IL, no ISV, DFSC 6.
+        assert_eq!(
+            translate(0x9200_0006, 0xffff_8000_1000, MMIO, &mut r, &mut local).unwrap(),
+            Trap::Emulate {
+                far: Some(0xffff_8000_1000),
+                ipa: MMIO
+            }
+        );
+        // FnV: FAR is not valid, the emulation must walk.
+        assert_eq!(
+            translate(0x9200_0406, 0xffff_8000_1000, MMIO, &mut r, &mut local).unwrap(),
+            Trap::Emulate {
+                far: None,
+                ipa: MMIO
+            }
+        );
+        // A permission fault (DFSC 0x0f) is no MMIO access.
         let Trap::Crash(report) =
-            translate(0x9200_0006, 0xffff_8000_1000, MMIO, &mut r, &mut local).unwrap()
+            translate(0x9200_000f, 0xffff_8000_1000, MMIO, &mut r, &mut local).unwrap()
         else {
             panic!("expected a crash");
         };

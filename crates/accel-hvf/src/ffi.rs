@@ -32,47 +32,33 @@ pub const HV_EXIT_REASON_VTIMER_ACTIVATED: u32 = 2;
 pub const HV_INTERRUPT_TYPE_IRQ: u32 = 0;
 pub const HV_INTERRUPT_TYPE_FIQ: u32 = 1;
 
+/// `hv_simd_fp_uchar16_t`'s 16 bytes, lowest lane first. The framework's
+/// type is a Clang vector passed by value in a SIMD register, which Rust
+/// cannot declare in an `extern` block on stable (`simd_ffi`):
+/// [`hv_vcpu_set_simd_fp_reg`] therefore makes that call itself on macOS.
+/// The double (other hosts) takes this struct as it is.
+#[repr(C, align(16))]
+#[derive(Clone, Copy)]
+pub struct SimdFp(pub [u8; 16]);
+
+/// A V register's 128 bits as the framework's vector bytes.
+pub fn simd_from_u128(value: u128) -> SimdFp {
+    SimdFp(value.to_le_bytes())
+}
+
+/// The framework's vector bytes as a V register's 128 bits.
+pub fn simd_to_u128(value: SimdFp) -> u128 {
+    u128::from_le_bytes(value.0)
+}
+
+/// `hv_simd_fp_reg_t`: Q0..Q31 are 0..31.
+pub const HV_SIMD_FP_REG_Q0: u32 = 0;
+
 /// `hv_reg_t`: X0..X30 are 0..30.
 pub const HV_REG_PC: u32 = 31;
 pub const HV_REG_FPCR: u32 = 32;
 pub const HV_REG_FPSR: u32 = 33;
 pub const HV_REG_CPSR: u32 = 34;
-
-/// `hv_simd_fp_uchar16_t`: a 128-bit NEON vector, passed by value in a
-/// vector register on Apple silicon.
-#[cfg(all(target_os = "macos", target_arch = "aarch64"))]
-pub type SimdFp = core::arch::aarch64::uint8x16_t;
-/// The framework double's stand-in (both sides are Rust on that host).
-#[cfg(not(all(target_os = "macos", target_arch = "aarch64")))]
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SimdFp(pub [u8; 16]);
-
-/// The 16 bytes of a [`SimdFp`].
-pub fn simd_bytes(v: SimdFp) -> [u8; 16] {
-    #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
-    {
-        // SAFETY: both types are 16 plain bytes.
-        unsafe { std::mem::transmute::<SimdFp, [u8; 16]>(v) }
-    }
-    #[cfg(not(all(target_os = "macos", target_arch = "aarch64")))]
-    {
-        v.0
-    }
-}
-
-/// A [`SimdFp`] of 16 bytes.
-pub fn simd_from(bytes: [u8; 16]) -> SimdFp {
-    #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
-    {
-        // SAFETY: both types are 16 plain bytes.
-        unsafe { std::mem::transmute::<[u8; 16], SimdFp>(bytes) }
-    }
-    #[cfg(not(all(target_os = "macos", target_arch = "aarch64")))]
-    {
-        SimdFp(bytes)
-    }
-}
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -117,9 +103,14 @@ extern "C" {
     pub fn hv_vcpu_get_reg(vcpu: HvVcpu, reg: u32, value: *mut u64) -> HvReturn;
     pub fn hv_vcpu_set_reg(vcpu: HvVcpu, reg: u32, value: u64) -> HvReturn;
     pub fn hv_vcpu_get_sys_reg(vcpu: HvVcpu, reg: u16, value: *mut u64) -> HvReturn;
-    pub fn hv_vcpu_get_simd_fp_reg(vcpu: HvVcpu, reg: u32, value: *mut SimdFp) -> HvReturn;
-    pub fn hv_vcpu_set_simd_fp_reg(vcpu: HvVcpu, reg: u32, value: SimdFp) -> HvReturn;
     pub fn hv_vcpu_set_sys_reg(vcpu: HvVcpu, reg: u16, value: u64) -> HvReturn;
+    pub fn hv_vcpu_get_simd_fp_reg(vcpu: HvVcpu, reg: u32, value: *mut SimdFp) -> HvReturn;
+    #[cfg(not(target_os = "macos"))]
+    pub fn hv_vcpu_set_simd_fp_reg(vcpu: HvVcpu, reg: u32, value: SimdFp) -> HvReturn;
+    /// Only its address is used (see [`hv_vcpu_set_simd_fp_reg`]).
+    #[cfg(target_os = "macos")]
+    #[link_name = "hv_vcpu_set_simd_fp_reg"]
+    fn hv_vcpu_set_simd_fp_reg_symbol();
 
     pub fn hv_vcpu_set_pending_interrupt(vcpu: HvVcpu, kind: u32, pending: bool) -> HvReturn;
     pub fn hv_vcpu_set_vtimer_mask(vcpu: HvVcpu, vtimer_is_masked: bool) -> HvReturn;
@@ -129,6 +120,31 @@ extern "C" {
     pub fn hv_vcpu_set_vtimer_offset(vcpu: HvVcpu, vtimer_offset: u64) -> HvReturn;
     pub fn hv_vcpu_set_trap_debug_exceptions(vcpu: HvVcpu, value: bool) -> HvReturn;
     pub fn hv_vcpu_set_trap_debug_reg_accesses(vcpu: HvVcpu, value: bool) -> HvReturn;
+}
+
+/// `hv_vcpu_set_simd_fp_reg(vcpu, reg, value)` with `value` in v0 as the
+/// AAPCS64 passes a 16-byte short vector.
+///
+/// # Safety
+/// As for every vCPU call: on the vCPU's owning thread.
+#[cfg(target_os = "macos")]
+pub unsafe fn hv_vcpu_set_simd_fp_reg(vcpu: HvVcpu, reg: u32, value: SimdFp) -> HvReturn {
+    // SAFETY: both are 16 plain bytes, lane 0 first.
+    let vector: core::arch::aarch64::uint8x16_t = unsafe { std::mem::transmute(value) };
+    let ret: u64;
+    // SAFETY: a plain AAPCS64 call of the framework function with x0, w1
+    // and v0 as its three arguments; clobber_abi covers what it may change.
+    unsafe {
+        core::arch::asm!(
+            "bl {f}",
+            f = sym hv_vcpu_set_simd_fp_reg_symbol,
+            inout("x0") vcpu => ret,
+            in("x1") u64::from(reg),
+            in("v0") vector,
+            clobber_abi("C"),
+        );
+    }
+    ret as u32 as HvReturn
 }
 
 // libSystem: os_object reference counting and the host counter.

@@ -28,6 +28,7 @@
 //! main thread on macOS, which belongs to the platform run loop
 //! (apple-gfx.md §13.3).
 
+pub mod emulate;
 pub mod exits;
 pub mod layout;
 pub mod saved;

@@ -14,7 +14,7 @@ use vm_core::sync::lock;
 
 use accel::{AccelError, CpuId, CpuPower, CpuSnapshot, ExitHandler, StopReason, VmControl};
 use arch_arm64::sysreg::{CNTV_CTL_EL0, CNTV_CVAL_EL0, ID_AA64PFR0_EL1, MPIDR_EL1};
-use vm_core::IrqLine;
+use vm_core::{GuestRam, IrqLine};
 
 use crate::exits::{self, Completion, LocalState, Reg, Trap, VcpuRegisters, PSTATE_EL1H_MASKED};
 use crate::vtimer::{self, GuestClock, VtimerLine, WfiWait};
@@ -101,6 +101,8 @@ pub struct VcpuThread<'a> {
     pub mpidr: u64,
     pub vtimer_irq: &'a dyn IrqLine,
     pub handler: &'a dyn ExitHandler,
+    /// Guest RAM, for reading the instructions of syndrome-less aborts.
+    pub memory: &'a GuestRam,
     pub control: &'a VmControl,
     pub kicks: &'a PendingKicks,
     pub clock: &'a GuestClock,
@@ -268,6 +270,22 @@ impl VcpuThread<'_> {
                                 // The handler has marked the vCPU off.
                                 Completion::CpuOff => tracing::debug!(cpu, "vCPU powered off"),
                                 Completion::Suspend => self.wait_for_interrupt(v, &vtimer)?,
+                            }
+                        }
+                        Trap::Emulate { far, ipa } => {
+                            let handler = self.handler;
+                            let mut mmio = |exit| handler.handle(cpu, exit);
+                            if let Some(report) = crate::emulate::without_syndrome(
+                                far,
+                                ipa,
+                                v,
+                                self.memory,
+                                &mut mmio,
+                            )? {
+                                let report = format!("vCPU {cpu}: {report}");
+                                tracing::error!("{report}");
+                                self.save_snapshot(v);
+                                control.request_stop(StopReason::GuestCrash(report));
                             }
                         }
                         Trap::WaitForInterrupt => self.wait_for_interrupt(v, &vtimer)?,
@@ -544,11 +562,14 @@ mod tests {
 
         /// Runs vCPU `cpu`'s thread to the end on this thread.
         fn run(&self, cpu: CpuId) -> Result<(), AccelError> {
+            let memory = vm_core::memory::create_guest_memory(&[(0x7000_0000, 0x1000)])
+                .expect("a page of RAM");
             let thread = VcpuThread {
                 cpu,
                 mpidr: MPIDR,
                 vtimer_irq: &*self.vtimer,
                 handler: &self.handler,
+                memory: &memory,
                 control: self.control(),
                 kicks: &self.script.kicks,
                 clock: &self.clock,
@@ -818,7 +839,7 @@ mod tests {
     }
 
     #[test]
-    fn an_access_without_syndrome_stops_the_vm_with_a_report() {
+    fn an_access_without_syndrome_from_code_outside_ram_stops_the_vm_with_a_report() {
         let r = rig(
             1,
             vec![step(|_| RunExit::Exception {
@@ -835,7 +856,9 @@ mod tests {
             panic!("no crash: {:?}", r.control().stop_reason());
         };
         assert!(
-            report.starts_with("vCPU 0:") && report.contains("0x30000000"),
+            report.starts_with("vCPU 0:")
+                && report.contains("0x30000000")
+                && report.contains("not in RAM"),
             "{report}"
         );
         assert_eq!(r.final_registers().pc, ENTRY);

@@ -52,7 +52,7 @@ pub struct HvfConfig {
 /// A VM on Hypervisor.framework.
 pub struct HvfVm {
     /// Kept so the mapped host memory outlives the stage-2 mappings.
-    _memory: GuestRam,
+    memory: GuestRam,
     mapped: Vec<(u64, usize)>,
     cpus: Vec<VcpuConfig>,
     /// The guest's counter offset, shared by every vCPU.
@@ -103,7 +103,7 @@ impl HvfVm {
         }
 
         let mut vm = Self {
-            _memory: memory.clone(),
+            memory: memory.clone(),
             mapped: Vec::with_capacity(regions.len()),
             cpus: config.cpus,
             clock: GuestClock::new(0),
@@ -329,6 +329,32 @@ impl VcpuRegisters for Vcpu<'_> {
         };
         self.hv(ret, &format!("writing {reg:?}"))
     }
+
+    fn read_simd(&mut self, n: u8) -> Result<u128, AccelError> {
+        let mut value = ffi::simd_from_u128(0);
+        // SAFETY: owning thread; out-pointer to a local of the declared type.
+        let ret = unsafe {
+            ffi::hv_vcpu_get_simd_fp_reg(
+                self.handle,
+                ffi::HV_SIMD_FP_REG_Q0 + u32::from(n & 31),
+                &mut value,
+            )
+        };
+        self.hv(ret, &format!("reading Q{n}"))?;
+        Ok(ffi::simd_to_u128(value))
+    }
+
+    fn write_simd(&mut self, n: u8, value: u128) -> Result<(), AccelError> {
+        // SAFETY: owning thread; the value is passed by copy.
+        let ret = unsafe {
+            ffi::hv_vcpu_set_simd_fp_reg(
+                self.handle,
+                ffi::HV_SIMD_FP_REG_Q0 + u32::from(n & 31),
+                ffi::simd_from_u128(value),
+            )
+        };
+        self.hv(ret, &format!("writing Q{n}"))
+    }
 }
 
 impl VcpuOps for Vcpu<'_> {
@@ -393,11 +419,11 @@ impl VcpuOps for Vcpu<'_> {
             self.hv(ret, "reading FPCR/FPSR")?;
         }
         for n in 0..32 {
-            let mut value = ffi::simd_from([0; 16]);
+            let mut value = ffi::SimdFp([0; 16]);
             // SAFETY: owning thread; out-pointer to a local.
             let ret = unsafe { ffi::hv_vcpu_get_simd_fp_reg(self.handle, n, &mut value) };
             self.hv(ret, "reading a SIMD/FP register")?;
-            fp.q.push(ffi::simd_bytes(value));
+            fp.q.push(value.0);
         }
         Ok(fp)
     }
@@ -410,7 +436,7 @@ impl VcpuOps for Vcpu<'_> {
         }
         for (n, q) in (0u32..).zip(&fp.q) {
             // SAFETY: owning thread; the value is passed by copy.
-            let ret = unsafe { ffi::hv_vcpu_set_simd_fp_reg(self.handle, n, ffi::simd_from(*q)) };
+            let ret = unsafe { ffi::hv_vcpu_set_simd_fp_reg(self.handle, n, ffi::SimdFp(*q)) };
             self.hv(ret, "writing a SIMD/FP register")?;
         }
         Ok(())
@@ -479,6 +505,7 @@ impl Vm for HvfVm {
                             mpidr: config.mpidr,
                             vtimer_irq: &*config.vtimer_irq,
                             handler,
+                            memory: &this.memory,
                             control,
                             kicks: &kick.pending,
                             clock: &this.clock,

@@ -211,22 +211,24 @@ impl Engine {
         debug_assert_eq!(err, uc_error::OK, "writing {reg:?}");
     }
 
-    /// SIMD/FP register Qn (n < 32), as its 16 bytes.
-    pub fn read_vector(&self, n: u8) -> [u8; 16] {
-        let mut value = [0u8; 16];
-        let reg = RegisterARM64::Q0 as i32 + i32::from(n.min(31));
-        // SAFETY: a Q register is 128 bits and `value` has room for them.
-        let err = unsafe { ffi::uc_reg_read(self.raw(), reg, value.as_mut_ptr().cast()) };
-        debug_assert_eq!(err, uc_error::OK, "reading Q{n}");
-        value
+    /// V`n` (SIMD/FP register, 128 bits), `n` < 32.
+    pub fn read_vector(&self, n: u8) -> u128 {
+        let mut halves = [0u64; 2];
+        let reg = RegisterARM64::Q0 as i32 + i32::from(n & 31);
+        // SAFETY: Q registers are read as two doublewords (float64[2]),
+        // which `halves` holds.
+        let err = unsafe { ffi::uc_reg_read(self.raw(), reg, halves.as_mut_ptr().cast()) };
+        debug_assert_eq!(err, uc_error::OK, "reading V{n}");
+        u128::from(halves[0]) | (u128::from(halves[1]) << 64)
     }
 
-    /// Writes SIMD/FP register Qn (n < 32).
-    pub fn write_vector(&self, n: u8, value: [u8; 16]) {
-        let reg = RegisterARM64::Q0 as i32 + i32::from(n.min(31));
+    /// Writes V`n`, `n` < 32.
+    pub fn write_vector(&self, n: u8, value: u128) {
+        let halves = [value as u64, (value >> 64) as u64];
+        let reg = RegisterARM64::Q0 as i32 + i32::from(n & 31);
         // SAFETY: as for `read_vector`.
-        let err = unsafe { ffi::uc_reg_write(self.raw(), reg, value.as_ptr().cast()) };
-        debug_assert_eq!(err, uc_error::OK, "writing Q{n}");
+        let err = unsafe { ffi::uc_reg_write(self.raw(), reg, halves.as_ptr().cast()) };
+        debug_assert_eq!(err, uc_error::OK, "writing V{n}");
     }
 
     fn cp(reg: SysReg, val: u64) -> RegisterARM64CP {

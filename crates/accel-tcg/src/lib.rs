@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use accel::{
     AccelError, AccessWidth, CpuId, CpuPower, CpuSnapshot, ExitHandler, ExitResponse, Kick,
-    StopReason, VcpuConfig, VcpuExit, Vm, VmControl,
+    RegisterWrites, StopReason, VcpuConfig, VcpuExit, Vm, VmControl,
 };
 use arch_arm64::sysreg::{ID_AA64ISAR1_EL1, ID_AA64PFR0_EL1, ID_AA64PFR1_EL1, MPIDR_EL1};
 use arch_arm64::timer::Counter;
@@ -66,10 +66,12 @@ const TCG_BUFFER: u32 = 512 << 20;
 
 /// SCR_EL3: NS=0 (single security state), RES1 bits, SMD (SMC is
 /// UNDEFINED, the conduit is HVC), HCE (HVC reaches us), RW (EL2 is
-/// AArch64). The guest never runs at EL3; Unicorn's CPU has one, and this
-/// makes it inert.
+/// AArch64), APK and API (pointer-authentication keys and instructions
+/// do not trap to EL3). The guest never runs at EL3; Unicorn's CPU has
+/// one, and this makes it inert.
 const SCR_EL3: SysReg = SysReg::new(3, 6, 1, 1, 0);
-const SCR_EL3_VALUE: u64 = (1 << 10) | (1 << 8) | (1 << 7) | (1 << 5) | (1 << 4);
+const SCR_EL3_VALUE: u64 =
+    (1 << 17) | (1 << 16) | (1 << 10) | (1 << 8) | (1 << 7) | (1 << 5) | (1 << 4);
 /// HCR_EL2: only RW (EL1 is AArch64); no traps to the absent EL2.
 const HCR_EL2: SysReg = SysReg::new(3, 4, 1, 1, 0);
 const HCR_EL2_RW: u64 = 1 << 31;
@@ -360,6 +362,7 @@ impl TcgVm {
             native(ID_AA64PFR0_EL1)?,
             native(ID_AA64PFR1_EL1)?,
             native(ID_AA64ISAR1_EL1)?,
+            config.cpus.iter().any(|c| c.pointer_auth),
         );
 
         let shared = Box::new(Shared {
@@ -845,6 +848,7 @@ unsafe extern "C" fn exception_hook(_uc: *mut ffi::uc_engine, intno: u32, user: 
         match shared.handler().handle(cpu, VcpuExit::Hvc { imm, args }) {
             ExitResponse::Value(v) => engine.write(Reg::X0, v),
             ExitResponse::Done => {}
+            ExitResponse::Registers(writes) => apply_writes(engine, &writes),
             ExitResponse::Undefined => engine.write(Reg::X0, u64::MAX),
             ExitResponse::CpuOff => {
                 shared.hook_stop.set(Some(HookStop::CpuOff));
@@ -858,6 +862,20 @@ unsafe extern "C" fn exception_hook(_uc: *mut ffi::uc_engine, intno: u32, user: 
         }
         shared.after_callback();
     })
+}
+
+/// An HVC answer that sets several registers.
+fn apply_writes(engine: &Engine, writes: &RegisterWrites) {
+    for (reg, value) in GENERAL_REGISTERS.iter().zip(writes.x) {
+        if let Some(v) = value {
+            engine.write(*reg, v);
+        }
+    }
+    for (reg, value) in writes.system_registers() {
+        if let Err(e) = engine.write_sysreg(reg, value) {
+            tracing::error!("setting {reg} for a hypercall: {e}");
+        }
+    }
 }
 
 unsafe extern "C" fn mmio_read(

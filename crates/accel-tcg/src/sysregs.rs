@@ -4,7 +4,8 @@
 //! a per-vCPU MPIDR, the GICv3 CPU interface (forwarded to the machine), a
 //! 24 MHz generic timer whose ISTATUS and interrupt really work, and ID
 //! registers that do not advertise what the machine lacks (EL2, EL3, SVE,
-//! pointer authentication, MTE, BTI). Everything else stays with Unicorn.
+//! MTE, BTI; pointer authentication unless asked for). Everything else
+//! stays with Unicorn.
 
 use arch_arm64::sysreg::*;
 use arch_arm64::timer::TimerRegs;
@@ -55,7 +56,9 @@ pub struct IdRegisters {
 }
 
 impl IdRegisters {
-    pub fn from_native(pfr0: u64, pfr1: u64, isar1: u64) -> Self {
+    /// `pointer_auth` keeps the engine's pointer authentication (QARMA
+    /// address and generic authentication, APA and GPA) visible.
+    pub fn from_native(pfr0: u64, pfr1: u64, isar1: u64, pointer_auth: bool) -> Self {
         // ID_AA64PFR0_EL1: EL2 and EL3 absent (the guest owns EL1 only),
         // GIC system registers present, no RAS, SVE, Secure EL2, MPAM, AMU.
         let mut pfr0 = field(pfr0, 8, 0);
@@ -66,10 +69,13 @@ impl IdRegisters {
         }
         // ID_AA64PFR1_EL1: keep SSBS only (no BTI, MTE, RAS_frac, SME...).
         let pfr1 = pfr1 & 0xf0;
-        // ID_AA64ISAR1_EL1: no pointer authentication (APA, API, GPA, GPI).
+        // ID_AA64ISAR1_EL1: pointer authentication (APA, API, GPA, GPI)
+        // only when asked for.
         let mut isar1 = isar1;
-        for shift in [4, 8, 24, 28] {
-            isar1 = field(isar1, shift, 0);
+        if !pointer_auth {
+            for shift in [4, 8, 24, 28] {
+                isar1 = field(isar1, shift, 0);
+            }
         }
         Self { pfr0, pfr1, isar1 }
     }
@@ -199,7 +205,7 @@ mod tests {
     #[test]
     fn id_registers_hide_what_the_machine_lacks() {
         // A `max`-like PFR0: EL0-EL3 AArch64, FP, AdvSIMD, GIC 0, RAS 1, SVE 1.
-        let ids = IdRegisters::from_native(0x0000_0001_1000_1111, 0x21, 0xffff_ffff);
+        let ids = IdRegisters::from_native(0x0000_0001_1000_1111, 0x21, 0xffff_ffff, false);
         assert_eq!(ids.pfr0 & 0xffff, 0x0011, "EL2/EL3 not implemented");
         assert_eq!((ids.pfr0 >> 24) & 0xf, 1, "GICv3 sysregs");
         assert_eq!((ids.pfr0 >> 32) & 0xf, 0, "no SVE");
@@ -211,6 +217,13 @@ mod tests {
             "other ISAR1 fields untouched"
         );
         assert_eq!(ids.read(ID_AA64ZFR0_EL1), Some(0));
+    }
+
+    #[test]
+    fn pointer_authentication_is_offered_when_asked_for() {
+        // Unicorn's `max`: APA = 1 (QARMA), GPA = 1.
+        let ids = IdRegisters::from_native(0x11, 0, 0x0100_0010, true);
+        assert_eq!(ids.isar1, 0x0100_0010);
     }
 
     #[test]

@@ -120,6 +120,7 @@ fn one_cpu_vm(memory: &vm_core::GuestRam) -> (TcgVm, Arc<VmControl>, Recorder) {
         cpus: vec![VcpuConfig {
             mpidr: 0x8000_0000,
             vtimer_irq: Arc::new(TimerToIrq(control.clone())),
+            pointer_auth: false,
         }],
         counter: Arc::new(Counter::new(COUNTER_HZ)),
         time_slice: Duration::from_millis(2),

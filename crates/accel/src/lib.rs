@@ -14,6 +14,7 @@ mod control;
 
 pub use control::{CpuPower, Kick, StopReason, VmControl};
 
+pub use arch_arm64::apple_hvc::RegisterWrites;
 use arch_arm64::SysReg;
 pub use vm_core::AccessWidth;
 
@@ -54,6 +55,9 @@ pub enum ExitResponse {
     CpuOff,
     /// Return 0 in x0 and wait for an interrupt as WFI does (CPU_SUSPEND).
     Suspend,
+    /// For an HVC: set these registers (x0..x4, system registers such as
+    /// the pointer-authentication keys) on the calling vCPU.
+    Registers(RegisterWrites),
 }
 
 /// The machine side of every exit.
@@ -69,6 +73,9 @@ pub struct VcpuConfig {
     /// Where the EL1 virtual timer's output goes (PPI 27 of this vCPU's
     /// redistributor). Used by accelerators that emulate the timer.
     pub vtimer_irq: std::sync::Arc<dyn vm_core::IrqLine>,
+    /// Advertise pointer authentication in ID_AA64ISAR1_EL1 where the
+    /// accelerator chooses what the guest sees (the software CPU).
+    pub pointer_auth: bool,
 }
 
 /// Register state of a stopped vCPU, for diagnostics.

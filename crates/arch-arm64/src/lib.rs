@@ -5,9 +5,12 @@
 //! (DEN 0022) turned into types, so that the software CPU and
 //! Hypervisor.framework decode and answer the guest the same way.
 
+pub mod apple_hvc;
 pub mod esr;
+pub mod loadstore;
 pub mod mpidr;
 pub mod psci;
+pub mod stage1;
 pub mod sysreg;
 pub mod timer;
 

@@ -100,6 +100,14 @@ pub struct VmConfig {
     pub mac: Option<MacAddress>,
     #[serde(default)]
     pub on_panic: PanicPolicy,
+    /// Model name the boot ROM reports in the cfg region (a newer guest
+    /// may check it); absent: vmapple's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// SoC name the boot ROM reports, e.g. "Apple M4 (Virtual)" as
+    /// Virtualization.framework does on an M4; absent: vmapple's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soc_name: Option<String>,
     /// Auxiliary storage (macOS's NVRAM and boot policy).
     pub aux: DiskSpec,
     /// The macOS system disk.
@@ -145,6 +153,8 @@ impl VmConfig {
             network: Network::default(),
             mac: None,
             on_panic: PanicPolicy::default(),
+            model: None,
+            soc_name: None,
             aux,
             root,
             disks: Vec::new(),
@@ -226,6 +236,8 @@ serial = "unix:/tmp/console.sock"
 network = "tap:tap0"
 mac = "52:54:00:12:34:56"
 on-panic = "pause"
+model = "VM0001"
+soc-name = "Apple M4 (Virtual)"
 
 [aux]
 path = "aux.img"
@@ -252,6 +264,8 @@ modes = ["2560x1600", "1920x1080"]
         assert_eq!(c.network, Network::Nic(NetBackend::Tap("tap0".into())));
         assert_eq!(c.mac, Some(MacAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56])));
         assert_eq!(c.on_panic, PanicPolicy::Pause);
+        assert_eq!(c.model.as_deref(), Some("VM0001"));
+        assert_eq!(c.soc_name.as_deref(), Some("Apple M4 (Virtual)"));
         assert_eq!(c.aux.offset, VZ_AUX_HEADER);
         assert!(c.disks[0].read_only);
         assert_eq!(
@@ -276,6 +290,7 @@ modes = ["2560x1600", "1920x1080"]
         assert_eq!(c.serial, SerialBackend::Stdio);
         assert_eq!(c.on_panic, PanicPolicy::Exit);
         assert_eq!(c.ecid, None);
+        assert_eq!((c.model, c.soc_name), (None, None));
         assert_eq!(c.display.modes.len(), 1);
     }
 

@@ -20,6 +20,15 @@
 //!   descriptor byte that lies on an MMIO device reads 0 here, where QEMU
 //!   would ask the device; DMA never reaches devices in this VMM
 //!   (`vm_core::memory`).
+//! * **`NEXT_DEVICE` is the disk's size: differs from QEMU.** The register
+//!   QEMU calls NEXT_DEVICE holds the volume's size in 512-byte sectors;
+//!   QEMU returns 64 GiB for ROOT and 32 MiB for AUX whatever the image.
+//!   AVPBooter reads the backup GPT header at the last sector it is told
+//!   of, so with any other root size it reads past the image and panics
+//!   (aquarat/experiment-macos-arm64-on-asahi-linux-arm64, docs/NOTES.md,
+//!   "BDIF disk size"; their QEMU reports `blk_getlength() / 512`). This
+//!   model reads the length of the backing image: whole sectors, a
+//!   partial last sector left out.
 //! * **Q8 — WRITE always fails: reproduced.** The boot ROM only reads, so
 //!   a WRITE request (`data.flags` = `0x0001_0001`) leaves the image
 //!   untouched and reports status 1, as any unknown operation does.
@@ -84,8 +93,6 @@ pub mod value {
     pub const BUSY: u64 = 1 << 0;
     pub const UNK2: u64 = 1;
     pub const UNK3: u64 = 0;
-    pub const NEXT_DEVICE_ROOT: u64 = 0x0800_0000;
-    pub const NEXT_DEVICE_AUX: u64 = 0x0001_0000;
     /// Everything else, truncated to the access width.
     pub const UNDEFINED: u64 = u64::MAX;
 }
@@ -269,9 +276,10 @@ impl MmioDevice for Bdif {
             reg::BUSY => value::BUSY,
             reg::UNK2 => value::UNK2,
             reg::UNK3 => value::UNK3,
+            // The disk's size in 512-byte sectors (see the module doc).
             reg::NEXT_DEVICE => match window {
-                devid::ROOT => value::NEXT_DEVICE_ROOT,
-                devid::AUX => value::NEXT_DEVICE_AUX,
+                devid::ROOT => self.root.len() / SECTOR_SIZE,
+                devid::AUX => self.aux.len() / SECTOR_SIZE,
                 _ => value::UNDEFINED,
             },
             _ => value::UNDEFINED,
@@ -406,6 +414,40 @@ mod tests {
         }
     }
 
+    /// AVPBooter reads the backup GPT header at (reported size - 1): with
+    /// QEMU's fixed 64 GiB it would read past this image and fail.
+    #[test]
+    fn next_device_reports_the_disk_size_so_the_backup_gpt_is_found() {
+        let mem = create_guest_memory(&[(RAM, RAM_SIZE)]).unwrap();
+        let size = 0x30_0000;
+        let mut bytes = image(0x00, size);
+        // "EFI PART" in the last sector, where a backup GPT header lives.
+        bytes[size - 512..size - 504].copy_from_slice(b"EFI PART");
+        let root = Arc::new(MemoryDisk::new(bytes, false));
+        let aux = Arc::new(MemoryDisk::new(image(0xA5, 0x8000 + 100), false));
+        let bdif = Bdif::new(mem.clone(), root, aux);
+        let sectors = bdif.read(devid::ROOT | reg::NEXT_DEVICE, Double);
+        assert_eq!(sectors, (size / 512) as u64);
+        assert_eq!(
+            bdif.read(devid::AUX | reg::NEXT_DEVICE, Word),
+            0x40,
+            "a partial last sector is not counted"
+        );
+        let rig = Rig {
+            mem,
+            bdif,
+            root: Arc::new(MemoryDisk::new(Vec::new(), false)),
+            aux: Arc::new(MemoryDisk::new(Vec::new(), false)),
+        };
+        let req = Req {
+            sector: (sectors - 1) as u32,
+            len: 512,
+            ..Req::default()
+        };
+        assert_eq!(rig.run(ROOT_CMD, &req), 0);
+        assert_eq!(&rig.peek(DATA, 8), b"EFI PART");
+    }
+
     #[test]
     fn v23_register_reads() {
         let rig = Rig::new();
@@ -416,8 +458,9 @@ mod tests {
         assert_eq!(r(0x10, Word), 1);
         assert_eq!(r(0x400, Word), 1);
         assert_eq!(r(0x434, Word), 0);
-        assert_eq!(r(0x420, Word), 0x0800_0000);
-        assert_eq!(r(0x1_0420, Word), 0x0001_0000);
+        // Disk sizes in sectors: 1 MiB root, 32 KiB aux.
+        assert_eq!(r(0x420, Word), 0x800);
+        assert_eq!(r(0x1_0420, Word), 0x40);
         assert_eq!(r(0x2_0420, Word), 0xFFFF_FFFF);
         assert_eq!(r(0x10_0000, Word), 1, "USB window STATUS");
         assert_eq!(r(0x408, Word), 0xFFFF_FFFF);

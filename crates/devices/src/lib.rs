@@ -11,6 +11,7 @@
 //! | ARM PL061 GPIO controller | [`pl061`] | §2 (`0x2006_0000`, 4 KiB), §3 (SPI 5), §13.3 |
 //! | power key ("gpio-key") pulsing GPIO line 3 | [`power_button`] | §6.8, §13.3, quirk Q10 |
 //! | pvpanic-mmio guest panic/shutdown notifier | [`pvpanic`] | §2 (`0x2007_0000`, 2 bytes), §12 |
+//! | `avp,rtc` clock at 0x3024_0000 that iBoot prefers to the PL031 | [`avp_rtc`] | docs/macos.md |
 //! | clocks and deadline timers for the RTC and the power key | [`clock`] | §6.8, §13.2 |
 //!
 //! Devices reach the rest of the VMM only through `vm-core`: they answer
@@ -27,6 +28,7 @@
 pub mod apple_aes;
 pub mod apple_bdif;
 pub mod apple_cfg;
+pub mod avp_rtc;
 pub mod clock;
 pub mod pl011;
 pub mod pl031;

@@ -510,6 +510,8 @@ pub fn snapshot() -> Vec<Vec<u8>> {
     out.push(seed(s::AES, &*s::aes()));
     out.push(seed(s::PCI_HOST, &s::pci_host()));
     out
+}
+
 /// MSI-X enabled, vector 0 aimed at the v2m doorbell and vector 1 at the
 /// distributor's, both unmasked, each signalled; then a masked vector that
 /// is signalled and unmasked, and a doorbell rung directly.

@@ -412,46 +412,6 @@ pub extern "C" fn hv_vcpu_set_reg(vcpu: u64, reg: u32, value: u64) -> HvReturn {
     })
 }
 
-/// `hv_simd_fp_uchar16_t` as the double passes it (see accel-hvf's ffi).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SimdFp(pub [u8; 16]);
-
-/// `hv_vcpu_get_simd_fp_reg`: Q0..Q31 (`HV_SIMD_FP_REG_Q0` = 0).
-///
-/// # Safety
-/// `value` is valid for a write.
-#[no_mangle]
-pub unsafe extern "C" fn hv_vcpu_get_simd_fp_reg(
-    vcpu: u64,
-    reg: u32,
-    value: *mut SimdFp,
-) -> HvReturn {
-    if value.is_null() || reg > 31 {
-        return HV_BAD_ARGUMENT;
-    }
-    with_vcpu(vcpu, |vm, index| {
-        vm.load(index);
-        let v = vm.engine.read_vector(reg as u8);
-        // SAFETY: checked non-null; valid per the contract.
-        unsafe { *value = SimdFp(v) };
-        HV_SUCCESS
-    })
-}
-
-/// `hv_vcpu_set_simd_fp_reg`.
-#[no_mangle]
-pub extern "C" fn hv_vcpu_set_simd_fp_reg(vcpu: u64, reg: u32, value: SimdFp) -> HvReturn {
-    if reg > 31 {
-        return HV_BAD_ARGUMENT;
-    }
-    with_vcpu(vcpu, |vm, index| {
-        vm.load(index);
-        vm.engine.write_vector(reg as u8, value.0);
-        HV_SUCCESS
-    })
-}
-
 /// `hv_vcpu_get_sys_reg`.
 ///
 /// # Safety
@@ -478,6 +438,48 @@ pub extern "C" fn hv_vcpu_set_sys_reg(vcpu: u64, reg: u16, value: u64) -> HvRetu
     with_vcpu(vcpu, |vm, index| match sysregs::from_hv_id(reg) {
         Some(r) => vm.write_sys(index, r, value),
         None => HV_BAD_ARGUMENT,
+    })
+}
+
+/// `hv_simd_fp_uchar16_t` as accel-hvf declares it off macOS: the 16
+/// bytes, lowest lane first.
+#[repr(C, align(16))]
+#[derive(Clone, Copy)]
+pub struct SimdFp(pub [u8; 16]);
+
+/// `hv_vcpu_get_simd_fp_reg`: Q0..Q31 are 0..31.
+///
+/// # Safety
+/// `value` is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn hv_vcpu_get_simd_fp_reg(
+    vcpu: u64,
+    reg: u32,
+    value: *mut SimdFp,
+) -> HvReturn {
+    if value.is_null() || reg > 31 {
+        return HV_BAD_ARGUMENT;
+    }
+    with_vcpu(vcpu, |vm, index| {
+        vm.load(index);
+        let v = vm.engine.read_vector(reg as u8);
+        // SAFETY: checked non-null; valid per the contract.
+        unsafe { *value = SimdFp(v.to_le_bytes()) };
+        HV_SUCCESS
+    })
+}
+
+/// `hv_vcpu_set_simd_fp_reg`.
+#[no_mangle]
+pub extern "C" fn hv_vcpu_set_simd_fp_reg(vcpu: u64, reg: u32, value: SimdFp) -> HvReturn {
+    if reg > 31 {
+        return HV_BAD_ARGUMENT;
+    }
+    let v = u128::from_le_bytes(value.0);
+    with_vcpu(vcpu, |vm, index| {
+        vm.load(index);
+        vm.engine.write_vector(reg as u8, v);
+        HV_SUCCESS
     })
 }
 

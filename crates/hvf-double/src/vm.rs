@@ -52,10 +52,11 @@ pub const MAX_VCPUS: usize = 64;
 const TCG_BUFFER: u32 = 512 << 20;
 
 /// SCR_EL3 for the inert EL3 of the software CPU: RES1 bits, HCE (HVC
-/// reaches the hook) and RW. Unlike the software CPU's accelerator, SMC is
-/// left enabled so it reaches the hook and exits with EC 0x17 as on HVF.
+/// reaches the hook), RW, and APK/API (pointer authentication does not
+/// trap to EL3). Unlike the software CPU's accelerator, SMC is left
+/// enabled so it reaches the hook and exits with EC 0x17 as on HVF.
 pub const SCR_EL3: SysReg = SysReg::new(3, 6, 1, 1, 0);
-pub const SCR_EL3_VALUE: u64 = (1 << 10) | (1 << 8) | (1 << 5) | (1 << 4);
+pub const SCR_EL3_VALUE: u64 = (1 << 17) | (1 << 16) | (1 << 10) | (1 << 8) | (1 << 5) | (1 << 4);
 const HCR_EL2: SysReg = SysReg::new(3, 4, 1, 1, 0);
 const HCR_EL2_RW: u64 = 1 << 31;
 const SCTLR_EL1: SysReg = SysReg::new(3, 0, 1, 0, 0);

@@ -1,13 +1,14 @@
 //! The one place where every accelerator's exits are handled.
 //!
 //! MMIO goes to the bus, `ICC_*` system registers to the GIC CPU interface,
-//! HVC to PSCI. The software CPU calls this from inside its engine, the
+//! HVC to PSCI or Apple's CPU-service calls (pointer-authentication keys). The software CPU calls this from inside its engine, the
 //! Hypervisor.framework backend from its vCPU threads: the behaviour a
 //! guest sees cannot differ between them.
 
 use std::sync::Arc;
 
 use accel::{CpuId, ExitHandler, ExitResponse, StopReason, VcpuExit, VmControl};
+use arch_arm64::apple_hvc;
 use arch_arm64::psci::{self, AffinityState, PsciAction, PsciError, PsciPlatform};
 use gic::GicV3;
 use vm_core::bus::BusError;
@@ -77,6 +78,9 @@ impl MachineExits {
         if imm != 0 {
             guest_error!("vCPU {cpu}: HVC #{imm} (only HVC #0 calls exist)");
             return ExitResponse::Value(PsciError::NotSupported.to_x0());
+        }
+        if apple_hvc::is_apple_call(args[0]) {
+            return ExitResponse::Registers(apple_hvc::dispatch(args));
         }
         if !psci::is_psci_call(args[0]) {
             // SMCCC services other than PSCI (TRNG, vendor hypervisor

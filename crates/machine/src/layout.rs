@@ -41,6 +41,8 @@ pub const GFX_IOSFC_SIZE: u64 = 0x0001_0000;
 pub const AES1_BASE: u64 = 0x3022_0000;
 pub const AES2_BASE: u64 = 0x3023_0000;
 pub const AES_WINDOW_SIZE: u64 = 0x4000;
+/// The `avp,rtc` clock (VirtualMac2,1 device tree; not in QEMU's map).
+pub const AVP_RTC_BASE: u64 = 0x3024_0000;
 
 // The PCIe host bridge's windows and INTx wiring are defined with the
 // bridge (crate `pci`), which needs them for its device tree properties
@@ -61,6 +63,7 @@ pub const SPI_GPIO: u32 = 5;
 pub const SPI_GFX_IOSFC: u32 = 0x10;
 pub const SPI_GFX: u32 = 0x11;
 pub const SPI_AES: u32 = 0x12;
+pub const SPI_AVP_RTC: u32 = 0x13;
 /// PCIe INTx line *i* is SPI `SPI_PCIE_INTX + i`, for i in 0..16.
 pub use pci::host::INTX_SPI_BASE as SPI_PCIE_INTX;
 pub const PCIE_INTX_LINES: u32 = pci::host::NUM_INTX_LINES as u32;

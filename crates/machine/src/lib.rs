@@ -103,6 +103,9 @@ pub struct MachineConfig {
     /// message-based SPIs and MSI-X on the PCI functions (see [`msi`]).
     /// Off in QEMU's machine, so off by default.
     pub msi: bool,
+    /// Offer pointer authentication on the software CPU (macOS guests
+    /// sign pointers; Linux guests run faster without).
+    pub pointer_auth: bool,
 }
 
 impl MachineConfig {
@@ -124,6 +127,7 @@ impl MachineConfig {
             usb: true,
             display: None,
             msi: false,
+            pointer_auth: false,
         }
     }
 }
@@ -330,6 +334,7 @@ impl Disks {
 /// The assembled vmapple machine.
 pub struct Machine {
     cpus: usize,
+    pointer_auth: bool,
     ram_size: u64,
     memory: GuestRam,
     /// Every device, its windows on the bus and its reset.
@@ -529,6 +534,7 @@ impl Machine {
             saves: Arc::default(),
             pending: None,
             cpus: config.cpus,
+            pointer_auth: config.pointer_auth,
             ram_size: config.ram_size,
             memory,
             registry,
@@ -597,6 +603,7 @@ impl Machine {
             .map(|cpu| VcpuConfig {
                 mpidr: Mpidr::for_cpu(cpu).0,
                 vtimer_irq: self.gic.ppi(cpu, PPI_VTIMER),
+                pointer_auth: self.pointer_auth,
             })
             .collect()
     }
@@ -1061,6 +1068,7 @@ mod tests {
                 "pl011",
                 "bdif",
                 "pl031",
+                "avp-rtc",
                 "pl061",
                 "power-button",
                 "pvpanic",
@@ -1088,7 +1096,7 @@ mod tests {
             .map(|(base, size, name)| (base, size, name.to_owned()))
             .collect();
         assert_eq!(windows, on_bus);
-        assert_eq!(on_bus.len(), 13, "{on_bus:#x?}");
+        assert_eq!(on_bus.len(), 14, "{on_bus:#x?}");
 
         let mut slots: Vec<u8> = m
             .registry()
@@ -1109,7 +1117,7 @@ mod tests {
             .iter()
             .flat_map(|e| e.spis().iter().copied())
             .collect();
-        let mut wired = vec![SPI_UART, SPI_RTC, SPI_GPIO, SPI_AES];
+        let mut wired = vec![SPI_UART, SPI_RTC, SPI_AVP_RTC, SPI_GPIO, SPI_AES];
         wired.extend(SPI_PCIE_INTX..SPI_PCIE_INTX + PCIE_INTX_LINES);
         wired.extend([SPI_GFX, SPI_GFX_IOSFC]);
         assert_eq!(spis, wired);

@@ -9,6 +9,7 @@ use accel::{StopReason, VmControl};
 use arch_arm64::timer::{Counter, COUNTER_HZ};
 use devices::apple_aes::AppleAes;
 use devices::apple_bdif::Bdif;
+use devices::avp_rtc::AvpRtc;
 use devices::clock::{Clock, HostClock, TimerThread};
 use devices::pl011::Pl011;
 use devices::pl031::Pl031;
@@ -89,6 +90,12 @@ pub(crate) fn attach(
     let rtc = reg.attach("pl031", |wires| {
         let rtc = Pl031::new(wires.spi(SPI_RTC), Arc::new(HostClock::new()));
         Ok(Attachment::new(rtc.clone()).mmio("pl031", RTC_BASE, RTC_SIZE, rtc))
+    })?;
+    // Its line is wired but never raised (devices::avp_rtc).
+    reg.attach("avp-rtc", |wires| {
+        let _line = wires.spi(SPI_AVP_RTC);
+        let rtc = AvpRtc::new(Arc::new(HostClock::new()));
+        Ok(Attachment::new(rtc.clone()).mmio("avp-rtc", AVP_RTC_BASE, AvpRtc::SIZE, rtc))
     })?;
     let gpio = reg.attach("pl061", |wires| {
         let gpio = Pl061::new(wires.spi(SPI_GPIO));

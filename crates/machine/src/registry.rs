@@ -473,6 +473,12 @@ impl Device for GicV3 {
     }
 }
 
+impl Device for devices::avp_rtc::AvpRtc {
+    fn reset(&self) {
+        devices::avp_rtc::AvpRtc::reset(self);
+    }
+}
+
 impl Device for devices::pl011::Pl011 {
     fn state(&self) -> Option<&dyn DeviceState> {
         Some(self)

@@ -9,6 +9,7 @@
 pub mod block;
 pub mod device;
 pub mod net;
+pub mod quirks;
 pub mod transport;
 
 #[cfg(test)]

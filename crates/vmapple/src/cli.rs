@@ -67,6 +67,17 @@ pub enum Command {
     Clone(crate::images::CloneArgs),
     /// Change a stopped bundle: grow its root disk, set vCPUs or memory.
     Set(crate::images::SetArgs),
+    /// Print where Apple's device tree for the virtual Mac (a DeviceTree
+    /// .im4p extracted from an IPSW, or its payload) puts each device,
+    /// next to where vmapple puts it.
+    InspectIpsw(InspectArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// The DeviceTree file.
+    #[arg(value_name = "FILE")]
+    pub path: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -141,13 +152,15 @@ pub struct RunArgs {
     #[arg(long, value_name = "TEXT", default_value = devices::apple_cfg::DEFAULT_SERIAL)]
     pub serial_number: String,
 
-    /// Model name the boot ROM reports (at most 31 characters).
-    #[arg(long, value_name = "TEXT", default_value = devices::apple_cfg::DEFAULT_MODEL)]
-    pub model: String,
+    /// Model name the boot ROM reports (at most 31 characters) [default:
+    /// the bundle's `model`, else VM0001].
+    #[arg(long, value_name = "TEXT")]
+    pub model: Option<String>,
 
-    /// SoC name the boot ROM reports (at most 31 characters).
-    #[arg(long, value_name = "TEXT", default_value = devices::apple_cfg::DEFAULT_SOC_NAME)]
-    pub soc_name: String,
+    /// SoC name the boot ROM reports (at most 31 characters) [default: the
+    /// bundle's `soc-name`, else "Apple M1 (Virtual)"].
+    #[arg(long, value_name = "TEXT")]
+    pub soc_name: Option<String>,
 
     /// Bytes to skip at the start of the --aux file: 16384 for an
     /// untrimmed Virtualization.framework auxiliary-storage file (the
@@ -189,6 +202,11 @@ pub struct RunArgs {
     /// off when booting firmware].
     #[arg(long, value_name = "on|off")]
     pub msi: Option<vm_config::Msi>,
+    /// Offer pointer authentication (FEAT_PAuth) on the software CPU, as
+    /// macOS guests expect; off by default because it slows Linux guests,
+    /// which sign every return address when it is there.
+    #[arg(long)]
+    pub pointer_auth: bool,
 
     /// Host display of the guest's screen: `cocoa` (a window per display,
     /// macOS only) or `none`.
@@ -472,8 +490,14 @@ fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<Mach
     machine.platform = devices::apple_cfg::CfgParams {
         ecid,
         serial: args.serial_number,
-        model: args.model,
-        soc_name: args.soc_name,
+        model: args
+            .model
+            .or_else(|| config.and_then(|c| c.model.clone()))
+            .unwrap_or_else(|| devices::apple_cfg::DEFAULT_MODEL.to_owned()),
+        soc_name: args
+            .soc_name
+            .or_else(|| config.and_then(|c| c.soc_name.clone()))
+            .unwrap_or_else(|| devices::apple_cfg::DEFAULT_SOC_NAME.to_owned()),
         run_installer1: installer,
         run_installer2: installer,
         ..Default::default()
@@ -531,6 +555,7 @@ fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<Mach
     let mac = args.mac.or(config.and_then(|c| c.mac));
     machine.nics = nics(net, mac)?;
     machine.usb = !args.no_usb;
+    machine.pointer_auth = args.pointer_auth;
     machine.display = display_config(
         args.display,
         args.display_modes.as_deref(),

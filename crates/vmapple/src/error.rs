@@ -39,6 +39,12 @@ pub enum Error {
     /// report: one line, already with its cause.
     #[error("{0}")]
     Image(String),
+    #[error("{}: not a usable device tree", path.display())]
+    DeviceTree {
+        path: PathBuf,
+        #[source]
+        source: crate::adt::AdtError,
+    },
     #[error("--log {directives:?} is not a valid log filter")]
     LogFilter {
         directives: String,

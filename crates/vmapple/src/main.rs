@@ -6,6 +6,7 @@
 //! in a reset loop; 5 the guest panicked (pvpanic); 6 the host stopped the
 //! VM before the guest powered off.
 
+mod adt;
 mod bundles;
 mod cli;
 mod control;
@@ -57,6 +58,7 @@ fn main() -> ExitCode {
         Command::Push(args) => images::push(args).map_err(error::Error::Image),
         Command::Clone(args) => images::clone(args).map_err(error::Error::Image),
         Command::Set(args) => images::set(args).map_err(error::Error::Image),
+        Command::InspectIpsw(args) => inspect_ipsw(&args.path),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -67,4 +69,27 @@ fn main() -> ExitCode {
             ExitCode::from(status::HOST_ERROR)
         }
     }
+}
+
+/// `vmapple inspect-ipsw FILE`.
+fn inspect_ipsw(path: &std::path::Path) -> error::Result<u8> {
+    use std::io::Read;
+    let io = |source| error::Error::Path {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut data = Vec::new();
+    std::fs::File::open(path)
+        .map_err(io)?
+        .take(adt::MAX_FILE)
+        .read_to_end(&mut data)
+        .map_err(io)?;
+    let tree = adt::device_tree_bytes(&data)
+        .and_then(adt::parse)
+        .map_err(|source| error::Error::DeviceTree {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    print!("{}", adt::report(&tree));
+    Ok(status::POWERED_OFF)
 }

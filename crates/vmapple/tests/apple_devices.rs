@@ -31,6 +31,7 @@ const CHECKS: &[&str] = &[
     "bdif-aux-payload",
     "bdif-stage2-ran",
     "bdif-root-read",
+    "bdif-root-last-sector",
     "bdif-write-refused",
     "bdif-past-end",
     "bdif-dma-unmapped",

@@ -624,6 +624,14 @@ impl Inner {
         let Some(q) = self.configurable_queue() else {
             return;
         };
+        if let Some(moved) = crate::quirks::relocated_used_ring(q.driver, q.device, q.size) {
+            tracing::warn!(
+                "virtio-pci: queue {select}'s used ring at {:#x} overlaps its available ring; \
+                 using {moved:#x} (a macOS driver bug, docs/macos.md)",
+                q.device
+            );
+            q.device = moved;
+        }
         match q.check(&memory) {
             Ok(()) => q.enabled = true,
             Err(why) => vm_core::guest_error!("virtio-pci: queue {select} not enabled: {why}"),
@@ -1517,6 +1525,23 @@ mod tests {
         assert_eq!(d.r(common::QUEUE_SIZE, Half), 16);
         assert_eq!(d.r(common::QUEUE_DESC, Double), RAM + 0x1000);
         assert_eq!(d.r(common::QUEUE_ENABLE, Half), 1);
+    }
+
+    /// macOS 26's AppleVirtIO quirk (crate::quirks): the device uses, and
+    /// reports back, a used ring past the available ring it overlapped.
+    #[test]
+    fn a_used_ring_overlapping_the_available_ring_is_moved_past_it() {
+        let d = Direct::new(false);
+        d.status(ACK | DRIVER);
+        d.w(common::QUEUE_SELECT, Half, 0);
+        d.w(common::QUEUE_SIZE, Half, 64);
+        d.w(common::QUEUE_DESC, Double, RAM + 0x1000);
+        // The available ring takes 6 + 2 * 64 bytes from RAM + 0x2000.
+        d.w(common::QUEUE_DRIVER, Double, RAM + 0x2000);
+        d.w(common::QUEUE_DEVICE, Double, RAM + 0x2040);
+        d.w(common::QUEUE_ENABLE, Half, 1);
+        assert_eq!(d.r(common::QUEUE_ENABLE, Half), 1);
+        assert_eq!(d.r(common::QUEUE_DEVICE, Double), RAM + 0x3000);
     }
 
     #[test]
