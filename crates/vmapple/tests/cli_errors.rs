@@ -138,6 +138,18 @@ fn syntax_errors_exit_2() {
 }
 
 #[test]
+fn msi_takes_only_on_or_off() {
+    let run = vmapple(&["run", "--firmware", "a", "--msi", "maybe"], LIMIT);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("\"maybe\" is not an MSI setting (use on or off)"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
 fn run_without_anything_to_boot() {
     // Not a syntax error: a bundle could have supplied what to boot.
     assert_user_error(&["run"], "nothing to boot");

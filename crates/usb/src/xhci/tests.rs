@@ -583,7 +583,6 @@ fn conditional_intr_mapping_on_routes_to_ring_0_and_asserts_intx() {
 fn conditional_intr_mapping_off_routes_to_ring_2_and_intx_stays_low() {
     let (mut d, slot) = interrupter_2_event(XhciConfig {
         conditional_intr_mapping: false,
-        ..XhciConfig::default()
     });
     assert!(!d.irq.is_asserted(), "only interrupter 0 drives the pin");
     assert_eq!(d.pop_event(0), None);
