@@ -124,7 +124,9 @@ make_initramfs() {
 make_initramfs "$out/initramfs.cpio.gz" ${VMAPPLE_GUEST_MODULES:-}
 # The device guest: drivers for the PCI devices (virtio-blk/net, XHCI and
 # HID), ext4, evdev and the GPIO power key, all modules in Debian's kernel.
+# Display tests: virtio-gpu (DRM with its fbdev emulation, /dev/fb0).
 make_initramfs "$out/initramfs-devices.cpio.gz" \
-    virtio_pci virtio_blk virtio_net crc32c_generic ext4 xhci-pci usbhid hid-generic evdev gpio_keys
+    virtio_pci virtio_blk virtio_net crc32c_generic ext4 xhci-pci usbhid hid-generic evdev gpio_keys \
+    virtio_gpu
 rm -rf "$out/busybox-root"
 echo "build.sh: kernel $kernel_pkg -> $out/Image"
