@@ -109,6 +109,10 @@ make_initramfs() {
     cp "$out/busybox-root/bin/busybox" "$root/bin/busybox"
     cp "$here/init" "$root/init"
     chmod 755 "$root/init" "$root/bin/busybox"
+    # Display tests: fbwrite draws into /dev/fb0 through a mapping.
+    if [ -n "${fbwrite:-}" ]; then
+        cp "$fbwrite" "$root/bin/fbwrite"
+    fi
     for rel in $(resolve_modules "$@" | awk '!seen[$0]++'); do
         cp "$out/modules/$kver/$rel" "$root/lib/modules/"
         basename "$rel" >> "$root/lib/modules/load-order"
@@ -117,6 +121,16 @@ make_initramfs() {
     rm -rf "$root"
     echo "build.sh: initramfs -> $target"
 }
+
+# Guest test programs: static aarch64 C, built when the cross compiler is
+# there (scripts/setup.sh --packages installs it).
+fbwrite=""
+if command -v aarch64-linux-gnu-gcc >/dev/null 2>&1; then
+    fbwrite="$out/fbwrite"
+    aarch64-linux-gnu-gcc -static -O2 -Wall -o "$fbwrite" "$here/fbwrite.c"
+else
+    echo "build.sh: no aarch64-linux-gnu-gcc; the display test's fbwrite is left out" >&2
+fi
 
 # The plain guest (boot, SMP, timer, console); modules a caller asks for
 # with VMAPPLE_GUEST_MODULES="..." are added.

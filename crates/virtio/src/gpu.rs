@@ -245,6 +245,10 @@ impl Gpu {
             return Reply::err(cmd::ERR_INVALID_PARAMETER);
         }
         let f = Fields(&req);
+        tracing::trace!(
+            "virtio-gpu: command {kind:#x} {:?}",
+            (f.u32(0), f.u32(4), f.u32(8), f.u32(12), f.u32(16), f.u32(20))
+        );
         match kind {
             cmd::GET_DISPLAY_INFO => self.display_info(),
             cmd::GET_EDID => self.edid(f.u32(0)),

@@ -205,7 +205,7 @@ pub struct CtlArgs {
     /// `send-keys KEY...` (QEMU key names, pressed together),
     /// `pointer X Y [BUTTON...]` (0..32767), `screenshot PATH [--head N]`,
     /// or `events` (print events until the VM stops).
-    #[arg(value_name = "COMMAND", num_args = 1.., required = true)]
+    #[arg(value_name = "COMMAND", num_args = 1.., required = true, allow_hyphen_values = true)]
     pub command: Vec<String>,
 }
 

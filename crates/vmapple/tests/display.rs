@@ -152,7 +152,7 @@ fn virtio_gpu_framebuffer_and_input_through_vnc() {
             "--initrd",
             initrd.to_str().unwrap(),
             "--append",
-            "console=ttyAMA0 quiet vmapple.usb=3 vmapple.fb=vda vmapple.powerkey",
+            "console=ttyAMA0 quiet vt.global_cursor_default=0 vmapple.usb=3 vmapple.fb=vda vmapple.powerkey",
             "--cpus",
             "2",
             "--memory",
