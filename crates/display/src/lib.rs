@@ -268,13 +268,26 @@ impl Head {
         }
         let w = width as usize;
         let mut damage = Rect::default();
-        for (y, (new, old)) in pixels.chunks(w.max(1)).zip(st.pixels.chunks(w.max(1))).enumerate() {
+        for (y, (new, old)) in pixels
+            .chunks(w.max(1))
+            .zip(st.pixels.chunks(w.max(1)))
+            .enumerate()
+        {
             if new == old {
                 continue;
             }
             let first = new.iter().zip(old).position(|(a, b)| a != b).unwrap_or(0);
-            let last = new.iter().zip(old).rposition(|(a, b)| a != b).unwrap_or(first);
-            damage = damage.union(&Rect::new(first as u32, y as u32, (last - first + 1) as u32, 1));
+            let last = new
+                .iter()
+                .zip(old)
+                .rposition(|(a, b)| a != b)
+                .unwrap_or(first);
+            damage = damage.union(&Rect::new(
+                first as u32,
+                y as u32,
+                (last - first + 1) as u32,
+                1,
+            ));
         }
         if damage.is_empty() {
             return;
@@ -359,10 +372,8 @@ impl Head {
         // Every serial after the last resize has a history entry, so the
         // history covers the front end if its next serial is still there.
         let covered = st.damage.front().is_some_and(|d| d.0 <= seen.serial + 1);
-        let behind = seen.serial == 0
-            || seen.serial < st.size_serial
-            || seen.serial > st.serial
-            || !covered;
+        let behind =
+            seen.serial == 0 || seen.serial < st.size_serial || seen.serial > st.serial || !covered;
         if behind {
             c.full = true;
             c.rects = vec![Rect::new(0, 0, st.width, st.height)];

@@ -38,8 +38,8 @@ pub use pci_devices::{default_mac, MacAddress, NetBackend, NicSpec};
 use registry::Registry;
 use vm_core::{GuestRam, MmioBus};
 
-use boot::{BootError, Firmware, LinuxImages};
 use crate::display::{DisplayConfig, GfxBackend, GpuKind};
+use boot::{BootError, Firmware, LinuxImages};
 use exits::MachineExits;
 use layout::*;
 
@@ -616,10 +616,10 @@ fn random_seed() -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::display::{DisplayMode, ScreenshotError};
     use apple_gfx::fake::IOSFC_CMD_RAISE_IRQ;
     use apple_gfx::fake::{FakeFramework, FakeVaSpace, CMD_RAISE_IRQ, FAKE_MMIO_LENGTH, FAKE_PAGE};
     use apple_gfx::MemoryInterface;
-    use crate::display::{DisplayMode, ScreenshotError};
     use vm_core::AccessWidth::Word;
 
     /// The smallest machine: one CPU, a 16-byte ROM written into `dir`, no

@@ -112,8 +112,8 @@ enum Format {
 impl Format {
     fn from_wire(v: u32) -> Option<Self> {
         Some(match v {
-            1 | 2 => Format::Bgra,   // B8G8R8A8, B8G8R8X8
-            3 | 4 => Format::Argb,   // A8R8G8B8, X8R8G8B8
+            1 | 2 => Format::Bgra,    // B8G8R8A8, B8G8R8X8
+            3 | 4 => Format::Argb,    // A8R8G8B8, X8R8G8B8
             67 | 134 => Format::Rgba, // R8G8B8A8, R8G8B8X8
             68 | 121 => Format::Abgr, // X8B8G8R8, A8B8G8R8
             _ => return None,
@@ -247,7 +247,14 @@ impl Gpu {
         let f = Fields(&req);
         tracing::trace!(
             "virtio-gpu: command {kind:#x} {:?}",
-            (f.u32(0), f.u32(4), f.u32(8), f.u32(12), f.u32(16), f.u32(20))
+            (
+                f.u32(0),
+                f.u32(4),
+                f.u32(8),
+                f.u32(12),
+                f.u32(16),
+                f.u32(20)
+            )
         );
         match kind {
             cmd::GET_DISPLAY_INFO => self.display_info(),
@@ -265,9 +272,15 @@ impl Gpu {
             cmd::SET_SCANOUT => self.set_scanout(f.rect(0), f.u32(16), f.u32(20)),
             cmd::TRANSFER_TO_HOST_2D => self.transfer(mem, f.rect(0), f.u64(16), f.u32(24)),
             cmd::RESOURCE_FLUSH => self.flush(f.rect(0), f.u32(16)),
-            cmd::UPDATE_CURSOR | cmd::MOVE_CURSOR => {
-                self.cursor(kind, f.u32(0), f.u32(4), f.u32(8), f.u32(16), f.u32(20), f.u32(24))
-            }
+            cmd::UPDATE_CURSOR | cmd::MOVE_CURSOR => self.cursor(
+                kind,
+                f.u32(0),
+                f.u32(4),
+                f.u32(8),
+                f.u32(16),
+                f.u32(20),
+                f.u32(24),
+            ),
             _ => {
                 guest_error!("virtio-gpu: unsupported command {kind:#x}");
                 Reply::err(cmd::ERR_UNSPEC)
@@ -485,8 +498,21 @@ impl Gpu {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn cursor(&mut self, kind: u32, scanout: u32, x: u32, y: u32, id: u32, hot_x: u32, hot_y: u32) -> Reply {
-        let Some(head) = self.display.head(scanout as usize).filter(|_| (scanout as usize) < self.scanouts.len()) else {
+    fn cursor(
+        &mut self,
+        kind: u32,
+        scanout: u32,
+        x: u32,
+        y: u32,
+        id: u32,
+        hot_x: u32,
+        hot_y: u32,
+    ) -> Reply {
+        let Some(head) = self
+            .display
+            .head(scanout as usize)
+            .filter(|_| (scanout as usize) < self.scanouts.len())
+        else {
             guest_error!("virtio-gpu: cursor on scanout {scanout}");
             return Reply::err(cmd::ERR_INVALID_SCANOUT_ID);
         };
@@ -520,7 +546,8 @@ pub fn edid(modes: &[DisplayMode], scanout: u32) -> Vec<u8> {
     let mut e = vec![0u8; 128];
     e[0..8].copy_from_slice(&[0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0]);
     // Manufacturer "VMA" as three 5-bit letters, big-endian.
-    let id: u16 = (u16::from(b'V' - b'@') << 10) | (u16::from(b'M' - b'@') << 5) | u16::from(b'A' - b'@');
+    let id: u16 =
+        (u16::from(b'V' - b'@') << 10) | (u16::from(b'M' - b'@') << 5) | u16::from(b'A' - b'@');
     e[8..10].copy_from_slice(&id.to_be_bytes());
     e[10..12].copy_from_slice(&0x1234u16.to_le_bytes());
     e[12..16].copy_from_slice(&scanout.to_le_bytes());
@@ -533,13 +560,17 @@ pub fn edid(modes: &[DisplayMode], scanout: u32) -> Vec<u8> {
     e[22] = 30;
     e[23] = 120; // gamma 2.2
     e[24] = 0x06; // RGB 4:4:4, sRGB default, preferred timing is native
-    // sRGB chromaticity.
+                  // sRGB chromaticity.
     e[25..35].copy_from_slice(&[0xee, 0x91, 0xa3, 0x54, 0x4c, 0x99, 0x26, 0x0f, 0x50, 0x54]);
     for st in e[38..54].chunks_exact_mut(2) {
         st.copy_from_slice(&[1, 1]); // unused standard timing
     }
     let mut slot = 0;
-    for m in modes.iter().filter(|m| m.width <= 4095 && m.height <= 4095).take(3) {
+    for m in modes
+        .iter()
+        .filter(|m| m.width <= 4095 && m.height <= 4095)
+        .take(3)
+    {
         let d = &mut e[54 + slot * 18..72 + slot * 18];
         let (w, h) = (u32::from(m.width), u32::from(m.height));
         let (hb, vb) = (160u32, 40u32.max(h / 20));

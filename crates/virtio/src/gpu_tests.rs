@@ -61,7 +61,11 @@ impl Rig {
     fn send_on(&mut self, q: u16, cmd: &[u8]) -> (u32, Vec<u8>) {
         write_all(&self.mem, CMD, cmd).unwrap();
         write_all(&self.mem, RESP, &[0xee; 2048]).unwrap();
-        let tq = if q == 0 { &mut self.ctrl } else { &mut self.cursor };
+        let tq = if q == 0 {
+            &mut self.ctrl
+        } else {
+            &mut self.cursor
+        };
         let before = tq.used_idx();
         tq.add_chain(&[(CMD, cmd.len() as u32, false), (RESP, 2048, true)]);
         self.dev.queue_notify(q);
@@ -80,7 +84,10 @@ impl Rig {
 
     /// A `w`x`h` B8G8R8X8 resource `id` backed at BACKING in two pieces.
     fn make_resource(&mut self, id: u32, w: u32, h: u32) {
-        assert_eq!(self.send(&words(cmd::RESOURCE_CREATE_2D, &[id, 2, w, h])), cmd::OK_NODATA);
+        assert_eq!(
+            self.send(&words(cmd::RESOURCE_CREATE_2D, &[id, 2, w, h])),
+            cmd::OK_NODATA
+        );
         let len = w * h * 4;
         let half = len / 2;
         let mut c = words(cmd::RESOURCE_ATTACH_BACKING, &[id, 2]);
@@ -138,7 +145,10 @@ fn a_transferred_and_flushed_resource_shows_on_its_head() {
     // B8G8R8X8: bytes B, G, R, X.
     r.fill_backing(w, h, |x, y| [x as u8, y as u8, 0x80, 0xff]);
     assert_eq!(r.send(&transfer(0, 0, w, h, 0, 1)), cmd::OK_NODATA);
-    assert_eq!(r.send(&words(cmd::SET_SCANOUT, &[0, 0, w, h, 0, 1])), cmd::OK_NODATA);
+    assert_eq!(
+        r.send(&words(cmd::SET_SCANOUT, &[0, 0, w, h, 0, 1])),
+        cmd::OK_NODATA
+    );
     let head = r.display.heads()[0].clone();
     let frame = head.snapshot().unwrap();
     assert_eq!((frame.width, frame.height), (w, h));
@@ -149,12 +159,19 @@ fn a_transferred_and_flushed_resource_shows_on_its_head() {
     r.fill_backing(w, h, |_, _| [1, 2, 3, 0]);
     let off = u64::from(2 * w * 4 + 6 * 4);
     assert_eq!(r.send(&transfer(6, 2, 1, 1, off, 1)), cmd::OK_NODATA);
-    assert_eq!(r.send(&words(cmd::RESOURCE_FLUSH, &[6, 2, 1, 1, 1, 0])), cmd::OK_NODATA);
+    assert_eq!(
+        r.send(&words(cmd::RESOURCE_FLUSH, &[6, 2, 1, 1, 1, 0])),
+        cmd::OK_NODATA
+    );
     let c = head.changes(seen, 8);
     assert_eq!(c.rects, vec![Rect::new(6, 2, 1, 1)]);
     let frame = head.snapshot().unwrap();
     assert_eq!(frame.pixels[2 * w as usize + 6] & 0xff_ffff, 0x03_0201);
-    assert_eq!(frame.pixels[2 * w as usize + 5] & 0xff_ffff, 0x80_0205, "untouched");
+    assert_eq!(
+        frame.pixels[2 * w as usize + 5] & 0xff_ffff,
+        0x80_0205,
+        "untouched"
+    );
 }
 
 #[test]
@@ -175,16 +192,36 @@ fn hostile_resource_commands_get_errors_and_change_nothing() {
     assert_eq!(r.send(&create(0, 2, 4, 4)), cmd::ERR_INVALID_RESOURCE_ID);
     assert_eq!(r.send(&create(1, 99, 4, 4)), cmd::ERR_INVALID_PARAMETER);
     assert_eq!(r.send(&create(1, 2, 0, 4)), cmd::ERR_INVALID_PARAMETER);
-    assert_eq!(r.send(&create(1, 2, MAX_SIDE + 1, 1)), cmd::ERR_INVALID_PARAMETER);
-    assert_eq!(r.send(&create(1, 2, u32::MAX, u32::MAX)), cmd::ERR_INVALID_PARAMETER);
+    assert_eq!(
+        r.send(&create(1, 2, MAX_SIDE + 1, 1)),
+        cmd::ERR_INVALID_PARAMETER
+    );
+    assert_eq!(
+        r.send(&create(1, 2, u32::MAX, u32::MAX)),
+        cmd::ERR_INVALID_PARAMETER
+    );
     assert_eq!(r.send(&create(1, 2, 4, 4)), cmd::OK_NODATA);
-    assert_eq!(r.send(&create(1, 2, 4, 4)), cmd::ERR_INVALID_RESOURCE_ID, "in use");
+    assert_eq!(
+        r.send(&create(1, 2, 4, 4)),
+        cmd::ERR_INVALID_RESOURCE_ID,
+        "in use"
+    );
     // The memory cap: 16384 x 4096 x 4 = 256 MiB fits once, not twice.
     assert_eq!(r.send(&create(2, 2, MAX_SIDE, 4096)), cmd::OK_NODATA);
-    assert_eq!(r.send(&create(3, 2, MAX_SIDE, 4096)), cmd::ERR_OUT_OF_MEMORY);
+    assert_eq!(
+        r.send(&create(3, 2, MAX_SIDE, 4096)),
+        cmd::ERR_OUT_OF_MEMORY
+    );
     assert_eq!(r.send(&words(cmd::RESOURCE_UNREF, &[2, 0])), cmd::OK_NODATA);
-    assert_eq!(r.send(&create(3, 2, MAX_SIDE, 4096)), cmd::OK_NODATA, "unref freed it");
-    assert_eq!(r.send(&words(cmd::RESOURCE_UNREF, &[77, 0])), cmd::ERR_INVALID_RESOURCE_ID);
+    assert_eq!(
+        r.send(&create(3, 2, MAX_SIDE, 4096)),
+        cmd::OK_NODATA,
+        "unref freed it"
+    );
+    assert_eq!(
+        r.send(&words(cmd::RESOURCE_UNREF, &[77, 0])),
+        cmd::ERR_INVALID_RESOURCE_ID
+    );
 
     // Backing outside RAM, too many entries, entries past the command.
     let mut c = words(cmd::RESOURCE_ATTACH_BACKING, &[1, 1]);
@@ -199,7 +236,11 @@ fn hostile_resource_commands_get_errors_and_change_nothing() {
         r.send(&words(cmd::RESOURCE_ATTACH_BACKING, &[1, 100])),
         cmd::ERR_INVALID_PARAMETER
     );
-    assert_eq!(r.send(&transfer(0, 0, 4, 4, 0, 1)), cmd::ERR_UNSPEC, "no backing");
+    assert_eq!(
+        r.send(&transfer(0, 0, 4, 4, 0, 1)),
+        cmd::ERR_UNSPEC,
+        "no backing"
+    );
     // A backing shorter than the resource: the transfer fails, no panic.
     let mut c = words(cmd::RESOURCE_ATTACH_BACKING, &[1, 2]);
     for _ in 0..2 {
@@ -207,16 +248,34 @@ fn hostile_resource_commands_get_errors_and_change_nothing() {
         c.extend_from_slice(&[8, 0, 0, 0, 0, 0, 0, 0]);
     }
     assert_eq!(r.send(&c), cmd::OK_NODATA);
-    assert_eq!(r.send(&transfer(0, 0, 4, 4, 0, 1)), cmd::ERR_INVALID_PARAMETER);
-    assert_eq!(r.send(&transfer(0, 0, 4, 2, 0, 1)), cmd::ERR_INVALID_PARAMETER);
-    assert_eq!(r.send(&transfer(0, 0, 4, 1, 0, 1)), cmd::OK_NODATA, "16 bytes fit");
+    assert_eq!(
+        r.send(&transfer(0, 0, 4, 4, 0, 1)),
+        cmd::ERR_INVALID_PARAMETER
+    );
+    assert_eq!(
+        r.send(&transfer(0, 0, 4, 2, 0, 1)),
+        cmd::ERR_INVALID_PARAMETER
+    );
+    assert_eq!(
+        r.send(&transfer(0, 0, 4, 1, 0, 1)),
+        cmd::OK_NODATA,
+        "16 bytes fit"
+    );
     assert_eq!(
         r.send(&transfer(0, 0, 2, 1, u64::MAX, 1)),
         cmd::ERR_INVALID_PARAMETER
     );
     // Rectangles outside the resource, with overflowing sums.
-    for (x, y, w, h) in [(3, 0, 2, 1), (0, 0, 5, 4), (u32::MAX, 0, 2, 1), (0, 1, 1, u32::MAX)] {
-        assert_eq!(r.send(&transfer(x, y, w, h, 0, 1)), cmd::ERR_INVALID_PARAMETER);
+    for (x, y, w, h) in [
+        (3, 0, 2, 1),
+        (0, 0, 5, 4),
+        (u32::MAX, 0, 2, 1),
+        (0, 1, 1, u32::MAX),
+    ] {
+        assert_eq!(
+            r.send(&transfer(x, y, w, h, 0, 1)),
+            cmd::ERR_INVALID_PARAMETER
+        );
         assert_eq!(
             r.send(&words(cmd::RESOURCE_FLUSH, &[x, y, w, h, 1, 0])),
             cmd::ERR_INVALID_PARAMETER
@@ -234,9 +293,16 @@ fn hostile_resource_commands_get_errors_and_change_nothing() {
         r.send(&words(cmd::SET_SCANOUT, &[0, 0, 4, 4, 0, 9])),
         cmd::ERR_INVALID_RESOURCE_ID
     );
-    assert_eq!(r.send(&words(cmd::GET_EDID, &[7, 0])), cmd::ERR_INVALID_SCANOUT_ID);
+    assert_eq!(
+        r.send(&words(cmd::GET_EDID, &[7, 0])),
+        cmd::ERR_INVALID_SCANOUT_ID
+    );
     assert_eq!(r.send(&hdr(0x0200)), cmd::ERR_UNSPEC, "3D is not offered");
-    assert_eq!(r.send(&hdr(cmd::RESOURCE_CREATE_2D)), cmd::ERR_INVALID_PARAMETER, "short");
+    assert_eq!(
+        r.send(&hdr(cmd::RESOURCE_CREATE_2D)),
+        cmd::ERR_INVALID_PARAMETER,
+        "short"
+    );
     assert_eq!(r.send(&[1, 2, 3]), cmd::ERR_UNSPEC, "no header");
     assert!(r.display.heads()[0].snapshot().is_none(), "nothing shown");
 }
@@ -245,11 +311,17 @@ fn hostile_resource_commands_get_errors_and_change_nothing() {
 fn unref_of_a_shown_resource_blanks_its_head() {
     let mut r = rig(1);
     r.make_resource(5, 4, 4);
-    assert_eq!(r.send(&words(cmd::SET_SCANOUT, &[0, 0, 4, 4, 0, 5])), cmd::OK_NODATA);
+    assert_eq!(
+        r.send(&words(cmd::SET_SCANOUT, &[0, 0, 4, 4, 0, 5])),
+        cmd::OK_NODATA
+    );
     assert!(r.display.heads()[0].snapshot().is_some());
     assert_eq!(r.send(&words(cmd::RESOURCE_UNREF, &[5, 0])), cmd::OK_NODATA);
     assert!(r.display.heads()[0].snapshot().is_none());
-    assert_eq!(r.send(&words(cmd::RESOURCE_FLUSH, &[0, 0, 4, 4, 5, 0])), cmd::ERR_INVALID_RESOURCE_ID);
+    assert_eq!(
+        r.send(&words(cmd::RESOURCE_FLUSH, &[0, 0, 4, 4, 5, 0])),
+        cmd::ERR_INVALID_RESOURCE_ID
+    );
 }
 
 #[test]
@@ -260,7 +332,10 @@ fn fences_are_echoed() {
     c[8..16].copy_from_slice(&0x1234_5678_9abc_u64.to_le_bytes());
     let (_, out) = r.send_on(0, &c);
     assert_eq!(out[4], FLAG_FENCE as u8);
-    assert_eq!(u64::from_le_bytes(out[8..16].try_into().unwrap()), 0x1234_5678_9abc);
+    assert_eq!(
+        u64::from_le_bytes(out[8..16].try_into().unwrap()),
+        0x1234_5678_9abc
+    );
 }
 
 #[test]
@@ -304,7 +379,8 @@ fn a_full_ring_of_commands_is_answered_in_one_kick() {
     let mut r = rig(1);
     write_all(&r.mem, CMD, &hdr(cmd::GET_DISPLAY_INFO)).unwrap();
     for _ in 0..8 {
-        r.ctrl.add_chain(&[(CMD, HDR_LEN as u32, false), (RESP, 1024, true)]);
+        r.ctrl
+            .add_chain(&[(CMD, HDR_LEN as u32, false), (RESP, 1024, true)]);
     }
     r.dev.queue_notify(0);
     assert_eq!(r.ctrl.used_idx(), 8);
@@ -314,7 +390,10 @@ fn a_full_ring_of_commands_is_answered_in_one_kick() {
 fn reset_drops_resources_and_blanks_heads() {
     let mut r = rig(1);
     r.make_resource(1, 4, 4);
-    assert_eq!(r.send(&words(cmd::SET_SCANOUT, &[0, 0, 4, 4, 0, 1])), cmd::OK_NODATA);
+    assert_eq!(
+        r.send(&words(cmd::SET_SCANOUT, &[0, 0, 4, 4, 0, 1])),
+        cmd::OK_NODATA
+    );
     r.dev.reset();
     assert!(r.display.heads()[0].snapshot().is_none());
     assert_eq!(r.dev.gpu.host_bytes, 0);

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::{Args, Parser, Subcommand};
 use crate::fronts::{Front, GpuArg};
+use clap::{Args, Parser, Subcommand};
 use machine::display::{DisplayConfig, GpuKind, MAX_HEADS};
 use machine::{default_mac, BootSource, Machine, MachineConfig, NicSpec, RunOutcome};
 use vm_config::{
@@ -608,11 +608,11 @@ fn vnc_settings(
         if let Front::Vnc(listen) = front {
             let listen = match (listen, display.and_then(|d| d.vnc.as_deref())) {
                 (Some(l), _) => l.clone(),
-                (None, Some(addr)) => crate::fronts::parse_listen(addr).map_err(|e| {
-                    Error::usage(format!("bundle display.vnc: {e}"))
-                })?,
-                (None, None) => crate::fronts::parse_listen(crate::fronts::DEFAULT_VNC)
-                    .map_err(Error::usage)?,
+                (None, Some(addr)) => crate::fronts::parse_listen(addr)
+                    .map_err(|e| Error::usage(format!("bundle display.vnc: {e}")))?,
+                (None, None) => {
+                    crate::fronts::parse_listen(crate::fronts::DEFAULT_VNC).map_err(Error::usage)?
+                }
             };
             listens.push(listen);
         }
@@ -630,9 +630,7 @@ fn vnc_settings(
             .map(|f| b.resolve(f)),
         (None, None) => None,
     };
-    let password = file
-        .map(|f| crate::fronts::read_password(&f))
-        .transpose()?;
+    let password = file.map(|f| crate::fronts::read_password(&f)).transpose()?;
     Ok((listens, password))
 }
 
@@ -817,9 +815,7 @@ mod tests {
 
     #[test]
     fn display_options_are_checked_on_every_host() {
-        let err = display_options(&[], Some("1920x"))
-            .unwrap_err()
-            .to_string();
+        let err = display_options(&[], Some("1920x")).unwrap_err().to_string();
         assert!(err.starts_with("--display-modes \"1920x\": "), "{err}");
         assert!(display_options(&[], Some("")).is_err());
         assert!(display_options(&[], Some("640x480@60;")).is_err());

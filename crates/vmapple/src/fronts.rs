@@ -142,7 +142,9 @@ mod tests {
         assert_eq!("vnc".parse(), Ok(Front::Vnc(None)));
         assert_eq!(
             "vnc=127.0.0.1:5901".parse(),
-            Ok(Front::Vnc(Some(Listen::Tcp("127.0.0.1:5901".parse().unwrap()))))
+            Ok(Front::Vnc(Some(Listen::Tcp(
+                "127.0.0.1:5901".parse().unwrap()
+            ))))
         );
         assert_eq!(
             "vnc=unix:/tmp/v.sock".parse(),

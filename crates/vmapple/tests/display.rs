@@ -244,7 +244,15 @@ fn virtio_gpu_framebuffer_and_input_through_vnc() {
             .collect::<Vec<_>>()
     };
     // Pixel 100 of 1024 and 200 of 768 on the tablet's 0..32767 scale.
-    assert_eq!(tablet(EV_ABS, ABS_X).last(), Some(&(100 * 32767 / 1023)), "{events:?}");
-    assert_eq!(tablet(EV_ABS, ABS_Y).last(), Some(&(200 * 32767 / 767)), "{events:?}");
+    assert_eq!(
+        tablet(EV_ABS, ABS_X).last(),
+        Some(&(100 * 32767 / 1023)),
+        "{events:?}"
+    );
+    assert_eq!(
+        tablet(EV_ABS, ABS_Y).last(),
+        Some(&(200 * 32767 / 767)),
+        "{events:?}"
+    );
     assert_eq!(tablet(EV_KEY, BTN_LEFT), vec![1, 0], "{events:?}");
 }

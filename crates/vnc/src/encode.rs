@@ -183,7 +183,13 @@ impl Default for Zrle {
 impl Zrle {
     /// The ZRLE data of a `width` x `height` rectangle of `pixels` (rows of
     /// `width`): its length and the zlib bytes.
-    pub fn encode(&mut self, pf: PixelFormat, width: usize, height: usize, pixels: &[u32]) -> Vec<u8> {
+    pub fn encode(
+        &mut self,
+        pf: PixelFormat,
+        width: usize,
+        height: usize,
+        pixels: &[u32],
+    ) -> Vec<u8> {
         let cp = pf.cpixel();
         let mut raw = Vec::with_capacity(width * height * 4 / 2 + 64);
         let mut tile = Vec::with_capacity(TILE * TILE);
@@ -340,7 +346,8 @@ mod tests {
         let len = u32::from_be_bytes(data[..4].try_into().unwrap()) as usize;
         assert_eq!(len, data.len() - 4);
         let mut raw = Vec::with_capacity(1 << 20);
-        z.decompress_vec(&data[4..], &mut raw, FlushDecompress::Sync).unwrap();
+        z.decompress_vec(&data[4..], &mut raw, FlushDecompress::Sync)
+            .unwrap();
         let mut at;
         let mut out = vec![0u32; w * h];
         let mut tiles = Vec::new();
@@ -416,8 +423,16 @@ mod tests {
         let mut frames = Vec::new();
         // Solid, few-colour and many-colour content across partial tiles.
         frames.push(vec![0x11_2233; w * h]);
-        frames.push((0..w * h).map(|i| if i % 7 == 0 { 0xff } else { 0xff_0000 }).collect());
-        frames.push((0..w * h).map(|i| (i as u32).wrapping_mul(2_654_435_761) & 0xff_ffff).collect());
+        frames.push(
+            (0..w * h)
+                .map(|i| if i % 7 == 0 { 0xff } else { 0xff_0000 })
+                .collect(),
+        );
+        frames.push(
+            (0..w * h)
+                .map(|i| (i as u32).wrapping_mul(2_654_435_761) & 0xff_ffff)
+                .collect(),
+        );
         let mut enc = Zrle::default();
         let mut dec = Decompress::new(true);
         for f in frames {

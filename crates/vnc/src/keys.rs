@@ -75,16 +75,16 @@ pub fn usage(keysym: u32) -> Option<(u8, bool)> {
         0xffb1..=0xffb9 => plain(0x59 + (keysym - 0xffb1) as u8),
         0xffbe..=0xffc9 => plain(0x3a + (keysym - 0xffbe) as u8), // F1..F12
         0xffca..=0xffd5 => plain(0x68 + (keysym - 0xffca) as u8), // F13..F24
-        0xffe1 => plain(0xe1),          // Shift_L
-        0xffe2 => plain(0xe5),          // Shift_R
-        0xffe3 => plain(0xe0),          // Control_L
-        0xffe4 => plain(0xe4),          // Control_R
-        0xffe5 => plain(0x39),          // Caps_Lock
-        0xffe7 | 0xffeb => plain(0xe3), // Meta_L, Super_L
-        0xffe8 | 0xffec => plain(0xe7), // Meta_R, Super_R
-        0xffe9 => plain(0xe2),          // Alt_L
-        0xffea => plain(0xe6),          // Alt_R
-        0xffff => plain(0x4c),          // Delete
+        0xffe1 => plain(0xe1),                                    // Shift_L
+        0xffe2 => plain(0xe5),                                    // Shift_R
+        0xffe3 => plain(0xe0),                                    // Control_L
+        0xffe4 => plain(0xe4),                                    // Control_R
+        0xffe5 => plain(0x39),                                    // Caps_Lock
+        0xffe7 | 0xffeb => plain(0xe3),                           // Meta_L, Super_L
+        0xffe8 | 0xffec => plain(0xe7),                           // Meta_R, Super_R
+        0xffe9 => plain(0xe2),                                    // Alt_L
+        0xffea => plain(0xe6),                                    // Alt_R
+        0xffff => plain(0x4c),                                    // Delete
         _ => None,
     }
 }
@@ -118,7 +118,11 @@ mod tests {
         assert_eq!(usage(0xffe3), Some((0xe0, false)));
         assert_eq!(usage(0xffb5), Some((0x5d, false)));
         assert!(is_shift(0xe5));
-        assert_eq!(usage(0x1008_ff11), None, "XF86 keys have no USB keyboard key");
+        assert_eq!(
+            usage(0x1008_ff11),
+            None,
+            "XF86 keys have no USB keyboard key"
+        );
         assert_eq!(usage(0xe9), None, "no US key types é");
     }
 }

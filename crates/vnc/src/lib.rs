@@ -190,7 +190,9 @@ impl Listener {
     fn accept(&self) -> io::Result<(Stream, String)> {
         match self {
             Listener::Tcp(l) => l.accept().map(|(s, a)| (Stream::Tcp(s), a.to_string())),
-            Listener::Unix(l) => l.accept().map(|(s, _)| (Stream::Unix(s), "unix".to_string())),
+            Listener::Unix(l) => l
+                .accept()
+                .map(|(s, _)| (Stream::Unix(s), "unix".to_string())),
         }
     }
 }
@@ -266,16 +268,17 @@ fn accept_loop(listener: Listener, ctx: Arc<Ctx>, stop: Arc<AtomicBool>) {
                     continue;
                 }
                 let c = ctx.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("vnc-client".into())
-                    .spawn(move || {
-                        if let Err(reason) = serve(stream, &c, &peer) {
-                            tracing::warn!("vnc: client {peer} cut off: {reason}");
-                        } else {
-                            tracing::info!("vnc: client {peer} left");
-                        }
-                        c.clients.fetch_sub(1, Ordering::AcqRel);
-                    });
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("vnc-client".into())
+                        .spawn(move || {
+                            if let Err(reason) = serve(stream, &c, &peer) {
+                                tracing::warn!("vnc: client {peer} cut off: {reason}");
+                            } else {
+                                tracing::info!("vnc: client {peer} left");
+                            }
+                            c.clients.fetch_sub(1, Ordering::AcqRel);
+                        });
                 if let Err(e) = spawned {
                     ctx.clients.fetch_sub(1, Ordering::AcqRel);
                     tracing::warn!("vnc: no thread for a client: {e}");
@@ -303,26 +306,41 @@ const SEC_VNC: u8 = 2;
 
 /// The protocol minor version spoken (3, 7 or 8).
 fn handshake(s: &mut Stream, ctx: &Ctx) -> Result<u8, Cut> {
-    s.write_all(b"RFB 003.008\n").map_err(io_cut("sending the version"))?;
+    s.write_all(b"RFB 003.008\n")
+        .map_err(io_cut("sending the version"))?;
     let mut v = [0u8; 12];
-    s.read_exact(&mut v).map_err(io_cut("reading the version"))?;
-    let minor = parse_version(&v).ok_or_else(|| format!("bad version string {:?}", String::from_utf8_lossy(&v)))?;
-    let sec = if ctx.password.is_some() { SEC_VNC } else { SEC_NONE };
-    if minor == 3 {
-        s.write_all(&u32::from(sec).to_be_bytes()).map_err(io_cut("sending security"))?;
+    s.read_exact(&mut v)
+        .map_err(io_cut("reading the version"))?;
+    let minor = parse_version(&v)
+        .ok_or_else(|| format!("bad version string {:?}", String::from_utf8_lossy(&v)))?;
+    let sec = if ctx.password.is_some() {
+        SEC_VNC
     } else {
-        s.write_all(&[1, sec]).map_err(io_cut("sending security types"))?;
+        SEC_NONE
+    };
+    if minor == 3 {
+        s.write_all(&u32::from(sec).to_be_bytes())
+            .map_err(io_cut("sending security"))?;
+    } else {
+        s.write_all(&[1, sec])
+            .map_err(io_cut("sending security types"))?;
         let mut pick = [0u8; 1];
-        s.read_exact(&mut pick).map_err(io_cut("reading the security type"))?;
+        s.read_exact(&mut pick)
+            .map_err(io_cut("reading the security type"))?;
         if pick[0] != sec {
-            return Err(format!("asked for security type {} (offered {sec})", pick[0]));
+            return Err(format!(
+                "asked for security type {} (offered {sec})",
+                pick[0]
+            ));
         }
     }
     if let Some(password) = &ctx.password {
         let challenge = random16().map_err(io_cut("no random challenge"))?;
-        s.write_all(&challenge).map_err(io_cut("sending the challenge"))?;
+        s.write_all(&challenge)
+            .map_err(io_cut("sending the challenge"))?;
         let mut response = [0u8; 16];
-        s.read_exact(&mut response).map_err(io_cut("reading the response"))?;
+        s.read_exact(&mut response)
+            .map_err(io_cut("reading the response"))?;
         if vnc_auth_response(password, &challenge) != response {
             let _ = s.write_all(&1u32.to_be_bytes());
             if minor == 8 {
@@ -332,12 +350,15 @@ fn handshake(s: &mut Stream, ctx: &Ctx) -> Result<u8, Cut> {
             }
             return Err("wrong password".into());
         }
-        s.write_all(&0u32.to_be_bytes()).map_err(io_cut("sending the result"))?;
+        s.write_all(&0u32.to_be_bytes())
+            .map_err(io_cut("sending the result"))?;
     } else if minor == 8 {
-        s.write_all(&0u32.to_be_bytes()).map_err(io_cut("sending the result"))?;
+        s.write_all(&0u32.to_be_bytes())
+            .map_err(io_cut("sending the result"))?;
     }
     let mut shared = [0u8; 1];
-    s.read_exact(&mut shared).map_err(io_cut("reading ClientInit"))?;
+    s.read_exact(&mut shared)
+        .map_err(io_cut("reading ClientInit"))?;
     Ok(minor)
 }
 
@@ -419,7 +440,8 @@ fn serve(mut s: Stream, ctx: &Ctx, peer: &str) -> Result<(), Cut> {
     init.extend_from_slice(name);
     s.write_all(&init).map_err(io_cut("sending ServerInit"))?;
     tracing::info!("vnc: client {peer} connected");
-    s.setup(None, Some(WRITE_TIMEOUT)).map_err(io_cut("socket setup"))?;
+    s.setup(None, Some(WRITE_TIMEOUT))
+        .map_err(io_cut("socket setup"))?;
 
     let client = Arc::new(Client {
         shared: Mutex::new(Shared {
@@ -482,7 +504,8 @@ fn read_loop(mut s: Stream, c: &Client, input: Option<&dyn InputSink>, head: &He
             2 => read_n::<3>(&mut s).and_then(|b| {
                 let n = usize::from(u16::from_be_bytes([b[1], b[2]]));
                 let mut raw = vec![0u8; n * 4];
-                s.read_exact(&mut raw).map_err(|e| format!("reading encodings: {e}"))?;
+                s.read_exact(&mut raw)
+                    .map_err(|e| format!("reading encodings: {e}"))?;
                 let list: Vec<i32> = raw
                     .chunks_exact(4)
                     .map(|e| i32::from_be_bytes([e[0], e[1], e[2], e[3]]))
@@ -551,7 +574,8 @@ fn read_loop(mut s: Stream, c: &Client, input: Option<&dyn InputSink>, head: &He
 
 fn read_n<const N: usize>(s: &mut Stream) -> Result<[u8; N], Cut> {
     let mut b = [0u8; N];
-    s.read_exact(&mut b).map_err(|e| format!("reading a message: {e}"))?;
+    s.read_exact(&mut b)
+        .map_err(|e| format!("reading a message: {e}"))?;
     Ok(b)
 }
 

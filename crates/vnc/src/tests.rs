@@ -139,7 +139,8 @@ fn vnc_authentication_takes_the_right_password_only() {
         assert_eq!(read_n(&mut s, 2), [1, SEC_VNC]);
         s.write_all(&[SEC_VNC]).unwrap();
         let challenge: [u8; 16] = read_n(&mut s, 16).try_into().unwrap();
-        s.write_all(&vnc_auth_response(password, &challenge)).unwrap();
+        s.write_all(&vnc_auth_response(password, &challenge))
+            .unwrap();
         let result = u32::from_be_bytes(read_n(&mut s, 4).try_into().unwrap());
         assert_eq!(result == 0, ok, "{password:?}");
         if !ok {
@@ -185,17 +186,13 @@ fn hostile_clients_are_cut_off_and_others_still_served() {
     s.write_all(b"GET / HTTP/1.1\r\n").unwrap();
     assert!(closed(&mut s));
     // A huge cut text, an unknown message, an impossible pixel format.
-    for msg in [
-        vec![6, 0, 0, 0, 0x7f, 0xff, 0xff, 0xff],
-        vec![200],
-        {
-            let mut m = vec![0, 0, 0, 0];
-            let mut pf = PixelFormat::default().to_wire();
-            pf[3] = 0;
-            m.extend_from_slice(&pf);
-            m
-        },
-    ] {
+    for msg in [vec![6, 0, 0, 0, 0x7f, 0xff, 0xff, 0xff], vec![200], {
+        let mut m = vec![0, 0, 0, 0];
+        let mut pf = PixelFormat::default().to_wire();
+        pf[3] = 0;
+        m.extend_from_slice(&pf);
+        m
+    }] {
         let mut s = connect(&r);
         hello(&mut s);
         s.write_all(&msg).unwrap();
@@ -204,7 +201,8 @@ fn hostile_clients_are_cut_off_and_others_still_served() {
     // Cut text within the limit is read and dropped.
     let mut s = connect(&r);
     hello(&mut s);
-    s.write_all(&[6, 0, 0, 0, 0, 0, 0, 3, b'a', b'b', b'c']).unwrap();
+    s.write_all(&[6, 0, 0, 0, 0, 0, 0, 3, b'a', b'b', b'c'])
+        .unwrap();
     request(&mut s, false);
     assert_eq!(read_update(&mut s).len(), 1);
 }
@@ -289,7 +287,10 @@ fn a_resize_is_announced_with_desktop_size() {
     assert_eq!(u16::from_be_bytes([h[2], h[3]]), 2);
     let rect = read_n(&mut s, 12);
     assert_eq!(&rect[4..8], &[0, 32, 0, 16]);
-    assert_eq!(i32::from_be_bytes(rect[8..12].try_into().unwrap()), encoding::DESKTOP_SIZE);
+    assert_eq!(
+        i32::from_be_bytes(rect[8..12].try_into().unwrap()),
+        encoding::DESKTOP_SIZE
+    );
 }
 
 #[test]

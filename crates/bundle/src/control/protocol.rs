@@ -853,7 +853,10 @@ mod tests {
             path: "/s.png".into(),
             head: 0,
         };
-        assert_eq!(r.to_json(), serde_json::json!({"cmd":"screenshot","path":"/s.png"}));
+        assert_eq!(
+            r.to_json(),
+            serde_json::json!({"cmd":"screenshot","path":"/s.png"})
+        );
     }
 
     #[test]
