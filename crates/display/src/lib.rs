@@ -235,7 +235,9 @@ impl Head {
         st.size_serial = st.serial;
     }
 
-    /// Writes `rect` from `src` (rows of `rect.width` pixels) and marks it
+    /// Writes `rect` from `src` (rows of `rect.width` pixels) and marks
+    /// damaged the part that changed: guests declare damage coarsely (a
+    /// framebuffer console's whole rows, say), and front ends send what is
     /// damaged. The part outside the frame is dropped.
     pub fn write(&self, rect: Rect, src: &[u32]) {
         let mut st = lock(&self.state);
@@ -246,13 +248,29 @@ impl Head {
         let (fw, sw) = (st.width as usize, rect.width as usize);
         let dx = (clipped.x - rect.x) as usize;
         let dy = (clipped.y - rect.y) as usize;
+        let n = clipped.width as usize;
+        let mut changed = Rect::default();
         for row in 0..clipped.height as usize {
             let s = (dy + row) * sw + dx;
             let d = (clipped.y as usize + row) * fw + clipped.x as usize;
-            let n = clipped.width as usize;
-            st.pixels[d..d + n].copy_from_slice(&src[s..s + n]);
+            let (new, old) = (&src[s..s + n], &mut st.pixels[d..d + n]);
+            if new == old {
+                continue;
+            }
+            let first = new.iter().zip(old.iter()).position(|(a, b)| a != b).unwrap_or(0);
+            let last = new
+                .iter()
+                .zip(old.iter())
+                .rposition(|(a, b)| a != b)
+                .unwrap_or(first);
+            old.copy_from_slice(new);
+            let y = clipped.y + row as u32;
+            let x = clipped.x + first as u32;
+            changed = changed.union(&Rect::new(x, y, (last - first + 1) as u32, 1));
         }
-        self.bump(&mut st, Some(clipped));
+        if !changed.is_empty() {
+            self.bump(&mut st, Some(changed));
+        }
     }
 
     /// A whole new frame; only the rows and columns that differ from the
@@ -593,6 +611,7 @@ mod tests {
         let s = h.changes(Seen::default(), 8).now;
         h.write(Rect::new(1, 1, 3, 3), &[1; 9]);
         h.write(Rect::new(u32::MAX, u32::MAX, 5, 5), &[1; 25]);
+        h.write(Rect::new(0, 0, 2, 2), &[0, 0, 0, 1]); // what is there already
         h.write(Rect::new(0, 0, 2, 2), &[1; 3]); // too few pixels: ignored
         assert_eq!(h.changes(s, 8).rects, vec![Rect::new(1, 1, 1, 1)]);
         assert_eq!(h.snapshot().unwrap().pixels, vec![0, 0, 0, 1]);
@@ -607,6 +626,21 @@ mod tests {
             h.write(Rect::new(i % 8, 0, 1, 1), &[i]);
         }
         assert!(h.changes(s, 8).full);
+    }
+
+    #[test]
+    fn only_the_changed_part_of_a_write_is_damage() {
+        let h = head();
+        h.set_size(8, 4);
+        let s = h.changes(Seen::default(), 8).now;
+        let mut rows = vec![0u32; 8 * 4];
+        rows[8 + 3] = 5;
+        rows[2 * 8 + 5] = 6;
+        h.write(Rect::new(0, 0, 8, 4), &rows);
+        assert_eq!(h.changes(s, 8).rects, vec![Rect::new(3, 1, 3, 2)]);
+        let s = h.changes(s, 8).now;
+        h.write(Rect::new(0, 0, 8, 4), &rows);
+        assert!(h.changes(s, 8).is_empty(), "nothing changed");
     }
 
     #[test]
