@@ -29,7 +29,7 @@ pub const MAX_SIDE: u32 = 16384;
 
 /// Damage rectangles remembered per head. A front end further behind gets
 /// the whole frame, which is what it would draw anyway.
-const DAMAGE_HISTORY: usize = 64;
+const DAMAGE_HISTORY: usize = 1024;
 
 /// A rectangle in frame coordinates.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -20,7 +20,7 @@ pub mod xhci;
 
 pub use control::control_request;
 pub use platform::{aes, bdif, cfg, pl011, pl031, pl061, pvpanic};
-pub use virtio::{virtio_blk, virtio_blk_apple, virtio_net};
+pub use virtio::{virtio_blk, virtio_blk_apple, virtio_gpu, virtio_net};
 pub use xhci::xhci;
 
 /// What one input reached.
@@ -54,6 +54,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("virtio_blk", virtio_blk),
     ("virtio_blk_apple", virtio_blk_apple),
     ("virtio_net", virtio_net),
+    ("virtio_gpu", virtio_gpu),
     ("xhci", xhci),
     ("control_request", control_request),
 ];

@@ -49,7 +49,7 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a client may leave an update unread before it is cut off.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Rectangles per update before they are merged into their bounding box.
-const MAX_RECTS: usize = 32;
+const MAX_RECTS: usize = 512;
 /// How often idle threads look for shutdown.
 const POLL: Duration = Duration::from_millis(100);
 
