@@ -257,7 +257,11 @@ impl Head {
             if new == old {
                 continue;
             }
-            let first = new.iter().zip(old.iter()).position(|(a, b)| a != b).unwrap_or(0);
+            let first = new
+                .iter()
+                .zip(old.iter())
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
             let last = new
                 .iter()
                 .zip(old.iter())
