@@ -45,7 +45,13 @@ if [ "$host" = macos ]; then
         # shellcheck disable=SC2086 # a list of formulae
         brew install $missing
     fi
-    [ "${1:-}" = "--packages" ] && exit 0
+    # The display test's VNC client (crates/vmapple/tests/display.rs).
+if ! command -v vncdo >/dev/null 2>&1; then
+    echo "setup: installing vncdotool (pip)"
+    python3 -m pip install -q vncdotool || echo "setup: pip install vncdotool failed; the display test will fail" >&2
+fi
+
+[ "${1:-}" = "--packages" ] && exit 0
     if [ -z "${VMAPPLE_GUEST_DIR:-}" ]; then
         echo "setup: no Linux guest on macOS (guest/linux/build.sh needs Debian's apt): set VMAPPLE_GUEST_DIR to a directory it made on a Debian machine to boot one"
     elif [ ! -f "$VMAPPLE_GUEST_DIR/Image" ] || [ ! -f "$VMAPPLE_GUEST_DIR/initramfs.cpio.gz" ]; then

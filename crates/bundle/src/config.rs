@@ -125,6 +125,12 @@ pub struct DisplayConfig {
     /// Modes offered to the guest, preferred first. Empty: no display.
     #[serde(default)]
     pub modes: DisplayModes,
+    /// Where `--display vnc` listens: `HOST:PORT` or `unix:PATH`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vnc: Option<String>,
+    /// The VNC password's file (first line), relative to the bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vnc_password_file: Option<std::path::PathBuf>,
 }
 
 impl Default for DisplayConfig {
@@ -132,6 +138,8 @@ impl Default for DisplayConfig {
         DisplayConfig {
             modes: DisplayModes::new(vec![DisplayMode::new(1920, 1080, 60)])
                 .expect("one mode is a valid list"),
+            vnc: None,
+            vnc_password_file: None,
         }
     }
 }

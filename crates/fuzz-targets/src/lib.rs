@@ -24,7 +24,7 @@ pub use control::control_request;
 pub use msix::msix;
 pub use platform::{aes, bdif, cfg, pl011, pl031, pl061, pvpanic};
 pub use snapshot::snapshot;
-pub use virtio::{virtio_blk, virtio_blk_apple, virtio_net};
+pub use virtio::{virtio_blk, virtio_blk_apple, virtio_gpu, virtio_net};
 pub use xhci::xhci;
 
 /// What one input reached.
@@ -58,6 +58,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("virtio_blk", virtio_blk),
     ("virtio_blk_apple", virtio_blk_apple),
     ("virtio_net", virtio_net),
+    ("virtio_gpu", virtio_gpu),
     ("xhci", xhci),
     ("control_request", control_request),
     ("snapshot", snapshot),

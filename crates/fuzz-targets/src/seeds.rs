@@ -27,6 +27,9 @@ pub fn for_target(name: &str) -> Vec<Vec<u8>> {
         "virtio_blk" => virtio_blk(false),
         "virtio_blk_apple" => virtio_blk(true),
         "virtio_net" => virtio_net(),
+        // A queue layout and chains as virtio-blk's seeds lay them out; the
+        // GPU reads their contents as (mostly malformed) commands.
+        "virtio_gpu" => virtio_blk(false),
         "xhci" => xhci(),
         "control_request" => control_request(),
         "snapshot" => snapshot(),

@@ -337,6 +337,28 @@ pub fn virtio_blk_apple(data: &[u8]) -> Report {
     block_target(data, Some(variant))
 }
 
+/// virtio-gpu (2D, two heads) on a display model: every command field is
+/// the input's. Checks that the device's host memory stays under its cap
+/// and that every head's frame matches its size.
+pub fn virtio_gpu(data: &[u8]) -> Report {
+    let mut input = Input::new(data);
+    let mem = input::guest_memory(&mut input);
+    let modes = vec![vm_config::display::DisplayMode::new(64, 48, 60)];
+    let display = display::Display::new(vec![modes.clone(), modes]);
+    let mut dev = virtio::gpu::VirtioGpu::new(display.clone());
+    let (report, _) = run(&mut input, mem, &mut dev, u16::MAX, &mut |_| {});
+    for head in display.heads() {
+        if let Some(frame) = head.snapshot() {
+            assert_eq!(
+                frame.pixels.len(),
+                frame.width as usize * frame.height as usize,
+                "a head's frame matches its size"
+            );
+        }
+    }
+    report
+}
+
 /// Frames the guest sent, fed back to it as received frames, plus frames
 /// the input injects. Bounded so a guest cannot make it grow.
 #[derive(Default)]

@@ -168,6 +168,14 @@ fn virtio_net() {
 }
 
 #[test]
+fn virtio_gpu() {
+    // The seeds are virtio-blk's layouts: what counts here is that no
+    // input panics the device or breaks the display model's invariants.
+    let r = smoke("virtio_gpu", 150 * SCALE, 250 * SCALE);
+    assert!(r.ops >= 1, "{r:?}");
+}
+
+#[test]
 fn xhci() {
     let r = smoke("xhci", 150 * SCALE, 250 * SCALE);
     assert!(

@@ -1,10 +1,11 @@
-//! The `apple-gfx-mmio` display on the vmapple board (vmapple-machine.md
-//! §2, §3; apple-gfx.md §7) and what the host sees of it.
+//! The machine's display device and what the host sees of it.
 //!
-//! The machine builds the device from any [`apple_gfx::Framework`]: on
-//! macOS the ParavirtualizedGraphics glue, in tests the core's fake. The
-//! host side of the device is a [`Screen`]: the last frame the core
-//! published, kept for the control socket's `screenshot`.
+//! Two devices feed the shared display model ([`display::Display`]):
+//! `apple-gfx-mmio` on the vmapple board (vmapple-machine.md §2, §3;
+//! apple-gfx.md §7), built from any [`apple_gfx::Framework`] (on macOS the
+//! ParavirtualizedGraphics glue, in tests the core's fake), and virtio-gpu
+//! on the PCI bus (attached by `pci_devices`), on any host. Front ends
+//! (the window, screenshots, VNC) read the model and know no device.
 //!
 //! The PCI variant, `apple-gfx-pci` ([`apple_gfx::ApplePciGfx`]), is not
 //! offered: it signals interrupts only by MSI, and vmapple as QEMU has it
@@ -14,14 +15,12 @@
 //! [`apple_gfx::PciGfxError::NoMsi`]; with it the sink exists, but no
 //! option attaches the function yet.
 
-use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
-use vm_core::sync::{lock, wait_timeout};
+use std::sync::Arc;
 
-use apple_gfx::cursor::CursorImage;
+use apple_gfx::cursor::CursorImage as GfxCursor;
 use apple_gfx::memory::VaSpace;
 use apple_gfx::{AppleGfx, DisplaySink, Executor, Framework};
+use display::{CursorImage, Display, Head};
 
 use crate::layout::{GFX_BASE, GFX_IOSFC_BASE, GFX_IOSFC_SIZE, GFX_SLOT, SPI_GFX, SPI_GFX_IOSFC};
 use crate::platform::Core;
@@ -29,17 +28,48 @@ use crate::registry::{Attachment, Registry};
 use crate::MachineError;
 
 pub use apple_gfx::DisplayMode;
+pub use display::{Frame, ScreenshotError};
+
+/// Which device shows the guest's display.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GpuKind {
+    /// apple-gfx-mmio, for macOS guests; needs ParavirtualizedGraphics.
+    #[default]
+    AppleGfx,
+    /// virtio-gpu (2D) on the PCI bus, for Linux guests; on any host.
+    Virtio,
+}
+
+/// Heads virtio-gpu offers at most.
+pub const MAX_HEADS: usize = virtio::gpu::MAX_SCANOUTS;
 
 /// The display the user asked for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DisplayConfig {
-    /// Modes offered to the guest, the first preferred; empty means
-    /// apple-gfx's defaults.
-    pub modes: Vec<DisplayMode>,
+    pub device: GpuKind,
+    /// Modes offered on each head, the first preferred. No heads means
+    /// one with the device's defaults; apple-gfx has exactly one.
+    pub heads: Vec<Vec<DisplayMode>>,
     /// A host window shows the display (`--display cocoa`). The display
     /// handlers then run on the main queue, and a device that cannot be
     /// created is an error instead of a warning.
     pub window: bool,
+}
+
+impl DisplayConfig {
+    /// The heads with defaults filled in.
+    pub(crate) fn head_modes(&self) -> Vec<Vec<DisplayMode>> {
+        let mut heads = self.heads.clone();
+        if heads.is_empty() {
+            heads.push(Vec::new());
+        }
+        for h in &mut heads {
+            if h.is_empty() {
+                *h = apple_gfx::DEFAULT_MODES.to_vec();
+            }
+        }
+        heads
+    }
 }
 
 /// What the machine needs from the host to build the device: the binary
@@ -53,155 +83,72 @@ pub struct GfxBackend {
     pub executor: Arc<dyn Executor>,
 }
 
-/// One frame as the guest drew it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Frame {
-    pub width: u32,
-    pub height: u32,
-    /// `width * height` pixels, `0xAARRGGBB`, row-major.
-    pub pixels: Vec<u32>,
-}
+/// apple-gfx's [`DisplaySink`] as a head of the display model.
+pub struct GfxSink(pub Arc<Head>);
 
-#[derive(Default)]
-struct Grabbed {
-    frame: Option<Frame>,
-    /// `update_done` calls so far: a capture waits for the next one.
-    updates: u64,
-}
-
-/// A [`DisplaySink`] that keeps the last published frame.
-#[derive(Default)]
-pub struct FrameGrabber {
-    state: Mutex<Grabbed>,
-    updated: Condvar,
-}
-
-impl FrameGrabber {
-    pub fn last_frame(&self) -> Option<Frame> {
-        lock(&self.state).frame.clone()
-    }
-
-    fn updates(&self) -> u64 {
-        lock(&self.state).updates
-    }
-
-    /// Waits until more than `seen` updates were answered; false on
-    /// timeout.
-    fn wait_update(&self, seen: u64, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut st = lock(&self.state);
-        while st.updates <= seen {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            st = wait_timeout(&self.updated, st, left).0;
-        }
-        true
-    }
-}
-
-// Called with the core's state lock held: only our own lock is taken, and
-// nothing calls back into the core.
-impl DisplaySink for FrameGrabber {
-    fn resize(&self, _width: u32, _height: u32) {
-        // The old frame no longer shows what the guest displays.
-        lock(&self.state).frame = None;
+// Called with the core's state lock held: only the head's lock is taken,
+// and nothing calls back into the core.
+impl DisplaySink for GfxSink {
+    fn resize(&self, width: u32, height: u32) {
+        self.0.set_size(width, height);
     }
 
     fn present(&self, width: u32, height: u32, pixels: &[u32]) {
-        lock(&self.state).frame = Some(Frame {
-            width,
-            height,
-            pixels: pixels.to_vec(),
-        });
+        self.0.present(width, height, pixels);
     }
 
     fn update_done(&self) {
-        lock(&self.state).updates += 1;
-        self.updated.notify_all();
+        self.0.frame_done();
     }
 
-    fn define_cursor(&self, _cursor: Option<&CursorImage>) {}
-
-    fn move_cursor(&self, _x: u16, _y: u16, _visible: bool) {}
-}
-
-/// Why a screenshot failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ScreenshotError {
-    #[error("the guest has not shown anything on the display yet")]
-    NoFrame,
-    #[error("the display did not deliver a frame within {0:?}")]
-    Timeout(Duration),
-    #[error("{}: {error}", path.display())]
-    Write {
-        path: std::path::PathBuf,
-        error: std::io::Error,
-    },
-}
-
-/// The display as host-side clients (the control socket) see it.
-#[derive(Clone)]
-pub struct Screen {
-    gfx: AppleGfx,
-    grabber: Arc<FrameGrabber>,
-}
-
-impl Screen {
-    pub(crate) fn new(gfx: AppleGfx, grabber: Arc<FrameGrabber>) -> Self {
-        Self { gfx, grabber }
+    fn define_cursor(&self, cursor: Option<&GfxCursor>) {
+        self.0.set_cursor_image(cursor.map(|c| CursorImage {
+            width: c.width,
+            height: c.height,
+            hot_x: u32::from(c.hotspot.x),
+            hot_y: u32::from(c.hotspot.y),
+            pixels: c.pixels.clone(),
+        }));
     }
 
-    /// The device, for the machine's bus and reset.
-    pub fn device(&self) -> &AppleGfx {
-        &self.gfx
+    fn move_cursor(&self, x: u16, y: u16, visible: bool) {
+        self.0.move_cursor(u32::from(x), u32::from(y), visible);
     }
+}
 
-    /// The guest's current frame: renders it afresh and waits up to
-    /// `timeout` for it.
-    pub fn capture(&self, timeout: Duration) -> Result<Frame, ScreenshotError> {
-        let seen = self.grabber.updates();
-        self.gfx.refresh();
-        if !self.grabber.wait_update(seen, timeout) {
-            return Err(ScreenshotError::Timeout(timeout));
+/// apple-gfx renders on demand: a screenshot asks it for a frame.
+struct GfxRefresh(AppleGfx);
+
+impl display::Refresher for GfxRefresh {
+    fn refresh(&self) {
+        self.0.refresh();
+    }
+}
+
+/// The USB keyboard and tablet as the display's input sink.
+pub(crate) struct UsbInput(pub usb::InputSink);
+
+impl UsbInput {
+    fn send(&self, event: usb::InputEvent) {
+        if !self.0.send(event) {
+            tracing::debug!("display input dropped: the USB device did not take {event:?}");
         }
-        self.grabber.last_frame().ok_or(ScreenshotError::NoFrame)
-    }
-
-    /// Captures the current frame into a PNG file at `path`.
-    pub fn screenshot_png(&self, path: &Path, timeout: Duration) -> Result<(), ScreenshotError> {
-        let frame = self.capture(timeout)?;
-        std::fs::write(path, encode_png(&frame)).map_err(|error| ScreenshotError::Write {
-            path: path.to_path_buf(),
-            error,
-        })
     }
 }
 
-/// Encodes `frame` as an 8-bit RGB PNG. Alpha is dropped: a screen is
-/// opaque, and guest frames need not fill the alpha byte.
-pub fn encode_png(frame: &Frame) -> Vec<u8> {
-    let rgb: Vec<u8> = frame
-        .pixels
-        .iter()
-        .flat_map(|&p| [(p >> 16) as u8, (p >> 8) as u8, p as u8])
-        .collect();
-    let mut png = Vec::new();
-    let mut encoder = png::Encoder::new(&mut png, frame.width, frame.height);
-    encoder.set_color(png::ColorType::Rgb);
-    encoder.set_depth(png::BitDepth::Eight);
-    encoder.set_compression(png::Compression::Fast);
-    // Into a Vec only a frame whose pixel count disagrees with its size can
-    // fail; the core never publishes one, and an empty file says so.
-    let written = encoder
-        .write_header()
-        .and_then(|mut writer| writer.write_image_data(&rgb));
-    if let Err(e) = written {
-        tracing::error!("screenshot: PNG encoding failed: {e}");
-        png.clear();
+impl display::InputSink for UsbInput {
+    fn key(&self, usage: u8, pressed: bool) {
+        self.send(usb::InputEvent::Key { usage, pressed });
     }
-    png
+    fn pointer(&self, x: u16, y: u16) {
+        self.send(usb::InputEvent::PointerAbs { x, y });
+    }
+    fn buttons(&self, mask: u8) {
+        self.send(usb::InputEvent::Buttons(mask));
+    }
+    fn wheel(&self, delta: i8) {
+        self.send(usb::InputEvent::Wheel(delta));
+    }
 }
 
 /// Attaches the apple-gfx-mmio device on `backend`'s framework, its
@@ -214,10 +161,16 @@ pub(crate) fn attach(
     core: &Core,
     display: Option<&DisplayConfig>,
     backend: Option<GfxBackend>,
-) -> Result<Option<Screen>, MachineError> {
-    let Some(display) = display else {
+) -> Result<Option<Arc<Display>>, MachineError> {
+    let Some(display) = display.filter(|d| d.device == GpuKind::AppleGfx) else {
         return Ok(None);
     };
+    if display.heads.len() > 1 {
+        return Err(MachineError::Display {
+            what: "apple-gfx has one head: give one mode list, or use --gpu virtio",
+            source: None,
+        });
+    }
     let refuse = |e: MachineError| {
         if display.window {
             Err(e)
@@ -239,7 +192,8 @@ pub(crate) fn attach(
         tracing::debug!("no display device: this host has no ParavirtualizedGraphics.framework");
         return Ok(None);
     };
-    let grabber = Arc::new(FrameGrabber::default());
+    let model = Display::new(display.head_modes());
+    let head = model.heads()[0].clone();
     let attached = reg.attach("apple-gfx", |wires| {
         let variant = apple_gfx::Variant::Mmio {
             gfx_irq: wires.spi(SPI_GFX),
@@ -249,9 +203,9 @@ pub(crate) fn attach(
             memory: Arc::new(core.memory.clone()),
             va_space: backend.va_space,
             page_size: backend.page_size,
-            sink: grabber.clone(),
+            sink: Arc::new(GfxSink(head.clone())),
             executor: backend.executor,
-            modes: display.modes.clone(),
+            modes: display.heads.first().cloned().unwrap_or_default(),
         };
         let gfx = AppleGfx::new(&*backend.framework, variant, config).map_err(|e| {
             MachineError::Display {
@@ -274,7 +228,10 @@ pub(crate) fn attach(
             ))
     });
     match attached {
-        Ok(gfx) => Ok(Some(Screen::new((*gfx).clone(), grabber))),
+        Ok(gfx) => {
+            model.set_refresher(Arc::new(GfxRefresh((*gfx).clone())));
+            Ok(Some(model))
+        }
         // Only the device's creation fails with this error.
         Err(e @ MachineError::Display { .. }) => refuse(e),
         Err(e) => Err(e),

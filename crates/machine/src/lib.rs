@@ -40,8 +40,8 @@ pub use pci_devices::{default_mac, MacAddress, NetBackend, NicSpec};
 use registry::Registry;
 use vm_core::{GuestRam, MmioBus};
 
+use crate::display::{DisplayConfig, GfxBackend, GpuKind};
 use boot::{BootError, Firmware, LinuxImages};
-use display::{DisplayConfig, GfxBackend, Screen};
 use exits::MachineExits;
 use layout::*;
 
@@ -342,8 +342,9 @@ pub struct Machine {
     gic: Arc<GicV3>,
     pci: Arc<PciHost>,
     input: Option<usb::InputSink>,
-    /// The apple-gfx-mmio device and its host side, when there is one.
-    gfx: Option<Screen>,
+    /// The display model the display device (apple-gfx-mmio or
+    /// virtio-gpu) feeds, when there is one.
+    screen: Option<Arc<::display::Display>>,
     power_button: Arc<PowerButton>,
     events: Arc<EventBus>,
     /// Threads that fire the RTC alarm and end the power button's pulse.
@@ -503,8 +504,25 @@ impl Machine {
 
         let mut registry = Registry::new(core.gic.clone());
         let platform = platform::attach(&mut registry, &core, &config, &disks)?;
-        let pci = pci_devices::attach(&mut registry, &core, &config, disks)?;
+        let virtio_display = match config.display.as_ref() {
+            Some(d) if d.device == GpuKind::Virtio => {
+                if d.heads.len() > display::MAX_HEADS {
+                    return Err(MachineError::Display {
+                        what: "virtio-gpu has at most 4 heads",
+                        source: None,
+                    });
+                }
+                Some(::display::Display::new(d.head_modes()))
+            }
+            _ => None,
+        };
+        let pci =
+            pci_devices::attach(&mut registry, &core, &config, disks, virtio_display.clone())?;
         let gfx = display::attach(&mut registry, &core, config.display.as_ref(), display)?;
+        let screen = virtio_display.or(gfx);
+        if let (Some(screen), Some(input)) = (&screen, &pci.input) {
+            screen.set_input(Arc::new(display::UsbInput(input.clone())));
+        }
 
         let platform::Core {
             memory,
@@ -541,7 +559,7 @@ impl Machine {
             gic,
             pci: pci.host,
             input: pci.input,
-            gfx,
+            screen,
             power_button: platform.power_button,
             events,
             _timers: platform.timers,
@@ -575,9 +593,9 @@ impl Machine {
         self.input.clone()
     }
 
-    /// The display as host-side clients see it; `None` without one.
-    pub fn screen(&self) -> Option<Screen> {
-        self.gfx.clone()
+    /// The display as host-side front ends see it; `None` without one.
+    pub fn screen(&self) -> Option<Arc<::display::Display>> {
+        self.screen.clone()
     }
 
     pub fn control(&self) -> Arc<VmControl> {
@@ -878,10 +896,10 @@ fn random_seed() -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::display::{DisplayMode, ScreenshotError};
     use apple_gfx::fake::IOSFC_CMD_RAISE_IRQ;
     use apple_gfx::fake::{FakeFramework, FakeVaSpace, CMD_RAISE_IRQ, FAKE_MMIO_LENGTH, FAKE_PAGE};
     use apple_gfx::MemoryInterface;
-    use display::{DisplayMode, ScreenshotError};
     use vm_core::AccessWidth::Word;
 
     /// The smallest machine: one CPU, a 16-byte ROM written into `dir`, no
@@ -900,8 +918,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut config = bare_config(dir.path());
         config.display = Some(DisplayConfig {
-            modes: vec![DisplayMode::new(800, 600, 60)],
+            heads: vec![vec![DisplayMode::new(800, 600, 60)]],
             window,
+            ..DisplayConfig::default()
         });
         let backend = fw.map(|fw| GfxBackend {
             framework: Arc::new(fw.clone()),
@@ -963,7 +982,9 @@ mod tests {
             memory: Arc::new(m.memory.clone()),
             va_space: Arc::new(FakeVaSpace::new()),
             page_size: FAKE_PAGE,
-            sink: Arc::new(display::FrameGrabber::default()),
+            sink: Arc::new(display::GfxSink(
+                ::display::Display::new(vec![vec![]]).heads()[0].clone(),
+            )),
             executor: Arc::new(apple_gfx::ThreadExecutor),
             modes: vec![],
         };
@@ -982,18 +1003,18 @@ mod tests {
         let screen = m.screen().unwrap();
         let wait = Duration::from_secs(10);
         assert!(matches!(
-            screen.capture(wait),
+            screen.capture(0, wait),
             Err(ScreenshotError::NoFrame)
         ));
         fw.guest_mode_change(3, 2);
-        let frame = screen.capture(wait).unwrap();
+        let frame = screen.capture(0, wait).unwrap();
         assert_eq!((frame.width, frame.height), (3, 2));
         // The fake fills each render with its sequence number.
         assert_eq!(frame.pixels, vec![0xff00_0001; 6]);
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.png");
-        screen.screenshot_png(&path, wait).unwrap();
+        screen.screenshot_png(0, &path, wait).unwrap();
         let decoder =
             png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()));
         let mut reader = decoder.read_info().unwrap();
@@ -1005,7 +1026,7 @@ mod tests {
 
         let bad = dir.path().join("missing").join("s.png");
         assert!(matches!(
-            screen.screenshot_png(&bad, wait),
+            screen.screenshot_png(0, &bad, wait),
             Err(ScreenshotError::Write { .. })
         ));
     }

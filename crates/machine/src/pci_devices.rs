@@ -8,6 +8,7 @@ use std::sync::Arc;
 use block::BlockBackend;
 use pci::{PciDevice, PciHost};
 use virtio::block::{AppleVariant, BlockConfig, VirtioBlock};
+use virtio::gpu::VirtioGpu;
 use virtio::net::VirtioNet;
 use virtio::transport::pci::VirtioPciDevice;
 use vm_core::IrqLine;
@@ -85,6 +86,7 @@ pub(crate) fn attach(
     core: &Core,
     config: &MachineConfig,
     disks: Disks,
+    gpu: Option<Arc<display::Display>>,
 ) -> Result<PciBus, MachineError> {
     let host = reg.attach(HOST, |wires| {
         let intx: [Arc<dyn IrqLine>; PCIE_INTX_LINES as usize] =
@@ -165,6 +167,10 @@ pub(crate) fn attach(
             &format!("virtio-blk{i}"),
             block(disk, &format!("vmapple-disk{i}"), None),
         )?;
+    }
+    // Last, after the slots QEMU's vmapple command line fills (§7.4).
+    if let Some(display) = gpu {
+        plug("virtio-gpu", virtio(Box::new(VirtioGpu::new(display))))?;
     }
     Ok(PciBus { host, input })
 }

@@ -8,6 +8,7 @@
 
 pub mod block;
 pub mod device;
+pub mod gpu;
 pub mod net;
 pub mod quirks;
 pub mod transport;

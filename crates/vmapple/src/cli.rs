@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use machine::display::DisplayConfig;
+use crate::fronts::{Front, GpuArg};
+use clap::{Args, Parser, Subcommand};
+use machine::display::{DisplayConfig, GpuKind, MAX_HEADS};
 use machine::{default_mac, BootSource, Machine, MachineConfig, NicSpec, RunOutcome};
 use vm_config::{
     DiskSpec, DisplayModes, Ecid, MacAddress, NetBackend, Network, PanicPolicy, SerialBackend, Size,
@@ -208,13 +209,29 @@ pub struct RunArgs {
     #[arg(long)]
     pub pointer_auth: bool,
 
-    /// Host display of the guest's screen: `cocoa` (a window per display,
-    /// macOS only) or `none`.
-    #[arg(long, value_enum, default_value_t = DisplayKind::None, value_name = "UI")]
-    pub display: DisplayKind,
+    /// Front ends showing the display: `cocoa` (a window, macOS on Apple
+    /// silicon), `vnc` (a VNC server on the bundle's address, else
+    /// 127.0.0.1:5900), `vnc=HOST:PORT`, `vnc=unix:PATH`, or `none`.
+    /// Repeat for several. They show whichever display device the machine
+    /// has (see --gpu).
+    #[arg(long = "display", value_name = "UI")]
+    pub displays: Vec<crate::fronts::Front>,
+
+    /// The display device: `apple` (apple-gfx, for macOS guests; needs
+    /// macOS on Apple silicon), `virtio` (virtio-gpu, for Linux guests,
+    /// every host) or `none` [default: apple].
+    #[arg(long, value_enum, value_name = "DEVICE")]
+    pub gpu: Option<crate::fronts::GpuArg>,
+
+    /// VNC authentication with the password in the first line of FILE
+    /// (at most 8 bytes count) [default: the bundle's
+    /// display.vnc-password-file, else no authentication].
+    #[arg(long, value_name = "FILE")]
+    pub vnc_password_file: Option<PathBuf>,
 
     /// Display modes offered to the guest, comma-separated
-    /// WIDTHxHEIGHT@HZ, the first preferred [default:
+    /// WIDTHxHEIGHT@HZ, the first preferred; `;` separates heads
+    /// (virtio-gpu: up to 4, one connector each) [default:
     /// 1920x1080@60,1440x1080@60,1280x1024@60].
     // The doc comment is clap's help text; the brackets are its notation
     // for defaults, not a rustdoc link.
@@ -242,33 +259,32 @@ pub struct RunArgs {
     pub on_panic: Option<PanicPolicy>,
 }
 
-/// Where the guest's screen is shown.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum DisplayKind {
-    /// A Cocoa window per display, frames kept on the GPU (macOS).
-    Cocoa,
-    /// No window; on macOS the guest still has its display, and the
-    /// control socket's `screenshot` shows it.
-    None,
-}
-
 /// Checks `--display` and `--display-modes` against this host; the modes
 /// are validated on every host so a bad list fails the same everywhere.
-fn display_options(display: DisplayKind, modes: Option<&str>) -> Result<Option<DisplayModes>> {
+fn display_options(fronts: &[Front], modes: Option<&str>) -> Result<Option<Vec<DisplayModes>>> {
     // Parsed here rather than by clap: a bad list is a configuration error
     // (status 1) that names the entry, as `config.toml`'s would.
-    let modes = modes
+    let heads = modes
         .map(|list| {
-            list.parse::<DisplayModes>()
-                .map_err(|e| Error::usage(format!("--display-modes {list:?}: {e}")))
+            list.split(';')
+                .map(|head| {
+                    head.parse::<DisplayModes>()
+                        .map_err(|e| Error::usage(format!("--display-modes {list:?}: {e}")))
+                })
+                .collect::<Result<Vec<_>>>()
         })
         .transpose()?;
-    if display == DisplayKind::Cocoa && !cfg!(all(target_os = "macos", target_arch = "aarch64")) {
+    if heads.as_ref().is_some_and(|h| h.len() > MAX_HEADS) {
+        return Err(Error::usage(format!(
+            "--display-modes: at most {MAX_HEADS} heads (lists separated by ';')"
+        )));
+    }
+    if fronts.contains(&Front::Cocoa) && !cfg!(all(target_os = "macos", target_arch = "aarch64")) {
         return Err(Error::usage(
-            "--display cocoa needs a macOS host on Apple silicon (ParavirtualizedGraphics and AppKit); use --display none",
+            "--display cocoa needs a macOS host on Apple silicon (ParavirtualizedGraphics and AppKit); use --display none or vnc",
         ));
     }
-    Ok(modes)
+    Ok(heads)
 }
 
 /// The NIC list: none when asked, passt by default when it is installed
@@ -557,47 +573,118 @@ fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<Mach
     machine.usb = !args.no_usb;
     machine.pointer_auth = args.pointer_auth;
     machine.display = display_config(
-        args.display,
+        &args.displays,
+        args.gpu,
         args.display_modes.as_deref(),
         bundle.map(|b| (b.name(), &b.config().display.modes)),
     )?;
     Ok(machine)
 }
 
-/// The display: `--display-modes` first, then the bundle's modes (an empty
-/// list there means no display), then apple-gfx's defaults.
+/// The display: the device from `--gpu` (apple-gfx by default), the
+/// heads' modes from `--display-modes`, then the bundle's modes (an empty
+/// list there means no display unless `--gpu` asks for one), then the
+/// device's defaults.
 fn display_config(
-    display: DisplayKind,
+    fronts: &[Front],
+    gpu: Option<GpuArg>,
     modes: Option<&str>,
     bundle: Option<(String, &DisplayModes)>,
 ) -> Result<Option<DisplayConfig>> {
-    let window = display == DisplayKind::Cocoa;
-    let given = display_options(display, modes)?;
-    let modes = match (given, bundle) {
-        (Some(given), _) => given,
+    let window = fronts.contains(&Front::Cocoa);
+    let shown = fronts.iter().any(|f| *f != Front::None);
+    let given = display_options(fronts, modes)?;
+    let device = match gpu {
+        Some(GpuArg::None) => {
+            if shown {
+                return Err(Error::usage(
+                    "--gpu none leaves out the display device that --display would show",
+                ));
+            }
+            return Ok(None);
+        }
+        Some(GpuArg::Virtio) => GpuKind::Virtio,
+        Some(GpuArg::Apple) | None => GpuKind::AppleGfx,
+    };
+    let heads: Vec<_> = match (given, bundle) {
+        (Some(given), _) => given.into_iter().map(DisplayModes::into_vec).collect(),
         (None, Some((name, list))) => {
             if list.is_empty() {
-                if window {
-                    return Err(Error::usage(format!(
-                        "--display cocoa: bundle {name} has no display (its display.modes is empty); give --display-modes"
-                    )));
+                if gpu.is_none() {
+                    if window {
+                        return Err(Error::usage(format!(
+                            "--display cocoa: bundle {name} has no display (its display.modes is empty); give --display-modes"
+                        )));
+                    }
+                    return Ok(None);
                 }
-                return Ok(None);
+                Vec::new()
+            } else {
+                vec![list.clone().into_vec()]
             }
-            list.clone()
         }
-        (None, None) => DisplayModes::default(),
+        (None, None) => Vec::new(),
     };
+    if device == GpuKind::AppleGfx && heads.len() > 1 {
+        return Err(Error::usage(
+            "--display-modes: apple-gfx has one head; several heads need --gpu virtio",
+        ));
+    }
+    if device == GpuKind::Virtio && window {
+        return Err(Error::usage(
+            "--display cocoa shows apple-gfx only; show virtio-gpu with --display vnc",
+        ));
+    }
     Ok(Some(DisplayConfig {
-        modes: modes.into_vec(),
+        device,
+        heads,
         window,
     }))
 }
 
+/// The VNC servers' addresses and password: `--display vnc[=...]`, the
+/// bundle's `display.vnc` and `display.vnc-password-file` for what the
+/// options leave open.
+fn vnc_settings(
+    args: &RunArgs,
+    bundle: Option<&bundle::Bundle>,
+) -> Result<(Vec<vnc::Listen>, Option<Vec<u8>>)> {
+    let display = bundle.map(|b| &b.config().display);
+    let mut listens = Vec::new();
+    for front in &args.displays {
+        if let Front::Vnc(listen) = front {
+            let listen = match (listen, display.and_then(|d| d.vnc.as_deref())) {
+                (Some(l), _) => l.clone(),
+                (None, Some(addr)) => crate::fronts::parse_listen(addr)
+                    .map_err(|e| Error::usage(format!("bundle display.vnc: {e}")))?,
+                (None, None) => {
+                    crate::fronts::parse_listen(crate::fronts::DEFAULT_VNC).map_err(Error::usage)?
+                }
+            };
+            listens.push(listen);
+        }
+    }
+    if listens.is_empty() {
+        return Ok((listens, None));
+    }
+    let file = match (&args.vnc_password_file, bundle) {
+        (Some(f), _) => Some(f.clone()),
+        (None, Some(b)) => b
+            .config()
+            .display
+            .vnc_password_file
+            .as_ref()
+            .map(|f| b.resolve(f)),
+        (None, None) => None,
+    };
+    let password = file.map(|f| crate::fronts::read_password(&f)).transpose()?;
+    Ok((listens, password))
+}
+
 pub fn run(args: RunArgs) -> Result<u8> {
     // Checked before the bundle is opened, so a typo fails at once.
-    display_options(args.display, args.display_modes.as_deref())?;
-    let window = args.display == DisplayKind::Cocoa;
+    display_options(&args.displays, args.display_modes.as_deref())?;
+    let window = args.displays.contains(&Front::Cocoa);
     let opened = args.bundle.as_deref().map(open_bundle).transpose()?;
     let bundle = opened.as_ref().map(|o| &o.bundle);
     if let Some(b) = bundle {
@@ -628,6 +715,7 @@ pub fn run(args: RunArgs) -> Result<u8> {
             })
         })
         .transpose()?;
+    let (vnc_listens, vnc_password) = vnc_settings(&args, bundle)?;
     let config = machine_config(args, bundle)?;
     let display = crate::host_display::open(config.display.as_ref())?;
     let machine = match restore {
@@ -642,6 +730,7 @@ pub fn run(args: RunArgs) -> Result<u8> {
         }
         None => Machine::new(config, display.backend)?,
     };
+    let vnc = crate::fronts::start_vnc(vnc_listens, vnc_password, machine.screen())?;
     let signals = crate::signals::forward_to(machine.handle()).map_err(|source| Error::Host {
         what: "cannot install the signal handlers",
         source,
@@ -662,6 +751,7 @@ pub fn run(args: RunArgs) -> Result<u8> {
         machine.handle().pause();
     }
     let outcome = run_machine(machine, accel, window, display.window);
+    drop(vnc);
     drop(control);
     drop(signals);
     Ok(match outcome? {
@@ -735,38 +825,75 @@ mod tests {
         use apple_gfx::DisplayMode as M;
         let bundle_modes: DisplayModes = "1024x768@60,800x600@60".parse().unwrap();
         let b = || Some(("m".to_string(), &bundle_modes));
-        let c = display_config(DisplayKind::None, None, b())
-            .unwrap()
-            .unwrap();
-        assert_eq!(c.modes, vec![M::new(1024, 768, 60), M::new(800, 600, 60)]);
+        let c = display_config(&[], None, None, b()).unwrap().unwrap();
+        assert_eq!(
+            c.heads,
+            vec![vec![M::new(1024, 768, 60), M::new(800, 600, 60)]]
+        );
+        assert_eq!(c.device, GpuKind::AppleGfx);
         assert!(!c.window);
-        let c = display_config(DisplayKind::None, Some("640x480@30"), b())
+        let c = display_config(&[], None, Some("640x480@30"), b())
             .unwrap()
             .unwrap();
-        assert_eq!(c.modes, vec![M::new(640, 480, 30)]);
-        let c = display_config(DisplayKind::None, None, None)
-            .unwrap()
-            .unwrap();
-        assert!(c.modes.is_empty(), "apple-gfx's defaults");
+        assert_eq!(c.heads, vec![vec![M::new(640, 480, 30)]]);
+        let c = display_config(&[], None, None, None).unwrap().unwrap();
+        assert!(c.heads.is_empty(), "the device's defaults");
         let empty = DisplayModes::default();
         let none = || Some(("m".to_string(), &empty));
-        assert!(display_config(DisplayKind::None, None, none())
+        assert!(display_config(&[], None, None, none()).unwrap().is_none());
+        assert!(display_config(&[Front::Cocoa], None, None, none()).is_err());
+        let c = display_config(&[], Some(GpuArg::Virtio), None, none())
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.device, GpuKind::Virtio, "--gpu asks for a display");
+    }
+
+    #[test]
+    fn heads_are_separated_by_semicolons_and_need_virtio_gpu() {
+        use apple_gfx::DisplayMode as M;
+        let c = display_config(
+            &[Front::Vnc(None)],
+            Some(GpuArg::Virtio),
+            Some("1024x768@60;800x600@60,640x480@60"),
+            None,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            c.heads,
+            vec![
+                vec![M::new(1024, 768, 60)],
+                vec![M::new(800, 600, 60), M::new(640, 480, 60)]
+            ]
+        );
+        let e = display_config(&[], None, Some("1024x768@60;800x600@60"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("several heads need --gpu virtio"), "{e}");
+        let five = ["640x480@60"; 5].join(";");
+        let e = display_config(&[], Some(GpuArg::Virtio), Some(&five), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at most 4 heads"), "{e}");
+        let e = display_config(&[Front::Vnc(None)], Some(GpuArg::None), None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--gpu none"), "{e}");
+        assert!(display_config(&[], Some(GpuArg::None), None, None)
             .unwrap()
             .is_none());
-        assert!(display_config(DisplayKind::Cocoa, None, none()).is_err());
     }
 
     #[test]
     fn display_options_are_checked_on_every_host() {
-        let err = display_options(DisplayKind::None, Some("1920x"))
-            .unwrap_err()
-            .to_string();
+        let err = display_options(&[], Some("1920x")).unwrap_err().to_string();
         assert!(err.starts_with("--display-modes \"1920x\": "), "{err}");
-        assert!(display_options(DisplayKind::None, Some("")).is_err());
-        let modes = display_options(DisplayKind::None, Some("1280x800@60,640x480@30")).unwrap();
-        assert_eq!(modes.unwrap().len(), 2);
-        assert!(display_options(DisplayKind::None, None).unwrap().is_none());
-        let cocoa = display_options(DisplayKind::Cocoa, Some("640x480@60"));
+        assert!(display_options(&[], Some("")).is_err());
+        assert!(display_options(&[], Some("640x480@60;")).is_err());
+        let modes = display_options(&[], Some("1280x800@60,640x480@30")).unwrap();
+        assert_eq!(modes.unwrap()[0].len(), 2);
+        assert!(display_options(&[], None).unwrap().is_none());
+        let cocoa = display_options(&[Front::Cocoa], Some("640x480@60"));
         if cfg!(all(target_os = "macos", target_arch = "aarch64")) {
             assert_eq!(cocoa.unwrap().unwrap().len(), 1);
         } else {

@@ -15,7 +15,7 @@ use bundle::control::{
 use clap::Args;
 
 use crate::error::Error;
-use machine::display::Screen;
+use display::Display;
 use machine::handle::{MachineEvent, MachineHandle};
 
 /// How long a screenshot waits for the display to render the frame.
@@ -30,7 +30,7 @@ pub trait InputTarget: Send + Sync {
 struct MachineControl {
     machine: MachineHandle,
     input: Option<Arc<dyn InputTarget>>,
-    screen: Option<Screen>,
+    screen: Option<Arc<Display>>,
 }
 
 impl ControlHandler for MachineControl {
@@ -70,14 +70,18 @@ impl ControlHandler for MachineControl {
                 Some(input) => result(input.pointer(x, y, &buttons)),
                 None => no_input(),
             },
-            Request::Screenshot { path } => match &self.screen {
-                Some(screen) => match screen.screenshot_png(&path, SCREENSHOT_TIMEOUT) {
+            Request::Screenshot { path, head } => match &self.screen {
+                Some(screen) => match screen.screenshot_png(
+                    usize::from(head),
+                    &path,
+                    SCREENSHOT_TIMEOUT,
+                ) {
                     Ok(()) => Response::ok(),
                     Err(e) => Response::error(ErrorClass::Failed, format!("screenshot: {e}")),
                 },
                 None => Response::error(
                     ErrorClass::Unsupported,
-                    "this VM has no display (displays need ParavirtualizedGraphics on a macOS host)",
+                    "this VM has no display (--gpu virtio gives one on any host; apple-gfx needs ParavirtualizedGraphics on a macOS host)",
                 ),
             },
             Request::Save { path, stop } => match self.machine.save(path, stop) {
@@ -166,7 +170,7 @@ pub fn serve(
     path: &Path,
     machine: MachineHandle,
     input: Option<Arc<dyn InputTarget>>,
-    screen: Option<Screen>,
+    screen: Option<Arc<Display>>,
 ) -> crate::error::Result<Control> {
     let events = machine.subscribe();
     let handler = Arc::new(MachineControl {
@@ -218,7 +222,7 @@ pub struct CtlArgs {
 
     /// status, pause, resume, powerdown, stop, reset,
     /// `send-keys KEY...` (QEMU key names, pressed together),
-    /// `pointer X Y [BUTTON...]` (0..32767), `screenshot PATH`,
+    /// `pointer X Y [BUTTON...]` (0..32767), `screenshot PATH [--head N]`,
     /// `save PATH [--stop]` (a snapshot; `--stop` stops the VM once it is
     /// written), or `events` (print events until the VM stops).
     #[arg(value_name = "COMMAND", num_args = 1.., required = true, allow_hyphen_values = true)]
@@ -283,12 +287,19 @@ fn request_from_words(words: &[String]) -> crate::error::Result<Request> {
             })?;
             serde_json::json!({ "cmd": "save", "path": path, "stop": !flags.is_empty() })
         }
-        ("screenshot", [path]) => {
+        ("screenshot", [path]) | ("screenshot", [path, _, _]) => {
+            let head = match rest {
+                [_, flag, n] if flag == "--head" => n.parse::<u8>().map_err(|_| {
+                    Error::usage(format!("screenshot --head {n:?}: not a head number"))
+                })?,
+                [_] => 0,
+                _ => return Err(Error::usage("screenshot PATH [--head N]")),
+            };
             let path = std::path::absolute(path).map_err(|source| Error::Path {
                 path: path.into(),
                 source,
             })?;
-            serde_json::json!({ "cmd": "screenshot", "path": path })
+            serde_json::json!({ "cmd": "screenshot", "path": path, "head": head })
         }
         (cmd, []) => serde_json::json!({ "cmd": cmd }),
         (cmd, _) => return Err(Error::usage(format!("unexpected arguments after {cmd:?}"))),
@@ -387,6 +398,7 @@ mod tests {
             socket,
             &Request::Screenshot {
                 path: png.to_path_buf(),
+                head: 0,
             },
         )
         .unwrap()

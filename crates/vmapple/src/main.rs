@@ -11,6 +11,7 @@ mod bundles;
 mod cli;
 mod control;
 mod error;
+mod fronts;
 mod host_display;
 mod images;
 mod input;

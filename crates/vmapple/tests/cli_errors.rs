@@ -240,3 +240,74 @@ fn causes_are_printed_on_one_line() {
         "{line}"
     );
 }
+
+#[test]
+fn vnc_needs_a_display_device_a_free_address_and_a_password_file() {
+    let path = scratch("tiny-vnc.bin");
+    std::fs::write(&path, [0u8; 4]).unwrap();
+    let fw = path.to_str().unwrap();
+    assert_user_error(
+        &[
+            "run",
+            "--firmware",
+            fw,
+            "--gpu",
+            "none",
+            "--display",
+            "vnc",
+            "--serial",
+            "none",
+        ],
+        "--gpu none leaves out the display device",
+    );
+    if !cfg!(all(target_os = "macos", target_arch = "aarch64")) {
+        assert_user_error(
+            &[
+                "run",
+                "--firmware",
+                fw,
+                "--display",
+                "vnc",
+                "--serial",
+                "none",
+                "--net",
+                "none",
+            ],
+            "--display vnc: the machine has no display device",
+        );
+    }
+    assert_user_error(
+        &[
+            "run",
+            "--firmware",
+            fw,
+            "--gpu",
+            "virtio",
+            "--display",
+            "vnc=127.0.0.1:0",
+            "--vnc-password-file",
+            "/nonexistent/pw",
+            "--serial",
+            "none",
+        ],
+        "/nonexistent/pw",
+    );
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("vnc={}", taken.local_addr().unwrap());
+    assert_user_error(
+        &[
+            "run",
+            "--firmware",
+            fw,
+            "--gpu",
+            "virtio",
+            "--display",
+            &addr,
+            "--serial",
+            "none",
+            "--net",
+            "none",
+        ],
+        "--display vnc: cannot listen on",
+    );
+}

@@ -126,6 +126,13 @@ impl Button {
     }
 }
 
+/// Heads a display can have (virtio-gpu's scanouts here).
+pub const MAX_HEADS: u8 = 4;
+
+fn is_zero(v: &u8) -> bool {
+    *v == 0
+}
+
 /// One client request; on the wire `{"cmd":"NAME", ...args}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case")]
@@ -150,9 +157,12 @@ pub enum Request {
         y: u16,
         buttons: Vec<Button>,
     },
-    /// Save the display to `path` (absolute, on the VMM's host) as PNG.
+    /// Save head `head` of the display (0 unless given) to `path`
+    /// (absolute, on the VMM's host) as PNG.
     Screenshot {
         path: PathBuf,
+        #[serde(skip_serializing_if = "is_zero")]
+        head: u8,
     },
     /// Receive events on this connection from now on.
     Subscribe,
@@ -192,6 +202,8 @@ enum WireRequest {
     Screenshot {
         #[serde(deserialize_with = "args::path")]
         path: PathBuf,
+        #[serde(default, deserialize_with = "args::head")]
+        head: u8,
     },
     Subscribe {},
     Save {
@@ -213,7 +225,7 @@ impl From<WireRequest> for Request {
             WireRequest::Reset {} => Request::Reset,
             WireRequest::SendKeys { keys } => Request::SendKeys { keys },
             WireRequest::Pointer { x, y, buttons } => Request::Pointer { x, y, buttons },
-            WireRequest::Screenshot { path } => Request::Screenshot { path },
+            WireRequest::Screenshot { path, head } => Request::Screenshot { path, head },
             WireRequest::Subscribe {} => Request::Subscribe,
             WireRequest::Save { path, stop } => Request::Save { path, stop },
         }
@@ -318,6 +330,21 @@ mod args {
                 buttons.push(button);
             }
             Ok(buttons)
+        })
+    }
+
+    pub fn head<'de, D: Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
+        check(d, |v| {
+            v.as_u64()
+                .filter(|&n| n < u64::from(super::MAX_HEADS))
+                .map(|n| n as u8)
+                .ok_or_else(|| {
+                    format!(
+                        "head = {} is not a head number (0 to {})",
+                        shown(&v.to_string(), 32),
+                        super::MAX_HEADS - 1
+                    )
+                })
         })
     }
 
@@ -829,8 +856,32 @@ mod tests {
         assert_eq!(
             parse(r#"{"cmd":"screenshot","path":"/tmp/s.png"}"#),
             Ok(Request::Screenshot {
-                path: "/tmp/s.png".into()
+                path: "/tmp/s.png".into(),
+                head: 0
             })
+        );
+    }
+
+    #[test]
+    fn screenshot_takes_a_head_number() {
+        assert_eq!(
+            parse(r#"{"cmd":"screenshot","path":"/s.png","head":3}"#),
+            Ok(Request::Screenshot {
+                path: "/s.png".into(),
+                head: 3
+            })
+        );
+        for bad in [r#""head":4"#, r#""head":-1"#, r#""head":"1""#] {
+            let line = format!(r#"{{"cmd":"screenshot","path":"/s.png",{bad}}}"#);
+            assert!(parse(&line).is_err(), "{line}");
+        }
+        let r = Request::Screenshot {
+            path: "/s.png".into(),
+            head: 0,
+        };
+        assert_eq!(
+            r.to_json(),
+            serde_json::json!({"cmd":"screenshot","path":"/s.png"})
         );
     }
 
@@ -1067,7 +1118,10 @@ mod tests {
                 )
             )
                 .prop_map(|(x, y, buttons)| Request::Pointer { x, y, buttons }),
-            "/[a-zA-Z0-9 ._/-]{0,100}".prop_map(|p| Request::Screenshot { path: p.into() }),
+            "/[a-zA-Z0-9 ._/-]{0,100}".prop_map(|p| Request::Screenshot {
+                path: p.into(),
+                head: 0,
+            }),
         ]
     }
 

@@ -1,0 +1,168 @@
+//! Display front ends chosen with `--display` (the Cocoa window, VNC) and
+//! the display device with `--gpu`: how their option values read and how
+//! the VNC servers start.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::ValueEnum;
+use display::Display;
+use vnc::{Listen, VncConfig, VncServer};
+
+use crate::error::{Error, Result};
+
+/// The default VNC address: localhost only, display 0.
+pub const DEFAULT_VNC: &str = "127.0.0.1:5900";
+
+/// One `--display` value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Front {
+    /// A Cocoa window (macOS on Apple silicon).
+    Cocoa,
+    /// A VNC server; `None` is the bundle's address, else [`DEFAULT_VNC`].
+    Vnc(Option<Listen>),
+    /// No front end.
+    None,
+}
+
+impl std::str::FromStr for Front {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cocoa" => Ok(Front::Cocoa),
+            "none" => Ok(Front::None),
+            "vnc" => Ok(Front::Vnc(None)),
+            _ => match s.strip_prefix("vnc=") {
+                Some(addr) => parse_listen(addr).map(|l| Front::Vnc(Some(l))),
+                None => Err(format!(
+                    "{s:?}: expected cocoa, none, vnc, vnc=HOST:PORT or vnc=unix:PATH"
+                )),
+            },
+        }
+    }
+}
+
+/// `HOST:PORT` (an IP address or a name) or `unix:PATH`.
+pub fn parse_listen(addr: &str) -> std::result::Result<Listen, String> {
+    if let Some(path) = addr.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err("vnc=unix: needs a socket path".into());
+        }
+        return Ok(Listen::Unix(PathBuf::from(path)));
+    }
+    let first: Option<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("VNC address {addr:?}: {e} (expected HOST:PORT or unix:PATH)"))?
+        .next();
+    first
+        .map(Listen::Tcp)
+        .ok_or_else(|| format!("VNC address {addr:?} resolves to nothing"))
+}
+
+/// `--gpu`: the display device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GpuArg {
+    /// apple-gfx-mmio, for macOS guests (ParavirtualizedGraphics; macOS
+    /// on Apple silicon).
+    Apple,
+    /// virtio-gpu (2D), for Linux guests, on every host.
+    Virtio,
+    /// No display device.
+    None,
+}
+
+/// The VNC password: the first line of `path`. VNC authentication keys
+/// DES with at most 8 bytes; a longer password is cut (with a warning).
+pub fn read_password(path: &Path) -> Result<Vec<u8>> {
+    let text = std::fs::read(path).map_err(|source| Error::Path {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let first = text.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = first.strip_suffix(b"\r").unwrap_or(first).to_vec();
+    if line.is_empty() {
+        return Err(Error::usage(format!(
+            "VNC password file {}: the first line is empty",
+            path.display()
+        )));
+    }
+    if line.len() > 8 {
+        tracing::warn!(
+            "VNC password file {}: VNC authentication uses only the first 8 bytes",
+            path.display()
+        );
+    }
+    Ok(line)
+}
+
+/// Starts one VNC server per `vnc` front end on `screen`'s head 0.
+pub fn start_vnc(
+    listens: Vec<Listen>,
+    password: Option<Vec<u8>>,
+    screen: Option<Arc<Display>>,
+) -> Result<Vec<VncServer>> {
+    if listens.is_empty() {
+        return Ok(Vec::new());
+    }
+    let screen = screen.ok_or_else(|| {
+        Error::usage(
+            "--display vnc: the machine has no display device (use --gpu virtio, or apple-gfx on a macOS host)",
+        )
+    })?;
+    if password.is_none() {
+        tracing::warn!("VNC without a password: anyone who can reach the socket controls the VM");
+    }
+    listens
+        .into_iter()
+        .map(|listen| {
+            let config = VncConfig {
+                listen,
+                password: password.clone(),
+                head: 0,
+            };
+            VncServer::start(config, screen.clone()).map_err(|e| {
+                Error::usage(format!(
+                    "--display vnc: {}",
+                    vm_core::error_chain::Chain(&e)
+                ))
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_values_parse() {
+        assert_eq!("cocoa".parse(), Ok(Front::Cocoa));
+        assert_eq!("vnc".parse(), Ok(Front::Vnc(None)));
+        assert_eq!(
+            "vnc=127.0.0.1:5901".parse(),
+            Ok(Front::Vnc(Some(Listen::Tcp(
+                "127.0.0.1:5901".parse().unwrap()
+            ))))
+        );
+        assert_eq!(
+            "vnc=unix:/tmp/v.sock".parse(),
+            Ok(Front::Vnc(Some(Listen::Unix("/tmp/v.sock".into()))))
+        );
+        assert!("vnc=5900".parse::<Front>().is_err());
+        assert!("vnc=unix:".parse::<Front>().is_err());
+        assert!("sdl".parse::<Front>().is_err());
+    }
+
+    #[test]
+    fn the_password_is_the_first_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pw");
+        std::fs::write(&p, "secret\r\nmore\n").unwrap();
+        assert_eq!(read_password(&p).unwrap(), b"secret");
+        std::fs::write(&p, "\n").unwrap();
+        assert!(read_password(&p).is_err());
+        assert!(read_password(&dir.path().join("missing")).is_err());
+    }
+}
