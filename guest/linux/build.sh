@@ -109,6 +109,9 @@ make_initramfs() {
     cp "$out/busybox-root/bin/busybox" "$root/bin/busybox"
     cp "$here/init" "$root/init"
     chmod 755 "$root/init" "$root/bin/busybox"
+    for prog in ${progs:-}; do
+        [ -f "$out/progs/$prog" ] && cp "$out/progs/$prog" "$root/bin/"
+    done
     for rel in $(resolve_modules "$@" | awk '!seen[$0]++'); do
         cp "$out/modules/$kver/$rel" "$root/lib/modules/"
         basename "$rel" >> "$root/lib/modules/load-order"
@@ -118,6 +121,17 @@ make_initramfs() {
     echo "build.sh: initramfs -> $target"
 }
 
+# Guest test programs: static aarch64 C, put in /bin of the initramfs
+# that names them in $progs.
+mkdir -p "$out/progs"
+need aarch64-linux-gnu-gcc "gcc-aarch64-linux-gnu and libc6-dev-arm64-cross"
+# virtio-fs and virtio-vsock tests (shares.rs).
+share_progs="vmapple-fs vmapple-vsock"
+for prog in $share_progs; do
+    [ -f "$here/$prog.c" ] || continue
+    aarch64-linux-gnu-gcc -static -O2 -Wall -o "$out/progs/$prog" "$here/$prog.c"
+done
+
 # The plain guest (boot, SMP, timer, console); modules a caller asks for
 # with VMAPPLE_GUEST_MODULES="..." are added.
 # shellcheck disable=SC2086
@@ -126,5 +140,8 @@ make_initramfs "$out/initramfs.cpio.gz" ${VMAPPLE_GUEST_MODULES:-}
 # HID), ext4, evdev and the GPIO power key, all modules in Debian's kernel.
 make_initramfs "$out/initramfs-devices.cpio.gz" \
     virtio_pci virtio_blk virtio_net crc32c_generic ext4 xhci-pci usbhid hid-generic evdev gpio_keys
+# The sharing guest: virtio-fs and virtio-vsock.
+progs=$share_progs make_initramfs "$out/initramfs-share.cpio.gz" \
+    virtio_pci virtiofs vmw_vsock_virtio_transport
 rm -rf "$out/busybox-root"
 echo "build.sh: kernel $kernel_pkg -> $out/Image"

@@ -65,7 +65,7 @@ pub enum BootSource {
     },
 }
 
-pub use vm_config::{DiskSpec, PanicPolicy};
+pub use vm_config::{DiskSpec, PanicPolicy, ShareSpec};
 
 /// Everything needed to build a machine.
 #[derive(Clone, Debug)]
@@ -97,6 +97,8 @@ pub struct MachineConfig {
     /// (Apple silicon) the machine has no display even when one is asked
     /// for without a window.
     pub display: Option<DisplayConfig>,
+    /// Host directories shared over virtio-fs, after the disks.
+    pub shares: Vec<ShareSpec>,
 }
 
 impl MachineConfig {
@@ -117,6 +119,7 @@ impl MachineConfig {
             disks: Vec::new(),
             usb: true,
             display: None,
+            shares: Vec::new(),
         }
     }
 }
@@ -166,6 +169,14 @@ pub enum MachineError {
         #[source]
         source: std::io::Error,
     },
+    #[error("share {tag}")]
+    Share {
+        tag: String,
+        #[source]
+        source: virtio::fs::ShareError,
+    },
+    #[error("share tag {0:?} is used twice")]
+    ShareTagTwice(String),
     #[error("display: {what}")]
     Display {
         what: &'static str,

@@ -154,6 +154,18 @@ pub(crate) fn attach(
             block(disk, &format!("vmapple-disk{i}"), None),
         )?;
     }
+    for (i, share) in config.shares.iter().enumerate() {
+        if config.shares[..i].iter().any(|s| s.tag == share.tag) {
+            return Err(MachineError::ShareTagTwice(share.tag.clone()));
+        }
+        let fs = virtio::fs::VirtioFs::new(&share.tag, share.path.clone(), share.read_only)
+            .map_err(|source| MachineError::Share {
+                tag: share.tag.clone(),
+                source,
+            })?;
+        tracing::info!("share {share}");
+        plug(&format!("virtio-fs{i}"), virtio(Box::new(fs)))?;
+    }
     Ok(PciBus { host, input })
 }
 

@@ -8,8 +8,10 @@
 
 pub mod block;
 pub mod device;
+pub mod fs;
 pub mod net;
 pub mod transport;
+pub mod vsock;
 
 #[cfg(test)]
 mod log_capture;

@@ -7,7 +7,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use machine::display::DisplayConfig;
 use machine::{default_mac, BootSource, Machine, MachineConfig, NicSpec, RunOutcome};
 use vm_config::{
-    DiskSpec, DisplayModes, Ecid, MacAddress, NetBackend, Network, PanicPolicy, SerialBackend, Size,
+    DiskSpec, DisplayModes, Ecid, MacAddress, NetBackend, Network, PanicPolicy, SerialBackend,
+    ShareSpec, Size,
 };
 
 use crate::error::{Error, Result};
@@ -164,6 +165,13 @@ pub struct RunArgs {
     /// Repeat for more disks. Append `,readonly` to open it read-only.
     #[arg(long = "disk", value_name = "FILE[,readonly]")]
     pub disks: Vec<DiskSpec>,
+
+    /// Share a host directory with the guest over virtio-fs under TAG
+    /// (at most 36 bytes; a Linux guest mounts it with `mount -t virtiofs
+    /// TAG DIR`). Append `,readonly` to refuse every change. Repeat for
+    /// more shares; these replace the bundle's.
+    #[arg(long = "share", value_name = "TAG:PATH[,readonly]")]
+    pub shares: Vec<ShareSpec>,
 
     /// Network: `passt` (user-mode networking through the passt program;
     /// the default when passt is installed), `unix:PATH` (a stream socket
@@ -482,6 +490,30 @@ fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<Mach
     } else {
         args.disks
     };
+    machine.shares = if args.shares.is_empty() {
+        bundle
+            .map(|b| {
+                b.config()
+                    .shares
+                    .iter()
+                    .map(|s| ShareSpec {
+                        path: b.resolve(&s.path),
+                        ..s.clone()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    } else {
+        args.shares
+    };
+    for (i, share) in machine.shares.iter().enumerate() {
+        if machine.shares[..i].iter().any(|s| s.tag == share.tag) {
+            return Err(Error::usage(format!(
+                "share tag {:?} is used twice: give each share its own tag",
+                share.tag
+            )));
+        }
+    }
     machine.on_panic = args
         .on_panic
         .or(config.map(|c| c.on_panic))
