@@ -140,8 +140,9 @@ make_initramfs "$out/initramfs.cpio.gz" ${VMAPPLE_GUEST_MODULES:-}
 # HID), ext4, evdev and the GPIO power key, all modules in Debian's kernel.
 make_initramfs "$out/initramfs-devices.cpio.gz" \
     virtio_pci virtio_blk virtio_net crc32c_generic ext4 xhci-pci usbhid hid-generic evdev gpio_keys
-# The sharing guest: virtio-fs and virtio-vsock.
+# The sharing guest: virtio-fs and virtio-vsock (and 9p, for
+# scripts/bench-share.sh's comparison with QEMU).
 progs=$share_progs make_initramfs "$out/initramfs-share.cpio.gz" \
-    virtio_pci virtiofs vmw_vsock_virtio_transport
+    virtio_pci virtiofs vmw_vsock_virtio_transport 9pnet_virtio 9p
 rm -rf "$out/busybox-root"
 echo "build.sh: kernel $kernel_pkg -> $out/Image"

@@ -5,6 +5,8 @@
  *
  *   vmapple-fs many DIR N      create N empty files in DIR, list DIR, print the count
  *   vmapple-fs fsync FILE      write a line to FILE, fsync it, say so
+ *   vmapple-fs bench DIR         time a 512 MiB sequential write and read, 10,000
+ *                              creates and 10,000 stats in DIR (scripts/bench-share.sh)
  *   vmapple-fs escape SHARE OUTSIDE
  *                              try to get out of the share mounted at SHARE
  *                              towards the host directory OUTSIDE; every
@@ -21,6 +23,7 @@
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/xattr.h>
+#include <time.h>
 #include <unistd.h>
 
 static int escapes;
@@ -158,6 +161,72 @@ static int escape(const char *share, const char *outside)
 	return escapes != 0;
 }
 
+static double now(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return t.tv_sec + t.tv_nsec / 1e9;
+}
+
+static void drop_caches(void)
+{
+	sync();
+	int fd = open("/proc/sys/vm/drop_caches", O_WRONLY);
+	if (fd >= 0) {
+		write(fd, "3", 1);
+		close(fd);
+	}
+}
+
+static int bench(const char *dir)
+{
+	static char buf[1 << 20];
+	char path[4096];
+	const int mib = 512, files = 10000;
+	memset(buf, 0x6b, sizeof buf);
+	snprintf(path, sizeof path, "%s/bench.bin", dir);
+	int fd = open(path, O_CREAT | O_WRONLY | O_TRUNC, 0644);
+	double t0 = now();
+	for (int i = 0; i < mib; i++)
+		if (fd < 0 || write(fd, buf, sizeof buf) != sizeof buf)
+			return 1;
+	fsync(fd);
+	close(fd);
+	double t1 = now();
+	drop_caches();
+	fd = open(path, O_RDONLY);
+	double t2 = now();
+	for (int i = 0; i < mib; i++)
+		if (fd < 0 || read(fd, buf, sizeof buf) != sizeof buf)
+			return 1;
+	close(fd);
+	double t3 = now();
+	unlink(path);
+	snprintf(path, sizeof path, "%s/bench-files", dir);
+	mkdir(path, 0755);
+	double t4 = now();
+	for (int i = 0; i < files; i++) {
+		snprintf(path, sizeof path, "%s/bench-files/f%05d", dir, i);
+		int f = open(path, O_CREAT | O_WRONLY | O_EXCL, 0644);
+		if (f < 0)
+			return 1;
+		close(f);
+	}
+	double t5 = now();
+	drop_caches();
+	struct stat st;
+	double t6 = now();
+	for (int i = 0; i < files; i++) {
+		snprintf(path, sizeof path, "%s/bench-files/f%05d", dir, i);
+		if (stat(path, &st) != 0)
+			return 1;
+	}
+	double t7 = now();
+	printf("VMAPPLE-GUEST: fsbench seq-write %.1f MiB/s seq-read %.1f MiB/s creates %.0f /s stats %.0f /s\n",
+	       mib / (t1 - t0), mib / (t3 - t2), files / (t5 - t4), files / (t7 - t6));
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -165,6 +234,8 @@ int main(int argc, char **argv)
 		return many(argv[2], atoi(argv[3]));
 	if (argc == 3 && !strcmp(argv[1], "fsync"))
 		return do_fsync(argv[2]);
+	if (argc == 3 && !strcmp(argv[1], "bench"))
+		return bench(argv[2]);
 	if (argc == 4 && !strcmp(argv[1], "escape"))
 		return escape(argv[2], argv[3]);
 	fprintf(stderr, "usage: vmapple-fs many DIR N | fsync FILE | escape SHARE OUTSIDE\n");

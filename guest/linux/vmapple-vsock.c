@@ -7,6 +7,7 @@
  *                                        each sending BYTES of a pattern and reading
  *                                        the echo back; prints the checksums
  *   vmapple-vsock refused PORT           connect to a host port nobody serves
+ *   vmapple-vsock wait PORT              accept one connection on PORT, then exit
  *   vmapple-vsock bench PORT BYTES CONNS stream BYTES to the host's sink on PORT,
  *                                        then CONNS connect/close cycles; prints
  *                                        uptime stamps
@@ -19,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <linux/vm_sockets.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -35,6 +37,10 @@ static int dial(unsigned port)
 {
 	int s = socket(AF_VSOCK, SOCK_STREAM, 0);
 	struct sockaddr_vm a = { .svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_HOST, .svm_port = port };
+	/* The default 2 s is short for a software CPU on a busy host. */
+	struct timeval tv = { .tv_sec = 60 };
+	if (s >= 0)
+		setsockopt(s, AF_VSOCK, SO_VM_SOCKETS_CONNECT_TIMEOUT, &tv, sizeof tv);
 	if (s < 0 || connect(s, (struct sockaddr *)&a, sizeof a) != 0) {
 		int e = errno;
 		if (s >= 0)
@@ -196,6 +202,15 @@ int main(int argc, char **argv)
 		int s = dial(atoi(argv[2]));
 		printf("VMAPPLE-GUEST: vsock refused %s\n", s < 0 ? strerror(errno) : "CONNECTED");
 		return s >= 0;
+	}
+	if (argc == 3 && !strcmp(argv[1], "wait")) {
+		int s = socket(AF_VSOCK, SOCK_STREAM, 0);
+		struct sockaddr_vm a = { .svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_ANY, .svm_port = atoi(argv[2]) };
+		if (s < 0 || bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 1))
+			return 1;
+		printf("VMAPPLE-GUEST: vsock waiting\n");
+		close(accept(s, NULL, NULL));
+		return 0;
 	}
 	if (argc == 5 && !strcmp(argv[1], "bench"))
 		return bench(atoi(argv[2]), strtoull(argv[3], NULL, 0), atoi(argv[4]));

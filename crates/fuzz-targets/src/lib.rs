@@ -15,11 +15,13 @@ pub mod doubles;
 pub mod input;
 pub mod platform;
 pub mod seeds;
+pub mod share;
 pub mod virtio;
 pub mod xhci;
 
 pub use control::control_request;
 pub use platform::{aes, bdif, cfg, pl011, pl031, pl061, pvpanic};
+pub use share::{fuse_request, vsock_packet};
 pub use virtio::{virtio_blk, virtio_blk_apple, virtio_net};
 pub use xhci::xhci;
 
@@ -56,4 +58,6 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("virtio_net", virtio_net),
     ("xhci", xhci),
     ("control_request", control_request),
+    ("fuse_request", fuse_request),
+    ("vsock_packet", vsock_packet),
 ];

@@ -99,7 +99,23 @@ pub struct MachineConfig {
     pub display: Option<DisplayConfig>,
     /// Host directories shared over virtio-fs, after the disks.
     pub shares: Vec<ShareSpec>,
+    /// virtio-vsock with its host side on Unix sockets; `None` leaves the
+    /// device out.
+    pub vsock: Option<VsockConfig>,
 }
+
+/// virtio-vsock's host side.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The socket vmapple listens on for `CONNECT PORT`; guest
+    /// connections to host port P go to `<path>_P`.
+    pub path: PathBuf,
+    /// The guest's context id (3 or more).
+    pub guest_cid: u64,
+}
+
+/// The guest context id when none is given.
+pub const DEFAULT_GUEST_CID: u64 = 3;
 
 impl MachineConfig {
     /// A configuration with QEMU's defaults for everything but what must
@@ -120,6 +136,7 @@ impl MachineConfig {
             usb: true,
             display: None,
             shares: Vec::new(),
+            vsock: None,
         }
     }
 }
@@ -175,6 +192,8 @@ pub enum MachineError {
         #[source]
         source: virtio::fs::ShareError,
     },
+    #[error("vsock")]
+    Vsock(#[from] virtio::vsock::VsockError),
     #[error("share tag {0:?} is used twice")]
     ShareTagTwice(String),
     #[error("display: {what}")]

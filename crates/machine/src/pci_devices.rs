@@ -166,6 +166,15 @@ pub(crate) fn attach(
         tracing::info!("share {share}");
         plug(&format!("virtio-fs{i}"), virtio(Box::new(fs)))?;
     }
+    if let Some(vsock) = &config.vsock {
+        let dev = virtio::vsock::VirtioVsock::new(vsock.path.clone(), vsock.guest_cid)?;
+        tracing::info!(
+            "vsock: guest CID {}, host socket {}",
+            vsock.guest_cid,
+            vsock.path.display()
+        );
+        plug("virtio-vsock", virtio(Box::new(dev)))?;
+    }
     Ok(PciBus { host, input })
 }
 

@@ -173,6 +173,17 @@ pub struct RunArgs {
     #[arg(long = "share", value_name = "TAG:PATH[,readonly]")]
     pub shares: Vec<ShareSpec>,
 
+    /// virtio-vsock: listen on the Unix socket PATH, where the host
+    /// connects to guest port P by writing `CONNECT P\n` (answered `OK
+    /// <host port>\n`); guest connections to host port P go to the socket
+    /// `PATH_P` [default: vsock.sock in the bundle; none without a bundle].
+    #[arg(long, value_name = "PATH")]
+    pub vsock: Option<PathBuf>,
+
+    /// The guest's vsock context id (3 or more) [default: 3].
+    #[arg(long, value_name = "CID")]
+    pub vsock_cid: Option<u64>,
+
     /// Network: `passt` (user-mode networking through the passt program;
     /// the default when passt is installed), `unix:PATH` (a stream socket
     /// with passt's framing), `unix-dgram:LOCAL,PEER`, `tap:NAME` (Linux),
@@ -514,6 +525,18 @@ fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<Mach
             )));
         }
     }
+    let vsock_path = args
+        .vsock
+        .or_else(|| bundle.map(|b| b.dir().join(bundle::VSOCK_SOCKET)));
+    if args.vsock_cid.is_some() && vsock_path.is_none() {
+        return Err(Error::usage(
+            "--vsock-cid needs a vsock: give --vsock PATH or run a bundle",
+        ));
+    }
+    machine.vsock = vsock_path.map(|path| machine::VsockConfig {
+        path,
+        guest_cid: args.vsock_cid.unwrap_or(machine::DEFAULT_GUEST_CID),
+    });
     machine.on_panic = args
         .on_panic
         .or(config.map(|c| c.on_panic))

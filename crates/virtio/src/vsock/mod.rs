@@ -119,6 +119,9 @@ enum State {
 struct Conn {
     stream: UnixStream,
     state: State,
+    /// The `OK <port>` line of a host-initiated connection, written
+    /// before any guest byte and never counted as one.
+    greeting: Vec<u8>,
     /// Guest bytes not yet taken by the host socket (at most BUF_ALLOC).
     to_host: VecDeque<u8>,
     /// Bytes given to the host socket (wrapping, as the spec counts).
@@ -140,6 +143,7 @@ impl Conn {
         Conn {
             stream,
             state,
+            greeting: Vec::new(),
             to_host: VecDeque::new(),
             fwd_cnt: 0,
             fwd_reported: 0,
@@ -269,7 +273,7 @@ impl Engine {
             if c.wants_host_data() {
                 events |= libc::POLLIN;
             }
-            if !c.to_host.is_empty() {
+            if !c.to_host.is_empty() || !c.greeting.is_empty() {
                 events |= libc::POLLOUT;
             }
             if events != 0 {
@@ -434,6 +438,7 @@ impl Engine {
 
     fn packet(&mut self, h: Header, payload: &[u8]) {
         let key = (h.dst_port, h.src_port);
+        tracing::trace!(target: "vsock", "guest: op {} {}->{} len {} credit {}/{}", h.op, h.src_port, h.dst_port, h.len, h.fwd_cnt, h.buf_alloc);
         if h.src_cid != self.cid || h.dst_cid != HOST_CID {
             guest_error!(
                 "virtio-vsock: packet from CID {} to CID {}",
@@ -475,8 +480,7 @@ impl Engine {
             op::RESPONSE => match self.conns.get_mut(&key) {
                 Some(c) if c.state == State::Connecting => {
                     c.state = State::Connected;
-                    let line = format!("OK {}\n", key.0);
-                    c.to_host.extend(line.as_bytes());
+                    c.greeting = format!("OK {}\n", key.0).into_bytes();
                 }
                 _ => self.reset(key),
             },
@@ -527,15 +531,25 @@ impl Engine {
         let mut resets = Vec::new();
         let mut updates = Vec::new();
         for (&key, c) in &mut self.conns {
-            while !c.to_host.is_empty() {
+            while !c.greeting.is_empty() {
+                match (&c.stream).write(&c.greeting) {
+                    Ok(0) => break,
+                    Ok(n) => drop(c.greeting.drain(..n)),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        resets.push(key);
+                        break;
+                    }
+                }
+            }
+            while c.greeting.is_empty() && !c.to_host.is_empty() {
                 let (a, _) = c.to_host.as_slices();
                 match (&c.stream).write(a) {
                     Ok(0) => break,
                     Ok(n) => {
                         c.to_host.drain(..n);
-                        if c.state == State::Connected {
-                            c.fwd_cnt = c.fwd_cnt.wrapping_add(n as u32);
-                        }
+                        c.fwd_cnt = c.fwd_cnt.wrapping_add(n as u32);
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -545,7 +559,7 @@ impl Engine {
                     }
                 }
             }
-            if !c.to_host.is_empty() {
+            if !c.to_host.is_empty() || !c.greeting.is_empty() {
                 continue;
             }
             if c.closing || (c.guest_shut_send && c.host_eof) {
@@ -556,7 +570,6 @@ impl Engine {
                 updates.push(key);
             }
         }
-        // The "OK" line is not guest data: it never counted.
         for key in resets {
             self.reset(key);
         }
@@ -612,6 +625,7 @@ impl Engine {
         let Some(dc) = pop_chain(&mut self.rx, &self.mem) else {
             return false;
         };
+        tracing::trace!(target: "vsock", "host: op {} {}->{} len {}", h.op, h.src_port, h.dst_port, h.len);
         let chain = Chain::walk(dc, &self.mem);
         if chain.head >= self.rx.size() {
             guest_error!("virtio-vsock: rx head {} out of range", chain.head);
