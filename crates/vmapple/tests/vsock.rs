@@ -114,6 +114,8 @@ fn a_linux_guest_echoes_over_vsock_both_ways(accel) {
     let results = Arc::new(Mutex::new(None));
     let done = results.clone();
     let host_sock = sock.clone();
+    let release_sock = sock.clone();
+    let finished = results.clone();
     let triggers = [Trigger {
         when_console_shows: "VMAPPLE-GUEST: vsock listening",
         action: Action::Call(Box::new(move || {
@@ -129,7 +131,19 @@ fn a_linux_guest_echoes_over_vsock_both_ways(accel) {
                     .collect();
                 let many: Vec<u64> = many.into_iter().map(|t| t.join().unwrap()).collect();
                 *done.lock().unwrap() = Some((big, many));
-                // Lets the guest finish.
+            });
+        })),
+    }, Trigger {
+        // The guest's own part is done; once the host's is too, let the
+        // guest finish.
+        when_console_shows: "VMAPPLE-GUEST: vsock waiting",
+        action: Action::Call(Box::new(move || {
+            let sock = release_sock.clone();
+            let finished = finished.clone();
+            std::thread::spawn(move || {
+                while finished.lock().unwrap().is_none() {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
                 drop(connect(&sock, PORT + 3));
             });
         })),

@@ -45,6 +45,27 @@ pub fn open_beneath(
     rustix::fs::openat(dir, name, flags, mode)
 }
 
+/// Makes a FIFO `name` in `dir`.
+pub fn mkfifo_at(dir: impl AsFd, name: &CStr, mode: Mode) -> Result<(), Errno> {
+    #[cfg(target_os = "linux")]
+    {
+        rustix::fs::mknodat(dir, name, rustix::fs::FileType::Fifo, mode, 0)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        use std::os::fd::AsRawFd;
+        // rustix has no mkfifoat for Apple targets.
+        // SAFETY: the descriptor is borrowed for the call and `name` is a
+        // NUL-terminated string that outlives it.
+        let r = unsafe { libc::mkfifoat(dir.as_fd().as_raw_fd(), name.as_ptr(), mode.bits() as libc::mode_t) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::IO))
+        }
+    }
+}
+
 /// Linux's number for a host errno, for the reply's `error` field.
 pub fn linux_errno(e: Errno) -> i32 {
     #[cfg(target_os = "linux")]

@@ -608,7 +608,7 @@ impl Server {
                             perm,
                         )?;
                     }
-                    FileType::Fifo => rustix::fs::mknodat(dir, &cname, FileType::Fifo, perm, 0)?,
+                    FileType::Fifo => host::mkfifo_at(dir, &cname, perm)?,
                     _ => return Err(Errno::PERM),
                 }
                 self.entry(nodeid, name, out)
@@ -796,7 +796,7 @@ impl Server {
                     self.writable()?;
                 }
                 let st = self.stat_node(nodeid)?;
-                let access = rustix::fs::Access::from_bits_truncate(mask & 7);
+                let access = rustix::fs::Access::from_bits_truncate((mask & 7) as _);
                 match &self.node(nodeid)?.kind {
                     Kind::Dir(fd) => rustix::fs::accessat(fd, c".", access, AtFlags::empty()),
                     // A symlink's own permissions mean nothing.
