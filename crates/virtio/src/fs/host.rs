@@ -57,7 +57,13 @@ pub fn mkfifo_at(dir: impl AsFd, name: &CStr, mode: Mode) -> Result<(), Errno> {
         // rustix has no mkfifoat for Apple targets.
         // SAFETY: the descriptor is borrowed for the call and `name` is a
         // NUL-terminated string that outlives it.
-        let r = unsafe { libc::mkfifoat(dir.as_fd().as_raw_fd(), name.as_ptr(), mode.bits() as libc::mode_t) };
+        let r = unsafe {
+            libc::mkfifoat(
+                dir.as_fd().as_raw_fd(),
+                name.as_ptr(),
+                mode.bits() as libc::mode_t,
+            )
+        };
         if r == 0 {
             Ok(())
         } else {
