@@ -109,10 +109,9 @@ make_initramfs() {
     cp "$out/busybox-root/bin/busybox" "$root/bin/busybox"
     cp "$here/init" "$root/init"
     chmod 755 "$root/init" "$root/bin/busybox"
-    # Display tests: fbwrite draws into /dev/fb0 through a mapping.
-    if [ -n "${fbwrite:-}" ]; then
-        cp "$fbwrite" "$root/bin/fbwrite"
-    fi
+    for prog in ${progs:-}; do
+        [ -f "$out/progs/$prog" ] && cp "$out/progs/$prog" "$root/bin/"
+    done
     for rel in $(resolve_modules "$@" | awk '!seen[$0]++'); do
         cp "$out/modules/$kver/$rel" "$root/lib/modules/"
         basename "$rel" >> "$root/lib/modules/load-order"
@@ -122,15 +121,18 @@ make_initramfs() {
     echo "build.sh: initramfs -> $target"
 }
 
-# Guest test programs: static aarch64 C, built when the cross compiler is
-# there (scripts/setup.sh --packages installs it).
-fbwrite=""
-if command -v aarch64-linux-gnu-gcc >/dev/null 2>&1; then
-    fbwrite="$out/fbwrite"
-    aarch64-linux-gnu-gcc -static -O2 -Wall -o "$fbwrite" "$here/fbwrite.c"
-else
-    echo "build.sh: no aarch64-linux-gnu-gcc; the display test's fbwrite is left out" >&2
-fi
+# Guest test programs: static aarch64 C, put in /bin of the initramfs
+# that names them in $progs.
+mkdir -p "$out/progs"
+need aarch64-linux-gnu-gcc "gcc-aarch64-linux-gnu and libc6-dev-arm64-cross"
+# Display tests: fbwrite draws into /dev/fb0 through a mapping.
+device_progs="fbwrite"
+# virtio-fs and virtio-vsock tests (shares.rs).
+share_progs="vmapple-fs vmapple-vsock"
+for prog in $device_progs $share_progs; do
+    [ -f "$here/$prog.c" ] || continue
+    aarch64-linux-gnu-gcc -static -O2 -Wall -o "$out/progs/$prog" "$here/$prog.c"
+done
 
 # The plain guest (boot, SMP, timer, console); modules a caller asks for
 # with VMAPPLE_GUEST_MODULES="..." are added.
@@ -139,8 +141,12 @@ make_initramfs "$out/initramfs.cpio.gz" ${VMAPPLE_GUEST_MODULES:-}
 # The device guest: drivers for the PCI devices (virtio-blk/net, XHCI and
 # HID), ext4, evdev and the GPIO power key, all modules in Debian's kernel.
 # Display tests: virtio-gpu (DRM with its fbdev emulation, /dev/fb0).
-make_initramfs "$out/initramfs-devices.cpio.gz" \
+progs=$device_progs make_initramfs "$out/initramfs-devices.cpio.gz" \
     virtio_pci virtio_blk virtio_net crc32c_generic ext4 xhci-pci usbhid hid-generic evdev gpio_keys \
     virtio_gpu
+# The sharing guest: virtio-fs and virtio-vsock (and 9p, for
+# scripts/bench-share.sh's comparison with QEMU).
+progs=$share_progs make_initramfs "$out/initramfs-share.cpio.gz" \
+    virtio_pci virtiofs vmw_vsock_virtio_transport 9pnet_virtio 9p
 rm -rf "$out/busybox-root"
 echo "build.sh: kernel $kernel_pkg -> $out/Image"

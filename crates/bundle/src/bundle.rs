@@ -8,6 +8,7 @@
 //!   root.img            system disk (sparse)
 //!   bundle.lock         locked by the process running the VM; holds its pid
 //!   control.sock        control socket while running (control.rs)
+//!   vsock.sock          virtio-vsock's host socket while running
 //!   vmapple.log         log of the last run
 //! ```
 //!
@@ -37,6 +38,9 @@ use crate::identity::{self, IdentityError, MACHINE_IDENTIFIER_FILE};
 pub const CONFIG_FILE: &str = "config.toml";
 pub const LOCK_FILE: &str = "bundle.lock";
 pub const CONTROL_SOCKET: &str = "control.sock";
+/// virtio-vsock's host socket (guest connections to host port P go to
+/// `vsock.sock_P`).
+pub const VSOCK_SOCKET: &str = "vsock.sock";
 pub const LOG_FILE: &str = "vmapple.log";
 pub const AUX_IMAGE: &str = "aux.img";
 pub const ROOT_IMAGE: &str = "root.img";

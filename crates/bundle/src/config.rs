@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 pub use vm_config::display;
 pub use vm_config::{
     DiskSpec, DisplayMode, DisplayModes, Ecid, MacAddress, NetBackend, Network, PanicPolicy,
-    SerialBackend, Size,
+    SerialBackend, ShareSpec, Size,
 };
 
 /// Most vCPUs the vmapple machine accepts (vmapple-machine.md §6.4).
@@ -61,6 +61,8 @@ pub enum InvalidConfig {
     Memory(Size),
     #[error("{0}: path is empty")]
     EmptyPath(&'static str),
+    #[error("shares: tag {0:?} is used twice")]
+    ShareTagTwice(String),
 }
 
 /// Why TOML text is not a configuration.
@@ -115,6 +117,9 @@ pub struct VmConfig {
     /// Further disks, attached after root in this order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskSpec>,
+    /// Host directories shared with the guest over virtio-fs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<ShareSpec>,
     #[serde(default)]
     pub display: DisplayConfig,
 }
@@ -166,6 +171,7 @@ impl VmConfig {
             aux,
             root,
             disks: Vec::new(),
+            shares: Vec::new(),
             display: DisplayConfig::default(),
         }
     }
@@ -227,6 +233,11 @@ impl VmConfig {
                 return Err(InvalidConfig::EmptyPath(name));
             }
         }
+        for (i, share) in self.shares.iter().enumerate() {
+            if self.shares[..i].iter().any(|s| s.tag == share.tag) {
+                return Err(InvalidConfig::ShareTagTwice(share.tag.clone()));
+            }
+        }
         Ok(())
     }
 }
@@ -258,6 +269,11 @@ path = "root.img"
 path = "/data/extra.img"
 read-only = true
 
+[[shares]]
+tag = "home"
+path = "/Users/me"
+read-only = true
+
 [display]
 modes = ["2560x1600", "1920x1080"]
 "#;
@@ -277,6 +293,10 @@ modes = ["2560x1600", "1920x1080"]
         assert_eq!(c.aux.offset, VZ_AUX_HEADER);
         assert!(c.disks[0].read_only);
         assert_eq!(
+            c.shares,
+            [ShareSpec::new("home".into(), "/Users/me".into(), true).unwrap()]
+        );
+        assert_eq!(
             c.display.modes.as_slice(),
             [
                 DisplayMode::new(2560, 1600, 60),
@@ -285,6 +305,16 @@ modes = ["2560x1600", "1920x1080"]
         );
         // Serialising and parsing again gives the same configuration.
         assert_eq!(VmConfig::from_toml(&c.to_toml()).unwrap(), c);
+    }
+
+    #[test]
+    fn a_share_tag_used_twice_is_refused() {
+        let text = FULL.replace(
+            "[display]",
+            "[[shares]]\ntag = \"home\"\npath = \"/elsewhere\"\n\n[display]",
+        );
+        let e = VmConfig::from_toml(&text).unwrap_err().to_string();
+        assert!(e.contains("tag \"home\" is used twice"), "{e}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub mod tart;
 
 pub use bundle::{
     bundles_home, delete, list, Bundle, BundleError, BundleLock, BundleSummary, CreateOptions,
-    LockError,
+    LockError, VSOCK_SOCKET,
 };
 pub use config::VmConfig;
 pub use identity::{ecid_from_path, machine_identifier_plist, IdentityError};

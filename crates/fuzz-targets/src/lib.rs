@@ -17,6 +17,7 @@ pub mod msix;
 pub mod platform;
 pub mod seeds;
 pub mod snapshot;
+pub mod share;
 pub mod virtio;
 pub mod xhci;
 
@@ -25,6 +26,7 @@ pub use msix::msix;
 pub use platform::{aes, bdif, cfg, pl011, pl031, pl061, pvpanic};
 pub use snapshot::snapshot;
 pub use virtio::{virtio_blk, virtio_blk_apple, virtio_gpu, virtio_net};
+pub use share::{fuse_request, vsock_packet};
 pub use xhci::xhci;
 
 /// What one input reached.
@@ -63,4 +65,6 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("control_request", control_request),
     ("snapshot", snapshot),
     ("msix", msix),
+    ("fuse_request", fuse_request),
+    ("vsock_packet", vsock_packet),
 ];

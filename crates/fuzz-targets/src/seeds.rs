@@ -34,8 +34,52 @@ pub fn for_target(name: &str) -> Vec<Vec<u8>> {
         "control_request" => control_request(),
         "snapshot" => snapshot(),
         "msix" => msix(),
+        "fuse_request" => fuse_request(),
+        // The generic rig's queue layout and descriptors.
+        "vsock_packet" => virtio_net(),
         _ => Vec::new(),
     }
+}
+
+/// One FUSE request: header (unique 1) and body.
+fn fuse(opcode: u32, nodeid: u64, body: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.push(0xff); // reply room
+    v.extend_from_slice(&((40 + body.len()) as u32).to_le_bytes());
+    v.extend_from_slice(&opcode.to_le_bytes());
+    v.extend_from_slice(&1u64.to_le_bytes());
+    v.extend_from_slice(&nodeid.to_le_bytes());
+    v.extend_from_slice(&[0; 16]);
+    v.extend_from_slice(body);
+    v
+}
+
+/// INIT, lookups of the file, the directory and the symlink, GETATTR,
+/// OPEN and READ of the file (node 2), READLINK, OPENDIR and READDIRPLUS.
+pub fn fuse_request() -> Vec<Vec<u8>> {
+    use virtio::fs::fuse::opcode::*;
+    let mut s = vec![0u8]; // writable share
+    s.extend(fuse(INIT, 0, &words(&[7, 31, 0x20000, 0xffff_ffff])));
+    s.extend(fuse(LOOKUP, 1, b"file\0"));
+    s.extend(fuse(LOOKUP, 1, b"dir\0"));
+    s.extend(fuse(LOOKUP, 1, b"link\0"));
+    s.extend(fuse(GETATTR, 2, &[0; 16]));
+    s.extend(fuse(OPEN, 2, &[0; 8]));
+    let mut read = 1u64.to_le_bytes().to_vec();
+    read.extend_from_slice(&[0; 8]);
+    read.extend_from_slice(&100u32.to_le_bytes());
+    read.extend_from_slice(&[0; 20]);
+    s.extend(fuse(READ, 2, &read));
+    s.extend(fuse(READLINK, 4, &[]));
+    s.extend(fuse(OPENDIR, 1, &[0; 8]));
+    let mut rd = 2u64.to_le_bytes().to_vec();
+    rd.extend_from_slice(&[0; 8]);
+    rd.extend_from_slice(&4096u32.to_le_bytes());
+    rd.extend_from_slice(&[0; 20]);
+    s.extend(fuse(READDIRPLUS, 1, &rd));
+    let mut ro = s.clone();
+    ro[0] = 1;
+    vec![s, ro]
 }
 
 fn words(v: &[u32]) -> Vec<u8> {

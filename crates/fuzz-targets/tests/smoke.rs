@@ -198,6 +198,17 @@ fn snapshot() {
 }
 
 #[test]
+fn fuse_request() {
+    let r = smoke("fuse_request", 100 * SCALE, 200 * SCALE);
+    assert!(r.completions >= 18, "the seeds' requests succeeded: {r:?}");
+}
+
+#[test]
+fn vsock_packet() {
+    smoke("vsock_packet", 5 * SCALE, 10 * SCALE);
+}
+
+#[test]
 fn every_target_has_seeds() {
     for (name, _) in TARGETS {
         assert!(!seeds::for_target(name).is_empty(), "{name}");

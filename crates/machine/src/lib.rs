@@ -67,7 +67,7 @@ pub enum BootSource {
     },
 }
 
-pub use vm_config::{DiskSpec, PanicPolicy};
+pub use vm_config::{DiskSpec, PanicPolicy, ShareSpec};
 
 /// Everything needed to build a machine.
 #[derive(Clone, Debug)]
@@ -106,7 +106,25 @@ pub struct MachineConfig {
     /// Offer pointer authentication on the software CPU (macOS guests
     /// sign pointers; Linux guests run faster without).
     pub pointer_auth: bool,
+    /// Host directories shared over virtio-fs, after the disks.
+    pub shares: Vec<ShareSpec>,
+    /// virtio-vsock with its host side on Unix sockets; `None` leaves the
+    /// device out.
+    pub vsock: Option<VsockConfig>,
 }
+
+/// virtio-vsock's host side.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The socket vmapple listens on for `CONNECT PORT`; guest
+    /// connections to host port P go to `<path>_P`.
+    pub path: PathBuf,
+    /// The guest's context id (3 or more).
+    pub guest_cid: u64,
+}
+
+/// The guest context id when none is given.
+pub const DEFAULT_GUEST_CID: u64 = 3;
 
 impl MachineConfig {
     /// A configuration with QEMU's defaults for everything but what must
@@ -128,6 +146,8 @@ impl MachineConfig {
             display: None,
             msi: false,
             pointer_auth: false,
+            shares: Vec::new(),
+            vsock: None,
         }
     }
 }
@@ -177,6 +197,16 @@ pub enum MachineError {
         #[source]
         source: std::io::Error,
     },
+    #[error("share {tag}")]
+    Share {
+        tag: String,
+        #[source]
+        source: virtio::fs::ShareError,
+    },
+    #[error("vsock")]
+    Vsock(#[from] virtio::vsock::VsockError),
+    #[error("share tag {0:?} is used twice")]
+    ShareTagTwice(String),
     #[error("display: {what}")]
     Display {
         what: &'static str,

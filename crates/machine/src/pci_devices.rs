@@ -168,6 +168,27 @@ pub(crate) fn attach(
             block(disk, &format!("vmapple-disk{i}"), None),
         )?;
     }
+    for (i, share) in config.shares.iter().enumerate() {
+        if config.shares[..i].iter().any(|s| s.tag == share.tag) {
+            return Err(MachineError::ShareTagTwice(share.tag.clone()));
+        }
+        let fs = virtio::fs::VirtioFs::new(&share.tag, share.path.clone(), share.read_only)
+            .map_err(|source| MachineError::Share {
+                tag: share.tag.clone(),
+                source,
+            })?;
+        tracing::info!("share {share}");
+        plug(&format!("virtio-fs{i}"), virtio(Box::new(fs)))?;
+    }
+    if let Some(vsock) = &config.vsock {
+        let dev = virtio::vsock::VirtioVsock::new(vsock.path.clone(), vsock.guest_cid)?;
+        tracing::info!(
+            "vsock: guest CID {}, host socket {}",
+            vsock.guest_cid,
+            vsock.path.display()
+        );
+        plug("virtio-vsock", virtio(Box::new(dev)))?;
+    }
     // Last, after the slots QEMU's vmapple command line fills (§7.4).
     if let Some(display) = gpu {
         plug("virtio-gpu", virtio(Box::new(VirtioGpu::new(display))))?;

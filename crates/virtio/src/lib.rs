@@ -9,9 +9,11 @@
 pub mod block;
 pub mod device;
 pub mod gpu;
+pub mod fs;
 pub mod net;
 pub mod quirks;
 pub mod transport;
+pub mod vsock;
 
 #[cfg(test)]
 mod log_capture;

@@ -8,7 +8,8 @@ use clap::{Args, Parser, Subcommand};
 use machine::display::{DisplayConfig, GpuKind, MAX_HEADS};
 use machine::{default_mac, BootSource, Machine, MachineConfig, NicSpec, RunOutcome};
 use vm_config::{
-    DiskSpec, DisplayModes, Ecid, MacAddress, NetBackend, Network, PanicPolicy, SerialBackend, Size,
+    DiskSpec, DisplayModes, Ecid, MacAddress, NetBackend, Network, PanicPolicy, SerialBackend,
+    ShareSpec, Size,
 };
 
 use crate::error::{Error, Result};
@@ -178,6 +179,24 @@ pub struct RunArgs {
     /// Repeat for more disks. Append `,readonly` to open it read-only.
     #[arg(long = "disk", value_name = "FILE[,readonly]")]
     pub disks: Vec<DiskSpec>,
+
+    /// Share a host directory with the guest over virtio-fs under TAG
+    /// (at most 36 bytes; a Linux guest mounts it with `mount -t virtiofs
+    /// TAG DIR`). Append `,readonly` to refuse every change. Repeat for
+    /// more shares; these replace the bundle's.
+    #[arg(long = "share", value_name = "TAG:PATH[,readonly]")]
+    pub shares: Vec<ShareSpec>,
+
+    /// virtio-vsock: listen on the Unix socket PATH, where the host
+    /// connects to guest port P by writing `CONNECT P\n` (answered `OK
+    /// <host port>\n`); guest connections to host port P go to the socket
+    /// `PATH_P` [default: vsock.sock in the bundle; none without a bundle].
+    #[arg(long, value_name = "PATH")]
+    pub vsock: Option<PathBuf>,
+
+    /// The guest's vsock context id (3 or more) [default: 3].
+    #[arg(long, value_name = "CID")]
+    pub vsock_cid: Option<u64>,
 
     /// Network: `passt` (user-mode networking through the passt program;
     /// the default when passt is installed), `unix:PATH` (a stream socket
@@ -544,6 +563,42 @@ fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<Mach
     } else {
         args.disks
     };
+    machine.shares = if args.shares.is_empty() {
+        bundle
+            .map(|b| {
+                b.config()
+                    .shares
+                    .iter()
+                    .map(|s| ShareSpec {
+                        path: b.resolve(&s.path),
+                        ..s.clone()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    } else {
+        args.shares
+    };
+    for (i, share) in machine.shares.iter().enumerate() {
+        if machine.shares[..i].iter().any(|s| s.tag == share.tag) {
+            return Err(Error::usage(format!(
+                "share tag {:?} is used twice: give each share its own tag",
+                share.tag
+            )));
+        }
+    }
+    let vsock_path = args
+        .vsock
+        .or_else(|| bundle.map(|b| b.dir().join(bundle::VSOCK_SOCKET)));
+    if args.vsock_cid.is_some() && vsock_path.is_none() {
+        return Err(Error::usage(
+            "--vsock-cid needs a vsock: give --vsock PATH or run a bundle",
+        ));
+    }
+    machine.vsock = vsock_path.map(|path| machine::VsockConfig {
+        path,
+        guest_cid: args.vsock_cid.unwrap_or(machine::DEFAULT_GUEST_CID),
+    });
     machine.on_panic = args
         .on_panic
         .or(config.map(|c| c.on_panic))

@@ -311,3 +311,58 @@ fn vnc_needs_a_display_device_a_free_address_and_a_password_file() {
         "--display vnc: cannot listen on",
     );
 }
+
+#[test]
+fn share_and_vsock_mistakes() {
+    let fw = scratch("share-fw.bin");
+    std::fs::write(&fw, [0u8; 16]).unwrap();
+    let file = scratch("not-a-dir");
+    std::fs::write(&file, "x").unwrap();
+    let dir = scratch("a-dir");
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |extra: &[&str], expected: &str| {
+        let mut args = vec![
+            "run",
+            "--firmware",
+            fw.to_str().unwrap(),
+            "--serial",
+            "none",
+            "--net",
+            "none",
+        ];
+        args.extend_from_slice(extra);
+        assert_user_error(&args, expected);
+    };
+    run(
+        &["--share", "t:/nonexistent/dir"],
+        "/nonexistent/dir: no such directory",
+    );
+    run(
+        &["--share", &format!("t:{}", file.display())],
+        "not-a-dir: not a directory",
+    );
+    let twice = [
+        "--share".to_owned(),
+        format!("t:{}", dir.display()),
+        "--share".to_owned(),
+        format!("t:{},readonly", dir.display()),
+    ];
+    let twice: Vec<&str> = twice.iter().map(String::as_str).collect();
+    run(&twice, "share tag \"t\" is used twice");
+    let sock = scratch("busy.sock");
+    let _ = std::fs::remove_file(&sock);
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    run(
+        &["--vsock", sock.to_str().unwrap()],
+        "busy.sock: in use by another program",
+    );
+    run(
+        &[
+            "--vsock",
+            scratch("cid.sock").to_str().unwrap(),
+            "--vsock-cid",
+            "2",
+        ],
+        "guest CID 2 is reserved",
+    );
+}

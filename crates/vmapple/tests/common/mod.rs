@@ -70,6 +70,12 @@ pub fn linux_guest_devices() -> Option<(PathBuf, PathBuf)> {
     linux_guest_files("initramfs-devices.cpio.gz")
 }
 
+/// The same kernel with the sharing initramfs (virtio-fs and
+/// virtio-vsock drivers, the vmapple-fs and vmapple-vsock programs).
+pub fn linux_guest_share() -> Option<(PathBuf, PathBuf)> {
+    linux_guest_files("initramfs-share.cpio.gz")
+}
+
 /// The kernel and `initramfs` in [`linux_guest_dir`]. Missing files fail
 /// the test with the command that makes them, except on macOS without
 /// `VMAPPLE_GUEST_DIR`: a Mac cannot build them (build.sh needs apt), so
