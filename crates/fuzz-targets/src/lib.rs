@@ -16,17 +16,17 @@ pub mod input;
 pub mod msix;
 pub mod platform;
 pub mod seeds;
-pub mod snapshot;
 pub mod share;
+pub mod snapshot;
 pub mod virtio;
 pub mod xhci;
 
 pub use control::control_request;
 pub use msix::msix;
 pub use platform::{aes, bdif, cfg, pl011, pl031, pl061, pvpanic};
+pub use share::{fuse_request, vsock_packet};
 pub use snapshot::snapshot;
 pub use virtio::{virtio_blk, virtio_blk_apple, virtio_gpu, virtio_net};
-pub use share::{fuse_request, vsock_packet};
 pub use xhci::xhci;
 
 /// What one input reached.

@@ -8,8 +8,8 @@
 
 pub mod block;
 pub mod device;
-pub mod gpu;
 pub mod fs;
+pub mod gpu;
 pub mod net;
 pub mod quirks;
 pub mod transport;
