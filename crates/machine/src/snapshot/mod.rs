@@ -1,6 +1,6 @@
 //! Snapshots of a running machine (design.md "Machine state"): the vCPUs,
 //! every device in the registry, the guest counter and guest memory, in
-//! one file ([`format`]). Saving happens between two runs of the
+//! one file ([`mod@format`]). Saving happens between two runs of the
 //! accelerator, with every vCPU back at an instruction boundary; a device
 //! without state of its own makes the save refuse, naming it, so none can
 //! be forgotten.
