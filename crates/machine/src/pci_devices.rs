@@ -16,7 +16,7 @@ use crate::layout::{
     PCIE_ECAM_BASE, PCIE_ECAM_SIZE, PCIE_INTX_LINES, PCIE_MMIO_BASE, PCIE_MMIO_SIZE, SPI_PCIE_INTX,
 };
 use crate::platform::Core;
-use crate::registry::{Attachment, Registry};
+use crate::registry::{Attachment, DeviceState, Registry};
 use crate::{Disks, MachineConfig, MachineError};
 
 pub use vm_config::{MacAddress, NetBackend};
@@ -99,11 +99,17 @@ pub(crate) fn attach(
                 host.mmio_window(),
             ))
     })?;
-    let mut plug = |id: &str, function: Arc<dyn PciDevice>| {
-        reg.attach_pci(HOST, &host, id, function).map(drop)
+    let mut plug = |id: &str, (function, state): (Arc<dyn PciDevice>, Option<Arc<dyn DeviceState>>)| {
+        reg.attach_pci(HOST, &host, id, function, state).map(drop)
     };
-    let virtio = |device: Box<dyn virtio::VirtioDevice>| -> Arc<dyn PciDevice> {
-        Arc::new(VirtioPciDevice::new(device, core.memory.clone()))
+    // A virtio function's state is its transport's, when its device can
+    // give what the transport needs.
+    let virtio = |device: Box<dyn virtio::VirtioDevice>| {
+        let function = Arc::new(VirtioPciDevice::new(device, core.memory.clone()));
+        let state = function
+            .saves_state()
+            .then(|| function.clone() as Arc<dyn DeviceState>);
+        (function as Arc<dyn PciDevice>, state)
     };
     let queues_per_disk = config.cpus.clamp(1, 16) as u16;
     let block = |backend: Arc<dyn BlockBackend>, serial: &str, apple: Option<AppleVariant>| {
@@ -122,7 +128,7 @@ pub(crate) fn attach(
             usb::XhciConfig::default(),
         ));
         input = Some(xhci.input_sink());
-        plug("xhci", xhci)?;
+        plug("xhci", (xhci, None))?;
     }
     if config.aux.is_some() {
         plug(

@@ -14,4 +14,6 @@ pub mod transport;
 #[cfg(test)]
 mod log_capture;
 
-pub use device::{ActivateContext, ActivateError, PciIdentity, VirtioDevice, VirtioInterrupt};
+pub use device::{
+    ActivateContext, ActivateError, PciIdentity, QueuePosition, VirtioDevice, VirtioInterrupt,
+};
