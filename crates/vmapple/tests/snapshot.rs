@@ -475,11 +475,13 @@ fn a_guest_writing_to_a_virtio_disk_continues_after_restore_and_ext4_stays_clean
     assert_eq!(code, 0, "mkfs.ext4: {text}");
 
     // The guest appends a record, fsyncs it and says so, again and again;
-    // the save comes while it does.
+    // the save comes while it does, after enough requests that the rings'
+    // indices have gone round the 256-entry queues (a restore that lost
+    // the queues' positions would then take nothing more from them).
     let first = run_until_saved(
         &disk_args(&socket, &image, accel, &[]),
         &socket,
-        "synced 5\r",
+        "synced 200\r",
         &snapshot,
     );
     let saved = *synced(&first.stdout).last().expect("records before the save");
