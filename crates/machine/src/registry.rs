@@ -680,4 +680,65 @@ mod tests {
         let line = vm_core::error_chain::Chain(&err).to_string();
         assert!(line.contains("bus is in use"), "{line}");
     }
+
+    /// A virtio-blk function whose driver runs queue 0 at `(7, 5)`, as
+    /// its section bytes.
+    fn blk_function() -> virtio::transport::pci::VirtioPciDevice {
+        let memory = vm_core::memory::create_guest_memory(&[(0x4000_0000, 0x10_0000)]).unwrap();
+        let disk = Arc::new(block::MemoryDisk::new(vec![0; 1 << 20], false));
+        let blk = virtio::block::VirtioBlock::new(disk, Default::default());
+        virtio::transport::pci::VirtioPciDevice::new(Box::new(blk), memory)
+    }
+
+    fn running_blk_state() -> Vec<u8> {
+        use virtio::transport::pci::{SavedQueue, SavedVirtioPci};
+        encode(&SavedVirtioPci {
+            device_feature_select: 1,
+            driver_feature_select: 1,
+            driver_features: virtio::device::VIRTIO_F_VERSION_1,
+            status: 0xf,
+            queue_select: 0,
+            queues: vec![SavedQueue {
+                size: 16,
+                enabled: true,
+                desc: 0x4000_1000,
+                driver: 0x4000_2000,
+                device: 0x4000_3000,
+            }],
+            positions: vec![(7, 5)],
+            live: true,
+            bus_master: true,
+            isr: 1,
+            config_generation: 3,
+            pci_cfg_window: vec![0; 16],
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_virtio_blk_function_state_round_trips_through_its_section() {
+        let bytes = running_blk_state();
+        let f = blk_function();
+        DeviceState::restore(&f, &bytes).unwrap();
+        assert_eq!(f.status(), 0xf);
+        assert_eq!(DeviceState::save(&f).unwrap(), bytes);
+    }
+
+    #[test]
+    fn a_damaged_virtio_section_never_panics_and_a_refused_one_changes_nothing() {
+        let good = running_blk_state();
+        let pristine = DeviceState::save(&blk_function()).unwrap();
+        for at in 0..good.len() {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut bad = good.clone();
+                bad[at] ^= flip;
+                let f = blk_function();
+                if DeviceState::restore(&f, &bad).is_err() {
+                    assert_eq!(DeviceState::save(&f).unwrap(), pristine, "byte {at} ^ {flip:#x}");
+                }
+            }
+            let f = blk_function();
+            let _ = DeviceState::restore(&f, &good[..at]);
+        }
+    }
 }
