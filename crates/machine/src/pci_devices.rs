@@ -99,9 +99,10 @@ pub(crate) fn attach(
                 host.mmio_window(),
             ))
     })?;
-    let mut plug = |id: &str, (function, state): (Arc<dyn PciDevice>, Option<Arc<dyn DeviceState>>)| {
-        reg.attach_pci(HOST, &host, id, function, state).map(drop)
-    };
+    let mut plug =
+        |id: &str, (function, state): (Arc<dyn PciDevice>, Option<Arc<dyn DeviceState>>)| {
+            reg.attach_pci(HOST, &host, id, function, state).map(drop)
+        };
     // A virtio function's state is its transport's, when its device can
     // give what the transport needs.
     let virtio = |device: Box<dyn virtio::VirtioDevice>| {

@@ -734,7 +734,11 @@ mod tests {
                 bad[at] ^= flip;
                 let f = blk_function();
                 if DeviceState::restore(&f, &bad).is_err() {
-                    assert_eq!(DeviceState::save(&f).unwrap(), pristine, "byte {at} ^ {flip:#x}");
+                    assert_eq!(
+                        DeviceState::save(&f).unwrap(),
+                        pristine,
+                        "byte {at} ^ {flip:#x}"
+                    );
                 }
             }
             let f = blk_function();

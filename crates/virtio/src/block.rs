@@ -42,7 +42,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_core::{guest_error, GuestRam};
 
 use crate::device::{
-    ActivateContext, ActivateError, PciIdentity, QueuePosition, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    ActivateContext, ActivateError, PciIdentity, QueuePosition, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1,
 };
 
 #[path = "chain.rs"]

@@ -441,7 +441,12 @@ fn disk_args(socket: &Path, image: &Path, accel: &str, extra: &[&str]) -> Vec<St
 
 /// Runs `args` and stops the VM with `save --stop` into `stop_snapshot`
 /// once its console shows `when`; returns the run.
-fn run_until_saved(args: &[String], socket: &Path, when: &str, stop_snapshot: &Path) -> common::Run {
+fn run_until_saved(
+    args: &[String],
+    socket: &Path,
+    when: &str,
+    stop_snapshot: &Path,
+) -> common::Run {
     let (sock, snap) = (socket.to_path_buf(), stop_snapshot.to_path_buf());
     let run = vmapple_with_triggers(
         &refs(args),

@@ -913,11 +913,12 @@ impl VirtioPciDevice {
             }
         }
         if status & STATUS_DRIVER_OK != 0 && status & STATUS_FEATURES_OK == 0 {
-            return Err(format!("{name}: status {status:#x}: DRIVER_OK without FEATURES_OK"));
+            return Err(format!(
+                "{name}: status {status:#x}: DRIVER_OK without FEATURES_OK"
+            ));
         }
-        let runnable = status & STATUS_DRIVER_OK != 0
-            && status & STATUS_NEEDS_RESET == 0
-            && saved.bus_master;
+        let runnable =
+            status & STATUS_DRIVER_OK != 0 && status & STATUS_NEEDS_RESET == 0 && saved.bus_master;
         if saved.live != runnable {
             return Err(format!(
                 "{name}: running {} with status {status:#x}, bus mastering {}",
@@ -1812,42 +1813,96 @@ mod tests {
         assert_eq!(common_bytes(&b), common_bytes(&a));
     }
 
+    /// One way of spoiling a saved state.
+    type Damage = Box<dyn Fn(&mut SavedVirtioPci)>;
+
     #[test]
     fn a_damaged_state_is_refused_and_changes_nothing() {
         let good = busy().dev.save_state().unwrap();
-        let damaged: Vec<(&str, Box<dyn Fn(&mut SavedVirtioPci)>)> = vec![
-            ("ring outside RAM", Box::new(|s| s.queues[0].desc = RAM - 0x1000)),
-            ("ring past the end of RAM", Box::new(|s| s.queues[0].device = RAM + RAM_SIZE as u64 - 8)),
-            ("ring address wraps", Box::new(|s| s.queues[0].driver = u64::MAX - 1)),
+        let damaged: Vec<(&str, Damage)> = vec![
+            (
+                "ring outside RAM",
+                Box::new(|s| s.queues[0].desc = RAM - 0x1000),
+            ),
+            (
+                "ring past the end of RAM",
+                Box::new(|s| s.queues[0].device = RAM + RAM_SIZE as u64 - 8),
+            ),
+            (
+                "ring address wraps",
+                Box::new(|s| s.queues[0].driver = u64::MAX - 1),
+            ),
             ("misaligned ring", Box::new(|s| s.queues[0].desc += 8)),
-            ("size not a power of two", Box::new(|s| s.queues[0].size = 12)),
-            ("size over the maximum", Box::new(|s| s.queues[1].size = 128)),
+            (
+                "size not a power of two",
+                Box::new(|s| s.queues[0].size = 12),
+            ),
+            (
+                "size over the maximum",
+                Box::new(|s| s.queues[1].size = 128),
+            ),
             ("size 0", Box::new(|s| s.queues[1].size = 0)),
-            ("a queue missing", Box::new(|s| {
-                s.queues.pop();
-            })),
-            ("a queue too many", Box::new(|s| s.queues.push(s.queues[1].clone()))),
-            ("unoffered features", Box::new(|s| s.driver_features |= 1 << 40)),
-            ("no VERSION_1", Box::new(|s| s.driver_features &= !VIRTIO_F_VERSION_1)),
-            ("DRIVER_OK without FEATURES_OK", Box::new(|s| s.status &= !FEATURES_OK)),
-            ("running without bus mastering", Box::new(|s| s.bus_master = false)),
-            ("running while it needs a reset", Box::new(|s| s.status |= STATUS_NEEDS_RESET)),
-            ("stopped with DRIVER_OK", Box::new(|s| {
-                s.live = false;
-                s.positions.clear();
-            })),
-            ("running without queue 0", Box::new(|s| s.queues[0].enabled = false)),
-            ("positions missing", Box::new(|s| {
-                s.positions.pop();
-            })),
-            ("positions while stopped", Box::new(|s| {
-                s.live = false;
-                s.status = ACK | DRIVER;
-            })),
+            (
+                "a queue missing",
+                Box::new(|s| {
+                    s.queues.pop();
+                }),
+            ),
+            (
+                "a queue too many",
+                Box::new(|s| s.queues.push(s.queues[1].clone())),
+            ),
+            (
+                "unoffered features",
+                Box::new(|s| s.driver_features |= 1 << 40),
+            ),
+            (
+                "no VERSION_1",
+                Box::new(|s| s.driver_features &= !VIRTIO_F_VERSION_1),
+            ),
+            (
+                "DRIVER_OK without FEATURES_OK",
+                Box::new(|s| s.status &= !FEATURES_OK),
+            ),
+            (
+                "running without bus mastering",
+                Box::new(|s| s.bus_master = false),
+            ),
+            (
+                "running while it needs a reset",
+                Box::new(|s| s.status |= STATUS_NEEDS_RESET),
+            ),
+            (
+                "stopped with DRIVER_OK",
+                Box::new(|s| {
+                    s.live = false;
+                    s.positions.clear();
+                }),
+            ),
+            (
+                "running without queue 0",
+                Box::new(|s| s.queues[0].enabled = false),
+            ),
+            (
+                "positions missing",
+                Box::new(|s| {
+                    s.positions.pop();
+                }),
+            ),
+            (
+                "positions while stopped",
+                Box::new(|s| {
+                    s.live = false;
+                    s.status = ACK | DRIVER;
+                }),
+            ),
             ("unknown ISR bits", Box::new(|s| s.isr = 0x84)),
-            ("short PCI config window", Box::new(|s| {
-                s.pci_cfg_window.pop();
-            })),
+            (
+                "short PCI config window",
+                Box::new(|s| {
+                    s.pci_cfg_window.pop();
+                }),
+            ),
         ];
         for (what, damage) in damaged {
             let mut bad = good.clone();
