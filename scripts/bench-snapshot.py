@@ -150,16 +150,21 @@ def qemu(mem, tmp):
     vm = Console(base + ["-incoming", f"exec:cat {snap}"])
     # The source was stopped, and QEMU carries that run state across: the
     # destination waits, paused, once the stream is in; `cont` starts it.
-    while True:
+    deadline = time.monotonic() + 600
+    status = ""
+    first_insn = None
+    while "running" not in status:
         try:
             status = monitor(mon, "info status")
-            if "inmigrate" not in status and "VM status" in status:
-                break
+            if "VM status: paused" in status and "inmigrate" not in status:
+                monitor(mon, "cont")
+                first_insn = first_insn or time.monotonic() - vm.start
         except OSError:
             pass
+        if time.monotonic() > deadline or vm.proc.poll() is not None:
+            vm.stop()
+            sys.exit(f"bench-snapshot: QEMU's incoming migration did not finish: {status!r}")
         time.sleep(0.005)
-    monitor(mon, "cont")
-    first_insn = time.monotonic() - vm.start
     t_line, _ = vm.wait_for(r"tick \d+")
     restore_line = t_line - vm.start
     vm.stop()

@@ -522,6 +522,8 @@ pub fn snapshot() -> Vec<Vec<u8>> {
             ram_size: 16 << 20,
             devices: vec!["gic".into(), "pl011".into()],
             platform: String::new(),
+            msi: false,
+            pointer_auth: false,
         },
         counter: 1234,
         powers: vec![accel::CpuPower::On, accel::CpuPower::Off],
@@ -556,6 +558,33 @@ pub fn snapshot() -> Vec<Vec<u8>> {
     out.push(seed(s::PL061, &*gpio));
     out.push(seed(s::AES, &*s::aes()));
     out.push(seed(s::PCI_HOST, &s::pci_host()));
+    out.push(seed(s::VIRTIO_BLK, &s::virtio_blk()));
+    // A running one: queue 0 enabled, its rings in RAM, part-way round.
+    use virtio::transport::pci::{SavedQueue, SavedVirtioPci};
+    let running = s::virtio_blk();
+    running
+        .restore_state(&SavedVirtioPci {
+            device_feature_select: 0,
+            driver_feature_select: 1,
+            driver_features: virtio::device::VIRTIO_F_VERSION_1,
+            status: 0xf,
+            queue_select: 0,
+            queues: vec![SavedQueue {
+                size: 16,
+                enabled: true,
+                desc: s::VIRTIO_RAM + 0x1000,
+                driver: s::VIRTIO_RAM + 0x2000,
+                device: s::VIRTIO_RAM + 0x3000,
+            }],
+            positions: vec![(300, 298)],
+            live: true,
+            bus_master: true,
+            isr: 1,
+            config_generation: 2,
+            pci_cfg_window: vec![0; 16],
+        })
+        .expect("a running virtio-blk state restores");
+    out.push(seed(s::VIRTIO_BLK, &running));
     out
 }
 

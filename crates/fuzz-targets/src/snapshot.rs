@@ -20,6 +20,7 @@ pub const PL011: u8 = 2;
 pub const PL061: u8 = 3;
 pub const AES: u8 = 4;
 pub const PCI_HOST: u8 = 5;
+pub const VIRTIO_BLK: u8 = 6;
 
 struct NoCpus;
 
@@ -54,6 +55,17 @@ pub fn aes() -> Arc<devices::apple_aes::AppleAes> {
 
 pub fn pci_host() -> pci::PciHost {
     pci::PciHost::new(std::array::from_fn(|_| Arc::new(NoIrq) as _))
+}
+
+/// Where [`virtio_blk`]'s RAM starts (1 MiB of it).
+pub const VIRTIO_RAM: u64 = 0x4000_0000;
+
+/// A virtio-blk function on a 1 MiB disk, its rings to be in 1 MiB of RAM.
+pub fn virtio_blk() -> virtio::transport::pci::VirtioPciDevice {
+    let ram = vm_core::memory::create_guest_memory(&[(VIRTIO_RAM, 0x10_0000)]).expect("RAM");
+    let disk = Arc::new(block::MemoryDisk::new(vec![0; 1 << 20], false));
+    let blk = virtio::block::VirtioBlock::new(disk, Default::default());
+    virtio::transport::pci::VirtioPciDevice::new(Box::new(blk), ram)
 }
 
 /// Decodes `data[1..]` with the decoder `data[0]` picks. A header that
@@ -115,6 +127,7 @@ pub fn snapshot(data: &[u8]) -> Report {
         PL061 => restored(&*pl061()),
         AES => restored(&*aes()),
         PCI_HOST => restored(&pci_host()),
+        VIRTIO_BLK => restored(&virtio_blk()),
         _ => false,
     };
     report.completions = u64::from(ok);

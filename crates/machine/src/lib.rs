@@ -576,6 +576,8 @@ impl Machine {
                     ..config.platform.clone()
                 }
             ),
+            msi: config.msi,
+            pointer_auth: config.pointer_auth,
         };
         Ok(Self {
             saved_machine,
@@ -1132,6 +1134,10 @@ mod tests {
                 "apple-gfx",
             ]
         );
+        // The virtio functions save their state; XHCI and the display
+        // cannot yet.
+        let unsaved: Vec<&str> = m.registry().without_state().map(|id| id.as_str()).collect();
+        assert_eq!(unsaved, ["xhci", "apple-gfx"]);
 
         let mut windows: Vec<(u64, u64, String)> = m
             .registry()

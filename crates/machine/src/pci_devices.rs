@@ -17,7 +17,7 @@ use crate::layout::{
     PCIE_ECAM_BASE, PCIE_ECAM_SIZE, PCIE_INTX_LINES, PCIE_MMIO_BASE, PCIE_MMIO_SIZE, SPI_PCIE_INTX,
 };
 use crate::platform::Core;
-use crate::registry::{Attachment, Registry};
+use crate::registry::{Attachment, DeviceState, Registry};
 use crate::{Disks, MachineConfig, MachineError};
 
 pub use vm_config::{MacAddress, NetBackend};
@@ -105,15 +105,22 @@ pub(crate) fn attach(
                 host.mmio_window(),
             ))
     })?;
-    let mut plug = |id: &str, function: Arc<dyn PciDevice>| {
-        reg.attach_pci(HOST, &host, id, function).map(drop)
-    };
+    let mut plug =
+        |id: &str, (function, state): (Arc<dyn PciDevice>, Option<Arc<dyn DeviceState>>)| {
+            reg.attach_pci(HOST, &host, id, function, state).map(drop)
+        };
     let msi = host.msi_sink();
-    let virtio = |device: Box<dyn virtio::VirtioDevice>| -> Arc<dyn PciDevice> {
-        Arc::new(match &msi {
+    // A virtio function's state is its transport's, when its device can
+    // give what the transport needs.
+    let virtio = |device: Box<dyn virtio::VirtioDevice>| {
+        let function = Arc::new(match &msi {
             Some(sink) => VirtioPciDevice::with_msix(device, core.memory.clone(), sink.clone()),
             None => VirtioPciDevice::new(device, core.memory.clone()),
-        })
+        });
+        let state = function
+            .saves_state()
+            .then(|| function.clone() as Arc<dyn DeviceState>);
+        (function as Arc<dyn PciDevice>, state)
     };
     let queues_per_disk = config.cpus.clamp(1, 16) as u16;
     let block = |backend: Arc<dyn BlockBackend>, serial: &str, apple: Option<AppleVariant>| {
@@ -136,7 +143,7 @@ pub(crate) fn attach(
         }
         let xhci = Arc::new(xhci);
         input = Some(xhci.input_sink());
-        plug("xhci", xhci)?;
+        plug("xhci", (xhci, None))?;
     }
     if config.aux.is_some() {
         plug(

@@ -130,6 +130,14 @@ serde_state!(devices::apple_aes::AppleAes, |d| d.save_state(), |d, s| d
 serde_state!(PciHost, |d| d.save_state(), |d, s| d
     .restore_state(&s)
     .map_err(|e| e.to_string()));
+impl DeviceState for virtio::transport::pci::VirtioPciDevice {
+    fn save(&self) -> Result<Vec<u8>, StateError> {
+        encode(&self.save_state().map_err(StateError)?)
+    }
+    fn restore(&self, bytes: &[u8]) -> Result<(), StateError> {
+        self.restore_state(&decode(bytes)?).map_err(StateError)
+    }
+}
 
 /// Devices with no state of their own: an empty section records that they
 /// were there.
@@ -163,16 +171,34 @@ pub struct Window {
 pub enum Hooks {
     /// The device itself.
     Own(Arc<dyn Device>),
-    /// The parent device: a PCI function is reset by the PCI host, which
-    /// unmaps its BARs and resets its config space with it.
-    Parent(DeviceId),
+    /// The parent device resets it: a PCI function is reset by the PCI
+    /// host, which unmaps its BARs and resets its config space with it.
+    /// The host saves the function's header; the function's own state
+    /// (queues, rings, device registers) is `state`, or `None` while the
+    /// function cannot save it.
+    Parent {
+        parent: DeviceId,
+        state: Option<Arc<dyn DeviceState>>,
+    },
+}
+
+impl Hooks {
+    /// Where the device's state is, if it can save one.
+    fn state(&self) -> Option<&dyn DeviceState> {
+        match self {
+            Self::Own(device) => device.state(),
+            Self::Parent { state, .. } => state.as_deref(),
+        }
+    }
 }
 
 impl fmt::Debug for Hooks {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Own(_) => f.write_str("Own"),
-            Self::Parent(id) => write!(f, "Parent({id})"),
+            Self::Parent { parent, state } => {
+                write!(f, "Parent({parent}, state: {})", state.is_some())
+            }
         }
     }
 }
@@ -324,14 +350,15 @@ impl Registry {
     }
 
     /// Plugs `function` into the next free slot of `host` (which must be
-    /// attached already, as `host_id`) and records it under `id`. The host
-    /// resets it.
+    /// attached already, as `host_id`) and records it under `id`, with
+    /// its `state` if it has one. The host resets it.
     pub fn attach_pci(
         &mut self,
         host_id: &str,
         host: &PciHost,
         id: &str,
         function: Arc<dyn PciDevice>,
+        state: Option<Arc<dyn DeviceState>>,
     ) -> Result<u8, MachineError> {
         let id = self.new_id(id)?;
         let parent =
@@ -354,7 +381,7 @@ impl Registry {
             windows: Vec::new(),
             spis: Vec::new(),
             pci_slot: Some(slot),
-            hooks: Hooks::Parent(parent),
+            hooks: Hooks::Parent { parent, state },
         });
         Ok(slot)
     }
@@ -393,14 +420,13 @@ impl Registry {
 
     /// Devices that hold their own state but cannot save it yet. A PCI
     /// function's configuration header is its host's; the state behind it
-    /// (queues, rings, device registers) is its own, which no function
-    /// saves yet, so every one is listed.
+    /// (queues, rings, device registers) is its own, so a function
+    /// attached without one is listed.
     pub fn without_state(&self) -> impl Iterator<Item = &DeviceId> {
-        self.entries.iter().filter_map(|e| match &e.hooks {
-            Hooks::Own(device) if device.state().is_none() => Some(&e.id),
-            Hooks::Own(_) => None,
-            Hooks::Parent(_) => Some(&e.id),
-        })
+        self.entries
+            .iter()
+            .filter(|e| e.hooks.state().is_none())
+            .map(|e| &e.id)
     }
 
     /// Every device's saved state, keyed by its id, in attach order; an
@@ -409,20 +435,14 @@ impl Registry {
     pub fn save_states(&self) -> Result<Vec<Section>, (DeviceId, StateError)> {
         let mut out = Vec::new();
         for entry in &self.entries {
-            match &entry.hooks {
-                Hooks::Own(device) => {
-                    let state = device.state().ok_or_else(|| {
-                        (entry.id.clone(), StateError("cannot save its state".into()))
-                    })?;
-                    out.push((
-                        entry.id.clone(),
-                        state.save().map_err(|e| (entry.id.clone(), e))?,
-                    ));
-                }
-                Hooks::Parent(_) => {
-                    return Err((entry.id.clone(), StateError("cannot save its state".into())))
-                }
-            }
+            let state = entry
+                .hooks
+                .state()
+                .ok_or_else(|| (entry.id.clone(), StateError("cannot save its state".into())))?;
+            out.push((
+                entry.id.clone(),
+                state.save().map_err(|e| (entry.id.clone(), e))?,
+            ));
         }
         Ok(out)
     }
@@ -446,10 +466,7 @@ impl Registry {
             ));
         }
         for (entry, (_, bytes)) in self.entries.iter().zip(sections) {
-            let Hooks::Own(device) = &entry.hooks else {
-                return Err((entry.id.to_string(), StateError("cannot restore".into())));
-            };
-            let Some(state) = device.state() else {
+            let Some(state) = entry.hooks.state() else {
                 return Err((entry.id.to_string(), StateError("cannot restore".into())));
             };
             state
@@ -668,5 +685,70 @@ mod tests {
             .unwrap_err();
         let line = vm_core::error_chain::Chain(&err).to_string();
         assert!(line.contains("bus is in use"), "{line}");
+    }
+
+    /// A virtio-blk function whose driver runs queue 0 at `(7, 5)`, as
+    /// its section bytes.
+    fn blk_function() -> virtio::transport::pci::VirtioPciDevice {
+        let memory = vm_core::memory::create_guest_memory(&[(0x4000_0000, 0x10_0000)]).unwrap();
+        let disk = Arc::new(block::MemoryDisk::new(vec![0; 1 << 20], false));
+        let blk = virtio::block::VirtioBlock::new(disk, Default::default());
+        virtio::transport::pci::VirtioPciDevice::new(Box::new(blk), memory)
+    }
+
+    fn running_blk_state() -> Vec<u8> {
+        use virtio::transport::pci::{SavedQueue, SavedVirtioPci};
+        encode(&SavedVirtioPci {
+            device_feature_select: 1,
+            driver_feature_select: 1,
+            driver_features: virtio::device::VIRTIO_F_VERSION_1,
+            status: 0xf,
+            queue_select: 0,
+            queues: vec![SavedQueue {
+                size: 16,
+                enabled: true,
+                desc: 0x4000_1000,
+                driver: 0x4000_2000,
+                device: 0x4000_3000,
+            }],
+            positions: vec![(7, 5)],
+            live: true,
+            bus_master: true,
+            isr: 1,
+            config_generation: 3,
+            pci_cfg_window: vec![0; 16],
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_virtio_blk_function_state_round_trips_through_its_section() {
+        let bytes = running_blk_state();
+        let f = blk_function();
+        DeviceState::restore(&f, &bytes).unwrap();
+        assert_eq!(f.status(), 0xf);
+        assert_eq!(DeviceState::save(&f).unwrap(), bytes);
+    }
+
+    #[test]
+    fn a_damaged_virtio_section_never_panics_and_a_refused_one_changes_nothing() {
+        let good = running_blk_state();
+        let pristine = DeviceState::save(&blk_function()).unwrap();
+        for at in 0..good.len() {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut bad = good.clone();
+                bad[at] ^= flip;
+                let f = blk_function();
+                if DeviceState::restore(&f, &bad).is_err() {
+                    assert_eq!(
+                        DeviceState::save(&f).unwrap(),
+                        pristine,
+                        "byte {at} ^ {flip:#x}"
+                    );
+                }
+            }
+            let f = blk_function();
+            let _ = DeviceState::restore(&f, &good[..at]);
+        }
     }
 }

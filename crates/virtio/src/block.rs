@@ -56,7 +56,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_core::{guest_error, GuestRam};
 
 use crate::device::{
-    ActivateContext, ActivateError, PciIdentity, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    ActivateContext, ActivateError, PciIdentity, QueuePosition, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1,
 };
 
 #[path = "chain.rs"]
@@ -698,6 +699,21 @@ impl VirtioDevice for VirtioBlock {
             // Mass storage, "other" sub-class, as QEMU's virtio-blk-pci.
             None => PciIdentity::standard(DEVICE_TYPE, 0x01_80_00),
         }
+    }
+
+    /// Every request completes within the notify that submitted it (on
+    /// the vCPU thread), so a parked machine has none in flight, and the
+    /// configuration comes from the command line: the queues' positions
+    /// are all there is.
+    fn saves_state(&self) -> bool {
+        true
+    }
+
+    fn queue_positions(&self) -> Vec<QueuePosition> {
+        self.active
+            .as_ref()
+            .map(|a| a.queues.iter().map(QueuePosition::of).collect())
+            .unwrap_or_default()
     }
 }
 

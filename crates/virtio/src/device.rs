@@ -102,4 +102,38 @@ pub trait VirtioDevice: Send {
 
     /// The PCI identity for a PCI transport.
     fn pci_identity(&self) -> PciIdentity;
+
+    /// Snapshots: whether everything the device holds beyond its
+    /// transport's configuration is in [`VirtioDevice::queue_positions`]
+    /// when the vCPUs are parked (no request in flight, no state of its
+    /// own). A device that cannot say so is refused at save.
+    fn saves_state(&self) -> bool {
+        false
+    }
+
+    /// Where each queue the device took at activation stands, in index
+    /// order; empty while it is not active. A restore builds the queues
+    /// with these positions and activates the device with them.
+    fn queue_positions(&self) -> Vec<QueuePosition> {
+        Vec::new()
+    }
+}
+
+/// A queue's ring positions: the next available entry the device will
+/// take and the next used entry it will write (virtio 1.2 §2.7).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueuePosition {
+    pub next_avail: u16,
+    pub next_used: u16,
+}
+
+impl QueuePosition {
+    /// Where `queue` stands.
+    pub fn of(queue: &Queue) -> Self {
+        use virtio_queue::QueueT;
+        Self {
+            next_avail: queue.next_avail(),
+            next_used: queue.next_used(),
+        }
+    }
 }

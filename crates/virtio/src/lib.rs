@@ -18,4 +18,6 @@ pub mod vsock;
 #[cfg(test)]
 mod log_capture;
 
-pub use device::{ActivateContext, ActivateError, PciIdentity, VirtioDevice, VirtioInterrupt};
+pub use device::{
+    ActivateContext, ActivateError, PciIdentity, QueuePosition, VirtioDevice, VirtioInterrupt,
+};

@@ -100,6 +100,12 @@ pub struct SavedMachine {
     pub devices: Vec<String>,
     /// The cfg region's description (ECID, serial number, model...).
     pub platform: String,
+    /// `--msi on`: the GICv2m frame, message-based SPIs and MSI-X.
+    #[serde(default)]
+    pub msi: bool,
+    /// `--pointer-auth`: the CPU's ID registers offer FEAT_PAuth.
+    #[serde(default)]
+    pub pointer_auth: bool,
 }
 
 impl SavedMachine {
@@ -137,6 +143,21 @@ impl SavedMachine {
                 "devices: the snapshot has {} that this run lacks, this run has {} that the snapshot lacks (check --no-usb, --disk, --net, --display)",
                 list(&missing),
                 list(&extra)
+            ));
+        }
+        let on_off = |b: bool| if b { "on" } else { "off" };
+        if self.msi != snapshot.msi {
+            out.push(format!(
+                "--msi: the snapshot has {}, this run {}",
+                on_off(snapshot.msi),
+                on_off(self.msi)
+            ));
+        }
+        if self.pointer_auth != snapshot.pointer_auth {
+            out.push(format!(
+                "--pointer-auth: the snapshot has it {}, this run {}",
+                on_off(snapshot.pointer_auth),
+                on_off(self.pointer_auth)
             ));
         }
         if self.platform != snapshot.platform {
@@ -269,6 +290,8 @@ mod tests {
                 ram_size: 64 << 20,
                 devices: vec!["gic".into(), "pl011".into()],
                 platform: "p".into(),
+                msi: false,
+                pointer_auth: false,
             },
             counter: 42,
             powers: vec![accel::CpuPower::On, accel::CpuPower::Off],
@@ -364,5 +387,13 @@ mod tests {
         assert!(d[1].contains("--memory: the snapshot has 64 MiB, this run 128 MiB"));
         assert!(d[2].contains("this run has xhci"));
         assert!(a.differences(&a).is_empty());
+        let msi = SavedMachine {
+            msi: true,
+            ..a.clone()
+        };
+        assert_eq!(
+            msi.differences(&a),
+            vec!["--msi: the snapshot has off, this run on".to_string()]
+        );
     }
 }

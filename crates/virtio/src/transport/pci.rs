@@ -93,7 +93,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_core::{AccessWidth, GuestRam, IrqLine, NoIrq};
 use vm_memory::GuestAddress;
 
-use crate::device::{ActivateContext, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use crate::device::{
+    ActivateContext, QueuePosition, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+};
 
 /// The BAR that holds the virtio structures.
 pub const MODERN_BAR: u8 = 4;
@@ -317,6 +319,23 @@ impl QueueConfig {
             if !vm_core::memory::range_is_ram(memory, addr, len) {
                 return Err(format!("{what} at {addr:#x}+{len:#x} is not in RAM"));
             }
+        }
+        Ok(())
+    }
+
+    /// Why a queue read from a snapshot is not one a driver could have
+    /// programmed, if it is not.
+    fn check_saved(&self, memory: &GuestRam) -> Result<(), String> {
+        if self.enabled {
+            return self.check(memory);
+        }
+        let size_ok = if self.max_size == 0 {
+            self.size == 0
+        } else {
+            self.size.is_power_of_two() && self.size <= self.max_size
+        };
+        if !size_ok {
+            return Err(format!("size {}", self.size));
         }
         Ok(())
     }
@@ -566,14 +585,33 @@ impl Inner {
         }
     }
 
-    fn activate(&mut self, shared: &Arc<Shared>) {
+    /// The device's start: the queues as configured, with the ring
+    /// positions of `positions` (a restore) or at 0.
+    fn activation(&self, shared: &Arc<Shared>, positions: &[QueuePosition]) -> ActivateContext {
         let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        let ctx = ActivateContext {
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let mut queue = q.build(event_idx);
+                if let Some(p) = positions.get(i) {
+                    queue.set_next_avail(p.next_avail);
+                    queue.set_next_used(p.next_used);
+                }
+                queue
+            })
+            .collect();
+        ActivateContext {
             memory: self.memory.clone(),
-            queues: self.queues.iter().map(|q| q.build(event_idx)).collect(),
+            queues,
             acked_features: self.driver_features,
             interrupt: Arc::new(TransportInterrupt(shared.clone())),
-        };
+        }
+    }
+
+    fn activate(&mut self, shared: &Arc<Shared>) {
+        let ctx = self.activation(shared, &[]);
         match self.device.activate(ctx) {
             Ok(()) => self.live = true,
             Err(e) => {
@@ -899,6 +937,226 @@ impl VirtioPciDevice {
     pub fn status(&self) -> u8 {
         lock(&self.inner).status
     }
+
+    /// Whether [`VirtioPciDevice::save_state`] can capture the function
+    /// whole (its device says so).
+    pub fn saves_state(&self) -> bool {
+        // MSI-X vectors and their table are not in the saved state yet, so
+        // a function with MSI-X is refused at save (named) rather than
+        // restored without its interrupts.
+        self.shared.msix.is_none() && lock(&self.inner).device.saves_state()
+    }
+
+    /// The transport's state and its device's queue positions, for a
+    /// snapshot; taken with the vCPUs parked, when no notify runs.
+    pub fn save_state(&self) -> Result<SavedVirtioPci, String> {
+        let inner = lock(&self.inner);
+        if !inner.device.saves_state() {
+            return Err(format!("{} cannot save its state", self.name));
+        }
+        let positions = if inner.live {
+            inner.device.queue_positions()
+        } else {
+            Vec::new()
+        };
+        if inner.live && positions.len() != inner.queues.len() {
+            return Err(format!(
+                "{}: the device reports {} queues of {}",
+                self.name,
+                positions.len(),
+                inner.queues.len()
+            ));
+        }
+        let cap = inner.pci_cfg_cap;
+        let pci_cfg_window = inner
+            .caps
+            .bytes(cap + PCI_CFG_BAR, usize::from(PCI_CFG_CAP_LEN) - 4)
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default();
+        Ok(SavedVirtioPci {
+            device_feature_select: inner.device_feature_select,
+            driver_feature_select: inner.driver_feature_select,
+            driver_features: inner.driver_features,
+            status: inner.status,
+            queue_select: inner.queue_select,
+            queues: inner
+                .queues
+                .iter()
+                .map(|q| SavedQueue {
+                    size: q.size,
+                    enabled: q.enabled,
+                    desc: q.desc,
+                    driver: q.driver,
+                    device: q.device,
+                })
+                .collect(),
+            positions: positions
+                .iter()
+                .map(|p| (p.next_avail, p.next_used))
+                .collect(),
+            live: inner.live,
+            bus_master: inner.bus_master,
+            isr: lock(&self.shared.irq).isr,
+            config_generation: self.shared.config_generation.load(Ordering::SeqCst),
+            pci_cfg_window,
+        })
+    }
+
+    /// Puts back what [`VirtioPciDevice::save_state`] returned, on a
+    /// function built like the saved one. The input is untrusted: it is
+    /// checked as the driver's register writes are (queues aligned and in
+    /// RAM, sizes, features within the offer, a consistent status) and
+    /// refused whole, changing nothing, if it is not a state the driver
+    /// could have reached. A live device is started again from its
+    /// queues' saved positions.
+    pub fn restore_state(&self, saved: &SavedVirtioPci) -> Result<(), String> {
+        let mut inner = lock(&self.inner);
+        let name = &self.name;
+        if !inner.device.saves_state() {
+            return Err(format!("{name} cannot restore a state"));
+        }
+        if saved.queues.len() != inner.queues.len() {
+            return Err(format!(
+                "{name}: the snapshot has {} queues, this device {}",
+                saved.queues.len(),
+                inner.queues.len()
+            ));
+        }
+        let queues: Vec<QueueConfig> = inner
+            .queues
+            .iter()
+            .zip(&saved.queues)
+            .map(|(q, s)| QueueConfig {
+                max_size: q.max_size,
+                size: s.size,
+                enabled: s.enabled,
+                desc: s.desc,
+                driver: s.driver,
+                device: s.device,
+            })
+            .collect();
+        for (i, q) in queues.iter().enumerate() {
+            q.check_saved(&inner.memory)
+                .map_err(|why| format!("{name}: queue {i}: {why}"))?;
+        }
+        let status = saved.status;
+        if status & STATUS_FEATURES_OK != 0 {
+            let unoffered = saved.driver_features & !inner.offered;
+            if unoffered != 0 || saved.driver_features & VIRTIO_F_VERSION_1 == 0 {
+                return Err(format!(
+                    "{name}: features {:#x} were not offered (offered {:#x})",
+                    saved.driver_features, inner.offered
+                ));
+            }
+        }
+        if status & STATUS_DRIVER_OK != 0 && status & STATUS_FEATURES_OK == 0 {
+            return Err(format!(
+                "{name}: status {status:#x}: DRIVER_OK without FEATURES_OK"
+            ));
+        }
+        let runnable =
+            status & STATUS_DRIVER_OK != 0 && status & STATUS_NEEDS_RESET == 0 && saved.bus_master;
+        if saved.live != runnable {
+            return Err(format!(
+                "{name}: running {} with status {status:#x}, bus mastering {}",
+                saved.live, saved.bus_master
+            ));
+        }
+        if saved.live && !queues.first().is_some_and(|q| q.enabled) {
+            return Err(format!("{name}: running without queue 0"));
+        }
+        let positions: Vec<QueuePosition> = saved
+            .positions
+            .iter()
+            .map(|&(next_avail, next_used)| QueuePosition {
+                next_avail,
+                next_used,
+            })
+            .collect();
+        let want = if saved.live { queues.len() } else { 0 };
+        if positions.len() != want {
+            return Err(format!(
+                "{name}: {} queue positions for {want} running queues",
+                positions.len()
+            ));
+        }
+        if saved.isr & !(ISR_QUEUE | ISR_CONFIG) != 0 {
+            return Err(format!("{name}: ISR {:#x}", saved.isr));
+        }
+        let window_len = usize::from(PCI_CFG_CAP_LEN) - 4;
+        if saved.pci_cfg_window.len() != window_len {
+            return Err(format!(
+                "{name}: PCI config window of {} bytes",
+                saved.pci_cfg_window.len()
+            ));
+        }
+
+        // Checked: from here the state is the driver's as saved.
+        if inner.live {
+            inner.device.reset();
+            inner.live = false;
+        }
+        inner.device_feature_select = saved.device_feature_select;
+        inner.driver_feature_select = saved.driver_feature_select;
+        inner.driver_features = saved.driver_features;
+        inner.status = status;
+        inner.queue_select = saved.queue_select;
+        inner.queues = queues;
+        inner.bus_master = saved.bus_master;
+        let cap = inner.pci_cfg_cap;
+        // The capability's writable fields: BAR, padding, offset, length,
+        // data; the fixed header bytes before them stay as built.
+        if let Some(bytes) = inner.caps.bytes_mut(cap + PCI_CFG_BAR, window_len) {
+            bytes.copy_from_slice(&saved.pci_cfg_window);
+        }
+        self.shared
+            .config_generation
+            .store(saved.config_generation, Ordering::SeqCst);
+        if saved.live {
+            let ctx = inner.activation(&self.shared, &positions);
+            if let Err(e) = inner.device.activate(ctx) {
+                // Leave the function as a reset would, not half restored.
+                inner.reset(&self.shared);
+                return Err(format!("{name}: the device does not start: {e}"));
+            }
+            inner.live = true;
+        }
+        let mut irq = lock(&self.shared.irq);
+        irq.isr = saved.isr;
+        irq.line.set_level(saved.isr != 0);
+        Ok(())
+    }
+}
+
+/// A queue's configuration in a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedQueue {
+    pub size: u16,
+    pub enabled: bool,
+    pub desc: u64,
+    pub driver: u64,
+    pub device: u64,
+}
+
+/// A virtio-pci function's state in a snapshot: the common config as the
+/// driver programmed it, the ISR, and where each running queue stands.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedVirtioPci {
+    pub device_feature_select: u32,
+    pub driver_feature_select: u32,
+    pub driver_features: u64,
+    pub status: u8,
+    pub queue_select: u16,
+    pub queues: Vec<SavedQueue>,
+    /// `(next_avail, next_used)` of each queue while the device runs.
+    pub positions: Vec<(u16, u16)>,
+    pub live: bool,
+    pub bus_master: bool,
+    pub isr: u8,
+    pub config_generation: u8,
+    /// The PCI configuration access capability's fields after its header
+    /// (BAR, offset, length, data).
+    pub pci_cfg_window: Vec<u8>,
 }
 
 impl PciDevice for VirtioPciDevice {
@@ -1042,6 +1300,11 @@ mod tests {
         resets: u32,
         config_writes: Vec<(u64, Vec<u8>)>,
         interrupt: Option<Arc<dyn VirtioInterrupt>>,
+        /// Where the running device's queues stand: each notify takes and
+        /// returns one buffer of its queue.
+        positions: Vec<QueuePosition>,
+        /// The positions each activation started from.
+        started_at: Vec<Vec<QueuePosition>>,
     }
 
     struct FakeDevice {
@@ -1087,15 +1350,30 @@ mod tests {
             let mut log = lock(&self.log);
             log.activations.push((ctx.acked_features, queues));
             log.interrupt = Some(ctx.interrupt);
+            log.positions = ctx.queues.iter().map(QueuePosition::of).collect();
+            let started = log.positions.clone();
+            log.started_at.push(started);
             Ok(())
         }
         fn queue_notify(&mut self, queue: u16) {
-            lock(&self.log).notifies.push(queue);
+            let mut log = lock(&self.log);
+            log.notifies.push(queue);
+            if let Some(p) = log.positions.get_mut(usize::from(queue)) {
+                p.next_avail = p.next_avail.wrapping_add(1);
+                p.next_used = p.next_used.wrapping_add(1);
+            }
+        }
+        fn saves_state(&self) -> bool {
+            true
+        }
+        fn queue_positions(&self) -> Vec<QueuePosition> {
+            lock(&self.log).positions.clone()
         }
         fn reset(&mut self) {
             let mut log = lock(&self.log);
             log.resets += 1;
             log.interrupt = None;
+            log.positions.clear();
         }
         fn pci_identity(&self) -> PciIdentity {
             PciIdentity {
@@ -1729,5 +2007,218 @@ mod tests {
         // Everything written all-ones: still a sane device afterwards.
         d.status(0);
         d.live();
+    }
+
+    /// The common config as the driver reads it, byte by byte.
+    fn common_bytes(d: &Direct) -> Vec<u64> {
+        (0..common::SIZE).map(|o| d.r(o, Byte)).collect()
+    }
+
+    /// A live device that has taken three buffers of queue 0 and
+    /// signalled them, its queue 1 configured but not enabled.
+    fn busy() -> Direct {
+        let d = Direct::new(false);
+        d.live();
+        d.w(common::QUEUE_SELECT, Half, 1);
+        for _ in 0..3 {
+            d.w(NOTIFY_OFFSET, Word, 0);
+        }
+        lock(&d.log).interrupt.clone().unwrap().notify_queue(0);
+        d.w(common::DEVICE_FEATURE_SELECT, Word, 1);
+        d
+    }
+
+    #[test]
+    fn a_saved_function_continues_where_it_stood() {
+        let a = busy();
+        let saved = a.dev.save_state().unwrap();
+        assert_eq!(saved.positions, [(3, 3), (0, 0)]);
+
+        let b = Direct::new(false);
+        b.dev.command_written(0);
+        b.dev.restore_state(&saved).unwrap();
+        assert_eq!(b.dev.status(), 0xf);
+        assert_eq!(common_bytes(&b), common_bytes(&a));
+        // Started once, from the saved positions, on the same queues.
+        let log = lock(&b.log);
+        assert_eq!(
+            log.started_at,
+            [vec![
+                QueuePosition {
+                    next_avail: 3,
+                    next_used: 3
+                },
+                QueuePosition::default()
+            ]]
+        );
+        assert_eq!(log.activations[0].1, lock(&a.log).activations[0].1);
+        drop(log);
+        assert_eq!(b.dev.save_state().unwrap(), saved);
+        // The pending interrupt is still pending, and reading clears it.
+        assert!(b.irq.is_asserted());
+        assert_eq!(b.r(ISR_OFFSET, Byte), u64::from(ISR_QUEUE));
+        assert!(!b.irq.is_asserted());
+        // It runs on: a notify reaches the restored device.
+        b.w(NOTIFY_OFFSET, Word, 0);
+        assert_eq!(lock(&b.log).notifies, [0]);
+    }
+
+    #[test]
+    fn a_function_saved_before_the_driver_came_restores_idle() {
+        let a = Direct::new(false);
+        let saved = a.dev.save_state().unwrap();
+        assert!(saved.positions.is_empty());
+        let b = Direct::new(false);
+        b.dev.restore_state(&saved).unwrap();
+        assert_eq!(b.dev.status(), 0);
+        assert!(lock(&b.log).activations.is_empty());
+        assert_eq!(common_bytes(&b), common_bytes(&a));
+    }
+
+    /// One way of spoiling a saved state.
+    type Damage = Box<dyn Fn(&mut SavedVirtioPci)>;
+
+    #[test]
+    fn a_damaged_state_is_refused_and_changes_nothing() {
+        let good = busy().dev.save_state().unwrap();
+        let damaged: Vec<(&str, Damage)> = vec![
+            (
+                "ring outside RAM",
+                Box::new(|s| s.queues[0].desc = RAM - 0x1000),
+            ),
+            (
+                "ring past the end of RAM",
+                Box::new(|s| s.queues[0].device = RAM + RAM_SIZE as u64 - 8),
+            ),
+            (
+                "ring address wraps",
+                Box::new(|s| s.queues[0].driver = u64::MAX - 1),
+            ),
+            ("misaligned ring", Box::new(|s| s.queues[0].desc += 8)),
+            (
+                "size not a power of two",
+                Box::new(|s| s.queues[0].size = 12),
+            ),
+            (
+                "size over the maximum",
+                Box::new(|s| s.queues[1].size = 128),
+            ),
+            ("size 0", Box::new(|s| s.queues[1].size = 0)),
+            (
+                "a queue missing",
+                Box::new(|s| {
+                    s.queues.pop();
+                }),
+            ),
+            (
+                "a queue too many",
+                Box::new(|s| s.queues.push(s.queues[1].clone())),
+            ),
+            (
+                "unoffered features",
+                Box::new(|s| s.driver_features |= 1 << 40),
+            ),
+            (
+                "no VERSION_1",
+                Box::new(|s| s.driver_features &= !VIRTIO_F_VERSION_1),
+            ),
+            (
+                "DRIVER_OK without FEATURES_OK",
+                Box::new(|s| s.status &= !FEATURES_OK),
+            ),
+            (
+                "running without bus mastering",
+                Box::new(|s| s.bus_master = false),
+            ),
+            (
+                "running while it needs a reset",
+                Box::new(|s| s.status |= STATUS_NEEDS_RESET),
+            ),
+            (
+                "stopped with DRIVER_OK",
+                Box::new(|s| {
+                    s.live = false;
+                    s.positions.clear();
+                }),
+            ),
+            (
+                "running without queue 0",
+                Box::new(|s| s.queues[0].enabled = false),
+            ),
+            (
+                "positions missing",
+                Box::new(|s| {
+                    s.positions.pop();
+                }),
+            ),
+            (
+                "positions while stopped",
+                Box::new(|s| {
+                    s.live = false;
+                    s.status = ACK | DRIVER;
+                }),
+            ),
+            ("unknown ISR bits", Box::new(|s| s.isr = 0x84)),
+            (
+                "short PCI config window",
+                Box::new(|s| {
+                    s.pci_cfg_window.pop();
+                }),
+            ),
+        ];
+        for (what, damage) in damaged {
+            let mut bad = good.clone();
+            damage(&mut bad);
+            let d = Direct::new(false);
+            let before = common_bytes(&d);
+            let err = d.dev.restore_state(&bad);
+            assert!(err.is_err(), "{what}: accepted");
+            assert_eq!(d.dev.status(), 0, "{what}");
+            assert!(lock(&d.log).activations.is_empty(), "{what}");
+            assert_eq!(common_bytes(&d), before, "{what}");
+            assert!(!d.irq.is_asserted(), "{what}");
+        }
+    }
+
+    #[test]
+    fn a_device_that_cannot_save_is_refused() {
+        struct Silent(FakeDevice);
+        impl VirtioDevice for Silent {
+            fn device_type(&self) -> u32 {
+                self.0.device_type()
+            }
+            fn queue_max_sizes(&self) -> Vec<u16> {
+                self.0.queue_max_sizes()
+            }
+            fn features(&self) -> u64 {
+                self.0.features()
+            }
+            fn read_config(&self, offset: u64, data: &mut [u8]) {
+                self.0.read_config(offset, data)
+            }
+            fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+                self.0.activate(ctx)
+            }
+            fn queue_notify(&mut self, queue: u16) {
+                self.0.queue_notify(queue)
+            }
+            fn reset(&mut self) {
+                self.0.reset()
+            }
+            fn pci_identity(&self) -> PciIdentity {
+                self.0.pci_identity()
+            }
+        }
+        let good = Direct::new(false).dev.save_state().unwrap();
+        let dev = VirtioPciDevice::new(
+            Box::new(Silent(FakeDevice {
+                log: Arc::default(),
+                refuse: false,
+            })),
+            memory(),
+        );
+        assert!(!dev.saves_state());
+        assert!(dev.save_state().is_err());
+        assert!(dev.restore_state(&good).is_err());
     }
 }
