@@ -17,7 +17,9 @@
 //! The bytes are kept exactly as they came, so a push gives
 //! Virtualization.framework back what it wrote.
 
-use std::io::Cursor;
+use std::fs;
+use std::io::{Cursor, Read};
+use std::path::{Path, PathBuf};
 
 /// Name of the hardware-model plist inside a Virtualization.framework
 /// bundle and inside a vmapple bundle.
@@ -54,6 +56,14 @@ pub struct HardwareModel {
 
 #[derive(Debug, thiserror::Error)]
 pub enum HardwareModelError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}: hardwareModel is not a base64 string")]
+    NotBase64 { what: String },
     #[error("{what}: larger than {MAX_HARDWARE_MODEL} bytes, not a hardware model")]
     TooLarge { what: String },
     #[error("{what} is not a property list: {reason}")]
@@ -185,6 +195,81 @@ impl std::fmt::Display for HardwareModel {
             write!(f, " (and {} more)", self.other.len() - 8)?;
         }
         Ok(())
+    }
+}
+
+/// Reads at most `limit` bytes of `path`; `None` if there is no such file.
+fn read_at_most(path: &Path, limit: usize) -> Result<Option<Vec<u8>>, HardwareModelError> {
+    let io = |source| HardwareModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(e)),
+    };
+    let mut data = Vec::new();
+    file.take(limit as u64 + 1)
+        .read_to_end(&mut data)
+        .map_err(io)?;
+    if data.len() > limit {
+        return Err(HardwareModelError::TooLarge {
+            what: path.display().to_string(),
+        });
+    }
+    Ok(Some(data))
+}
+
+/// The hardware model in the plist file `path` (a bundle's
+/// `HardwareModel`), or `None` if there is no such file.
+pub fn from_file(path: &Path) -> Result<Option<HardwareModel>, HardwareModelError> {
+    read_at_most(path, MAX_HARDWARE_MODEL)?
+        .map(|data| HardwareModel::decode(&data, &path.display().to_string()))
+        .transpose()
+}
+
+/// The hardware model of a JSON VM description (Tart config.json, macosvm
+/// JSON): its base64 `hardwareModel`, or `None` if it has none.
+pub fn from_json(
+    json: &serde_json::Map<String, serde_json::Value>,
+    what: &str,
+) -> Result<Option<HardwareModel>, HardwareModelError> {
+    let Some(value) = json.get("hardwareModel") else {
+        return Ok(None);
+    };
+    let data = value
+        .as_str()
+        .and_then(|t| crate::identity::decode_base64(t).ok())
+        .ok_or_else(|| HardwareModelError::NotBase64 {
+            what: what.to_string(),
+        })?;
+    HardwareModel::decode(&data, &format!("{what}: hardwareModel")).map(Some)
+}
+
+/// The hardware model behind `path`, for the same sources as
+/// [`crate::identity::ecid_from_path`]: a directory with a `HardwareModel`
+/// file (Virtualization.framework or vmapple bundle) or a Tart
+/// `config.json`, or a Tart/macosvm JSON file. `None` where the source
+/// has none (a bare machine-identifier plist, a bundle made by `create`).
+pub fn from_path(path: &Path) -> Result<Option<HardwareModel>, HardwareModelError> {
+    if path.is_dir() {
+        if let Some(model) = from_file(&path.join(HARDWARE_MODEL_FILE))? {
+            return Ok(Some(model));
+        }
+        let tart = path.join("config.json");
+        return if tart.is_file() {
+            from_path(&tart)
+        } else {
+            Ok(None)
+        };
+    }
+    let Some(data) = read_at_most(path, crate::identity::MAX_IDENTITY_FILE as usize)? else {
+        return Ok(None);
+    };
+    match serde_json::from_slice::<serde_json::Value>(&data) {
+        Ok(serde_json::Value::Object(json)) => from_json(&json, &path.display().to_string()),
+        _ => Ok(None),
     }
 }
 
