@@ -455,7 +455,7 @@ fn import_macosvm_value(
             // A model vmapple cannot read refuses the import: it is kept
             // and pushed as the VM's own, so it must at least be one.
             "hardwareModel" => {
-                hardware_model = crate::hardware_model::from_json(&json, &p.display().to_string())?
+                hardware_model = crate::hardware_model::from_json(json, &p.display().to_string())?
             }
             "displays" => {
                 let list = value.as_array().map(Vec::as_slice).unwrap_or(&[]);
