@@ -1551,6 +1551,10 @@ fn a_clone_has_its_own_sparse_disks_and_mac_the_same_identity_and_boots() {
     let used = allocated(&twin.join("disk1-disk.img"));
     assert!(used < 4 << 20, "clone not sparse: {used} bytes");
     assert_eq!(home.ok(&["identity", "twin"]).trim(), ECID.to_string());
+    assert_eq!(
+        std::fs::read(twin.join("HardwareModel")).unwrap(),
+        hardware_model(1, 13)
+    );
     let config = std::fs::read_to_string(twin.join("config.toml")).unwrap();
     assert!(!config.contains("7a:65:e4:3c:2b:01"), "same MAC:\n{config}");
     assert!(config.contains("mac = "), "{config}");
