@@ -556,8 +556,6 @@ fn import_macosvm_value(
     })
 }
 
-/// A display size from an imported VM as a mode at the usual 60 Hz; `None`
-/// if a side is 0 or past what a mode can hold.
 /// What the user should know about a source's hardware model: vmapple
 /// keeps it but runs its one machine whatever it says, and what a guest
 /// needs of a version-2 model is unknown.
@@ -575,6 +573,8 @@ fn note_hardware_model(model: Option<&HardwareModel>, warnings: &mut Vec<String>
     warnings.push(note);
 }
 
+/// A display size from an imported VM as a mode at the usual 60 Hz; `None`
+/// if a side is 0 or past what a mode can hold.
 fn display_mode(width: u64, height: u64) -> Option<DisplayMode> {
     let side = |v: u64| u16::try_from(v).ok().filter(|&v| v > 0);
     Some(DisplayMode::new(
