@@ -18,7 +18,7 @@
 //! Virtualization.framework back what it wrote.
 
 use std::fs;
-use std::io::{Cursor, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Name of the hardware-model plist inside a Virtualization.framework
@@ -115,12 +115,11 @@ impl HardwareModel {
         if data.len() > MAX_HARDWARE_MODEL {
             return Err(HardwareModelError::TooLarge { what });
         }
-        let value = plist::Value::from_reader(Cursor::new(data)).map_err(|e| {
-            HardwareModelError::NotPlist {
+        let value =
+            crate::identity::parse_plist(data).map_err(|e| HardwareModelError::NotPlist {
                 what: what.clone(),
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         let plist::Value::Dictionary(mut dict) = value else {
             return Err(HardwareModelError::NotDictionary { what });
         };
@@ -421,6 +420,79 @@ pub(crate) mod tests {
             .to_string();
         assert!(shown.len() < 600, "{} bytes", shown.len());
         assert!(shown.ends_with("(and 12 more)"));
+    }
+
+    /// A binary plist of `levels` arrays, each holding `refs` references to
+    /// the next one: tiny, but `refs^levels` values once expanded.
+    pub(crate) fn shared_reference_bomb(levels: usize, refs: usize) -> Vec<u8> {
+        let mut p = b"bplist00".to_vec();
+        let mut offsets = Vec::new();
+        for i in 0..levels {
+            offsets.push(p.len());
+            if i + 1 < levels {
+                p.extend_from_slice(&[0xaf, 0x11]); // array, count in a 2-byte int
+                p.extend_from_slice(&(refs as u16).to_be_bytes());
+                for _ in 0..refs {
+                    p.extend_from_slice(&((i + 1) as u16).to_be_bytes());
+                }
+            } else {
+                p.push(0xa0); // empty array
+            }
+        }
+        binary_trailer(p, &offsets)
+    }
+
+    /// Appends the offset table (2-byte offsets and refs) and trailer.
+    fn binary_trailer(mut p: Vec<u8>, offsets: &[usize]) -> Vec<u8> {
+        let table = p.len();
+        for &o in offsets {
+            p.extend_from_slice(&(o as u16).to_be_bytes());
+        }
+        p.extend_from_slice(&[0; 6]);
+        p.extend_from_slice(&[2, 2]);
+        p.extend_from_slice(&(offsets.len() as u64).to_be_bytes());
+        p.extend_from_slice(&0u64.to_be_bytes());
+        p.extend_from_slice(&(table as u64).to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn shared_references_cannot_expand_without_bound() {
+        // 30^7 values if expanded; refused after a bounded amount of work.
+        let bomb = shared_reference_bomb(8, 30);
+        assert!(bomb.len() < 600);
+        let e = error_of(&bomb);
+        assert!(e.contains("too many objects for its size"), "{e}");
+        // A few shared references are fine (and not a hardware model).
+        assert_eq!(
+            error_of(&shared_reference_bomb(3, 30)),
+            "src is not a dictionary"
+        );
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        let depth = (MAX_HARDWARE_MODEL - 100) / 15;
+        let xml = format!(
+            "<?xml version=\"1.0\"?><plist version=\"1.0\">{}{}</plist>",
+            "<array>".repeat(depth),
+            "</array>".repeat(depth)
+        );
+        assert!(xml.len() <= MAX_HARDWARE_MODEL);
+        assert_eq!(error_of(xml.as_bytes()), "src is not a dictionary");
+        // Binary: each array holds the next, up to the size bound.
+        let mut p = b"bplist00".to_vec();
+        let mut offsets = Vec::new();
+        for i in 1..=12_000u16 {
+            offsets.push(p.len());
+            p.push(0xa1);
+            p.extend_from_slice(&i.to_be_bytes());
+        }
+        offsets.push(p.len());
+        p.push(0xa0);
+        let p = binary_trailer(p, &offsets);
+        assert!(p.len() <= MAX_HARDWARE_MODEL);
+        assert_eq!(error_of(&p), "src is not a dictionary");
     }
 
     proptest! {
