@@ -4,6 +4,8 @@
 //! NAME.vmapple/
 //!   config.toml         human-editable configuration (config.rs)
 //!   MachineIdentifier   binary plist {ECID: n}, as Virtualization.framework
+//!   HardwareModel       the imported VM's hardware-model plist, byte for
+//!                       byte (only in imported and pulled bundles)
 //!   aux.img             auxiliary storage (sparse)
 //!   root.img            system disk (sparse)
 //!   bundle.lock         locked by the process running the VM; holds its pid
@@ -33,6 +35,7 @@ use crate::config::{
     ConfigError, DiskSpec, DisplayModes, Ecid, InvalidConfig, MacAddress, NetBackend, Network,
     SerialBackend, VmConfig,
 };
+use crate::hardware_model::{HardwareModel, HARDWARE_MODEL_FILE};
 use crate::identity::{self, IdentityError, MACHINE_IDENTIFIER_FILE};
 
 pub const CONFIG_FILE: &str = "config.toml";
@@ -73,6 +76,8 @@ pub enum BundleError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    #[error(transparent)]
+    HardwareModel(#[from] crate::hardware_model::HardwareModelError),
     #[error("{}: config.toml says ecid {config} but {MACHINE_IDENTIFIER_FILE} says {file}", path.display())]
     EcidMismatch {
         path: PathBuf,
@@ -348,6 +353,7 @@ impl Bundle {
             dir,
             config,
             ecid,
+            None,
             &[(AUX_IMAGE, opts.aux_size), (ROOT_IMAGE, opts.root_size)],
         )
     }
@@ -358,13 +364,21 @@ impl Bundle {
         dir: &Path,
         imported: &crate::import::ImportedVm,
     ) -> Result<Bundle, BundleError> {
-        Self::create_with(dir, imported.config.clone(), imported.ecid, &[])
+        let model = imported.hardware_model.as_ref();
+        Self::create_with(
+            dir,
+            imported.config.clone(),
+            imported.ecid,
+            model.map(HardwareModel::raw),
+            &[],
+        )
     }
 
     fn create_with(
         dir: &Path,
         config: VmConfig,
         ecid: u64,
+        hardware_model: Option<&[u8]>,
         images: &[(&str, u64)],
     ) -> Result<Bundle, BundleError> {
         if fs::symlink_metadata(dir).is_ok() {
@@ -400,6 +414,9 @@ impl Bundle {
                 &dir.join(MACHINE_IDENTIFIER_FILE),
                 &identity::machine_identifier_plist(ecid),
             )?;
+            if let Some(model) = hardware_model {
+                write_new(&dir.join(HARDWARE_MODEL_FILE), model)?;
+            }
             for (name, size) in images {
                 create_sparse(&dir.join(name), *size)?;
             }
@@ -512,6 +529,13 @@ impl Bundle {
 
     pub fn lock_path(&self) -> PathBuf {
         self.dir.join(LOCK_FILE)
+    }
+
+    /// The hardware model the bundle was imported or pulled with, if any.
+    pub fn hardware_model(&self) -> Result<Option<HardwareModel>, BundleError> {
+        Ok(crate::hardware_model::from_file(
+            &self.dir.join(HARDWARE_MODEL_FILE),
+        )?)
     }
 
     pub fn machine_identifier_path(&self) -> PathBuf {

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use crate::bundle::{random_u64, write_new, Bundle, BundleError, LockError, CONFIG_FILE};
 use crate::config::{DiskSpec, Ecid, MacAddress};
+use crate::hardware_model::HARDWARE_MODEL_FILE;
 use crate::identity::{self, MACHINE_IDENTIFIER_FILE};
 use crate::tart::{IMAGE_SOURCE_FILE, TART_CONFIG_FILE};
 
@@ -267,7 +268,9 @@ pub fn clone_bundle(src: &Bundle, dst: &Path, opts: CloneOptions) -> Result<Clon
             &staging.join(MACHINE_IDENTIFIER_FILE),
             &identity::machine_identifier_plist(ecid),
         )?;
-        for extra in [TART_CONFIG_FILE, IMAGE_SOURCE_FILE] {
+        // The hardware model goes along even with --new-identity: the
+        // clone is the same kind of machine.
+        for extra in [TART_CONFIG_FILE, IMAGE_SOURCE_FILE, HARDWARE_MODEL_FILE] {
             let from = src.dir().join(extra);
             if from.is_file() {
                 fs::copy(&from, staging.join(extra)).map_err(io_err(&from))?;

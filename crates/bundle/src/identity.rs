@@ -72,14 +72,57 @@ pub enum IdentityError {
     BundleConfig { path: PathBuf, reason: String },
 }
 
+/// A reader that fails once `left` bytes have been read from it.
+struct Budget<'a> {
+    inner: Cursor<&'a [u8]>,
+    left: u64,
+}
+
+impl Read for Budget<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            return Err(std::io::Error::other(
+                "too many objects for its size (shared references expand without bound)",
+            ));
+        }
+        let len = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..len])?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+impl std::io::Seek for Budget<'_> {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.inner.seek(pos)
+    }
+}
+
+/// Parses a property list (binary or XML) with work bounded by its size.
+/// A binary plist's objects may be referenced many times, and the `plist`
+/// crate expands each reference anew, so a few hundred bytes of nested
+/// shared arrays would make billions of values; each expanded object is
+/// read again from the input, so capping the bytes read caps the values
+/// made.
+pub(crate) fn parse_plist(data: &[u8]) -> Result<plist::Value, plist::Error> {
+    let budget = (data.len() as u64)
+        .saturating_mul(64)
+        .saturating_add(64 << 10);
+    plist::Value::from_reader(Budget {
+        inner: Cursor::new(data),
+        left: budget,
+    })
+}
+
 /// Extracts the ECID from a serialised `VZMacMachineIdentifier` (binary or
 /// XML plist). `what` names the source in error messages.
 pub fn ecid_from_plist(data: &[u8], what: &str) -> Result<u64, IdentityError> {
-    let value =
-        plist::Value::from_reader(Cursor::new(data)).map_err(|e| IdentityError::NotPlist {
-            what: what.to_string(),
-            reason: e.to_string(),
-        })?;
+    let value = parse_plist(data).map_err(|e| IdentityError::NotPlist {
+        what: what.to_string(),
+        reason: e.to_string(),
+    })?;
     let dict = value
         .as_dictionary()
         .ok_or_else(|| IdentityError::NotDictionary {
@@ -307,6 +350,13 @@ mod tests {
             "<dict><key>ECID</key><integer>{ECID}</integer></dict>"
         ));
         assert_eq!(ecid_from_plist(&xml, "t").unwrap(), ECID);
+    }
+
+    #[test]
+    fn a_shared_reference_bomb_is_refused_not_expanded() {
+        let bomb = crate::hardware_model::tests::shared_reference_bomb(8, 30);
+        let e = ecid_from_plist(&bomb, "bomb").unwrap_err().to_string();
+        assert!(e.contains("too many objects for its size"), "{e}");
     }
 
     #[test]

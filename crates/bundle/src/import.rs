@@ -27,6 +27,7 @@ use crate::config::{
     DiskSpec, DisplayMode, DisplayModes, MacAddress, NetBackend, Network, SerialBackend, Size,
     VmConfig, MAX_CPUS, MEMORY_ALIGN, VZ_AUX_HEADER,
 };
+use crate::hardware_model::{HardwareModel, HardwareModelError};
 use crate::identity::{self, IdentityError};
 
 /// The most guest RAM a Tart config may ask for (1 TiB): more is a broken
@@ -40,6 +41,9 @@ pub struct ImportedVm {
     /// Disks point at the source files by absolute path.
     pub config: VmConfig,
     pub ecid: u64,
+    /// The source's `hardwareModel`, kept in the bundle as
+    /// `HardwareModel` (vmapple itself does not act on it).
+    pub hardware_model: Option<HardwareModel>,
     /// Everything in the source that vmapple does not use or does
     /// differently, one sentence each.
     pub warnings: Vec<String>,
@@ -70,6 +74,8 @@ pub enum ImportError {
     },
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    #[error(transparent)]
+    HardwareModel(#[from] HardwareModelError),
     #[error("{}: {message}", path.display())]
     Invalid { path: PathBuf, message: String },
 }
@@ -236,6 +242,7 @@ pub fn tart_vm(
         Err(e) => return Err(invalid(p, format!("not valid JSON: {e}"))),
     };
     let mut warnings = Vec::new();
+    let mut hardware_model = None;
     let os = json.get("os").and_then(Value::as_str).unwrap_or("darwin");
     if os != "darwin" {
         return Err(invalid(
@@ -315,8 +322,11 @@ pub fn tart_vm(
                     }
                 }
             }
-            "hardwareModel" => warnings
-                .push("hardwareModel ignored: vmapple emulates one fixed machine model".into()),
+            // A model vmapple cannot read refuses the import: it is kept
+            // and pushed as the VM's own, so it must at least be one.
+            "hardwareModel" => {
+                hardware_model = crate::hardware_model::from_json(&json, &p.display().to_string())?
+            }
             "sync" => {
                 if value.as_str() != Some("full") {
                     warnings.push(format!(
@@ -329,9 +339,11 @@ pub fn tart_vm(
             )),
         }
     }
+    note_hardware_model(hardware_model.as_ref(), &mut warnings);
     Ok(ImportedVm {
         config,
         ecid,
+        hardware_model,
         warnings,
     })
 }
@@ -354,6 +366,7 @@ fn import_macosvm_value(
     policy: OutsideFiles,
 ) -> Result<ImportedVm, ImportError> {
     let mut warnings = Vec::new();
+    let mut hardware_model = None;
     let os = json.get("os").and_then(Value::as_str).unwrap_or("macos");
     if os != "macos" {
         return Err(invalid(
@@ -439,8 +452,11 @@ fn import_macosvm_value(
     for (key, value) in json {
         match key.as_str() {
             "os" | "cpus" | "ram" | "machineId" | "storage" | "version" => {}
-            "hardwareModel" => warnings
-                .push("hardwareModel ignored: vmapple emulates one fixed machine model".into()),
+            // A model vmapple cannot read refuses the import: it is kept
+            // and pushed as the VM's own, so it must at least be one.
+            "hardwareModel" => {
+                hardware_model = crate::hardware_model::from_json(json, &p.display().to_string())?
+            }
             "displays" => {
                 let list = value.as_array().map(Vec::as_slice).unwrap_or(&[]);
                 let mut modes = Vec::new();
@@ -531,11 +547,30 @@ fn import_macosvm_value(
             other => warnings.push(format!("{other} is not supported and was ignored")),
         }
     }
+    note_hardware_model(hardware_model.as_ref(), &mut warnings);
     Ok(ImportedVm {
         config,
         ecid,
+        hardware_model,
         warnings,
     })
+}
+
+/// What the user should know about a source's hardware model: vmapple
+/// keeps it but runs its one machine whatever it says, and what a guest
+/// needs of a version-2 model is unknown.
+fn note_hardware_model(model: Option<&HardwareModel>, warnings: &mut Vec<String>) {
+    let Some(model) = model else {
+        warnings.push("no hardwareModel: the bundle has none (push makes one up)".into());
+        return;
+    };
+    let mut note = format!("hardware model {model}: kept in the bundle; vmapple emulates one fixed machine whatever it says");
+    if model.representation == crate::hardware_model::Representation::V2 {
+        note.push_str(
+            " (version 2 models come with macOS 26 restore images; whether a guest on vmapple needs anything of them is unknown)",
+        );
+    }
+    warnings.push(note);
 }
 
 /// A display size from an imported VM as a mode at the usual 60 Hz; `None`
@@ -552,20 +587,27 @@ fn display_mode(width: u64, height: u64) -> Option<DisplayMode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hardware_model::{tests::model_plist, Representation, HARDWARE_MODEL_FILE};
     use crate::identity::{encode_base64, machine_identifier_plist};
 
     const ECID: u64 = 1234567890123456789;
 
+    /// The Tart fixtures' hardware model: version 1, binary.
+    fn tart_model() -> Vec<u8> {
+        model_plist(1, 2, [13, 0, 0], true)
+    }
+
     fn tart_dir(extra: &str) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let ecid = encode_base64(&machine_identifier_plist(ECID));
+        let model = encode_base64(&tart_model());
         let config = format!(
             r#"{{
   "version" : 1,
   "os" : "darwin",
   "arch" : "arm64",
   "ecid" : "{ecid}",
-  "hardwareModel" : "YnBsaXN0MDDTAQIDBAUGXxAZRGF0YVJlcHJlc2VudGF0aW9uVmVyc2lvbg==",
+  "hardwareModel" : "{model}",
   "cpuCountMin" : 4,
   "cpuCount" : 6,
   "memorySizeMin" : 8589934592,
@@ -602,7 +644,12 @@ mod tests {
         assert_eq!(c.root.offset, 0);
         assert_eq!(c.mac.unwrap().to_string(), "7a:65:e4:3c:2b:01");
         assert_eq!(c.display.modes[0].to_string(), "1024x768@60");
-        assert!(vm.warnings.iter().any(|w| w.contains("hardwareModel")));
+        let model = vm.hardware_model.as_ref().unwrap();
+        assert_eq!(model.representation, Representation::V1);
+        assert_eq!(model.minimum_os, [13, 0, 0]);
+        assert!(vm.warnings.iter().any(|w| w.contains(
+            "hardware model DataRepresentationVersion 1, PlatformVersion 2, MinimumSupportedOS 13.0.0: kept"
+        )));
         assert!(vm.warnings.iter().any(|w| w.contains("passt")));
         assert!(!vm.warnings.iter().any(|w| w.contains("cpuCountMin")));
         c.validate().unwrap();
@@ -644,6 +691,26 @@ mod tests {
             .iter()
             .any(|w| w.contains("below the image's cpuCountMin")));
 
+        let model = encode_base64(&tart_model());
+        for (bad, why) in [
+            (
+                encode_base64(&model_plist(3, 2, [13, 0, 0], true)),
+                "DataRepresentationVersion 3 is unknown",
+            ),
+            (
+                encode_base64(b"bplist00"),
+                "hardwareModel is not a property list",
+            ),
+            ("not base64!".into(), "hardwareModel is not a base64 string"),
+        ] {
+            fs::write(&cfg, text.replace(&model, &bad)).unwrap();
+            let e = import_tart(dir.path(), OutsideFiles::Refuse)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why), "{e}");
+            assert!(e.contains("config.json"), "{e}");
+        }
+
         fs::write(&cfg, &text).unwrap();
         fs::remove_file(dir.path().join("nvram.bin")).unwrap();
         let e = import_tart(dir.path(), OutsideFiles::Refuse)
@@ -661,6 +728,19 @@ mod tests {
         let b = crate::Bundle::open_in(home.path(), Path::new("t")).unwrap();
         assert_eq!(b.ecid().unwrap(), ECID);
         assert_eq!(b.config().cpus, 6);
+        // The model is kept byte for byte, and pushed as it came.
+        assert_eq!(
+            fs::read(b.dir().join(HARDWARE_MODEL_FILE)).unwrap(),
+            tart_model()
+        );
+        assert_eq!(b.hardware_model().unwrap().unwrap().minimum_os, [13, 0, 0]);
+        let (json, warnings) = crate::tart::tart_config_for_push(&b).unwrap();
+        let json: Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(json["hardwareModel"], encode_base64(&tart_model()));
+        assert!(
+            !warnings.iter().any(|w| w.contains("made up")),
+            "{warnings:?}"
+        );
         assert_eq!(
             b.resolve(&b.config().root.path),
             dir.path().join("disk.img")
@@ -671,9 +751,10 @@ mod tests {
         fs::write(dir.join("disk.img"), "").unwrap();
         fs::write(dir.join("aux.img"), "").unwrap();
         let id = encode_base64(&machine_identifier_plist(ECID));
+        let model = encode_base64(&model_plist(2, 2, [26, 0, 0], false));
         let text = format!(
             r#"{{
-  "hardwareModel":"YnBsaXN0MDA=",
+  "hardwareModel":"{model}",
   "storage":[
     {{"type":"disk", "file":"disk.img", "readOnly":false}},
     {{"type":"aux", "file":"aux.img", "readOnly":false}},
@@ -763,6 +844,10 @@ mod tests {
         assert_eq!(c.disks.len(), 1);
         assert!(c.disks[0].read_only);
         assert_eq!(c.network, Network::Nic(NetBackend::Passt));
+        let model = vm.hardware_model.as_ref().unwrap();
+        assert_eq!(model.representation, Representation::V2);
+        assert_eq!(model.minimum_os, [26, 0, 0]);
+        assert!(vm.warnings.iter().any(|w| w.contains("version 2 models")));
         assert_eq!(c.mac.unwrap().to_string(), "52:54:00:00:00:09");
         assert_eq!(c.display.modes[0].to_string(), "2560x1600@60");
         let w = vm.warnings.join("\n");

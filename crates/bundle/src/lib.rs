@@ -10,6 +10,7 @@ pub mod bundle;
 pub mod clone;
 pub mod config;
 pub mod control;
+pub mod hardware_model;
 pub mod identity;
 pub mod import;
 pub mod tart;
@@ -19,5 +20,6 @@ pub use bundle::{
     LockError, VSOCK_SOCKET,
 };
 pub use config::VmConfig;
+pub use hardware_model::{HardwareModel, HardwareModelError};
 pub use identity::{ecid_from_path, machine_identifier_plist, IdentityError};
 pub use import::{import_macosvm, import_tart, ImportError, ImportedVm};

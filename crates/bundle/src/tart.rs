@@ -16,6 +16,7 @@ use crate::bundle::{
     random_u64, write_new, Bundle, BundleError, AUX_IMAGE, CONFIG_FILE, ROOT_IMAGE,
 };
 use crate::config::{DiskSpec, VZ_AUX_HEADER};
+use crate::hardware_model::HARDWARE_MODEL_FILE;
 use crate::identity::{self, MACHINE_IDENTIFIER_FILE};
 use crate::import::{tart_vm, ImportError, ImportedVm};
 
@@ -40,6 +41,7 @@ fn import_err(e: ImportError) -> BundleError {
     match e {
         ImportError::Io { path, source } => BundleError::Io { path, source },
         ImportError::Identity(i) => BundleError::Identity(i),
+        ImportError::HardwareModel(h) => BundleError::HardwareModel(h),
         ImportError::Invalid { path, message } => BundleError::Unusable { path, message },
         // A pulled image's files are all in the staging directory.
         e @ ImportError::Outside { .. } => BundleError::Unusable {
@@ -89,6 +91,11 @@ pub fn adopt_pulled(
         let from = staging.join(from);
         fs::rename(&from, staging.join(to)).map_err(io_err(&from))?;
     }
+    if let Some(model) = &vm.hardware_model {
+        let path = staging.join(HARDWARE_MODEL_FILE);
+        let _ = fs::remove_file(&path);
+        write_new(&path, model.raw())?;
+    }
     for (name, data) in [
         (
             MACHINE_IDENTIFIER_FILE,
@@ -122,7 +129,8 @@ pub fn image_source(bundle: &Bundle) -> Option<String> {
 
 /// A `hardwareModel` for bundles that never had one: the keys observed in
 /// Virtualization.framework's own (tart-oci.md §2.1). Whether VZ accepts
-/// one not made by VZ is unconfirmed; pulled bundles keep the image's.
+/// one not made by VZ is unconfirmed; pulled and imported bundles keep
+/// their source's.
 fn synthetic_hardware_model() -> Vec<u8> {
     let mut d = plist::Dictionary::new();
     d.insert(
@@ -162,10 +170,17 @@ pub fn tart_config_for_push(bundle: &Bundle) -> Result<(Vec<u8>, Vec<String>), B
             }
         },
         Err(_) => {
-            warnings.push(
-                "the bundle was not pulled from a Tart image: its hardwareModel is made up by vmapple, which Tart's Virtualization.framework may refuse"
-                    .into(),
-            );
+            // An imported bundle keeps its source's model byte for byte.
+            let model = match bundle.hardware_model()? {
+                Some(model) => model.raw().to_vec(),
+                None => {
+                    warnings.push(
+                        "the bundle has no hardware model (made by `vmapple create`): its hardwareModel is made up by vmapple, which Tart's Virtualization.framework may refuse"
+                            .into(),
+                    );
+                    synthetic_hardware_model()
+                }
+            };
             let mut m = Map::new();
             m.insert("version".into(), 1.into());
             m.insert("os".into(), "darwin".into());
@@ -174,7 +189,7 @@ pub fn tart_config_for_push(bundle: &Bundle) -> Result<(Vec<u8>, Vec<String>), B
             m.insert("memorySizeMin".into(), config.memory.0.into());
             m.insert(
                 "hardwareModel".into(),
-                identity::encode_base64(&synthetic_hardware_model()).into(),
+                identity::encode_base64(&model).into(),
             );
             m
         }

@@ -167,6 +167,13 @@ pub fn identity(args: IdentityArgs) -> Result<u8> {
         bundle::bundle::resolve_in(&home, &args.path).unwrap_or(args.path)
     };
     let ecid = bundle::identity::ecid_from_path(&path)?;
+    // stdout stays the ECID alone, so `uuid=$(vmapple identity X)` keeps
+    // working; the hardware model is for the reader.
     println!("{ecid}");
+    match bundle::hardware_model::from_path(&path) {
+        Ok(Some(model)) => eprintln!("vmapple: identity: hardware model {model}"),
+        Ok(None) => {}
+        Err(e) => eprintln!("vmapple: identity: hardware model unreadable: {e}"),
+    }
     Ok(status::POWERED_OFF)
 }

@@ -560,6 +560,22 @@ fn machine_identifier(ecid: u64) -> Vec<u8> {
     p
 }
 
+/// A `VZMacHardwareModel` data representation as an XML plist (vmapple
+/// reads XML and binary alike; VZ writes binary).
+fn hardware_model(version: u32, min_major: u32) -> Vec<u8> {
+    format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">
+<plist version="1.0"><dict>
+<key>DataRepresentationVersion</key><integer>{version}</integer>
+<key>MinimumSupportedOS</key><array><integer>{min_major}</integer><integer>0</integer><integer>0</integer></array>
+<key>PlatformVersion</key><integer>2</integer>
+</dict></plist>
+"#
+    )
+    .into_bytes()
+}
+
 fn base64(data: &[u8]) -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
@@ -661,6 +677,25 @@ fn identity_prints_the_ecid_of_a_machine_identifier() {
         home.ok(&["identity", vz.to_str().unwrap()]).trim(),
         "9223372036854775807"
     );
+    // A Virtualization.framework bundle's HardwareModel is shown on
+    // stderr; stdout stays the ECID alone.
+    std::fs::write(vz.join("HardwareModel"), hardware_model(2, 26)).unwrap();
+    let out = home.run(&["identity", vz.to_str().unwrap()]);
+    assert_eq!(text(&out.stdout), "9223372036854775807\n");
+    assert_eq!(
+        text(&out.stderr),
+        "vmapple: identity: hardware model DataRepresentationVersion 2, PlatformVersion 2, MinimumSupportedOS 26.0.0\n"
+    );
+    std::fs::write(vz.join("HardwareModel"), b"bplist00 garbage").unwrap();
+    let out = home.run(&["identity", vz.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert_eq!(text(&out.stdout), "9223372036854775807\n");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("hardware model unreadable") && err.contains("HardwareModel"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
 
     let macosvm = dir.path().join("vm.json");
     let json = serde_json::json!({ "machineId": base64(&machine_identifier(7)) });
@@ -688,7 +723,7 @@ fn a_tart_vm_imports_with_its_cpus_memory_identity_and_disks() {
         "os": "darwin",
         "arch": "arm64",
         "ecid": base64(&machine_identifier(ECID)),
-        "hardwareModel": base64(b"bplist00 not used by vmapple"),
+        "hardwareModel": base64(&hardware_model(1, 13)),
         "cpuCountMin": 2,
         "cpuCount": 2,
         "memorySizeMin": 268435456u64,
@@ -701,10 +736,10 @@ fn a_tart_vm_imports_with_its_cpus_memory_identity_and_disks() {
     write_vz_aux(&tart.path().join("nvram.bin"));
     write_root(&tart.path().join("disk.img"));
 
-    assert_eq!(
-        home.ok(&["identity", tart.path().to_str().unwrap()]).trim(),
-        ECID.to_string()
-    );
+    let model_line = "vmapple: identity: hardware model DataRepresentationVersion 1, PlatformVersion 2, MinimumSupportedOS 13.0.0\n";
+    let out = home.run(&["identity", tart.path().to_str().unwrap()]);
+    assert_eq!(text(&out.stdout), format!("{ECID}\n"));
+    assert_eq!(text(&out.stderr), model_line);
     let out = home.run(&["import", tart.path().to_str().unwrap(), "fromtart"]);
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -715,11 +750,18 @@ fn a_tart_vm_imports_with_its_cpus_memory_identity_and_disks() {
     );
     for want in [
         "vmapple: import: diskFormat = \"asif\" is not supported and was ignored",
-        "vmapple: import: hardwareModel ignored",
+        "vmapple: import: hardware model DataRepresentationVersion 1, PlatformVersion 2, MinimumSupportedOS 13.0.0: kept in the bundle",
     ] {
         assert!(stderr.contains(want), "{want} in:\n{stderr}");
     }
-    assert_eq!(home.ok(&["identity", "fromtart"]).trim(), ECID.to_string());
+    // The bundle keeps the model byte for byte and shows it.
+    assert_eq!(
+        std::fs::read(home.bundle("fromtart").join("HardwareModel")).unwrap(),
+        hardware_model(1, 13)
+    );
+    let out = home.run(&["identity", "fromtart"]);
+    assert_eq!(text(&out.stdout), format!("{ECID}\n"));
+    assert_eq!(text(&out.stderr), model_line);
     let config = std::fs::read_to_string(home.bundle("fromtart").join("config.toml")).unwrap();
     assert!(config.contains("mac = \"7a:65:e4:3c:2b:01\""), "{config}");
     assert!(config.contains("1024x768"), "{config}");
@@ -734,7 +776,7 @@ fn a_macosvm_vm_imports_with_its_cpus_memory_identity_and_disks() {
     write_root(&src.path().join("disk.img"));
     let json = serde_json::json!({
         "version": 1,
-        "hardwareModel": base64(b"bplist00"),
+        "hardwareModel": base64(&hardware_model(2, 26)),
         "machineId": base64(&machine_identifier(ECID)),
         "cpus": 2,
         "ram": 268435456u64,
@@ -752,7 +794,11 @@ fn a_macosvm_vm_imports_with_its_cpus_memory_identity_and_disks() {
     let out = home.run(&["import", json_path.to_str().unwrap(), "frommacosvm"]);
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    for want in ["displays[0].dpi is not supported", "audio is not supported"] {
+    for want in [
+        "displays[0].dpi is not supported",
+        "audio is not supported",
+        "hardware model DataRepresentationVersion 2, PlatformVersion 2, MinimumSupportedOS 26.0.0: kept",
+    ] {
         assert!(stderr.contains(want), "{want} in:\n{stderr}");
     }
     assert_eq!(
@@ -760,6 +806,30 @@ fn a_macosvm_vm_imports_with_its_cpus_memory_identity_and_disks() {
         ECID.to_string()
     );
     boot_rom_checks_pass(&home, "frommacosvm");
+}
+
+/// A hardware model vmapple cannot read (an unknown representation
+/// version) refuses the import with one message naming it; no bundle.
+#[test]
+fn an_unknown_hardware_model_version_refuses_the_import() {
+    let home = Home::new();
+    let tart = tempfile::tempdir().unwrap();
+    let config = serde_json::json!({
+        "os": "darwin",
+        "ecid": base64(&machine_identifier(ECID)),
+        "hardwareModel": base64(&hardware_model(3, 27)),
+        "cpuCount": 2,
+        "memorySize": 268435456u64,
+    });
+    std::fs::write(tart.path().join("config.json"), config.to_string()).unwrap();
+    write_vz_aux(&tart.path().join("nvram.bin"));
+    write_root(&tart.path().join("disk.img"));
+    let out = home.run(&["import", tart.path().to_str().unwrap(), "x"]);
+    assert_user_error(
+        &out,
+        "hardwareModel: DataRepresentationVersion 3 is unknown (vmapple knows 1 and 2)",
+    );
+    assert!(!home.bundle("x").exists());
 }
 
 #[test]
@@ -1093,7 +1163,7 @@ impl TartFixture {
         let config = format!(
             r#"{{"version":1,"os":"darwin","arch":"arm64","ecid":"{}","hardwareModel":"{}","cpuCountMin":2,"cpuCount":2,"memorySizeMin":268435456,"memorySize":268435456,"macAddress":"7a:65:e4:3c:2b:01","display":{{"width":1024,"height":768}}}}"#,
             base64(&machine_identifier(ECID)).replace('/', "\\/"),
-            base64(b"bplist00 hardware model").replace('/', "\\/"),
+            base64(&hardware_model(1, 13)).replace('/', "\\/"),
         )
         .into_bytes();
         TartFixture {
@@ -1196,6 +1266,12 @@ fn assert_pulled(home: &Home, name: &str, image: &TartFixture) {
     assert!(root == image.disk, "root.img differs from the image's disk");
     assert!(std::fs::read(dir.join("aux.img")).unwrap() == image.nvram);
     assert_eq!(home.ok(&["identity", name]).trim(), ECID.to_string());
+    // The image's hardware model, byte for byte (through an import and a
+    // push too: vmapple's own would be a binary plist).
+    assert_eq!(
+        std::fs::read(dir.join("HardwareModel")).unwrap(),
+        hardware_model(1, 13)
+    );
     // The 32 MiB zero layer and the zeros after the root text are holes.
     let used = allocated(&dir.join("root.img"));
     assert!(
@@ -1475,6 +1551,10 @@ fn a_clone_has_its_own_sparse_disks_and_mac_the_same_identity_and_boots() {
     let used = allocated(&twin.join("disk1-disk.img"));
     assert!(used < 4 << 20, "clone not sparse: {used} bytes");
     assert_eq!(home.ok(&["identity", "twin"]).trim(), ECID.to_string());
+    assert_eq!(
+        std::fs::read(twin.join("HardwareModel")).unwrap(),
+        hardware_model(1, 13)
+    );
     let config = std::fs::read_to_string(twin.join("config.toml")).unwrap();
     assert!(!config.contains("7a:65:e4:3c:2b:01"), "same MAC:\n{config}");
     assert!(config.contains("mac = "), "{config}");
