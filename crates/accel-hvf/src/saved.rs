@@ -26,7 +26,7 @@ pub struct SavedVcpu {
     pub pc: u64,
     pub cpsr: u64,
     pub fp: FpState,
-    /// `(encoding, value)` of each register of [`SAVED_SYS_REGS`].
+    /// `(encoding, value)` of each register of `SAVED_SYS_REGS` (vm.rs).
     pub sys: Vec<(u32, u64)>,
     pub vtimer: VtimerLine,
 }

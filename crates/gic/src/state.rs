@@ -156,7 +156,7 @@ pub struct State {
     pub enable_grp1: bool,
     /// SPIs, index = INTID - 32.
     pub spis: Vec<Irq>,
-    /// GICD_IROUTER<n> for each SPI (Aff3..Aff0 and IRM).
+    /// `GICD_IROUTER<n>` for each SPI (Aff3..Aff0 and IRM).
     pub routes: Vec<u64>,
     pub cpus: Vec<Cpu>,
     /// INTIDs that message writes may raise (GICD_SETSPI_NSR and the
