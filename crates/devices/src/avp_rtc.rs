@@ -52,6 +52,16 @@ pub const ID_VALUE: u64 = 0xf001;
 
 const NANOS_PER_MICRO: u64 = 1_000;
 
+/// The guest-written registers, for a snapshot. The counter is not here:
+/// like the PL031, it reads the host's clock after a restore, as a real
+/// clock does after sleep.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedAvpRtc {
+    pub control: u64,
+    pub int_enable: u64,
+    pub int_status: u64,
+}
+
 /// The `avp,rtc` block.
 pub struct AvpRtc {
     clock: Arc<dyn Clock>,
@@ -80,6 +90,23 @@ impl AvpRtc {
         self.control.store(0, Ordering::SeqCst);
         self.int_enable.store(0, Ordering::SeqCst);
         self.int_status.store(0, Ordering::SeqCst);
+    }
+
+    /// The registers, for a snapshot.
+    pub fn save_state(&self) -> SavedAvpRtc {
+        SavedAvpRtc {
+            control: self.control.load(Ordering::SeqCst),
+            int_enable: self.int_enable.load(Ordering::SeqCst),
+            int_status: self.int_status.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Puts back what [`AvpRtc::save_state`] returned; any value is one a
+    /// guest could have written, so there is nothing to refuse.
+    pub fn restore_state(&self, saved: SavedAvpRtc) {
+        self.control.store(saved.control, Ordering::SeqCst);
+        self.int_enable.store(saved.int_enable, Ordering::SeqCst);
+        self.int_status.store(saved.int_status, Ordering::SeqCst);
     }
 
     fn register(&self, offset: u64) -> Option<u64> {
@@ -188,6 +215,22 @@ mod tests {
         rtc.reset();
         assert_eq!(rtc.read(reg::CONTROL, Double), 0);
         assert_eq!(rtc.read(reg::INT_STATUS, Double), 0);
+    }
+
+    #[test]
+    fn saved_registers_come_back_and_the_counter_keeps_the_clocks_time() {
+        let (rtc, _) = rig();
+        rtc.write(reg::CONTROL, AccessWidth::Word, 0x5);
+        rtc.write(reg::INT_ENABLE, AccessWidth::Word, 0x1);
+        let saved = rtc.save_state();
+        let (other, other_clock) = rig();
+        other.restore_state(saved);
+        assert_eq!(other.read(reg::CONTROL, AccessWidth::Word), 0x5);
+        assert_eq!(other.read(reg::INT_ENABLE, AccessWidth::Word), 0x1);
+        assert_eq!(
+            other.read(reg::COUNTER, AccessWidth::Double),
+            other_clock.now_ns() / NANOS_PER_MICRO
+        );
     }
 
     #[test]

@@ -115,6 +115,10 @@ serde_state!(devices::pl011::Pl011, |d| d.save_state(), |d, s| d
     .restore_state(s));
 serde_state!(devices::pl031::Pl031, |d| d.save_state(), |d, s| d
     .restore_state(s));
+serde_state!(devices::avp_rtc::AvpRtc, |d| d.save_state(), |d, s| {
+    d.restore_state(s);
+    Ok(())
+});
 serde_state!(devices::pl061::Pl061, |d| d.save_state(), |d, s| d
     .restore_state(s));
 serde_state!(
@@ -491,6 +495,10 @@ impl Device for GicV3 {
 }
 
 impl Device for devices::avp_rtc::AvpRtc {
+    fn state(&self) -> Option<&dyn DeviceState> {
+        Some(self)
+    }
+
     fn reset(&self) {
         devices::avp_rtc::AvpRtc::reset(self);
     }
