@@ -129,9 +129,11 @@ pub(crate) fn attach(
             serial: Some(serial.to_owned()),
             num_queues: queues_per_disk,
             apple_variant: apple,
-            // A kick only wakes the queue's thread; the vCPU goes back
-            // to the guest while the host does the I/O.
-            io_threads: true,
+            // With MSI, a kick only wakes the queue's thread and the vCPU
+            // goes back to the guest while the host does the I/O. `--msi
+            // off` keeps the first wave's model (requests complete in the
+            // kick), which is also what snapshots can save today.
+            io_threads: config.msi,
         };
         virtio(Box::new(VirtioBlock::new(backend, config)))
     };

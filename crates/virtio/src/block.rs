@@ -701,12 +701,14 @@ impl VirtioDevice for VirtioBlock {
         }
     }
 
-    /// Every request completes within the notify that submitted it (on
-    /// the vCPU thread), so a parked machine has none in flight, and the
-    /// configuration comes from the command line: the queues' positions
-    /// are all there is.
+    /// Without I/O threads every request completes within the notify that
+    /// submitted it (on the vCPU thread), so a parked machine has none in
+    /// flight, and the configuration comes from the command line: the
+    /// queues' positions are all there is. With I/O threads the positions
+    /// live on those threads and requests may be in flight, which a save
+    /// cannot drain yet: the device then says it cannot save.
     fn saves_state(&self) -> bool {
-        true
+        !self.disk.config.io_threads
     }
 
     fn queue_positions(&self) -> Vec<QueuePosition> {
