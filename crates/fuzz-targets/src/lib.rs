@@ -13,6 +13,7 @@
 pub mod control;
 pub mod doubles;
 pub mod input;
+pub mod loadstore;
 pub mod msix;
 pub mod platform;
 pub mod seeds;
@@ -22,6 +23,7 @@ pub mod virtio;
 pub mod xhci;
 
 pub use control::control_request;
+pub use loadstore::loadstore;
 pub use msix::msix;
 pub use platform::{aes, bdif, cfg, pl011, pl031, pl061, pvpanic};
 pub use share::{fuse_request, vsock_packet};
@@ -65,6 +67,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("control_request", control_request),
     ("snapshot", snapshot),
     ("msix", msix),
+    ("loadstore", loadstore),
     ("fuse_request", fuse_request),
     ("vsock_packet", vsock_packet),
 ];

@@ -34,6 +34,7 @@ pub fn for_target(name: &str) -> Vec<Vec<u8>> {
         "control_request" => control_request(),
         "snapshot" => snapshot(),
         "msix" => msix(),
+        "loadstore" => loadstore(),
         "fuse_request" => fuse_request(),
         // The generic rig's queue layout and descriptors.
         "vsock_packet" => virtio_net(),
@@ -620,4 +621,46 @@ pub fn msix() -> Vec<Vec<u8>> {
     e.extra(&3u16.to_le_bytes());
     e.w32(GICD + 0x40, 33);
     vec![e.finish()]
+}
+
+/// Registers pointing at plausible addresses, then real encodings of every
+/// form the decoder takes (the words of arch-arm64's decoder tests) and
+/// two it must refuse (a branch and an all-ones word).
+pub fn loadstore() -> Vec<Vec<u8>> {
+    let mut v = Vec::new();
+    for i in 0..31u64 {
+        v.extend((0x7000_0000 + i * 0x100).to_le_bytes());
+    }
+    v.extend(0x7010_0000u64.to_le_bytes());
+    for i in 0..32u64 {
+        v.extend(i.to_le_bytes());
+    }
+    for word in [
+        0xb808_0d09u32,
+        0xb85f_cc41,
+        0xf841_0483,
+        0x381f_f4c5,
+        0x7840_2d07,
+        0x3880_1549,
+        0x38c0_1d8b,
+        0x7880_25cd,
+        0x78df_ee0f,
+        0xb880_4651,
+        0x7900_0e93,
+        0xf840_8ff5,
+        0xb85f_d2f6,
+        0xf800_8b38,
+        0xf940_0020,
+        0xb863_6841,
+        0xf866_78a4,
+        0x3869_4907,
+        0x78ac_d96a,
+        0xb82f_f9cd,
+        0xb8b2_5a30,
+        0x1400_0000,
+        0xffff_ffff,
+    ] {
+        v.extend(word.to_le_bytes());
+    }
+    vec![v]
 }

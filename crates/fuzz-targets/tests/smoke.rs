@@ -221,3 +221,12 @@ fn msix() {
     assert_eq!(r.completions, 4, "0xA5, 0xB0, 0xC0 and 0xD0 pending: {r:?}");
     assert_eq!(r.interrupts, 3, "three messages reached a doorbell: {r:?}");
 }
+
+#[test]
+fn loadstore() {
+    let r = smoke("loadstore", 200 * SCALE, 300 * SCALE);
+    assert!(
+        r.completions >= 21,
+        "every seed encoding decodes and executes: {r:?}"
+    );
+}
