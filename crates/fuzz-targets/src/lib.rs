@@ -10,6 +10,7 @@
 //! target returns a [`Report`] of what the input reached, so tests can
 //! tell seeds that get deep into a device from ones that bounce.
 
+pub mod apple_dt;
 pub mod control;
 pub mod doubles;
 pub mod input;
@@ -19,15 +20,18 @@ pub mod platform;
 pub mod seeds;
 pub mod share;
 pub mod snapshot;
+pub mod stage1;
 pub mod virtio;
 pub mod xhci;
 
+pub use apple_dt::apple_dt;
 pub use control::control_request;
 pub use loadstore::loadstore;
 pub use msix::msix;
 pub use platform::{aes, bdif, cfg, pl011, pl031, pl061, pvpanic};
 pub use share::{fuse_request, vsock_packet};
 pub use snapshot::snapshot;
+pub use stage1::stage1;
 pub use virtio::{virtio_blk, virtio_blk_apple, virtio_gpu, virtio_net};
 pub use xhci::xhci;
 
@@ -70,4 +74,6 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("loadstore", loadstore),
     ("fuse_request", fuse_request),
     ("vsock_packet", vsock_packet),
+    ("stage1", stage1),
+    ("apple_dt", apple_dt),
 ];

@@ -38,6 +38,8 @@ pub fn for_target(name: &str) -> Vec<Vec<u8>> {
         "fuse_request" => fuse_request(),
         // The generic rig's queue layout and descriptors.
         "vsock_packet" => virtio_net(),
+        "stage1" => stage1(),
+        "apple_dt" => apple_dt(),
         _ => Vec::new(),
     }
 }
@@ -663,4 +665,122 @@ pub fn loadstore() -> Vec<Vec<u8>> {
         v.extend(word.to_le_bytes());
     }
     vec![v]
+}
+
+/// A 4 KiB-granule walk through levels 1 to 3 to a page, a 16 KiB
+/// upper-half walk as XNU sets it up, and the MMU off; descriptor memory
+/// is 255 words repeating, so each table's entries land on distinct words.
+pub fn stage1() -> Vec<Vec<u8>> {
+    const VALID_TABLE: u64 = 0b11;
+    const WORDS: usize = 255;
+    let seed =
+        |sctlr: u64, tcr: u64, ttbr0: u64, ttbr1: u64, words: &[(usize, u64)], vas: &[u64]| {
+            let mut v = Vec::new();
+            for r in [sctlr, tcr, ttbr0, ttbr1] {
+                v.extend(r.to_le_bytes());
+            }
+            let mut memory = [0u64; WORDS];
+            for &(i, w) in words {
+                memory[i] = w;
+            }
+            v.push(WORDS as u8);
+            for w in memory {
+                v.extend(w.to_le_bytes());
+            }
+            for va in vas {
+                v.extend(va.to_le_bytes());
+            }
+            v
+        };
+    // Which word of descriptor memory a table entry reads.
+    let at = |table: u64, index: u64| ((table + index * 8) / 8 % WORDS as u64) as usize;
+    // T0SZ 25: a 39-bit space, 4 KiB granule, walk from level 1.
+    let va = (1u64 << 30) | (2 << 21) | (3 << 12) | 0x789;
+    let l2 = 0x1000u64;
+    let l3 = 0x2000u64;
+    let four_k = seed(
+        1,
+        25,
+        0,
+        0,
+        &[
+            (at(0, 1), l2 | VALID_TABLE),
+            (at(l2, 2), l3 | VALID_TABLE),
+            (at(l3, 3), 0x7777_7000 | VALID_TABLE | (1 << 10)),
+        ],
+        &[va, va + 0x10, 0x7f_ffff_f000],
+    );
+    // T1SZ 25 with TG1 = 16 KiB and TBI1, as XNU configures it: levels
+    // 1 (VA bits 36-38), 2 (25-35) and 3 (14-24).
+    let va = 0xffff_ffe0_0123_4567u64;
+    let (l1, l2, l3) = (0x4000u64, 0x8000u64, 0xc000u64);
+    let upper = seed(
+        1,
+        (25 << 16) | (0b01 << 30) | (1 << 38),
+        0,
+        l1,
+        &[
+            (at(l1, (va >> 36) & 7), l2 | VALID_TABLE),
+            (at(l2, (va >> 25) & 0x7ff), l3 | VALID_TABLE),
+            (at(l3, (va >> 14) & 0x7ff), 0x7000_4000 | VALID_TABLE),
+        ],
+        &[va, 0xff00_0000_0000_1000],
+    );
+    let off = seed(0, 0, 0, 0, &[], &[0x4000_1234, u64::MAX]);
+    vec![four_k, upper, off]
+}
+
+/// A VirtualMac2,1-like tree (arm-io with `ranges`, the AVP RTC, a PL031)
+/// raw, and wrapped in an IM4P as an IPSW carries it.
+pub fn apple_dt() -> Vec<Vec<u8>> {
+    use machine::adt::{Node, Property};
+    let prop = |name: &str, value: &[u8]| Property {
+        name: name.to_owned(),
+        value: value.to_vec(),
+    };
+    let u64s = |v: &[u64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let leaf = |name: &[u8], compatible: &[u8], reg: &[u64], irq: u32| Node {
+        properties: vec![
+            prop("name", name),
+            prop("compatible", compatible),
+            prop("reg", &u64s(reg)),
+            prop("interrupts", &irq.to_le_bytes()),
+        ],
+        children: Vec::new(),
+    };
+    let arm_io = Node {
+        properties: vec![
+            prop("name", b"arm-io\0"),
+            prop("#address-cells", &2u32.to_le_bytes()),
+            prop(
+                "ranges",
+                &u64s(&[
+                    0x1000_0000,
+                    0x2000_0000,
+                    0x1000_0000,
+                    0x2000_0000,
+                    0x3000_0000,
+                    0x1000_0000,
+                ]),
+            ),
+        ],
+        children: vec![
+            leaf(b"avp-rtc\0", b"avp,rtc\0", &[0x2024_0000, 0x4000], 51),
+            leaf(b"pl031-rtc\0", b"ARM,pl031\0", &[0x1005_0000, 0x1000], 40),
+        ],
+    };
+    let tree = Node {
+        properties: vec![prop("name", b"device-tree\0")],
+        children: vec![arm_io],
+    }
+    .to_bytes();
+    // DER: SEQUENCE { IA5String "IM4P", "dtre", "seed", OCTET STRING tree }.
+    let ia5 = |s: &[u8]| [&[0x16, s.len() as u8][..], s].concat();
+    let mut body = [ia5(b"IM4P"), ia5(b"dtre"), ia5(b"seed")].concat();
+    let len = tree.len() as u16;
+    body.extend([0x04, 0x82, (len >> 8) as u8, len as u8]);
+    body.extend(&tree);
+    let blen = body.len() as u16;
+    let im4p = [&[0x30, 0x82, (blen >> 8) as u8, blen as u8][..], &body].concat();
+    vec![tree, im4p]
 }

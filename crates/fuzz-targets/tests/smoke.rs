@@ -230,3 +230,18 @@ fn loadstore() {
         "every seed encoding decodes and executes: {r:?}"
     );
 }
+
+#[test]
+fn stage1() {
+    let r = smoke("stage1", 200 * SCALE, 300 * SCALE);
+    assert_eq!(
+        r.completions, 5,
+        "the 4 KiB walk's two addresses, the 16 KiB walk and both MMU-off addresses translate: {r:?}"
+    );
+}
+
+#[test]
+fn apple_dt() {
+    let r = smoke("apple_dt", 200 * SCALE, 300 * SCALE);
+    assert_eq!(r.completions, 8, "both seeds parse to 4 nodes each: {r:?}");
+}

@@ -8,6 +8,7 @@
 //! [`Machine::run`] boots it on any accelerator and handles resets until
 //! the guest powers off or something stops it.
 
+pub mod adt;
 pub mod boot;
 pub mod display;
 pub mod exits;

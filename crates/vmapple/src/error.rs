@@ -43,7 +43,7 @@ pub enum Error {
     DeviceTree {
         path: PathBuf,
         #[source]
-        source: crate::adt::AdtError,
+        source: machine::adt::AdtError,
     },
     #[error("--log {directives:?} is not a valid log filter")]
     LogFilter {

@@ -6,7 +6,6 @@
 //! in a reset loop; 5 the guest panicked (pvpanic); 6 the host stopped the
 //! VM before the guest powered off.
 
-mod adt;
 mod bundles;
 mod cli;
 mod control;
@@ -22,6 +21,7 @@ mod signals;
 use std::process::ExitCode;
 
 use clap::Parser;
+use machine::adt;
 use vm_core::error_chain::Chain;
 
 use cli::{Cli, Command};

@@ -18,7 +18,7 @@
 
 use std::fmt::Write as _;
 
-use machine::layout;
+use crate::layout;
 
 /// Nodes deeper than this are refused (the real tree is a few levels).
 const MAX_DEPTH: usize = 16;
@@ -80,6 +80,34 @@ impl Node {
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
             .filter(|&c| c == 1 || c == 2)
             .unwrap_or(default)
+    }
+}
+
+impl Node {
+    /// The node in Apple's flattened format, as [`parse`] reads it (fuzz
+    /// seeds and tests build trees with it).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.write(&mut out);
+        out
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend((self.properties.len() as u32).to_le_bytes());
+        out.extend((self.children.len() as u32).to_le_bytes());
+        for p in &self.properties {
+            let mut name = [0u8; 32];
+            // A name fills its 32 bytes, NUL-terminated when shorter.
+            let len = p.name.len().min(32);
+            name[..len].copy_from_slice(&p.name.as_bytes()[..len]);
+            out.extend(name);
+            out.extend((p.value.len() as u32).to_le_bytes());
+            out.extend(&p.value);
+            out.resize(out.len().next_multiple_of(4), 0);
+        }
+        for c in &self.children {
+            c.write(out);
+        }
     }
 }
 
@@ -246,7 +274,11 @@ fn translate(address: u64, ranges: &[(u64, u64, u64)]) -> u64 {
     ranges
         .iter()
         .find(|&&(child, _, size)| address >= child && address - child < size)
-        .map_or(address, |&(child, parent, _)| parent + (address - child))
+        .map_or(address, |&(child, parent, _)| {
+            // A file's ranges may point past the address space; the report
+            // shows the wrapped value rather than trusting them.
+            parent.wrapping_add(address - child)
+        })
 }
 
 /// The report: each node with a `reg` under the root or `arm-io`, where
@@ -462,5 +494,34 @@ pub mod tests {
         let mut trailing = tree.clone();
         trailing.push(1);
         assert_eq!(parse(&trailing), Err(AdtError::Trailing(1)));
+    }
+
+    #[test]
+    fn a_parsed_tree_writes_back_to_the_same_bytes() {
+        let bytes = sample_tree();
+        assert_eq!(parse(&bytes).unwrap().to_bytes(), bytes);
+    }
+
+    #[test]
+    fn ranges_pointing_past_the_address_space_do_not_panic() {
+        let dev = node(
+            &[
+                ("name", b"dev\0"),
+                ("compatible", b"ARM,pl031\0"),
+                ("reg", &u64s(&[0x10, 0x10])),
+            ],
+            &[],
+        );
+        let bus = node(
+            &[
+                ("name", b"arm-io\0"),
+                ("ranges", &u64s(&[0, u64::MAX, u64::MAX])),
+            ],
+            &[dev],
+        );
+        let tree = parse(&node(&[("name", b"device-tree\0")], &[bus])).unwrap();
+        let text = report(&tree);
+        assert!(text.contains("arm-io/dev"), "{text}");
+        assert!(text.contains("0xf "), "the address wraps: {text}");
     }
 }
