@@ -50,6 +50,11 @@ if ! command -v vncdo >/dev/null 2>&1; then
     echo "setup: installing vncdotool (pip)"
     python3 -m pip install -q vncdotool || echo "setup: pip install vncdotool failed; the display test will fail" >&2
 fi
+# scripts/test.sh lints the Python benchmark scripts.
+if ! python3 -m pyflakes --version >/dev/null 2>&1; then
+    echo "setup: installing pyflakes (pip)"
+    python3 -m pip install -q pyflakes || echo "setup: pip install pyflakes failed; scripts/test.sh will stop at its lint" >&2
+fi
 
 [ "${1:-}" = "--packages" ] && exit 0
     if [ -z "${VMAPPLE_GUEST_DIR:-}" ]; then

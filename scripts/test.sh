@@ -1,6 +1,6 @@
 #!/bin/sh
 # Runs vmapple's whole test suite: formatting and lint gates (shellcheck
-# included), unit tests, device tests and the guest tests that boot the
+# and pyflakes included), unit tests, device tests and the guest tests that boot the
 # aarch64 test firmware and Debian's arm64 Linux. Prepares what it needs
 # first (scripts/setup.sh).
 #
@@ -22,6 +22,7 @@ cd "$(dirname "$0")/.."
 . scripts/host.sh
 scripts/setup.sh
 shellcheck -x scripts/*.sh guest/linux/*.sh guest/linux/init guest/firmware/*.sh .ci/run
+python3 -m pyflakes scripts/*.py
 cargo fmt --all -- --check
 
 if [ "$host" = macos ]; then
