@@ -848,11 +848,17 @@ impl Machine {
         };
         let was_paused = self.control.is_paused();
         self.counter.pause();
+        // Devices' own threads finish their work and stop for the save;
+        // they start again unless the VM stops here.
+        self.registry.quiesce();
         let result = self.save_to(vm, &request.path);
+        let stop = request.stop && result.is_ok();
+        if !stop {
+            self.registry.resume();
+        }
         if !was_paused {
             self.counter.resume();
         }
-        let stop = request.stop && result.is_ok();
         match &result {
             Ok(report) => {
                 tracing::info!(

@@ -427,9 +427,6 @@ fn disk_args(socket: &Path, image: &Path, accel: &str, extra: &[&str]) -> Vec<St
         "none",
         "--disk",
         s(image),
-        // MSI-X state is not saved yet: a function using it is refused.
-        "--msi",
-        "off",
         "--accel",
         accel,
         "--control",
