@@ -583,9 +583,28 @@ pub fn snapshot() -> Vec<Vec<u8>> {
             isr: 1,
             config_generation: 2,
             pci_cfg_window: vec![0; 16],
+            config_vector: virtio::transport::pci::NO_VECTOR,
+            queue_vectors: vec![virtio::transport::pci::NO_VECTOR],
+            msix: None,
         })
         .expect("a running virtio-blk state restores");
     out.push(seed(s::VIRTIO_BLK, &running));
+    // The same with MSI-X: vectors chosen, the table programmed, MSI-X
+    // enabled with one message pending under a mask.
+    let mut saved = running.save_state().expect("it saves");
+    saved.isr = 0;
+    saved.config_vector = 0;
+    saved.queue_vectors = vec![1];
+    saved.msix = Some(pci::msix::SavedMsix {
+        control: pci::msix::CONTROL_ENABLE,
+        table: vec![[0x1fff_0040, 0, 0xa0, 1], [0x1fff_0040, 0, 0xa1, 0]],
+        pba: vec![1],
+    });
+    let msix = s::virtio_blk_msix();
+    msix.restore_state(&saved)
+        .expect("a running virtio-blk state with MSI-X restores");
+    msix.quiesce();
+    out.push(seed(s::VIRTIO_BLK_MSIX, &msix));
     out
 }
 
