@@ -536,3 +536,246 @@ fn a_guest_writing_to_a_virtio_disk_continues_after_restore_and_ext4_stays_clean
     }
 }
 }
+
+/// The guest's serial console on `--serial unix:PATH`: what it printed so
+/// far, and a way to type.
+struct SerialConsole {
+    stream: std::os::unix::net::UnixStream,
+    seen: String,
+    /// Where the last awaited text ended.
+    cursor: usize,
+}
+
+impl SerialConsole {
+    /// Connects once the VMM listens on `path` (the file of an earlier
+    /// process may still be there, stale).
+    fn connect(path: &Path) -> Self {
+        let deadline = std::time::Instant::now() + BOOT;
+        loop {
+            if let Ok(stream) = std::os::unix::net::UnixStream::connect(path) {
+                stream
+                    .set_read_timeout(Some(Duration::from_millis(200)))
+                    .unwrap();
+                return Self {
+                    stream,
+                    seen: String::new(),
+                    cursor: 0,
+                };
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no serial socket at {}",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Reads until the console shows `needle` after the text last waited
+    /// for; returns the console from there to the end of `needle`.
+    fn wait_for(&mut self, needle: &str) -> String {
+        use std::io::Read;
+        let from = self.cursor;
+        let deadline = std::time::Instant::now() + BOOT;
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(at) = self.seen[from..].find(needle) {
+                self.cursor = from + at + needle.len();
+                return self.seen[from..self.cursor].to_string();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{needle:?} never came; console:\n{}",
+                self.seen
+            );
+            match self.stream.read(&mut chunk) {
+                Ok(0) => panic!("console closed before {needle:?}:\n{}", self.seen),
+                Ok(n) => self.seen.push_str(&String::from_utf8_lossy(&chunk[..n])),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("reading the console: {e}"),
+            }
+        }
+    }
+
+    /// Types `line` and Enter at the guest's shell.
+    fn type_line(&mut self, line: &str) {
+        use std::io::Write;
+        self.stream.write_all(line.as_bytes()).unwrap();
+        self.stream.write_all(b"\r").unwrap();
+    }
+}
+
+/// Waits for `child` to end within [`BOOT`]; its exit status and stderr.
+fn finish(mut child: std::process::Child) -> (i32, String) {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + BOOT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("vmapple did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    (status.code().unwrap_or(-1), err)
+}
+
+fn spawn(args: &[String]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_vmapple"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawning vmapple")
+}
+
+/// `vmapple run` of the Linux guest with a NIC on passt and its console on
+/// `serial`: it takes a DHCP lease, downloads from the host's port `port`
+/// and uploads to `port + 1`, then gives a shell on the console.
+fn net_args(socket: &Path, serial: &Path, port: u16, accel: &str, extra: &[&str]) -> Vec<String> {
+    let (kernel, initrd) = linux_guest_devices().expect("the Linux guest");
+    let append = format!("console=ttyAMA0 quiet vmapple.net={port} vmapple.demo");
+    let serial = format!("unix:{}", s(serial));
+    let mut args: Vec<String> = [
+        "run",
+        "--kernel",
+        s(&kernel),
+        "--initrd",
+        s(&initrd),
+        "--append",
+        &append,
+        "--cpus",
+        "2",
+        "--memory",
+        "512M",
+        "--serial",
+        &serial,
+        "--no-usb",
+        "--net",
+        "passt",
+        "--mac",
+        "52:54:00:12:34:56",
+        "--accel",
+        accel,
+        "--control",
+        s(socket),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+fn md5_hex(data: &[u8]) -> String {
+    let mut child = Command::new("md5sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(data).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+each_accel! {
+fn after_restore_the_guest_gets_dhcp_again_talks_tcp_through_passt_and_its_console_takes_input(accel) {
+    use std::io::{Read, Write};
+    if cfg!(target_os = "macos") {
+        common::skip("passt, the host end of the network, runs only on Linux");
+        return;
+    }
+    if linux_guest_devices().is_none() {
+        return;
+    }
+    let dir = scratch();
+    let socket = dir.path().join("c.sock");
+    let serial = dir.path().join("s.sock");
+    let snapshot = dir.path().join("net.snap");
+
+    // The host's side: a download before the save, an upload, and a
+    // second download (other bytes) after the restore.
+    let download = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = download.local_addr().unwrap().port();
+    let upload = std::net::TcpListener::bind(("127.0.0.1", port + 1))
+        .expect("the port after an ephemeral one is usually free");
+    let first: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    let second: Vec<u8> = (0..200_000u32).map(|i| (i * 13 + 5) as u8).collect();
+    let server = {
+        let (first, second) = (first.clone(), second.clone());
+        std::thread::spawn(move || {
+            let (mut c, _) = download.accept().unwrap();
+            c.write_all(&first).unwrap();
+            drop(c);
+            let (mut c, _) = upload.accept().unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            let mut got = 0;
+            let mut chunk = [0u8; 65536];
+            while got < first.len() {
+                match c.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n,
+                }
+            }
+            drop(c);
+            let (mut c, _) = download.accept().unwrap();
+            c.write_all(&second).unwrap();
+        })
+    };
+
+    let vm = spawn(&net_args(&socket, &serial, port, accel, &[]));
+    let mut console = SerialConsole::connect(&serial);
+    let before = console.wait_for("VMAPPLE-GUEST: demo shell");
+    assert!(
+        before.contains(&format!("net download {} {}", first.len(), md5_hex(&first))),
+        "the network works before the save:\n{before}"
+    );
+    console.wait_for("# ");
+    ctl(&socket, &["save", s(&snapshot), "--stop"]);
+    let (code, err) = finish(vm);
+    assert_eq!(code, HOST_STOPPED, "{err}");
+
+    // A new process (a new passt): the guest's shell is where it was and
+    // takes typed commands; a new lease, then a TCP download.
+    let args = net_args(&socket, &serial, port, accel, &["--restore", s(&snapshot)]);
+    let vm = spawn(&args);
+    let mut console = SerialConsole::connect(&serial);
+    // The markers are computed by the shell, so the echo of the typed line
+    // does not match them.
+    console.type_line(
+        "udhcpc -i eth0 -f -q -n -t 10 -s /tmp/dhcp.sh >/dev/null 2>&1 && echo LEASE-$((40+2)) $(cat /tmp/gateway)",
+    );
+    let lease = console.wait_for("LEASE-42");
+    assert!(!lease.contains("userspace up"), "no reboot:\n{lease}");
+    console.type_line(&format!(
+        "nc $(cat /tmp/gateway) {port} | md5sum; echo GOT-$((6*7))"
+    ));
+    let got = console.wait_for("GOT-42");
+    assert!(
+        got.contains(&md5_hex(&second)),
+        "the download after the restore, byte for byte:\n{got}"
+    );
+    console.type_line("poweroff -f");
+    let (code, err) = finish(vm);
+    assert_eq!(code, 0, "{err}");
+    server.join().unwrap();
+}
+}
