@@ -1140,10 +1140,10 @@ mod tests {
                 "apple-gfx",
             ]
         );
-        // The virtio functions save their state; XHCI and the display
-        // cannot yet.
+        // The virtio functions and XHCI save their state; the display
+        // cannot.
         let unsaved: Vec<&str> = m.registry().without_state().map(|id| id.as_str()).collect();
-        assert_eq!(unsaved, ["xhci", "apple-gfx"]);
+        assert_eq!(unsaved, ["apple-gfx"]);
 
         let mut windows: Vec<(u64, u64, String)> = m
             .registry()

@@ -145,7 +145,10 @@ pub(crate) fn attach(
         }
         let xhci = Arc::new(xhci);
         input = Some(xhci.input_sink());
-        plug("xhci", (xhci, None))?;
+        let state = xhci
+            .saves_state()
+            .then(|| xhci.clone() as Arc<dyn DeviceState>);
+        plug("xhci", (xhci, state))?;
     }
     if config.aux.is_some() {
         plug(

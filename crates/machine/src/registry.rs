@@ -159,6 +159,21 @@ impl DeviceState for virtio::transport::pci::VirtioPciDevice {
     }
 }
 
+impl DeviceState for usb::Xhci {
+    fn save(&self) -> Result<Vec<u8>, StateError> {
+        encode(&self.save_state().map_err(StateError)?)
+    }
+    fn restore(&self, bytes: &[u8]) -> Result<(), StateError> {
+        self.restore_state(&decode(bytes)?).map_err(StateError)
+    }
+    fn quiesce(&self) {
+        usb::Xhci::quiesce(self);
+    }
+    fn resume(&self) {
+        usb::Xhci::resume(self);
+    }
+}
+
 /// Devices with no state of their own: an empty section records that they
 /// were there.
 macro_rules! stateless {

@@ -354,9 +354,10 @@ fn a_vm_with_a_device_that_cannot_save_is_refused_by_name_and_runs_on(accel) {
     let (sock, path) = (socket.clone(), target.clone());
     let outcome = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let seen = outcome.clone();
-    // USB is on: the XHCI controller has no snapshot state yet.
+    // A virtio-fs share: the host's open files cannot be saved.
+    let share = format!("snapshare:{}", s(dir.path()));
     let run = vmapple_with_triggers(
-        &refs(&count_args(&socket, accel, &[])),
+        &refs(&count_args(&socket, accel, &["--share", &share])),
         BOOT,
         &[Trigger {
             when_console_shows: "COUNT progress 1\r",
@@ -371,7 +372,8 @@ fn a_vm_with_a_device_that_cannot_save_is_refused_by_name_and_runs_on(accel) {
     );
     let outcome = outcome.lock().unwrap().clone();
     assert!(
-        outcome.contains("unsupported") && outcome.contains("cannot save their state yet: xhci"),
+        outcome.contains("unsupported")
+            && outcome.contains("cannot save their state yet: virtio-fs0"),
         "{outcome}"
     );
     assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
@@ -777,5 +779,85 @@ fn after_restore_the_guest_gets_dhcp_again_talks_tcp_through_passt_and_its_conso
     let (code, err) = finish(vm);
     assert_eq!(code, 0, "{err}");
     server.join().unwrap();
+}
+}
+
+/// `vmapple run` of the Linux guest with the USB keyboard and tablet (the
+/// guest prints every event its evdev gets) and a shell on the console at
+/// `serial`.
+fn usb_args(socket: &Path, serial: &Path, accel: &str, extra: &[&str]) -> Vec<String> {
+    let (kernel, initrd) = linux_guest_devices().expect("the Linux guest");
+    let serial = format!("unix:{}", s(serial));
+    let mut args: Vec<String> = [
+        "run",
+        "--kernel",
+        s(&kernel),
+        "--initrd",
+        s(&initrd),
+        "--append",
+        "console=ttyAMA0 quiet vmapple.usb=3 vmapple.demo",
+        "--cpus",
+        "2",
+        "--memory",
+        "512M",
+        "--serial",
+        &serial,
+        "--net",
+        "none",
+        "--accel",
+        accel,
+        "--control",
+        s(socket),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+each_accel! {
+fn after_restore_usb_keyboard_and_tablet_events_reach_the_guests_evdev(accel) {
+    if linux_guest_devices().is_none() {
+        return;
+    }
+    let dir = scratch();
+    let socket = dir.path().join("c.sock");
+    let serial = dir.path().join("s.sock");
+    let snapshot = dir.path().join("usb.snap");
+
+    // XHCI with MSI-X (the default with --kernel), the keyboard and the
+    // tablet enumerated by the guest, which watches their evdev nodes.
+    let vm = spawn(&usb_args(&socket, &serial, accel, &[]));
+    let mut console = SerialConsole::connect(&serial);
+    console.wait_for("VMAPPLE-GUEST: usb ready");
+    ctl(&socket, &["send-keys", "b"]);
+    console.wait_for("USB Keyboard 1 48 0");
+    console.wait_for("# ");
+    ctl(&socket, &["save", s(&snapshot), "--stop"]);
+    let (code, err) = finish(vm);
+    assert_eq!(code, HOST_STOPPED, "{err}");
+
+    // A new process: keys and a pointer move from its control socket
+    // reach the same guest's evdev through the restored controller, and
+    // the console takes a typed command.
+    let vm = spawn(&usb_args(&socket, &serial, accel, &["--restore", s(&snapshot)]));
+    let mut console = SerialConsole::connect(&serial);
+    ctl(&socket, &["send-keys", "shift", "a"]);
+    let keys = console.wait_for("USB Keyboard 1 42 0");
+    for needle in ["USB Keyboard 1 42 1", "USB Keyboard 1 30 1", "USB Keyboard 1 30 0"] {
+        assert!(keys.contains(needle), "{needle}:\n{keys}");
+    }
+    assert!(!keys.contains("userspace up"), "no reboot:\n{keys}");
+    ctl(&socket, &["pointer", "1000", "2000", "left"]);
+    let pointer = console.wait_for("USB Tablet 1 272 1");
+    for needle in ["USB Tablet 3 0 1000", "USB Tablet 3 1 2000"] {
+        assert!(pointer.contains(needle), "{needle}:\n{pointer}");
+    }
+    console.type_line("echo TYPED-$((6*7))");
+    console.wait_for("TYPED-42");
+    console.type_line("poweroff -f");
+    let (code, err) = finish(vm);
+    assert_eq!(code, 0, "{err}");
 }
 }
