@@ -605,7 +605,56 @@ pub fn snapshot() -> Vec<Vec<u8>> {
         .expect("a running virtio-blk state with MSI-X restores");
     msix.quiesce();
     out.push(seed(s::VIRTIO_BLK_MSIX, &msix));
+    out.push(seed(s::XHCI, &s::xhci()));
+    out.push(seed(s::XHCI, &running_xhci()));
     out
+}
+
+/// The fuzz target's XHCI running, with an event ring part-way round,
+/// the tablet in slot 1 with its interrupt endpoint and a report queued.
+fn running_xhci() -> usb::Xhci {
+    use crate::snapshot::{xhci, XHCI_RAM};
+    use usb::xhci::SavedXhci;
+    let x = xhci();
+    let mut saved: SavedXhci = x.save_state().expect("it saves");
+    saved.usbcmd = 0x5; // RS | INTE
+    saved.usbsts &= !0x1; // running
+    saved.dcbaap = XHCI_RAM;
+    saved.config = 4;
+    saved.bus_master = true;
+    saved.command_ring.dequeue = XHCI_RAM + 0x1000;
+    saved.command_ring.cycle = true;
+    saved.crr = true;
+    let ir = &mut saved.interrupters[0];
+    ir.iman = 2;
+    ir.erstsz = 1;
+    ir.erstba = XHCI_RAM + 0x2000;
+    ir.erdp = XHCI_RAM + 0x3000 + 5 * 16;
+    ir.segment = Some((XHCI_RAM + 0x3000, 64));
+    ir.enq_index = 7;
+    let slot = &mut saved.slots[0];
+    slot.enabled = true;
+    slot.state = 3;
+    slot.port = usb::xhci::TABLET_PORT as u8;
+    slot.address = 1;
+    slot.output_ctx = XHCI_RAM + 0x9000;
+    slot.endpoints[0].state = 1;
+    slot.endpoints[0].ep_type = 4;
+    slot.endpoints[0].ring.dequeue = XHCI_RAM + 0x1_0000;
+    slot.endpoints[2].state = 1;
+    slot.endpoints[2].ep_type = 7;
+    slot.endpoints[2].ring.dequeue = XHCI_RAM + 0x1_1000;
+    slot.endpoints[2].ring.cycle = true;
+    if let Some(usb::hid::SavedDevice::Tablet { hid, x, .. }) =
+        &mut saved.ports[usb::xhci::TABLET_PORT - 1].device
+    {
+        hid.configuration = 1;
+        hid.queue = vec![vec![0, 1, 0, 2, 0, 0]];
+        *x = 1;
+    }
+    x.restore_state(&saved)
+        .expect("a running XHCI state restores");
+    x
 }
 
 /// MSI-X enabled, vector 0 aimed at the v2m doorbell and vector 1 at the
