@@ -130,6 +130,11 @@ pub trait VirtioDevice: Send {
     /// Starts again what [`VirtioDevice::quiesce`] stopped, from where the
     /// queues stand.
     fn resume(&mut self) {}
+
+    /// Called once a restore has activated the device from its saved
+    /// positions: a device whose host side was not saved (connections)
+    /// tells the driver here.
+    fn restored(&mut self) {}
 }
 
 /// A queue's ring positions: the next available entry the device will

@@ -861,3 +861,92 @@ fn after_restore_usb_keyboard_and_tablet_events_reach_the_guests_evdev(accel) {
     assert_eq!(code, 0, "{err}");
 }
 }
+
+/// Connects to guest port `port` through the vsock socket `sock` and
+/// echoes `data` through it (the guest's `vmapple-vsock echo`); returns
+/// the stream, still open.
+fn vsock_echo(sock: &Path, port: u32, data: &[u8]) -> std::os::unix::net::UnixStream {
+    use std::io::{Read, Write};
+    let s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(BOOT)).unwrap();
+    (&s).write_all(format!("CONNECT {port}\n").as_bytes())
+        .unwrap();
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while byte[0] != b'\n' {
+        assert_eq!(
+            (&s).read(&mut byte).unwrap(),
+            1,
+            "closed before OK ({} bytes to echo)",
+            data.len()
+        );
+        line.push(byte[0]);
+    }
+    assert!(
+        line.starts_with(b"OK "),
+        "{}",
+        String::from_utf8_lossy(&line)
+    );
+    (&s).write_all(data).unwrap();
+    let mut back = vec![0u8; data.len()];
+    (&s).read_exact(&mut back).unwrap();
+    assert_eq!(back, data, "the echo");
+    s
+}
+
+each_accel! {
+fn after_restore_the_guest_serves_vsock_again(accel) {
+    use std::io::Read;
+    let Some((kernel, initrd)) = common::linux_guest_share() else {
+        return;
+    };
+    let dir = scratch();
+    let socket = dir.path().join("c.sock");
+    let serial = dir.path().join("s.sock");
+    let vsock = dir.path().join("v.sock");
+    let snapshot = dir.path().join("vsock.snap");
+    let args = |extra: &[&str]| {
+        let mut args: Vec<String> = [
+            "run", "--kernel", s(&kernel), "--initrd", s(&initrd),
+            "--append", "console=ttyAMA0 quiet vmapple.demo",
+            "--cpus", "2", "--memory", "512M",
+            "--serial", &format!("unix:{}", s(&serial)),
+            "--no-usb", "--net", "none",
+            "--vsock", s(&vsock),
+            "--accel", accel, "--control", s(&socket),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    };
+
+    // The guest serves an echo on vsock port 5000; a host client talks
+    // to it and stays connected through the save.
+    let vm = spawn(&args(&[]));
+    let mut console = SerialConsole::connect(&serial);
+    console.wait_for("VMAPPLE-GUEST: demo shell");
+    console.type_line("vmapple-vsock echo 5000 &");
+    console.wait_for("VMAPPLE-GUEST: vsock listening 5000");
+    let before = vsock_echo(&vsock, 5000, b"before the save");
+    ctl(&socket, &["save", s(&snapshot), "--stop"]);
+    let (code, err) = finish(vm);
+    assert_eq!(code, HOST_STOPPED, "{err}");
+    // The VMM is gone, and the connection with it.
+    let mut rest = Vec::new();
+    assert_eq!((&before).read_to_end(&mut rest).unwrap_or(0), 0);
+
+    // A new process: the same guest process serves new connections.
+    let vm = spawn(&args(&["--restore", s(&snapshot)]));
+    let mut console = SerialConsole::connect(&serial);
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i * 31 + 7) as u8).collect();
+    drop(vsock_echo(&vsock, 5000, &data));
+    console.type_line("echo TYPED-$((6*7))");
+    let shown = console.wait_for("TYPED-42");
+    assert!(!shown.contains("userspace up"), "no reboot:\n{shown}");
+    console.type_line("poweroff -f");
+    let (code, err) = finish(vm);
+    assert_eq!(code, 0, "{err}");
+}
+}

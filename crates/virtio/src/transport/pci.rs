@@ -1182,9 +1182,14 @@ impl VirtioPciDevice {
             }
             inner.live = true;
         }
-        let mut irq = lock(&self.shared.irq);
-        irq.isr = saved.isr;
-        irq.line.set_level(saved.isr != 0);
+        {
+            let mut irq = lock(&self.shared.irq);
+            irq.isr = saved.isr;
+            irq.line.set_level(saved.isr != 0);
+        }
+        if saved.live {
+            inner.device.restored();
+        }
         Ok(())
     }
 }
