@@ -586,6 +586,7 @@ pub fn snapshot() -> Vec<Vec<u8>> {
             config_vector: virtio::transport::pci::NO_VECTOR,
             queue_vectors: vec![virtio::transport::pci::NO_VECTOR],
             msix: None,
+            device: None,
         })
         .expect("a running virtio-blk state restores");
     out.push(seed(s::VIRTIO_BLK, &running));

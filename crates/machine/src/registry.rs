@@ -778,6 +778,7 @@ mod tests {
             config_vector: virtio::transport::pci::NO_VECTOR,
             queue_vectors: vec![virtio::transport::pci::NO_VECTOR],
             msix: None,
+            device: None,
         })
         .unwrap()
     }

@@ -390,7 +390,24 @@ impl Msix {
         caps: &mut CapabilityList,
         saved: &SavedMsix,
     ) -> Result<(), String> {
+        self.check_state(saved)?;
         let mut state = lock(&self.state);
+        let mut restored = MsixState::new(state.table.len() as u16);
+        restored.write_control(saved.control);
+        for (entry, saved) in restored.table.iter_mut().zip(&saved.table) {
+            *entry = [saved[0], saved[1], saved[2], saved[3] & VECTOR_MASKED];
+        }
+        restored.pba.clone_from(&saved.pba);
+        *state = restored;
+        if let Some(b) = caps.bytes_mut(self.offset + CONTROL_OFFSET, 2) {
+            b.copy_from_slice(&state.control().to_le_bytes());
+        }
+        Ok(())
+    }
+
+    /// Why [`Msix::restore_state`] would refuse `saved`, if it would.
+    pub fn check_state(&self, saved: &SavedMsix) -> Result<(), String> {
+        let state = lock(&self.state);
         if saved.table.len() != state.table.len() || saved.pba.len() != state.pba.len() {
             return Err(format!(
                 "MSI-X table of {} vectors and PBA of {} words; this function has {} and {}",
@@ -408,16 +425,6 @@ impl Msix {
             .any(|(w, bits)| (0..64).any(|b| bits & (1 << b) != 0 && w * 64 + b >= vectors));
         if beyond {
             return Err("MSI-X pending bits past the last vector".into());
-        }
-        let mut restored = MsixState::new(vectors as u16);
-        restored.write_control(saved.control);
-        for (entry, saved) in restored.table.iter_mut().zip(&saved.table) {
-            *entry = [saved[0], saved[1], saved[2], saved[3] & VECTOR_MASKED];
-        }
-        restored.pba.clone_from(&saved.pba);
-        *state = restored;
-        if let Some(b) = caps.bytes_mut(self.offset + CONTROL_OFFSET, 2) {
-            b.copy_from_slice(&state.control().to_le_bytes());
         }
         Ok(())
     }

@@ -135,6 +135,26 @@ pub trait VirtioDevice: Send {
     /// positions: a device whose host side was not saved (connections)
     /// tells the driver here.
     fn restored(&mut self) {}
+
+    /// Snapshots: the device's own state beyond its queues, if it has one.
+    fn save_device(&self) -> Option<SavedDevice> {
+        None
+    }
+
+    /// Puts back what [`VirtioDevice::save_device`] returned, before the
+    /// device is activated from its queues' positions; `memory` is the
+    /// restored guest memory. Untrusted: refused whole, changing nothing,
+    /// unless the device's commands could have built it.
+    fn restore_device(&mut self, memory: &GuestRam, saved: &SavedDevice) -> Result<(), String> {
+        let _ = (memory, saved);
+        Err("this device has no state of its own to restore".into())
+    }
+}
+
+/// A device's own state in a snapshot, by kind.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum SavedDevice {
+    Gpu(crate::gpu::SavedGpu),
 }
 
 /// A queue's ring positions: the next available entry the device will

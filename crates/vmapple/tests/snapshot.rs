@@ -611,6 +611,27 @@ impl SerialConsole {
     }
 }
 
+/// Waits until the VMM serves its control socket `socket` (it opens the
+/// serial socket first).
+fn wait_for_control(socket: &Path) {
+    let deadline = std::time::Instant::now() + BOOT;
+    loop {
+        let status = Command::new(env!("CARGO_BIN_EXE_vmapple"))
+            .args(["ctl", s(socket), "status"])
+            .output()
+            .unwrap();
+        if status.status.success() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no control socket at {}",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Waits for `child` to end within [`BOOT`]; its exit status and stderr.
 fn finish(mut child: std::process::Child) -> (i32, String) {
     use std::io::Read;
@@ -843,6 +864,7 @@ fn after_restore_usb_keyboard_and_tablet_events_reach_the_guests_evdev(accel) {
     // the console takes a typed command.
     let vm = spawn(&usb_args(&socket, &serial, accel, &["--restore", s(&snapshot)]));
     let mut console = SerialConsole::connect(&serial);
+    wait_for_control(&socket);
     ctl(&socket, &["send-keys", "shift", "a"]);
     let keys = console.wait_for("USB Keyboard 1 42 0");
     for needle in ["USB Keyboard 1 42 1", "USB Keyboard 1 30 1", "USB Keyboard 1 30 0"] {
@@ -940,11 +962,114 @@ fn after_restore_the_guest_serves_vsock_again(accel) {
     // A new process: the same guest process serves new connections.
     let vm = spawn(&args(&["--restore", s(&snapshot)]));
     let mut console = SerialConsole::connect(&serial);
+    wait_for_control(&socket);
     let data: Vec<u8> = (0..100_000u32).map(|i| (i * 31 + 7) as u8).collect();
     drop(vsock_echo(&vsock, 5000, &data));
     console.type_line("echo TYPED-$((6*7))");
     let shown = console.wait_for("TYPED-42");
     assert!(!shown.contains("userspace up"), "no reboot:\n{shown}");
+    console.type_line("poweroff -f");
+    let (code, err) = finish(vm);
+    assert_eq!(code, 0, "{err}");
+}
+}
+
+/// The display test's pattern: every pixel distinct enough that a shifted
+/// row, a swapped channel or a lost update shows.
+fn fb_pattern(x: usize, y: usize) -> [u8; 3] {
+    [
+        ((x * 7 + y * 3) & 0xff) as u8,
+        ((x ^ y) & 0xff) as u8,
+        ((x + 2 * y) & 0xff) as u8,
+    ]
+}
+
+/// How many pixels of the screenshot `png_path` differ from the pattern
+/// (all of them if it is not `w`x`h`).
+fn pixels_off_pattern(png_path: &Path, w: usize, h: usize) -> usize {
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(png_path).unwrap(),
+    ));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    if (info.width as usize, info.height as usize) != (w, h) {
+        return w * h;
+    }
+    let channels = if info.color_type == png::ColorType::Rgba {
+        4
+    } else {
+        3
+    };
+    (0..h)
+        .flat_map(|y| (0..w).map(move |x| (x, y)))
+        .filter(|&(x, y)| {
+            let at = (y * w + x) * channels;
+            [buf[at], buf[at + 1], buf[at + 2]] != fb_pattern(x, y)
+        })
+        .count()
+}
+
+each_accel! {
+fn after_restore_the_virtio_gpu_shows_what_the_guest_drew(accel) {
+    let Some((kernel, initrd)) = linux_guest_devices() else {
+        return;
+    };
+    let (w, h) = (1024, 768);
+    let dir = scratch();
+    let socket = dir.path().join("c.sock");
+    let serial = dir.path().join("s.sock");
+    let snapshot = dir.path().join("gpu.snap");
+    let disk = dir.path().join("pattern.img");
+    let mut bytes = Vec::with_capacity(w * h * 4);
+    for y in 0..h {
+        for x in 0..w {
+            let [r, g, b] = fb_pattern(x, y);
+            bytes.extend_from_slice(&[b, g, r, 0]);
+        }
+    }
+    std::fs::write(&disk, bytes).unwrap();
+    let args = |extra: &[&str]| {
+        let mut args: Vec<String> = [
+            "run", "--kernel", s(&kernel), "--initrd", s(&initrd),
+            "--append",
+            "console=ttyAMA0 quiet vt.global_cursor_default=0 vmapple.fb=vda vmapple.demo",
+            "--cpus", "2", "--memory", "512M",
+            "--serial", &format!("unix:{}", s(&serial)),
+            "--no-usb", "--net", "none",
+            "--disk", &format!("{},readonly", s(&disk)),
+            "--gpu", "virtio", "--display-modes", "1024x768@60", "--display", "none",
+            "--accel", accel, "--control", s(&socket),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    };
+
+    // The guest copies the pattern to its framebuffer and sits at a shell.
+    let vm = spawn(&args(&[]));
+    let mut console = SerialConsole::connect(&serial);
+    console.wait_for("VMAPPLE-GUEST: fb drawn");
+    console.wait_for("VMAPPLE-GUEST: demo shell");
+    let before = dir.path().join("before.png");
+    ctl(&socket, &["screenshot", s(&before)]);
+    assert_eq!(pixels_off_pattern(&before, w, h), 0, "drawn before the save");
+    ctl(&socket, &["save", s(&snapshot), "--stop"]);
+    let (code, err) = finish(vm);
+    assert_eq!(code, HOST_STOPPED, "{err}");
+
+    // A new process shows the same picture at once, without the guest
+    // drawing anything.
+    let vm = spawn(&args(&["--restore", s(&snapshot)]));
+    let mut console = SerialConsole::connect(&serial);
+    wait_for_control(&socket);
+    let after = dir.path().join("after.png");
+    ctl(&socket, &["screenshot", s(&after)]);
+    assert_eq!(pixels_off_pattern(&after, w, h), 0, "shown after the restore");
+    console.type_line("echo TYPED-$((6*7))");
+    console.wait_for("TYPED-42");
     console.type_line("poweroff -f");
     let (code, err) = finish(vm);
     assert_eq!(code, 0, "{err}");

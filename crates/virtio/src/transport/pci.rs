@@ -1022,6 +1022,7 @@ impl VirtioPciDevice {
                 .map(|v| v.load(Ordering::SeqCst))
                 .collect(),
             msix: self.shared.msix.as_ref().map(Msix::save_state),
+            device: inner.device.save_device(),
         })
     }
 
@@ -1132,7 +1133,7 @@ impl VirtioPciDevice {
         match (&self.shared.msix, &saved.msix) {
             (None, None) => {}
             (Some(msix), Some(s)) => msix
-                .restore_state(&mut inner.caps, s)
+                .check_state(s)
                 .map_err(|why| format!("{name}: {why}"))?,
             (ours, _) => {
                 return Err(format!(
@@ -1142,11 +1143,36 @@ impl VirtioPciDevice {
                 ))
             }
         }
+        let keeps_state = inner.device.save_device().is_some();
+        if keeps_state != saved.device.is_some() {
+            return Err(format!(
+                "{name}: device state {} in the snapshot, {} here",
+                if saved.device.is_some() {
+                    "present"
+                } else {
+                    "absent"
+                },
+                if keeps_state { "kept" } else { "none" },
+            ));
+        }
 
         // Checked: from here the state is the driver's as saved.
         if inner.live {
             inner.device.reset();
             inner.live = false;
+        }
+        if let Some(s) = &saved.device {
+            // The device checks its own state as it takes it.
+            let memory = inner.memory.clone();
+            if let Err(why) = inner.device.restore_device(&memory, s) {
+                // Leave the function as a reset would, not half restored.
+                inner.reset(&self.shared);
+                return Err(format!("{name}: {why}"));
+            }
+        }
+        if let (Some(msix), Some(s)) = (&self.shared.msix, &saved.msix) {
+            // Checked above.
+            let _ = msix.restore_state(&mut inner.caps, s);
         }
         inner.device_feature_select = saved.device_feature_select;
         inner.driver_feature_select = saved.driver_feature_select;
@@ -1229,6 +1255,8 @@ pub struct SavedVirtioPci {
     pub queue_vectors: Vec<u16>,
     /// The MSI-X capability, table and PBA, on a function that has them.
     pub msix: Option<::pci::msix::SavedMsix>,
+    /// The device's own state beyond its queues, if it keeps one.
+    pub device: Option<crate::device::SavedDevice>,
 }
 
 impl PciDevice for VirtioPciDevice {
