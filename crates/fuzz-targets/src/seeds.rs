@@ -585,10 +585,79 @@ pub fn snapshot() -> Vec<Vec<u8>> {
             isr: 1,
             config_generation: 2,
             pci_cfg_window: vec![0; 16],
+            config_vector: virtio::transport::pci::NO_VECTOR,
+            queue_vectors: vec![virtio::transport::pci::NO_VECTOR],
+            msix: None,
+            device: None,
         })
         .expect("a running virtio-blk state restores");
     out.push(seed(s::VIRTIO_BLK, &running));
+    // The same with MSI-X: vectors chosen, the table programmed, MSI-X
+    // enabled with one message pending under a mask.
+    let mut saved = running.save_state().expect("it saves");
+    saved.isr = 0;
+    saved.config_vector = 0;
+    saved.queue_vectors = vec![1];
+    saved.msix = Some(pci::msix::SavedMsix {
+        control: pci::msix::CONTROL_ENABLE,
+        table: vec![[0x1fff_0040, 0, 0xa0, 1], [0x1fff_0040, 0, 0xa1, 0]],
+        pba: vec![1],
+    });
+    let msix = s::virtio_blk_msix();
+    msix.restore_state(&saved)
+        .expect("a running virtio-blk state with MSI-X restores");
+    msix.quiesce();
+    out.push(seed(s::VIRTIO_BLK_MSIX, &msix));
+    out.push(seed(s::XHCI, &s::xhci()));
+    out.push(seed(s::XHCI, &running_xhci()));
     out
+}
+
+/// The fuzz target's XHCI running, with an event ring part-way round,
+/// the tablet in slot 1 with its interrupt endpoint and a report queued.
+fn running_xhci() -> usb::Xhci {
+    use crate::snapshot::{xhci, XHCI_RAM};
+    use usb::xhci::SavedXhci;
+    let x = xhci();
+    let mut saved: SavedXhci = x.save_state().expect("it saves");
+    saved.usbcmd = 0x5; // RS | INTE
+    saved.usbsts &= !0x1; // running
+    saved.dcbaap = XHCI_RAM;
+    saved.config = 4;
+    saved.bus_master = true;
+    saved.command_ring.dequeue = XHCI_RAM + 0x1000;
+    saved.command_ring.cycle = true;
+    saved.crr = true;
+    let ir = &mut saved.interrupters[0];
+    ir.iman = 2;
+    ir.erstsz = 1;
+    ir.erstba = XHCI_RAM + 0x2000;
+    ir.erdp = XHCI_RAM + 0x3000 + 5 * 16;
+    ir.segment = Some((XHCI_RAM + 0x3000, 64));
+    ir.enq_index = 7;
+    let slot = &mut saved.slots[0];
+    slot.enabled = true;
+    slot.state = 3;
+    slot.port = usb::xhci::TABLET_PORT as u8;
+    slot.address = 1;
+    slot.output_ctx = XHCI_RAM + 0x9000;
+    slot.endpoints[0].state = 1;
+    slot.endpoints[0].ep_type = 4;
+    slot.endpoints[0].ring.dequeue = XHCI_RAM + 0x1_0000;
+    slot.endpoints[2].state = 1;
+    slot.endpoints[2].ep_type = 7;
+    slot.endpoints[2].ring.dequeue = XHCI_RAM + 0x1_1000;
+    slot.endpoints[2].ring.cycle = true;
+    if let Some(usb::hid::SavedDevice::Tablet { hid, x, .. }) =
+        &mut saved.ports[usb::xhci::TABLET_PORT - 1].device
+    {
+        hid.configuration = 1;
+        hid.queue = vec![vec![0, 1, 0, 2, 0, 0]];
+        *x = 1;
+    }
+    x.restore_state(&saved)
+        .expect("a running XHCI state restores");
+    x
 }
 
 /// MSI-X enabled, vector 0 aimed at the v2m doorbell and vector 1 at the

@@ -132,7 +132,7 @@ pub(crate) fn attach(
             // With MSI, a kick only wakes the queue's thread and the vCPU
             // goes back to the guest while the host does the I/O. `--msi
             // off` keeps the first wave's model (requests complete in the
-            // kick), which is also what snapshots can save today.
+            // kick). Snapshots save either: a save quiesces the threads.
             io_threads: config.msi,
         };
         virtio(Box::new(VirtioBlock::new(backend, config)))
@@ -145,7 +145,10 @@ pub(crate) fn attach(
         }
         let xhci = Arc::new(xhci);
         input = Some(xhci.input_sink());
-        plug("xhci", (xhci, None))?;
+        let state = xhci
+            .saves_state()
+            .then(|| xhci.clone() as Arc<dyn DeviceState>);
+        plug("xhci", (xhci, state))?;
     }
     if config.aux.is_some() {
         plug(

@@ -74,6 +74,16 @@ pub trait DeviceState: Send + Sync {
     fn save(&self) -> Result<Vec<u8>, StateError>;
     /// Puts back what [`DeviceState::save`] returned.
     fn restore(&self, bytes: &[u8]) -> Result<(), StateError>;
+
+    /// Before a save, with the vCPUs parked: finish the work in flight
+    /// and stop the device's own threads, so that [`DeviceState::save`]
+    /// sees a state nothing changes. Devices that work only on vCPU
+    /// threads have nothing to do.
+    fn quiesce(&self) {}
+
+    /// After a save the VM goes on from: start what
+    /// [`DeviceState::quiesce`] stopped.
+    fn resume(&self) {}
 }
 
 /// Why a device's state could not be saved or restored.
@@ -140,6 +150,27 @@ impl DeviceState for virtio::transport::pci::VirtioPciDevice {
     }
     fn restore(&self, bytes: &[u8]) -> Result<(), StateError> {
         self.restore_state(&decode(bytes)?).map_err(StateError)
+    }
+    fn quiesce(&self) {
+        virtio::transport::pci::VirtioPciDevice::quiesce(self);
+    }
+    fn resume(&self) {
+        virtio::transport::pci::VirtioPciDevice::resume(self);
+    }
+}
+
+impl DeviceState for usb::Xhci {
+    fn save(&self) -> Result<Vec<u8>, StateError> {
+        encode(&self.save_state().map_err(StateError)?)
+    }
+    fn restore(&self, bytes: &[u8]) -> Result<(), StateError> {
+        self.restore_state(&decode(bytes)?).map_err(StateError)
+    }
+    fn quiesce(&self) {
+        usb::Xhci::quiesce(self);
+    }
+    fn resume(&self) {
+        usb::Xhci::resume(self);
     }
 }
 
@@ -431,6 +462,25 @@ impl Registry {
             .iter()
             .filter(|e| e.hooks.state().is_none())
             .map(|e| &e.id)
+    }
+
+    /// Quiesces every device that has a state ([`DeviceState::quiesce`]),
+    /// in attach order.
+    pub fn quiesce(&self) {
+        for entry in &self.entries {
+            if let Some(state) = entry.hooks.state() {
+                state.quiesce();
+            }
+        }
+    }
+
+    /// Resumes every device quiesced by [`Registry::quiesce`].
+    pub fn resume(&self) {
+        for entry in &self.entries {
+            if let Some(state) = entry.hooks.state() {
+                state.resume();
+            }
+        }
     }
 
     /// Every device's saved state, keyed by its id, in attach order; an
@@ -725,6 +775,10 @@ mod tests {
             isr: 1,
             config_generation: 3,
             pci_cfg_window: vec![0; 16],
+            config_vector: virtio::transport::pci::NO_VECTOR,
+            queue_vectors: vec![virtio::transport::pci::NO_VECTOR],
+            msix: None,
+            device: None,
         })
         .unwrap()
     }

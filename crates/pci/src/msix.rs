@@ -220,6 +220,17 @@ impl MsixState {
     }
 }
 
+/// An MSI-X capability's state in a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedMsix {
+    /// Message control's writable bits (enable, function mask).
+    pub control: u16,
+    /// Each vector's address low, address high, data and vector control.
+    pub table: Vec<[u32; 4]>,
+    /// The pending bits, 64 vectors a word.
+    pub pba: Vec<u64>,
+}
+
 /// An MSI-X capability placed in a function's [`CapabilityList`], its
 /// table and PBA, and where its messages go.
 ///
@@ -355,6 +366,67 @@ impl Msix {
     /// A guest load from the PBA at `offset` into it.
     pub fn read_pba(&self, offset: u64, width: AccessWidth) -> u64 {
         lock(&self.state).read_pba(offset, width)
+    }
+
+    /// The capability's state for a snapshot: the enable and function-mask
+    /// bits, the table and the PBA.
+    pub fn save_state(&self) -> SavedMsix {
+        let state = lock(&self.state);
+        SavedMsix {
+            control: state.control & (CONTROL_ENABLE | CONTROL_FUNCTION_MASK),
+            table: state.table.clone(),
+            pba: state.pba.clone(),
+        }
+    }
+
+    /// Puts back what [`Msix::save_state`] returned; the control word in
+    /// `caps` follows. The input is untrusted: a table or PBA of another
+    /// size, or pending bits past the last vector, are refused, changing
+    /// nothing; the control word and each vector control go through the
+    /// masks of guest stores. Nothing is sent: a vector pending in the
+    /// snapshot stays pending, as it was.
+    pub fn restore_state(
+        &self,
+        caps: &mut CapabilityList,
+        saved: &SavedMsix,
+    ) -> Result<(), String> {
+        self.check_state(saved)?;
+        let mut state = lock(&self.state);
+        let mut restored = MsixState::new(state.table.len() as u16);
+        restored.write_control(saved.control);
+        for (entry, saved) in restored.table.iter_mut().zip(&saved.table) {
+            *entry = [saved[0], saved[1], saved[2], saved[3] & VECTOR_MASKED];
+        }
+        restored.pba.clone_from(&saved.pba);
+        *state = restored;
+        if let Some(b) = caps.bytes_mut(self.offset + CONTROL_OFFSET, 2) {
+            b.copy_from_slice(&state.control().to_le_bytes());
+        }
+        Ok(())
+    }
+
+    /// Why [`Msix::restore_state`] would refuse `saved`, if it would.
+    pub fn check_state(&self, saved: &SavedMsix) -> Result<(), String> {
+        let state = lock(&self.state);
+        if saved.table.len() != state.table.len() || saved.pba.len() != state.pba.len() {
+            return Err(format!(
+                "MSI-X table of {} vectors and PBA of {} words; this function has {} and {}",
+                saved.table.len(),
+                saved.pba.len(),
+                state.table.len(),
+                state.pba.len()
+            ));
+        }
+        let vectors = state.table.len();
+        let beyond = saved
+            .pba
+            .iter()
+            .enumerate()
+            .any(|(w, bits)| (0..64).any(|b| bits & (1 << b) != 0 && w * 64 + b >= vectors));
+        if beyond {
+            return Err("MSI-X pending bits past the last vector".into());
+        }
+        Ok(())
     }
 
     /// Power-on state: disabled, every vector masked, nothing pending; the
@@ -525,5 +597,61 @@ mod tests {
         msix.reset(&mut caps);
         assert!(!msix.enabled());
         assert_eq!(caps.read(at + 2, Half), 1, "size - 1 only");
+    }
+
+    #[test]
+    fn a_saved_table_comes_back_with_its_pending_vectors() {
+        let (mut caps, msix, sink) = placed(3);
+        let at = msix.offset();
+        msix.write_config(&mut caps, at + 2, Half, u32::from(CONTROL_ENABLE));
+        program(&msix, 2, 0x1fff_0040, 0xa2);
+        msix.write_table(ENTRY_DATA, Word, 0xa0);
+        assert!(msix.notify(0), "masked: pends");
+        let saved = msix.save_state();
+
+        let (mut caps2, other, sink2) = placed(3);
+        other.restore_state(&mut caps2, &saved).unwrap();
+        assert_eq!(other.save_state(), saved);
+        assert_eq!(caps2.read(at + 2, Half), 0x8002, "enabled, 3 vectors");
+        assert_eq!(other.read_pba(0, Word), 1);
+        assert!(other.notify(2));
+        assert_eq!(*sink2.0.lock().unwrap(), vec![(0x1fff_0040, 0xa2)]);
+        // Unmasking vector 0 sends what was pending at the save.
+        other.write_table(ENTRY_VECTOR_CONTROL, Word, 0);
+        assert_eq!(sink2.0.lock().unwrap()[1], (0, 0xa0));
+        assert_eq!(sink.0.lock().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_hostile_saved_table_is_refused_or_masked() {
+        let (mut caps, msix, _sink) = placed(3);
+        let good = msix.save_state();
+        for bad in [
+            SavedMsix {
+                table: vec![[0; 4]; 4],
+                ..good.clone()
+            },
+            SavedMsix {
+                pba: vec![0, 0],
+                ..good.clone()
+            },
+            SavedMsix {
+                pba: vec![1 << 3],
+                ..good.clone()
+            },
+        ] {
+            assert!(msix.restore_state(&mut caps, &bad).is_err(), "{bad:?}");
+            assert_eq!(msix.save_state(), good, "nothing changed");
+        }
+        let odd = SavedMsix {
+            control: 0xffff,
+            table: vec![[1, 2, 3, 0xffff_ffff]; 3],
+            pba: vec![0b111],
+        };
+        msix.restore_state(&mut caps, &odd).unwrap();
+        let back = msix.save_state();
+        assert_eq!(back.control, CONTROL_ENABLE | CONTROL_FUNCTION_MASK);
+        assert_eq!(back.table[0], [1, 2, 3, VECTOR_MASKED]);
+        assert_eq!(caps.read(msix.offset() + 2, Half), 0xc002);
     }
 }

@@ -47,7 +47,7 @@
 //! guest-chosen size.
 
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use block::{BlockBackend, SECTOR_SIZE};
@@ -198,11 +198,29 @@ struct Active {
     workers: Vec<QueueWorker>,
 }
 
+impl Active {
+    /// Hands every queue to an I/O thread of its own.
+    fn start_workers(&mut self, disk: &Arc<Disk>) -> std::io::Result<()> {
+        for (i, queue) in std::mem::take(&mut self.queues).into_iter().enumerate() {
+            let worker = QueueWorker::start(
+                i as u16,
+                disk.clone(),
+                self.memory.clone(),
+                queue,
+                self.interrupt.clone(),
+            )?;
+            self.workers.push(worker);
+        }
+        Ok(())
+    }
+}
+
 /// A queue's I/O thread and the way to wake it.
 struct QueueWorker {
     /// One slot: a wake-up already pending covers later kicks.
     wake: Option<SyncSender<()>>,
-    thread: Option<JoinHandle<()>>,
+    /// Gives the queue back when it ends.
+    thread: Option<JoinHandle<Queue>>,
 }
 
 impl QueueWorker {
@@ -214,15 +232,16 @@ impl QueueWorker {
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> std::io::Result<Self> {
         let (wake, woken): (SyncSender<()>, Receiver<()>) = sync_channel(1);
-        let queue = Mutex::new(queue);
+        let mut queue = queue;
         let thread = std::thread::Builder::new()
             .name(format!("virtio-blk-q{index}"))
             .spawn(move || {
-                // Ends when the device drops the sender (reset).
+                // Ends when the device drops the sender (reset, quiesce),
+                // after serving a wake-up still pending: no kick is lost.
                 while woken.recv().is_ok() {
-                    let mut queue = vm_core::sync::lock(&queue);
                     serve(&disk, &memory, &mut queue, index, interrupt.as_ref());
                 }
+                queue
             })?;
         Ok(Self {
             wake: Some(wake),
@@ -241,12 +260,16 @@ impl QueueWorker {
         }
     }
 
-    /// Stops the thread after the pass in progress.
-    fn stop(&mut self) {
+    /// Stops the thread after the pass in progress (and one more if a
+    /// kick is pending); returns its queue.
+    fn stop(&mut self) -> Option<Queue> {
         self.wake = None;
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
+        let thread = self.thread.take()?;
+        match thread.join() {
+            Ok(queue) => Some(queue),
+            Err(_) => {
                 tracing::error!("virtio-blk: a queue's I/O thread panicked");
+                None
             }
         }
     }
@@ -661,17 +684,9 @@ impl VirtioDevice for VirtioBlock {
             workers: Vec::new(),
         };
         if self.disk.config.io_threads {
-            for (i, queue) in std::mem::take(&mut active.queues).into_iter().enumerate() {
-                let worker = QueueWorker::start(
-                    i as u16,
-                    self.disk.clone(),
-                    active.memory.clone(),
-                    queue,
-                    active.interrupt.clone(),
-                )
+            active
+                .start_workers(&self.disk)
                 .map_err(|e| ActivateError::Other(format!("virtio-blk: no I/O thread: {e}")))?;
-                active.workers.push(worker);
-            }
         }
         self.active = Some(active);
         Ok(())
@@ -703,19 +718,50 @@ impl VirtioDevice for VirtioBlock {
 
     /// Without I/O threads every request completes within the notify that
     /// submitted it (on the vCPU thread), so a parked machine has none in
-    /// flight, and the configuration comes from the command line: the
-    /// queues' positions are all there is. With I/O threads the positions
-    /// live on those threads and requests may be in flight, which a save
-    /// cannot drain yet: the device then says it cannot save.
+    /// flight; with them, [`VirtioDevice::quiesce`] lets each thread
+    /// finish its requests and hand its queue back. The configuration
+    /// comes from the command line: the queues' positions are all there
+    /// is.
     fn saves_state(&self) -> bool {
-        !self.disk.config.io_threads
+        true
     }
 
+    /// Empty while I/O threads hold the queues (not quiesced): the
+    /// transport then refuses to save rather than guess.
     fn queue_positions(&self) -> Vec<QueuePosition> {
         self.active
             .as_ref()
+            .filter(|a| a.workers.is_empty())
             .map(|a| a.queues.iter().map(QueuePosition::of).collect())
             .unwrap_or_default()
+    }
+
+    fn quiesce(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        // Threads stop in index order and each gives its queue back; a
+        // queue whose thread panicked is lost, and a save then refuses.
+        let queues: Vec<Queue> = active
+            .workers
+            .drain(..)
+            .filter_map(|mut w| w.stop())
+            .collect();
+        if !queues.is_empty() {
+            active.queues = queues;
+        }
+    }
+
+    fn resume(&mut self) {
+        if !self.disk.config.io_threads {
+            return;
+        }
+        if let Some(active) = self.active.as_mut().filter(|a| a.workers.is_empty()) {
+            if let Err(e) = active.start_workers(&self.disk) {
+                // The queues stay on the vCPU thread, served in the kick.
+                tracing::error!("virtio-blk: I/O threads not restarted: {e}");
+            }
+        }
     }
 }
 
@@ -1020,6 +1066,62 @@ mod tests {
         q0.add_chain(&[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
         dev.queue_notify(0);
         assert_eq!(q0.used_idx(), 1);
+    }
+
+    #[test]
+    fn quiesce_completes_every_kicked_request_and_resume_serves_on() {
+        let mem = create_guest_memory(&[(0, RAM)]).unwrap();
+        let disk = Arc::new(CountingDisk {
+            inner: MemoryDisk::new(disk_pattern(), false),
+            flushes: AtomicU32::new(0),
+        });
+        let mut dev = VirtioBlock::new(
+            disk.clone(),
+            BlockConfig {
+                io_threads: true,
+                ..Default::default()
+            },
+        );
+        let mut q = TestQueue::new(&mem, QUEUE_BASE, 16);
+        dev.activate(ActivateContext {
+            memory: mem.clone(),
+            queues: vec![q.queue()],
+            acked_features: dev.features(),
+            interrupt: Arc::new(TestInterrupt::default()),
+        })
+        .unwrap();
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&req::FLUSH.to_le_bytes());
+        write_all(&mem, HDR, &h).unwrap();
+        let flush = [(HDR, 16, false), (STATUS, 1, true)];
+        assert!(dev.queue_positions().is_empty(), "the thread has the queue");
+        for _ in 0..3 {
+            q.add_chain(&flush);
+        }
+        dev.queue_notify(0);
+        // No waiting: quiescing itself finishes what was kicked.
+        dev.quiesce();
+        assert_eq!(q.used_idx(), 3);
+        assert_eq!(disk.flushes.load(Ordering::SeqCst), 3);
+        assert_eq!(
+            dev.queue_positions(),
+            [QueuePosition {
+                next_avail: 3,
+                next_used: 3
+            }]
+        );
+        // Quiesced, nothing moves; resumed, the thread serves the next kick.
+        q.add_chain(&flush);
+        assert_eq!(q.used_idx(), 3);
+        dev.resume();
+        dev.queue_notify(0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while q.used_idx() != 4 && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert_eq!(q.used_idx(), 4);
+        dev.quiesce();
+        assert_eq!(dev.queue_positions()[0].next_used, 4);
     }
 
     #[test]

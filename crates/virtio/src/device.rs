@@ -105,18 +105,56 @@ pub trait VirtioDevice: Send {
 
     /// Snapshots: whether everything the device holds beyond its
     /// transport's configuration is in [`VirtioDevice::queue_positions`]
-    /// when the vCPUs are parked (no request in flight, no state of its
-    /// own). A device that cannot say so is refused at save.
+    /// once it is quiesced with the vCPUs parked (no request in flight, no
+    /// state of its own). A device that cannot say so is refused at save.
     fn saves_state(&self) -> bool {
         false
     }
 
     /// Where each queue the device took at activation stands, in index
-    /// order; empty while it is not active. A restore builds the queues
-    /// with these positions and activates the device with them.
+    /// order; empty while it is not active. Valid with the vCPUs parked
+    /// and the device quiesced ([`VirtioDevice::quiesce`]). A restore
+    /// builds the queues with these positions and activates the device
+    /// with them.
     fn queue_positions(&self) -> Vec<QueuePosition> {
         Vec::new()
     }
+
+    /// Snapshots, with the vCPUs parked: finish every request in flight
+    /// and stop the device's own threads, taking their queues back, so
+    /// nothing touches guest memory or the queues until
+    /// [`VirtioDevice::resume`]. A device that works only on the vCPU
+    /// thread has nothing to do.
+    fn quiesce(&mut self) {}
+
+    /// Starts again what [`VirtioDevice::quiesce`] stopped, from where the
+    /// queues stand.
+    fn resume(&mut self) {}
+
+    /// Called once a restore has activated the device from its saved
+    /// positions: a device whose host side was not saved (connections)
+    /// tells the driver here.
+    fn restored(&mut self) {}
+
+    /// Snapshots: the device's own state beyond its queues, if it has one.
+    fn save_device(&self) -> Option<SavedDevice> {
+        None
+    }
+
+    /// Puts back what [`VirtioDevice::save_device`] returned, before the
+    /// device is activated from its queues' positions; `memory` is the
+    /// restored guest memory. Untrusted: refused whole, changing nothing,
+    /// unless the device's commands could have built it.
+    fn restore_device(&mut self, memory: &GuestRam, saved: &SavedDevice) -> Result<(), String> {
+        let _ = (memory, saved);
+        Err("this device has no state of its own to restore".into())
+    }
+}
+
+/// A device's own state in a snapshot, by kind.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum SavedDevice {
+    Gpu(crate::gpu::SavedGpu),
 }
 
 /// A queue's ring positions: the next available entry the device will

@@ -39,7 +39,8 @@ use vm_core::{guest_error, GuestRam};
 
 use crate::block::chain::{self, read_stream, stream_len, write_stream, Chain, Segment};
 use crate::device::{
-    ActivateContext, ActivateError, PciIdentity, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    ActivateContext, ActivateError, PciIdentity, QueuePosition, SavedDevice, VirtioDevice,
+    VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
 
 /// virtio device type of a GPU.
@@ -781,7 +782,33 @@ impl VirtioDevice for VirtioGpu {
         // Display controller, "other" sub-class, as QEMU's virtio-gpu-pci.
         PciIdentity::standard(DEVICE_TYPE, 0x03_80_00)
     }
+
+    /// Commands complete within the kick, on the vCPU thread; resources
+    /// and scanouts are the device's own state ([`SavedGpu`]).
+    fn saves_state(&self) -> bool {
+        true
+    }
+
+    fn queue_positions(&self) -> Vec<QueuePosition> {
+        self.active
+            .as_ref()
+            .map(|a| a.queues.iter().map(QueuePosition::of).collect())
+            .unwrap_or_default()
+    }
+
+    fn save_device(&self) -> Option<SavedDevice> {
+        Some(SavedDevice::Gpu(self.save()))
+    }
+
+    fn restore_device(&mut self, memory: &GuestRam, saved: &SavedDevice) -> Result<(), String> {
+        let SavedDevice::Gpu(saved) = saved;
+        self.restore(memory, saved)
+    }
 }
+
+#[path = "gpu_state.rs"]
+mod state;
+pub use state::{SavedGpu, SavedResource, SavedScanout};
 
 #[cfg(test)]
 #[path = "gpu_tests.rs"]

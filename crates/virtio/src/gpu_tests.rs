@@ -399,3 +399,89 @@ fn reset_drops_resources_and_blanks_heads() {
     assert_eq!(r.dev.gpu.host_bytes, 0);
     assert!(r.dev.gpu.resources.is_empty());
 }
+
+#[test]
+fn a_restored_gpu_shows_its_scanout_again_from_the_guests_backing() {
+    let mut r = rig(1);
+    let (w, h) = (8, 4);
+    r.make_resource(1, w, h);
+    r.fill_backing(w, h, |x, y| [x as u8, y as u8, 0x80, 0xff]);
+    assert_eq!(r.send(&transfer(0, 0, w, h, 0, 1)), cmd::OK_NODATA);
+    assert_eq!(
+        r.send(&words(cmd::SET_SCANOUT, &[0, 0, w, h, 0, 1])),
+        cmd::OK_NODATA
+    );
+    let saved = r.dev.save_device().unwrap();
+
+    // A new GPU and display on the same memory, as a restore has them.
+    let display = Display::new(vec![vec![DisplayMode::new(640, 480, 60)]]);
+    let mut dev = VirtioGpu::new(display.clone());
+    dev.restore_device(&r.mem, &saved).unwrap();
+    assert_eq!(dev.save_device().unwrap(), saved);
+    let frame = display.heads()[0].snapshot().unwrap();
+    assert_eq!((frame.width, frame.height), (w, h));
+    assert_eq!(frame.pixels[3 * w as usize + 5] & 0xff_ffff, 0x80_0305);
+
+    // Hostile states are refused and change nothing.
+    let SavedDevice::Gpu(good) = saved;
+    let bad: Vec<(&str, SavedGpu)> = vec![
+        ("resource 0", {
+            let mut s = good.clone();
+            s.resources[0].id = 0;
+            s
+        }),
+        ("unknown format", {
+            let mut s = good.clone();
+            s.resources[0].format = 9;
+            s
+        }),
+        ("too big", {
+            let mut s = good.clone();
+            s.resources[0].width = MAX_SIDE + 1;
+            s
+        }),
+        ("over the memory cap", {
+            let mut s = good.clone();
+            let r = s.resources[0].clone();
+            s.resources = (1..=8)
+                .map(|id| SavedResource {
+                    id,
+                    width: MAX_SIDE,
+                    height: MAX_SIDE,
+                    ..r.clone()
+                })
+                .collect();
+            s
+        }),
+        ("backing outside RAM", {
+            let mut s = good.clone();
+            s.resources[0].backing[0].0 = OUTSIDE;
+            s
+        }),
+        ("scanout past its resource", {
+            let mut s = good.clone();
+            s.scanouts[0].rect = (4, 0, w, h);
+            s
+        }),
+        ("scanout of a missing resource", {
+            let mut s = good.clone();
+            s.scanouts[0].resource = 7;
+            s
+        }),
+        ("two scanouts on a one-head GPU", {
+            let mut s = good.clone();
+            s.scanouts.push(s.scanouts[0]);
+            s
+        }),
+    ];
+    for (what, s) in bad {
+        let display = Display::new(vec![vec![DisplayMode::new(640, 480, 60)]]);
+        let mut dev = VirtioGpu::new(display);
+        let before = dev.save_device();
+        assert!(
+            dev.restore_device(&r.mem, &SavedDevice::Gpu(s)).is_err(),
+            "{what}: accepted"
+        );
+        assert_eq!(dev.save_device(), before, "{what}");
+    }
+}

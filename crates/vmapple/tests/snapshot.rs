@@ -354,9 +354,10 @@ fn a_vm_with_a_device_that_cannot_save_is_refused_by_name_and_runs_on(accel) {
     let (sock, path) = (socket.clone(), target.clone());
     let outcome = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let seen = outcome.clone();
-    // USB is on: the XHCI controller has no snapshot state yet.
+    // A virtio-fs share: the host's open files cannot be saved.
+    let share = format!("snapshare:{}", s(dir.path()));
     let run = vmapple_with_triggers(
-        &refs(&count_args(&socket, accel, &[])),
+        &refs(&count_args(&socket, accel, &["--share", &share])),
         BOOT,
         &[Trigger {
             when_console_shows: "COUNT progress 1\r",
@@ -371,7 +372,8 @@ fn a_vm_with_a_device_that_cannot_save_is_refused_by_name_and_runs_on(accel) {
     );
     let outcome = outcome.lock().unwrap().clone();
     assert!(
-        outcome.contains("unsupported") && outcome.contains("cannot save their state yet: xhci"),
+        outcome.contains("unsupported")
+            && outcome.contains("cannot save their state yet: virtio-fs0"),
         "{outcome}"
     );
     assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
@@ -427,9 +429,6 @@ fn disk_args(socket: &Path, image: &Path, accel: &str, extra: &[&str]) -> Vec<St
         "none",
         "--disk",
         s(image),
-        // MSI-X state is not saved yet: a function using it is refused.
-        "--msi",
-        "off",
         "--accel",
         accel,
         "--control",
@@ -537,5 +536,542 @@ fn a_guest_writing_to_a_virtio_disk_continues_after_restore_and_ext4_stays_clean
     for (i, line) in lines.iter().enumerate().take(last as usize + 1) {
         assert_eq!(*line, format!("record {i}"), "record {i} on disk");
     }
+}
+}
+
+/// The guest's serial console on `--serial unix:PATH`: what it printed so
+/// far, and a way to type.
+struct SerialConsole {
+    stream: std::os::unix::net::UnixStream,
+    seen: String,
+    /// Where the last awaited text ended.
+    cursor: usize,
+}
+
+impl SerialConsole {
+    /// Connects once the VMM listens on `path` (the file of an earlier
+    /// process may still be there, stale).
+    fn connect(path: &Path) -> Self {
+        let deadline = std::time::Instant::now() + BOOT;
+        loop {
+            if let Ok(stream) = std::os::unix::net::UnixStream::connect(path) {
+                stream
+                    .set_read_timeout(Some(Duration::from_millis(200)))
+                    .unwrap();
+                return Self {
+                    stream,
+                    seen: String::new(),
+                    cursor: 0,
+                };
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no serial socket at {}",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Reads until the console shows `needle` after the text last waited
+    /// for; returns the console from there to the end of `needle`.
+    fn wait_for(&mut self, needle: &str) -> String {
+        use std::io::Read;
+        let from = self.cursor;
+        let deadline = std::time::Instant::now() + BOOT;
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(at) = self.seen[from..].find(needle) {
+                self.cursor = from + at + needle.len();
+                return self.seen[from..self.cursor].to_string();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{needle:?} never came; console:\n{}",
+                self.seen
+            );
+            match self.stream.read(&mut chunk) {
+                Ok(0) => panic!("console closed before {needle:?}:\n{}", self.seen),
+                Ok(n) => self.seen.push_str(&String::from_utf8_lossy(&chunk[..n])),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("reading the console: {e}"),
+            }
+        }
+    }
+
+    /// Types `line` and Enter at the guest's shell.
+    fn type_line(&mut self, line: &str) {
+        use std::io::Write;
+        self.stream.write_all(line.as_bytes()).unwrap();
+        self.stream.write_all(b"\r").unwrap();
+    }
+}
+
+/// Waits until the VMM serves its control socket `socket` (it opens the
+/// serial socket first).
+fn wait_for_control(socket: &Path) {
+    let deadline = std::time::Instant::now() + BOOT;
+    loop {
+        let status = Command::new(env!("CARGO_BIN_EXE_vmapple"))
+            .args(["ctl", s(socket), "status"])
+            .output()
+            .unwrap();
+        if status.status.success() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no control socket at {}",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits for `child` to end within [`BOOT`]; its exit status and stderr.
+fn finish(mut child: std::process::Child) -> (i32, String) {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + BOOT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("vmapple did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    (status.code().unwrap_or(-1), err)
+}
+
+fn spawn(args: &[String]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_vmapple"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawning vmapple")
+}
+
+/// `vmapple run` of the Linux guest with a NIC on passt and its console on
+/// `serial`: it takes a DHCP lease, downloads from the host's port `port`
+/// and uploads to `port + 1`, then gives a shell on the console.
+fn net_args(socket: &Path, serial: &Path, port: u16, accel: &str, extra: &[&str]) -> Vec<String> {
+    let (kernel, initrd) = linux_guest_devices().expect("the Linux guest");
+    let append = format!("console=ttyAMA0 quiet vmapple.net={port} vmapple.demo");
+    let serial = format!("unix:{}", s(serial));
+    let mut args: Vec<String> = [
+        "run",
+        "--kernel",
+        s(&kernel),
+        "--initrd",
+        s(&initrd),
+        "--append",
+        &append,
+        "--cpus",
+        "2",
+        "--memory",
+        "512M",
+        "--serial",
+        &serial,
+        "--no-usb",
+        "--net",
+        "passt",
+        "--mac",
+        "52:54:00:12:34:56",
+        "--accel",
+        accel,
+        "--control",
+        s(socket),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+fn md5_hex(data: &[u8]) -> String {
+    let mut child = Command::new("md5sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(data).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+each_accel! {
+fn after_restore_the_guest_gets_dhcp_again_talks_tcp_through_passt_and_its_console_takes_input(accel) {
+    use std::io::{Read, Write};
+    if cfg!(target_os = "macos") {
+        common::skip("passt, the host end of the network, runs only on Linux");
+        return;
+    }
+    if linux_guest_devices().is_none() {
+        return;
+    }
+    let dir = scratch();
+    let socket = dir.path().join("c.sock");
+    let serial = dir.path().join("s.sock");
+    let snapshot = dir.path().join("net.snap");
+
+    // The host's side: a download before the save, an upload, and a
+    // second download (other bytes) after the restore.
+    let download = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = download.local_addr().unwrap().port();
+    let upload = std::net::TcpListener::bind(("127.0.0.1", port + 1))
+        .expect("the port after an ephemeral one is usually free");
+    let first: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    let second: Vec<u8> = (0..200_000u32).map(|i| (i * 13 + 5) as u8).collect();
+    let server = {
+        let (first, second) = (first.clone(), second.clone());
+        std::thread::spawn(move || {
+            let (mut c, _) = download.accept().unwrap();
+            c.write_all(&first).unwrap();
+            drop(c);
+            let (mut c, _) = upload.accept().unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            let mut got = 0;
+            let mut chunk = [0u8; 65536];
+            while got < first.len() {
+                match c.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n,
+                }
+            }
+            drop(c);
+            let (mut c, _) = download.accept().unwrap();
+            c.write_all(&second).unwrap();
+        })
+    };
+
+    let vm = spawn(&net_args(&socket, &serial, port, accel, &[]));
+    let mut console = SerialConsole::connect(&serial);
+    let before = console.wait_for("VMAPPLE-GUEST: demo shell");
+    assert!(
+        before.contains(&format!("net download {} {}", first.len(), md5_hex(&first))),
+        "the network works before the save:\n{before}"
+    );
+    console.wait_for("# ");
+    ctl(&socket, &["save", s(&snapshot), "--stop"]);
+    let (code, err) = finish(vm);
+    assert_eq!(code, HOST_STOPPED, "{err}");
+
+    // A new process (a new passt): the guest's shell is where it was and
+    // takes typed commands; a new lease, then a TCP download.
+    let args = net_args(&socket, &serial, port, accel, &["--restore", s(&snapshot)]);
+    let vm = spawn(&args);
+    let mut console = SerialConsole::connect(&serial);
+    // The markers are computed by the shell, so the echo of the typed line
+    // does not match them.
+    console.type_line(
+        "udhcpc -i eth0 -f -q -n -t 10 -s /tmp/dhcp.sh >/dev/null 2>&1 && echo LEASE-$((40+2)) $(cat /tmp/gateway)",
+    );
+    let lease = console.wait_for("LEASE-42");
+    assert!(!lease.contains("userspace up"), "no reboot:\n{lease}");
+    console.type_line(&format!(
+        "nc $(cat /tmp/gateway) {port} | md5sum; echo GOT-$((6*7))"
+    ));
+    let got = console.wait_for("GOT-42");
+    assert!(
+        got.contains(&md5_hex(&second)),
+        "the download after the restore, byte for byte:\n{got}"
+    );
+    console.type_line("poweroff -f");
+    let (code, err) = finish(vm);
+    assert_eq!(code, 0, "{err}");
+    server.join().unwrap();
+}
+}
+
+/// `vmapple run` of the Linux guest with the USB keyboard and tablet (the
+/// guest prints every event its evdev gets) and a shell on the console at
+/// `serial`.
+fn usb_args(socket: &Path, serial: &Path, accel: &str, extra: &[&str]) -> Vec<String> {
+    let (kernel, initrd) = linux_guest_devices().expect("the Linux guest");
+    let serial = format!("unix:{}", s(serial));
+    let mut args: Vec<String> = [
+        "run",
+        "--kernel",
+        s(&kernel),
+        "--initrd",
+        s(&initrd),
+        "--append",
+        "console=ttyAMA0 quiet vmapple.usb=3 vmapple.demo",
+        "--cpus",
+        "2",
+        "--memory",
+        "512M",
+        "--serial",
+        &serial,
+        "--net",
+        "none",
+        "--accel",
+        accel,
+        "--control",
+        s(socket),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+each_accel! {
+fn after_restore_usb_keyboard_and_tablet_events_reach_the_guests_evdev(accel) {
+    if linux_guest_devices().is_none() {
+        return;
+    }
+    let dir = scratch();
+    let socket = dir.path().join("c.sock");
+    let serial = dir.path().join("s.sock");
+    let snapshot = dir.path().join("usb.snap");
+
+    // XHCI with MSI-X (the default with --kernel), the keyboard and the
+    // tablet enumerated by the guest, which watches their evdev nodes.
+    let vm = spawn(&usb_args(&socket, &serial, accel, &[]));
+    let mut console = SerialConsole::connect(&serial);
+    console.wait_for("VMAPPLE-GUEST: usb ready");
+    ctl(&socket, &["send-keys", "b"]);
+    console.wait_for("USB Keyboard 1 48 0");
+    console.wait_for("# ");
+    ctl(&socket, &["save", s(&snapshot), "--stop"]);
+    let (code, err) = finish(vm);
+    assert_eq!(code, HOST_STOPPED, "{err}");
+
+    // A new process: keys and a pointer move from its control socket
+    // reach the same guest's evdev through the restored controller, and
+    // the console takes a typed command.
+    let vm = spawn(&usb_args(&socket, &serial, accel, &["--restore", s(&snapshot)]));
+    let mut console = SerialConsole::connect(&serial);
+    wait_for_control(&socket);
+    ctl(&socket, &["send-keys", "shift", "a"]);
+    let keys = console.wait_for("USB Keyboard 1 42 0");
+    for needle in ["USB Keyboard 1 42 1", "USB Keyboard 1 30 1", "USB Keyboard 1 30 0"] {
+        assert!(keys.contains(needle), "{needle}:\n{keys}");
+    }
+    assert!(!keys.contains("userspace up"), "no reboot:\n{keys}");
+    ctl(&socket, &["pointer", "1000", "2000", "left"]);
+    let pointer = console.wait_for("USB Tablet 1 272 1");
+    for needle in ["USB Tablet 3 0 1000", "USB Tablet 3 1 2000"] {
+        assert!(pointer.contains(needle), "{needle}:\n{pointer}");
+    }
+    console.type_line("echo TYPED-$((6*7))");
+    console.wait_for("TYPED-42");
+    console.type_line("poweroff -f");
+    let (code, err) = finish(vm);
+    assert_eq!(code, 0, "{err}");
+}
+}
+
+/// Connects to guest port `port` through the vsock socket `sock` and
+/// echoes `data` through it (the guest's `vmapple-vsock echo`); returns
+/// the stream, still open.
+fn vsock_echo(sock: &Path, port: u32, data: &[u8]) -> std::os::unix::net::UnixStream {
+    use std::io::{Read, Write};
+    let s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(BOOT)).unwrap();
+    (&s).write_all(format!("CONNECT {port}\n").as_bytes())
+        .unwrap();
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while byte[0] != b'\n' {
+        assert_eq!(
+            (&s).read(&mut byte).unwrap(),
+            1,
+            "closed before OK ({} bytes to echo)",
+            data.len()
+        );
+        line.push(byte[0]);
+    }
+    assert!(
+        line.starts_with(b"OK "),
+        "{}",
+        String::from_utf8_lossy(&line)
+    );
+    (&s).write_all(data).unwrap();
+    let mut back = vec![0u8; data.len()];
+    (&s).read_exact(&mut back).unwrap();
+    assert_eq!(back, data, "the echo");
+    s
+}
+
+each_accel! {
+fn after_restore_the_guest_serves_vsock_again(accel) {
+    use std::io::Read;
+    let Some((kernel, initrd)) = common::linux_guest_share() else {
+        return;
+    };
+    let dir = scratch();
+    let socket = dir.path().join("c.sock");
+    let serial = dir.path().join("s.sock");
+    let vsock = dir.path().join("v.sock");
+    let snapshot = dir.path().join("vsock.snap");
+    let args = |extra: &[&str]| {
+        let mut args: Vec<String> = [
+            "run", "--kernel", s(&kernel), "--initrd", s(&initrd),
+            "--append", "console=ttyAMA0 quiet vmapple.demo",
+            "--cpus", "2", "--memory", "512M",
+            "--serial", &format!("unix:{}", s(&serial)),
+            "--no-usb", "--net", "none",
+            "--vsock", s(&vsock),
+            "--accel", accel, "--control", s(&socket),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    };
+
+    // The guest serves an echo on vsock port 5000; a host client talks
+    // to it and stays connected through the save.
+    let vm = spawn(&args(&[]));
+    let mut console = SerialConsole::connect(&serial);
+    console.wait_for("VMAPPLE-GUEST: demo shell");
+    console.type_line("vmapple-vsock echo 5000 &");
+    console.wait_for("VMAPPLE-GUEST: vsock listening 5000");
+    let before = vsock_echo(&vsock, 5000, b"before the save");
+    ctl(&socket, &["save", s(&snapshot), "--stop"]);
+    let (code, err) = finish(vm);
+    assert_eq!(code, HOST_STOPPED, "{err}");
+    // The VMM is gone, and the connection with it.
+    let mut rest = Vec::new();
+    assert_eq!((&before).read_to_end(&mut rest).unwrap_or(0), 0);
+
+    // A new process: the same guest process serves new connections.
+    let vm = spawn(&args(&["--restore", s(&snapshot)]));
+    let mut console = SerialConsole::connect(&serial);
+    wait_for_control(&socket);
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i * 31 + 7) as u8).collect();
+    drop(vsock_echo(&vsock, 5000, &data));
+    console.type_line("echo TYPED-$((6*7))");
+    let shown = console.wait_for("TYPED-42");
+    assert!(!shown.contains("userspace up"), "no reboot:\n{shown}");
+    console.type_line("poweroff -f");
+    let (code, err) = finish(vm);
+    assert_eq!(code, 0, "{err}");
+}
+}
+
+/// The display test's pattern: every pixel distinct enough that a shifted
+/// row, a swapped channel or a lost update shows.
+fn fb_pattern(x: usize, y: usize) -> [u8; 3] {
+    [
+        ((x * 7 + y * 3) & 0xff) as u8,
+        ((x ^ y) & 0xff) as u8,
+        ((x + 2 * y) & 0xff) as u8,
+    ]
+}
+
+/// How many pixels of the screenshot `png_path` differ from the pattern
+/// (all of them if it is not `w`x`h`).
+fn pixels_off_pattern(png_path: &Path, w: usize, h: usize) -> usize {
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(png_path).unwrap(),
+    ));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    if (info.width as usize, info.height as usize) != (w, h) {
+        return w * h;
+    }
+    let channels = if info.color_type == png::ColorType::Rgba {
+        4
+    } else {
+        3
+    };
+    (0..h)
+        .flat_map(|y| (0..w).map(move |x| (x, y)))
+        .filter(|&(x, y)| {
+            let at = (y * w + x) * channels;
+            [buf[at], buf[at + 1], buf[at + 2]] != fb_pattern(x, y)
+        })
+        .count()
+}
+
+each_accel! {
+fn after_restore_the_virtio_gpu_shows_what_the_guest_drew(accel) {
+    let Some((kernel, initrd)) = linux_guest_devices() else {
+        return;
+    };
+    let (w, h) = (1024, 768);
+    let dir = scratch();
+    let socket = dir.path().join("c.sock");
+    let serial = dir.path().join("s.sock");
+    let snapshot = dir.path().join("gpu.snap");
+    let disk = dir.path().join("pattern.img");
+    let mut bytes = Vec::with_capacity(w * h * 4);
+    for y in 0..h {
+        for x in 0..w {
+            let [r, g, b] = fb_pattern(x, y);
+            bytes.extend_from_slice(&[b, g, r, 0]);
+        }
+    }
+    std::fs::write(&disk, bytes).unwrap();
+    let args = |extra: &[&str]| {
+        let mut args: Vec<String> = [
+            "run", "--kernel", s(&kernel), "--initrd", s(&initrd),
+            "--append",
+            "console=ttyAMA0 quiet vt.global_cursor_default=0 vmapple.fb=vda vmapple.demo",
+            "--cpus", "2", "--memory", "512M",
+            "--serial", &format!("unix:{}", s(&serial)),
+            "--no-usb", "--net", "none",
+            "--disk", &format!("{},readonly", s(&disk)),
+            "--gpu", "virtio", "--display-modes", "1024x768@60", "--display", "none",
+            "--accel", accel, "--control", s(&socket),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    };
+
+    // The guest copies the pattern to its framebuffer and sits at a shell.
+    let vm = spawn(&args(&[]));
+    let mut console = SerialConsole::connect(&serial);
+    console.wait_for("VMAPPLE-GUEST: fb drawn");
+    console.wait_for("VMAPPLE-GUEST: demo shell");
+    let before = dir.path().join("before.png");
+    ctl(&socket, &["screenshot", s(&before)]);
+    assert_eq!(pixels_off_pattern(&before, w, h), 0, "drawn before the save");
+    ctl(&socket, &["save", s(&snapshot), "--stop"]);
+    let (code, err) = finish(vm);
+    assert_eq!(code, HOST_STOPPED, "{err}");
+
+    // A new process shows the same picture at once, without the guest
+    // drawing anything.
+    let vm = spawn(&args(&["--restore", s(&snapshot)]));
+    let mut console = SerialConsole::connect(&serial);
+    wait_for_control(&socket);
+    let after = dir.path().join("after.png");
+    ctl(&socket, &["screenshot", s(&after)]);
+    assert_eq!(pixels_off_pattern(&after, w, h), 0, "shown after the restore");
+    console.type_line("echo TYPED-$((6*7))");
+    console.wait_for("TYPED-42");
+    console.type_line("poweroff -f");
+    let (code, err) = finish(vm);
+    assert_eq!(code, 0, "{err}");
 }
 }

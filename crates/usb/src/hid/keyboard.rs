@@ -9,8 +9,8 @@
 //! 2 Scroll Lock, 3 Compose, 4 Kana).
 
 use super::{
-    ControlResult, HidCore, HidIdentity, HidOutcome, InputEvent, SetupPacket, TransferResult,
-    UsbDevice, UsbSpeed, REPORT_TYPE_OUTPUT,
+    ControlResult, HidCore, HidIdentity, HidOutcome, InputEvent, SavedDevice, SetupPacket,
+    TransferResult, UsbDevice, UsbSpeed, REPORT_TYPE_OUTPUT,
 };
 
 /// Boot keyboard report descriptor (HID 1.11 Appendix B.1).
@@ -172,6 +172,41 @@ impl UsbDevice for UsbKeyboard {
 
     fn remote_wakeup_enabled(&self) -> bool {
         self.core.remote_wakeup()
+    }
+
+    fn save_state(&self) -> Option<SavedDevice> {
+        Some(SavedDevice::Keyboard {
+            hid: self.core.save(),
+            modifiers: self.modifiers,
+            keys: self.keys.clone(),
+            leds: self.leds,
+        })
+    }
+
+    fn restore_state(&mut self, saved: &SavedDevice) -> Result<(), String> {
+        let SavedDevice::Keyboard {
+            hid,
+            modifiers,
+            keys,
+            leds,
+        } = saved
+        else {
+            return Err("not a keyboard's state".into());
+        };
+        self.core.check(hid)?;
+        // As key presses leave them: distinct usages, none a modifier.
+        let distinct = keys.iter().enumerate().all(|(i, k)| !keys[..i].contains(k));
+        if !distinct || keys.iter().any(|&k| k == 0 || (0xe0..=0xe7).contains(&k)) {
+            return Err(format!("keys down {keys:?}"));
+        }
+        if leds & !0x1f != 0 {
+            return Err(format!("LEDs {leds:#x}"));
+        }
+        self.core.restore(hid);
+        self.modifiers = *modifiers;
+        self.keys.clone_from(keys);
+        self.leds = *leds;
+        Ok(())
     }
 }
 

@@ -21,9 +21,11 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 pub mod keyboard;
+mod state;
 pub mod tablet;
 
 pub use keyboard::UsbKeyboard;
+pub use state::{SavedDevice, SavedHid};
 pub use tablet::UsbTablet;
 
 /// Reports a HID device holds for the host before merging new input into
@@ -210,6 +212,20 @@ pub trait UsbDevice: Send {
     /// DEVICE_REMOTE_WAKEUP).
     fn remote_wakeup_enabled(&self) -> bool {
         false
+    }
+
+    /// Snapshots: the device's state, or `None` if it cannot give one
+    /// (the controller then cannot be saved).
+    fn save_state(&self) -> Option<SavedDevice> {
+        None
+    }
+
+    /// Puts back what [`UsbDevice::save_state`] returned. The input is
+    /// untrusted: a state the device could not have reached is refused
+    /// whole, changing nothing.
+    fn restore_state(&mut self, saved: &SavedDevice) -> Result<(), String> {
+        let _ = saved;
+        Err("this device cannot restore a state".into())
     }
 }
 

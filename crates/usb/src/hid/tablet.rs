@@ -7,8 +7,8 @@
 //! 0..=32767 (Generic Desktop / Pointer), and a relative wheel in -127..=127.
 
 use super::{
-    ControlResult, HidCore, HidIdentity, HidOutcome, InputEvent, SetupPacket, TransferResult,
-    UsbDevice, UsbSpeed,
+    ControlResult, HidCore, HidIdentity, HidOutcome, InputEvent, SavedDevice, SetupPacket,
+    TransferResult, UsbDevice, UsbSpeed,
 };
 
 /// Largest coordinate on either axis.
@@ -147,6 +147,30 @@ impl UsbDevice for UsbTablet {
 
     fn remote_wakeup_enabled(&self) -> bool {
         self.core.remote_wakeup()
+    }
+
+    fn save_state(&self) -> Option<SavedDevice> {
+        Some(SavedDevice::Tablet {
+            hid: self.core.save(),
+            x: self.x,
+            y: self.y,
+            buttons: self.buttons,
+        })
+    }
+
+    fn restore_state(&mut self, saved: &SavedDevice) -> Result<(), String> {
+        let SavedDevice::Tablet { hid, x, y, buttons } = saved else {
+            return Err("not a tablet's state".into());
+        };
+        self.core.check(hid)?;
+        if *x > TABLET_MAX || *y > TABLET_MAX || buttons & !0x1f != 0 {
+            return Err(format!("pointer at ({x}, {y}), buttons {buttons:#x}"));
+        }
+        self.core.restore(hid);
+        self.x = *x;
+        self.y = *y;
+        self.buttons = *buttons;
+        Ok(())
     }
 }
 

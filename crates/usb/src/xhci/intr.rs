@@ -44,6 +44,24 @@ struct Segment {
     size: u32,
 }
 
+/// An interrupter in a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedInterrupter {
+    pub iman: u32,
+    pub imod: u32,
+    pub erstsz: u32,
+    pub erstba: u64,
+    pub erdp: u64,
+    /// The segment the producer is in, once loaded: base and TRBs.
+    pub segment: Option<(u64, u32)>,
+    pub seg_index: u32,
+    pub enq_index: u32,
+    /// Producer cycle state.
+    pub pcs: bool,
+    /// Events posted that no interrupt announced yet.
+    pub undelivered: bool,
+}
+
 /// One interrupter: its registers and the producer side of its ring.
 #[derive(Debug)]
 pub struct Interrupter {
@@ -84,6 +102,70 @@ impl Interrupter {
             last_irq: None,
             timer_armed: false,
         }
+    }
+
+    /// The interrupter's registers and producer position, for a snapshot.
+    pub fn save(&self) -> SavedInterrupter {
+        SavedInterrupter {
+            iman: self.iman,
+            imod: self.imod,
+            erstsz: self.erstsz,
+            erstba: self.erstba,
+            erdp: self.erdp,
+            segment: self.seg.map(|s| (s.base, s.size)),
+            seg_index: self.seg_index,
+            enq_index: self.enq_index,
+            pcs: self.pcs,
+            undelivered: self.undelivered,
+        }
+    }
+
+    /// An interrupter as `saved` describes it, if the guest's register
+    /// writes and the producer could have left it so: registers within
+    /// their fields' masks, a loaded segment of a size the ring accepts,
+    /// the producer inside it and inside the segment table. Moderation
+    /// starts afresh.
+    pub fn restored(saved: &SavedInterrupter) -> Result<Self, String> {
+        let seg = match saved.segment {
+            Some((base, size)) => {
+                if !(MIN_SEGMENT_TRBS..=MAX_SEGMENT_TRBS).contains(&size)
+                    || base & !ERSTBA_PTR_MASK != 0
+                    || saved.enq_index >= size
+                {
+                    return Err(format!(
+                        "event ring segment of {size} TRBs at {base:#x}, producer at {}",
+                        saved.enq_index
+                    ));
+                }
+                Some(Segment { base, size })
+            }
+            None if saved.enq_index == 0 => None,
+            None => return Err("an event ring producer without a segment".into()),
+        };
+        if saved.erstsz & !0xffff != 0
+            || saved.seg_index > MAX_ERST_ENTRIES
+            || (seg.is_some() && saved.seg_index >= saved.erstsz)
+            || saved.erstba & !ERSTBA_PTR_MASK != 0
+        {
+            return Err(format!(
+                "event ring segment table of {} entries at {:#x}, producer in entry {}",
+                saved.erstsz, saved.erstba, saved.seg_index
+            ));
+        }
+        Ok(Self {
+            iman: saved.iman & (IMAN_IP | IMAN_IE),
+            imod: saved.imod,
+            erstsz: saved.erstsz,
+            erstba: saved.erstba,
+            erdp: saved.erdp,
+            seg_index: saved.seg_index,
+            seg,
+            enq_index: saved.enq_index,
+            pcs: saved.pcs,
+            undelivered: saved.undelivered,
+            last_irq: None,
+            timer_armed: false,
+        })
     }
 
     /// Writing ERSTBA (re)starts the ring at entry 0 with cycle state 1.

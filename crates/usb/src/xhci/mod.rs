@@ -48,11 +48,14 @@ mod command;
 pub mod context;
 pub mod intr;
 pub mod regs;
+mod state;
 mod transfer;
 pub mod trb;
 
 #[cfg(test)]
 mod tests;
+
+pub use state::SavedXhci;
 
 use context::Slot;
 use intr::{Interrupter, PostError};
@@ -179,6 +182,9 @@ pub(crate) struct XhciState {
     msix: Option<Msix>,
     caps: CapabilityList,
     weak_self: Weak<Mutex<XhciState>>,
+    /// Stopped for a snapshot's save: host input waits in the devices and
+    /// moderation timers hold their interrupts.
+    quiesced: bool,
 }
 
 /// The XHCI controller: a [`PciDevice`] with its root hub.
@@ -241,6 +247,7 @@ impl Xhci {
                 msix: None,
                 caps: CapabilityList::new(),
                 weak_self: weak.clone(),
+                quiesced: false,
             };
             st.reset_controller();
             Mutex::new(st)
@@ -809,7 +816,10 @@ impl XhciState {
                     let mut st = lock(&state);
                     st.intrs[v].timer_armed = false;
                     st.intrs[v].last_irq = None;
-                    st.try_signal(v);
+                    // Quiesced, the resume signals it.
+                    if !st.quiesced {
+                        st.try_signal(v);
+                    }
                 }
             });
         if spawned.is_err() {
@@ -918,6 +928,20 @@ impl XhciState {
         }
     }
 
+    /// After a quiesce or a restore: signals events no interrupt announced
+    /// yet and hands the devices' waiting input to their endpoints.
+    fn catch_up(&mut self) {
+        for v in 0..self.intrs.len() {
+            self.try_signal(v);
+        }
+        self.update_irq();
+        for idx in 0..NUM_PORTS {
+            if self.ports[idx].device.is_some() {
+                self.device_has_data(idx);
+            }
+        }
+    }
+
     /// Offers host input to the attached devices.
     fn input(&mut self, event: InputEvent) -> bool {
         for idx in 0..NUM_PORTS {
@@ -936,7 +960,7 @@ impl XhciState {
     /// The device on port `idx` has new IN data: wake a suspended link if
     /// allowed and run its IN endpoints.
     fn device_has_data(&mut self, idx: usize) {
-        if !self.running() || !self.bus_master {
+        if !self.running() || !self.bus_master || self.quiesced {
             return;
         }
         let p = &mut self.ports[idx];

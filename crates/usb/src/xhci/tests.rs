@@ -1374,3 +1374,153 @@ fn intx_needs_ip_ie_and_inte() {
     assert!(!d.irq.is_asserted());
     assert_eq!(d.irq.rising_edges(), 2);
 }
+
+#[test]
+fn a_restored_controller_delivers_input_that_waited_during_the_save() {
+    let mut d = Driver::new(XhciConfig::default());
+    d.bring_up();
+    let slot = d.ready_device(TABLET_PORT, 6);
+    d.push_xfer(slot, 3, trb(TRB_NORMAL, BUF + 0x200, 6, TRB_IOC | TRB_ISP));
+    d.w32(DOORBELL_BASE + 4 * u64::from(slot), 3);
+    // The save: input arriving while quiesced waits in the tablet.
+    d.x.quiesce();
+    assert!(d
+        .x
+        .input_sink()
+        .send(InputEvent::PointerAbs { x: 100, y: 200 }));
+    assert!(d.pop_event(0).is_none(), "nothing reaches guest memory");
+    let saved = d.x.save_state().unwrap();
+
+    // A new controller on the same memory (as a restore maps it).
+    let x = Xhci::with_hid_devices(d.mem.clone(), XhciConfig::default());
+    x.set_intx(d.irq.clone());
+    x.restore_state(&saved).unwrap();
+    d.x = x;
+    let ev = d.pop_event(0).expect("the waiting report completes its TD");
+    assert!(is_transfer_event(&ev, slot, 3, CC_SUCCESS));
+    assert_eq!(d.read(BUF + 0x200, 6), [0, 100, 0, 200, 0, 0]);
+    // It runs on: the next TD and input, the next event on the ring.
+    d.push_xfer(slot, 3, trb(TRB_NORMAL, BUF + 0x200, 6, TRB_IOC | TRB_ISP));
+    d.w32(DOORBELL_BASE + 4 * u64::from(slot), 3);
+    assert!(d.x.input_sink().send(InputEvent::Buttons(1)));
+    let ev = d.pop_event(0).unwrap();
+    assert!(is_transfer_event(&ev, slot, 3, CC_SUCCESS));
+    assert_eq!(d.read(BUF + 0x200, 6), [1, 100, 0, 200, 0, 0]);
+}
+
+#[test]
+fn a_hostile_saved_controller_is_refused_and_changes_nothing() {
+    use crate::hid::SavedDevice;
+    let mut d = Driver::new(XhciConfig::default());
+    d.bring_up();
+    d.ready_device(KEYBOARD_PORT, 8);
+    let good = d.x.save_state().unwrap();
+    type Damage = Box<dyn Fn(&mut SavedXhci)>;
+    fn keyboard(s: &mut SavedXhci) -> &mut SavedDevice {
+        s.ports[KEYBOARD_PORT - 1].device.as_mut().unwrap()
+    }
+    let damaged: Vec<(&str, Damage)> = vec![
+        (
+            "a port missing",
+            Box::new(|s| {
+                s.ports.pop();
+            }),
+        ),
+        (
+            "a slot too many",
+            Box::new(|s| s.slots.push(s.slots[0].clone())),
+        ),
+        (
+            "reset bit in USBCMD",
+            Box::new(|s| s.usbcmd |= USBCMD_HCRST),
+        ),
+        ("running and halted", Box::new(|s| s.usbsts |= USBSTS_HCH)),
+        ("slot on port 99", Box::new(|s| s.slots[0].port = 99)),
+        ("slot state 7", Box::new(|s| s.slots[0].state = 7)),
+        (
+            "endpoint state 9",
+            Box::new(|s| s.slots[0].endpoints[2].state = 9),
+        ),
+        (
+            "30 endpoints",
+            Box::new(|s| {
+                s.slots[0].endpoints.pop();
+            }),
+        ),
+        (
+            "producer past its segment",
+            Box::new(|s| {
+                let i = &mut s.interrupters[0];
+                i.enq_index = i.segment.unwrap().1;
+            }),
+        ),
+        (
+            "a segment of 8 TRBs",
+            Box::new(|s| s.interrupters[0].segment = Some((EVENT_RING, 8))),
+        ),
+        (
+            "producer in entry 40",
+            Box::new(|s| s.interrupters[0].seg_index = 40),
+        ),
+        (
+            "no device on the keyboard's port",
+            Box::new(|s| s.ports[KEYBOARD_PORT - 1].device = None),
+        ),
+        (
+            "a device on an empty port",
+            Box::new(|s| s.ports[0].device = s.ports[KEYBOARD_PORT - 1].device.clone()),
+        ),
+        (
+            "a key down twice",
+            Box::new(|s| {
+                if let SavedDevice::Keyboard { keys, .. } = keyboard(s) {
+                    *keys = vec![4, 4];
+                }
+            }),
+        ),
+        (
+            "17 queued reports",
+            Box::new(|s| {
+                if let SavedDevice::Keyboard { hid, .. } = keyboard(s) {
+                    hid.queue = vec![vec![0; 8]; 17];
+                }
+            }),
+        ),
+        (
+            "a short report",
+            Box::new(|s| {
+                if let SavedDevice::Keyboard { hid, .. } = keyboard(s) {
+                    hid.current = vec![0; 3];
+                }
+            }),
+        ),
+        (
+            "a tablet's state for the keyboard",
+            Box::new(|s| {
+                let tablet = s.ports[TABLET_PORT - 1].device.clone().unwrap();
+                *keyboard(s) = tablet;
+            }),
+        ),
+        (
+            "MSI-X on a controller without it",
+            Box::new(|s| {
+                s.msix = Some(pci::msix::SavedMsix {
+                    control: 0,
+                    table: vec![[0; 4]; NUM_INTRS],
+                    pba: vec![0],
+                })
+            }),
+        ),
+    ];
+    for (what, damage) in damaged {
+        let mut bad = good.clone();
+        damage(&mut bad);
+        let fresh = Driver::new(XhciConfig::default());
+        let before = fresh.x.save_state().unwrap();
+        assert!(fresh.x.restore_state(&bad).is_err(), "{what}: accepted");
+        assert_eq!(fresh.x.save_state().unwrap(), before, "{what}");
+    }
+    let fresh = Driver::new(XhciConfig::default());
+    fresh.x.restore_state(&good).unwrap();
+    assert_eq!(fresh.x.save_state().unwrap().slots, good.slots);
+}

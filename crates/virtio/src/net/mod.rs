@@ -57,7 +57,8 @@ use crate::block::chain::{
     pop_chain, read_stream, rings_in_ram, should_interrupt, stream_len, write_stream, Chain,
 };
 use crate::device::{
-    ActivateContext, ActivateError, PciIdentity, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    ActivateContext, ActivateError, PciIdentity, QueuePosition, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1,
 };
 
 /// virtio device type of a network device.
@@ -161,6 +162,9 @@ struct Active {
     tx: Queue,
     interrupt: Arc<dyn VirtioInterrupt>,
     rx: Option<RxThread>,
+    /// The receive queue while no thread has it: quiesced, or a backend
+    /// without a receive side.
+    rx_parked: Option<Queue>,
 }
 
 /// A virtio network device.
@@ -387,6 +391,8 @@ impl VirtioNet {
         }
     }
 
+    /// Stops the receive thread (after the frame it is delivering) and
+    /// parks its queue; the backend's receive side comes back.
     fn stop_rx(&mut self) {
         let Some(active) = self.active.as_mut() else {
             return;
@@ -398,7 +404,45 @@ impl VirtioNet {
                 Ok(receiver) => self.receiver = Some(receiver),
                 Err(_) => tracing::error!("virtio-net: receive thread panicked"),
             }
+            // The thread is gone: the queue is the device's again.
+            let parked = Queue::new(1).expect("1 is a valid queue size");
+            active.rx_parked = Some(std::mem::replace(&mut *lock(&rx.shared.queue), parked));
         }
+    }
+
+    /// Hands the parked receive queue to a new receive thread, if the
+    /// backend has a receive side.
+    fn start_rx(&mut self) -> Result<(), ActivateError> {
+        let Some(active) = self.active.as_mut() else {
+            return Ok(());
+        };
+        let Some(receiver) = self.receiver.take() else {
+            vm_core::log_limited!(
+                warn,
+                "virtio-net: backend has no receive side; receive disabled"
+            );
+            return Ok(());
+        };
+        let Some(queue) = active.rx_parked.take() else {
+            self.receiver = Some(receiver);
+            return Ok(());
+        };
+        let shared = Arc::new(RxShared {
+            queue: Mutex::new(queue),
+            kicked: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let (s, mem, irq) = (
+            shared.clone(),
+            active.memory.clone(),
+            active.interrupt.clone(),
+        );
+        let handle = std::thread::Builder::new()
+            .name("virtio-net-rx".into())
+            .spawn(move || rx_loop(s, receiver, mem, irq))
+            .map_err(|e| ActivateError::Other(format!("virtio-net: rx thread: {e}")))?;
+        active.rx = Some(RxThread { shared, handle });
+        Ok(())
     }
 }
 
@@ -459,34 +503,17 @@ impl VirtioDevice for VirtioNet {
                 )));
             }
         }
-        let rx_thread = match self.receiver.take() {
-            Some(receiver) => {
-                let shared = Arc::new(RxShared {
-                    queue: Mutex::new(rx),
-                    kicked: Condvar::new(),
-                    stop: AtomicBool::new(false),
-                });
-                let (s, mem, irq) = (shared.clone(), ctx.memory.clone(), ctx.interrupt.clone());
-                let handle = std::thread::Builder::new()
-                    .name("virtio-net-rx".into())
-                    .spawn(move || rx_loop(s, receiver, mem, irq))
-                    .map_err(|e| ActivateError::Other(format!("virtio-net: rx thread: {e}")))?;
-                Some(RxThread { shared, handle })
-            }
-            None => {
-                vm_core::log_limited!(
-                    warn,
-                    "virtio-net: backend has no receive side; receive disabled"
-                );
-                None
-            }
-        };
         self.active = Some(Active {
             memory: ctx.memory,
             tx,
             interrupt: ctx.interrupt,
-            rx: rx_thread,
+            rx: None,
+            rx_parked: Some(rx),
         });
+        if let Err(e) = self.start_rx() {
+            self.active = None;
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -512,6 +539,37 @@ impl VirtioDevice for VirtioNet {
     fn pci_identity(&self) -> PciIdentity {
         // Network controller, Ethernet.
         PciIdentity::standard(DEVICE_TYPE, 0x02_00_00)
+    }
+
+    /// Transmit completes within the kick, on the vCPU thread; the receive
+    /// thread is stopped by [`VirtioDevice::quiesce`]. The MAC and the
+    /// backend come from the command line (a restore opens the backend
+    /// anew): the queues' positions are all there is. A frame the receive
+    /// thread had read but could not place yet is dropped at the quiesce,
+    /// as a NIC drops what arrives while it has no buffer.
+    fn saves_state(&self) -> bool {
+        true
+    }
+
+    /// Empty while the receive thread holds its queue (not quiesced).
+    fn queue_positions(&self) -> Vec<QueuePosition> {
+        let Some(active) = &self.active else {
+            return Vec::new();
+        };
+        match (&active.rx, &active.rx_parked) {
+            (None, Some(rx)) => vec![QueuePosition::of(rx), QueuePosition::of(&active.tx)],
+            _ => Vec::new(),
+        }
+    }
+
+    fn quiesce(&mut self) {
+        self.stop_rx();
+    }
+
+    fn resume(&mut self) {
+        if let Err(e) = self.start_rx() {
+            tracing::error!("virtio-net: receive not restarted: {e}");
+        }
     }
 }
 
@@ -753,6 +811,32 @@ mod tests {
         let mut got = guest(&r.mem, BUF + HDR_LEN as u64, 8);
         got.extend(guest(&r.mem, BUF + 0x100, 20));
         assert_eq!(got, f);
+    }
+
+    #[test]
+    fn quiesced_nothing_is_received_and_resumed_it_receives_on() {
+        let mut r = rig();
+        assert!(r.dev.queue_positions().is_empty(), "the thread has rx");
+        r.rxq.add_chain(&[(BUF, 1526, true)]);
+        r.rxq.add_chain(&[(BUF + 0x1000, 1526, true)]);
+        r.dev.queue_notify(RX_QUEUE);
+        r.inject.send(frame(60, 1)).unwrap();
+        wait_until("rx used", || r.rxq.used_idx() == 1);
+        r.txq.add_chain(&[(BUF + 0x2000, 100, false)]);
+        r.dev.queue_notify(TX_QUEUE);
+        r.dev.quiesce();
+        let at = |avail, used| QueuePosition {
+            next_avail: avail,
+            next_used: used,
+        };
+        assert_eq!(r.dev.queue_positions(), [at(1, 1), at(1, 1)]);
+        // A frame that arrives meanwhile waits in the backend.
+        r.inject.send(frame(70, 2)).unwrap();
+        assert_eq!(r.rxq.used_idx(), 1);
+        r.dev.resume();
+        wait_until("rx used after resume", || r.rxq.used_idx() == 2);
+        assert_eq!(r.rxq.used_elem(1), (1, (HDR_LEN + 70) as u32));
+        assert_eq!(guest(&r.mem, BUF + 0x1000 + 12, 70), frame(70, 2));
     }
 
     #[test]

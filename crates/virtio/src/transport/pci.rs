@@ -941,10 +941,25 @@ impl VirtioPciDevice {
     /// Whether [`VirtioPciDevice::save_state`] can capture the function
     /// whole (its device says so).
     pub fn saves_state(&self) -> bool {
-        // MSI-X vectors and their table are not in the saved state yet, so
-        // a function with MSI-X is refused at save (named) rather than
-        // restored without its interrupts.
-        self.shared.msix.is_none() && lock(&self.inner).device.saves_state()
+        lock(&self.inner).device.saves_state()
+    }
+
+    /// Before a save, with the vCPUs parked: a running device finishes
+    /// what it has in flight and stops its threads
+    /// ([`VirtioDevice::quiesce`]).
+    pub fn quiesce(&self) {
+        let mut inner = lock(&self.inner);
+        if inner.live {
+            inner.device.quiesce();
+        }
+    }
+
+    /// After a save the VM goes on from: the device's threads start again.
+    pub fn resume(&self) {
+        let mut inner = lock(&self.inner);
+        if inner.live {
+            inner.device.resume();
+        }
     }
 
     /// The transport's state and its device's queue positions, for a
@@ -999,6 +1014,15 @@ impl VirtioPciDevice {
             isr: lock(&self.shared.irq).isr,
             config_generation: self.shared.config_generation.load(Ordering::SeqCst),
             pci_cfg_window,
+            config_vector: self.shared.config_vector.load(Ordering::SeqCst),
+            queue_vectors: self
+                .shared
+                .queue_vectors
+                .iter()
+                .map(|v| v.load(Ordering::SeqCst))
+                .collect(),
+            msix: self.shared.msix.as_ref().map(Msix::save_state),
+            device: inner.device.save_device(),
         })
     }
 
@@ -1090,11 +1114,65 @@ impl VirtioPciDevice {
                 saved.pci_cfg_window.len()
             ));
         }
+        // Vector numbers as the driver's stores would leave them: below
+        // the table size, or none.
+        let table = self.shared.msix.as_ref().map_or(0, |m| m.layout().vectors);
+        if saved.queue_vectors.len() != inner.queues.len() {
+            return Err(format!(
+                "{name}: {} queue vectors for {} queues",
+                saved.queue_vectors.len(),
+                inner.queues.len()
+            ));
+        }
+        if let Some(v) = std::iter::once(&saved.config_vector)
+            .chain(&saved.queue_vectors)
+            .find(|&&v| v != NO_VECTOR && v >= table)
+        {
+            return Err(format!("{name}: MSI-X vector {v} ({table} in the table)"));
+        }
+        match (&self.shared.msix, &saved.msix) {
+            (None, None) => {}
+            (Some(msix), Some(s)) => msix
+                .check_state(s)
+                .map_err(|why| format!("{name}: {why}"))?,
+            (ours, _) => {
+                return Err(format!(
+                    "{name}: MSI-X {} in the snapshot, {} here",
+                    if saved.msix.is_some() { "on" } else { "off" },
+                    if ours.is_some() { "on" } else { "off" },
+                ))
+            }
+        }
+        let keeps_state = inner.device.save_device().is_some();
+        if keeps_state != saved.device.is_some() {
+            return Err(format!(
+                "{name}: device state {} in the snapshot, {} here",
+                if saved.device.is_some() {
+                    "present"
+                } else {
+                    "absent"
+                },
+                if keeps_state { "kept" } else { "none" },
+            ));
+        }
 
         // Checked: from here the state is the driver's as saved.
         if inner.live {
             inner.device.reset();
             inner.live = false;
+        }
+        if let Some(s) = &saved.device {
+            // The device checks its own state as it takes it.
+            let memory = inner.memory.clone();
+            if let Err(why) = inner.device.restore_device(&memory, s) {
+                // Leave the function as a reset would, not half restored.
+                inner.reset(&self.shared);
+                return Err(format!("{name}: {why}"));
+            }
+        }
+        if let (Some(msix), Some(s)) = (&self.shared.msix, &saved.msix) {
+            // Checked above.
+            let _ = msix.restore_state(&mut inner.caps, s);
         }
         inner.device_feature_select = saved.device_feature_select;
         inner.driver_feature_select = saved.driver_feature_select;
@@ -1112,6 +1190,15 @@ impl VirtioPciDevice {
         self.shared
             .config_generation
             .store(saved.config_generation, Ordering::SeqCst);
+        self.shared
+            .config_vector
+            .store(saved.config_vector, Ordering::SeqCst);
+        for (v, &saved) in self.shared.queue_vectors.iter().zip(&saved.queue_vectors) {
+            v.store(saved, Ordering::SeqCst);
+        }
+        self.shared
+            .bus_master
+            .store(saved.bus_master, Ordering::SeqCst);
         if saved.live {
             let ctx = inner.activation(&self.shared, &positions);
             if let Err(e) = inner.device.activate(ctx) {
@@ -1121,9 +1208,14 @@ impl VirtioPciDevice {
             }
             inner.live = true;
         }
-        let mut irq = lock(&self.shared.irq);
-        irq.isr = saved.isr;
-        irq.line.set_level(saved.isr != 0);
+        {
+            let mut irq = lock(&self.shared.irq);
+            irq.isr = saved.isr;
+            irq.line.set_level(saved.isr != 0);
+        }
+        if saved.live {
+            inner.device.restored();
+        }
         Ok(())
     }
 }
@@ -1157,6 +1249,14 @@ pub struct SavedVirtioPci {
     /// The PCI configuration access capability's fields after its header
     /// (BAR, offset, length, data).
     pub pci_cfg_window: Vec<u8>,
+    /// The MSI-X vector of configuration changes and of each queue
+    /// (`NO_VECTOR` for none).
+    pub config_vector: u16,
+    pub queue_vectors: Vec<u16>,
+    /// The MSI-X capability, table and PBA, on a function that has them.
+    pub msix: Option<::pci::msix::SavedMsix>,
+    /// The device's own state beyond its queues, if it keeps one.
+    pub device: Option<crate::device::SavedDevice>,
 }
 
 impl PciDevice for VirtioPciDevice {
@@ -1948,6 +2048,101 @@ mod tests {
         assert_eq!(d.dev.read_config(cap, Word), 0x0002_0011, "MSI-X off");
     }
 
+    /// A function with MSI-X whose messages go to `messages`, bus
+    /// mastering on.
+    fn with_msix(messages: Arc<Messages>) -> Direct {
+        let log = Arc::new(Mutex::new(Log::default()));
+        let dev = VirtioPciDevice::with_msix(
+            Box::new(FakeDevice {
+                log: log.clone(),
+                refuse: false,
+            }),
+            memory(),
+            messages,
+        );
+        let irq = Arc::new(TestIrq::new());
+        dev.set_intx(irq.clone());
+        dev.command_written(MASTER | MEMORY);
+        Direct { dev, log, irq }
+    }
+
+    #[test]
+    fn with_msix_a_restored_function_signals_the_vectors_it_had() {
+        let a = with_msix(Arc::new(Messages::default()));
+        let cap = 0x98;
+        a.live();
+        a.w(common::CONFIG_MSIX_VECTOR, Half, 2);
+        a.w(common::QUEUE_MSIX_VECTOR, Half, 1);
+        for v in 0..3u64 {
+            a.dev.write_bar(MSIX_BAR, 16 * v, Double, 0x1000_0040);
+            a.dev.write_bar(MSIX_BAR, 16 * v + 8, Word, 0xa0 + v);
+        }
+        // Vector 1 unmasked, vector 2 masked with a config change pending.
+        a.dev.write_bar(MSIX_BAR, 16 + 12, Word, 0);
+        a.dev.write_config(cap + 2, Half, 0x8000);
+        lock(&a.log).interrupt.clone().unwrap().notify_config();
+        let saved = a.dev.save_state().unwrap();
+
+        let messages = Arc::new(Messages::default());
+        let b = with_msix(messages.clone());
+        // As at a restore: the host puts the header back, not the command.
+        b.dev.command_written(0);
+        b.dev.restore_state(&saved).unwrap();
+        assert_eq!(b.dev.save_state().unwrap(), saved);
+        assert_eq!(b.r(common::QUEUE_MSIX_VECTOR, Half), 1);
+        assert_eq!(b.r(common::CONFIG_MSIX_VECTOR, Half), 2);
+        assert_eq!(b.dev.read_config(cap, Word) >> 16, 0x8002);
+        assert_eq!(b.dev.read_bar(MSIX_BAR, MSIX_PBA_OFFSET, Word), 0b100);
+        // The restored device's completion on queue 0 goes out as vector
+        // 1's message, not as INTx.
+        lock(&b.log).interrupt.clone().unwrap().notify_queue(0);
+        assert_eq!(*lock(&messages.0), vec![(0x1000_0040, 0xa1)]);
+        assert!(!b.irq.is_asserted());
+        // Unmasking vector 2 delivers the change pending at the save.
+        b.dev.write_bar(MSIX_BAR, 32 + 12, Word, 0);
+        assert_eq!(lock(&messages.0)[1], (0x1000_0040, 0xa2));
+    }
+
+    #[test]
+    fn with_msix_a_hostile_state_is_refused_and_changes_nothing() {
+        let a = with_msix(Arc::new(Messages::default()));
+        a.live();
+        let good = a.dev.save_state().unwrap();
+        let damaged: Vec<(&str, Damage)> = vec![
+            ("vector past the table", Box::new(|s| s.config_vector = 3)),
+            (
+                "queue vector past the table",
+                Box::new(|s| s.queue_vectors[0] = 7),
+            ),
+            ("no MSI-X state", Box::new(|s| s.msix = None)),
+            (
+                "a table too long",
+                Box::new(|s| {
+                    if let Some(m) = &mut s.msix {
+                        m.table.push([0; 4]);
+                    }
+                }),
+            ),
+            (
+                "pending past the last vector",
+                Box::new(|s| {
+                    if let Some(m) = &mut s.msix {
+                        m.pba[0] = 1 << 3;
+                    }
+                }),
+            ),
+        ];
+        for (what, damage) in damaged {
+            let mut bad = good.clone();
+            damage(&mut bad);
+            let d = with_msix(Arc::new(Messages::default()));
+            let before = d.dev.save_state().unwrap();
+            assert!(d.dev.restore_state(&bad).is_err(), "{what}: accepted");
+            assert_eq!(d.dev.save_state().unwrap(), before, "{what}");
+            assert!(lock(&d.log).activations.is_empty(), "{what}");
+        }
+    }
+
     #[test]
     fn pci_cfg_capability_reaches_bar_0() {
         let d = Direct::new(false);
@@ -2159,6 +2354,30 @@ mod tests {
                 }),
             ),
             ("unknown ISR bits", Box::new(|s| s.isr = 0x84)),
+            (
+                "a config vector without MSI-X",
+                Box::new(|s| s.config_vector = 0),
+            ),
+            (
+                "a queue vector without MSI-X",
+                Box::new(|s| s.queue_vectors[1] = 0),
+            ),
+            (
+                "queue vectors missing",
+                Box::new(|s| {
+                    s.queue_vectors.pop();
+                }),
+            ),
+            (
+                "an MSI-X table on a function without one",
+                Box::new(|s| {
+                    s.msix = Some(::pci::msix::SavedMsix {
+                        control: 0,
+                        table: vec![[0; 4]; 3],
+                        pba: vec![0],
+                    })
+                }),
+            ),
             (
                 "short PCI config window",
                 Box::new(|s| {

@@ -39,7 +39,8 @@ use crate::block::chain::{
     pop_chain, read_stream, rings_in_ram, should_interrupt, stream_len, write_stream, Chain,
 };
 use crate::device::{
-    ActivateContext, ActivateError, PciIdentity, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    ActivateContext, ActivateError, PciIdentity, QueuePosition, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1,
 };
 use packet::{op, Header, HDR_LEN, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
 
@@ -50,6 +51,9 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const RX_QUEUE: u16 = 0;
 pub const TX_QUEUE: u16 = 1;
 pub const EVENT_QUEUE: u16 = 2;
+/// `struct virtio_vsock_event`'s id: the guest must reset every
+/// connection (virtio 1.2 §5.10.6.7).
+pub const EVENT_TRANSPORT_RESET: u32 = 0;
 /// Receive buffer each connection advertises to the guest.
 pub const BUF_ALLOC: u32 = 256 << 10;
 /// Largest payload of one packet from the guest.
@@ -65,6 +69,14 @@ const MAX_CONTROL: usize = 4096;
 /// Host ports vmapple gives host-initiated connections start here, clear
 /// of the ports guest connections name.
 const FIRST_HOST_PORT: u32 = 0x4000_0000;
+
+/// Where this process starts numbering host ports: a restored guest may
+/// still hold connections from the process that saved it until it has
+/// handled the transport reset, so each process starts at its own place
+/// (by process id) in the host range.
+fn first_host_port() -> u32 {
+    FIRST_HOST_PORT + ((std::process::id() & 0x3_ffff) << 12)
+}
 /// Most bytes read from a host socket at once towards the guest.
 const CHUNK: usize = 64 << 10;
 const POLL: Duration = Duration::from_millis(100);
@@ -234,7 +246,7 @@ impl Engine {
         self.send_control(h);
     }
 
-    fn run(mut self) -> UnixListener {
+    fn run(mut self) -> Self {
         while !self.stop.load(Ordering::Acquire) {
             self.wait();
             self.drain_wake();
@@ -245,7 +257,7 @@ impl Engine {
             self.read_host();
             self.fill_rx();
         }
-        self.listener
+        self
     }
 
     fn wait(&mut self) {
@@ -729,7 +741,39 @@ fn parse_connect(line: &[u8]) -> Option<u32> {
 struct Worker {
     stop: Arc<AtomicBool>,
     wake: UnixStream,
-    handle: JoinHandle<UnixListener>,
+    handle: JoinHandle<Engine>,
+}
+
+impl Worker {
+    /// Runs `engine` on its thread; `stop` and `wake` are the ends the
+    /// engine does not hold.
+    fn spawn(engine: Engine, stop: Arc<AtomicBool>, wake: UnixStream) -> io::Result<Self> {
+        let handle = std::thread::Builder::new()
+            .name("virtio-vsock".into())
+            .spawn(move || engine.run())?;
+        Ok(Self { stop, wake, handle })
+    }
+
+    /// Stops the thread after its round; returns its engine and the ends
+    /// to start it again with.
+    fn join(self) -> Option<(Engine, Arc<AtomicBool>, UnixStream)> {
+        self.stop.store(true, Ordering::Release);
+        let _ = (&self.wake).write(&[1]);
+        match self.handle.join() {
+            Ok(engine) => Some((engine, self.stop, self.wake)),
+            Err(_) => {
+                tracing::error!("virtio-vsock: worker panicked");
+                None
+            }
+        }
+    }
+}
+
+/// The event queue, which the device writes only after a restore.
+struct Events {
+    queue: Queue,
+    mem: GuestRam,
+    interrupt: Arc<dyn VirtioInterrupt>,
 }
 
 /// A virtio-vsock device with its host side on Unix sockets.
@@ -738,6 +782,9 @@ pub struct VirtioVsock {
     path: PathBuf,
     listener: Option<UnixListener>,
     worker: Option<Worker>,
+    /// The worker's engine, connections and all, while quiesced.
+    parked: Option<(Engine, Arc<AtomicBool>, UnixStream)>,
+    events: Option<Events>,
 }
 
 impl VirtioVsock {
@@ -753,17 +800,52 @@ impl VirtioVsock {
             path,
             listener: Some(listener),
             worker: None,
+            parked: None,
+            events: None,
         })
     }
 
+    /// Stops the worker and drops its connections (host clients see their
+    /// sockets close); the listener stays.
     fn stop(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop.store(true, Ordering::Release);
-            let _ = (&w.wake).write(&[1]);
-            match w.handle.join() {
-                Ok(l) => self.listener = Some(l),
-                Err(_) => tracing::error!("virtio-vsock: worker panicked"),
-            }
+        let parked = self.worker.take().and_then(Worker::join);
+        if let Some((engine, _, _)) = parked.or_else(|| self.parked.take()) {
+            self.listener = Some(engine.listener);
+        }
+        self.events = None;
+    }
+
+    /// Tells the guest its connections are gone (a restore: the host
+    /// sockets behind them were not saved): a transport reset event in
+    /// the next event buffer.
+    fn transport_reset(&mut self) {
+        let Some(ev) = self.events.as_mut() else {
+            return;
+        };
+        let Some(dc) = pop_chain(&mut ev.queue, &ev.mem) else {
+            guest_error!("virtio-vsock: no event buffer for the transport reset");
+            return;
+        };
+        let chain = Chain::walk(dc, &ev.mem);
+        if chain.head >= ev.queue.size() {
+            guest_error!("virtio-vsock: event head {} out of range", chain.head);
+            return;
+        }
+        let event = EVENT_TRANSPORT_RESET.to_le_bytes();
+        let written = if chain.fault.is_none()
+            && write_stream(&ev.mem, &chain.writable, 0, &event).is_ok_and(|n| n == event.len())
+        {
+            event.len() as u32
+        } else {
+            guest_error!("virtio-vsock: unusable event buffer");
+            0
+        };
+        if let Err(e) = ev.queue.add_used(&ev.mem, chain.head, written) {
+            guest_error!("virtio-vsock: cannot return an event buffer: {e}");
+            return;
+        }
+        if should_interrupt(&mut ev.queue, &ev.mem) {
+            ev.interrupt.notify_queue(EVENT_QUEUE);
         }
     }
 }
@@ -803,7 +885,8 @@ impl VirtioDevice for VirtioVsock {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         self.stop();
         let mut queues = ctx.queues.into_iter();
-        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
+        let (Some(rx), Some(tx), Some(event)) = (queues.next(), queues.next(), queues.next())
+        else {
             return Err(ActivateError::MissingQueue(TX_QUEUE));
         };
         for (i, q) in [(RX_QUEUE, &rx), (TX_QUEUE, &tx)] {
@@ -833,25 +916,24 @@ impl VirtioDevice for VirtioVsock {
             listener,
             wake: wake_rx,
             stop: stop.clone(),
-            mem: ctx.memory,
+            mem: ctx.memory.clone(),
             rx,
             tx,
-            interrupt: ctx.interrupt,
+            interrupt: ctx.interrupt.clone(),
             conns: HashMap::new(),
             handshakes: Vec::new(),
             control: VecDeque::new(),
-            next_port: FIRST_HOST_PORT,
+            next_port: first_host_port(),
             buf: Vec::new(),
         };
-        let handle = std::thread::Builder::new()
-            .name("virtio-vsock".into())
-            .spawn(move || engine.run())
-            .map_err(|e| ActivateError::Other(format!("cannot start the worker: {e}")))?;
         let _ = wake_tx.as_fd();
-        self.worker = Some(Worker {
-            stop,
-            wake: wake_tx,
-            handle,
+        let worker = Worker::spawn(engine, stop, wake_tx)
+            .map_err(|e| ActivateError::Other(format!("cannot start the worker: {e}")))?;
+        self.worker = Some(worker);
+        self.events = event.ready().then_some(Events {
+            queue: event,
+            mem: ctx.memory,
+            interrupt: ctx.interrupt,
         });
         Ok(())
     }
@@ -872,6 +954,47 @@ impl VirtioDevice for VirtioVsock {
     fn pci_identity(&self) -> PciIdentity {
         // Class: communication controller, other.
         PciIdentity::standard(DEVICE_TYPE, 0x07_8000)
+    }
+
+    /// The worker is quiesced between two rounds (no chain half taken);
+    /// the queues' positions are all a snapshot keeps. Connections are
+    /// host sockets and are not saved: a restored device starts without
+    /// any and tells the guest so ([`VirtioDevice::restored`]).
+    fn saves_state(&self) -> bool {
+        true
+    }
+
+    /// Empty while the worker holds the queues (not quiesced).
+    fn queue_positions(&self) -> Vec<QueuePosition> {
+        match (&self.parked, &self.events) {
+            (Some((engine, _, _)), events) => vec![
+                QueuePosition::of(&engine.rx),
+                QueuePosition::of(&engine.tx),
+                events
+                    .as_ref()
+                    .map_or_else(QueuePosition::default, |e| QueuePosition::of(&e.queue)),
+            ],
+            (None, _) => Vec::new(),
+        }
+    }
+
+    fn quiesce(&mut self) {
+        self.parked = self.worker.take().and_then(Worker::join);
+    }
+
+    fn resume(&mut self) {
+        let Some((engine, stop, wake)) = self.parked.take() else {
+            return;
+        };
+        stop.store(false, Ordering::Release);
+        match Worker::spawn(engine, stop, wake) {
+            Ok(worker) => self.worker = Some(worker),
+            Err(e) => tracing::error!("virtio-vsock: worker not restarted: {e}"),
+        }
+    }
+
+    fn restored(&mut self) {
+        self.transport_reset();
     }
 }
 
@@ -906,5 +1029,67 @@ mod tests {
         assert!(e.contains("not a socket"), "{e}");
         assert!(VirtioVsock::new(dir.join("w.sock"), 2).is_err());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn quiesced_the_worker_gives_its_queues_back_and_a_restore_resets_the_transport() {
+        use crate::block::test_driver::{TestInterrupt, TestQueue};
+        use vm_core::memory::{create_guest_memory, read_exact};
+        let dir = std::env::temp_dir().join(format!("vmapple-vsockq-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("v.sock");
+        let _ = std::fs::remove_file(&path);
+        let mem = create_guest_memory(&[(0, 0x10_0000)]).unwrap();
+        let mut rxq = TestQueue::new(&mem, 0x1000, 16);
+        let txq = TestQueue::new(&mem, 0x2000, 16);
+        let mut evq = TestQueue::new(&mem, 0x3000, 16);
+        let irq = Arc::new(TestInterrupt::default());
+        let mut dev = VirtioVsock::new(path.clone(), 3).unwrap();
+        dev.activate(ActivateContext {
+            memory: mem.clone(),
+            queues: vec![rxq.queue(), txq.queue(), evq.queue()],
+            acked_features: VIRTIO_F_VERSION_1,
+            interrupt: irq.clone(),
+        })
+        .unwrap();
+        assert!(dev.queue_positions().is_empty(), "the worker has them");
+        // A host client asks for guest port 5: the worker sends the
+        // guest a REQUEST through a receive buffer.
+        rxq.add_chain(&[(0x1_0000, 256, true)]);
+        dev.queue_notify(RX_QUEUE);
+        let mut client = UnixStream::connect(&path).unwrap();
+        client.write_all(b"CONNECT 5\n").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while rxq.used_idx() != 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(rxq.used_idx(), 1);
+        dev.quiesce();
+        let at = |avail, used| QueuePosition {
+            next_avail: avail,
+            next_used: used,
+        };
+        assert_eq!(
+            dev.queue_positions(),
+            [at(1, 1), at(0, 0), at(0, 0)],
+            "the REQUEST taken and returned"
+        );
+        dev.resume();
+        // As after a restore: the guest learns its connections are gone.
+        evq.add_chain(&[(0x2_0000, 4, true)]);
+        write_all_u32(&mem, 0x2_0000, 0xffff_ffff);
+        dev.restored();
+        assert_eq!(evq.used_idx(), 1);
+        assert_eq!(evq.used_elem(0), (0, 4));
+        let mut id = [0u8; 4];
+        read_exact(&mem, 0x2_0000, &mut id).unwrap();
+        assert_eq!(u32::from_le_bytes(id), EVENT_TRANSPORT_RESET);
+        assert!(irq.queues.lock().unwrap().contains(&EVENT_QUEUE));
+        drop(dev);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn write_all_u32(mem: &GuestRam, addr: u64, v: u32) {
+        vm_core::memory::write_all(mem, addr, &v.to_le_bytes()).unwrap();
     }
 }
