@@ -271,6 +271,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub restore: Option<PathBuf>,
 
+    /// With --restore: restore even onto disks that changed since the
+    /// snapshot was saved (the restored guest's view of them is then
+    /// stale; see docs/snapshots.md).
+    #[arg(long, requires = "restore")]
+    pub force: bool,
+
     /// What a guest panic reported through pvpanic does: `exit` (stop with
     /// status 5), `pause` (keep the VM for inspection), `reset` or
     /// `continue` [default: exit, or the bundle's].
@@ -762,12 +768,15 @@ pub fn run(args: RunArgs) -> Result<u8> {
         .restore
         .as_deref()
         .map(|path| {
-            machine::snapshot::Snapshot::open(path).map_err(|source| {
-                machine::MachineError::Snapshot {
+            machine::snapshot::Snapshot::open(path)
+                .map(|s| machine::snapshot::Snapshot {
+                    force: args.force,
+                    ..s
+                })
+                .map_err(|source| machine::MachineError::Snapshot {
                     path: path.to_path_buf(),
                     source,
-                }
-            })
+                })
         })
         .transpose()?;
     let (vnc_listens, vnc_password) = vnc_settings(&args, bundle)?;
