@@ -60,6 +60,9 @@ pub enum Command {
     Identity(crate::bundles::IdentityArgs),
     /// Send a command to a running VM's control socket.
     Ctl(crate::control::CtlArgs),
+    /// Save a running bundle's VM into the bundle and stop it; the next
+    /// `vmapple run NAME` resumes it (docs/bundles.md).
+    Suspend(crate::suspend::SuspendArgs),
     /// Make a bundle from a Tart VM image in an OCI registry.
     Pull(crate::images::PullArgs),
     /// Push a bundle to an OCI registry as a Tart VM image.
@@ -193,6 +196,11 @@ pub struct RunArgs {
     /// `PATH_P` [default: vsock.sock in the bundle; none without a bundle].
     #[arg(long, value_name = "PATH")]
     pub vsock: Option<PathBuf>,
+
+    /// Leave out virtio-vsock (a bundle has one by default); needed for
+    /// snapshots and `vmapple suspend` until vsock saves its state.
+    #[arg(long, conflicts_with = "vsock")]
+    pub no_vsock: bool,
 
     /// The guest's vsock context id (3 or more) [default: 3].
     #[arg(long, value_name = "CID")]
@@ -595,7 +603,8 @@ fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<Mach
     }
     let vsock_path = args
         .vsock
-        .or_else(|| bundle.map(|b| b.dir().join(bundle::VSOCK_SOCKET)));
+        .or_else(|| bundle.map(|b| b.dir().join(bundle::VSOCK_SOCKET)))
+        .filter(|_| !args.no_vsock);
     if args.vsock_cid.is_some() && vsock_path.is_none() {
         return Err(Error::usage(
             "--vsock-cid needs a vsock: give --vsock PATH or run a bundle",
@@ -763,10 +772,19 @@ pub fn run(args: RunArgs) -> Result<u8> {
         .or_else(|| bundle.map(|b| b.control_socket_path()));
     let accel = args.accel.clone();
     let start_paused = args.paused;
+    // A suspended bundle resumes instead of booting.
+    let resumed = match (&args.restore, bundle) {
+        (None, Some(b)) => crate::suspend::pending(b),
+        _ => None,
+    };
+    if let (Some(state), Some(b)) = (&resumed, bundle) {
+        tracing::info!("bundle {} is suspended: resuming it from {}", b.name(), state.display());
+    }
     // A bad snapshot is refused before anything else is opened.
     let restore = args
         .restore
         .as_deref()
+        .or(resumed.as_deref())
         .map(|path| {
             machine::snapshot::Snapshot::open(path)
                 .map(|s| machine::snapshot::Snapshot {
@@ -813,6 +831,9 @@ pub fn run(args: RunArgs) -> Result<u8> {
         .transpose()?;
     if start_paused {
         machine.handle().pause();
+    }
+    if let Some(state) = &resumed {
+        crate::suspend::discard_when_running(&machine.handle(), state);
     }
     let outcome = run_machine(machine, accel, window, display.window);
     drop(vnc);
