@@ -405,3 +405,147 @@ fn two_vms_from_one_snapshot_cannot_share_a_writable_disk_but_share_a_read_only_
         fork.join().expect("a VM on the read-only disk");
     }
 }
+
+/// One `VMAPPLE-GUEST: count N pid P uptime S tmpfs ok` line.
+#[derive(Debug, Clone, PartialEq)]
+struct Count {
+    n: u64,
+    pid: u64,
+    uptime: f64,
+    tmpfs_ok: bool,
+}
+
+fn counts(console: &str) -> Vec<Count> {
+    console
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| l.trim().strip_prefix("VMAPPLE-GUEST: count "))
+        .filter_map(|rest| {
+            let w: Vec<&str> = rest.split_whitespace().collect();
+            match w[..] {
+                [n, "pid", pid, "uptime", up, "tmpfs", ok] => Some(Count {
+                    n: n.parse().ok()?,
+                    pid: pid.parse().ok()?,
+                    uptime: up.parse().ok()?,
+                    tmpfs_ok: ok == "ok",
+                }),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// The guest's counting program (guest/linux/vmapple-counter.c) is saved
+/// mid-run (`--with-disks`), its VMM killed, and the VM restored in a new
+/// process: the same process (PID) counts on from the saved value, its
+/// uptime continues without the time the VM spent on disk, its tmpfs data
+/// is intact, and its appends through the file it kept open land on the
+/// disk, which e2fsck finds clean.
+#[test]
+fn a_process_continues_with_its_pid_tmpfs_and_open_file_after_kill_and_restore() {
+    if linux_guest_devices().is_none() {
+        return;
+    }
+    let dir = scratch();
+    let socket = dir.path().join("p.sock");
+    let image = dir.path().join("disk.img");
+    mkfs(&image);
+    let snapshot = dir.path().join("p.snap");
+    let args = |extra: &[&str]| {
+        guest_args(
+            &socket,
+            "console=ttyAMA0 quiet vmapple.counter=vda",
+            s(&image),
+            extra,
+        )
+    };
+    let (sock, snap) = (socket.clone(), snapshot.clone());
+    let first = vmapple_with_triggers(
+        &refs(&args(&[])),
+        BOOT,
+        &[
+            Trigger {
+                when_console_shows: "count 10 ",
+                action: Action::Call(Box::new(move || {
+                    ctl(&sock, &["save", s(&snap), "--with-disks"]);
+                })),
+            },
+            // At once after the save: the VMM dies without a word.
+            Trigger {
+                when_console_shows: "count 10 ",
+                action: Action::Signal(libc::SIGKILL),
+            },
+        ],
+    );
+    assert!(
+        !first.stdout.contains("counter failed"),
+        "the guest lacks vmapple-counter (rebuild guest/out with guest/linux/build.sh):\n{}",
+        first.stdout
+    );
+    assert_eq!(first.code, -1, "killed: {}", first.stderr);
+    let before = counts(&first.stdout);
+    let last_before = before.last().expect("counts before the kill").n;
+    assert!(before.iter().all(|c| c.tmpfs_ok), "{before:?}");
+
+    // Long enough that an uptime following the host's clock would show it.
+    std::thread::sleep(Duration::from_secs(6));
+    let sock = socket.clone();
+    let until = format!("count {} ", last_before + 12);
+    let second = vmapple_with_triggers(
+        &refs(&args(&["--restore", s(&snapshot)])),
+        BOOT,
+        &[Trigger {
+            when_console_shows: &until,
+            action: Action::Call(Box::new(move || {
+                ctl(&sock, &["stop"]);
+            })),
+        }],
+    );
+    assert_eq!(second.code, HOST_STOPPED, "{}\n{}", second.stdout, second.stderr);
+    let after = counts(&second.stdout);
+    let resumed = after.first().expect("counts after the restore");
+    // The save came after count 10 and before the kill.
+    assert!(
+        resumed.n > 10 && resumed.n <= last_before + 1,
+        "continues from the saved count (10..={last_before}): {after:?}"
+    );
+    assert!(after.windows(2).all(|w| w[1].n == w[0].n + 1), "{after:?}");
+    assert!(
+        after.iter().all(|c| c.pid == before[0].pid),
+        "the same process, pid {}: {after:?}",
+        before[0].pid
+    );
+    assert!(after.iter().all(|c| c.tmpfs_ok), "tmpfs intact: {after:?}");
+    let saved = before.iter().find(|c| c.n == resumed.n - 1).unwrap();
+    let gap = resumed.uptime - saved.uptime;
+    assert!(
+        gap > 0.0 && gap < 5.0,
+        "uptime continues ({} then {}): the guest does not see the time on disk",
+        saved.uptime,
+        resumed.uptime
+    );
+
+    // The disk: clean, and the log the process kept open holds exactly
+    // the counts up to the save and those after the restore.
+    let last = after.last().unwrap().n;
+    let copy = dir.path().join("check.img");
+    std::fs::copy(&image, &copy).unwrap();
+    let (code, text) = run_tool(
+        Command::new("e2fsck")
+            .args(["-p", "-E", "journal_only"])
+            .arg(&copy),
+    );
+    assert!(code <= 1, "journal replay (exit {code}):\n{text}");
+    let (code, text) = run_tool(Command::new("e2fsck").arg("-fn").arg(&copy));
+    assert_eq!(code, 0, "e2fsck -fn:\n{text}");
+    let (_, log) = run_tool(
+        Command::new("debugfs")
+            .args(["-R", "cat /counter.log"])
+            .arg(&copy),
+    );
+    let lines: Vec<&str> = log.lines().filter(|l| l.starts_with("count ")).collect();
+    assert!(lines.len() as u64 > last && lines.len() as u64 <= last + 2, "{lines:?}");
+    for (i, line) in lines.iter().enumerate().take(last as usize + 1) {
+        assert_eq!(*line, format!("count {i} pid {}", before[0].pid));
+    }
+}
