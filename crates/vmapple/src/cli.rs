@@ -778,7 +778,11 @@ pub fn run(args: RunArgs) -> Result<u8> {
         _ => None,
     };
     if let (Some(state), Some(b)) = (&resumed, bundle) {
-        tracing::info!("bundle {} is suspended: resuming it from {}", b.name(), state.display());
+        tracing::info!(
+            "bundle {} is suspended: resuming it from {}",
+            b.name(),
+            state.display()
+        );
     }
     // A bad snapshot is refused before anything else is opened.
     let restore = args

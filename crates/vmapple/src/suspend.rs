@@ -64,9 +64,7 @@ pub fn suspend(args: SuspendArgs) -> Result<u8> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    eprintln!(
-        "vmapple: bundle {name} suspended; `vmapple run {name}` resumes it"
-    );
+    eprintln!("vmapple: bundle {name} suspended; `vmapple run {name}` resumes it");
     Ok(crate::status::POWERED_OFF)
 }
 
@@ -102,6 +100,9 @@ pub fn discard_when_running(handle: &machine::handle::MachineHandle, state: &Pat
             }
         });
     if let Err(e) = spawned {
-        tracing::warn!("cannot watch for the resume: {e}; {} stays", state.display());
+        tracing::warn!(
+            "cannot watch for the resume: {e}; {} stays",
+            state.display()
+        );
     }
 }

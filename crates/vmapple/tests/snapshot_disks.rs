@@ -191,7 +191,9 @@ fn restore_writer(args: &[String], socket: &Path, saved: u64, slack: u64) -> Vec
     );
     let after = numbers(&run.stdout, "synced");
     assert!(
-        after.first().is_some_and(|&n| n > saved && n <= saved + slack),
+        after
+            .first()
+            .is_some_and(|&n| n > saved && n <= saved + slack),
         "the writes continue from record {saved}: {after:?}\n{}",
         run.stderr
     );
@@ -232,7 +234,11 @@ fn a_changed_disk_is_refused_unless_forced_and_a_snapshot_with_disks_puts_them_b
             },
         ],
     );
-    assert_eq!(first.code, HOST_STOPPED, "{}\n{}", first.stdout, first.stderr);
+    assert_eq!(
+        first.code, HOST_STOPPED,
+        "{}\n{}",
+        first.stdout, first.stderr
+    );
     let synced = numbers(&first.stdout, "synced");
     let at_full = *synced.last().unwrap();
 
@@ -258,12 +264,20 @@ fn a_changed_disk_is_refused_unless_forced_and_a_snapshot_with_disks_puts_them_b
     let plain_args = writer_args(&socket, &image, &["--restore", s(&plain)]);
     let e = refused(&plain_args);
     assert!(
-        e.contains(&format!("--disk {} changed since the snapshot was saved", image.display()))
-            && e.contains("--force"),
+        e.contains(&format!(
+            "--disk {} changed since the snapshot was saved",
+            image.display()
+        )) && e.contains("--force"),
         "{e}"
     );
-    assert!(std::fs::read(&image).unwrap() == before, "the disk is untouched");
-    assert_eq!(std::fs::metadata(&image).unwrap().modified().unwrap(), mtime);
+    assert!(
+        std::fs::read(&image).unwrap() == before,
+        "the disk is untouched"
+    );
+    assert_eq!(
+        std::fs::metadata(&image).unwrap().modified().unwrap(),
+        mtime
+    );
     assert_eq!(names(dir.path()), listing, "no file made or left");
 
     // --force restores anyway: the guest writes on from where it was
@@ -283,16 +297,27 @@ fn a_changed_disk_is_refused_unless_forced_and_a_snapshot_with_disks_puts_them_b
     );
     let last = *after.last().unwrap();
     let records = clean_records(&image, dir.path());
-    assert!(records.len() as u64 > last, "records 0..={last}: {records:?}");
+    assert!(
+        records.len() as u64 > last,
+        "records 0..={last}: {records:?}"
+    );
     for (i, line) in records.iter().enumerate().take(last as usize + 1) {
         assert_eq!(*line, format!("record {i}"), "record {i} on disk");
     }
     // The copy itself is kept, unchanged, for the next restore.
     let (code, _) = run_tool(Command::new("qemu-img").args([
-        "compare", "-f", "raw", "-F", "raw", s(&copy), s(&image),
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        s(&copy),
+        s(&image),
     ]));
     assert_eq!(code, 1, "the restored guest wrote the disk, not the copy");
-    assert!(!names(dir.path()).iter().any(|n| n.contains(".restore-") || n.contains(".partial-")));
+    assert!(!names(dir.path())
+        .iter()
+        .any(|n| n.contains(".restore-") || n.contains(".partial-")));
 }
 
 /// The heartbeat guest with `disk` attached (which it does not use).
@@ -382,8 +407,10 @@ fn two_vms_from_one_snapshot_cannot_share_a_writable_disk_but_share_a_read_only_
     );
     let e = message.into_inner().unwrap();
     assert!(
-        e.contains(&format!("--disk {} is in use by another VM", image.display()))
-            && e.contains("readonly")
+        e.contains(&format!(
+            "--disk {} is in use by another VM",
+            image.display()
+        )) && e.contains("readonly")
             && e.contains("--with-disks"),
         "{e}"
     );
@@ -501,7 +528,11 @@ fn a_process_continues_with_its_pid_tmpfs_and_open_file_after_kill_and_restore()
             })),
         }],
     );
-    assert_eq!(second.code, HOST_STOPPED, "{}\n{}", second.stdout, second.stderr);
+    assert_eq!(
+        second.code, HOST_STOPPED,
+        "{}\n{}",
+        second.stdout, second.stderr
+    );
     let after = counts(&second.stdout);
     let resumed = after.first().expect("counts after the restore");
     // The save came after count 10 and before the kill.
@@ -544,7 +575,10 @@ fn a_process_continues_with_its_pid_tmpfs_and_open_file_after_kill_and_restore()
             .arg(&copy),
     );
     let lines: Vec<&str> = log.lines().filter(|l| l.starts_with("count ")).collect();
-    assert!(lines.len() as u64 > last && lines.len() as u64 <= last + 2, "{lines:?}");
+    assert!(
+        lines.len() as u64 > last && lines.len() as u64 <= last + 2,
+        "{lines:?}"
+    );
     for (i, line) in lines.iter().enumerate().take(last as usize + 1) {
         assert_eq!(*line, format!("count {i} pid {}", before[0].pid));
     }

@@ -280,7 +280,10 @@ pub fn prepare(
             let from = snapshot.with_file_name(name);
             let now = DiskIdentity::of(&from).map_err(|source| SnapshotError::DiskCopy {
                 disk: what.clone(),
-                source: block::clone::CloneError::Source { path: from.clone(), source },
+                source: block::clone::CloneError::Source {
+                    path: from.clone(),
+                    source,
+                },
             })?;
             if now.size != disk.identity.size {
                 return Err(SnapshotError::Corrupt(format!(
@@ -317,12 +320,12 @@ pub fn prepare(
         let spec = &mut run[at].1;
         let target = spec.path.clone();
         let lock = if target.exists() {
-            Some(
-                block::DiskImage::open(&target, false).map_err(|source| SnapshotError::DiskInUse {
+            Some(block::DiskImage::open(&target, false).map_err(|source| {
+                SnapshotError::DiskInUse {
                     disk: what.clone(),
                     source,
-                })?,
-            )
+                }
+            })?)
         } else {
             None
         };
