@@ -372,3 +372,112 @@ impl Prepared {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(dir: &Path, name: &str, content: &[u8]) -> DiskSpec {
+        let path = dir.join(name);
+        std::fs::write(&path, content).unwrap();
+        DiskSpec::new(path)
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_changed_disk_is_refused_by_name_unless_forced() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = disk(dir.path(), "d.img", b"saved");
+        let saved = identify(&[("disk0".into(), spec.clone())]).unwrap();
+        let snap = dir.path().join("s.snap");
+        let mut run = vec![("disk0".to_string(), &mut spec)];
+        prepare(&snap, &saved, &mut run, false).expect("unchanged");
+
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(dir.path().join("d.img"), b"later!").unwrap();
+        let e = prepare(&snap, &saved, &mut run, false).err().unwrap();
+        let text = e.to_string();
+        assert!(
+            text.starts_with(&format!("--disk {}", dir.path().join("d.img").display())),
+            "{text}"
+        );
+        assert!(text.contains("size") && text.contains("--force"), "{text}");
+        prepare(&snap, &saved, &mut run, true).expect("forced");
+        assert_eq!(run[0].1.path, dir.path().join("d.img"));
+    }
+
+    #[test]
+    fn copies_are_named_after_the_snapshot_and_put_back_only_on_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let rw = disk(dir.path(), "rw.img", b"at the save");
+        let ro = DiskSpec {
+            read_only: true,
+            ..disk(dir.path(), "ro.img", b"base")
+        };
+        let snap = dir.path().join("s.snap");
+        let mut saved =
+            identify(&[("disk0".into(), rw.clone()), ("disk1".into(), ro.clone())]).unwrap();
+        // Not committed: nothing stays.
+        drop(Copies::take(&snap, &mut saved.clone()).unwrap());
+        assert_eq!(names(dir.path()), ["ro.img", "rw.img"]);
+        Copies::take(&snap, &mut saved).unwrap().commit().unwrap();
+        assert_eq!(saved[0].copy.as_deref(), Some("s.snap.disk0.img"));
+        assert_eq!(saved[1].copy, None, "a read-only disk is not copied");
+        assert_eq!(
+            std::fs::read(dir.path().join("s.snap.disk0.img")).unwrap(),
+            b"at the save"
+        );
+
+        std::fs::write(dir.path().join("rw.img"), b"changed since").unwrap();
+        let (mut a, mut b) = (rw.clone(), ro.clone());
+        let mut run = vec![("disk0".to_string(), &mut a), ("disk1".to_string(), &mut b)];
+        let prepared = prepare(&snap, &saved, &mut run, false).unwrap();
+        let temp = run[0].1.path.clone();
+        assert_ne!(temp, rw.path, "the machine opens the copy's clone");
+        assert_eq!(std::fs::read(&temp).unwrap(), b"at the save");
+        assert_eq!(std::fs::read(&rw.path).unwrap(), b"changed since");
+        // Refused later (another check): the disk stays as it was.
+        drop(prepared);
+        assert!(!temp.exists());
+        assert_eq!(std::fs::read(&rw.path).unwrap(), b"changed since");
+
+        let mut a = rw.clone();
+        let mut run = vec![("disk0".to_string(), &mut a)];
+        prepare(&snap, &saved[..1], &mut run, false)
+            .unwrap()
+            .commit()
+            .unwrap();
+        assert_eq!(std::fs::read(&rw.path).unwrap(), b"at the save");
+        assert_eq!(
+            names(dir.path()),
+            ["ro.img", "rw.img", "s.snap.disk0.img"],
+            "no temporary file left"
+        );
+    }
+
+    #[test]
+    fn a_copy_name_outside_the_snapshot_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = disk(dir.path(), "d.img", b"x");
+        let mut saved = identify(&[("disk0".into(), spec.clone())]).unwrap();
+        for bad in ["../d.img", "/etc/passwd", "a/b", ".."] {
+            saved[0].copy = Some(bad.into());
+            let mut run = vec![("disk0".to_string(), &mut spec)];
+            let e = prepare(&dir.path().join("s.snap"), &saved, &mut run, false);
+            assert!(
+                matches!(e, Err(SnapshotError::Corrupt(_))),
+                "{bad}: {:?}",
+                e.err()
+            );
+        }
+        assert_eq!(names(dir.path()), ["d.img"]);
+    }
+}
