@@ -279,10 +279,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub restore: Option<PathBuf>,
 
-    /// With --restore: restore even onto disks that changed since the
-    /// snapshot was saved (the restored guest's view of them is then
-    /// stale; see docs/snapshots.md).
-    #[arg(long, requires = "restore")]
+    /// With --restore, or resuming a suspended bundle: restore even onto
+    /// disks that changed since the snapshot was saved (the restored
+    /// guest's view of them is then stale; see docs/snapshots.md).
+    #[arg(long)]
     pub force: bool,
 
     /// What a guest panic reported through pvpanic does: `exit` (stop with
@@ -783,6 +783,11 @@ pub fn run(args: RunArgs) -> Result<u8> {
             b.name(),
             state.display()
         );
+    }
+    if args.force && args.restore.is_none() && resumed.is_none() {
+        return Err(Error::usage(
+            "--force needs --restore FILE (or a suspended bundle to resume)",
+        ));
     }
     // A bad snapshot is refused before anything else is opened.
     let restore = args

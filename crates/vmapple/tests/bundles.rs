@@ -1699,7 +1699,12 @@ fn a_suspended_bundle_resumes_where_it_stopped() {
     // The VM stopped, and the bundle is free (suspend waited for it).
     assert_eq!(vm.wait_exit(BOOT), 6, "{}", vm.stderr());
     assert!(dir.join("suspended.snap").is_file());
-    assert!(home.ok(&["list"]).contains("stopped"));
+    let list = home.ok(&["list"]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("s\t") && l.contains("\tsuspended\t")),
+        "{list}"
+    );
     let saved = last_tick(&vm.stdout()).unwrap();
 
     // The same run resumes it: the counter goes on from the saved value.

@@ -280,6 +280,9 @@ fn a_changed_disk_is_refused_unless_forced_and_a_snapshot_with_disks_puts_them_b
     );
     assert_eq!(names(dir.path()), listing, "no file made or left");
 
+    let e = refused(&writer_args(&socket, &image, &["--force"]));
+    assert!(e.contains("--force needs --restore"), "{e}");
+
     // --force restores anyway: the guest writes on from where it was
     // saved, past record 10 (onto a disk its cache no longer matches).
     let mut forced = plain_args.clone();

@@ -320,12 +320,18 @@ pub fn prepare(
         let spec = &mut run[at].1;
         let target = spec.path.clone();
         let lock = if target.exists() {
-            Some(block::DiskImage::open(&target, false).map_err(|source| {
-                SnapshotError::DiskInUse {
-                    disk: what.clone(),
-                    source,
-                }
-            })?)
+            Some(
+                block::DiskImage::open(&target, false).map_err(|source| match source {
+                    block::OpenError::Locked { .. } => SnapshotError::DiskInUse {
+                        disk: what.clone(),
+                        source,
+                    },
+                    source => SnapshotError::DiskOpen {
+                        disk: what.clone(),
+                        source,
+                    },
+                })?,
+            )
         } else {
             None
         };

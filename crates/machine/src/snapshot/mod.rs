@@ -61,6 +61,12 @@ pub enum SnapshotError {
         #[source]
         source: block::OpenError,
     },
+    #[error("cannot open {disk}")]
+    DiskOpen {
+        disk: String,
+        #[source]
+        source: block::OpenError,
+    },
     #[error("cannot copy {disk}")]
     DiskCopy {
         disk: String,
