@@ -129,7 +129,10 @@ need aarch64-linux-gnu-gcc "gcc-aarch64-linux-gnu and libc6-dev-arm64-cross"
 device_progs="fbwrite"
 # virtio-fs and virtio-vsock tests (shares.rs).
 share_progs="vmapple-fs vmapple-vsock"
-for prog in $device_progs $share_progs; do
+# Snapshot tests (snapshot_process.rs): a counting process with state in
+# a tmpfs and an open file on a disk.
+snapshot_progs="vmapple-counter"
+for prog in $device_progs $share_progs $snapshot_progs; do
     [ -f "$here/$prog.c" ] || continue
     aarch64-linux-gnu-gcc -static -O2 -Wall -o "$out/progs/$prog" "$here/$prog.c"
 done
@@ -141,7 +144,7 @@ make_initramfs "$out/initramfs.cpio.gz" ${VMAPPLE_GUEST_MODULES:-}
 # The device guest: drivers for the PCI devices (virtio-blk/net, XHCI and
 # HID), ext4, evdev and the GPIO power key, all modules in Debian's kernel.
 # Display tests: virtio-gpu (DRM with its fbdev emulation, /dev/fb0).
-progs=$device_progs make_initramfs "$out/initramfs-devices.cpio.gz" \
+progs="$device_progs $snapshot_progs" make_initramfs "$out/initramfs-devices.cpio.gz" \
     virtio_pci virtio_blk virtio_net crc32c_generic ext4 xhci-pci usbhid hid-generic evdev gpio_keys \
     virtio_gpu
 # The sharing guest: virtio-fs and virtio-vsock (and 9p, for

@@ -9,6 +9,7 @@
 //! Devices see only the [`BlockBackend`] trait, so they are testable
 //! against an in-memory disk.
 
+pub mod clone;
 mod lock;
 mod raw;
 

@@ -45,6 +45,8 @@ pub const CONTROL_SOCKET: &str = "control.sock";
 /// `vsock.sock_P`).
 pub const VSOCK_SOCKET: &str = "vsock.sock";
 pub const LOG_FILE: &str = "vmapple.log";
+/// A suspended VM (`vmapple suspend`), resumed by the next run.
+pub const SUSPENDED_STATE: &str = "suspended.snap";
 pub const AUX_IMAGE: &str = "aux.img";
 pub const ROOT_IMAGE: &str = "root.img";
 pub const BUNDLE_SUFFIX: &str = "vmapple";

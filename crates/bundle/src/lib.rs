@@ -17,7 +17,7 @@ pub mod tart;
 
 pub use bundle::{
     bundles_home, delete, list, Bundle, BundleError, BundleLock, BundleSummary, CreateOptions,
-    LockError, VSOCK_SOCKET,
+    LockError, SUSPENDED_STATE, VSOCK_SOCKET,
 };
 pub use config::VmConfig;
 pub use hardware_model::{HardwareModel, HardwareModelError};

@@ -540,6 +540,7 @@ pub fn snapshot() -> Vec<Vec<u8>> {
             offset: 0,
         }],
         file_len: 0x10,
+        disks: Vec::new(),
     };
     let mut out = Vec::new();
     let mut h = vec![s::HEADER];

@@ -134,6 +134,7 @@ impl MachineHandle {
         &self,
         path: std::path::PathBuf,
         stop: bool,
+        with_disks: bool,
     ) -> Result<crate::snapshot::SaveReport, crate::snapshot::SnapshotError> {
         use crate::snapshot::{SaveRequest, SnapshotError};
         match &*lock(&self.saves.refusal) {
@@ -150,6 +151,7 @@ impl MachineHandle {
             *slot = Some(SaveRequest {
                 path: path.clone(),
                 stop,
+                with_disks,
                 reply,
             });
         }

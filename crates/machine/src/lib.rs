@@ -392,6 +392,8 @@ pub struct Machine {
     saves: Arc<snapshot::SaveSlot>,
     /// A restored snapshot's vCPUs, put on the accelerator when it runs.
     pending: Option<Pending>,
+    /// The disk files by id, whose identities a snapshot records.
+    disk_files: Vec<(String, DiskSpec)>,
 }
 
 /// What [`Machine::restore`] leaves for [`Machine::run`].
@@ -400,6 +402,8 @@ struct Pending {
     accelerator: String,
     cpus: Vec<u8>,
     powers: Vec<accel::CpuPower>,
+    /// Disk copies to put in place once nothing can refuse the restore.
+    disks: snapshot::disks::Prepared,
 }
 
 impl Machine {
@@ -439,9 +443,39 @@ impl Machine {
                 ours.differences(&h.machine),
             )));
         }
+        // The disks: each as it was at the save, or a copy to put back.
+        let disk_files =
+            snapshot::disks::listed(config.aux.as_ref(), config.root.as_ref(), &config.disks);
+        let mut config = config;
+        let disks = {
+            let mut run = snapshot::disks::listed_mut(
+                config.aux.as_mut(),
+                config.root.as_mut(),
+                &mut config.disks,
+            );
+            snapshot::disks::prepare(&snapshot.path, &h.disks, &mut run, snapshot.force)
+                .map_err(fail)?
+        };
         let memory = snapshot::ram::map_private(&snapshot.file, &h.ram)
             .map_err(|e| fail(snapshot::SnapshotError::Corrupt(e)))?;
-        let mut machine = Self::build(config, display, Some(memory))?;
+        let mut machine = Self::build(config, display, Some(memory)).map_err(|e| match e {
+            // Another VM from the same snapshot has the disk.
+            MachineError::Disk {
+                which,
+                source: source @ block::OpenError::Locked { .. },
+            } => {
+                let path = match &source {
+                    block::OpenError::Locked { path, .. } => path.display().to_string(),
+                    _ => String::new(),
+                };
+                fail(snapshot::SnapshotError::DiskInUse {
+                    disk: format!("--{which} {path}"),
+                    source,
+                })
+            }
+            e => e,
+        })?;
+        machine.disk_files = disk_files;
         let differences = machine.saved_machine.differences(&h.machine);
         if !differences.is_empty() {
             return Err(fail(snapshot::SnapshotError::Mismatch(differences)));
@@ -464,6 +498,7 @@ impl Machine {
             accelerator: h.accelerator.clone(),
             cpus: h.cpus.bytes.clone(),
             powers: h.powers.clone(),
+            disks,
         });
         Ok(machine)
     }
@@ -486,6 +521,8 @@ impl Machine {
             ..config.platform.clone()
         }
         .build()?;
+        let disk_files =
+            snapshot::disks::listed(config.aux.as_ref(), config.root.as_ref(), &config.disks);
         let disks = Disks::open(&config)?;
         if matches!(config.boot, BootSource::Firmware(_)) && config.aux.is_none() {
             tracing::warn!(
@@ -584,6 +621,7 @@ impl Machine {
             saved_machine,
             saves: Arc::default(),
             pending: None,
+            disk_files,
             cpus: config.cpus,
             pointer_auth: config.pointer_auth,
             ram_size: config.ram_size,
@@ -828,6 +866,7 @@ impl Machine {
         self.control
             .restore_powers(&pending.powers)
             .map_err(|e| fail(snapshot::SnapshotError::Corrupt(e)))?;
+        pending.disks.commit().map_err(fail)?;
         // The GIC's outputs were driven at restore; drive them again now
         // that the power states are back.
         self.gic.refresh_outputs();
@@ -852,7 +891,7 @@ impl Machine {
         // Devices' own threads finish their work and stop for the save;
         // they start again unless the VM stops here.
         self.registry.quiesce();
-        let result = self.save_to(vm, &request.path);
+        let result = self.save_to(vm, &request.path, request.with_disks);
         let stop = request.stop && result.is_ok();
         if !stop {
             self.registry.resume();
@@ -883,6 +922,7 @@ impl Machine {
         &mut self,
         vm: &mut dyn Vm,
         path: &std::path::Path,
+        with_disks: bool,
     ) -> Result<snapshot::SaveReport, snapshot::SnapshotError> {
         if let Some(reason) = self.cannot_save(vm) {
             return Err(snapshot::SnapshotError::Unsupported(reason));
@@ -905,6 +945,8 @@ impl Machine {
             powers: self.control.powers(),
             cpus,
             devices,
+            disks: snapshot::disks::identify(&self.disk_files)?,
+            with_disks,
         };
         snapshot::write(path, captured, &self.memory)
     }

@@ -138,6 +138,8 @@ pub fn list() -> Result<u8> {
         let state = match (b.running, &b.error) {
             (_, Some(e)) => format!("broken: {e}"),
             (Some(pid), None) => format!("running (pid {pid})"),
+            // `vmapple suspend`: the next run resumes it.
+            (None, None) if b.path.join(bundle::SUSPENDED_STATE).is_file() => "suspended".into(),
             (None, None) => "stopped".into(),
         };
         let size = match (b.cpus, b.memory) {

@@ -60,6 +60,9 @@ pub enum Command {
     Identity(crate::bundles::IdentityArgs),
     /// Send a command to a running VM's control socket.
     Ctl(crate::control::CtlArgs),
+    /// Save a running bundle's VM into the bundle and stop it; the next
+    /// `vmapple run NAME` resumes it (docs/bundles.md).
+    Suspend(crate::suspend::SuspendArgs),
     /// Make a bundle from a Tart VM image in an OCI registry.
     Pull(crate::images::PullArgs),
     /// Push a bundle to an OCI registry as a Tart VM image.
@@ -194,6 +197,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub vsock: Option<PathBuf>,
 
+    /// Leave out virtio-vsock (a bundle has one by default); needed for
+    /// snapshots and `vmapple suspend` until vsock saves its state.
+    #[arg(long, conflicts_with = "vsock")]
+    pub no_vsock: bool,
+
     /// The guest's vsock context id (3 or more) [default: 3].
     #[arg(long, value_name = "CID")]
     pub vsock_cid: Option<u64>,
@@ -270,6 +278,12 @@ pub struct RunArgs {
     /// are used again only if the guest resets. See docs/snapshots.md.
     #[arg(long, value_name = "FILE")]
     pub restore: Option<PathBuf>,
+
+    /// With --restore, or resuming a suspended bundle: restore even onto
+    /// disks that changed since the snapshot was saved (the restored
+    /// guest's view of them is then stale; see docs/snapshots.md).
+    #[arg(long)]
+    pub force: bool,
 
     /// What a guest panic reported through pvpanic does: `exit` (stop with
     /// status 5), `pause` (keep the VM for inspection), `reset` or
@@ -589,7 +603,8 @@ fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<Mach
     }
     let vsock_path = args
         .vsock
-        .or_else(|| bundle.map(|b| b.dir().join(bundle::VSOCK_SOCKET)));
+        .or_else(|| bundle.map(|b| b.dir().join(bundle::VSOCK_SOCKET)))
+        .filter(|_| !args.no_vsock);
     if args.vsock_cid.is_some() && vsock_path.is_none() {
         return Err(Error::usage(
             "--vsock-cid needs a vsock: give --vsock PATH or run a bundle",
@@ -757,17 +772,38 @@ pub fn run(args: RunArgs) -> Result<u8> {
         .or_else(|| bundle.map(|b| b.control_socket_path()));
     let accel = args.accel.clone();
     let start_paused = args.paused;
+    // A suspended bundle resumes instead of booting.
+    let resumed = match (&args.restore, bundle) {
+        (None, Some(b)) => crate::suspend::pending(b),
+        _ => None,
+    };
+    if let (Some(state), Some(b)) = (&resumed, bundle) {
+        tracing::info!(
+            "bundle {} is suspended: resuming it from {}",
+            b.name(),
+            state.display()
+        );
+    }
+    if args.force && args.restore.is_none() && resumed.is_none() {
+        return Err(Error::usage(
+            "--force needs --restore FILE (or a suspended bundle to resume)",
+        ));
+    }
     // A bad snapshot is refused before anything else is opened.
     let restore = args
         .restore
         .as_deref()
+        .or(resumed.as_deref())
         .map(|path| {
-            machine::snapshot::Snapshot::open(path).map_err(|source| {
-                machine::MachineError::Snapshot {
+            machine::snapshot::Snapshot::open(path)
+                .map(|s| machine::snapshot::Snapshot {
+                    force: args.force,
+                    ..s
+                })
+                .map_err(|source| machine::MachineError::Snapshot {
                     path: path.to_path_buf(),
                     source,
-                }
-            })
+                })
         })
         .transpose()?;
     let (vnc_listens, vnc_password) = vnc_settings(&args, bundle)?;
@@ -804,6 +840,9 @@ pub fn run(args: RunArgs) -> Result<u8> {
         .transpose()?;
     if start_paused {
         machine.handle().pause();
+    }
+    if let Some(state) = &resumed {
+        crate::suspend::discard_when_running(&machine.handle(), state);
     }
     let outcome = run_machine(machine, accel, window, display.window);
     drop(vnc);

@@ -84,7 +84,11 @@ impl ControlHandler for MachineControl {
                     "this VM has no display (--gpu virtio gives one on any host; apple-gfx needs ParavirtualizedGraphics on a macOS host)",
                 ),
             },
-            Request::Save { path, stop } => match self.machine.save(path, stop) {
+            Request::Save {
+                path,
+                stop,
+                with_disks,
+            } => match self.machine.save(path, stop, with_disks) {
                 Ok(_) => Response::ok(),
                 Err(e @ machine::snapshot::SnapshotError::Unsupported(_)) => {
                     Response::error(ErrorClass::Unsupported, vm_core::error_chain::Chain(&e).to_string())
@@ -223,8 +227,9 @@ pub struct CtlArgs {
     /// status, pause, resume, powerdown, stop, reset,
     /// `send-keys KEY...` (QEMU key names, pressed together),
     /// `pointer X Y [BUTTON...]` (0..32767), `screenshot PATH [--head N]`,
-    /// `save PATH [--stop]` (a snapshot; `--stop` stops the VM once it is
-    /// written), or `events` (print events until the VM stops).
+    /// `save PATH [--stop] [--with-disks]` (a snapshot; `--stop` stops the
+    /// VM once it is written; `--with-disks` also copies the writable
+    /// disks beside it, copy-on-write where the filesystem can), or `events` (print events until the VM stops).
     #[arg(value_name = "COMMAND", num_args = 1.., required = true, allow_hyphen_values = true)]
     pub command: Vec<String>,
 }
@@ -280,12 +285,17 @@ fn request_from_words(words: &[String]) -> crate::error::Result<Request> {
                 "cmd": "pointer", "x": coordinate(x)?, "y": coordinate(y)?, "buttons": buttons
             })
         }
-        ("save", [path, flags @ ..]) if flags.iter().all(|f| f == "--stop") => {
+        ("save", [path, flags @ ..])
+            if flags.iter().all(|f| f == "--stop" || f == "--with-disks") =>
+        {
             let path = std::path::absolute(path).map_err(|source| Error::Path {
                 path: path.into(),
                 source,
             })?;
-            serde_json::json!({ "cmd": "save", "path": path, "stop": !flags.is_empty() })
+            let has = |flag: &str| flags.iter().any(|f| f == flag);
+            serde_json::json!({
+                "cmd": "save", "path": path, "stop": has("--stop"), "with_disks": has("--with-disks")
+            })
         }
         ("screenshot", [path]) | ("screenshot", [path, _, _]) => {
             let head = match rest {

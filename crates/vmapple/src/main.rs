@@ -17,6 +17,7 @@ mod input;
 mod log_rotate;
 mod logging;
 mod signals;
+mod suspend;
 
 use std::process::ExitCode;
 
@@ -55,6 +56,7 @@ fn main() -> ExitCode {
         Command::Delete(args) => bundles::delete(args),
         Command::Identity(args) => bundles::identity(args),
         Command::Ctl(args) => control::ctl(args),
+        Command::Suspend(args) => suspend::suspend(args),
         Command::Pull(args) => images::pull(args).map_err(error::Error::Image),
         Command::Push(args) => images::push(args).map_err(error::Error::Image),
         Command::Clone(args) => images::clone(args).map_err(error::Error::Image),

@@ -1654,3 +1654,85 @@ fn an_image_with_an_absurd_config_is_refused_before_its_disk_is_fetched() {
         .count();
     assert_eq!(cached, 1);
 }
+
+/// The ticks of a console, in order.
+fn all_ticks(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("VMAPPLE-GUEST: tick "))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+/// `vmapple suspend` saves a running bundle into itself and stops it;
+/// `vmapple run` of the bundle continues the guest's counting process
+/// (no boot), then drops the saved state.
+#[test]
+fn a_suspended_bundle_resumes_where_it_stopped() {
+    let home = Home::new();
+    create_small(&home, "s");
+    let dir = home.bundle("s");
+    let Some((kernel, initrd)) = linux_guest_devices() else {
+        return;
+    };
+    let run_args = [
+        "run",
+        "s",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--append",
+        "console=ttyAMA0 quiet vmapple.tick vmapple.powerkey",
+        // What snapshots can save today: no XHCI, no vsock, virtio-blk
+        // without MSI-X.
+        "--no-usb",
+        "--no-vsock",
+        "--msi",
+        "off",
+    ];
+    let mut vm = home.spawn(&run_args);
+    vm.wait_until("a few ticks", BOOT, |c| last_tick(c) >= Some(5));
+    let out = home.run(&["suspend", "s"]);
+    assert!(out.status.success(), "suspend: {}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("bundle s suspended"));
+    // The VM stopped, and the bundle is free (suspend waited for it).
+    assert_eq!(vm.wait_exit(BOOT), 6, "{}", vm.stderr());
+    assert!(dir.join("suspended.snap").is_file());
+    let list = home.ok(&["list"]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("s\t") && l.contains("\tsuspended\t")),
+        "{list}"
+    );
+    let saved = last_tick(&vm.stdout()).unwrap();
+
+    // The same run resumes it: the counter goes on from the saved value.
+    let mut resumed = home.spawn(&run_args);
+    resumed.wait_until("ticks after the resume", BOOT, |c| {
+        last_tick(c) >= Some(saved + 3)
+    });
+    let ticks = all_ticks(&resumed.stdout());
+    assert!(
+        ticks[0] == saved || ticks[0] == saved + 1,
+        "continues from {saved}: {ticks:?}"
+    );
+    assert!(
+        !resumed.stdout().contains("waiting for the power button"),
+        "no boot:\n{}",
+        resumed.stdout()
+    );
+    // Once running, the saved state is gone: the next run boots afresh.
+    let start = Instant::now();
+    while dir.join("suspended.snap").exists() {
+        assert!(start.elapsed() < BOOT, "suspended.snap stays");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(home.ok(&["ctl", "s", "powerdown"]).contains("\"ok\""));
+    assert_eq!(resumed.wait_exit(BOOT), 0, "{}", resumed.stderr());
+    assert!(resumed.stdout().contains("power button pressed"));
+
+    // Suspending a bundle that does not run says so.
+    let out = home.run(&["suspend", "s"]);
+    assert_user_error(&out, "not running");
+}

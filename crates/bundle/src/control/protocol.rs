@@ -167,10 +167,12 @@ pub enum Request {
     /// Receive events on this connection from now on.
     Subscribe,
     /// Save a snapshot to `path` (absolute, on the VMM's host); stop the
-    /// VM afterwards if `stop`.
+    /// VM afterwards if `stop`; copy the disks beside it if `with_disks`.
     Save {
         path: PathBuf,
         stop: bool,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        with_disks: bool,
     },
 }
 
@@ -211,6 +213,8 @@ enum WireRequest {
         path: PathBuf,
         #[serde(default)]
         stop: bool,
+        #[serde(default)]
+        with_disks: bool,
     },
 }
 
@@ -227,7 +231,15 @@ impl From<WireRequest> for Request {
             WireRequest::Pointer { x, y, buttons } => Request::Pointer { x, y, buttons },
             WireRequest::Screenshot { path, head } => Request::Screenshot { path, head },
             WireRequest::Subscribe {} => Request::Subscribe,
-            WireRequest::Save { path, stop } => Request::Save { path, stop },
+            WireRequest::Save {
+                path,
+                stop,
+                with_disks,
+            } => Request::Save {
+                path,
+                stop,
+                with_disks,
+            },
         }
     }
 }

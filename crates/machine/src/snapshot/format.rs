@@ -194,6 +194,11 @@ pub struct Header {
     pub ram: Vec<RamRegion>,
     /// The file's length: a shorter file is truncated.
     pub file_len: u64,
+
+    // --- Disks (issue 13 point 4): what a restore checks or puts back.
+    /// Each disk's identity and, saved `--with-disks`, its copy.
+    #[serde(default)]
+    pub disks: Vec<super::disks::SavedDisk>,
 }
 
 impl Header {
@@ -303,6 +308,7 @@ mod tests {
                 offset: RAM_ALIGN,
             }],
             file_len: RAM_ALIGN + 0x1000,
+            disks: Vec::new(),
         }
     }
 

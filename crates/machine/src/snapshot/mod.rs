@@ -5,6 +5,7 @@
 //! without state of its own makes the save refuse, naming it, so none can
 //! be forgotten.
 
+pub mod disks;
 pub mod format;
 pub mod ram;
 
@@ -51,6 +52,27 @@ pub enum SnapshotError {
     Stopped,
     #[error("a save is already in progress")]
     Busy,
+    // Disks (issue 13 point 4).
+    #[error("{disk} changed since the snapshot was saved ({what}): the saved guest expects what it held then and would corrupt it; put the disk back as it was, use a snapshot saved with --with-disks, or give --force to restore anyway")]
+    DiskChanged { disk: String, what: String },
+    #[error("{disk} is in use by another VM: VMs restored from one snapshot cannot share a writable disk; give it read-only (`PATH,readonly`), or save the snapshot with --with-disks and give each VM a disk file of its own, which the restore fills from the snapshot's copy")]
+    DiskInUse {
+        disk: String,
+        #[source]
+        source: block::OpenError,
+    },
+    #[error("cannot open {disk}")]
+    DiskOpen {
+        disk: String,
+        #[source]
+        source: block::OpenError,
+    },
+    #[error("cannot copy {disk}")]
+    DiskCopy {
+        disk: String,
+        #[source]
+        source: block::clone::CloneError,
+    },
 }
 
 /// What a finished save wrote.
@@ -68,6 +90,8 @@ pub struct SaveRequest {
     pub path: PathBuf,
     /// Stop the VM once saved (`vmapple ctl VM save --stop`, suspend).
     pub stop: bool,
+    /// Also copy the disks beside the snapshot (`--with-disks`).
+    pub with_disks: bool,
     pub reply: Sender<Result<SaveReport, SnapshotError>>,
 }
 
@@ -89,6 +113,9 @@ pub struct Captured {
     pub powers: Vec<accel::CpuPower>,
     pub cpus: Vec<u8>,
     pub devices: Vec<(String, Vec<u8>)>,
+    /// The disks' identities, and whether to copy them.
+    pub disks: Vec<disks::SavedDisk>,
+    pub with_disks: bool,
 }
 
 /// Writes a snapshot of `captured` and `memory` to `path` atomically: a
@@ -130,6 +157,12 @@ fn write_to(
         path: path.to_path_buf(),
         source,
     };
+    let mut captured = captured;
+    let copies = if captured.with_disks {
+        Some(disks::Copies::take(path, &mut captured.disks)?)
+    } else {
+        None
+    };
     // SAFETY: the machine calls this only with every vCPU parked and the
     // devices quiesced: nothing writes guest memory meanwhile.
     let regions = unsafe { ram::regions(memory) };
@@ -154,6 +187,7 @@ fn write_to(
             })
             .collect(),
         file_len: 0,
+        disks: captured.disks,
     };
     // Offsets are placed after a first encoding; CBOR integers grow by at
     // most 8 bytes each, which the slack covers.
@@ -200,6 +234,9 @@ fn write_to(
     }
     file.sync_all().map_err(io)?;
     drop(file);
+    if let Some(copies) = copies {
+        copies.commit()?;
+    }
     std::fs::rename(temp, path).map_err(io)?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         // The rename itself must survive a crash.
@@ -224,6 +261,8 @@ pub struct Snapshot {
     pub path: PathBuf,
     pub header: Header,
     pub file: File,
+    /// Restore onto disks that changed since the save (`--force`).
+    pub force: bool,
 }
 
 impl Snapshot {
@@ -241,6 +280,7 @@ impl Snapshot {
             path: path.to_path_buf(),
             header,
             file,
+            force: false,
         })
     }
 
