@@ -55,7 +55,10 @@ impl Tiles {
     /// Marks the tile holding pixel (`x`, `y`).
     pub fn mark_pixel(&mut self, x: u32, y: u32) {
         let (c, r) = (x / TILE, y / TILE);
-        if c >= self.col0 && r >= self.row0 && c - self.col0 < self.cols && r - self.row0 < self.rows
+        if c >= self.col0
+            && r >= self.row0
+            && c - self.col0 < self.cols
+            && r - self.row0 < self.rows
         {
             let i = (r - self.row0) as usize * self.cols as usize + (c - self.col0) as usize;
             self.dirty[i] = true;
@@ -140,10 +143,7 @@ impl Tiles {
         for row in 0..self.rows {
             let mut next = Vec::new();
             for (c0, c1) in runs_of(row) {
-                match open
-                    .iter()
-                    .find(|&&i| out[i].0 == c0 && out[i].1 == c1)
-                {
+                match open.iter().find(|&&i| out[i].0 == c0 && out[i].1 == c1) {
                     Some(&i) => {
                         out[i].3 += 1;
                         next.push(i);

@@ -137,7 +137,10 @@ fn a_client_gets_the_frame_then_only_what_changed() {
     // The 16x16 tile holding the change.
     assert_eq!(u[0].0, Rect::new(0, 16, 16, 16));
     let now = r.display.heads()[0].read(u[0].0).1;
-    assert_eq!(u[0].2, now.iter().map(|p| p & 0xff_ffff).collect::<Vec<_>>());
+    assert_eq!(
+        u[0].2,
+        now.iter().map(|p| p & 0xff_ffff).collect::<Vec<_>>()
+    );
     assert_eq!(&u[0].2[4 * 16 + 10..4 * 16 + 12], &[0xabcdef, 0x123456]);
 }
 
@@ -375,4 +378,32 @@ fn versions_parse() {
     assert_eq!(parse_version(b"RFB 003.889\n"), Some(8));
     assert_eq!(parse_version(b"RFB 004.000\n"), None);
     assert_eq!(parse_version(b"RFB 003.0x8\n"), None);
+}
+
+#[test]
+fn a_server_shows_the_head_it_was_given() {
+    let modes = vec![display::DisplayMode::new(32, 16, 60)];
+    let display = Display::new(vec![modes.clone(), modes]);
+    for (i, colour) in [(0, 0x11_1111), (1, 0x22_2222)] {
+        display.heads()[i].set_size(32, 16);
+        display.heads()[i].write(Rect::new(0, 0, 32, 16), &[colour; 32 * 16]);
+    }
+    let start = |head| {
+        VncServer::start(
+            VncConfig {
+                listen: Listen::Tcp("127.0.0.1:0".parse().unwrap()),
+                password: None,
+                head,
+            },
+            display.clone(),
+        )
+    };
+    assert!(matches!(start(2), Err(VncError::NoHead(2))));
+    let server = start(1).unwrap();
+    let mut s = TcpStream::connect(server.local_addr().unwrap()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(hello(&mut s), (32, 16));
+    request_area(&mut s, false, 32, 16);
+    let u = read_update(&mut s);
+    assert_eq!(u[0].2, vec![0x22_2222; 32 * 16]);
 }
