@@ -27,9 +27,7 @@ pub fn for_target(name: &str) -> Vec<Vec<u8>> {
         "virtio_blk" => virtio_blk(false),
         "virtio_blk_apple" => virtio_blk(true),
         "virtio_net" => virtio_net(),
-        // A queue layout and chains as virtio-blk's seeds lay them out; the
-        // GPU reads their contents as (mostly malformed) commands.
-        "virtio_gpu" => virtio_blk(false),
+        "virtio_gpu" => virtio_gpu(),
         "xhci" => xhci(),
         "control_request" => control_request(),
         "snapshot" => snapshot(),
@@ -367,6 +365,111 @@ pub fn virtio_blk(apple: bool) -> Vec<Vec<u8>> {
     desc_op(&mut e, 4, RAM_BASE + 0xE21, 1, F_WRITE, 0);
     e.raw(&[1, 0, 2, 0]).raw(&[0, 0]);
     vec![e.finish()]
+}
+
+/// A virtio-gpu command: the control header (type, fence flag, fence id)
+/// and little-endian words after it.
+fn gpu_cmd(kind: u32, fence: bool, body: &[u32]) -> Vec<u8> {
+    let mut c = vec![0u8; 24];
+    c[0..4].copy_from_slice(&kind.to_le_bytes());
+    if fence {
+        c[4..8].copy_from_slice(&1u32.to_le_bytes());
+        c[8..16].copy_from_slice(&7u64.to_le_bytes());
+    }
+    c.extend(words(body));
+    c
+}
+
+/// What Linux's virtio-gpu driver sends to show a frame and a cursor:
+/// GET_DISPLAY_INFO, GET_EDID, a 16x16 resource with its backing in the
+/// seeded RAM, transferred, shown on head 0 (and part of it on head 1) and
+/// flushed; a cursor resource, UPDATE_CURSOR and MOVE_CURSOR on the cursor
+/// queue. Control chains are a command and a shared reply buffer; cursor
+/// chains a command alone. The second seed kicks the cursor queue first
+/// (its resource does not exist yet), ends the control queue with
+/// DETACH_BACKING, UNREF and a flush of the gone resource, then resets
+/// and replays everything.
+pub fn virtio_gpu() -> Vec<Vec<u8>> {
+    vec![gpu_seed(false), gpu_seed(true)]
+}
+
+fn gpu_seed(second: bool) -> Vec<u8> {
+    use virtio::gpu::cmd::*;
+    const PIXELS: u64 = RAM_BASE + 0xC00;
+    const PIXEL_BYTES: u32 = 16 * 16 * 4;
+    const REPLY: u64 = RAM_BASE + 0x2000;
+    let (x8r8g8b8, a8r8g8b8) = (2, 1); // B8G8R8X8 and B8G8R8A8
+    let pixels: Vec<u8> = (0..PIXEL_BYTES).map(|i| (i * 7 + 1) as u8).collect();
+    let (lo, hi) = (PIXELS as u32, (PIXELS >> 32) as u32);
+    let mut control = vec![
+        gpu_cmd(GET_DISPLAY_INFO, false, &[]),
+        gpu_cmd(GET_EDID, false, &[0, 0]),
+        gpu_cmd(RESOURCE_CREATE_2D, true, &[1, x8r8g8b8, 16, 16]),
+        gpu_cmd(
+            RESOURCE_ATTACH_BACKING,
+            false,
+            &[1, 1, lo, hi, PIXEL_BYTES, 0],
+        ),
+        gpu_cmd(TRANSFER_TO_HOST_2D, true, &[0, 0, 16, 16, 0, 0, 1, 0]),
+        gpu_cmd(SET_SCANOUT, false, &[0, 0, 16, 16, 0, 1]),
+        gpu_cmd(RESOURCE_FLUSH, true, &[0, 0, 16, 16, 1, 0]),
+        gpu_cmd(SET_SCANOUT, false, &[4, 4, 8, 8, 1, 1]),
+        gpu_cmd(RESOURCE_CREATE_2D, false, &[2, a8r8g8b8, 16, 16]),
+        gpu_cmd(
+            RESOURCE_ATTACH_BACKING,
+            false,
+            &[2, 1, lo, hi, PIXEL_BYTES, 0],
+        ),
+        gpu_cmd(TRANSFER_TO_HOST_2D, false, &[0, 0, 16, 16, 0, 0, 2, 0]),
+    ];
+    if second {
+        control.extend([
+            gpu_cmd(RESOURCE_DETACH_BACKING, false, &[1, 0]),
+            gpu_cmd(RESOURCE_UNREF, false, &[1, 0]),
+            gpu_cmd(RESOURCE_FLUSH, false, &[0, 0, 16, 16, 1, 0]),
+        ]);
+    }
+    let cursor = [
+        gpu_cmd(UPDATE_CURSOR, false, &[1, 5, 6, 0, 2, 3, 4, 0]),
+        gpu_cmd(MOVE_CURSOR, false, &[1, 9, 9, 0, 0, 0, 0, 0]),
+    ];
+    let mut e = Encoder::new();
+    e.ram(PIXELS, &pixels);
+    let mut at = RAM_BASE + 0x800;
+    let mut lay_out = |e: &mut Encoder, q: u16, cmds: &[Vec<u8>], reply: Option<u16>| {
+        let table = queue_base(q) + DESC_OFF;
+        let mut ring = Vec::new();
+        for (i, c) in cmds.iter().enumerate() {
+            e.ram(at, c);
+            let (flags, next) = reply.map_or((0, 0), |r| (F_NEXT, r));
+            put_desc(e, table, i as u64, at, c.len() as u32, flags, next);
+            ring.extend_from_slice(&(i as u16).to_le_bytes());
+            at += c.len() as u64;
+        }
+        if let Some(r) = reply {
+            // Room for the largest reply, GET_EDID's.
+            put_desc(e, table, u64::from(r), REPLY, 24 + 8 + 1024, F_WRITE, 0);
+        }
+        let avail = queue_base(q) + AVAIL_OFF;
+        e.ram(avail, &[0, 0, cmds.len() as u8, 0])
+            .ram(avail + 4, &ring);
+    };
+    lay_out(&mut e, 0, &control, Some(15));
+    lay_out(&mut e, 1, &cursor, None);
+    assert!(at <= PIXELS, "commands fit before the pixels");
+    // Layout: 16 entries, fixed addresses.
+    e.raw(&[4]);
+    if second {
+        e.raw(&[0, 1])
+            .raw(&[0, 0])
+            .raw(&[6])
+            .raw(&[0, 0])
+            .raw(&[0, 1]);
+    } else {
+        // The control queue, then the cursor queue.
+        e.raw(&[0, 0]).raw(&[0, 1]);
+    }
+    e.finish()
 }
 
 /// Two receive buffers, one transmitted frame that loops back, one
