@@ -20,6 +20,7 @@ pub mod seeds;
 pub mod share;
 pub mod snapshot;
 pub mod virtio;
+pub mod vnc;
 pub mod xhci;
 
 pub use control::control_request;
@@ -29,6 +30,7 @@ pub use platform::{aes, bdif, cfg, pl011, pl031, pl061, pvpanic};
 pub use share::{fuse_request, vsock_packet};
 pub use snapshot::snapshot;
 pub use virtio::{virtio_blk, virtio_blk_apple, virtio_gpu, virtio_net};
+pub use vnc::vnc_client;
 pub use xhci::xhci;
 
 /// What one input reached.
@@ -70,4 +72,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("loadstore", loadstore),
     ("fuse_request", fuse_request),
     ("vsock_packet", vsock_packet),
+    ("vnc_client", vnc_client),
 ];

@@ -36,6 +36,7 @@ pub fn for_target(name: &str) -> Vec<Vec<u8>> {
         "fuse_request" => fuse_request(),
         // The generic rig's queue layout and descriptors.
         "vsock_packet" => virtio_net(),
+        "vnc_client" => vnc_client(),
         _ => Vec::new(),
     }
 }
@@ -470,6 +471,85 @@ fn gpu_seed(second: bool) -> Vec<u8> {
         e.raw(&[0, 0]).raw(&[0, 1]);
     }
     e.finish()
+}
+
+/// A VNC client's session as vncviewer and vncdotool open one: version,
+/// a 1024x768 head, its pixel format, encodings (ZRLE, Raw, Cursor,
+/// DesktopSize), update requests, `a`, `A` (shift typed for it), a
+/// pointer drag with the left button and a wheel step, and a cut text.
+/// The second: a 3.3 client asking for RGB565, an extended-clipboard cut
+/// text (negative length) and keys with shift held.
+pub fn vnc_client() -> Vec<Vec<u8>> {
+    use vnc::encode::{encoding, PixelFormat};
+    let key = |down: bool, sym: u32| {
+        let mut m = vec![4, u8::from(down), 0, 0];
+        m.extend_from_slice(&sym.to_be_bytes());
+        m
+    };
+    let pointer = |mask: u8, x: u16, y: u16| {
+        let mut m = vec![5, mask];
+        m.extend_from_slice(&x.to_be_bytes());
+        m.extend_from_slice(&y.to_be_bytes());
+        m
+    };
+    let request = |incremental: bool| {
+        let mut m = vec![3, u8::from(incremental)];
+        for v in [0u16, 0, 1024, 768] {
+            m.extend_from_slice(&v.to_be_bytes());
+        }
+        m
+    };
+    let cut = |len: i32, text: &[u8]| {
+        let mut m = vec![6, 0, 0, 0];
+        m.extend_from_slice(&len.to_be_bytes());
+        m.extend_from_slice(text);
+        m
+    };
+    let mut s = b"RFB 003.008\n".to_vec();
+    s.extend_from_slice(&[4, 0, 3, 0]); // 1024x768
+    s.extend_from_slice(&[0, 0, 0, 0]);
+    s.extend_from_slice(&PixelFormat::default().to_wire());
+    let encs = [
+        encoding::ZRLE,
+        encoding::RAW,
+        encoding::CURSOR,
+        encoding::DESKTOP_SIZE,
+    ];
+    s.extend_from_slice(&[2, 0, 0, encs.len() as u8]);
+    for e in encs {
+        s.extend_from_slice(&e.to_be_bytes());
+    }
+    s.extend(request(false));
+    s.extend(key(true, u32::from(b'a')));
+    s.extend(key(false, u32::from(b'a')));
+    s.extend(key(true, u32::from(b'A')));
+    s.extend(key(false, u32::from(b'A')));
+    s.extend(pointer(0, 100, 200));
+    s.extend(pointer(1, 110, 210));
+    s.extend(pointer(0, 1023, 767));
+    s.extend(pointer(8, 1023, 767));
+    s.extend(request(true));
+    s.extend(cut(2, b"hi"));
+
+    let mut old = b"RFB 003.003\n".to_vec();
+    old.extend_from_slice(&[0, 64, 0, 48]);
+    let rgb565 = PixelFormat {
+        bpp: 16,
+        depth: 16,
+        big_endian: false,
+        true_colour: true,
+        max: [31, 63, 31],
+        shift: [11, 5, 0],
+    };
+    old.extend_from_slice(&[0, 0, 0, 0]);
+    old.extend_from_slice(&rgb565.to_wire());
+    old.extend(cut(-4, &[0, 0, 0, 1]));
+    old.extend(key(true, 0xffe1)); // Shift_L
+    old.extend(key(true, u32::from(b'!')));
+    old.extend(key(false, u32::from(b'!')));
+    old.extend(key(false, 0xffe1));
+    old.extend(pointer(16, 0, 0));
+    vec![s, old]
 }
 
 /// Two receive buffers, one transmitted frame that loops back, one

@@ -205,6 +205,35 @@ fn virtio_gpu() {
 }
 
 #[test]
+fn vnc_client() {
+    use fuzz_targets::vnc::Event::*;
+    let r = smoke("vnc_client", 500 * SCALE, 1000 * SCALE);
+    assert_eq!(r.completions, 13 + 7, "every seed message read: {r:?}");
+    let seeds = seeds::for_target("vnc_client");
+    let (_, events) = fuzz_targets::vnc::vnc_client_events(&seeds[0]);
+    let (a, shift) = (0x04, 0xe1);
+    let at = |x: u32, y: u32| Pointer((x * 32767 / 1023) as u16, (y * 32767 / 767) as u16);
+    assert_eq!(
+        events,
+        vec![
+            Key(a, true),
+            Key(a, false),
+            Key(shift, true),
+            Key(a, true),
+            Key(shift, false),
+            Key(a, false),
+            at(100, 200),
+            at(110, 210),
+            Buttons(1),
+            Pointer(32767, 32767),
+            Buttons(0),
+            Pointer(32767, 32767),
+            Wheel(1),
+        ]
+    );
+}
+
+#[test]
 fn xhci() {
     let r = smoke("xhci", 150 * SCALE, 250 * SCALE);
     assert!(
