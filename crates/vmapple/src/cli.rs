@@ -704,7 +704,7 @@ fn display_config(
 fn vnc_settings(
     args: &RunArgs,
     bundle: Option<&bundle::Bundle>,
-) -> Result<(Vec<(vnc::Listen, usize)>, Option<Vec<u8>>)> {
+) -> Result<(Vec<crate::fronts::VncListen>, Option<Vec<u8>>)> {
     let display = bundle.map(|b| &b.config().display);
     let mut listens = Vec::new();
     for front in &args.displays {

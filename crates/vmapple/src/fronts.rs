@@ -113,10 +113,13 @@ pub fn read_password(path: &Path) -> Result<Vec<u8>> {
     Ok(line)
 }
 
+/// Where a VNC server listens and the head it shows.
+pub type VncListen = (Listen, usize);
+
 /// Starts one VNC server per `vnc` front end: where it listens and the
 /// head of `screen` it shows.
 pub fn start_vnc(
-    listens: Vec<(Listen, usize)>,
+    listens: Vec<VncListen>,
     password: Option<Vec<u8>>,
     screen: Option<Arc<Display>>,
 ) -> Result<Vec<VncServer>> {
