@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmarks vmapple's virtio-gpu + VNC server side by side with QEMU's.
 
-    scripts/display-bench.py [--seconds N] [--vmapple PATH]
+    scripts/display-bench.py [--seconds N] [--vmapple PATH] [--append ARGS]
 
 Boots the same guest (guest/out/linux: Debian's kernel with virtio_gpu and
 the device initramfs, whose fbwrite draws through /dev/fb0) on vmapple
@@ -17,6 +17,15 @@ For each it reports frames per second received, the VMM's host CPU time
 per frame (user + system of the whole process, guest CPU emulation
 included) and bytes per frame, and the vmapple / QEMU ratios. Figures
 never gate CI.
+
+--append adds kernel arguments for both guests. `--append kpti=0` takes
+out a cost of vmapple's software CPU rather than of the display path: it
+lacks FEAT_E0PD, so Debian's kernel (with KASLR) isolates its page tables
+and switches TTBR on every exception, and each switch flushes the
+emulator's whole TLB; with the guest taking a write fault per page of the
+framebuffer each frame (fbdev's deferred I/O), that was 40% of the vCPU
+thread's time in one profile. QEMU's `max` CPU has E0PD, so its guest
+runs without the isolation either way.
 """
 
 import argparse
@@ -166,12 +175,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--vmapple", default=str(ROOT / "target" / "release" / "vmapple"))
+    ap.add_argument("--append", default="", help="more kernel arguments for both guests")
     args = ap.parse_args()
     kernel = str(LINUX / "Image")
     initrd = str(LINUX / "initramfs-devices.cpio.gz")
     results = {}
     for mode in ["full", "small"]:
-        append = f"console=ttyAMA0 quiet vt.global_cursor_default=0 vmapple.fb=none vmapple.fbbench={mode}"
+        append = f"console=ttyAMA0 quiet vt.global_cursor_default=0 vmapple.fb=none vmapple.fbbench={mode} {args.append}".strip()
         port = free_port()
         results[("vmapple", mode)] = run("vmapple", [
             args.vmapple, "run", "--kernel", kernel, "--initrd", initrd, "--append", append,

@@ -26,7 +26,7 @@ fi
 export RUSTC_BOOTSTRAP=1
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/fuzz/target}
 
-all=(aes bdif cfg pvpanic pl031 pl061 pl011 virtio_blk virtio_blk_apple virtio_net virtio_gpu xhci control_request fuse_request vsock_packet snapshot msix loadstore)
+all=(aes bdif cfg pvpanic pl031 pl061 pl011 virtio_blk virtio_blk_apple virtio_net virtio_gpu xhci control_request fuse_request vsock_packet snapshot msix loadstore vnc_client)
 if [[ $target == all ]]; then
     targets=("${all[@]}")
 else

@@ -125,8 +125,9 @@ make_initramfs() {
 # that names them in $progs.
 mkdir -p "$out/progs"
 need aarch64-linux-gnu-gcc "gcc-aarch64-linux-gnu and libc6-dev-arm64-cross"
-# Display tests: fbwrite draws into /dev/fb0 through a mapping.
-device_progs="fbwrite"
+# Display tests: fbwrite draws into /dev/fb0 through a mapping;
+# drmcursor sets a hardware cursor through DRM.
+device_progs="fbwrite drmcursor"
 # virtio-fs and virtio-vsock tests (shares.rs).
 share_progs="vmapple-fs vmapple-vsock"
 # Snapshot tests (snapshot_process.rs): a counting process with state in

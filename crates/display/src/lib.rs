@@ -11,10 +11,14 @@
 //! device. Readers never hold the head's lock while they encode or send,
 //! so a slow front end never holds up the device (and the vCPU behind it).
 //!
-//! Damage is kept as a short history of `(serial, rect)`: each front end
-//! remembers the serial it last showed and asks for what changed since, at
-//! its own pace. A front end further behind than the history gets the
-//! whole frame.
+//! Damage is kept as a short history of `(serial, rects)`, each write's
+//! rects being the [`tiles::TILE`]-pixel tiles whose pixels it changed:
+//! each front end remembers the serial it last showed and asks for what
+//! changed since, at its own pace, merged tile by tile into disjoint
+//! rectangles (so what it sends is proportional to what changed). A front
+//! end further behind than the history gets the whole frame.
+
+pub mod tiles;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -22,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use vm_core::sync::{lock, wait_timeout};
 
+pub use tiles::{Tiles, TILE};
 pub use vm_config::display::DisplayMode;
 
 /// Largest frame side a head takes (pixels).
@@ -30,6 +35,10 @@ pub const MAX_SIDE: u32 = 16384;
 /// Damage rectangles remembered per head. A front end further behind gets
 /// the whole frame, which is what it would draw anyway.
 const DAMAGE_HISTORY: usize = 1024;
+
+/// Rectangles one write's damage is kept as at most (coarser beyond, see
+/// [`Tiles::rects`]), bounding the history's memory.
+const MAX_WRITE_RECTS: usize = 64;
 
 /// A rectangle in frame coordinates.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -163,7 +172,7 @@ struct HeadState {
     serial: u64,
     /// Serial of the last size change.
     size_serial: u64,
-    damage: VecDeque<(u64, Rect)>,
+    damage: VecDeque<(u64, Vec<Rect>)>,
     cursor: Cursor,
     cursor_serial: u64,
     /// Frames the device said it finished (apple-gfx's update_done).
@@ -191,9 +200,9 @@ impl Head {
         &self.modes
     }
 
-    fn bump(&self, st: &mut HeadState, rect: Option<Rect>) {
+    fn bump(&self, st: &mut HeadState, rects: Option<Vec<Rect>>) {
         st.serial += 1;
-        if let Some(r) = rect {
+        if let Some(r) = rects {
             if st.damage.len() == DAMAGE_HISTORY {
                 st.damage.pop_front();
             }
@@ -236,9 +245,9 @@ impl Head {
     }
 
     /// Writes `rect` from `src` (rows of `rect.width` pixels) and marks
-    /// damaged the part that changed: guests declare damage coarsely (a
-    /// framebuffer console's whole rows, say), and front ends send what is
-    /// damaged. The part outside the frame is dropped.
+    /// damaged the tiles whose pixels changed: guests declare damage
+    /// coarsely (a framebuffer console's whole rows, say), and front ends
+    /// send what is damaged. The part outside the frame is dropped.
     pub fn write(&self, rect: Rect, src: &[u32]) {
         let mut st = lock(&self.state);
         let clipped = rect.clip(st.width, st.height);
@@ -249,7 +258,7 @@ impl Head {
         let dx = (clipped.x - rect.x) as usize;
         let dy = (clipped.y - rect.y) as usize;
         let n = clipped.width as usize;
-        let mut changed = Rect::default();
+        let mut tiles = Tiles::new(st.width, st.height, clipped);
         for row in 0..clipped.height as usize {
             let s = (dy + row) * sw + dx;
             let d = (clipped.y as usize + row) * fw + clipped.x as usize;
@@ -257,65 +266,34 @@ impl Head {
             if new == old {
                 continue;
             }
-            let first = new
-                .iter()
-                .zip(old.iter())
-                .position(|(a, b)| a != b)
-                .unwrap_or(0);
-            let last = new
-                .iter()
-                .zip(old.iter())
-                .rposition(|(a, b)| a != b)
-                .unwrap_or(first);
-            old.copy_from_slice(new);
+            // Compare along the frame's tile grid: the first piece ends at
+            // the first tile boundary after the rectangle's left edge.
             let y = clipped.y + row as u32;
-            let x = clipped.x + first as u32;
-            changed = changed.union(&Rect::new(x, y, (last - first + 1) as u32, 1));
+            let mut at = 0;
+            while at < n {
+                let x = clipped.x + at as u32;
+                let end = (((x / TILE + 1) * TILE - clipped.x) as usize).min(n);
+                if new[at..end] != old[at..end] {
+                    tiles.mark_pixel(x, y);
+                }
+                at = end;
+            }
+            old.copy_from_slice(new);
         }
-        if !changed.is_empty() {
-            self.bump(&mut st, Some(changed));
+        let rects = tiles.rects(MAX_WRITE_RECTS);
+        if !rects.is_empty() {
+            self.bump(&mut st, Some(rects));
         }
     }
 
-    /// A whole new frame; only the rows and columns that differ from the
-    /// last one are marked damaged.
+    /// A whole new frame; only the tiles that differ from the last one are
+    /// marked damaged.
     pub fn present(&self, width: u32, height: u32, pixels: &[u32]) {
         if pixels.len() != width as usize * height as usize {
             return;
         }
         self.set_size(width, height);
-        let mut st = lock(&self.state);
-        if st.width != width || st.height != height {
-            return;
-        }
-        let w = width as usize;
-        let mut damage = Rect::default();
-        for (y, (new, old)) in pixels
-            .chunks(w.max(1))
-            .zip(st.pixels.chunks(w.max(1)))
-            .enumerate()
-        {
-            if new == old {
-                continue;
-            }
-            let first = new.iter().zip(old).position(|(a, b)| a != b).unwrap_or(0);
-            let last = new
-                .iter()
-                .zip(old)
-                .rposition(|(a, b)| a != b)
-                .unwrap_or(first);
-            damage = damage.union(&Rect::new(
-                first as u32,
-                y as u32,
-                (last - first + 1) as u32,
-                1,
-            ));
-        }
-        if damage.is_empty() {
-            return;
-        }
-        st.pixels.copy_from_slice(pixels);
-        self.bump(&mut st, Some(damage));
+        self.write(Rect::new(0, 0, width, height), pixels);
     }
 
     /// The device finished a frame a front end asked for (see
@@ -373,8 +351,9 @@ impl Head {
         (r, out)
     }
 
-    /// What changed since `seen`. At most `max_rects` rectangles: more are
-    /// merged into their bounding box.
+    /// What changed since `seen`, as disjoint tile-aligned rectangles
+    /// (clipped to the frame). At most `max_rects` of them: more are
+    /// coarsened (see [`Tiles::rects`]).
     pub fn changes(&self, seen: Seen, max_rects: usize) -> Changes {
         let st = lock(&self.state);
         let now = Seen {
@@ -401,16 +380,19 @@ impl Head {
             c.rects = vec![Rect::new(0, 0, st.width, st.height)];
             return c;
         }
-        for &(_, r) in st.damage.iter().filter(|d| d.0 > seen.serial) {
-            let r = r.clip(st.width, st.height);
-            if !r.is_empty() {
-                c.rects.push(r);
-            }
+        let damaged: Vec<Rect> = st
+            .damage
+            .iter()
+            .filter(|d| d.0 > seen.serial)
+            .flat_map(|d| d.1.iter().copied())
+            .collect();
+        drop(st);
+        // Merged outside the lock: the device never waits for it.
+        let mut tiles = Tiles::new(c.width, c.height, Rect::new(0, 0, c.width, c.height));
+        for r in damaged {
+            tiles.mark(r);
         }
-        if c.rects.len() > max_rects.max(1) {
-            let all = c.rects.iter().fold(Rect::default(), |a, r| a.union(r));
-            c.rects = vec![all];
-        }
+        c.rects = tiles.rects(max_rects);
         c
     }
 
@@ -589,36 +571,46 @@ mod tests {
         assert_eq!(c.rects, vec![Rect::new(0, 0, 4, 3)]);
     }
 
+    fn area(rects: &[Rect]) -> u64 {
+        rects.iter().map(Rect::area).sum()
+    }
+
     #[test]
     fn writes_are_damage_seen_once_per_front_end() {
         let h = head();
-        h.set_size(4, 3);
+        h.set_size(64, 48);
         let a = h.changes(Seen::default(), 8).now;
         let b = a;
         h.write(Rect::new(1, 1, 2, 1), &[7, 8]);
         let ca = h.changes(a, 8);
         assert!(!ca.full);
-        assert_eq!(ca.rects, vec![Rect::new(1, 1, 2, 1)]);
+        assert_eq!(ca.rects, vec![Rect::new(0, 0, 16, 16)], "its tile");
         assert!(h.changes(ca.now, 8).is_empty(), "seen already");
-        h.write(Rect::new(0, 0, 1, 1), &[9]);
+        h.write(Rect::new(40, 30, 1, 1), &[9]);
         let cb = h.changes(b, 8);
-        assert_eq!(cb.rects.len(), 2, "a slower front end gets both");
+        assert_eq!(
+            cb.rects,
+            vec![Rect::new(0, 0, 16, 16), Rect::new(32, 16, 16, 16)],
+            "a slower front end gets both"
+        );
         let (r, px) = h.read(Rect::new(0, 0, 4, 2));
         assert_eq!(r, Rect::new(0, 0, 4, 2));
-        assert_eq!(px, vec![9, 0, 0, 0, 0, 7, 8, 0]);
+        assert_eq!(px, vec![0, 0, 0, 0, 0, 7, 8, 0]);
     }
 
     #[test]
     fn writes_outside_the_frame_are_clipped() {
         let h = head();
-        h.set_size(2, 2);
+        h.set_size(40, 40);
         let s = h.changes(Seen::default(), 8).now;
-        h.write(Rect::new(1, 1, 3, 3), &[1; 9]);
+        h.write(Rect::new(33, 33, 10, 10), &[1; 100]);
         h.write(Rect::new(u32::MAX, u32::MAX, 5, 5), &[1; 25]);
-        h.write(Rect::new(0, 0, 2, 2), &[0, 0, 0, 1]); // what is there already
+        h.write(Rect::new(0, 0, 2, 2), &[0; 4]); // what is there already
         h.write(Rect::new(0, 0, 2, 2), &[1; 3]); // too few pixels: ignored
-        assert_eq!(h.changes(s, 8).rects, vec![Rect::new(1, 1, 1, 1)]);
-        assert_eq!(h.snapshot().unwrap().pixels, vec![0, 0, 0, 1]);
+        assert_eq!(h.changes(s, 8).rects, vec![Rect::new(32, 32, 8, 8)]);
+        let f = h.snapshot().unwrap();
+        assert_eq!(f.pixels.iter().filter(|&&p| p == 1).count(), 7 * 7);
+        assert_eq!(f.pixels[39 * 40 + 39], 1);
     }
 
     #[test]
@@ -633,40 +625,92 @@ mod tests {
     }
 
     #[test]
-    fn only_the_changed_part_of_a_write_is_damage() {
+    fn only_the_changed_tiles_of_a_write_are_damage() {
         let h = head();
-        h.set_size(8, 4);
+        h.set_size(64, 48);
         let s = h.changes(Seen::default(), 8).now;
-        let mut rows = vec![0u32; 8 * 4];
-        rows[8 + 3] = 5;
-        rows[2 * 8 + 5] = 6;
-        h.write(Rect::new(0, 0, 8, 4), &rows);
-        assert_eq!(h.changes(s, 8).rects, vec![Rect::new(3, 1, 3, 2)]);
+        let mut rows = vec![0u32; 64 * 48];
+        rows[64 + 3] = 5;
+        rows[20 * 64 + 37] = 6;
+        h.write(Rect::new(0, 0, 64, 48), &rows);
+        assert_eq!(
+            h.changes(s, 8).rects,
+            vec![Rect::new(0, 0, 16, 16), Rect::new(32, 16, 16, 16)]
+        );
         let s = h.changes(s, 8).now;
-        h.write(Rect::new(0, 0, 8, 4), &rows);
+        h.write(Rect::new(0, 0, 64, 48), &rows);
         assert!(h.changes(s, 8).is_empty(), "nothing changed");
     }
 
     #[test]
-    fn many_rects_merge_into_their_bounding_box() {
+    fn a_small_change_in_a_big_frame_is_damage_proportional_to_it() {
+        // As the benchmark's guest: 64x64 squares drawn at new places, a
+        // flush covering the whole rows of the three drawn since the last
+        // (fbdev's deferred I/O).
         let h = head();
-        h.set_size(8, 8);
+        let (w, hh) = (1920u32, 1080u32);
+        h.set_size(w, hh);
+        let mut fb = vec![0u32; (w * hh) as usize];
+        let s = h.changes(Seen::default(), 8).now;
+        let mut last = s;
+        let mut frame = 0;
+        for flush in 0..4u32 {
+            let mut top = hh;
+            let mut bottom = 0;
+            for _ in 0..3 {
+                frame += 1;
+                let (ox, oy) = ((frame * 64 * 7) % (w - 64), (frame * 16 * 5) % (hh - 64));
+                for y in oy..oy + 64 {
+                    fb[(y * w + ox) as usize..(y * w + ox + 64) as usize].fill(frame);
+                }
+                (top, bottom) = (top.min(oy), bottom.max(oy + 64));
+            }
+            let rows = Rect::new(0, top, w, bottom - top);
+            let at = (top * w) as usize;
+            h.write(rows, &fb[at..(bottom * w) as usize]);
+            let c = h.changes(last, 512);
+            assert_eq!(area(&c.rects), 3 * 64 * 64, "flush {flush}: {:?}", c.rects);
+            last = c.now;
+        }
+        // The same square drawn over twice: a front end that saw neither
+        // gets it once.
+        for colour in [100, 101] {
+            for y in 0..64 {
+                fb[(y * w) as usize..(y * w + 64) as usize].fill(colour);
+            }
+            h.write(Rect::new(0, 0, w, 64), &fb[..(64 * w) as usize]);
+        }
+        assert_eq!(area(&h.changes(last, 512).rects), 64 * 64);
+        // Drawn again with the same pixels: nothing to send.
+        let last = h.changes(last, 512).now;
+        h.write(Rect::new(0, 0, w, hh), &fb);
+        assert!(h.changes(last, 512).is_empty());
+    }
+
+    #[test]
+    fn many_rects_are_coarsened() {
+        let h = head();
+        h.set_size(64, 64);
         let s = h.changes(Seen::default(), 8).now;
         h.write(Rect::new(1, 1, 1, 1), &[1]);
-        h.write(Rect::new(5, 6, 1, 1), &[1]);
-        assert_eq!(h.changes(s, 1).rects, vec![Rect::new(1, 1, 5, 6)]);
+        h.write(Rect::new(50, 60, 1, 1), &[1]);
+        assert_eq!(h.changes(s, 8).rects.len(), 2);
+        assert_eq!(h.changes(s, 1).rects, vec![Rect::new(0, 0, 64, 64)]);
     }
 
     #[test]
     fn present_damages_only_what_differs() {
         let h = head();
-        let mut px = vec![0u32; 16];
-        h.present(4, 4, &px);
+        let mut px = vec![0u32; 64 * 32];
+        h.present(64, 32, &px);
         let s = h.changes(Seen::default(), 8).now;
-        px[6] = 5;
-        px[9] = 5;
-        h.present(4, 4, &px);
-        assert_eq!(h.changes(s, 8).rects, vec![Rect::new(1, 1, 2, 2)]);
+        px[64 + 5] = 5;
+        px[17 * 64 + 20] = 5;
+        h.present(64, 32, &px);
+        assert_eq!(
+            h.changes(s, 8).rects,
+            vec![Rect::new(0, 0, 16, 16), Rect::new(16, 16, 16, 16)]
+        );
     }
 
     #[test]

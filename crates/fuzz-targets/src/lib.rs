@@ -22,6 +22,7 @@ pub mod share;
 pub mod snapshot;
 pub mod stage1;
 pub mod virtio;
+pub mod vnc;
 pub mod xhci;
 
 pub use apple_dt::apple_dt;
@@ -33,6 +34,7 @@ pub use share::{fuse_request, vsock_packet};
 pub use snapshot::snapshot;
 pub use stage1::stage1;
 pub use virtio::{virtio_blk, virtio_blk_apple, virtio_gpu, virtio_net};
+pub use vnc::vnc_client;
 pub use xhci::xhci;
 
 /// What one input reached.
@@ -76,4 +78,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("vsock_packet", vsock_packet),
     ("stage1", stage1),
     ("apple_dt", apple_dt),
+    ("vnc_client", vnc_client),
 ];

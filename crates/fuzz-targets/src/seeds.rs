@@ -27,9 +27,7 @@ pub fn for_target(name: &str) -> Vec<Vec<u8>> {
         "virtio_blk" => virtio_blk(false),
         "virtio_blk_apple" => virtio_blk(true),
         "virtio_net" => virtio_net(),
-        // A queue layout and chains as virtio-blk's seeds lay them out; the
-        // GPU reads their contents as (mostly malformed) commands.
-        "virtio_gpu" => virtio_blk(false),
+        "virtio_gpu" => virtio_gpu(),
         "xhci" => xhci(),
         "control_request" => control_request(),
         "snapshot" => snapshot(),
@@ -40,6 +38,7 @@ pub fn for_target(name: &str) -> Vec<Vec<u8>> {
         "vsock_packet" => virtio_net(),
         "stage1" => stage1(),
         "apple_dt" => apple_dt(),
+        "vnc_client" => vnc_client(),
         _ => Vec::new(),
     }
 }
@@ -369,6 +368,190 @@ pub fn virtio_blk(apple: bool) -> Vec<Vec<u8>> {
     desc_op(&mut e, 4, RAM_BASE + 0xE21, 1, F_WRITE, 0);
     e.raw(&[1, 0, 2, 0]).raw(&[0, 0]);
     vec![e.finish()]
+}
+
+/// A virtio-gpu command: the control header (type, fence flag, fence id)
+/// and little-endian words after it.
+fn gpu_cmd(kind: u32, fence: bool, body: &[u32]) -> Vec<u8> {
+    let mut c = vec![0u8; 24];
+    c[0..4].copy_from_slice(&kind.to_le_bytes());
+    if fence {
+        c[4..8].copy_from_slice(&1u32.to_le_bytes());
+        c[8..16].copy_from_slice(&7u64.to_le_bytes());
+    }
+    c.extend(words(body));
+    c
+}
+
+/// What Linux's virtio-gpu driver sends to show a frame and a cursor:
+/// GET_DISPLAY_INFO, GET_EDID, a 16x16 resource with its backing in the
+/// seeded RAM, transferred, shown on head 0 (and part of it on head 1) and
+/// flushed; a cursor resource, UPDATE_CURSOR and MOVE_CURSOR on the cursor
+/// queue. Control chains are a command and a shared reply buffer; cursor
+/// chains a command alone. The second seed kicks the cursor queue first
+/// (its resource does not exist yet), ends the control queue with
+/// DETACH_BACKING, UNREF and a flush of the gone resource, then resets
+/// and replays everything.
+pub fn virtio_gpu() -> Vec<Vec<u8>> {
+    vec![gpu_seed(false), gpu_seed(true)]
+}
+
+fn gpu_seed(second: bool) -> Vec<u8> {
+    use virtio::gpu::cmd::*;
+    const PIXELS: u64 = RAM_BASE + 0xC00;
+    const PIXEL_BYTES: u32 = 16 * 16 * 4;
+    const REPLY: u64 = RAM_BASE + 0x2000;
+    let (x8r8g8b8, a8r8g8b8) = (2, 1); // B8G8R8X8 and B8G8R8A8
+    let pixels: Vec<u8> = (0..PIXEL_BYTES).map(|i| (i * 7 + 1) as u8).collect();
+    let (lo, hi) = (PIXELS as u32, (PIXELS >> 32) as u32);
+    let mut control = vec![
+        gpu_cmd(GET_DISPLAY_INFO, false, &[]),
+        gpu_cmd(GET_EDID, false, &[0, 0]),
+        gpu_cmd(RESOURCE_CREATE_2D, true, &[1, x8r8g8b8, 16, 16]),
+        gpu_cmd(
+            RESOURCE_ATTACH_BACKING,
+            false,
+            &[1, 1, lo, hi, PIXEL_BYTES, 0],
+        ),
+        gpu_cmd(TRANSFER_TO_HOST_2D, true, &[0, 0, 16, 16, 0, 0, 1, 0]),
+        gpu_cmd(SET_SCANOUT, false, &[0, 0, 16, 16, 0, 1]),
+        gpu_cmd(RESOURCE_FLUSH, true, &[0, 0, 16, 16, 1, 0]),
+        gpu_cmd(SET_SCANOUT, false, &[4, 4, 8, 8, 1, 1]),
+        gpu_cmd(RESOURCE_CREATE_2D, false, &[2, a8r8g8b8, 16, 16]),
+        gpu_cmd(
+            RESOURCE_ATTACH_BACKING,
+            false,
+            &[2, 1, lo, hi, PIXEL_BYTES, 0],
+        ),
+        gpu_cmd(TRANSFER_TO_HOST_2D, false, &[0, 0, 16, 16, 0, 0, 2, 0]),
+    ];
+    if second {
+        control.extend([
+            gpu_cmd(RESOURCE_DETACH_BACKING, false, &[1, 0]),
+            gpu_cmd(RESOURCE_UNREF, false, &[1, 0]),
+            gpu_cmd(RESOURCE_FLUSH, false, &[0, 0, 16, 16, 1, 0]),
+        ]);
+    }
+    let cursor = [
+        gpu_cmd(UPDATE_CURSOR, false, &[1, 5, 6, 0, 2, 3, 4, 0]),
+        gpu_cmd(MOVE_CURSOR, false, &[1, 9, 9, 0, 0, 0, 0, 0]),
+    ];
+    let mut e = Encoder::new();
+    e.ram(PIXELS, &pixels);
+    let mut at = RAM_BASE + 0x800;
+    let mut lay_out = |e: &mut Encoder, q: u16, cmds: &[Vec<u8>], reply: Option<u16>| {
+        let table = queue_base(q) + DESC_OFF;
+        let mut ring = Vec::new();
+        for (i, c) in cmds.iter().enumerate() {
+            e.ram(at, c);
+            let (flags, next) = reply.map_or((0, 0), |r| (F_NEXT, r));
+            put_desc(e, table, i as u64, at, c.len() as u32, flags, next);
+            ring.extend_from_slice(&(i as u16).to_le_bytes());
+            at += c.len() as u64;
+        }
+        if let Some(r) = reply {
+            // Room for the largest reply, GET_EDID's.
+            put_desc(e, table, u64::from(r), REPLY, 24 + 8 + 1024, F_WRITE, 0);
+        }
+        let avail = queue_base(q) + AVAIL_OFF;
+        e.ram(avail, &[0, 0, cmds.len() as u8, 0])
+            .ram(avail + 4, &ring);
+    };
+    lay_out(&mut e, 0, &control, Some(15));
+    lay_out(&mut e, 1, &cursor, None);
+    assert!(at <= PIXELS, "commands fit before the pixels");
+    // Layout: 16 entries, fixed addresses.
+    e.raw(&[4]);
+    if second {
+        e.raw(&[0, 1])
+            .raw(&[0, 0])
+            .raw(&[6])
+            .raw(&[0, 0])
+            .raw(&[0, 1]);
+    } else {
+        // The control queue, then the cursor queue.
+        e.raw(&[0, 0]).raw(&[0, 1]);
+    }
+    e.finish()
+}
+
+/// A VNC client's session as vncviewer and vncdotool open one: version,
+/// a 1024x768 head, its pixel format, encodings (ZRLE, Raw, Cursor,
+/// DesktopSize), update requests, `a`, `A` (shift typed for it), a
+/// pointer drag with the left button and a wheel step, and a cut text.
+/// The second: a 3.3 client asking for RGB565, an extended-clipboard cut
+/// text (negative length) and keys with shift held.
+pub fn vnc_client() -> Vec<Vec<u8>> {
+    use vnc::encode::{encoding, PixelFormat};
+    let key = |down: bool, sym: u32| {
+        let mut m = vec![4, u8::from(down), 0, 0];
+        m.extend_from_slice(&sym.to_be_bytes());
+        m
+    };
+    let pointer = |mask: u8, x: u16, y: u16| {
+        let mut m = vec![5, mask];
+        m.extend_from_slice(&x.to_be_bytes());
+        m.extend_from_slice(&y.to_be_bytes());
+        m
+    };
+    let request = |incremental: bool| {
+        let mut m = vec![3, u8::from(incremental)];
+        for v in [0u16, 0, 1024, 768] {
+            m.extend_from_slice(&v.to_be_bytes());
+        }
+        m
+    };
+    let cut = |len: i32, text: &[u8]| {
+        let mut m = vec![6, 0, 0, 0];
+        m.extend_from_slice(&len.to_be_bytes());
+        m.extend_from_slice(text);
+        m
+    };
+    let mut s = b"RFB 003.008\n".to_vec();
+    s.extend_from_slice(&[4, 0, 3, 0]); // 1024x768
+    s.extend_from_slice(&[0, 0, 0, 0]);
+    s.extend_from_slice(&PixelFormat::default().to_wire());
+    let encs = [
+        encoding::ZRLE,
+        encoding::RAW,
+        encoding::CURSOR,
+        encoding::DESKTOP_SIZE,
+    ];
+    s.extend_from_slice(&[2, 0, 0, encs.len() as u8]);
+    for e in encs {
+        s.extend_from_slice(&e.to_be_bytes());
+    }
+    s.extend(request(false));
+    s.extend(key(true, u32::from(b'a')));
+    s.extend(key(false, u32::from(b'a')));
+    s.extend(key(true, u32::from(b'A')));
+    s.extend(key(false, u32::from(b'A')));
+    s.extend(pointer(0, 100, 200));
+    s.extend(pointer(1, 110, 210));
+    s.extend(pointer(0, 1023, 767));
+    s.extend(pointer(8, 1023, 767));
+    s.extend(request(true));
+    s.extend(cut(2, b"hi"));
+
+    let mut old = b"RFB 003.003\n".to_vec();
+    old.extend_from_slice(&[0, 64, 0, 48]);
+    let rgb565 = PixelFormat {
+        bpp: 16,
+        depth: 16,
+        big_endian: false,
+        true_colour: true,
+        max: [31, 63, 31],
+        shift: [11, 5, 0],
+    };
+    old.extend_from_slice(&[0, 0, 0, 0]);
+    old.extend_from_slice(&rgb565.to_wire());
+    old.extend(cut(-4, &[0, 0, 0, 1]));
+    old.extend(key(true, 0xffe1)); // Shift_L
+    old.extend(key(true, u32::from(b'!')));
+    old.extend(key(false, u32::from(b'!')));
+    old.extend(key(false, 0xffe1));
+    old.extend(pointer(16, 0, 0));
+    vec![s, old]
 }
 
 /// Two receive buffers, one transmitted frame that loops back, one

@@ -347,6 +347,12 @@ pub fn virtio_blk_apple(data: &[u8]) -> Report {
 /// the input's. Checks that the device's host memory stays under its cap
 /// and that every head's frame matches its size.
 pub fn virtio_gpu(data: &[u8]) -> Report {
+    virtio_gpu_display(data).0
+}
+
+/// [`virtio_gpu`], with the display it drew on (for the smoke pass to
+/// check what the seeds showed).
+pub fn virtio_gpu_display(data: &[u8]) -> (Report, Arc<display::Display>) {
     let mut input = Input::new(data);
     let mem = input::guest_memory(&mut input);
     let modes = vec![vm_config::display::DisplayMode::new(64, 48, 60)];
@@ -362,7 +368,7 @@ pub fn virtio_gpu(data: &[u8]) -> Report {
             );
         }
     }
-    report
+    (report, display)
 }
 
 /// Frames the guest sent, fed back to it as received frames, plus frames

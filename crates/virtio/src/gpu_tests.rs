@@ -140,7 +140,7 @@ fn display_info_lists_each_heads_preferred_mode() {
 #[test]
 fn a_transferred_and_flushed_resource_shows_on_its_head() {
     let mut r = rig(1);
-    let (w, h) = (8, 4);
+    let (w, h) = (48, 32);
     r.make_resource(1, w, h);
     // B8G8R8X8: bytes B, G, R, X.
     r.fill_backing(w, h, |x, y| [x as u8, y as u8, 0x80, 0xff]);
@@ -154,22 +154,23 @@ fn a_transferred_and_flushed_resource_shows_on_its_head() {
     assert_eq!((frame.width, frame.height), (w, h));
     assert_eq!(frame.pixels[3 * w as usize + 5] & 0xff_ffff, 0x80_0305);
 
-    // A partial update: transfer and flush one pixel, only it is damaged.
+    // A partial update: transfer and flush one pixel, only its 16x16
+    // tile is damaged.
     let seen = head.changes(Default::default(), 8).now;
     r.fill_backing(w, h, |_, _| [1, 2, 3, 0]);
-    let off = u64::from(2 * w * 4 + 6 * 4);
-    assert_eq!(r.send(&transfer(6, 2, 1, 1, off, 1)), cmd::OK_NODATA);
+    let off = u64::from(18 * w * 4 + 38 * 4);
+    assert_eq!(r.send(&transfer(38, 18, 1, 1, off, 1)), cmd::OK_NODATA);
     assert_eq!(
-        r.send(&words(cmd::RESOURCE_FLUSH, &[6, 2, 1, 1, 1, 0])),
+        r.send(&words(cmd::RESOURCE_FLUSH, &[38, 18, 1, 1, 1, 0])),
         cmd::OK_NODATA
     );
     let c = head.changes(seen, 8);
-    assert_eq!(c.rects, vec![Rect::new(6, 2, 1, 1)]);
+    assert_eq!(c.rects, vec![Rect::new(32, 16, 16, 16)]);
     let frame = head.snapshot().unwrap();
-    assert_eq!(frame.pixels[2 * w as usize + 6] & 0xff_ffff, 0x03_0201);
+    assert_eq!(frame.pixels[18 * w as usize + 38] & 0xff_ffff, 0x03_0201);
     assert_eq!(
-        frame.pixels[2 * w as usize + 5] & 0xff_ffff,
-        0x80_0205,
+        frame.pixels[18 * w as usize + 37] & 0xff_ffff,
+        0x80_1225,
         "untouched"
     );
 }

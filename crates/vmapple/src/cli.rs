@@ -238,7 +238,8 @@ pub struct RunArgs {
 
     /// Front ends showing the display: `cocoa` (a window, macOS on Apple
     /// silicon), `vnc` (a VNC server on the bundle's address, else
-    /// 127.0.0.1:5900), `vnc=HOST:PORT`, `vnc=unix:PATH`, or `none`.
+    /// 127.0.0.1:5900), `vnc=HOST:PORT`, `vnc=unix:PATH`, or `none`; a
+    /// vnc value followed by `,head=N` shows head N (default 0).
     /// Repeat for several. They show whichever display device the machine
     /// has (see --gpu).
     #[arg(long = "display", value_name = "UI")]
@@ -718,11 +719,11 @@ fn display_config(
 fn vnc_settings(
     args: &RunArgs,
     bundle: Option<&bundle::Bundle>,
-) -> Result<(Vec<vnc::Listen>, Option<Vec<u8>>)> {
+) -> Result<(Vec<crate::fronts::VncListen>, Option<Vec<u8>>)> {
     let display = bundle.map(|b| &b.config().display);
     let mut listens = Vec::new();
     for front in &args.displays {
-        if let Front::Vnc(listen) = front {
+        if let Front::Vnc { listen, head } = front {
             let listen = match (listen, display.and_then(|d| d.vnc.as_deref())) {
                 (Some(l), _) => l.clone(),
                 (None, Some(addr)) => crate::fronts::parse_listen(addr)
@@ -731,7 +732,7 @@ fn vnc_settings(
                     crate::fronts::parse_listen(crate::fronts::DEFAULT_VNC).map_err(Error::usage)?
                 }
             };
-            listens.push(listen);
+            listens.push((listen, *head));
         }
     }
     if listens.is_empty() {
@@ -946,7 +947,10 @@ mod tests {
     fn heads_are_separated_by_semicolons_and_need_virtio_gpu() {
         use apple_gfx::DisplayMode as M;
         let c = display_config(
-            &[Front::Vnc(None)],
+            &[Front::Vnc {
+                listen: None,
+                head: 0,
+            }],
             Some(GpuArg::Virtio),
             Some("1024x768@60;800x600@60,640x480@60"),
             None,
@@ -969,9 +973,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("at most 4 heads"), "{e}");
-        let e = display_config(&[Front::Vnc(None)], Some(GpuArg::None), None, None)
-            .unwrap_err()
-            .to_string();
+        let e = display_config(
+            &[Front::Vnc {
+                listen: None,
+                head: 0,
+            }],
+            Some(GpuArg::None),
+            None,
+            None,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("--gpu none"), "{e}");
         assert!(display_config(&[], Some(GpuArg::None), None, None)
             .unwrap()

@@ -20,8 +20,9 @@ pub const DEFAULT_VNC: &str = "127.0.0.1:5900";
 pub enum Front {
     /// A Cocoa window (macOS on Apple silicon).
     Cocoa,
-    /// A VNC server; `None` is the bundle's address, else [`DEFAULT_VNC`].
-    Vnc(Option<Listen>),
+    /// A VNC server showing head `head` (0 unless `,head=N` is given);
+    /// `listen` `None` is the bundle's address, else [`DEFAULT_VNC`].
+    Vnc { listen: Option<Listen>, head: usize },
     /// No front end.
     None,
 }
@@ -30,14 +31,29 @@ impl std::str::FromStr for Front {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
+        // `,head=N` ends a vnc value (the last one: a socket path may hold
+        // commas).
+        let (value, head) = match s.rsplit_once(",head=") {
+            Some((v, n)) if v == "vnc" || v.starts_with("vnc=") => {
+                let head = n
+                    .parse::<usize>()
+                    .map_err(|e| format!("{s:?}: head {n:?}: {e}"))?;
+                (v, head)
+            }
+            _ => (s, 0),
+        };
+        match value {
             "cocoa" => Ok(Front::Cocoa),
             "none" => Ok(Front::None),
-            "vnc" => Ok(Front::Vnc(None)),
-            _ => match s.strip_prefix("vnc=") {
-                Some(addr) => parse_listen(addr).map(|l| Front::Vnc(Some(l))),
+            "vnc" => Ok(Front::Vnc { listen: None, head }),
+            _ => match value.strip_prefix("vnc=") {
+                Some(addr) => parse_listen(addr).map(|l| Front::Vnc {
+                    listen: Some(l),
+                    head,
+                }),
                 None => Err(format!(
-                    "{s:?}: expected cocoa, none, vnc, vnc=HOST:PORT or vnc=unix:PATH"
+                    "{s:?}: expected cocoa, none, vnc, vnc=HOST:PORT or vnc=unix:PATH, \
+                     a vnc one optionally followed by ,head=N"
                 )),
             },
         }
@@ -97,9 +113,13 @@ pub fn read_password(path: &Path) -> Result<Vec<u8>> {
     Ok(line)
 }
 
-/// Starts one VNC server per `vnc` front end on `screen`'s head 0.
+/// Where a VNC server listens and the head it shows.
+pub type VncListen = (Listen, usize);
+
+/// Starts one VNC server per `vnc` front end: where it listens and the
+/// head of `screen` it shows.
 pub fn start_vnc(
-    listens: Vec<Listen>,
+    listens: Vec<VncListen>,
     password: Option<Vec<u8>>,
     screen: Option<Arc<Display>>,
 ) -> Result<Vec<VncServer>> {
@@ -116,11 +136,11 @@ pub fn start_vnc(
     }
     listens
         .into_iter()
-        .map(|listen| {
+        .map(|(listen, head)| {
             let config = VncConfig {
                 listen,
                 password: password.clone(),
-                head: 0,
+                head,
             };
             VncServer::start(config, screen.clone()).map_err(|e| {
                 Error::usage(format!(
@@ -139,19 +159,21 @@ mod tests {
     #[test]
     fn display_values_parse() {
         assert_eq!("cocoa".parse(), Ok(Front::Cocoa));
-        assert_eq!("vnc".parse(), Ok(Front::Vnc(None)));
+        let vnc = |listen, head| Ok(Front::Vnc { listen, head });
+        assert_eq!("vnc".parse(), vnc(None, 0));
+        let tcp = Some(Listen::Tcp("127.0.0.1:5901".parse().unwrap()));
+        assert_eq!("vnc=127.0.0.1:5901".parse(), vnc(tcp.clone(), 0));
+        assert_eq!("vnc=127.0.0.1:5901,head=2".parse(), vnc(tcp, 2));
+        assert_eq!("vnc,head=1".parse(), vnc(None, 1));
         assert_eq!(
-            "vnc=127.0.0.1:5901".parse(),
-            Ok(Front::Vnc(Some(Listen::Tcp(
-                "127.0.0.1:5901".parse().unwrap()
-            ))))
-        );
-        assert_eq!(
-            "vnc=unix:/tmp/v.sock".parse(),
-            Ok(Front::Vnc(Some(Listen::Unix("/tmp/v.sock".into()))))
+            "vnc=unix:/tmp/v,1.sock,head=3".parse(),
+            vnc(Some(Listen::Unix("/tmp/v,1.sock".into())), 3)
         );
         assert!("vnc=5900".parse::<Front>().is_err());
         assert!("vnc=unix:".parse::<Front>().is_err());
+        assert!("vnc=127.0.0.1:5901,head=x".parse::<Front>().is_err());
+        assert!("vnc=127.0.0.1:5901,head=-1".parse::<Front>().is_err());
+        assert!("cocoa,head=1".parse::<Front>().is_err());
         assert!("sdl".parse::<Front>().is_err());
     }
 

@@ -310,6 +310,23 @@ fn vnc_needs_a_display_device_a_free_address_and_a_password_file() {
         ],
         "--display vnc: cannot listen on",
     );
+    // One head (the default modes): there is no head 1 to serve.
+    assert_user_error(
+        &[
+            "run",
+            "--firmware",
+            fw,
+            "--gpu",
+            "virtio",
+            "--display",
+            "vnc=127.0.0.1:0,head=1",
+            "--serial",
+            "none",
+            "--net",
+            "none",
+        ],
+        "--display vnc: the display has no head 1",
+    );
 }
 
 #[test]

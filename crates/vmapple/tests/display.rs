@@ -1,14 +1,20 @@
 //! virtio-gpu and the VNC server against Debian's kernel (virtio_gpu with
-//! its fbdev emulation) and a real VNC client (vncdotool), on the
-//! software CPU.
+//! its fbdev emulation) and a real VNC client (vncdotool), on each
+//! accelerator.
 //!
-//! The guest copies a known pattern from a disk to /dev/fb0; the test
-//! reads it back through the control socket's screenshot (each head) and
-//! through vncdotool, pixel for pixel; types keys and moves the pointer
-//! with vncdotool and finds them in the guest's evdev; and has a client
-//! speak garbage to the VNC server first, which must cost nothing but
-//! that client.
+//! The guest copies a known pattern from a disk to /dev/fb0 and sets a
+//! hardware cursor on head 1 through DRM; the VM serves each of its two heads on a
+//! VNC server of its own (`--display vnc=...,head=N`), both with VNC
+//! authentication (`--vnc-password-file`). The test reads the pattern back
+//! through the control socket's screenshot and through vncdotool on each
+//! head, pixel for pixel; sees a wrong password refused; has vncdotool
+//! draw the guest's cursor from the Cursor pseudo-encoding (on head 1's
+//! server, not on head 0's); types keys and
+//! moves the pointer with vncdotool and finds them in the guest's evdev;
+//! and has clients speak garbage to the VNC server first, which must cost
+//! nothing but those clients.
 
+#[macro_use]
 mod common;
 
 use std::io::{Read, Write};
@@ -18,6 +24,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{ctl, linux_guest_devices, vmapple_with_triggers, Action, Trigger};
+
+const PASSWORD: &str = "sesame";
 
 const W: usize = 1024;
 const H: usize = 768;
@@ -54,8 +62,28 @@ fn pattern_disk(path: &Path) {
     std::fs::write(path, bytes).unwrap();
 }
 
+/// The guest's cursor (guest/linux/drmcursor.c): 64x64 `0xAARRGGBB`,
+/// hot spot (5, 7).
+fn cursor_pixel(x: usize, y: usize) -> u32 {
+    let alpha = if (x + y) % 3 == 0 { 0 } else { 0xff };
+    (alpha << 24 | (x * 4) << 16 | (y * 4) << 8 | (0xa0 ^ x)) as u32
+}
+const CURSOR_SIDE: usize = 64;
+const CURSOR_HOT: (usize, usize) = (5, 7);
+
 /// Checks a PNG is the pattern, pixel for pixel.
 fn assert_pattern(png_path: &Path, what: &str) {
+    assert_pattern_under(png_path, what, (W, H), |_, _| None);
+}
+
+/// Checks a PNG is the pattern, pixel for pixel, except where `over`
+/// gives another colour.
+fn assert_pattern_under(
+    png_path: &Path,
+    what: &str,
+    (w, h): (usize, usize),
+    over: impl Fn(usize, usize) -> Option<[u8; 3]>,
+) {
     let decoder = png::Decoder::new(std::io::BufReader::new(
         std::fs::File::open(png_path).unwrap_or_else(|e| panic!("{what}: {e}")),
     ));
@@ -64,7 +92,7 @@ fn assert_pattern(png_path: &Path, what: &str) {
     let info = reader.next_frame(&mut buf).unwrap();
     assert_eq!(
         (info.width as usize, info.height as usize),
-        (W, H),
+        (w, h),
         "{what}: size"
     );
     let channels = match info.color_type {
@@ -74,32 +102,41 @@ fn assert_pattern(png_path: &Path, what: &str) {
     };
     let mut wrong = 0;
     let mut first = None;
-    for y in 0..H {
-        for x in 0..W {
-            let at = (y * W + x) * channels;
+    for y in 0..h {
+        for x in 0..w {
+            let at = (y * w + x) * channels;
             let got = [buf[at], buf[at + 1], buf[at + 2]];
-            if got != pattern(x, y) {
+            let want = over(x, y).unwrap_or(pattern(x, y));
+            if got != want {
                 wrong += 1;
-                first.get_or_insert((x, y, got, pattern(x, y)));
+                first.get_or_insert((x, y, got, want));
             }
         }
     }
     assert_eq!(wrong, 0, "{what}: {wrong} pixels differ, first {first:?}");
 }
 
-fn vncdo(port: u16, args: &[&str]) {
+/// Runs vncdo against `port` with `password`: whether it succeeded, and
+/// what it printed.
+fn try_vncdo(port: u16, password: &str, args: &[&str]) -> (bool, String) {
     let out = Command::new("vncdo")
         .arg("-s")
         .arg(format!("127.0.0.1::{port}"))
+        .args(["-p", password, "-t", "120"])
         .args(args)
         .output()
         .expect("running vncdo (vncdotool from PyPI: pip install vncdotool)");
-    assert!(
-        out.status.success(),
-        "vncdo {args:?}: {}{}",
+    let text = format!(
+        "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    (out.status.success(), text)
+}
+
+fn vncdo(port: u16, args: &[&str]) {
+    let (ok, text) = try_vncdo(port, PASSWORD, args);
+    assert!(ok, "vncdo {args:?}: {text}");
 }
 
 /// A free TCP port on localhost.
@@ -111,19 +148,36 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A client that speaks garbage after the version, then one that asks for
-/// a gigabyte of cut text: both must be cut off.
+/// A client that speaks garbage after the version, then one that logs in
+/// and asks for a gigabyte of cut text: both must be cut off.
 fn hostile_clients(port: u16) {
-    for garbage in [
-        &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
-        &b"RFB 003.008\n\x01\x01\x06\x00\x00\x00\x40\x00\x00\x00"[..],
-    ] {
+    let read = |s: &mut TcpStream, n: usize| {
+        let mut b = vec![0u8; n];
+        s.read_exact(&mut b).unwrap();
+        b
+    };
+    for logged_in in [false, true] {
         let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut version = [0u8; 12];
-        s.read_exact(&mut version).unwrap();
-        assert_eq!(&version, b"RFB 003.008\n");
-        s.write_all(garbage).unwrap();
+        assert_eq!(read(&mut s, 12), b"RFB 003.008\n");
+        if logged_in {
+            s.write_all(b"RFB 003.008\n").unwrap();
+            assert_eq!(read(&mut s, 2), [1, 2], "VNC authentication only");
+            s.write_all(&[2]).unwrap();
+            let challenge: [u8; 16] = read(&mut s, 16).try_into().unwrap();
+            s.write_all(&vnc::vnc_auth_response(PASSWORD.as_bytes(), &challenge))
+                .unwrap();
+            assert_eq!(read(&mut s, 4), [0, 0, 0, 0], "logged in");
+            s.write_all(&[1]).unwrap();
+            let init = read(&mut s, 24);
+            read(
+                &mut s,
+                u32::from_be_bytes(init[20..24].try_into().unwrap()) as usize,
+            );
+            s.write_all(b"\x06\x00\x00\x00\x40\x00\x00\x00").unwrap();
+        } else {
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        }
         let mut rest = Vec::new();
         // The server closes the connection (a reset counts too).
         let _ = s.read_to_end(&mut rest);
@@ -131,9 +185,9 @@ fn hostile_clients(port: u16) {
     }
 }
 
-#[test]
-fn virtio_gpu_framebuffer_and_input_through_vnc() {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("display");
+each_accel! {
+fn virtio_gpu_framebuffer_and_input_through_vnc(accel) {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("display-{accel}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let Some((kernel, initrd)) = linux_guest_devices() else {
@@ -141,18 +195,22 @@ fn virtio_gpu_framebuffer_and_input_through_vnc() {
     };
     let disk = dir.join("pattern.img");
     pattern_disk(&disk);
+    let password_file = dir.join("vnc-password");
+    std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
     let socket = dir.join("control.sock");
-    let port = free_port();
+    let ports = [free_port(), free_port()];
     let (s, d) = (socket.clone(), dir.clone());
     let run = vmapple_with_triggers(
         &[
             "run",
+            "--accel",
+            accel,
             "--kernel",
             kernel.to_str().unwrap(),
             "--initrd",
             initrd.to_str().unwrap(),
             "--append",
-            "console=ttyAMA0 quiet vt.global_cursor_default=0 vmapple.usb=3 vmapple.fb=vda vmapple.powerkey",
+            "console=ttyAMA0 quiet vt.global_cursor_default=0 vmapple.usb=3 vmapple.fb=vda vmapple.cursor=1 vmapple.powerkey",
             "--cpus",
             "2",
             "--memory",
@@ -166,7 +224,11 @@ fn virtio_gpu_framebuffer_and_input_through_vnc() {
             "--display-modes",
             "1024x768@60;1024x768@60",
             "--display",
-            &format!("vnc=127.0.0.1:{port}"),
+            &format!("vnc=127.0.0.1:{}", ports[0]),
+            "--display",
+            &format!("vnc=127.0.0.1:{},head=1", ports[1]),
+            "--vnc-password-file",
+            password_file.to_str().unwrap(),
             "--control",
             socket.to_str().unwrap(),
         ],
@@ -174,16 +236,33 @@ fn virtio_gpu_framebuffer_and_input_through_vnc() {
         &[Trigger {
             when_console_shows: "waiting for the power button",
             action: Action::Call(Box::new(move || {
-                hostile_clients(port);
+                let refused = d.join("refused.png");
+                let (ok, text) = try_vncdo(ports[0], "wrong", &["capture", refused.to_str().unwrap()]);
+                assert!(!ok, "a wrong password is refused: {text}");
+                assert!(text.contains("authentication failed"), "{text}");
+                assert!(!refused.exists(), "nothing captured");
+                hostile_clients(ports[0]);
                 assert!(ctl(&s, &["status"]).contains("running"));
                 for head in ["0", "1"] {
                     let png = d.join(format!("head{head}.png"));
                     ctl(&s, &["screenshot", png.to_str().unwrap(), "--head", head]);
                 }
-                let vnc_png = d.join("vnc.png");
-                vncdo(port, &["capture", vnc_png.to_str().unwrap()]);
-                vncdo(port, &["key", "a", "key", "shift-b"]);
-                vncdo(port, &["move", "100", "200", "click", "1"]);
+                for (head, port) in ports.iter().enumerate() {
+                    let png = d.join(format!("vnc{head}.png"));
+                    vncdo(*port, &["capture", png.to_str().unwrap()]);
+                }
+                // vncdotool draws the cursor the server sends where its
+                // own pointer is, less the hot spot. The guest set one on
+                // head 1 only.
+                for (head, port) in ports.iter().enumerate() {
+                    let png = d.join(format!("cursor{head}.png"));
+                    vncdo(
+                        *port,
+                        &["--localcursor", "move", "300", "200", "capture", png.to_str().unwrap()],
+                    );
+                }
+                vncdo(ports[0], &["key", "a", "key", "shift-b"]);
+                vncdo(ports[0], &["move", "100", "200", "click", "1"]);
                 // Let the guest print the events before it powers off.
                 std::thread::sleep(Duration::from_secs(3));
                 ctl(&s, &["powerdown"]);
@@ -193,6 +272,7 @@ fn virtio_gpu_framebuffer_and_input_through_vnc() {
     assert_eq!(run.code, 0, "guest powered off; stderr:\n{}", run.stderr);
     run.assert_line("VMAPPLE-GUEST: fb 1024,768 stride 4096 bpp 32");
     run.assert_line("VMAPPLE-GUEST: fb drawn");
+    run.assert_line("VMAPPLE-GUEST: cursor set");
     let connected: Vec<&str> = run
         .stdout
         .lines()
@@ -200,10 +280,22 @@ fn virtio_gpu_framebuffer_and_input_through_vnc() {
         .collect();
     assert_eq!(connected.len(), 2, "two heads, two outputs: {connected:?}");
     assert!(run.stderr.contains("cut off"), "hostile clients logged");
+    assert!(run.stderr.contains("wrong password"), "the refusal logged");
 
     assert_pattern(&dir.join("head0.png"), "control socket, head 0");
     assert_pattern(&dir.join("head1.png"), "control socket, head 1");
-    assert_pattern(&dir.join("vnc.png"), "vncdotool capture");
+    assert_pattern(&dir.join("vnc0.png"), "vncdotool capture, head 0");
+    assert_pattern(&dir.join("vnc1.png"), "vncdotool capture, head 1");
+    let (cx, cy) = (300 - CURSOR_HOT.0, 200 - CURSOR_HOT.1);
+    assert_pattern(&dir.join("cursor0.png"), "vncdotool, head 0 without a cursor");
+    assert_pattern_under(&dir.join("cursor1.png"), "vncdotool, head 1 with its cursor", (W, H), |x, y| {
+        let (dx, dy) = (x.checked_sub(cx)?, y.checked_sub(cy)?);
+        if dx >= CURSOR_SIDE || dy >= CURSOR_SIDE {
+            return None;
+        }
+        let p = cursor_pixel(dx, dy);
+        (p >> 24 != 0).then_some([(p >> 16) as u8, (p >> 8) as u8, p as u8])
+    });
 
     let events: Vec<(String, u32, u32, i64)> = run
         .stdout
@@ -255,4 +347,5 @@ fn virtio_gpu_framebuffer_and_input_through_vnc() {
         "{events:?}"
     );
     assert_eq!(tablet(EV_KEY, BTN_LEFT), vec![1, 0], "{events:?}");
+}
 }

@@ -170,12 +170,16 @@ pub struct Zrle {
     z: Compress,
 }
 
+/// zlib's level. With zlib-rs, level 2 compresses a full-HD frame about as
+/// fast as miniz_oxide's level 1 did and to a sixth fewer bytes, and small
+/// changes as tightly as level 6 (measured with the guest's benchmark
+/// patterns; higher levels cost several times the time for full frames).
+const ZLIB_LEVEL: u32 = 2;
+
 impl Default for Zrle {
     fn default() -> Self {
         Self {
-            // Level 1: a full-HD frame per frame interval matters more than
-            // the last few per cent of size.
-            z: Compress::new(Compression::new(1), true),
+            z: Compress::new(Compression::new(ZLIB_LEVEL), true),
         }
     }
 }

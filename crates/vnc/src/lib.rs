@@ -294,7 +294,7 @@ fn accept_loop(listener: Listener, ctx: Arc<Ctx>, stop: Arc<AtomicBool>) {
 }
 
 /// Why a client is cut off.
-type Cut = String;
+pub type Cut = String;
 
 fn io_cut(what: &'static str) -> impl Fn(io::Error) -> Cut {
     move |e| format!("{what}: {e}")
@@ -362,7 +362,9 @@ fn handshake(s: &mut Stream, ctx: &Ctx) -> Result<u8, Cut> {
     Ok(minor)
 }
 
-fn parse_version(v: &[u8; 12]) -> Option<u8> {
+/// The minor version a client's 12-byte ProtocolVersion asks for (3, 7
+/// or 8), or `None` if it is not one.
+pub fn parse_version(v: &[u8; 12]) -> Option<u8> {
     let text = std::str::from_utf8(v).ok()?;
     let rest = text.strip_prefix("RFB 003.")?.strip_suffix('\n')?;
     if rest.len() != 3 || !rest.bytes().all(|b| b.is_ascii_digit()) {
@@ -480,103 +482,184 @@ fn serve(mut s: Stream, ctx: &Ctx, peer: &str) -> Result<(), Cut> {
 }
 
 fn read_loop(mut s: Stream, c: &Client, input: Option<&dyn InputSink>, head: &Head) -> Cut {
-    let mut keys = KeyState::default();
-    let mut buttons = 0u8;
+    let mut state = InputState::default();
     loop {
-        let mut kind = [0u8; 1];
-        match s.read(&mut kind) {
-            Ok(0) => return "closed".into(),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return format!("reading: {e}"),
-        }
+        let msg = match read_message(&mut s) {
+            Ok(Some(m)) => m,
+            Ok(None) => return "closed".into(),
+            Err(why) => return why,
+        };
         if lock(&c.shared).closed.is_some() {
             return "closed".into();
         }
-        let r = match kind[0] {
-            0 => read_n::<19>(&mut s).and_then(|b| {
-                let pf: [u8; 16] = b[3..19].try_into().unwrap_or([0; 16]);
-                let pf = PixelFormat::from_wire(&pf)
-                    .ok_or_else(|| format!("unsupported pixel format {pf:?}"))?;
-                lock(&c.shared).pf = pf;
-                Ok(())
-            }),
-            2 => read_n::<3>(&mut s).and_then(|b| {
-                let n = usize::from(u16::from_be_bytes([b[1], b[2]]));
-                let mut raw = vec![0u8; n * 4];
-                s.read_exact(&mut raw)
-                    .map_err(|e| format!("reading encodings: {e}"))?;
-                let list: Vec<i32> = raw
-                    .chunks_exact(4)
-                    .map(|e| i32::from_be_bytes([e[0], e[1], e[2], e[3]]))
-                    .collect();
+        match msg {
+            ClientMsg::SetPixelFormat(pf) => lock(&c.shared).pf = pf,
+            ClientMsg::SetEncodings(list) => {
                 let mut sh = lock(&c.shared);
                 sh.zrle = list.contains(&encoding::ZRLE);
                 sh.cursor = list.contains(&encoding::CURSOR);
                 sh.desktop_size = list.contains(&encoding::DESKTOP_SIZE);
-                Ok(())
-            }),
-            3 => read_n::<9>(&mut s).map(|b| {
-                let incremental = b[0] != 0;
+            }
+            ClientMsg::UpdateRequest { incremental, .. } => {
                 let mut sh = lock(&c.shared);
                 // A full request wins over an incremental one still pending.
                 sh.request = Some(incremental && sh.request.unwrap_or(true));
                 c.wake.notify_all();
-            }),
-            4 => read_n::<7>(&mut s).map(|b| {
-                let sym = u32::from_be_bytes([b[3], b[4], b[5], b[6]]);
+            }
+            ClientMsg::CutText(_) => {}
+            other => {
                 if let Some(input) = input {
-                    keys.event(input, sym, b[0] != 0);
+                    state.apply(input, head.size(), &other);
                 }
-            }),
-            5 => read_n::<5>(&mut s).map(|b| {
-                if let Some(input) = input {
-                    let (w, h) = head.size();
-                    let scale = |v: u16, side: u32| {
-                        (u32::from(v) * 32767 / side.saturating_sub(1).max(1)).min(32767) as u16
-                    };
-                    let x = scale(u16::from_be_bytes([b[1], b[2]]), w);
-                    let y = scale(u16::from_be_bytes([b[3], b[4]]), h);
-                    input.pointer(x, y);
-                    let mask = b[0];
-                    // RFB: 1 left, 2 middle, 4 right, 8/16 wheel up/down.
-                    let hid = (mask & 1) | (mask & 4) >> 1 | (mask & 2) << 1;
-                    if hid != buttons & 7 {
-                        input.buttons(hid);
-                    }
-                    if mask & 8 != 0 && buttons & 8 == 0 {
-                        input.wheel(1);
-                    }
-                    if mask & 16 != 0 && buttons & 16 == 0 {
-                        input.wheel(-1);
-                    }
-                    buttons = mask;
-                }
-            }),
-            6 => read_n::<7>(&mut s).and_then(|b| {
-                // A negative length is the extended clipboard's; its size
-                // is the absolute value.
-                let len = i32::from_be_bytes([b[3], b[4], b[5], b[6]]).unsigned_abs();
-                if len > MAX_CUT_TEXT {
-                    return Err(format!("cut text of {len} bytes"));
-                }
-                io::copy(&mut (&mut s).take(u64::from(len)), &mut io::sink())
-                    .map_err(|e| format!("reading cut text: {e}"))?;
-                Ok(())
-            }),
-            other => Err(format!("unknown message type {other}")),
-        };
-        if let Err(why) = r {
-            return why;
+            }
         }
     }
 }
 
-fn read_n<const N: usize>(s: &mut Stream) -> Result<[u8; N], Cut> {
+/// A client-to-server message (RFC 6143 §7.5).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientMsg {
+    SetPixelFormat(PixelFormat),
+    SetEncodings(Vec<i32>),
+    /// The area asked for is not kept: updates cover the whole frame.
+    UpdateRequest {
+        incremental: bool,
+        rect: Rect,
+    },
+    Key {
+        down: bool,
+        keysym: u32,
+    },
+    Pointer {
+        mask: u8,
+        x: u16,
+        y: u16,
+    },
+    /// ClientCutText of this many bytes, read and dropped.
+    CutText(u32),
+}
+
+/// Reads the next client message: `None` when the client closed the
+/// connection between messages; an error (why the client is cut off) for
+/// an unknown message, an impossible pixel format, a cut text over
+/// [`MAX_CUT_TEXT`] or a stream ending inside a message.
+pub fn read_message(r: &mut impl Read) -> Result<Option<ClientMsg>, Cut> {
+    let mut kind = [0u8; 1];
+    loop {
+        match r.read(&mut kind) {
+            Ok(0) => return Ok(None),
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("reading: {e}")),
+        }
+    }
+    let msg = match kind[0] {
+        0 => {
+            let b = read_n::<19>(r)?;
+            let mut wire = [0u8; 16];
+            wire.copy_from_slice(&b[3..19]);
+            let pf = PixelFormat::from_wire(&wire)
+                .ok_or_else(|| format!("unsupported pixel format {wire:?}"))?;
+            ClientMsg::SetPixelFormat(pf)
+        }
+        2 => {
+            let b = read_n::<3>(r)?;
+            // At most 65535 encodings: 256 KiB, bounded by the u16.
+            let n = usize::from(u16::from_be_bytes([b[1], b[2]]));
+            let mut raw = vec![0u8; n * 4];
+            r.read_exact(&mut raw)
+                .map_err(|e| format!("reading encodings: {e}"))?;
+            ClientMsg::SetEncodings(
+                raw.chunks_exact(4)
+                    .map(|e| i32::from_be_bytes([e[0], e[1], e[2], e[3]]))
+                    .collect(),
+            )
+        }
+        3 => {
+            let b = read_n::<9>(r)?;
+            let v = |i: usize| u32::from(u16::from_be_bytes([b[i], b[i + 1]]));
+            ClientMsg::UpdateRequest {
+                incremental: b[0] != 0,
+                rect: Rect::new(v(1), v(3), v(5), v(7)),
+            }
+        }
+        4 => {
+            let b = read_n::<7>(r)?;
+            ClientMsg::Key {
+                down: b[0] != 0,
+                keysym: u32::from_be_bytes([b[3], b[4], b[5], b[6]]),
+            }
+        }
+        5 => {
+            let b = read_n::<5>(r)?;
+            ClientMsg::Pointer {
+                mask: b[0],
+                x: u16::from_be_bytes([b[1], b[2]]),
+                y: u16::from_be_bytes([b[3], b[4]]),
+            }
+        }
+        6 => {
+            let b = read_n::<7>(r)?;
+            // A negative length is the extended clipboard's; its size is
+            // the absolute value.
+            let len = i32::from_be_bytes([b[3], b[4], b[5], b[6]]).unsigned_abs();
+            if len > MAX_CUT_TEXT {
+                return Err(format!("cut text of {len} bytes"));
+            }
+            let got = io::copy(&mut r.take(u64::from(len)), &mut io::sink())
+                .map_err(|e| format!("reading cut text: {e}"))?;
+            if got < u64::from(len) {
+                return Err("reading cut text: the stream ended".into());
+            }
+            ClientMsg::CutText(len)
+        }
+        other => return Err(format!("unknown message type {other}")),
+    };
+    Ok(Some(msg))
+}
+
+fn read_n<const N: usize>(s: &mut impl Read) -> Result<[u8; N], Cut> {
     let mut b = [0u8; N];
     s.read_exact(&mut b)
         .map_err(|e| format!("reading a message: {e}"))?;
     Ok(b)
+}
+
+/// One client's keyboard and pointer state, turning its key and pointer
+/// messages into input-sink calls.
+#[derive(Default)]
+pub struct InputState {
+    keys: KeyState,
+    buttons: u8,
+}
+
+impl InputState {
+    /// Sends `msg` (a key or pointer message; others are ignored) to
+    /// `input`, for a head of `size` pixels.
+    pub fn apply(&mut self, input: &dyn InputSink, size: (u32, u32), msg: &ClientMsg) {
+        match *msg {
+            ClientMsg::Key { down, keysym } => self.keys.event(input, keysym, down),
+            ClientMsg::Pointer { mask, x, y } => {
+                let scale = |v: u16, side: u32| {
+                    (u32::from(v) * 32767 / side.saturating_sub(1).max(1)).min(32767) as u16
+                };
+                input.pointer(scale(x, size.0), scale(y, size.1));
+                // RFB: 1 left, 2 middle, 4 right, 8/16 wheel up/down.
+                let hid = (mask & 1) | (mask & 4) >> 1 | (mask & 2) << 1;
+                if hid != self.buttons & 7 {
+                    input.buttons(hid);
+                }
+                if mask & 8 != 0 && self.buttons & 8 == 0 {
+                    input.wheel(1);
+                }
+                if mask & 16 != 0 && self.buttons & 16 == 0 {
+                    input.wheel(-1);
+                }
+                self.buttons = mask;
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Shift state of one client, to type shifted keysyms when it is not held.

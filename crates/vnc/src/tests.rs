@@ -27,13 +27,18 @@ struct Rig {
 }
 
 fn rig(password: Option<&[u8]>) -> Rig {
-    let display = Display::new(vec![vec![display::DisplayMode::new(64, 48, 60)]]);
+    rig_sized(password, 64, 48)
+}
+
+fn rig_sized(password: Option<&[u8]>, w: u16, h: u16) -> Rig {
+    let display = Display::new(vec![vec![display::DisplayMode::new(w, h, 60)]]);
     let input = Arc::new(Recorder::default());
     display.set_input(input.clone());
     let head = display.heads()[0].clone();
-    head.set_size(64, 48);
-    let px: Vec<u32> = (0..64 * 48).map(|i| i * 0x01_0203).collect();
-    head.write(Rect::new(0, 0, 64, 48), &px);
+    let (w, h) = (u32::from(w), u32::from(h));
+    head.set_size(w, h);
+    let px: Vec<u32> = (0..w * h).map(|i| i.wrapping_mul(0x01_0203)).collect();
+    head.write(Rect::new(0, 0, w, h), &px);
     let server = VncServer::start(
         VncConfig {
             listen: Listen::Tcp("127.0.0.1:0".parse().unwrap()),
@@ -80,8 +85,12 @@ fn hello(s: &mut TcpStream) -> (u16, u16) {
 }
 
 fn request(s: &mut TcpStream, incremental: bool) {
+    request_area(s, incremental, 64, 48);
+}
+
+fn request_area(s: &mut TcpStream, incremental: bool, w: u16, h: u16) {
     let mut m = vec![3, u8::from(incremental)];
-    for v in [0u16, 0, 64, 48] {
+    for v in [0, 0, w, h] {
         m.extend_from_slice(&v.to_be_bytes());
     }
     s.write_all(&m).unwrap();
@@ -125,8 +134,76 @@ fn a_client_gets_the_frame_then_only_what_changed() {
     r.display.heads()[0].write(Rect::new(10, 20, 2, 1), &[0xabcdef, 0x123456]);
     let u = read_update(&mut s);
     assert_eq!(u.len(), 1);
-    assert_eq!(u[0].0, Rect::new(10, 20, 2, 1));
-    assert_eq!(u[0].2, vec![0xabcdef, 0x123456]);
+    // The 16x16 tile holding the change.
+    assert_eq!(u[0].0, Rect::new(0, 16, 16, 16));
+    let now = r.display.heads()[0].read(u[0].0).1;
+    assert_eq!(
+        u[0].2,
+        now.iter().map(|p| p & 0xff_ffff).collect::<Vec<_>>()
+    );
+    assert_eq!(&u[0].2[4 * 16 + 10..4 * 16 + 12], &[0xabcdef, 0x123456]);
+}
+
+/// Bytes of one update on the wire, read whole (any encoding).
+fn update_bytes(s: &mut TcpStream) -> usize {
+    let h = read_n(s, 4);
+    assert_eq!(h[0], 0, "FramebufferUpdate");
+    let mut total = 4;
+    for _ in 0..u16::from_be_bytes([h[2], h[3]]) {
+        let r = read_n(s, 12);
+        let (w, hh) = (
+            usize::from(u16::from_be_bytes([r[4], r[5]])),
+            usize::from(u16::from_be_bytes([r[6], r[7]])),
+        );
+        total += 12;
+        match i32::from_be_bytes(r[8..12].try_into().unwrap()) {
+            encoding::RAW => total += read_n(s, w * hh * 4).len(),
+            encoding::ZRLE => {
+                let len = u32::from_be_bytes(read_n(s, 4).try_into().unwrap()) as usize;
+                total += 4 + read_n(s, len).len();
+            }
+            other => panic!("encoding {other}"),
+        }
+    }
+    total
+}
+
+#[test]
+fn a_small_change_in_a_big_frame_sends_bytes_proportional_to_it() {
+    let (w, h) = (1920u16, 1080u16);
+    let r = rig_sized(None, w, h);
+    let head = r.display.heads()[0].clone();
+    for zrle in [false, true] {
+        let mut s = connect(&r);
+        hello(&mut s);
+        let mut m = vec![2, 0, 0, 1];
+        let enc = if zrle { encoding::ZRLE } else { encoding::RAW };
+        m.extend_from_slice(&enc.to_be_bytes());
+        s.write_all(&m).unwrap();
+        request_area(&mut s, false, w, h);
+        let full = update_bytes(&mut s);
+        // Two 64x64 squares far apart, flushed as the whole rows between
+        // them (as a framebuffer console's deferred I/O does).
+        let mut fb = head.read(Rect::new(0, 0, 1920, 600)).1;
+        for (ox, oy) in [(128usize, 32usize), (1600, 480)] {
+            for y in oy..oy + 64 {
+                for (x, p) in fb[y * 1920 + ox..y * 1920 + ox + 64].iter_mut().enumerate() {
+                    *p = (x * 0x1_0401 + y) as u32 ^ u32::from(zrle);
+                }
+            }
+        }
+        request_area(&mut s, true, w, h);
+        head.write(Rect::new(0, 0, 1920, 600), &fb);
+        let small = update_bytes(&mut s);
+        if zrle {
+            // Two squares' worth of mostly distinct pixels, compressed: at
+            // most what Raw takes for them, far below the frame.
+            assert!(small <= 4 + 2 * (12 + 4 + 64 * 64 * 4), "{small} bytes");
+            assert!(small * 100 < full, "{small} of {full} bytes");
+        } else {
+            assert_eq!(small, 4 + 2 * (12 + 64 * 64 * 4));
+        }
+    }
 }
 
 #[test]
@@ -301,4 +378,32 @@ fn versions_parse() {
     assert_eq!(parse_version(b"RFB 003.889\n"), Some(8));
     assert_eq!(parse_version(b"RFB 004.000\n"), None);
     assert_eq!(parse_version(b"RFB 003.0x8\n"), None);
+}
+
+#[test]
+fn a_server_shows_the_head_it_was_given() {
+    let modes = vec![display::DisplayMode::new(32, 16, 60)];
+    let display = Display::new(vec![modes.clone(), modes]);
+    for (i, colour) in [(0, 0x11_1111), (1, 0x22_2222)] {
+        display.heads()[i].set_size(32, 16);
+        display.heads()[i].write(Rect::new(0, 0, 32, 16), &[colour; 32 * 16]);
+    }
+    let start = |head| {
+        VncServer::start(
+            VncConfig {
+                listen: Listen::Tcp("127.0.0.1:0".parse().unwrap()),
+                password: None,
+                head,
+            },
+            display.clone(),
+        )
+    };
+    assert!(matches!(start(2), Err(VncError::NoHead(2))));
+    let server = start(1).unwrap();
+    let mut s = TcpStream::connect(server.local_addr().unwrap()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(hello(&mut s), (32, 16));
+    request_area(&mut s, false, 32, 16);
+    let u = read_update(&mut s);
+    assert_eq!(u[0].2, vec![0x22_2222; 32 * 16]);
 }
