@@ -22,6 +22,7 @@ const UNICORN_VERSION: &str = "2.1.5";
 const PATCHES: &[&str] = &[
     "patches/unicorn-2.1.5-arm64-sysemu.patch",
     "patches/unicorn-2.1.5-arm64-guest-fixes.patch",
+    "patches/unicorn-2.1.5-arm64-mmio-fast-path.patch",
 ];
 
 fn fail(message: &str) -> ! {

@@ -206,6 +206,9 @@ impl VmControl {
     }
 
     /// `(irq, fiq)` levels into `cpu`.
+    // This and the stop and pause flags are read after every MMIO access
+    // of the software CPU: worth inlining.
+    #[inline]
     pub fn interrupt_lines(&self, cpu: CpuId) -> (bool, bool) {
         self.cpus.get(cpu).map_or((false, false), |s| {
             (s.irq.load(Ordering::SeqCst), s.fiq.load(Ordering::SeqCst))
@@ -265,6 +268,7 @@ impl VmControl {
     }
 
     /// Cheap check for the vCPU loops.
+    #[inline]
     pub fn stop_requested(&self) -> bool {
         self.stop_flag.load(Ordering::SeqCst)
     }
@@ -290,6 +294,7 @@ impl VmControl {
     }
 
     /// True between [`Self::pause`] and [`Self::resume`].
+    #[inline]
     pub fn is_paused(&self) -> bool {
         self.paused.load(Ordering::SeqCst)
     }

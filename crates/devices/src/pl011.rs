@@ -76,6 +76,8 @@
 //! and ignore writes, with a guest error.
 
 use std::collections::VecDeque;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 use vm_core::sync::{lock, wait_timeout_while};
@@ -465,6 +467,11 @@ pub struct SavedPl011(Regs);
 /// thread ([`Pl011::receive`]).
 pub struct Pl011 {
     regs: Mutex<Regs>,
+    /// `UARTFR` as `regs` last left it, kept by [`RegsGuard`], so that
+    /// polling it (what a driver does around every character) takes no
+    /// lock. A read sees the state as of the last unlock: the same as if it
+    /// had taken the lock just then.
+    fr: AtomicU32,
     /// Signalled whenever the receive path may have gained room.
     rx_space: Condvar,
     /// Taken while `regs` is still held and released after the write, so
@@ -482,6 +489,33 @@ impl std::fmt::Debug for Pl011 {
     }
 }
 
+/// The locked registers; on release, stores the flag register they now
+/// give into [`Pl011::fr`] (with the lock still held, so stores happen in
+/// the order of the changes).
+struct RegsGuard<'a> {
+    regs: MutexGuard<'a, Regs>,
+    fr: &'a AtomicU32,
+}
+
+impl Deref for RegsGuard<'_> {
+    type Target = Regs;
+    fn deref(&self) -> &Regs {
+        &self.regs
+    }
+}
+
+impl DerefMut for RegsGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Regs {
+        &mut self.regs
+    }
+}
+
+impl Drop for RegsGuard<'_> {
+    fn drop(&mut self) {
+        self.fr.store(self.regs.fr(), Ordering::Release);
+    }
+}
+
 /// What a register write asks the caller to do after the state update.
 enum Effect {
     None,
@@ -495,8 +529,10 @@ impl Pl011 {
     /// A UART in its reset state, interrupt line low.
     pub fn new(irq: Arc<dyn IrqLine>, output: Box<dyn SerialOutput>) -> Arc<Self> {
         irq.set_level(false);
+        let regs = Regs::new();
         Arc::new(Self {
-            regs: Mutex::new(Regs::new()),
+            fr: AtomicU32::new(regs.fr()),
+            regs: Mutex::new(regs),
             rx_space: Condvar::new(),
             output: Mutex::new(output),
             irq,
@@ -505,8 +541,11 @@ impl Pl011 {
 
     // A panic while the lock was held (a bug) must not take the console
     // down with it: the register file is always in a usable state.
-    fn regs(&self) -> MutexGuard<'_, Regs> {
-        lock(&self.regs)
+    fn regs(&self) -> RegsGuard<'_> {
+        RegsGuard {
+            regs: lock(&self.regs),
+            fr: &self.fr,
+        }
     }
 
     fn output(&self) -> MutexGuard<'_, Box<dyn SerialOutput>> {
@@ -545,7 +584,8 @@ impl Pl011 {
     /// its own stop flag between calls, so `timeout` bounds how long it
     /// takes to notice a stop request.
     pub fn wait_for_rx_space(&self, timeout: Duration) -> bool {
-        let regs = self.regs();
+        // Only reads: the bare lock, which the condition variable needs.
+        let regs = lock(&self.regs);
         let (regs, _) = wait_timeout_while(&self.rx_space, regs, timeout, |r| r.rx_space() == 0);
         regs.rx_space() > 0
     }
@@ -590,6 +630,10 @@ impl Pl011 {
 
     /// A 32-bit read of the register holding `offset`.
     fn read_word(&self, offset: u64) -> u32 {
+        if offset & !3 == reg::FR {
+            // The register drivers poll: no lock (see `fr`).
+            return self.fr.load(Ordering::Acquire);
+        }
         let mut regs = self.regs();
         match offset & !3 {
             reg::DR => {
@@ -599,6 +643,7 @@ impl Pl011 {
                 value
             }
             reg::RSR_ECR => regs.rsr,
+            // Answered above without the lock; the same value.
             reg::FR => regs.fr(),
             reg::ILPR => regs.ilpr,
             reg::IBRD => regs.ibrd,
@@ -1085,6 +1130,19 @@ mod tests {
         assert_eq!(rig.uart.read(0xFFC, Double), 0xB1);
         assert_eq!(rig.uart.read(0x1000, Word), 0);
         assert_eq!(rig.uart.read(u64::MAX, Double), 0);
+    }
+
+    #[test]
+    fn flag_register_follows_a_restored_state() {
+        let rig = Rig::enabled();
+        rig.fill(FIFO_DEPTH);
+        let saved = rig.uart.save_state();
+        rig.uart.reset();
+        assert_eq!(rig.r(reg::FR) & (fr::RXFE | fr::RXFF), fr::RXFE);
+        rig.uart.restore_state(saved).unwrap();
+        assert_eq!(rig.r(reg::FR) & (fr::RXFE | fr::RXFF), fr::RXFF);
+        assert_eq!(rig.r(reg::DR), u32::from(b'a'));
+        assert_eq!(rig.r(reg::FR) & (fr::RXFE | fr::RXFF), 0);
     }
 
     #[test]

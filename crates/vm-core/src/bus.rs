@@ -9,6 +9,7 @@
 //! never as two halves (the software CPU is patched to keep it so).
 
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Size of one guest access.
@@ -109,6 +110,11 @@ struct Region {
 pub struct MmioBus {
     /// Sorted by base, never overlapping.
     regions: Vec<Region>,
+    /// Index of the region the last access found. Guests mostly hit one
+    /// device many times in a row (a driver polling a status register), so
+    /// trying it first skips the search. Only a hint, checked before use:
+    /// any value, stale or shared between vCPUs, gives the right region.
+    last_hit: AtomicUsize,
 }
 
 impl fmt::Debug for MmioBus {
@@ -169,14 +175,26 @@ impl MmioBus {
         Ok(())
     }
 
+    /// The region holding `addr`, if any.
+    fn find(&self, addr: u64) -> Option<&Region> {
+        let hint = self.last_hit.load(Ordering::Relaxed);
+        if let Some(region) = self.regions.get(hint) {
+            if region.base <= addr && addr <= region.last {
+                return Some(region);
+            }
+        }
+        let index = self
+            .regions
+            .partition_point(|r| r.base <= addr)
+            .checked_sub(1)?;
+        let region = self.regions.get(index).filter(|r| addr <= r.last)?;
+        self.last_hit.store(index, Ordering::Relaxed);
+        Some(region)
+    }
+
     /// The region holding `addr`, with the offset of `addr` in it.
     fn lookup(&self, addr: u64, width: AccessWidth) -> Result<(&Region, u64), BusError> {
-        let index = self.regions.partition_point(|r| r.base <= addr);
-        let region = index
-            .checked_sub(1)
-            .map(|i| &self.regions[i])
-            .filter(|r| addr <= r.last)
-            .ok_or(BusError::Unmapped(addr))?;
+        let region = self.find(addr).ok_or(BusError::Unmapped(addr))?;
         if addr % width.bytes() != 0 {
             return Err(BusError::Unaligned { addr, width });
         }
@@ -206,12 +224,7 @@ impl MmioBus {
 
     /// The name of the device at `addr`, for logs.
     pub fn device_name(&self, addr: u64) -> Option<&str> {
-        let index = self.regions.partition_point(|r| r.base <= addr);
-        index
-            .checked_sub(1)
-            .map(|i| &self.regions[i])
-            .filter(|r| addr <= r.last)
-            .map(|r| r.name.as_str())
+        self.find(addr).map(|r| r.name.as_str())
     }
 
     /// `(base, size, name)` of every region, in address order.
@@ -285,6 +298,77 @@ mod tests {
             Err(BusError::Straddles { .. })
         ));
         assert!(bus.read(0x1004, AccessWidth::Half).is_ok());
+    }
+
+    /// A device that answers every read with its own tag.
+    struct Tagged(u64);
+
+    impl MmioDevice for Tagged {
+        fn read(&self, _offset: u64, _width: AccessWidth) -> u64 {
+            self.0
+        }
+        fn write(&self, _offset: u64, _width: AccessWidth, _value: u64) {}
+    }
+
+    #[test]
+    fn repeated_and_alternating_accesses_reach_the_right_device() {
+        let mut bus = MmioBus::new();
+        // Adjacent regions, a hole, and one at the top of the space.
+        bus.insert(0x1000, 0x1000, "a", Arc::new(Tagged(1)))
+            .unwrap();
+        bus.insert(0x2000, 0x1000, "b", Arc::new(Tagged(2)))
+            .unwrap();
+        bus.insert(0x4000, 0x10, "c", Arc::new(Tagged(3))).unwrap();
+        bus.insert(u64::MAX - 0xfff, 0x1000, "top", Arc::new(Tagged(4)))
+            .unwrap();
+        let expected = [
+            (0x1000, Some(1)),
+            (0x1ffc, Some(1)),
+            (0x2000, Some(2)),
+            (0x1ffc, Some(1)),
+            (0x2ffc, Some(2)),
+            (0x3000, None),
+            (0x2ffc, Some(2)),
+            (0x4000, Some(3)),
+            (0x400c, Some(3)),
+            (0x4010, None),
+            (0xffc, None),
+            (u64::MAX - 0xfff, Some(4)),
+            (u64::MAX - 3, Some(4)),
+            (0x1000, Some(1)),
+        ];
+        // Twice over, so each address is met both after a hit on another
+        // region and after a hit on its own.
+        for (addr, tag) in expected.iter().chain(expected.iter()) {
+            for _ in 0..2 {
+                let got = bus.read(*addr, AccessWidth::Word).ok();
+                assert_eq!(got, *tag, "read at {addr:#x}");
+            }
+        }
+        assert_eq!(bus.device_name(0x2000), Some("b"));
+        assert_eq!(bus.device_name(0x1fff), Some("a"));
+        assert_eq!(bus.device_name(0x3fff), None);
+    }
+
+    #[test]
+    fn a_region_inserted_after_accesses_is_found_and_shifts_no_others() {
+        let mut bus = MmioBus::new();
+        bus.insert(0x3000, 0x1000, "c", Arc::new(Tagged(3)))
+            .unwrap();
+        assert_eq!(bus.read(0x3000, AccessWidth::Byte), Ok(3));
+        // Goes in front of the region last hit, moving it in the list.
+        bus.insert(0x1000, 0x1000, "a", Arc::new(Tagged(1)))
+            .unwrap();
+        assert_eq!(bus.read(0x1000, AccessWidth::Byte), Ok(1));
+        assert_eq!(bus.read(0x3000, AccessWidth::Byte), Ok(3));
+        bus.insert(0x2000, 0x1000, "b", Arc::new(Tagged(2)))
+            .unwrap();
+        assert_eq!(bus.read(0x3fff, AccessWidth::Byte), Ok(3));
+        assert_eq!(bus.read(0x2fff, AccessWidth::Byte), Ok(2));
+        assert_eq!(
+            bus.read(0xfff, AccessWidth::Byte),
+            Err(BusError::Unmapped(0xfff))
+        );
     }
 
     #[test]
