@@ -68,7 +68,7 @@ fi
 
 packages="cmake pkg-config libclang-dev patch gcc g++ \
 gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu libc6-dev-arm64-cross \
-cpio gzip device-tree-compiler e2fsprogs passt qemu-system-arm qemu-utils strace \
+cpio gzip zstd device-tree-compiler e2fsprogs passt qemu-system-arm qemu-utils strace \
 docker-registry skopeo"
 packages="$packages shellcheck"
 

@@ -112,11 +112,15 @@ make_initramfs() {
     for prog in ${progs:-}; do
         [ -f "$out/progs/$prog" ] && cp "$out/progs/$prog" "$root/bin/"
     done
+    # $tree: a directory laid over the root (Debian programs with their
+    # libraries).
+    [ -z "${tree:-}" ] || cp -a "$tree/." "$root/"
     for rel in $(resolve_modules "$@" | awk '!seen[$0]++'); do
         cp "$out/modules/$kver/$rel" "$root/lib/modules/"
         basename "$rel" >> "$root/lib/modules/load-order"
     done
-    (cd "$root" && find . -print | LC_ALL=C sort | cpio -o -H newc --quiet --reproducible) | gzip -9n > "$target"
+    # $compress: the compressor (gzip by default; the kernel reads zstd too).
+    (cd "$root" && find . -print | LC_ALL=C sort | cpio -o -H newc --quiet --reproducible) | ${compress:-gzip -9n} > "$target"
     rm -rf "$root"
     echo "build.sh: initramfs -> $target"
 }
@@ -152,5 +156,67 @@ progs="$device_progs $snapshot_progs" make_initramfs "$out/initramfs-devices.cpi
 # scripts/bench-share.sh's comparison with QEMU).
 progs=$share_progs make_initramfs "$out/initramfs-share.cpio.gz" \
     virtio_pci virtiofs vmw_vsock_virtio_transport 9pnet_virtio 9p
+
+# The fio guest (crates/vmapple/tests/fio.rs, scripts/bench.py --suite
+# blk): Debian's fio:arm64 with every shared library it loads. The library
+# packages come from fio's dependencies (lib* only, recursively); the files
+# taken from them follow each ELF file's DT_NEEDED, searched in its RUNPATH
+# and the multiarch directories, as the dynamic loader does.
+fio_tree="$out/fio-root"
+fio_pkgs="$out/fio-pkgs"
+rm -rf "$fio_tree" "$fio_pkgs"
+mkdir -p "$fio_tree" "$fio_pkgs"
+# Breadth first, one apt-cache call per level of the dependency tree.
+pending=fio
+listed=""
+while [ -n "$pending" ]; do
+    fresh=""
+    for pkg in $pending; do
+        case " $listed " in *" $pkg "*) ;; *) fresh="$fresh $pkg:arm64" listed="$listed $pkg" ;; esac
+    done
+    [ -n "$fresh" ] || break
+    # shellcheck disable=SC2086 # a list of package names
+    pending=$(apt-cache depends $fresh 2>/dev/null |
+        sed -n 's/^ *|\{0,1\}\(Pre\)\{0,1\}Depends: \([^<][^ ]*\)$/\2/p' | sed 's/:arm64$//; s/:any$//' |
+        grep -E '^(lib|zlib1g$)' | sort -u)
+done
+for pkg in $listed; do
+    dpkg-deb -x "$(fetch "$pkg:arm64")" "$fio_pkgs"
+done
+elf_needed() { aarch64-linux-gnu-readelf -d "$1" | sed -n 's/.*(NEEDED).*\[\(.*\)\]$/\1/p'; }
+elf_runpath() { aarch64-linux-gnu-readelf -d "$1" | sed -n 's/.*(RUNPATH).*\[\(.*\)\]$/\1/p' | tr ':' ' '; }
+pending=/usr/bin/fio
+copied=""
+while [ -n "$pending" ]; do
+    # shellcheck disable=SC2086 # a list of paths
+    set -- $pending
+    file=$1
+    shift
+    pending="$*"
+    case " $copied " in *" $file "*) continue ;; esac
+    copied="$copied $file"
+    mkdir -p "$fio_tree$(dirname "$file")"
+    cp -L "$fio_pkgs$file" "$fio_tree$file"
+    interp=$(aarch64-linux-gnu-readelf -l "$fio_pkgs$file" | sed -n 's/.*Requesting program interpreter: \(.*\)\]$/\1/p')
+    [ -z "$interp" ] || pending="$pending $interp"
+    search="$(elf_runpath "$fio_pkgs$file") /lib/aarch64-linux-gnu /usr/lib/aarch64-linux-gnu"
+    for lib in $(elf_needed "$fio_pkgs$file"); do
+        found=""
+        for dir in $search; do
+            if [ -e "$fio_pkgs$dir/$lib" ]; then
+                found="$dir/$lib"
+                break
+            fi
+        done
+        [ -n "$found" ] || { echo "build.sh: $lib (needed by $file) is in none of fio's library packages" >&2; exit 1; }
+        pending="$pending $found"
+    done
+done
+rm -rf "$fio_pkgs"
+# zstd: the libraries are 80 MiB; it packs them as small as gzip -9, in
+# a fraction of the time, and the guest unpacks them faster.
+need zstd zstd
+tree=$fio_tree compress="zstd -q -T0 -6" make_initramfs "$out/initramfs-fio.cpio.zst" virtio_pci virtio_blk
+rm -rf "$fio_tree"
 rm -rf "$out/busybox-root"
 echo "build.sh: kernel $kernel_pkg -> $out/Image"

@@ -19,6 +19,7 @@
 //! * **PBA**: one bit per vector, read-only to the guest; the function
 //!   sets and clears bits with [`MsixState::set_pending`].
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vm_core::regs::{Narrow, RegisterFile, Wide};
@@ -240,13 +241,17 @@ pub struct SavedMsix {
 ///   with its pending bit set sends it and clears the bit (§6.8.2.8).
 ///   Whatever address and data the guest put in the table go to the sink
 ///   unchecked: deciding what they reach is the MSI controller's job.
-/// * **Bus mastering** is the function's to check: it calls `notify` only
-///   while its command register lets it write memory.
+/// * **Bus mastering**: a message is a memory write, which the function may
+///   only make while its command register lets it. The function calls
+///   `notify` only then, and tells [`Msix::set_bus_master`] of each change,
+///   so that an unmask while it is off leaves pending vectors pending
+///   (they go out when it is turned on).
 pub struct Msix {
     offset: u16,
     layout: MsixLayout,
     state: Mutex<MsixState>,
     sink: Arc<dyn MsiSink>,
+    bus_master: AtomicBool,
 }
 
 impl Msix {
@@ -262,6 +267,7 @@ impl Msix {
             layout,
             state: Mutex::new(MsixState::new(layout.vectors)),
             sink,
+            bus_master: AtomicBool::new(false),
         })
     }
 
@@ -335,9 +341,19 @@ impl Msix {
         true
     }
 
-    /// Sends every pending vector that is no longer masked.
+    /// The function's command register turned bus mastering on or off;
+    /// turning it on sends what is pending and unmasked.
+    pub fn set_bus_master(&self, on: bool) {
+        let mut state = lock(&self.state);
+        self.bus_master.store(on, Ordering::SeqCst);
+        self.flush(&mut state);
+    }
+
+    /// Sends every pending vector that is no longer masked, if the
+    /// function may write memory.
     fn flush(&self, state: &mut MsixState) {
-        if !state.enabled() || state.function_masked() {
+        if !state.enabled() || state.function_masked() || !self.bus_master.load(Ordering::SeqCst)
+        {
             return;
         }
         for vector in 0..self.layout.vectors {
@@ -434,6 +450,7 @@ impl Msix {
     pub fn reset(&self, caps: &mut CapabilityList) {
         let mut state = lock(&self.state);
         state.reset();
+        self.bus_master.store(false, Ordering::SeqCst);
         if let Some(b) = caps.bytes_mut(self.offset + CONTROL_OFFSET, 2) {
             b.copy_from_slice(&state.control().to_le_bytes());
         }
@@ -536,6 +553,7 @@ mod tests {
         let mut caps = CapabilityList::new();
         let sink = Arc::new(Recorder::default());
         let msix = Msix::add(&mut caps, layout, sink.clone()).unwrap();
+        msix.set_bus_master(true);
         (caps, msix, sink)
     }
 
@@ -653,5 +671,30 @@ mod tests {
         assert_eq!(back.control, CONTROL_ENABLE | CONTROL_FUNCTION_MASK);
         assert_eq!(back.table[0], [1, 2, 3, VECTOR_MASKED]);
         assert_eq!(caps.read(msix.offset() + 2, Half), 0xc002);
+    }
+
+    #[test]
+    fn an_unmask_without_bus_mastering_keeps_the_vector_pending() {
+        let (mut caps, msix, sink) = placed(2);
+        let at = msix.offset();
+        msix.write_config(&mut caps, at + 2, Half, u32::from(CONTROL_ENABLE));
+        msix.write_table(0, Double, 0x1000_0040);
+        msix.write_table(ENTRY_DATA, Word, 0xa0);
+        assert!(msix.notify(0), "pends: vector 0 is masked");
+        // The driver turns bus mastering off, then unmasks: no memory
+        // write may leave the function, so the vector stays pending.
+        msix.set_bus_master(false);
+        msix.write_table(ENTRY_VECTOR_CONTROL, Word, 0);
+        assert!(sink.0.lock().unwrap().is_empty(), "sent without bus mastering");
+        assert_eq!(msix.read_pba(0, Word), 1);
+        // Clearing the function mask does not send it either.
+        msix.write_config(&mut caps, at + 2, Half, u32::from(CONTROL_ENABLE));
+        assert!(sink.0.lock().unwrap().is_empty());
+        // Bus mastering back on: the pending message goes out, once.
+        msix.set_bus_master(true);
+        assert_eq!(*sink.0.lock().unwrap(), vec![(0x1000_0040, 0xa0)]);
+        assert_eq!(msix.read_pba(0, Word), 0);
+        msix.set_bus_master(true);
+        assert_eq!(sink.0.lock().unwrap().len(), 1);
     }
 }

@@ -439,7 +439,11 @@ impl PciDevice for Xhci {
     }
 
     fn command_written(&self, command: u16) {
-        lock(&self.state).bus_master = command & PCI_COMMAND_BUS_MASTER != 0;
+        let mut st = lock(&self.state);
+        st.bus_master = command & PCI_COMMAND_BUS_MASTER != 0;
+        if let Some(msix) = &st.msix {
+            msix.set_bus_master(st.bus_master);
+        }
     }
 
     fn reset(&self) {

@@ -572,6 +572,9 @@ impl Inner {
     fn command_written(&mut self, shared: &Arc<Shared>, command: u16) {
         let master = command & ::pci::config::reg::COMMAND_MASTER != 0;
         shared.bus_master.store(master, Ordering::SeqCst);
+        if let Some(msix) = &shared.msix {
+            msix.set_bus_master(master);
+        }
         let was = std::mem::replace(&mut self.bus_master, master);
         let driver_ok = self.status & STATUS_DRIVER_OK != 0;
         if master && !was && driver_ok && !self.live && self.status & STATUS_NEEDS_RESET == 0 {

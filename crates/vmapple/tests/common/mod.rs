@@ -76,6 +76,12 @@ pub fn linux_guest_share() -> Option<(PathBuf, PathBuf)> {
     linux_guest_files("initramfs-share.cpio.gz")
 }
 
+/// The same kernel with the fio initramfs (Debian's fio with its
+/// libraries, virtio-blk drivers).
+pub fn linux_guest_fio() -> Option<(PathBuf, PathBuf)> {
+    linux_guest_files("initramfs-fio.cpio.zst")
+}
+
 /// The kernel and `initramfs` in [`linux_guest_dir`]. Missing files fail
 /// the test with the command that makes them, except on macOS without
 /// `VMAPPLE_GUEST_DIR`: a Mac cannot build them (build.sh needs apt), so
