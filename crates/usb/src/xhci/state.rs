@@ -293,6 +293,11 @@ impl Xhci {
         st.config_reg = saved.config;
         st.fladj = saved.fladj;
         st.bus_master = saved.bus_master;
+        if let Some(msix) = &st.msix {
+            // The command register is restored with the PCI host's state,
+            // not replayed as a write.
+            msix.set_bus_master(saved.bus_master);
+        }
         st.intrs = intrs;
         st.slots = slots;
         st.run_start = st.running().then(|| {

@@ -1177,6 +1177,11 @@ impl VirtioPciDevice {
             // Checked above.
             let _ = msix.restore_state(&mut inner.caps, s);
         }
+        if let Some(msix) = &self.shared.msix {
+            // The command register comes back with the PCI host's state,
+            // which does not replay it as a write.
+            msix.set_bus_master(saved.bus_master);
+        }
         inner.device_feature_select = saved.device_feature_select;
         inner.driver_feature_select = saved.driver_feature_select;
         inner.driver_features = saved.driver_features;
