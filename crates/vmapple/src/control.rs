@@ -473,4 +473,37 @@ mod tests {
         assert!(request_from_words(&words(&["status", "now"])).is_err());
         assert!(request_from_words(&[]).is_err());
     }
+
+    #[test]
+    fn save_takes_stop_and_with_disks_in_any_order() {
+        let save = |w: &[&str]| match request_from_words(&words(w)) {
+            Ok(Request::Save {
+                path,
+                stop,
+                with_disks,
+            }) => Some((path.is_absolute(), stop, with_disks)),
+            _ => None,
+        };
+        assert_eq!(save(&["save", "v.snap"]), Some((true, false, false)));
+        assert_eq!(
+            save(&["save", "/v.snap", "--with-disks", "--stop"]),
+            Some((true, true, true))
+        );
+        assert_eq!(
+            save(&["save", "/v.snap", "--with-disks"]),
+            Some((true, false, true))
+        );
+        assert_eq!(save(&["save", "/v.snap", "--disks"]), None);
+        // Older clients send no with_disks.
+        let r =
+            bundle::control::parse_request(br#"{"cmd":"save","path":"/v","stop":true}"#).unwrap();
+        assert!(matches!(
+            r,
+            Request::Save {
+                with_disks: false,
+                stop: true,
+                ..
+            }
+        ));
+    }
 }

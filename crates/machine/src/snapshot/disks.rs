@@ -467,6 +467,26 @@ mod tests {
             ["ro.img", "rw.img", "s.snap.disk0.img"],
             "no temporary file left"
         );
+
+        // A fork gives a disk file of its own, which need not exist: the
+        // restore makes it from the copy.
+        let mut fork = DiskSpec::new(dir.path().join("fork.img"));
+        let mut run = vec![("disk0".to_string(), &mut fork)];
+        prepare(&snap, &saved[..1], &mut run, false)
+            .unwrap()
+            .commit()
+            .unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("fork.img")).unwrap(),
+            b"at the save"
+        );
+
+        // Without its copy the snapshot is refused, naming the disk.
+        std::fs::remove_file(dir.path().join("s.snap.disk0.img")).unwrap();
+        let mut a = rw.clone();
+        let mut run = vec![("disk0".to_string(), &mut a)];
+        let e = prepare(&snap, &saved[..1], &mut run, false).err().unwrap();
+        assert!(e.to_string().starts_with("cannot copy --disk"), "{e}");
     }
 
     #[test]
