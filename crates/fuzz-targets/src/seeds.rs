@@ -792,6 +792,34 @@ pub fn snapshot() -> Vec<Vec<u8>> {
         .expect("a running virtio-blk state with MSI-X restores");
     msix.quiesce();
     out.push(seed(s::VIRTIO_BLK_MSIX, &msix));
+    out.push(seed(s::VIRTIO_GPU, &s::virtio_gpu()));
+    // A running GPU: a 16x16 resource backed in RAM, shown on its head.
+    let mut gpu = running.save_state().expect("it saves");
+    gpu.queues.push(gpu.queues[0].clone());
+    gpu.queues[1].driver += 0x800;
+    gpu.queues[1].device += 0x800;
+    gpu.queues[1].desc += 0x4000;
+    gpu.positions = vec![(3, 3), (1, 1)];
+    gpu.queue_vectors.push(virtio::transport::pci::NO_VECTOR);
+    gpu.device = Some(virtio::device::SavedDevice::Gpu(virtio::gpu::SavedGpu {
+        events_read: 0,
+        resources: vec![virtio::gpu::SavedResource {
+            id: 1,
+            format: 2,
+            width: 16,
+            height: 16,
+            backing: vec![(s::VIRTIO_RAM + 0x8000, 16 * 16 * 4)],
+        }],
+        scanouts: vec![virtio::gpu::SavedScanout {
+            resource: 1,
+            rect: (0, 0, 16, 16),
+        }],
+    }));
+    let running_gpu = s::virtio_gpu();
+    running_gpu
+        .restore_state(&gpu)
+        .expect("a running virtio-gpu state restores");
+    out.push(seed(s::VIRTIO_GPU, &running_gpu));
     out.push(seed(s::XHCI, &s::xhci()));
     out.push(seed(s::XHCI, &running_xhci()));
     out

@@ -23,6 +23,7 @@ pub const PCI_HOST: u8 = 5;
 pub const VIRTIO_BLK: u8 = 6;
 pub const VIRTIO_BLK_MSIX: u8 = 7;
 pub const XHCI: u8 = 8;
+pub const VIRTIO_GPU: u8 = 9;
 
 struct NoCpus;
 
@@ -86,6 +87,15 @@ pub fn virtio_blk_msix() -> virtio::transport::pci::VirtioPciDevice {
     };
     let blk = virtio::block::VirtioBlock::new(disk, config);
     virtio::transport::pci::VirtioPciDevice::with_msix(Box::new(blk), ram, Arc::new(NoMessages))
+}
+
+/// A virtio-gpu function with one 640x480 head, its rings and resources'
+/// backing in [`virtio_blk`]'s 1 MiB of RAM.
+pub fn virtio_gpu() -> virtio::transport::pci::VirtioPciDevice {
+    let ram = vm_core::memory::create_guest_memory(&[(VIRTIO_RAM, 0x10_0000)]).expect("RAM");
+    let display = display::Display::new(vec![vec![display::DisplayMode::new(640, 480, 60)]]);
+    let gpu = virtio::gpu::VirtioGpu::new(display);
+    virtio::transport::pci::VirtioPciDevice::new(Box::new(gpu), ram)
 }
 
 /// Where [`xhci`]'s RAM starts (1 MiB of it).
@@ -157,6 +167,7 @@ pub fn snapshot(data: &[u8]) -> Report {
         AES => restored(&*aes()),
         PCI_HOST => restored(&pci_host()),
         VIRTIO_BLK => restored(&virtio_blk()),
+        VIRTIO_GPU => restored(&virtio_gpu()),
         XHCI => {
             let x = xhci();
             // MFINDEX runs on host time, so the round trip compares the

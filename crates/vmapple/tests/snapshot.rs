@@ -2,7 +2,11 @@
 //! --restore` continue a Linux guest's process in a new vmapple process,
 //! one snapshot runs twice at once, the test firmware's two-CPU atomic
 //! count comes out exact across a save, and bad snapshots are refused
-//! with one message and nothing changed.
+//! with one message and nothing changed. Every device the board attaches
+//! for a Linux guest is saved and works after a restore: disks with I/O
+//! threads and MSI-X, the NIC (DHCP and TCP through a new passt), XHCI
+//! with its keyboard and tablet (events reach evdev), vsock, virtio-gpu
+//! (the screenshot), and the serial console takes input.
 
 #[macro_use]
 mod common;
@@ -603,6 +607,19 @@ impl SerialConsole {
         }
     }
 
+    /// Reads until the console shows every one of `needles`, in any
+    /// order, after the text last waited for.
+    fn wait_all(&mut self, needles: &[&str]) {
+        let from = self.cursor;
+        let mut end = from;
+        for needle in needles {
+            self.cursor = from;
+            self.wait_for(needle);
+            end = end.max(self.cursor);
+        }
+        self.cursor = end;
+    }
+
     /// Types `line` and Enter at the guest's shell.
     fn type_line(&mut self, line: &str) {
         use std::io::Write;
@@ -866,16 +883,23 @@ fn after_restore_usb_keyboard_and_tablet_events_reach_the_guests_evdev(accel) {
     let mut console = SerialConsole::connect(&serial);
     wait_for_control(&socket);
     ctl(&socket, &["send-keys", "shift", "a"]);
-    let keys = console.wait_for("USB Keyboard 1 42 0");
-    for needle in ["USB Keyboard 1 42 1", "USB Keyboard 1 30 1", "USB Keyboard 1 30 0"] {
-        assert!(keys.contains(needle), "{needle}:\n{keys}");
+    // Each event is a line of its own (the guest's watchers print them
+    // as evdev gives them); their order between devices is the guest's.
+    for needle in [
+        "USB Keyboard 1 42 1",
+        "USB Keyboard 1 30 1",
+        "USB Keyboard 1 30 0",
+        "USB Keyboard 1 42 0",
+    ] {
+        console.wait_for(needle);
     }
-    assert!(!keys.contains("userspace up"), "no reboot:\n{keys}");
+    assert!(!console.seen.contains("userspace up"), "no reboot:\n{}", console.seen);
     ctl(&socket, &["pointer", "1000", "2000", "left"]);
-    let pointer = console.wait_for("USB Tablet 1 272 1");
-    for needle in ["USB Tablet 3 0 1000", "USB Tablet 3 1 2000"] {
-        assert!(pointer.contains(needle), "{needle}:\n{pointer}");
-    }
+    console.wait_all(&[
+        "USB Tablet 3 0 1000",
+        "USB Tablet 3 1 2000",
+        "USB Tablet 1 272 1",
+    ]);
     console.type_line("echo TYPED-$((6*7))");
     console.wait_for("TYPED-42");
     console.type_line("poweroff -f");

@@ -28,7 +28,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -208,9 +208,33 @@ struct Engine {
     control: VecDeque<Header>,
     next_port: u32,
     buf: Vec<u8>,
+    /// After a restore's transport reset: where the event queue's
+    /// available index is and its value when the reset was written. The
+    /// guest puts a new event buffer there once it has reset its
+    /// connections; host clients wait until then, so a new connection
+    /// is not reset with the old ones.
+    reset_ack: Arc<Mutex<Option<(u64, u16)>>>,
 }
 
 impl Engine {
+    /// Whether the guest has yet to handle a transport reset.
+    fn awaiting_reset_ack(&self) -> bool {
+        let mut ack = vm_core::sync::lock(&self.reset_ack);
+        let Some((at, seen)) = *ack else {
+            return false;
+        };
+        let mut idx = [0u8; 2];
+        match vm_core::memory::read_exact(&self.mem, at, &mut idx) {
+            Ok(()) if u16::from_le_bytes(idx) == seen => true,
+            // A new buffer (or a ring no longer in RAM: nothing to wait
+            // for).
+            _ => {
+                *ack = None;
+                false
+            }
+        }
+    }
+
     fn header(&self, key: Key, op: u16, conn: Option<&mut Conn>) -> Header {
         let mut h = Header {
             src_cid: HOST_CID,
@@ -343,6 +367,9 @@ impl Engine {
     /// Reads `CONNECT P\n` from waiting host clients, one byte at a time
     /// so nothing of the stream after the line is taken.
     fn handshake(&mut self) {
+        if self.awaiting_reset_ack() {
+            return;
+        }
         let mut i = 0;
         while i < self.handshakes.len() {
             let h = &mut self.handshakes[i];
@@ -774,6 +801,8 @@ struct Events {
     queue: Queue,
     mem: GuestRam,
     interrupt: Arc<dyn VirtioInterrupt>,
+    /// Shared with the engine ([`Engine::reset_ack`]).
+    reset_ack: Arc<Mutex<Option<(u64, u16)>>>,
 }
 
 /// A virtio-vsock device with its host side on Unix sockets.
@@ -844,6 +873,10 @@ impl VirtioVsock {
             guest_error!("virtio-vsock: cannot return an event buffer: {e}");
             return;
         }
+        let at = ev.queue.avail_ring().wrapping_add(2);
+        if let Ok(seen) = ev.queue.avail_idx(&ev.mem, Ordering::Acquire) {
+            *vm_core::sync::lock(&ev.reset_ack) = Some((at, seen.0));
+        }
         if should_interrupt(&mut ev.queue, &ev.mem) {
             ev.interrupt.notify_queue(EVENT_QUEUE);
         }
@@ -910,6 +943,7 @@ impl VirtioDevice for VirtioVsock {
                 .map_err(|e| ActivateError::Other(e.to_string()))?;
         }
         let stop = Arc::new(AtomicBool::new(false));
+        let reset_ack = Arc::new(Mutex::new(None));
         let engine = Engine {
             cid: self.cid,
             path: self.path.clone(),
@@ -925,6 +959,7 @@ impl VirtioDevice for VirtioVsock {
             control: VecDeque::new(),
             next_port: first_host_port(),
             buf: Vec::new(),
+            reset_ack: reset_ack.clone(),
         };
         let _ = wake_tx.as_fd();
         let worker = Worker::spawn(engine, stop, wake_tx)
@@ -934,6 +969,7 @@ impl VirtioDevice for VirtioVsock {
             queue: event,
             mem: ctx.memory,
             interrupt: ctx.interrupt,
+            reset_ack,
         });
         Ok(())
     }
@@ -1085,6 +1121,21 @@ mod tests {
         read_exact(&mem, 0x2_0000, &mut id).unwrap();
         assert_eq!(u32::from_le_bytes(id), EVENT_TRANSPORT_RESET);
         assert!(irq.queues.lock().unwrap().contains(&EVENT_QUEUE));
+        // A host client waits until the guest has handled the reset: it
+        // gives the event buffer back.
+        rxq.add_chain(&[(0x1_1000, 256, true)]);
+        dev.queue_notify(RX_QUEUE);
+        let mut second = UnixStream::connect(&path).unwrap();
+        second.write_all(b"CONNECT 6\n").unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(rxq.used_idx(), 1, "no REQUEST before the guest's reset");
+        evq.add_chain(&[(0x2_0000, 4, true)]);
+        dev.queue_notify(EVENT_QUEUE);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while rxq.used_idx() != 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(rxq.used_idx(), 2, "the REQUEST once the guest is ready");
         drop(dev);
         let _ = std::fs::remove_dir_all(&dir);
     }
