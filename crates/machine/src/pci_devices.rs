@@ -62,7 +62,8 @@ fn open_backend(backend: &NetBackend) -> std::io::Result<Box<dyn virtio::net::Ne
 #[derive(Clone, Debug)]
 pub struct NicSpec {
     pub backend: NetBackend,
-    pub mac: MacAddress,
+    /// `None`: [`default_mac`] at boot; a restore keeps the guest's.
+    pub mac: Option<MacAddress>,
 }
 
 /// A locally administered MAC address in QEMU's 52:54:00 range, unique
@@ -167,11 +168,16 @@ pub(crate) fn attach(
             backend: nic.backend.clone(),
             source,
         })?;
-        tracing::info!("NIC {i}: {}, MAC {}", nic.backend, nic.mac);
-        plug(
-            &format!("virtio-net{i}"),
-            virtio(Box::new(VirtioNet::new(backend, nic.mac.octets()))),
-        )?;
+        let index = u8::try_from(i).unwrap_or(u8::MAX);
+        let mac = nic.mac.unwrap_or_else(|| default_mac(index));
+        tracing::info!("NIC {i}: {}, MAC {mac}", nic.backend);
+        let net = VirtioNet::new(backend, mac.octets());
+        let net = if nic.mac.is_none() {
+            net.with_mac_from_snapshot()
+        } else {
+            net
+        };
+        plug(&format!("virtio-net{i}"), virtio(Box::new(net)))?;
     }
     for (i, (path, disk)) in disks.extra.into_iter().enumerate() {
         tracing::debug!("virtio-blk{i} is {}", path.display());

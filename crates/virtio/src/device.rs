@@ -155,6 +155,11 @@ pub trait VirtioDevice: Send {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SavedDevice {
     Gpu(crate::gpu::SavedGpu),
+    /// virtio-net: the MAC address its configuration showed, which the
+    /// guest's driver read once and keeps using.
+    Net {
+        mac: [u8; 6],
+    },
 }
 
 /// A queue's ring positions: the next available entry the device will

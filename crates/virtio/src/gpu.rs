@@ -801,8 +801,10 @@ impl VirtioDevice for VirtioGpu {
     }
 
     fn restore_device(&mut self, memory: &GuestRam, saved: &SavedDevice) -> Result<(), String> {
-        let SavedDevice::Gpu(saved) = saved;
-        self.restore(memory, saved)
+        match saved {
+            SavedDevice::Gpu(saved) => self.restore(memory, saved),
+            other => Err(format!("a virtio-gpu cannot take {other:?}")),
+        }
     }
 }
 

@@ -424,7 +424,9 @@ fn a_restored_gpu_shows_its_scanout_again_from_the_guests_backing() {
     assert_eq!(frame.pixels[3 * w as usize + 5] & 0xff_ffff, 0x80_0305);
 
     // Hostile states are refused and change nothing.
-    let SavedDevice::Gpu(good) = saved;
+    let SavedDevice::Gpu(good) = saved else {
+        panic!("a GPU saves a GPU state");
+    };
     let bad: Vec<(&str, SavedGpu)> = vec![
         ("resource 0", {
             let mut s = good.clone();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::fronts::{Front, GpuArg};
 use clap::{Args, Parser, Subcommand};
 use machine::display::{DisplayConfig, GpuKind, MAX_HEADS};
-use machine::{default_mac, BootSource, Machine, MachineConfig, NicSpec, RunOutcome};
+use machine::{BootSource, Machine, MachineConfig, NicSpec, RunOutcome};
 use vm_config::{
     DiskSpec, DisplayModes, Ecid, MacAddress, NetBackend, Network, PanicPolicy, SerialBackend,
     ShareSpec, Size,
@@ -197,8 +197,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub vsock: Option<PathBuf>,
 
-    /// Leave out virtio-vsock (a bundle has one by default); needed for
-    /// snapshots and `vmapple suspend` until vsock saves its state.
+    /// Leave out virtio-vsock (a bundle has one by default).
     #[arg(long, conflicts_with = "vsock")]
     pub no_vsock: bool,
 
@@ -339,10 +338,7 @@ fn nics(net: Option<(Network, String)>, mac: Option<MacAddress>) -> Result<Vec<N
             return Ok(Vec::new());
         }
     };
-    Ok(vec![NicSpec {
-        backend,
-        mac: mac.unwrap_or_else(|| default_mac(0)),
-    }])
+    Ok(vec![NicSpec { backend, mac }])
 }
 
 fn passt_installed() -> bool {
@@ -1037,7 +1033,7 @@ mod tests {
         ]);
         let c = machine_config(args, None).unwrap();
         assert_eq!(c.nics[0].backend, NetBackend::UnixStream("/tmp/s".into()));
-        assert_eq!(c.nics[0].mac.to_string(), "52:54:00:00:00:07");
+        assert_eq!(c.nics[0].mac.unwrap().to_string(), "52:54:00:00:00:07");
         for bad in [
             &["--memory", "12Q"][..],
             &["--aux", "x,y.img"],

@@ -1684,12 +1684,6 @@ fn a_suspended_bundle_resumes_where_it_stopped() {
         initrd.to_str().unwrap(),
         "--append",
         "console=ttyAMA0 quiet vmapple.tick vmapple.powerkey",
-        // What snapshots can save today: no XHCI, no vsock, virtio-blk
-        // without MSI-X.
-        "--no-usb",
-        "--no-vsock",
-        "--msi",
-        "off",
     ];
     let mut vm = home.spawn(&run_args);
     vm.wait_until("a few ticks", BOOT, |c| last_tick(c) >= Some(5));

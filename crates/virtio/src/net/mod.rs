@@ -57,8 +57,8 @@ use crate::block::chain::{
     pop_chain, read_stream, rings_in_ram, should_interrupt, stream_len, write_stream, Chain,
 };
 use crate::device::{
-    ActivateContext, ActivateError, PciIdentity, QueuePosition, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1,
+    ActivateContext, ActivateError, PciIdentity, QueuePosition, SavedDevice, VirtioDevice,
+    VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
 
 /// virtio device type of a network device.
@@ -170,6 +170,9 @@ struct Active {
 /// A virtio network device.
 pub struct VirtioNet {
     mac: [u8; 6],
+    /// The MAC was derived, not asked for: a restore takes the saved one,
+    /// which the guest's driver already uses.
+    mac_from_snapshot: bool,
     backend: Box<dyn NetBackend>,
     /// The backend's receive side while no receive thread owns it.
     receiver: Option<Box<dyn NetReceiver>>,
@@ -324,12 +327,20 @@ impl VirtioNet {
         let receiver = backend.take_receiver();
         Self {
             mac,
+            mac_from_snapshot: false,
             backend,
             receiver,
             active: None,
             tx_buf: vec![0; HDR_LEN + MAX_FRAME_LEN],
             tx_dropped: 0,
         }
+    }
+
+    /// Lets a restore replace `mac` with the one in the snapshot (`mac`
+    /// was a default, not the user's choice).
+    pub fn with_mac_from_snapshot(mut self) -> Self {
+        self.mac_from_snapshot = true;
+        self
     }
 
     /// Frames the backend refused so far (a full or dead peer).
@@ -564,6 +575,31 @@ impl VirtioDevice for VirtioNet {
 
     fn quiesce(&mut self) {
         self.stop_rx();
+    }
+
+    fn save_device(&self) -> Option<SavedDevice> {
+        Some(SavedDevice::Net { mac: self.mac })
+    }
+
+    /// A Linux driver reads the MAC once, at probe, and virtio has no way
+    /// to make it read a new one; so without a `--mac` of its own a
+    /// restored device shows the address the guest uses, and with one it
+    /// shows the new address, which the guest takes when its driver next
+    /// starts.
+    fn restore_device(&mut self, _memory: &GuestRam, saved: &SavedDevice) -> Result<(), String> {
+        let &SavedDevice::Net { mac } = saved else {
+            return Err(format!("a virtio-net cannot take {saved:?}"));
+        };
+        if self.mac_from_snapshot {
+            self.mac = mac;
+        } else if mac != self.mac {
+            tracing::info!(
+                "virtio-net: the device now shows MAC {}; the restored guest uses {} until its driver starts again",
+                vm_config::MacAddress(self.mac),
+                vm_config::MacAddress(mac)
+            );
+        }
+        Ok(())
     }
 
     fn resume(&mut self) {
@@ -811,6 +847,32 @@ mod tests {
         let mut got = guest(&r.mem, BUF + HDR_LEN as u64, 8);
         got.extend(guest(&r.mem, BUF + 0x100, 20));
         assert_eq!(got, f);
+    }
+
+    fn config_mac(dev: &VirtioNet) -> [u8; 6] {
+        let mut mac = [0; 6];
+        dev.read_config(cfg::MAC as u64, &mut mac);
+        mac
+    }
+
+    #[test]
+    fn a_restore_shows_the_guests_mac_unless_one_was_asked_for() {
+        let saved_mac = [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc];
+        let saved = SavedDevice::Net { mac: saved_mac };
+        let fake = || FakeBackend {
+            sent: Arc::default(),
+            receiver: None,
+        };
+        let mem = create_guest_memory(&[(0, RAM)]).unwrap();
+        // A derived MAC gives way to the one the guest's driver read.
+        let mut derived = VirtioNet::new(Box::new(fake()), MAC).with_mac_from_snapshot();
+        derived.restore_device(&mem, &saved).unwrap();
+        assert_eq!(config_mac(&derived), saved_mac);
+        assert_eq!(derived.save_device(), Some(saved.clone()));
+        // An asked-for MAC (a fork's --mac) stays.
+        let mut given = VirtioNet::new(Box::new(fake()), MAC);
+        given.restore_device(&mem, &saved).unwrap();
+        assert_eq!(config_mac(&given), MAC);
     }
 
     #[test]
