@@ -341,8 +341,7 @@ impl Msix {
     /// Sends every pending vector that is no longer masked, if the
     /// function may write memory.
     fn flush(&self, state: &mut MsixState) {
-        if !state.enabled() || state.function_masked() || !self.bus_master.load(Ordering::SeqCst)
-        {
+        if !state.enabled() || state.function_masked() || !self.bus_master.load(Ordering::SeqCst) {
             return;
         }
         for vector in 0..self.layout.vectors {
@@ -557,7 +556,10 @@ mod tests {
         // write may leave the function, so the vector stays pending.
         msix.set_bus_master(false);
         msix.write_table(ENTRY_VECTOR_CONTROL, Word, 0);
-        assert!(sink.0.lock().unwrap().is_empty(), "sent without bus mastering");
+        assert!(
+            sink.0.lock().unwrap().is_empty(),
+            "sent without bus mastering"
+        );
         assert_eq!(msix.read_pba(0, Word), 1);
         // Clearing the function mask does not send it either.
         msix.write_config(&mut caps, at + 2, Half, u32::from(CONTROL_ENABLE));
