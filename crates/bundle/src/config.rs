@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 pub use vm_config::display;
 pub use vm_config::{
-    DiskSpec, DisplayMode, DisplayModes, Ecid, MacAddress, NetBackend, Network, PanicPolicy,
+    DiskSpec, DisplayMode, DisplayModes, Ecid, MacAddress, Msi, NetBackend, Network, PanicPolicy,
     SerialBackend, ShareSpec, Size,
 };
 
@@ -110,6 +110,10 @@ pub struct VmConfig {
     /// Virtualization.framework does on an M4; absent: vmapple's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub soc_name: Option<String>,
+    /// Message-signalled interrupts (`--msi`); absent: the machine's
+    /// default for the boot source (off for a boot ROM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msi: Option<Msi>,
     /// Auxiliary storage (macOS's NVRAM and boot policy).
     pub aux: DiskSpec,
     /// The macOS system disk.
@@ -168,6 +172,7 @@ impl VmConfig {
             on_panic: PanicPolicy::default(),
             model: None,
             soc_name: None,
+            msi: None,
             aux,
             root,
             disks: Vec::new(),
@@ -257,6 +262,7 @@ mac = "52:54:00:12:34:56"
 on-panic = "pause"
 model = "VM0001"
 soc-name = "Apple M4 (Virtual)"
+msi = "on"
 
 [aux]
 path = "aux.img"
@@ -290,6 +296,7 @@ modes = ["2560x1600", "1920x1080"]
         assert_eq!(c.on_panic, PanicPolicy::Pause);
         assert_eq!(c.model.as_deref(), Some("VM0001"));
         assert_eq!(c.soc_name.as_deref(), Some("Apple M4 (Virtual)"));
+        assert_eq!(c.msi, Some(Msi::On));
         assert_eq!(c.aux.offset, VZ_AUX_HEADER);
         assert!(c.disks[0].read_only);
         assert_eq!(
@@ -329,6 +336,7 @@ modes = ["2560x1600", "1920x1080"]
         assert_eq!(c.on_panic, PanicPolicy::Exit);
         assert_eq!(c.ecid, None);
         assert_eq!((c.model, c.soc_name), (None, None));
+        assert_eq!(c.msi, None);
         assert_eq!(c.display.modes.len(), 1);
     }
 

@@ -41,7 +41,13 @@ pub fn capture<R>(f: impl FnOnce() -> R) -> (R, Vec<String>) {
         .with_ansi(false)
         .with_max_level(tracing::Level::TRACE)
         .finish();
-    let result = tracing::subscriber::with_default(subscriber, f);
+    let result = tracing::subscriber::with_default(subscriber, || {
+        // A callsite another test's thread hit first, with no subscriber
+        // of its own, may have cached "never"; ask again now that this
+        // one is live (the device's own threads log here too).
+        tracing::callsite::rebuild_interest_cache();
+        f()
+    });
     let text = String::from_utf8_lossy(&vm_core::sync::lock(&sink.0)).into_owned();
     (result, text.lines().map(str::to_owned).collect())
 }

@@ -521,7 +521,7 @@ fn machine_config(args: RunArgs, bundle: Option<&bundle::Bundle>) -> Result<Mach
         .unwrap_or(SerialBackend::Stdio);
     // A macOS guest on MSI is untested, so firmware boots keep QEMU's
     // machine unless asked.
-    let msi = args.msi.map_or(
+    let msi = args.msi.or(config.and_then(|c| c.msi)).map_or(
         matches!(boot, BootSource::Linux { .. }),
         vm_config::Msi::is_on,
     );
@@ -909,6 +909,37 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("--mac needs a network"), "{e}");
+    }
+
+    #[test]
+    fn msi_comes_from_the_option_then_the_bundle_then_the_boot_source() {
+        let home = tempfile::tempdir().unwrap();
+        let dir = home.path().join("m.vmapple");
+        let b = bundle::Bundle::create(
+            &dir,
+            bundle::CreateOptions {
+                ecid: Some(7),
+                root_size: 4096,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let firmware = || run_args(&["--firmware", "f", "--net", "none"]);
+        assert!(
+            !machine_config(firmware(), Some(&b)).unwrap().msi,
+            "boot ROM: off"
+        );
+        let text = std::fs::read_to_string(b.config_path()).unwrap();
+        let text = text.replacen("cpus =", "msi = \"on\"\ncpus =", 1);
+        std::fs::write(b.config_path(), text).unwrap();
+        let b = bundle::Bundle::open(&dir).unwrap();
+        assert!(
+            machine_config(firmware(), Some(&b)).unwrap().msi,
+            "the bundle's"
+        );
+        let mut off = firmware();
+        off.msi = Some(vm_config::Msi::Off);
+        assert!(!machine_config(off, Some(&b)).unwrap().msi, "the option's");
     }
 
     #[test]
