@@ -46,6 +46,7 @@
 //! Data is copied through a bounded bounce buffer, never allocated at a
 //! guest-chosen size.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -202,6 +203,8 @@ struct Active {
 struct QueueWorker {
     /// One slot: a wake-up already pending covers later kicks.
     wake: Option<SyncSender<()>>,
+    /// Ends the thread's passes at the next boundary (reset).
+    stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -215,17 +218,33 @@ impl QueueWorker {
     ) -> std::io::Result<Self> {
         let (wake, woken): (SyncSender<()>, Receiver<()>) = sync_channel(1);
         let queue = Mutex::new(queue);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
         let thread = std::thread::Builder::new()
             .name(format!("virtio-blk-q{index}"))
             .spawn(move || {
                 // Ends when the device drops the sender (reset).
                 while woken.recv().is_ok() {
                     let mut queue = vm_core::sync::lock(&queue);
-                    serve(&disk, &memory, &mut queue, index, interrupt.as_ref());
+                    // While this thread works the driver need not kick
+                    // (VRING_USED_F_NO_NOTIFY): each kick is an exit on
+                    // its vCPU. Passes go on until the ring is found
+                    // empty with kicks asked for again, or a reset.
+                    loop {
+                        if !queue.ready() || queue.disable_notification(&memory).is_err() {
+                            break;
+                        }
+                        serve(&disk, &memory, &mut queue, index, interrupt.as_ref());
+                        let more = queue.enable_notification(&memory).unwrap_or(false);
+                        if !more || stopped.load(Ordering::Acquire) {
+                            break;
+                        }
+                    }
                 }
             })?;
         Ok(Self {
             wake: Some(wake),
+            stop,
             thread: Some(thread),
         })
     }
@@ -243,6 +262,7 @@ impl QueueWorker {
 
     /// Stops the thread after the pass in progress.
     fn stop(&mut self) {
+        self.stop.store(true, Ordering::Release);
         self.wake = None;
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
