@@ -9,12 +9,15 @@ multi-threaded and single-threaded TCG), in one go:
     MMIO round trips/s, virtual-timer interrupt latency;
   - Debian's arm64 Linux (guest/out/linux) with 2 vCPUs: wall time from
     process start to the init's first line, and to power-off.
-The blk suite boots the same Linux on both with one virtio-blk-pci disk
-(a 1 GiB raw image, host page cache on both sides) and times, inside
-the guest, 1 MiB sequential and 4 KiB queue-depth-1 direct reads and
-writes (guest/linux/init, vmapple.blkbench). QEMU runs multi-threaded TCG
-with its disk on an iothread (num-queues=2, aio=threads); vmapple runs
-with --msi as given (default on, MSI-X per queue; off = INTx only).
+The blk suite boots the same Linux (the fio initramfs) on both with one
+virtio-blk-pci disk (a 1 GiB raw image, host page cache on both sides)
+and measures, inside the guest, 1 MiB sequential and 4 KiB queue-depth-1
+direct reads and writes with dd (vmapple.blkbench), then with Debian's
+fio (vmapple.fiobench; libaio, O_DIRECT, 10 s each): 4 KiB random read
+and write at queue depth 1 and 32 with 2 jobs, 1 MiB sequential read and
+write at depth 8. QEMU runs multi-threaded TCG with its disk on an
+iothread (num-queues=2, aio=threads); vmapple runs with --msi as given
+(default on, MSI-X per queue; off = INTx only).
 Each figure is the median of N runs (default 3) and every ratio is
 vmapple / QEMU, so > 1 means vmapple is faster for throughputs and
 < 1 means vmapple is faster for times. Figures never gate CI.
@@ -88,14 +91,38 @@ BLK_WORKLOADS = {
 }
 
 
+FIO_WORKLOADS = {
+    # fio job name in the guest: (metric, the figure taken: read or write)
+    "randread-4k-qd1": ("fio-4k-randread-qd1-IOPS", "read"),
+    "randread-4k-qd32": ("fio-4k-randread-qd32-IOPS", "read"),
+    "randwrite-4k-qd1": ("fio-4k-randwrite-qd1-IOPS", "write"),
+    "randwrite-4k-qd32": ("fio-4k-randwrite-qd32-IOPS", "write"),
+    "read-1m-qd8": ("fio-1m-read-qd8-MiB/s", "read"),
+    "write-1m-qd8": ("fio-1m-write-qd8-MiB/s", "write"),
+}
+
+
+def fio_figure(parts, values):
+    """Takes one guest line "fiobench NAME ERROR RIOPS RKIB/S WIOPS WKIB/S"."""
+    if len(parts) != 8 or parts[2] not in FIO_WORKLOADS or parts[3] != "0":
+        return
+    metric, direction = FIO_WORKLOADS[parts[2]]
+    iops, kib_s = (parts[4], parts[5]) if direction == "read" else (parts[6], parts[7])
+    value = float(iops) if metric.endswith("IOPS") else float(kib_s) / 1024
+    values.setdefault(metric, []).append(value)
+
+
 def bench_blk(cmd, runs):
-    """Runs the guest's blkbench; returns {metric: median}."""
+    """Runs the guest's blkbench and fiobench; returns {metric: median}."""
     values = {}
     for _ in range(runs):
         out = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                              errors="replace", timeout=900).stdout
         for line in out.splitlines():
             parts = line.split()
+            if parts[:2] == ["VMAPPLE-GUEST:", "fiobench"]:
+                fio_figure(parts, values)
+                continue
             if len(parts) == 5 and parts[:2] == ["VMAPPLE-GUEST:", "blkbench"]:
                 metric, nbytes, ops = BLK_WORKLOADS[parts[2]]
                 seconds = max(float(parts[4]) - float(parts[3]), 0.01)
@@ -113,8 +140,8 @@ def blk_suite(runs, msi):
         chunk = bytes(range(256)) * 4096
         for _ in range(1024):
             f.write(chunk)
-    append = "console=ttyAMA0 vmapple.blkbench=vda"
-    initrd = str(LINUX / "initramfs-devices.cpio.gz")
+    append = "console=ttyAMA0 vmapple.blkbench=vda vmapple.fiobench=vda"
+    initrd = str(LINUX / "initramfs-fio.cpio.zst")
     vmapple = [str(VMAPPLE), "run", "--memory", "512M", "--cpus", "2", "--serial", "stdio",
                "--no-usb", "--net", "none", "--kernel", str(LINUX / "Image"),
                "--initrd", initrd, "--append", append, "--disk", str(image), "--msi", msi]
@@ -126,7 +153,8 @@ def blk_suite(runs, msi):
     results = {"vmapple": bench_blk(vmapple, runs), "qemu-mttcg": bench_blk(peer, runs)}
     image.unlink()
     print(f"{'metric':24} {'vmapple':>10} {'qemu-mttcg':>11} {'ratio':>7}")
-    for metric, _, _ in BLK_WORKLOADS.values():
+    metrics = [m for m, _, _ in BLK_WORKLOADS.values()] + [m for m, _ in FIO_WORKLOADS.values()]
+    for metric in metrics:
         v = results["vmapple"].get(metric, float("nan"))
         a = results["qemu-mttcg"].get(metric, float("nan"))
         print(f"{metric:24} {v:10.1f} {a:11.1f} {v / a:7.2f}")

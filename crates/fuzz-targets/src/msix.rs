@@ -140,6 +140,8 @@ pub fn msix(data: &[u8]) -> Report {
     };
     let mut caps = CapabilityList::new();
     let msix = Msix::add(&mut caps, layout, sink.clone()).expect("room for MSI-X");
+    // The function's command register lets it write memory throughout.
+    msix.set_bus_master(true);
     let cap = u64::from(msix.offset());
     let region = Region {
         caps: std::sync::Mutex::new(caps),

@@ -46,6 +46,7 @@
 //! Data is copied through a bounded bounce buffer, never allocated at a
 //! guest-chosen size.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -219,6 +220,9 @@ impl Active {
 struct QueueWorker {
     /// One slot: a wake-up already pending covers later kicks.
     wake: Option<SyncSender<()>>,
+    /// Ends the thread's passes at the next boundary (reset: the queue
+    /// is dropped with the device's activation).
+    halt: Arc<AtomicBool>,
     /// Gives the queue back when it ends.
     thread: Option<JoinHandle<Queue>>,
 }
@@ -233,18 +237,35 @@ impl QueueWorker {
     ) -> std::io::Result<Self> {
         let (wake, woken): (SyncSender<()>, Receiver<()>) = sync_channel(1);
         let mut queue = queue;
+        let halt = Arc::new(AtomicBool::new(false));
+        let halted = halt.clone();
         let thread = std::thread::Builder::new()
             .name(format!("virtio-blk-q{index}"))
             .spawn(move || {
                 // Ends when the device drops the sender (reset, quiesce),
                 // after serving a wake-up still pending: no kick is lost.
                 while woken.recv().is_ok() {
-                    serve(&disk, &memory, &mut queue, index, interrupt.as_ref());
+                    // While this thread works the driver need not kick
+                    // (VRING_USED_F_NO_NOTIFY): each kick is an exit on
+                    // its vCPU. Passes go on until the ring is found
+                    // empty with kicks asked for again (so a quiesce
+                    // leaves nothing published unserved), or a reset.
+                    loop {
+                        if !queue.ready() || queue.disable_notification(&memory).is_err() {
+                            break;
+                        }
+                        serve(&disk, &memory, &mut queue, index, interrupt.as_ref());
+                        let more = queue.enable_notification(&memory).unwrap_or(false);
+                        if !more || halted.load(Ordering::Acquire) {
+                            break;
+                        }
+                    }
                 }
                 queue
             })?;
         Ok(Self {
             wake: Some(wake),
+            halt,
             thread: Some(thread),
         })
     }
@@ -260,8 +281,8 @@ impl QueueWorker {
         }
     }
 
-    /// Stops the thread after the pass in progress (and one more if a
-    /// kick is pending); returns its queue.
+    /// Stops the thread once the ring is empty (and after one more pass
+    /// if a kick is pending); returns its queue.
     fn stop(&mut self) -> Option<Queue> {
         self.wake = None;
         let thread = self.thread.take()?;
@@ -276,7 +297,9 @@ impl QueueWorker {
 }
 
 impl Drop for QueueWorker {
+    /// A reset: the thread ends at its next pass boundary.
     fn drop(&mut self) {
+        self.halt.store(true, Ordering::Release);
         self.stop();
     }
 }
