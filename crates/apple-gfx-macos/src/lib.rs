@@ -30,6 +30,7 @@ pub mod cursor;
 pub mod gpu;
 pub mod input;
 pub mod main_thread;
+pub mod window;
 
 #[cfg(target_os = "macos")]
 mod display;
