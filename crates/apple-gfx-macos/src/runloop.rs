@@ -1,11 +1,11 @@
 //! The macOS main-thread loops behind [`crate::main_thread`]: a plain
 //! CFRunLoop that serves the main dispatch queue, or AppKit with one window
-//! per display.
+//! per head of the display model (`--display cocoa`).
 //!
-//! Only needed when display handlers run on the main queue
-//! ([`DisplayQueue::Main`](crate::DisplayQueue)), i.e. with
-//! `--display cocoa`; a headless VMM gives the framework a private queue
-//! and keeps its main thread.
+//! The window is a front end of the display model ([`crate::window`] has
+//! its portable part): it shows whichever device feeds the model
+//! (apple-gfx or virtio-gpu) and knows neither. A headless VMM keeps its
+//! main thread.
 
 use std::cell::{Cell, RefCell};
 use std::ptr::NonNull;
