@@ -166,25 +166,35 @@ impl Pump {
         self.stopped.store(true, Ordering::SeqCst);
     }
 
-    /// Calls `wake` whenever `head` changed since what the window showed
-    /// (or the cursor's visibility did) and no wake is outstanding, at
-    /// most once per [`FRAME_INTERVAL`]; returns once stopped. A main
-    /// thread that falls behind gets one wake, not a queue of them.
+    /// Whether the window must be woken: no wake is outstanding and
+    /// `head` changed since what the window showed (waiting up to
+    /// [`POLL`] for that), or the cursor's visibility differs from
+    /// `visible`, which is updated.
+    fn due(&self, head: &Head, visible: &mut bool) -> bool {
+        if self.pending.load(Ordering::SeqCst) {
+            return false;
+        }
+        let seen = *lock(&self.shown);
+        let changed = head.wait_change(seen, POLL);
+        let now_visible = head.cursor().visible;
+        let flipped = now_visible != *visible;
+        *visible = now_visible;
+        changed || flipped
+    }
+
+    /// Calls `wake` whenever the window is [due](Self::due), at most once
+    /// per [`FRAME_INTERVAL`]; returns once stopped. A main thread that
+    /// falls behind gets one wake, not a queue of them.
     pub fn run(&self, head: &Head, wake: impl Fn()) {
         let mut last_wake: Option<Instant> = None;
         let mut visible = head.cursor().visible;
         while !self.stopped.load(Ordering::SeqCst) {
-            if self.pending.load(Ordering::SeqCst) {
-                std::thread::sleep(FRAME_INTERVAL / 4);
+            if !self.due(head, &mut visible) {
+                if self.pending.load(Ordering::SeqCst) {
+                    std::thread::sleep(FRAME_INTERVAL / 4);
+                }
                 continue;
             }
-            let seen = *lock(&self.shown);
-            let changed = head.wait_change(seen, POLL);
-            let now_visible = head.cursor().visible;
-            if !changed && now_visible == visible {
-                continue;
-            }
-            visible = now_visible;
             let delay = wake_delay(last_wake, Instant::now());
             if !delay.is_zero() {
                 std::thread::sleep(delay);
@@ -298,32 +308,35 @@ mod tests {
         assert_eq!(wake_delay(Some(t), t + FRAME_INTERVAL * 2), Duration::ZERO);
     }
 
-    /// Runs a pump on `h` on a thread; its wakes arrive on the receiver.
-    fn pump(h: &Arc<Head>) -> (Arc<Pump>, mpsc::Receiver<()>, std::thread::JoinHandle<()>) {
+    #[test]
+    fn a_window_is_due_once_until_it_has_shown_the_change() {
+        let h = head(16, 16);
+        let p = Pump::new();
+        let mut visible = false;
+        let mut v = HeadView::default();
+        // The window has seen nothing yet: the first frame is due at once.
+        assert!(p.due(&h, &mut visible));
+        p.pending.store(true, Ordering::SeqCst); // as `run` does on a wake
+        h.write(Rect::new(0, 0, 1, 1), &[1]);
+        assert!(!p.due(&h, &mut visible), "one wake outstanding at most");
+        p.shown(v.catch_up(&h).now);
+        h.write(Rect::new(1, 0, 1, 1), &[2]);
+        assert!(p.due(&h, &mut visible), "the next change");
+        p.shown(v.catch_up(&h).now);
+        h.move_cursor(0, 0, true);
+        assert!(p.due(&h, &mut visible), "the cursor was shown");
+        assert!(visible);
+    }
+
+    #[test]
+    fn the_pump_wakes_the_window_and_stops() {
+        let h = head(16, 16);
         let p = Pump::new();
         let (tx, rx) = mpsc::channel();
         let (p2, h2) = (p.clone(), h.clone());
         let t = std::thread::spawn(move || p2.run(&h2, move || tx.send(()).unwrap()));
-        (p, rx, t)
-    }
-
-    const LONG: Duration = Duration::from_secs(10);
-
-    #[test]
-    fn a_change_wakes_the_window_once_until_it_is_shown() {
-        let h = head(16, 16);
-        let (p, rx, t) = pump(&h);
-        // The window has seen nothing yet: the first frame wakes it.
-        rx.recv_timeout(LONG).expect("a wake for the first frame");
-        let mut v = HeadView::default();
-        // More changes while the wake is outstanding add no wake.
-        h.write(Rect::new(0, 0, 1, 1), &[1]);
-        h.write(Rect::new(1, 0, 1, 1), &[2]);
-        let r = v.catch_up(&h);
-        assert!(rx.try_recv().is_err(), "one wake outstanding at most");
-        p.shown(r.now);
-        h.write(Rect::new(2, 0, 1, 1), &[3]);
-        rx.recv_timeout(LONG).expect("a wake for the next change");
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("a wake for the first frame");
         p.stop();
         t.join().unwrap();
     }
