@@ -158,7 +158,10 @@ define_class!(
         #[unsafe(method(resetCursorRects))]
         fn reset_cursor_rects(&self) {
             let state = self.ivars();
-            let cursor = if state.cursor_visible.get() {
+            // A guest that never set a cursor image draws its own pointer,
+            // or none (a console): the host's arrow stays.
+            let shown = state.cursor_visible.get() || state.cursor.borrow().is_none();
+            let cursor = if shown {
                 state.cursor.borrow().clone()
             } else {
                 // An image with no representation draws nothing.
