@@ -1,27 +1,14 @@
 //! [`PgDisplay`]: the framework's display, its handlers, and how frames
 //! reach the screen.
 //!
-//! Two frame paths, chosen per display:
-//!
-//! * **GPU** (a Cocoa window is attached, [`MacDisplay::attach_layer`]):
-//!   on every new-frame event the framework encodes the frame straight into
-//!   the next drawable of the window's `CAMetalLayer` and the command buffer
-//!   presents it. Pixels never reach system memory, and the core's CPU frame
-//!   pipeline is not fed (its renders are what a CPU copy costs), unless
-//!   [`MacDisplay::set_cpu_frames`] asks for it, e.g. while a screenshot
-//!   waits.
-//! * **CPU** ([`PgDisplay::render_frame`], the core's pipeline): an
-//!   offscreen BGRA8 texture, a managed-storage sync on discrete GPUs, a
-//!   wait for completion and `getBytes`. Kept for screenshots and for a VMM
-//!   without a window.
-//!
-//! A window also shows the guest's cursor: [`MacDisplay::attach_cursor`]
-//! hands the framework's glyph image and show/hide events to a
-//! [`CursorTarget`] (the window's view), which makes it the host cursor
-//! over the display, so the guest's pointer costs no frame.
+//! Frames reach the host through the core's CPU pipeline
+//! ([`PgDisplay::render_frame`]): an offscreen BGRA8 texture, a
+//! managed-storage sync on discrete GPUs, a wait for completion and
+//! `getBytes`; the core writes the pixels into the display model, which
+//! every front end (the Cocoa window included) reads. The cursor's glyph
+//! and show/hide events go to the core the same way.
 
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use vm_core::sync::lock;
@@ -31,19 +18,16 @@ use apple_gfx::framework::{
 };
 use apple_gfx::DisplayMode;
 use block2::RcBlock;
-use dispatch2::{DispatchQueue, GlobalQueueIdentifier};
 use objc2::rc::Retained;
 use objc2::runtime::{AnyObject, Bool, ProtocolObject};
 use objc2::{msg_send, sel};
 use objc2_app_kit::NSBitmapImageRep;
-use objc2_core_foundation::CGSize;
 use objc2_foundation::{NSArray, NSSize, NSString};
 use objc2_metal::{
     MTLBlitCommandEncoder, MTLCommandBuffer, MTLCommandEncoder, MTLCommandQueue, MTLDevice,
     MTLOrigin, MTLPixelFormat, MTLRegion, MTLSize, MTLStorageMode, MTLTexture,
     MTLTextureDescriptor, MTLTextureUsage,
 };
-use objc2_quartz_core::{CAMetalDrawable, CAMetalLayer};
 
 use crate::ffi::{class, responds, PgDisplayCoord};
 use crate::framework::{FwShared, Shared};
@@ -52,26 +36,11 @@ use crate::framework::{FwShared, Shared};
 /// are tiny; this only bounds what a confused guest driver can make us copy.
 const MAX_GLYPH_BYTES: usize = 4 << 20;
 
-/// Where a window shows the guest's cursor. Called from the display's
-/// handlers, on the display queue (the main queue when a window exists).
-pub trait CursorTarget: Send + Sync {
-    /// A new cursor image with its hot spot, in the glyph's pixels.
-    fn set_glyph(&self, glyph: &NSBitmapImageRep, hot_spot: (u16, u16));
-    fn set_visible(&self, visible: bool);
-}
-
 /// One display of a device.
 pub struct MacDisplay {
     pg: OnceLock<Shared<AnyObject>>,
     fw: Arc<FwShared>,
     callbacks: Arc<dyn DisplayCallbacks>,
-    layer: Mutex<Option<Shared<CAMetalLayer>>>,
-    cursor: Mutex<Option<Arc<dyn CursorTarget>>>,
-    /// Feed the core's CPU pipeline even though a layer is attached.
-    cpu_frames: AtomicBool,
-    /// A GPU present is running; `again` asks it for one more.
-    presenting: AtomicBool,
-    again: AtomicBool,
     mode: Mutex<Option<(u16, u16)>>,
     port: u32,
     serial: u32,
@@ -127,11 +96,6 @@ impl MacDisplay {
             pg: OnceLock::new(),
             fw: fw.clone(),
             callbacks: desc.callbacks.clone(),
-            layer: Mutex::new(None),
-            cursor: Mutex::new(None),
-            cpu_frames: AtomicBool::new(false),
-            presenting: AtomicBool::new(false),
-            again: AtomicBool::new(false),
             mode: Mutex::new(None),
             port,
             serial,
@@ -162,13 +126,7 @@ impl MacDisplay {
             let Some(me) = w.upgrade() else { return };
             // SAFETY: the framework passes a live image for the call.
             let rep = unsafe { rep.as_ref() };
-            let glyph = rep.and_then(glyph_from);
-            // Only a glyph that passed glyph_from's bounds becomes a host
-            // cursor.
-            if let (Some(rep), Some(_), Some(target)) = (rep, &glyph, lock(&me.cursor).clone()) {
-                target.set_glyph(rep, (hot.x, hot.y));
-            }
-            let glyph = glyph.unwrap_or(CursorGlyph {
+            let glyph = rep.and_then(glyph_from).unwrap_or(CursorGlyph {
                 bits_per_pixel: 0,
                 width: 0,
                 height: 0,
@@ -181,9 +139,6 @@ impl MacDisplay {
         let show = RcBlock::new(move |show: Bool| {
             if let Some(me) = w.upgrade() {
                 me.callbacks.cursor_show(show.as_bool());
-                if let Some(target) = lock(&me.cursor).clone() {
-                    target.set_visible(show.as_bool());
-                }
             }
         });
         let w: Weak<Self> = Arc::downgrade(&this);
@@ -227,99 +182,13 @@ impl MacDisplay {
         *lock(&self.mode)
     }
 
-    /// Shows frames in `layer` from now on (the GPU path). The layer must
-    /// belong to the framework's Metal device ([`crate::MacFramework::metal_device`]).
-    ///
-    /// # Safety
-    ///
-    /// `layer` is used from a dispatch worker thread afterwards:
-    /// `nextDrawable` and the drawable's texture are safe there, and the
-    /// caller must only change the layer's other properties on the main
-    /// thread.
-    pub unsafe fn attach_layer(&self, layer: Retained<CAMetalLayer>) {
-        if let Some((w, h)) = self.mode() {
-            layer.setDrawableSize(CGSize::new(f64::from(w), f64::from(h)));
-        }
-        *lock(&self.layer) = Some(Shared(layer));
-    }
-
-    /// Shows the guest's cursor through `target` from now on.
-    pub fn attach_cursor(&self, target: Arc<dyn CursorTarget>) {
-        *lock(&self.cursor) = Some(target);
-    }
-
-    /// Whether the core's CPU pipeline gets frames while a layer is attached.
-    pub fn set_cpu_frames(&self, on: bool) {
-        self.cpu_frames.store(on, Ordering::SeqCst);
-    }
-
     fn on_mode(&self, size: PgDisplayCoord, format: u32) {
         *lock(&self.mode) = Some((size.x, size.y));
-        if let Some(layer) = lock(&self.layer).as_ref() {
-            // The drawable follows the guest's mode; the window may scale it.
-            layer.setDrawableSize(CGSize::new(f64::from(size.x), f64::from(size.y)));
-        }
         self.callbacks.mode_changed(size.into(), format);
     }
 
-    fn on_new_frame(self: Arc<Self>) {
-        let has_layer = lock(&self.layer).is_some();
-        if !has_layer || self.cpu_frames.load(Ordering::SeqCst) {
-            self.callbacks.new_frame();
-        }
-        if has_layer {
-            self.present();
-        }
-    }
-
-    /// At most one GPU present in flight; frames announced meanwhile fold
-    /// into one more. Encoding runs on a global queue, never on the
-    /// handler's queue (it can wait on framework-internal locks, §9.3).
-    fn present(self: Arc<Self>) {
-        if self.presenting.swap(true, Ordering::SeqCst) {
-            self.again.store(true, Ordering::SeqCst);
-            return;
-        }
-        let queue = DispatchQueue::global_queue(GlobalQueueIdentifier::Priority(
-            dispatch2::DispatchQueueGlobalPriority::Default,
-        ));
-        queue.exec_async(move || loop {
-            self.again.store(false, Ordering::SeqCst);
-            self.present_once();
-            self.presenting.store(false, Ordering::SeqCst);
-            if !self.again.load(Ordering::SeqCst) || self.presenting.swap(true, Ordering::SeqCst) {
-                break;
-            }
-        });
-    }
-
-    fn present_once(&self) {
-        let (Some(pg), Some(layer)) = (
-            self.pg.get(),
-            lock(&self.layer).as_ref().map(|l| Shared(l.0.clone())),
-        ) else {
-            return;
-        };
-        let Some(cmd) = self.fw.queue.commandBuffer() else {
-            return;
-        };
-        let Some(drawable) = layer.nextDrawable() else {
-            return;
-        };
-        let tex = drawable.texture();
-        let region = whole(tex.width(), tex.height());
-        // SAFETY: command buffer and texture come from the framework's own
-        // Metal device (the layer was attached with it); the region is the
-        // whole texture.
-        let ok: bool = unsafe {
-            msg_send![&*pg.0, encodeCurrentFrameToCommandBuffer: &*cmd, texture: &*tex, region: region]
-        };
-        if ok {
-            cmd.presentDrawable(ProtocolObject::from_ref(&*drawable));
-        } else {
-            tracing::debug!(target: "apple_gfx", "the framework did not encode a frame");
-        }
-        cmd.commit();
+    fn on_new_frame(&self) {
+        self.callbacks.new_frame();
     }
 }
 
@@ -394,7 +263,9 @@ impl PgDisplay for MacDisplay {
             return false;
         };
         let region = whole(w, h);
-        // SAFETY: as in `present_once`; the texture is ours and BGRA8.
+        // SAFETY: the command buffer and the texture come from the
+        // framework's own Metal device; the texture is ours and BGRA8, the
+        // region all of it.
         let ok: bool = unsafe {
             msg_send![&*pg.0, encodeCurrentFrameToCommandBuffer: &*cmd, texture: &*tex, region: region]
         };

@@ -55,8 +55,9 @@ impl<T: ?Sized> std::ops::Deref for Shared<T> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DisplayQueue {
     /// The main dispatch queue, as QEMU does: needs the main thread to run
-    /// its run loop (crate::runloop). Required when a Cocoa window shows
-    /// the display, since the handlers then touch its layer.
+    /// its run loop (crate::runloop). Nothing of ours needs it since the
+    /// window reads the display model; kept for the framework's sake
+    /// should a private queue turn out not to do (see below).
     Main,
     /// A private serial queue, so a headless VMM needs no main run loop.
     /// UNCONFIRMED that the framework has no other need of the main queue
@@ -149,12 +150,12 @@ impl MacFramework {
         })
     }
 
-    /// Every display created so far, for the window code to attach layers.
+    /// Every display created so far.
     pub fn displays(&self) -> Vec<Arc<MacDisplay>> {
         lock(&self.shared.displays).clone()
     }
 
-    /// The GPU the framework renders with; a presenting layer must use it.
+    /// The GPU the framework renders with.
     pub fn metal_device(&self) -> &ProtocolObject<dyn MTLDevice> {
         &self.shared.mtl
     }

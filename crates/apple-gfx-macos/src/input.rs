@@ -7,16 +7,8 @@
 //! wants HID keyboard usages (HID Usage Tables, page 0x07) with explicit
 //! presses and releases, and a tablet position in 0..=32767. The
 //! translation is portable and tested here; the window's view
-//! (`runloop`, macOS) only feeds it.
-
-/// Where translated input goes (the machine's USB keyboard and tablet).
-pub trait InputSink: Send + Sync {
-    /// A key, as a HID keyboard usage, went down or up.
-    fn key(&self, usage: u8, pressed: bool);
-    /// The pointer is at (`x`, `y`), 0..=32767 from the top left, with
-    /// `buttons` held (bit 0 left, 1 right, 2 middle).
-    fn pointer(&self, x: u16, y: u16, buttons: u8);
-}
+//! (`runloop`, macOS) only feeds it, into the display model's
+//! [`display::InputSink`].
 
 /// The HID usage of a macOS virtual key code; `None` for keys a USB
 /// keyboard lacks (fn, the JIS and media keys we leave out).
@@ -206,6 +198,40 @@ pub fn buttons(pressed_mouse_buttons: usize) -> u8 {
     (pressed_mouse_buttons & 0b111) as u8
 }
 
+/// Pixels of a precise (trackpad) scroll that make one wheel detent.
+const PIXELS_PER_DETENT: f64 = 16.0;
+
+/// Turns AppKit scroll deltas into wheel detents (positive away from the
+/// user). A mouse wheel reports lines, each event at least one detent; a
+/// trackpad reports pixels, summed until they make a detent.
+#[derive(Debug, Default)]
+pub struct Wheel {
+    pixels: f64,
+}
+
+impl Wheel {
+    /// Detents for a `scrollingDeltaY` of `delta` (`precise`: in pixels).
+    pub fn scrolled(&mut self, delta: f64, precise: bool) -> i8 {
+        if !delta.is_finite() || delta == 0.0 {
+            return 0;
+        }
+        if !precise {
+            let lines = delta.abs().ceil().min(127.0) as i8;
+            return if delta > 0.0 { lines } else { -lines };
+        }
+        // A change of direction drops what the other way had gathered.
+        if self.pixels * delta < 0.0 {
+            self.pixels = 0.0;
+        }
+        self.pixels += delta;
+        let detents = (self.pixels / PIXELS_PER_DETENT)
+            .trunc()
+            .clamp(-127.0, 127.0);
+        self.pixels -= detents * PIXELS_PER_DETENT;
+        detents as i8
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,5 +302,18 @@ mod tests {
         assert_eq!(tablet_position(f64::NAN, 0.0, 10.0, 10.0), None);
         assert_eq!(tablet_position(1.0, 1.0, f64::NAN, 10.0), None);
         assert_eq!(buttons(0b1011), 0b011);
+    }
+
+    #[test]
+    fn scrolls_become_detents() {
+        let mut w = Wheel::default();
+        assert_eq!(w.scrolled(0.3, false), 1, "a wheel click is a detent");
+        assert_eq!(w.scrolled(-2.0, false), -2);
+        assert_eq!(w.scrolled(1e9, false), 127);
+        assert_eq!(w.scrolled(f64::NAN, true), 0);
+        assert_eq!(w.scrolled(10.0, true), 0, "not a detent yet");
+        assert_eq!(w.scrolled(10.0, true), 1);
+        assert_eq!(w.scrolled(-10.0, true), 0, "the other way starts afresh");
+        assert_eq!(w.scrolled(-30.0, true), -2);
     }
 }

@@ -11,25 +11,27 @@
 //!   a `PGMemoryMapDescriptor` or reached through the legacy task blocks is
 //!   decided by `respondsToSelector:` and reported through
 //!   `Framework::memory_interface`.
-//! * `MacDisplay` shows frames without a CPU copy when a Cocoa window is
-//!   attached: the framework encodes each frame into the window's
-//!   `CAMetalLayer` drawable. The CPU copy (`render_frame`) remains for
-//!   screenshots and windowless use.
+//! * `MacDisplay` copies each frame out of the framework (`render_frame`)
+//!   for the core, which writes it into the display model.
+//! * The Cocoa window (`runloop`, its portable part in [`window`]) is a
+//!   front end of the display model like VNC and screenshots: one window
+//!   per head, whichever device feeds it (apple-gfx or virtio-gpu).
 //! * [`main_thread::run_vmm`] moves the VMM's loop off the main thread
 //!   when a platform loop must own it; `runloop` has the loops.
 //!
 //! * [`input`] translates the window's keyboard and mouse events for the
-//!   guest's USB keyboard and tablet; [`cursor`] scales the guest's cursor
-//!   glyph into the window's host cursor.
+//!   display model's input sink; [`cursor`] scales the guest's cursor
+//!   image into the window's host cursor.
 //!
 //! On other hosts only the portable parts ([`cursor`], [`gpu`], [`input`],
-//! [`main_thread`]) exist. Everything Apple-specific has been type-checked and linted for
+//! [`main_thread`], [`window`]) exist. Everything Apple-specific has been type-checked and linted for
 //! `aarch64-apple-darwin` but never run (docs/macos.md).
 
 pub mod cursor;
 pub mod gpu;
 pub mod input;
 pub mod main_thread;
+pub mod window;
 
 #[cfg(target_os = "macos")]
 mod display;
@@ -43,7 +45,7 @@ pub mod runloop;
 mod va_space;
 
 #[cfg(target_os = "macos")]
-pub use display::{CursorTarget, MacDisplay};
+pub use display::MacDisplay;
 #[cfg(target_os = "macos")]
 pub use framework::{DisplayQueue, MacDevice, MacFramework, MacIosfcDevice};
 #[cfg(target_os = "macos")]

@@ -50,9 +50,9 @@ pub struct DisplayConfig {
     /// Modes offered on each head, the first preferred. No heads means
     /// one with the device's defaults; apple-gfx has exactly one.
     pub heads: Vec<Vec<DisplayMode>>,
-    /// A host window shows the display (`--display cocoa`). The display
-    /// handlers then run on the main queue, and a device that cannot be
-    /// created is an error instead of a warning.
+    /// A host window shows the display (`--display cocoa`): an apple-gfx
+    /// device that cannot be created is then an error instead of a
+    /// warning.
     pub window: bool,
 }
 

@@ -314,7 +314,7 @@ fn display_options(fronts: &[Front], modes: Option<&str>) -> Result<Option<Vec<D
     }
     if fronts.contains(&Front::Cocoa) && !cfg!(all(target_os = "macos", target_arch = "aarch64")) {
         return Err(Error::usage(
-            "--display cocoa needs a macOS host on Apple silicon (ParavirtualizedGraphics and AppKit); use --display none or vnc",
+            "--display cocoa needs a macOS host on Apple silicon (AppKit and Metal); use --display none or vnc",
         ));
     }
     Ok(heads)
@@ -443,36 +443,28 @@ fn disk_from_bundle(b: &bundle::Bundle, disk: &DiskSpec) -> DiskSpec {
 
 /// Boots `machine` on `accel` and runs it to the end.
 ///
-/// With a window, AppKit must own the main thread (this one) and serve the
-/// main queue the display handlers run on, so the machine runs on a
-/// `vmm-main` thread meanwhile; the vCPUs have their own threads either
-/// way. The accelerator is created on the thread that runs the machine.
+/// With a window, AppKit must own the main thread (this one), so the
+/// machine runs on a `vmm-main` thread meanwhile; the vCPUs have their own
+/// threads either way. The window shows the machine's display model,
+/// whichever device feeds it. The accelerator is created on the thread
+/// that runs the machine.
 #[cfg_attr(
     not(all(target_os = "macos", target_arch = "aarch64")),
     allow(unused_variables)
 )]
-fn run_machine(
-    mut machine: Machine,
-    accel: String,
-    window: bool,
-    host: crate::host_display::HostWindow,
-) -> Result<RunOutcome> {
+fn run_machine(mut machine: Machine, accel: String, window: bool) -> Result<RunOutcome> {
     #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
     if window {
         use apple_gfx_macos::main_thread::{run_vmm, PlatformLoop};
         use apple_gfx_macos::runloop::AppKitLoop;
-        // Without a device the framework has no display to show.
-        let framework = host
-            .framework
-            .as_deref()
-            .filter(|_| machine.screen().is_some())
+        let screen = machine
+            .screen()
             .ok_or_else(|| Error::usage("--display cocoa: the machine has no display"))?;
-        let input = machine.input_sink().map(|sink| {
-            Arc::new(crate::input::WindowInput::new(sink))
-                as Arc<dyn apple_gfx_macos::input::InputSink>
-        });
-        let mut app = AppKitLoop::on_main_thread(framework, input).ok_or_else(|| {
-            Error::usage("--display cocoa: AppKit needs the process's main thread")
+        let mut app = AppKitLoop::new(&screen).map_err(|e| {
+            Error::usage(format!(
+                "--display cocoa: {}",
+                vm_core::error_chain::Chain(&e)
+            ))
         })?;
         return run_vmm(Some(&mut app as &mut dyn PlatformLoop), move || {
             let mut vm = create_vm(&machine, &accel)?;
@@ -697,11 +689,6 @@ fn display_config(
             "--display-modes: apple-gfx has one head; several heads need --gpu virtio",
         ));
     }
-    if device == GpuKind::Virtio && window {
-        return Err(Error::usage(
-            "--display cocoa shows apple-gfx only; show virtio-gpu with --display vnc",
-        ));
-    }
     Ok(Some(DisplayConfig {
         device,
         heads,
@@ -805,18 +792,18 @@ pub fn run(args: RunArgs) -> Result<u8> {
         .transpose()?;
     let (vnc_listens, vnc_password) = vnc_settings(&args, bundle)?;
     let config = machine_config(args, bundle)?;
-    let display = crate::host_display::open(config.display.as_ref())?;
+    let backend = crate::host_display::open(config.display.as_ref())?;
     let machine = match restore {
         Some(snapshot) => {
             let started = std::time::Instant::now();
-            let m = Machine::restore(config, display.backend, snapshot)?;
+            let m = Machine::restore(config, backend, snapshot)?;
             eprintln!(
                 "vmapple: restored machine state in {} ms",
                 started.elapsed().as_millis()
             );
             m
         }
-        None => Machine::new(config, display.backend)?,
+        None => Machine::new(config, backend)?,
     };
     let vnc = crate::fronts::start_vnc(vnc_listens, vnc_password, machine.screen())?;
     let signals = crate::signals::forward_to(machine.handle()).map_err(|source| Error::Host {
@@ -841,7 +828,7 @@ pub fn run(args: RunArgs) -> Result<u8> {
     if let Some(state) = &resumed {
         crate::suspend::discard_when_running(&machine.handle(), state);
     }
-    let outcome = run_machine(machine, accel, window, display.window);
+    let outcome = run_machine(machine, accel, window);
     drop(vnc);
     drop(control);
     drop(signals);
@@ -964,6 +951,20 @@ mod tests {
         let none = || Some(("m".to_string(), &empty));
         assert!(display_config(&[], None, None, none()).unwrap().is_none());
         assert!(display_config(&[Front::Cocoa], None, None, none()).is_err());
+        // The window shows virtio-gpu's heads as well as apple-gfx's.
+        let virtio = display_config(
+            &[Front::Cocoa],
+            Some(GpuArg::Virtio),
+            Some("640x480@60;800x600@60"),
+            None,
+        );
+        if cfg!(all(target_os = "macos", target_arch = "aarch64")) {
+            let c = virtio.unwrap().unwrap();
+            assert!(c.window);
+            assert_eq!((c.device, c.heads.len()), (GpuKind::Virtio, 2));
+        } else {
+            assert!(virtio.is_err(), "no window off a Mac");
+        }
         let c = display_config(&[], Some(GpuArg::Virtio), None, none())
             .unwrap()
             .unwrap();

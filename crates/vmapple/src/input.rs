@@ -135,47 +135,6 @@ impl InputTarget for UsbInput {
     }
 }
 
-/// The display window's keyboard and mouse as input for the USB devices.
-/// Button state goes out only when it changes, so moves stay one event.
-#[cfg(all(target_os = "macos", target_arch = "aarch64"))]
-pub struct WindowInput {
-    sink: InputSink,
-    buttons: std::sync::atomic::AtomicU8,
-}
-
-#[cfg(all(target_os = "macos", target_arch = "aarch64"))]
-impl WindowInput {
-    pub fn new(sink: InputSink) -> Self {
-        Self {
-            sink,
-            buttons: std::sync::atomic::AtomicU8::new(0),
-        }
-    }
-
-    fn send(&self, event: InputEvent) {
-        if !self.sink.send(event) {
-            tracing::debug!("window input dropped: the USB device did not take {event:?}");
-        }
-    }
-}
-
-#[cfg(all(target_os = "macos", target_arch = "aarch64"))]
-impl apple_gfx_macos::input::InputSink for WindowInput {
-    fn key(&self, usage: u8, pressed: bool) {
-        self.send(InputEvent::Key { usage, pressed });
-    }
-
-    fn pointer(&self, x: u16, y: u16, buttons: u8) {
-        self.send(InputEvent::PointerAbs { x, y });
-        let before = self
-            .buttons
-            .swap(buttons, std::sync::atomic::Ordering::Relaxed);
-        if before != buttons {
-            self.send(InputEvent::Buttons(buttons));
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
