@@ -1014,54 +1014,39 @@ pub fn stage1() -> Vec<Vec<u8>> {
 /// A VirtualMac2,1-like tree (arm-io with `ranges`, the AVP RTC, a PL031)
 /// raw, and wrapped in an IM4P as an IPSW carries it.
 pub fn apple_dt() -> Vec<Vec<u8>> {
-    use machine::adt::{Node, Property};
-    let prop = |name: &str, value: &[u8]| Property {
-        name: name.to_owned(),
-        value: value.to_vec(),
-    };
+    use machine::adt::{im4p, Node};
     let u64s = |v: &[u64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-    let leaf = |name: &[u8], compatible: &[u8], reg: &[u64], irq: u32| Node {
-        properties: vec![
-            prop("name", name),
-            prop("compatible", compatible),
-            prop("reg", &u64s(reg)),
-            prop("interrupts", &irq.to_le_bytes()),
-        ],
-        children: Vec::new(),
+    let leaf = |name: &[u8], compatible: &[u8], reg: &[u64], irq: u32| {
+        Node::new(
+            &[
+                ("name", name),
+                ("compatible", compatible),
+                ("reg", &u64s(reg)),
+                ("interrupts", &irq.to_le_bytes()),
+            ],
+            Vec::new(),
+        )
     };
-    let arm_io = Node {
-        properties: vec![
-            prop("name", b"arm-io\0"),
-            prop("#address-cells", &2u32.to_le_bytes()),
-            prop(
-                "ranges",
-                &u64s(&[
-                    0x1000_0000,
-                    0x2000_0000,
-                    0x1000_0000,
-                    0x2000_0000,
-                    0x3000_0000,
-                    0x1000_0000,
-                ]),
-            ),
+    let ranges = u64s(&[
+        0x1000_0000,
+        0x2000_0000,
+        0x1000_0000,
+        0x2000_0000,
+        0x3000_0000,
+        0x1000_0000,
+    ]);
+    let arm_io = Node::new(
+        &[
+            ("name", b"arm-io\0"),
+            ("#address-cells", &2u32.to_le_bytes()),
+            ("ranges", &ranges),
         ],
-        children: vec![
+        vec![
             leaf(b"avp-rtc\0", b"avp,rtc\0", &[0x2024_0000, 0x4000], 51),
             leaf(b"pl031-rtc\0", b"ARM,pl031\0", &[0x1005_0000, 0x1000], 40),
         ],
-    };
-    let tree = Node {
-        properties: vec![prop("name", b"device-tree\0")],
-        children: vec![arm_io],
-    }
-    .to_bytes();
-    // DER: SEQUENCE { IA5String "IM4P", "dtre", "seed", OCTET STRING tree }.
-    let ia5 = |s: &[u8]| [&[0x16, s.len() as u8][..], s].concat();
-    let mut body = [ia5(b"IM4P"), ia5(b"dtre"), ia5(b"seed")].concat();
-    let len = tree.len() as u16;
-    body.extend([0x04, 0x82, (len >> 8) as u8, len as u8]);
-    body.extend(&tree);
-    let blen = body.len() as u16;
-    let im4p = [&[0x30, 0x82, (blen >> 8) as u8, blen as u8][..], &body].concat();
-    vec![tree, im4p]
+    );
+    let tree = Node::new(&[("name", b"device-tree\0")], vec![arm_io]).to_bytes();
+    let wrapped = im4p("dtre", "seed", &tree);
+    vec![tree, wrapped]
 }

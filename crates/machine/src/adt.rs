@@ -84,6 +84,20 @@ impl Node {
 }
 
 impl Node {
+    /// A node with `properties` (name, value) and `children`.
+    pub fn new(properties: &[(&str, &[u8])], children: Vec<Node>) -> Node {
+        Node {
+            properties: properties
+                .iter()
+                .map(|&(name, value)| Property {
+                    name: name.to_owned(),
+                    value: value.to_vec(),
+                })
+                .collect(),
+            children,
+        }
+    }
+
     /// The node in Apple's flattened format, as [`parse`] reads it (fuzz
     /// seeds and tests build trees with it).
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -217,6 +231,35 @@ pub fn device_tree_bytes(file: &[u8]) -> Result<&[u8], AdtError> {
         }
     }
     Ok(file)
+}
+
+/// One DER element: `tag`, its length (short or long form), `contents`.
+fn der_element(tag: u8, contents: &[u8]) -> Vec<u8> {
+    let len = contents.len();
+    let mut out = vec![tag];
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        let bytes = len.to_be_bytes();
+        let skip = bytes.iter().take_while(|&&b| b == 0).count();
+        out.push(0x80 | (bytes.len() - skip) as u8);
+        out.extend(&bytes[skip..]);
+    }
+    out.extend(contents);
+    out
+}
+
+/// `payload` as an IMG4 payload of type `kind` (`dtre` for a device
+/// tree), as an IPSW carries it: what [`device_tree_bytes`] unwraps.
+pub fn im4p(kind: &str, description: &str, payload: &[u8]) -> Vec<u8> {
+    let body = [
+        der_element(0x16, b"IM4P"),
+        der_element(0x16, kind.as_bytes()),
+        der_element(0x16, description.as_bytes()),
+        der_element(0x04, payload),
+    ]
+    .concat();
+    der_element(0x30, &body)
 }
 
 /// Where vmapple puts the device Apple's tree describes with `compatible`.
@@ -361,26 +404,6 @@ pub fn report(root: &Node) -> String {
 pub mod tests {
     use super::*;
 
-    /// Builds a node in Apple's format (what the test of the command uses
-    /// too).
-    pub fn node(properties: &[(&str, &[u8])], children: &[Vec<u8>]) -> Vec<u8> {
-        let mut out = Vec::new();
-        out.extend((properties.len() as u32).to_le_bytes());
-        out.extend((children.len() as u32).to_le_bytes());
-        for (name, value) in properties {
-            let mut n = [0u8; 32];
-            n[..name.len()].copy_from_slice(name.as_bytes());
-            out.extend(n);
-            out.extend((value.len() as u32).to_le_bytes());
-            out.extend(*value);
-            out.resize(out.len().next_multiple_of(4), 0);
-        }
-        for c in children {
-            out.extend(c);
-        }
-        out
-    }
-
     pub fn u64s(values: &[u64]) -> Vec<u8> {
         values.iter().flat_map(|v| v.to_le_bytes()).collect()
     }
@@ -393,25 +416,25 @@ pub mod tests {
     /// 0x2000_0000 up by 0x1000_0000, the avp,rtc below it, a PL031 where
     /// vmapple has one but on another interrupt.
     pub fn sample_tree() -> Vec<u8> {
-        let rtc = node(
+        let rtc = Node::new(
             &[
                 ("name", b"avp-rtc\0"),
                 ("compatible", b"avp,rtc\0"),
                 ("reg", &u64s(&[0x2024_0000, 0x4000])),
                 ("interrupts", &u32s(&[51, 0])),
             ],
-            &[],
+            vec![],
         );
-        let pl031 = node(
+        let pl031 = Node::new(
             &[
                 ("name", b"pl031-rtc\0"),
                 ("compatible", b"ARM,pl031\0"),
                 ("reg", &u64s(&[0x1005_0000, 0x1000])),
                 ("interrupts", &u32s(&[40])),
             ],
-            &[],
+            vec![],
         );
-        let arm_io = node(
+        let arm_io = Node::new(
             &[
                 ("name", b"arm-io\0"),
                 ("compatible", b"arm-io,vmapple1\0"),
@@ -427,9 +450,9 @@ pub mod tests {
                     ]),
                 ),
             ],
-            &[rtc, pl031],
+            vec![rtc, pl031],
         );
-        node(&[("name", b"device-tree\0")], &[arm_io])
+        Node::new(&[("name", b"device-tree\0")], vec![arm_io]).to_bytes()
     }
 
     #[test]
@@ -460,14 +483,11 @@ pub mod tests {
     #[test]
     fn img4_payloads_are_unwrapped() {
         let tree = sample_tree();
-        let ia5 = |s: &[u8]| [&[0x16, s.len() as u8][..], s].concat();
-        let mut body = [ia5(b"IM4P"), ia5(b"dtre"), ia5(b"test")].concat();
-        let len = tree.len() as u16;
-        body.extend([0x04, 0x82, (len >> 8) as u8, len as u8]);
-        body.extend(&tree);
-        let blen = body.len() as u16;
-        let file = [&[0x30, 0x82, (blen >> 8) as u8, blen as u8][..], &body].concat();
+        let file = im4p("dtre", "test", &tree);
         assert_eq!(device_tree_bytes(&file).unwrap(), tree.as_slice());
+        // Long-form DER lengths of one and two bytes both read back.
+        let small = im4p("dtre", "x", &[0; 100]);
+        assert_eq!(device_tree_bytes(&small).unwrap(), &[0; 100][..]);
         assert_eq!(device_tree_bytes(b"PK\x03\x04rest"), Err(AdtError::Zip));
     }
 
@@ -478,19 +498,19 @@ pub mod tests {
             assert!(parse(&tree[..cut]).is_err(), "cut at {cut}");
         }
         // A child count far beyond the data.
-        let mut lying = node(&[("name", b"x\0")], &[]);
+        let mut lying = Node::new(&[("name", b"x\0")], vec![]).to_bytes();
         lying[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(parse(&lying), Err(AdtError::Truncated("a node header")));
         // A property length beyond the data (the placeholder bit ignored).
-        let mut long = node(&[("name", b"x\0")], &[]);
+        let mut long = Node::new(&[("name", b"x\0")], vec![]).to_bytes();
         long[40..44].copy_from_slice(&0xffff_fff0u32.to_le_bytes());
         assert!(parse(&long).is_err());
         // Nesting.
-        let mut deep = node(&[], &[]);
+        let mut deep = Node::new(&[], vec![]);
         for _ in 0..=MAX_DEPTH {
-            deep = node(&[], &[deep]);
+            deep = Node::new(&[], vec![deep]);
         }
-        assert_eq!(parse(&deep), Err(AdtError::TooDeep));
+        assert_eq!(parse(&deep.to_bytes()), Err(AdtError::TooDeep));
         let mut trailing = tree.clone();
         trailing.push(1);
         assert_eq!(parse(&trailing), Err(AdtError::Trailing(1)));
@@ -504,22 +524,22 @@ pub mod tests {
 
     #[test]
     fn ranges_pointing_past_the_address_space_do_not_panic() {
-        let dev = node(
+        let dev = Node::new(
             &[
                 ("name", b"dev\0"),
                 ("compatible", b"ARM,pl031\0"),
                 ("reg", &u64s(&[0x10, 0x10])),
             ],
-            &[],
+            vec![],
         );
-        let bus = node(
+        let bus = Node::new(
             &[
                 ("name", b"arm-io\0"),
                 ("ranges", &u64s(&[0, u64::MAX, u64::MAX])),
             ],
-            &[dev],
+            vec![dev],
         );
-        let tree = parse(&node(&[("name", b"device-tree\0")], &[bus])).unwrap();
+        let tree = parse(&Node::new(&[("name", b"device-tree\0")], vec![bus]).to_bytes()).unwrap();
         let text = report(&tree);
         assert!(text.contains("arm-io/dev"), "{text}");
         assert!(text.contains("0xf "), "the address wraps: {text}");

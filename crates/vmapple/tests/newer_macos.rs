@@ -7,6 +7,7 @@
 #[macro_use]
 mod common;
 
+use machine::adt::{im4p, Node};
 use std::time::Duration;
 
 use common::{firmware_dir, vmapple};
@@ -115,25 +116,6 @@ fn newer_macos_guest_contract(accel) {
 }
 }
 
-/// A node in Apple's flattened device tree format.
-fn adt_node(properties: &[(&str, Vec<u8>)], children: &[Vec<u8>]) -> Vec<u8> {
-    let mut out = Vec::new();
-    out.extend((properties.len() as u32).to_le_bytes());
-    out.extend((children.len() as u32).to_le_bytes());
-    for (name, value) in properties {
-        let mut n = [0u8; 32];
-        n[..name.len()].copy_from_slice(name.as_bytes());
-        out.extend(n);
-        out.extend((value.len() as u32).to_le_bytes());
-        out.extend(value);
-        out.resize(out.len().next_multiple_of(4), 0);
-    }
-    for c in children {
-        out.extend(c);
-    }
-    out
-}
-
 fn le64(values: &[u64]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
@@ -147,53 +129,38 @@ fn inspect_ipsw_compares_apple_device_tree_with_the_machine() {
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("inspect-ipsw");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let rtc = adt_node(
+    let interrupts: Vec<u8> = [51u32, 0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let rtc = Node::new(
         &[
-            ("name", b"avp-rtc\0".to_vec()),
-            ("compatible", b"avp,rtc\0".to_vec()),
-            ("reg", le64(&[0x2024_0000, 0x4000])),
-            (
-                "interrupts",
-                [51u32, 0].iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ),
+            ("name", b"avp-rtc\0"),
+            ("compatible", b"avp,rtc\0"),
+            ("reg", &le64(&[0x2024_0000, 0x4000])),
+            ("interrupts", &interrupts),
         ],
-        &[],
+        Vec::new(),
     );
-    let uart = adt_node(
+    let uart = Node::new(
         &[
-            ("name", b"uart0\0".to_vec()),
-            ("reg", le64(&[0x1002_0000, 0x1000])),
-            ("interrupts", 33u32.to_le_bytes().to_vec()),
+            ("name", b"uart0\0"),
+            ("reg", &le64(&[0x1002_0000, 0x1000])),
+            ("interrupts", &33u32.to_le_bytes()),
         ],
-        &[],
+        Vec::new(),
     );
-    let arm_io = adt_node(
-        &[
-            ("name", b"arm-io\0".to_vec()),
-            (
-                "ranges",
-                le64(&[
-                    0x1000_0000,
-                    0x2000_0000,
-                    0x1000_0000,
-                    0x2000_0000,
-                    0x3000_0000,
-                    0x1000_0000,
-                ]),
-            ),
-        ],
-        &[rtc, uart],
+    let ranges = le64(&[
+        0x1000_0000,
+        0x2000_0000,
+        0x1000_0000,
+        0x2000_0000,
+        0x3000_0000,
+        0x1000_0000,
+    ]);
+    let arm_io = Node::new(
+        &[("name", b"arm-io\0"), ("ranges", &ranges)],
+        vec![rtc, uart],
     );
-    let tree = adt_node(&[("name", b"device-tree\0".to_vec())], &[arm_io]);
-    // DER: SEQUENCE { IA5String "IM4P", "dtre", "DeviceTree", OCTET STRING }.
-    let ia5 = |s: &[u8]| [&[0x16, s.len() as u8][..], s].concat();
-    let mut body = [ia5(b"IM4P"), ia5(b"dtre"), ia5(b"DeviceTree")].concat();
-    body.extend([0x04, 0x82]);
-    body.extend((tree.len() as u16).to_be_bytes());
-    body.extend(&tree);
-    let mut file = vec![0x30, 0x82];
-    file.extend((body.len() as u16).to_be_bytes());
-    file.extend(&body);
+    let tree = Node::new(&[("name", b"device-tree\0")], vec![arm_io]).to_bytes();
+    let file = im4p("dtre", "DeviceTree", &tree);
     let path = dir.join("DeviceTree.vma2ap.im4p");
     std::fs::write(&path, &file).unwrap();
 
