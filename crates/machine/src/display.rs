@@ -7,13 +7,13 @@
 //! on the PCI bus (attached by `pci_devices`), on any host. Front ends
 //! (the window, screenshots, VNC) read the model and know no device.
 //!
-//! The PCI variant, `apple-gfx-pci` ([`apple_gfx::ApplePciGfx`]), is not
-//! offered: it signals interrupts only by MSI, and vmapple as QEMU has it
-//! has no MSI controller (vmapple-machine.md §7.5), which is why QEMU
-//! refuses it there too. Built from this machine's PCI host without
-//! `--msi on` ([`pci::PciHost::msi_sink`] is `None`) it fails with
-//! [`apple_gfx::PciGfxError::NoMsi`]; with it the sink exists, but no
-//! option attaches the function yet.
+//! The PCI variant, `apple-gfx-pci` ([`apple_gfx::ApplePciGfx`],
+//! `--gpu apple-pci`), signals interrupts only by MSI, and vmapple as QEMU
+//! has it has no MSI controller (vmapple-machine.md §7.5), which is why
+//! QEMU refuses it there. Here it is attached when the machine has
+//! `--msi on` ([`pci::PciHost::msi_sink`]); without it the function
+//! fails with [`apple_gfx::PciGfxError::NoMsi`] before the framework is
+//! touched, and the machine refuses to start.
 
 use std::sync::Arc;
 
@@ -38,6 +38,9 @@ pub enum GpuKind {
     AppleGfx,
     /// virtio-gpu (2D) on the PCI bus, for Linux guests; on any host.
     Virtio,
+    /// apple-gfx-pci on the PCI bus: needs ParavirtualizedGraphics and
+    /// `--msi on` (it signals only by MSI).
+    AppleGfxPci,
 }
 
 /// Heads virtio-gpu offers at most.
@@ -125,6 +128,31 @@ impl display::Refresher for GfxRefresh {
     }
 }
 
+/// apple-gfx-pci as a function of the machine's PCI host, its MSIs into
+/// the host's sink (the GIC's message doorbells). No saved state: a
+/// snapshot refuses it by name, as it does the MMIO variant.
+fn attach_pci(
+    reg: &mut Registry,
+    pci: &crate::pci_devices::PciBus,
+    backend: &GfxBackend,
+    config: apple_gfx::GfxConfig,
+) -> Result<Arc<AppleGfx>, MachineError> {
+    let function = apple_gfx::ApplePciGfx::new(&*backend.framework, config, pci.host.msi_sink())
+        .map_err(|e| MachineError::Display {
+            what: "cannot create the apple-gfx-pci display device",
+            source: Some(Box::new(e)),
+        })?;
+    let core = function.core().clone();
+    reg.attach_pci(
+        crate::pci_devices::HOST,
+        &pci.host,
+        "apple-gfx-pci",
+        Arc::new(function),
+        None,
+    )?;
+    Ok(Arc::new(core))
+}
+
 /// The USB keyboard and tablet as the display's input sink.
 pub(crate) struct UsbInput(pub usb::InputSink);
 
@@ -161,10 +189,20 @@ pub(crate) fn attach(
     core: &Core,
     display: Option<&DisplayConfig>,
     backend: Option<GfxBackend>,
+    pci: &crate::pci_devices::PciBus,
 ) -> Result<Option<Arc<Display>>, MachineError> {
-    let Some(display) = display.filter(|d| d.device == GpuKind::AppleGfx) else {
+    let Some(display) =
+        display.filter(|d| matches!(d.device, GpuKind::AppleGfx | GpuKind::AppleGfxPci))
+    else {
         return Ok(None);
     };
+    if display.device == GpuKind::AppleGfxPci && pci.host.msi_sink().is_none() {
+        // Refused whatever the front ends: the user asked for this device.
+        return Err(MachineError::Display {
+            what: "--gpu apple-pci signals only by MSI: add --msi on (or use --gpu apple, the MMIO display)",
+            source: None,
+        });
+    }
     if display.heads.len() > 1 {
         return Err(MachineError::Display {
             what: "apple-gfx has one head: give one mode list, or use --gpu virtio",
@@ -194,39 +232,44 @@ pub(crate) fn attach(
     };
     let model = Display::new(display.head_modes());
     let head = model.heads()[0].clone();
-    let attached = reg.attach("apple-gfx", |wires| {
-        let variant = apple_gfx::Variant::Mmio {
-            gfx_irq: wires.spi(SPI_GFX),
-            iosfc_irq: wires.spi(SPI_GFX_IOSFC),
-        };
-        let config = apple_gfx::GfxConfig {
-            memory: Arc::new(core.memory.clone()),
-            va_space: backend.va_space,
-            page_size: backend.page_size,
-            sink: Arc::new(GfxSink(head.clone())),
-            executor: backend.executor,
-            modes: display.heads.first().cloned().unwrap_or_default(),
-        };
-        let gfx = AppleGfx::new(&*backend.framework, variant, config).map_err(|e| {
-            MachineError::Display {
-                what: "cannot create the apple-gfx display device",
-                source: Some(Box::new(e)),
-            }
-        })?;
-        let main = apple_gfx::GfxWindow::new(gfx.clone());
-        // The window decodes the framework's mmioLength, at most the
-        // 64 KiB slot; the rest of the slot stays unmapped.
-        let size = main.size().min(GFX_SLOT);
-        let iosfc = apple_gfx::IosfcWindow::new(gfx.clone());
-        Ok(Attachment::new(Arc::new(gfx))
-            .mmio("apple-gfx", GFX_BASE, size, Arc::new(main))
-            .mmio(
-                "apple-gfx-iosfc",
-                GFX_IOSFC_BASE,
-                GFX_IOSFC_SIZE,
-                Arc::new(iosfc),
-            ))
-    });
+    let config = |backend: &GfxBackend| apple_gfx::GfxConfig {
+        memory: Arc::new(core.memory.clone()),
+        va_space: backend.va_space.clone(),
+        page_size: backend.page_size,
+        sink: Arc::new(GfxSink(head.clone())),
+        executor: backend.executor.clone(),
+        modes: display.heads.first().cloned().unwrap_or_default(),
+    };
+    let attached = if display.device == GpuKind::AppleGfxPci {
+        attach_pci(reg, pci, &backend, config(&backend))
+    } else {
+        reg.attach("apple-gfx", |wires| {
+            let variant = apple_gfx::Variant::Mmio {
+                gfx_irq: wires.spi(SPI_GFX),
+                iosfc_irq: wires.spi(SPI_GFX_IOSFC),
+            };
+            let gfx =
+                AppleGfx::new(&*backend.framework, variant, config(&backend)).map_err(|e| {
+                    MachineError::Display {
+                        what: "cannot create the apple-gfx display device",
+                        source: Some(Box::new(e)),
+                    }
+                })?;
+            let main = apple_gfx::GfxWindow::new(gfx.clone());
+            // The window decodes the framework's mmioLength, at most the
+            // 64 KiB slot; the rest of the slot stays unmapped.
+            let size = main.size().min(GFX_SLOT);
+            let iosfc = apple_gfx::IosfcWindow::new(gfx.clone());
+            Ok(Attachment::new(Arc::new(gfx))
+                .mmio("apple-gfx", GFX_BASE, size, Arc::new(main))
+                .mmio(
+                    "apple-gfx-iosfc",
+                    GFX_IOSFC_BASE,
+                    GFX_IOSFC_SIZE,
+                    Arc::new(iosfc),
+                ))
+        })
+    };
     match attached {
         Ok(gfx) => {
             model.set_refresher(Arc::new(GfxRefresh((*gfx).clone())));

@@ -586,7 +586,7 @@ impl Machine {
         };
         let pci =
             pci_devices::attach(&mut registry, &core, &config, disks, virtio_display.clone())?;
-        let gfx = display::attach(&mut registry, &core, config.display.as_ref(), display)?;
+        let gfx = display::attach(&mut registry, &core, config.display.as_ref(), display, &pci)?;
         let screen = virtio_display.or(gfx);
         if let (Some(screen), Some(input)) = (&screen, &pci.input) {
             screen.set_input(Arc::new(display::UsbInput(input.clone())));
@@ -1074,6 +1074,55 @@ mod tests {
             .expect("vmapple has no MSI");
         assert!(matches!(err, apple_gfx::PciGfxError::NoMsi));
         assert!(err.to_string().contains("use the MMIO display"), "{err}");
+        assert_eq!(fw.display_info(), None, "the framework was never asked");
+    }
+
+    #[test]
+    fn apple_gfx_pci_is_a_pci_function_with_msi_on_and_refused_without() {
+        let build = |msi: bool, fw: &FakeFramework| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut config = bare_config(dir.path());
+            config.msi = msi;
+            config.display = Some(DisplayConfig {
+                device: GpuKind::AppleGfxPci,
+                ..DisplayConfig::default()
+            });
+            let backend = GfxBackend {
+                framework: Arc::new(fw.clone()),
+                va_space: Arc::new(FakeVaSpace::new()),
+                page_size: FAKE_PAGE,
+                executor: Arc::new(apple_gfx::ThreadExecutor),
+            };
+            Machine::new(config, Some(backend))
+        };
+        let fw = FakeFramework::new(MemoryInterface::Tasks);
+        let m = build(true, &fw).unwrap();
+        let slot = m
+            .registry()
+            .get("apple-gfx-pci")
+            .unwrap()
+            .pci_slot()
+            .unwrap();
+        let ids = m
+            .bus()
+            .read(PCIE_ECAM_BASE + (u64::from(slot) << 15), Word)
+            .unwrap();
+        assert_eq!(
+            ids,
+            u64::from(apple_gfx::pci::DEVICE_ID) << 16 | u64::from(apple_gfx::pci::VENDOR_ID)
+        );
+        assert!(
+            m.screen().is_some(),
+            "the display model is fed by the function"
+        );
+        assert!(
+            m.registry().get("apple-gfx").is_none(),
+            "no MMIO variant beside it"
+        );
+
+        let fw = FakeFramework::new(MemoryInterface::Tasks);
+        let err = build(false, &fw).err().expect("no MSI, no apple-gfx-pci");
+        assert!(err.to_string().contains("--msi on"), "{err}");
         assert_eq!(fw.display_info(), None, "the framework was never asked");
     }
 

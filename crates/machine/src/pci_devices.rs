@@ -215,7 +215,7 @@ pub(crate) fn attach(
 }
 
 /// The registry id of the PCIe host bridge, parent of every function.
-const HOST: &str = "pcie-host";
+pub(crate) const HOST: &str = "pcie-host";
 
 /// What the machine keeps of the PCI side besides the registry.
 pub(crate) struct PciBus {

@@ -245,8 +245,9 @@ pub struct RunArgs {
     pub displays: Vec<crate::fronts::Front>,
 
     /// The display device: `apple` (apple-gfx, for macOS guests; needs
-    /// macOS on Apple silicon), `virtio` (virtio-gpu, for Linux guests,
-    /// every host) or `none` [default: apple].
+    /// macOS on Apple silicon), `apple-pci` (apple-gfx-pci, signalling by
+    /// MSI: needs --msi on), `virtio` (virtio-gpu, for Linux guests, every
+    /// host) or `none` [default: apple].
     #[arg(long, value_enum, value_name = "DEVICE")]
     pub gpu: Option<crate::fronts::GpuArg>,
 
@@ -663,6 +664,7 @@ fn display_config(
             return Ok(None);
         }
         Some(GpuArg::Virtio) => GpuKind::Virtio,
+        Some(GpuArg::ApplePci) => GpuKind::AppleGfxPci,
         Some(GpuArg::Apple) | None => GpuKind::AppleGfx,
     };
     let heads: Vec<_> = match (given, bundle) {
@@ -684,7 +686,7 @@ fn display_config(
         }
         (None, None) => Vec::new(),
     };
-    if device == GpuKind::AppleGfx && heads.len() > 1 {
+    if device != GpuKind::Virtio && heads.len() > 1 {
         return Err(Error::usage(
             "--display-modes: apple-gfx has one head; several heads need --gpu virtio",
         ));

@@ -83,6 +83,10 @@ pub enum GpuArg {
     /// apple-gfx-mmio, for macOS guests (ParavirtualizedGraphics; macOS
     /// on Apple silicon).
     Apple,
+    /// apple-gfx-pci on the PCI bus (ParavirtualizedGraphics; needs
+    /// `--msi on`: it signals only by MSI).
+    #[value(name = "apple-pci")]
+    ApplePci,
     /// virtio-gpu (2D), for Linux guests, on every host.
     Virtio,
     /// No display device.

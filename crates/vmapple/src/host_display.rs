@@ -17,7 +17,9 @@ pub fn open(display: Option<&DisplayConfig>) -> Result<Option<GfxBackend>, Machi
     use apple_gfx_macos::{host_page_size, DisplayQueue, MacFramework, MachVaSpace};
     use machine::display::GpuKind;
     use std::sync::Arc;
-    let Some(display) = display.filter(|d| d.device == GpuKind::AppleGfx) else {
+    let Some(display) =
+        display.filter(|d| matches!(d.device, GpuKind::AppleGfx | GpuKind::AppleGfxPci))
+    else {
         return Ok(None);
     };
     match MacFramework::new(DisplayQueue::Private) {
