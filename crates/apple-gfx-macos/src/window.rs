@@ -161,7 +161,7 @@ impl Pump {
         self.pending.store(false, Ordering::SeqCst);
     }
 
-    /// Ends [`Self::run`] within [`POLL`].
+    /// Ends [`Self::run`] within `POLL`.
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::SeqCst);
     }
@@ -182,7 +182,7 @@ impl Pump {
         changed || flipped
     }
 
-    /// Calls `wake` whenever the window is [due](Self::due), at most once
+    /// Calls `wake` whenever the window is due, at most once
     /// per [`FRAME_INTERVAL`]; returns once stopped. A main thread that
     /// falls behind gets one wake, not a queue of them.
     pub fn run(&self, head: &Head, wake: impl Fn()) {
