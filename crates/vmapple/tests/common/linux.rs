@@ -14,9 +14,19 @@ impl LinuxGuest {
     /// [`super::linux_guest`] and its siblings give them) with `append` on
     /// its kernel command line.
     pub fn new(files: &(PathBuf, PathBuf), append: &str) -> Self {
-        let (kernel, initrd) = files;
-        Self { args: vec![] }.args([
-            "run",
+        Self { args: vec![] }.arg("run").guest(files, append)
+    }
+
+    /// The same, run as the bundle `name` (`vmapple run NAME --kernel
+    /// ...`).
+    pub fn bundle(name: &str, files: &(PathBuf, PathBuf), append: &str) -> Self {
+        Self { args: vec![] }
+            .args(["run", name])
+            .guest(files, append)
+    }
+
+    fn guest(self, (kernel, initrd): &(PathBuf, PathBuf), append: &str) -> Self {
+        self.args([
             "--kernel",
             path(kernel),
             "--initrd",
