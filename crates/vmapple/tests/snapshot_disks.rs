@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    clean_ext4_file, ctl, linux_guest_devices, refs, refused, run_tool, save_and_stop,
+    clean_ext4_file, ctl, linux_guest_devices, refs, refused, run_tool, save_and_stop, stop_when,
     vmapple_with_triggers, Action, LinuxGuest, Trigger,
 };
 
@@ -97,18 +97,8 @@ fn clean_records(image: &Path, dir: &Path) -> Vec<String> {
 /// record after `saved` and at most `saved + slack`; stopped by `ctl stop`
 /// ten records later.
 fn restore_writer(args: &[String], socket: &Path, saved: u64, slack: u64) -> Vec<u64> {
-    let sock = socket.to_path_buf();
     let until = format!("synced {}\r", saved + slack + 10);
-    let run = vmapple_with_triggers(
-        &refs(args),
-        BOOT,
-        &[Trigger {
-            when_console_shows: &until,
-            action: Action::Call(Box::new(move || {
-                ctl(&sock, &["stop"]);
-            })),
-        }],
-    );
+    let run = vmapple_with_triggers(&refs(args), BOOT, &[stop_when(&until, socket)]);
     assert_eq!(run.code, HOST_STOPPED, "{}\n{}", run.stdout, run.stderr);
     assert!(
         !run.stdout.contains("crash start"),
@@ -439,17 +429,11 @@ fn a_process_continues_with_its_pid_tmpfs_and_open_file_after_kill_and_restore()
 
     // Long enough that an uptime following the host's clock would show it.
     std::thread::sleep(Duration::from_secs(6));
-    let sock = socket.clone();
     let until = format!("count {} ", last_before + 12);
     let second = vmapple_with_triggers(
         &refs(&args(&["--restore", s(&snapshot)])),
         BOOT,
-        &[Trigger {
-            when_console_shows: &until,
-            action: Action::Call(Box::new(move || {
-                ctl(&sock, &["stop"]);
-            })),
-        }],
+        &[stop_when(&until, &socket)],
     );
     assert_eq!(
         second.code, HOST_STOPPED,

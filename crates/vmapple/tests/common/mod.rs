@@ -204,6 +204,18 @@ pub fn save_and_stop<'a>(when: &'a str, socket: &Path, snapshot: &Path) -> Trigg
     }
 }
 
+/// A trigger that stops the VM served on `socket` (`vmapple ctl SOCKET
+/// stop`) once the console shows `when`.
+pub fn stop_when<'a>(when: &'a str, socket: &Path) -> Trigger<'a> {
+    let socket = socket.to_path_buf();
+    Trigger {
+        when_console_shows: when,
+        action: Action::Call(Box::new(move || {
+            ctl(&socket, &["stop"]);
+        })),
+    }
+}
+
 /// Like [`vmapple`], but sends each trigger's signal once, as soon as the
 /// console output contains its text (triggers fire in order).
 pub fn vmapple_with_triggers(args: &[&str], limit: Duration, triggers: &[Trigger]) -> Run {
