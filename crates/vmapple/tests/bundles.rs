@@ -314,6 +314,13 @@ fn a_run_that_fails_leaves_its_reason_in_the_bundle_log() {
     assert_eq!(text(&out.stderr).matches("/nonexistent/Image").count(), 1);
 }
 
+/// `vmapple run NAME` of the Linux guest of `files` with a heartbeat (a
+/// shell loop printing a counter) and power-button handling.
+fn ticker_run_args(name: &str, files: &(PathBuf, PathBuf)) -> Vec<String> {
+    let append = "console=ttyAMA0 quiet vmapple.tick vmapple.powerkey";
+    common::LinuxGuest::bundle(name, files, append).build()
+}
+
 /// One boot of the Linux guest from a bundle, driven the way a user would:
 /// control socket (status, pause, resume, hostile input, powerdown), a
 /// second `run` of the same bundle, an event follower, the log file.
@@ -322,19 +329,11 @@ fn a_running_bundle_is_controlled_through_its_socket() {
     let home = Home::new();
     create_small(&home, "vm");
     let dir = home.bundle("vm");
-    let Some((kernel, initrd)) = linux_guest_devices() else {
+    let Some(files) = linux_guest_devices() else {
         return;
     };
-    let run_args = [
-        "run",
-        "vm",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--append",
-        "console=ttyAMA0 quiet vmapple.tick vmapple.powerkey",
-    ];
+    let run_args = ticker_run_args("vm", &files);
+    let run_args = common::refs(&run_args);
     let mut vm = home.spawn(&run_args);
     vm.wait_for("waiting for the power button", BOOT);
     vm.wait_until("a few ticks", BOOT, |c| last_tick(c) >= Some(3));
@@ -1672,19 +1671,11 @@ fn a_suspended_bundle_resumes_where_it_stopped() {
     let home = Home::new();
     create_small(&home, "s");
     let dir = home.bundle("s");
-    let Some((kernel, initrd)) = linux_guest_devices() else {
+    let Some(files) = linux_guest_devices() else {
         return;
     };
-    let run_args = [
-        "run",
-        "s",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--append",
-        "console=ttyAMA0 quiet vmapple.tick vmapple.powerkey",
-    ];
+    let run_args = ticker_run_args("s", &files);
+    let run_args = common::refs(&run_args);
     let mut vm = home.spawn(&run_args);
     vm.wait_until("a few ticks", BOOT, |c| last_tick(c) >= Some(5));
     let out = home.run(&["suspend", "s"]);

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{ctl, linux_guest_devices, vmapple_with_triggers, Action, Trigger};
+use common::{ctl, linux_guest_devices, refs, vmapple_with_triggers, Action, LinuxGuest, Trigger};
 
 const PASSWORD: &str = "sesame";
 
@@ -190,7 +190,7 @@ fn virtio_gpu_framebuffer_and_input_through_vnc(accel) {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("display-{accel}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let Some((kernel, initrd)) = linux_guest_devices() else {
+    let Some(files) = linux_guest_devices() else {
         return;
     };
     let disk = dir.join("pattern.img");
@@ -200,38 +200,32 @@ fn virtio_gpu_framebuffer_and_input_through_vnc(accel) {
     let socket = dir.join("control.sock");
     let ports = [free_port(), free_port()];
     let (s, d) = (socket.clone(), dir.clone());
+    let args = LinuxGuest::new(
+        &files,
+        "console=ttyAMA0 quiet vt.global_cursor_default=0 vmapple.usb=3 vmapple.fb=vda vmapple.cursor=1 vmapple.powerkey",
+    )
+    .args(["--accel", accel])
+    .two_cpus()
+    .args([
+        "--net",
+        "none",
+        "--disk",
+        &format!("{},readonly", disk.display()),
+        "--gpu",
+        "virtio",
+        "--display-modes",
+        "1024x768@60;1024x768@60",
+        "--display",
+        &format!("vnc=127.0.0.1:{}", ports[0]),
+        "--display",
+        &format!("vnc=127.0.0.1:{},head=1", ports[1]),
+        "--vnc-password-file",
+        password_file.to_str().unwrap(),
+    ])
+    .control(&socket)
+    .build();
     let run = vmapple_with_triggers(
-        &[
-            "run",
-            "--accel",
-            accel,
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--append",
-            "console=ttyAMA0 quiet vt.global_cursor_default=0 vmapple.usb=3 vmapple.fb=vda vmapple.cursor=1 vmapple.powerkey",
-            "--cpus",
-            "2",
-            "--memory",
-            "512M",
-            "--net",
-            "none",
-            "--disk",
-            &format!("{},readonly", disk.display()),
-            "--gpu",
-            "virtio",
-            "--display-modes",
-            "1024x768@60;1024x768@60",
-            "--display",
-            &format!("vnc=127.0.0.1:{}", ports[0]),
-            "--display",
-            &format!("vnc=127.0.0.1:{},head=1", ports[1]),
-            "--vnc-password-file",
-            password_file.to_str().unwrap(),
-            "--control",
-            socket.to_str().unwrap(),
-        ],
+        &refs(&args),
         Duration::from_secs(600),
         &[Trigger {
             when_console_shows: "waiting for the power button",

@@ -12,7 +12,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{linux_guest_fio, vmapple};
+use common::{linux_guest_fio, refs, vmapple, LinuxGuest};
 
 /// The 8 MiB the jobs cover (2 x 4 MiB) and a margin past it.
 const DISK_BYTES: u64 = 16 << 20;
@@ -20,7 +20,7 @@ const WRITTEN_KIB: u64 = 2 * 4096;
 
 /// Runs fio's verify job on 2 vCPUs; returns the guest's output.
 fn fio_verify(accel: &str, msi: &str) -> common::Run {
-    let (kernel, initrd) = linux_guest_fio().expect("the Linux guest");
+    let files = linux_guest_fio().expect("the Linux guest");
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("fio-{accel}-msi-{msi}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -29,31 +29,14 @@ fn fio_verify(accel: &str, msi: &str) -> common::Run {
         .unwrap()
         .set_len(DISK_BYTES)
         .unwrap();
-    let run = vmapple(
-        &[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--append",
-            "console=ttyAMA0 quiet vmapple.fio=vda vmapple.irqs",
-            "--accel",
-            accel,
-            "--cpus",
-            "2",
-            "--memory",
-            "512M",
-            "--disk",
-            disk.to_str().unwrap(),
-            "--net",
-            "none",
-            "--no-usb",
-            "--msi",
-            msi,
-        ],
-        Duration::from_secs(300),
-    );
+    let args = LinuxGuest::new(&files, "console=ttyAMA0 quiet vmapple.fio=vda vmapple.irqs")
+        .args(["--accel", accel])
+        .two_cpus()
+        .args(["--disk", disk.to_str().unwrap()])
+        .no_usb_no_net()
+        .args(["--msi", msi])
+        .build();
+    let run = vmapple(&refs(&args), Duration::from_secs(300));
     assert_eq!(run.code, 0, "guest powered off; stderr:\n{}", run.stderr);
     run
 }

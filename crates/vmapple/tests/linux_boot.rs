@@ -8,31 +8,16 @@ mod common;
 
 use std::time::Duration;
 
-use common::{linux_guest, vmapple};
+use common::{linux_guest, refs, vmapple, LinuxGuest};
 
 each_accel! {
 fn linux_reaches_userspace_on_two_cpus_and_powers_off(accel) {
-    let Some((kernel, initrd)) = linux_guest() else { return };
-    let run = vmapple(
-        &[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--append",
-            "console=ttyAMA0 earlycon=pl011,0x20010000",
-            "--cpus",
-            "2",
-            "--memory",
-            "512M",
-            "--serial",
-            "stdio",
-            "--accel",
-            accel,
-        ],
-        Duration::from_secs(300),
-    );
+    let Some(files) = linux_guest() else { return };
+    let args = LinuxGuest::new(&files, "console=ttyAMA0 earlycon=pl011,0x20010000")
+        .two_cpus()
+        .args(["--serial", "stdio", "--accel", accel])
+        .build();
+    let run = vmapple(&refs(&args), Duration::from_secs(300));
     run.assert_line("VMAPPLE-GUEST: userspace up");
     // ID_AA64PFR0_EL1.GIC: the guest knows its GIC CPU interface is
     // system registers (the framework double's default is 0).

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{linux_guest_devices, vmapple, Run};
+use common::{linux_guest_devices, refs, vmapple, LinuxGuest, Run};
 
 fn scratch_dir(name: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
@@ -65,7 +65,7 @@ fn msis(run: &Run) -> Vec<(String, u64)> {
 /// Boots the device guest with a NIC, a disk and the XHCI, writes files to
 /// the disk and powers off.
 fn boot(accel: &str, msi: &str, dir: &Path) -> (Run, PathBuf) {
-    let Some((kernel, initrd)) = linux_guest_devices() else {
+    let Some(files) = linux_guest_devices() else {
         panic!("the Linux guest is missing: run guest/linux/build.sh");
     };
     let data = dir.join("data.img");
@@ -79,30 +79,22 @@ fn boot(accel: &str, msi: &str, dir: &Path) -> (Run, PathBuf) {
         dir.join("vm.sock").display(),
         peer_path.display()
     );
-    let run = vmapple(
-        &[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--append",
-            "console=ttyAMA0 quiet vmapple.pci vmapple.blk=vda vmapple.irqs",
-            "--accel",
-            accel,
-            "--cpus",
-            "2",
-            "--memory",
-            "512M",
-            "--disk",
-            data.to_str().unwrap(),
-            "--net",
-            &net,
-            "--msi",
-            msi,
-        ],
-        Duration::from_secs(300),
-    );
+    let args = LinuxGuest::new(
+        &files,
+        "console=ttyAMA0 quiet vmapple.pci vmapple.blk=vda vmapple.irqs",
+    )
+    .args(["--accel", accel])
+    .two_cpus()
+    .args([
+        "--disk",
+        data.to_str().unwrap(),
+        "--net",
+        &net,
+        "--msi",
+        msi,
+    ])
+    .build();
+    let run = vmapple(&refs(&args), Duration::from_secs(300));
     assert_eq!(run.code, 0, "guest powered off; stderr:\n{}", run.stderr);
     run.assert_line("VMAPPLE-GUEST: blk done");
     (run, data)

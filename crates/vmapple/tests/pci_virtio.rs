@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{linux_guest_devices, vmapple};
+use common::{linux_guest_devices, refs, vmapple, LinuxGuest};
 
 fn scratch_dir(name: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
@@ -84,7 +84,7 @@ fn linux_sees_the_pci_devices_uses_virtio_blk_and_talks_tcp_through_passt(accel)
         common::skip("passt, the host end of its network check, runs only on Linux");
         return;
     }
-    let Some((kernel, initrd)) = linux_guest_devices() else { return };
+    let Some(files) = linux_guest_devices() else { return };
     let dir = scratch_dir(&format!("pci-virtio-{accel}"));
     let aux = dir.join("aux.img");
     let root = dir.join("root.img");
@@ -121,21 +121,10 @@ fn linux_sees_the_pci_devices_uses_virtio_blk_and_talks_tcp_through_passt(accel)
     };
 
     let append = format!("console=ttyAMA0 vmapple.pci vmapple.blk=vda vmapple.net={port} quiet");
-    let run = vmapple(
-        &[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--append",
-            &append,
-            "--accel",
-            accel,
-            "--cpus",
-            "2",
-            "--memory",
-            "512M",
+    let args = LinuxGuest::new(&files, &append)
+        .args(["--accel", accel])
+        .two_cpus()
+        .args([
             "--aux",
             aux.to_str().unwrap(),
             "--root",
@@ -146,9 +135,9 @@ fn linux_sees_the_pci_devices_uses_virtio_blk_and_talks_tcp_through_passt(accel)
             "passt",
             "--mac",
             "52:54:00:12:34:56",
-        ],
-        Duration::from_secs(300),
-    );
+        ])
+        .build();
+    let run = vmapple(&refs(&args), Duration::from_secs(300));
     assert_eq!(run.code, 0, "guest powered off; stderr:\n{}", run.stderr);
 
     // Enumeration: IDs as the guest's sysfs shows them.
@@ -233,7 +222,7 @@ fn allocated(path: &Path) -> u64 {
 
 #[test]
 fn a_linux_guests_discards_free_the_image_files_blocks() {
-    let Some((kernel, initrd)) = linux_guest_devices() else {
+    let Some(files) = linux_guest_devices() else {
         return;
     };
     let dir = scratch_dir("trim");
@@ -242,24 +231,11 @@ fn a_linux_guests_discards_free_the_image_files_blocks() {
     let before = allocated(&data);
     // The guest writes 16 MiB, deletes it on a `-o discard` mount (ext4
     // sends DISCARD for the freed blocks) and unmounts.
-    let run = vmapple(
-        &[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--append",
-            "console=ttyAMA0 vmapple.trim=vda quiet",
-            "--memory",
-            "256M",
-            "--net",
-            "none",
-            "--disk",
-            data.to_str().unwrap(),
-        ],
-        Duration::from_secs(300),
-    );
+    let args = LinuxGuest::new(&files, "console=ttyAMA0 vmapple.trim=vda quiet")
+        .args(["--memory", "256M", "--net", "none"])
+        .args(["--disk", data.to_str().unwrap()])
+        .build();
+    let run = vmapple(&refs(&args), Duration::from_secs(300));
     assert_eq!(run.code, 0, "guest powered off; stderr:\n{}", run.stderr);
     run.assert_line("VMAPPLE-GUEST: trim done");
     // Without holes the image would have grown by the 16 MiB (and a

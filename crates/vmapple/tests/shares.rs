@@ -18,7 +18,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{linux_guest_share, vmapple_with_triggers, Action, Trigger};
+use common::{linux_guest_share, refs, vmapple_with_triggers, Action, LinuxGuest, Trigger};
 
 fn scratch_dir(name: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
@@ -87,7 +87,7 @@ fn guest_values<'a>(stdout: &'a str, prefix: &str) -> Vec<&'a str> {
 
 each_accel! {
 fn a_linux_guest_uses_a_share_and_cannot_leave_it(accel) {
-    let Some((kernel, initrd)) = linux_guest_share() else { return };
+    let Some(files) = linux_guest_share() else { return };
     let dir = scratch_dir(&format!("shares-{accel}"));
     let share = dir.join("share");
     let outside = dir.join("outside");
@@ -123,28 +123,13 @@ fn a_linux_guest_uses_a_share_and_cannot_leave_it(accel) {
         "console=ttyAMA0 quiet vmapple.share=work vmapple.share-ro=docs vmapple.outside={}",
         outside.display()
     );
+    let args = LinuxGuest::new(&files, &append)
+        .args(["--accel", accel, "--cpus", "2", "--memory", "1G", "--net", "none"])
+        .args(["--share", &format!("work:{}", share.display())])
+        .args(["--share", &format!("docs:{},readonly", ro.display())])
+        .build();
     let run = vmapple_with_triggers(
-        &[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--append",
-            &append,
-            "--accel",
-            accel,
-            "--cpus",
-            "2",
-            "--memory",
-            "1G",
-            "--net",
-            "none",
-            "--share",
-            &format!("work:{}", share.display()),
-            "--share",
-            &format!("docs:{},readonly", ro.display()),
-        ],
+        &refs(&args),
         Duration::from_secs(1200),
         &triggers,
     );

@@ -15,7 +15,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{ctl, firmware_dir, linux_guest_devices, vmapple_with_triggers, Action, Trigger};
+use common::{
+    clean_ext4_file, ctl, firmware_dir, linux_guest_devices, refs, run_tool, save_and_stop,
+    vmapple_with_triggers, Action, LinuxGuest, Trigger,
+};
 
 const BOOT: Duration = Duration::from_secs(300);
 /// `vmapple`'s exit status when the host stopped the VM (`save --stop`).
@@ -39,42 +42,30 @@ fn ticks(console: &str) -> Vec<u64> {
         .collect()
 }
 
+/// The Linux guest with the device initramfs on two vCPUs, `append` on
+/// its kernel command line.
+fn devices_guest(append: &str) -> LinuxGuest {
+    LinuxGuest::new(&linux_guest_devices().expect("the Linux guest"), append).two_cpus()
+}
+
+/// `guest` on `accel`, served on `socket`, with `extra` (e.g.
+/// `--restore`) at the end.
+fn served(guest: LinuxGuest, accel: &str, socket: &Path, extra: &[&str]) -> Vec<String> {
+    guest
+        .args(["--accel", accel])
+        .control(socket)
+        .args(extra)
+        .build()
+}
+
 /// `vmapple run` of the Linux guest with a heartbeat (a shell loop that
 /// prints an incrementing counter) and power-button handling, on two
 /// vCPUs, served on `socket`; `extra` is appended.
 fn linux_args(socket: &Path, accel: &str, extra: &[&str]) -> Vec<String> {
-    let (kernel, initrd) = linux_guest_devices().expect("the Linux guest");
-    let mut args: Vec<String> = [
-        "run",
-        "--kernel",
-        s(&kernel),
-        "--initrd",
-        s(&initrd),
-        "--append",
-        "console=ttyAMA0 quiet vmapple.tick vmapple.powerkey",
-        "--cpus",
-        "2",
-        "--memory",
-        "512M",
-        "--serial",
-        "stdio",
-        "--no-usb",
-        "--net",
-        "none",
-        "--accel",
-        accel,
-        "--control",
-        s(socket),
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
-    args.extend(extra.iter().map(|a| a.to_string()));
-    args
-}
-
-fn refs(args: &[String]) -> Vec<&str> {
-    args.iter().map(String::as_str).collect()
+    let guest = devices_guest("console=ttyAMA0 quiet vmapple.tick vmapple.powerkey")
+        .args(["--serial", "stdio"])
+        .no_usb_no_net();
+    served(guest, accel, socket, extra)
 }
 
 /// Restores `snapshot` with `args` and presses the power button once the
@@ -109,17 +100,10 @@ fn a_linux_process_continues_after_restore_and_one_snapshot_runs_twice_at_once(a
     let dir = scratch();
     let socket = dir.path().join("c.sock");
     let snapshot = dir.path().join("vm.snap");
-    let snap = snapshot.clone();
-    let sock = socket.clone();
     let first = vmapple_with_triggers(
         &refs(&linux_args(&socket, accel, &[])),
         BOOT,
-        &[Trigger {
-            when_console_shows: "tick 5\r",
-            action: Action::Call(Box::new(move || {
-                ctl(&sock, &["save", s(&snap), "--stop"]);
-            })),
-        }],
+        &[save_and_stop("tick 5\r", &socket, &snapshot)],
     );
     assert_eq!(
         first.code, HOST_STOPPED,
@@ -191,16 +175,10 @@ const TOTAL: &str = "COUNT TOTAL 40000000\r\n";
 fn saved_count(dir: &Path, accel: &str, when: &str) -> PathBuf {
     let socket = dir.join("count.sock");
     let snapshot = dir.join("count.snap");
-    let (sock, snap) = (socket.clone(), snapshot.clone());
     let run = vmapple_with_triggers(
         &refs(&count_args(&socket, accel, &["--no-usb"])),
         BOOT,
-        &[Trigger {
-            when_console_shows: when,
-            action: Action::Call(Box::new(move || {
-                ctl(&sock, &["save", s(&snap), "--stop"]);
-            })),
-        }],
+        &[save_and_stop(when, &socket, &snapshot)],
     );
     assert_eq!(run.code, HOST_STOPPED, "{}\n{}", run.stdout, run.stderr);
     assert!(
@@ -232,22 +210,10 @@ fn the_two_cpu_atomic_count_is_exact_across_a_save_and_restore(accel) {
 }
 
 /// Runs `vmapple` to completion (for runs refused before the guest).
+/// Its one message names `needle`.
 fn refused(args: &[String], needle: &str) {
-    let out = Command::new(env!("CARGO_BIN_EXE_vmapple"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-    let errors: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.starts_with("vmapple: error:"))
-        .collect();
-    assert_eq!(errors.len(), 1, "one message: {stderr}");
-    assert!(errors[0].contains(needle), "want {needle:?} in {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    assert!(out.stdout.is_empty(), "nothing ran: {:?}", out.stdout);
+    let error = common::refused(args);
+    assert!(error.contains(needle), "want {needle:?} in {error}");
 }
 
 #[test]
@@ -397,52 +363,14 @@ fn synced(console: &str) -> Vec<u64> {
         .collect()
 }
 
-/// Runs `cmd`; returns its exit status and output.
-fn run_tool(cmd: &mut Command) -> (i32, String) {
-    let out = cmd.output().expect("running an e2fsprogs tool");
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 /// `vmapple run` of the Linux guest appending fsynced records to the ext4
 /// disk `image` (the init's `vmapple.crash` loop), on two vCPUs.
 fn disk_args(socket: &Path, image: &Path, accel: &str, extra: &[&str]) -> Vec<String> {
-    let (kernel, initrd) = linux_guest_devices().expect("the Linux guest");
-    let mut args: Vec<String> = [
-        "run",
-        "--kernel",
-        s(&kernel),
-        "--initrd",
-        s(&initrd),
-        "--append",
-        "console=ttyAMA0 quiet vmapple.crash=vda",
-        "--cpus",
-        "2",
-        "--memory",
-        "512M",
-        "--serial",
-        "stdio",
-        "--no-usb",
-        "--net",
-        "none",
-        "--disk",
-        s(image),
-        "--accel",
-        accel,
-        "--control",
-        s(socket),
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
-    args.extend(extra.iter().map(|a| a.to_string()));
-    args
+    let guest = devices_guest("console=ttyAMA0 quiet vmapple.crash=vda")
+        .args(["--serial", "stdio"])
+        .no_usb_no_net()
+        .args(["--disk", s(image)]);
+    served(guest, accel, socket, extra)
 }
 
 /// Runs `args` and stops the VM with `save --stop` into `stop_snapshot`
@@ -453,16 +381,10 @@ fn run_until_saved(
     when: &str,
     stop_snapshot: &Path,
 ) -> common::Run {
-    let (sock, snap) = (socket.to_path_buf(), stop_snapshot.to_path_buf());
     let run = vmapple_with_triggers(
         &refs(args),
         BOOT,
-        &[Trigger {
-            when_console_shows: when,
-            action: Action::Call(Box::new(move || {
-                ctl(&sock, &["save", s(&snap), "--stop"]);
-            })),
-        }],
+        &[save_and_stop(when, socket, stop_snapshot)],
     );
     assert_eq!(
         run.code, HOST_STOPPED,
@@ -528,13 +450,7 @@ fn a_guest_writing_to_a_virtio_disk_continues_after_restore_and_ext4_stays_clean
     // On the host: the filesystem (its journal replayed, as the guest is
     // stopped with it mounted) is clean and holds every record the guest
     // fsynced, before and after the restore.
-    let copy = dir.path().join("check.img");
-    std::fs::copy(&image, &copy).unwrap();
-    let (code, text) = run_tool(Command::new("e2fsck").args(["-p", "-E", "journal_only"]).arg(&copy));
-    assert!(code <= 1, "journal replay (exit {code}):\n{text}");
-    let (code, text) = run_tool(Command::new("e2fsck").arg("-fn").arg(&copy));
-    assert_eq!(code, 0, "e2fsck -fn:\n{text}");
-    let (_, records) = run_tool(Command::new("debugfs").args(["-R", "cat /records"]).arg(&copy));
+    let records = clean_ext4_file(&image, dir.path(), "/records");
     let lines: Vec<&str> = records.lines().filter(|l| l.starts_with("record ")).collect();
     assert!(lines.len() as u64 > last, "records 0..={last} on disk, found {}", lines.len());
     for (i, line) in lines.iter().enumerate().take(last as usize + 1) {
@@ -684,38 +600,12 @@ fn spawn(args: &[String]) -> std::process::Child {
 /// `serial`: it takes a DHCP lease, downloads from the host's port `port`
 /// and uploads to `port + 1`, then gives a shell on the console.
 fn net_args(socket: &Path, serial: &Path, port: u16, accel: &str, extra: &[&str]) -> Vec<String> {
-    let (kernel, initrd) = linux_guest_devices().expect("the Linux guest");
-    let append = format!("console=ttyAMA0 quiet vmapple.net={port} vmapple.demo");
-    let serial = format!("unix:{}", s(serial));
-    let mut args: Vec<String> = [
-        "run",
-        "--kernel",
-        s(&kernel),
-        "--initrd",
-        s(&initrd),
-        "--append",
-        &append,
-        "--cpus",
-        "2",
-        "--memory",
-        "512M",
-        "--serial",
-        &serial,
-        "--no-usb",
-        "--net",
-        "passt",
-        "--mac",
-        "52:54:00:12:34:56",
-        "--accel",
-        accel,
-        "--control",
-        s(socket),
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
-    args.extend(extra.iter().map(|a| a.to_string()));
-    args
+    let guest = devices_guest(&format!(
+        "console=ttyAMA0 quiet vmapple.net={port} vmapple.demo"
+    ))
+    .args(["--serial", &format!("unix:{}", s(serial))])
+    .args(["--no-usb", "--net", "passt", "--mac", "52:54:00:12:34:56"]);
+    served(guest, accel, socket, extra)
 }
 
 fn md5_hex(data: &[u8]) -> String {
@@ -824,34 +714,10 @@ fn after_restore_the_guest_gets_dhcp_again_talks_tcp_through_passt_and_its_conso
 /// guest prints every event its evdev gets) and a shell on the console at
 /// `serial`.
 fn usb_args(socket: &Path, serial: &Path, accel: &str, extra: &[&str]) -> Vec<String> {
-    let (kernel, initrd) = linux_guest_devices().expect("the Linux guest");
-    let serial = format!("unix:{}", s(serial));
-    let mut args: Vec<String> = [
-        "run",
-        "--kernel",
-        s(&kernel),
-        "--initrd",
-        s(&initrd),
-        "--append",
-        "console=ttyAMA0 quiet vmapple.usb=3 vmapple.demo",
-        "--cpus",
-        "2",
-        "--memory",
-        "512M",
-        "--serial",
-        &serial,
-        "--net",
-        "none",
-        "--accel",
-        accel,
-        "--control",
-        s(socket),
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
-    args.extend(extra.iter().map(|a| a.to_string()));
-    args
+    let guest = devices_guest("console=ttyAMA0 quiet vmapple.usb=3 vmapple.demo")
+        .args(["--serial", &format!("unix:{}", s(serial))])
+        .args(["--net", "none"]);
+    served(guest, accel, socket, extra)
 }
 
 each_accel! {
@@ -943,7 +809,7 @@ fn vsock_echo(sock: &Path, port: u32, data: &[u8]) -> std::os::unix::net::UnixSt
 each_accel! {
 fn after_restore_the_guest_serves_vsock_again(accel) {
     use std::io::Read;
-    let Some((kernel, initrd)) = common::linux_guest_share() else {
+    let Some(files) = common::linux_guest_share() else {
         return;
     };
     let dir = scratch();
@@ -952,20 +818,12 @@ fn after_restore_the_guest_serves_vsock_again(accel) {
     let vsock = dir.path().join("v.sock");
     let snapshot = dir.path().join("vsock.snap");
     let args = |extra: &[&str]| {
-        let mut args: Vec<String> = [
-            "run", "--kernel", s(&kernel), "--initrd", s(&initrd),
-            "--append", "console=ttyAMA0 quiet vmapple.demo",
-            "--cpus", "2", "--memory", "512M",
-            "--serial", &format!("unix:{}", s(&serial)),
-            "--no-usb", "--net", "none",
-            "--vsock", s(&vsock),
-            "--accel", accel, "--control", s(&socket),
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect();
-        args.extend(extra.iter().map(|a| a.to_string()));
-        args
+        let guest = LinuxGuest::new(&files, "console=ttyAMA0 quiet vmapple.demo")
+            .two_cpus()
+            .args(["--serial", &format!("unix:{}", s(&serial))])
+            .no_usb_no_net()
+            .args(["--vsock", s(&vsock)]);
+        served(guest, accel, &socket, extra)
     };
 
     // The guest serves an echo on vsock port 5000; a host client talks
@@ -1036,9 +894,9 @@ fn pixels_off_pattern(png_path: &Path, w: usize, h: usize) -> usize {
 
 each_accel! {
 fn after_restore_the_virtio_gpu_shows_what_the_guest_drew(accel) {
-    let Some((kernel, initrd)) = linux_guest_devices() else {
+    if linux_guest_devices().is_none() {
         return;
-    };
+    }
     let (w, h) = (1024, 768);
     let dir = scratch();
     let socket = dir.path().join("c.sock");
@@ -1054,22 +912,14 @@ fn after_restore_the_virtio_gpu_shows_what_the_guest_drew(accel) {
     }
     std::fs::write(&disk, bytes).unwrap();
     let args = |extra: &[&str]| {
-        let mut args: Vec<String> = [
-            "run", "--kernel", s(&kernel), "--initrd", s(&initrd),
-            "--append",
+        let guest = devices_guest(
             "console=ttyAMA0 quiet vt.global_cursor_default=0 vmapple.fb=vda vmapple.demo",
-            "--cpus", "2", "--memory", "512M",
-            "--serial", &format!("unix:{}", s(&serial)),
-            "--no-usb", "--net", "none",
-            "--disk", &format!("{},readonly", s(&disk)),
-            "--gpu", "virtio", "--display-modes", "1024x768@60", "--display", "none",
-            "--accel", accel, "--control", s(&socket),
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect();
-        args.extend(extra.iter().map(|a| a.to_string()));
-        args
+        )
+        .args(["--serial", &format!("unix:{}", s(&serial))])
+        .no_usb_no_net()
+        .args(["--disk", &format!("{},readonly", s(&disk))])
+        .args(["--gpu", "virtio", "--display-modes", "1024x768@60", "--display", "none"]);
+        served(guest, accel, &socket, extra)
     };
 
     // The guest copies the pattern to its framebuffer and sits at a shell.

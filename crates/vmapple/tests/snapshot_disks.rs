@@ -13,7 +13,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{ctl, linux_guest_devices, vmapple_with_triggers, Action, Trigger};
+use common::{
+    clean_ext4_file, ctl, linux_guest_devices, refs, refused, run_tool, save_and_stop, stop_when,
+    vmapple_with_triggers, Action, LinuxGuest, Trigger,
+};
 
 const BOOT: Duration = Duration::from_secs(300);
 /// `vmapple`'s exit status when the host stopped the VM.
@@ -27,10 +30,6 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-fn refs(args: &[String]) -> Vec<&str> {
-    args.iter().map(String::as_str).collect()
-}
-
 /// The numbers of whole `VMAPPLE-GUEST: <word> N` lines.
 fn numbers(console: &str, word: &str) -> Vec<u64> {
     let prefix = format!("VMAPPLE-GUEST: {word} ");
@@ -42,54 +41,17 @@ fn numbers(console: &str, word: &str) -> Vec<u64> {
         .collect()
 }
 
-/// Runs `cmd`; returns its exit status and output.
-fn run_tool(cmd: &mut Command) -> (i32, String) {
-    let out = cmd.output().expect("running a tool");
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 /// `vmapple run` of the Linux guest on two vCPUs with `append` on the
 /// kernel command line and `disk` attached; `extra` appended.
 fn guest_args(socket: &Path, append: &str, disk: &str, extra: &[&str]) -> Vec<String> {
-    let (kernel, initrd) = linux_guest_devices().expect("the Linux guest");
-    let mut args: Vec<String> = [
-        "run",
-        "--kernel",
-        s(&kernel),
-        "--initrd",
-        s(&initrd),
-        "--append",
-        append,
-        "--cpus",
-        "2",
-        "--memory",
-        "512M",
-        "--serial",
-        "stdio",
-        "--no-usb",
-        "--net",
-        "none",
-        "--disk",
-        disk,
-        "--msi",
-        "off",
-        "--accel",
-        "tcg",
-        "--control",
-        s(socket),
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
-    args.extend(extra.iter().map(|a| a.to_string()));
-    args
+    LinuxGuest::new(&linux_guest_devices().expect("the Linux guest"), append)
+        .two_cpus()
+        .args(["--serial", "stdio"])
+        .no_usb_no_net()
+        .args(["--disk", disk, "--msi", "off", "--accel", "tcg"])
+        .control(socket)
+        .args(extra)
+        .build()
 }
 
 /// The guest appending fsynced records to the ext4 `image`.
@@ -111,25 +73,6 @@ fn mkfs(image: &Path) {
     assert_eq!(code, 0, "mkfs.ext4: {text}");
 }
 
-/// Runs `vmapple` to completion, for runs refused before the guest.
-fn refused(args: &[String]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_vmapple"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-    let errors: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.starts_with("vmapple: error:"))
-        .collect();
-    assert_eq!(errors.len(), 1, "one message: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    assert!(out.stdout.is_empty(), "nothing ran: {:?}", out.stdout);
-    errors[0].to_string()
-}
-
 /// The file names in `dir`.
 fn names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
@@ -143,24 +86,7 @@ fn names(dir: &Path) -> Vec<String> {
 /// Journal replayed on a copy of `image`, `e2fsck -fn` must pass; returns
 /// the copy's `/records` lines.
 fn clean_records(image: &Path, dir: &Path) -> Vec<String> {
-    let copy = dir.join("check.img");
-    let _ = std::fs::remove_file(&copy);
-    std::fs::copy(image, &copy).unwrap();
-    let (code, text) = run_tool(
-        Command::new("e2fsck")
-            .args(["-p", "-E", "journal_only"])
-            .arg(&copy),
-    );
-    assert!(code <= 1, "journal replay (exit {code}):\n{text}");
-    let (code, text) = run_tool(Command::new("e2fsck").arg("-fn").arg(&copy));
-    assert_eq!(code, 0, "e2fsck -fn:\n{text}");
-    let (_, records) = run_tool(
-        Command::new("debugfs")
-            .args(["-R", "cat /records"])
-            .arg(&copy),
-    );
-    std::fs::remove_file(&copy).unwrap();
-    records
+    clean_ext4_file(image, dir, "/records")
         .lines()
         .filter(|l| l.starts_with("record "))
         .map(str::to_string)
@@ -171,18 +97,8 @@ fn clean_records(image: &Path, dir: &Path) -> Vec<String> {
 /// record after `saved` and at most `saved + slack`; stopped by `ctl stop`
 /// ten records later.
 fn restore_writer(args: &[String], socket: &Path, saved: u64, slack: u64) -> Vec<u64> {
-    let sock = socket.to_path_buf();
     let until = format!("synced {}\r", saved + slack + 10);
-    let run = vmapple_with_triggers(
-        &refs(args),
-        BOOT,
-        &[Trigger {
-            when_console_shows: &until,
-            action: Action::Call(Box::new(move || {
-                ctl(&sock, &["stop"]);
-            })),
-        }],
-    );
+    let run = vmapple_with_triggers(&refs(args), BOOT, &[stop_when(&until, socket)]);
     assert_eq!(run.code, HOST_STOPPED, "{}\n{}", run.stdout, run.stderr);
     assert!(
         !run.stdout.contains("crash start"),
@@ -335,16 +251,10 @@ fn ticker_args(socket: &Path, disk: &str, extra: &[&str]) -> Vec<String> {
 
 /// Saves the heartbeat guest with `--stop` at tick 5; returns the tick.
 fn saved_ticker(socket: &Path, disk: &str, snapshot: &Path) -> u64 {
-    let (sock, snap) = (socket.to_path_buf(), snapshot.to_path_buf());
     let run = vmapple_with_triggers(
         &refs(&ticker_args(socket, disk, &[])),
         BOOT,
-        &[Trigger {
-            when_console_shows: "tick 5\r",
-            action: Action::Call(Box::new(move || {
-                ctl(&sock, &["save", s(&snap), "--stop"]);
-            })),
-        }],
+        &[save_and_stop("tick 5\r", socket, snapshot)],
     );
     assert_eq!(run.code, HOST_STOPPED, "{}\n{}", run.stdout, run.stderr);
     *numbers(&run.stdout, "tick").last().unwrap()
@@ -519,17 +429,11 @@ fn a_process_continues_with_its_pid_tmpfs_and_open_file_after_kill_and_restore()
 
     // Long enough that an uptime following the host's clock would show it.
     std::thread::sleep(Duration::from_secs(6));
-    let sock = socket.clone();
     let until = format!("count {} ", last_before + 12);
     let second = vmapple_with_triggers(
         &refs(&args(&["--restore", s(&snapshot)])),
         BOOT,
-        &[Trigger {
-            when_console_shows: &until,
-            action: Action::Call(Box::new(move || {
-                ctl(&sock, &["stop"]);
-            })),
-        }],
+        &[stop_when(&until, &socket)],
     );
     assert_eq!(
         second.code, HOST_STOPPED,
@@ -562,21 +466,7 @@ fn a_process_continues_with_its_pid_tmpfs_and_open_file_after_kill_and_restore()
     // The disk: clean, and the log the process kept open holds exactly
     // the counts up to the save and those after the restore.
     let last = after.last().unwrap().n;
-    let copy = dir.path().join("check.img");
-    std::fs::copy(&image, &copy).unwrap();
-    let (code, text) = run_tool(
-        Command::new("e2fsck")
-            .args(["-p", "-E", "journal_only"])
-            .arg(&copy),
-    );
-    assert!(code <= 1, "journal replay (exit {code}):\n{text}");
-    let (code, text) = run_tool(Command::new("e2fsck").arg("-fn").arg(&copy));
-    assert_eq!(code, 0, "e2fsck -fn:\n{text}");
-    let (_, log) = run_tool(
-        Command::new("debugfs")
-            .args(["-R", "cat /counter.log"])
-            .arg(&copy),
-    );
+    let log = clean_ext4_file(&image, dir.path(), "/counter.log");
     let lines: Vec<&str> = log.lines().filter(|l| l.starts_with("count ")).collect();
     assert!(
         lines.len() as u64 > last && lines.len() as u64 <= last + 2,

@@ -16,7 +16,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{ctl, linux_guest_devices, vmapple_with_triggers, Action, Trigger};
+use common::{ctl, linux_guest_devices, refs, vmapple_with_triggers, Action, LinuxGuest, Trigger};
 
 /// Linux's evdev codes.
 const EV_KEY: u32 = 1;
@@ -42,30 +42,21 @@ fn input_reaches_evdev(msi: &str) {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("control.sock");
-    let Some((kernel, initrd)) = linux_guest_devices() else {
+    let Some(files) = linux_guest_devices() else {
         return;
     };
     let s = socket.clone();
+    let args = LinuxGuest::new(
+        &files,
+        "console=ttyAMA0 quiet vmapple.usb=3 vmapple.powerkey vmapple.irqs",
+    )
+    .two_cpus()
+    .args(["--net", "none"])
+    .control(&socket)
+    .args(["--msi", msi])
+    .build();
     let run = vmapple_with_triggers(
-        &[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--append",
-            "console=ttyAMA0 quiet vmapple.usb=3 vmapple.powerkey vmapple.irqs",
-            "--cpus",
-            "2",
-            "--memory",
-            "512M",
-            "--net",
-            "none",
-            "--control",
-            socket.to_str().unwrap(),
-            "--msi",
-            msi,
-        ],
+        &refs(&args),
         Duration::from_secs(300),
         &[Trigger {
             when_console_shows: "waiting for the power button",

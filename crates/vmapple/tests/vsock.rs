@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{linux_guest_share, vmapple_with_triggers, Action, Trigger};
+use common::{linux_guest_share, refs, vmapple_with_triggers, Action, LinuxGuest, Trigger};
 
 const PORT: u32 = 5000;
 
@@ -104,7 +104,7 @@ fn serve_echo(listener: UnixListener) {
 
 each_accel! {
 fn a_linux_guest_echoes_over_vsock_both_ways(accel) {
-    let Some((kernel, initrd)) = linux_guest_share() else { return };
+    let Some(files) = linux_guest_share() else { return };
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("vsock-{accel}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -149,26 +149,13 @@ fn a_linux_guest_echoes_over_vsock_both_ways(accel) {
         })),
     }];
     let append = format!("console=ttyAMA0 quiet vmapple.vsock={PORT}");
+    let args = LinuxGuest::new(&files, &append)
+        .args(["--accel", accel])
+        .two_cpus()
+        .args(["--net", "none", "--vsock", sock.to_str().unwrap()])
+        .build();
     let run = vmapple_with_triggers(
-        &[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--append",
-            &append,
-            "--accel",
-            accel,
-            "--cpus",
-            "2",
-            "--memory",
-            "512M",
-            "--net",
-            "none",
-            "--vsock",
-            sock.to_str().unwrap(),
-        ],
+        &refs(&args),
         Duration::from_secs(900),
         &triggers,
     );

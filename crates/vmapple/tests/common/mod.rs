@@ -190,6 +190,32 @@ pub fn ctl(socket: &Path, words: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A trigger that saves the VM served on `socket` into `snapshot` and
+/// stops it (`vmapple ctl SOCKET save SNAPSHOT --stop`) once the console
+/// shows `when`.
+pub fn save_and_stop<'a>(when: &'a str, socket: &Path, snapshot: &Path) -> Trigger<'a> {
+    let (socket, snapshot) = (socket.to_path_buf(), snapshot.to_path_buf());
+    Trigger {
+        when_console_shows: when,
+        action: Action::Call(Box::new(move || {
+            let snapshot = snapshot.to_str().expect("a UTF-8 path");
+            ctl(&socket, &["save", snapshot, "--stop"]);
+        })),
+    }
+}
+
+/// A trigger that stops the VM served on `socket` (`vmapple ctl SOCKET
+/// stop`) once the console shows `when`.
+pub fn stop_when<'a>(when: &'a str, socket: &Path) -> Trigger<'a> {
+    let socket = socket.to_path_buf();
+    Trigger {
+        when_console_shows: when,
+        action: Action::Call(Box::new(move || {
+            ctl(&socket, &["stop"]);
+        })),
+    }
+}
+
 /// Like [`vmapple`], but sends each trigger's signal once, as soon as the
 /// console output contains its text (triggers fire in order).
 pub fn vmapple_with_triggers(args: &[&str], limit: Duration, triggers: &[Trigger]) -> Run {
@@ -258,4 +284,71 @@ pub fn vmapple_with_triggers(args: &[&str], limit: Duration, triggers: &[Trigger
     );
     run
 }
+pub mod linux;
 pub mod registry;
+
+#[allow(unused_imports)]
+pub use linux::LinuxGuest;
+
+/// Borrows a built command line for [`vmapple`] and its kin.
+pub fn refs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+/// Runs `cmd` (a host tool, e.g. from e2fsprogs); returns its exit status
+/// and its output, stdout then stderr.
+pub fn run_tool(cmd: &mut Command) -> (i32, String) {
+    let out = cmd.output().expect("running a host tool");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Checks the ext4 image `image` as the host finds it after a guest was
+/// stopped with it mounted: on a copy in `dir`, the journal replayed, then
+/// `e2fsck -fn` must pass. Returns the copy's `file` (debugfs `cat`).
+pub fn clean_ext4_file(image: &Path, dir: &Path, file: &str) -> String {
+    let copy = dir.join("check.img");
+    let _ = std::fs::remove_file(&copy);
+    std::fs::copy(image, &copy).unwrap();
+    let (code, text) = run_tool(
+        Command::new("e2fsck")
+            .args(["-p", "-E", "journal_only"])
+            .arg(&copy),
+    );
+    assert!(code <= 1, "journal replay (exit {code}):\n{text}");
+    let (code, text) = run_tool(Command::new("e2fsck").arg("-fn").arg(&copy));
+    assert_eq!(code, 0, "e2fsck -fn:\n{text}");
+    let (_, content) = run_tool(
+        Command::new("debugfs")
+            .args(["-R", &format!("cat {file}")])
+            .arg(&copy),
+    );
+    std::fs::remove_file(&copy).unwrap();
+    content
+}
+
+/// Runs `vmapple` to completion, for runs refused before the guest: exit
+/// status 1, one error message (returned), no panic, no console output.
+pub fn refused(args: &[String]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_vmapple"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("vmapple: error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "one message: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.stdout.is_empty(), "nothing ran: {:?}", out.stdout);
+    errors[0].to_string()
+}
